@@ -1,0 +1,381 @@
+"""Host-level primitives of the CSI node side: loop devices, filesystems, mounts.
+
+The node service keeps no state of its own: everything it needs to know (what is staged
+or published where, which LUN file a device reads) is derived here from the system —
+/proc/self/mountinfo, sysfs and losetup. Every external tool runs through
+`pvlun.command.run`, so a failure carries the tool's own stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+
+from pvlun.command import CommandError, output, run
+
+SUPPORTED_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
+DEFAULT_FILESYSTEM = "ext4"
+
+# Options that apply to one mount point (and so to a bind mount) rather than to the
+# filesystem: these are the ones a publish bind mount can honour.
+PER_MOUNT_OPTIONS = frozenset(
+    {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
+     "noatime", "atime", "nodiratime", "diratime", "relatime", "norelatime", "strictatime"}
+)
+
+# Fast mkfs: no discard pass over a fresh sparse LUN, ext4 inode tables zeroed lazily.
+_MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
+    "ext3": ["mkfs.ext3", "-q", "-E", "lazy_itable_init=1,nodiscard"],
+    "ext2": ["mkfs.ext2", "-q", "-E", "lazy_itable_init=1,nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-K"],
+    "btrfs": ["mkfs.btrfs", "-q", "--nodiscard"],
+}
+
+
+# ---------------------------------------------------------------- mount table
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str  # path inside the filesystem that is mounted here ("/loop0" for a device bind)
+    mount_point: str
+    options: frozenset[str]  # per-mount options (ro, nosuid, ...)
+    fstype: str
+    source: str
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field) >= i + 4:
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[Mount]:
+    """The mount table of this process's mount namespace, in mount order."""
+    result = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-", 6)
+            major, minor = fields[2].split(":")
+            result.append(Mount(
+                mount_id=int(fields[0]), parent_id=int(fields[1]),
+                major=int(major), minor=int(minor),
+                root=_unescape(fields[3]), mount_point=_unescape(fields[4]),
+                options=frozenset(fields[5].split(",")),
+                fstype=fields[sep + 1], source=_unescape(fields[sep + 2]),
+            ))
+    return result
+
+
+def mount_at(path: str) -> Mount | None:
+    """The topmost mount whose mount point is `path`, or None if it is no mount point."""
+    real = os.path.realpath(path)
+    found = None
+    for m in mounts():
+        if m.mount_point == real:
+            found = m  # later lines are mounted on top of earlier ones
+    return found
+
+
+def mount(device: str, target: str, fstype: str, options: list[str] | tuple[str, ...] = ()) -> None:
+    argv = ["mount", "-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    run(argv + [device, target], timeout=120)
+
+
+def bind_mount(source: str, target: str, read_only: bool = False,
+               options: list[str] | tuple[str, ...] = ()) -> None:
+    """Bind source onto target; then apply ro and per-mount options with a bind remount
+    (a plain `mount --bind -o ro` silently ignores ro on older kernels)."""
+    run(["mount", "--bind", source, target], timeout=60)
+    extra = [o for o in options if o in PER_MOUNT_OPTIONS and o not in ("ro", "rw")]
+    if read_only or "ro" in options:
+        extra.append("ro")
+    if extra:
+        try:
+            run(["mount", "-o", ",".join(["remount", "bind", *extra]), target], timeout=60)
+        except CommandError:
+            unmount(target)
+            raise
+
+
+def unmount(path: str) -> None:
+    run(["umount", path], timeout=120)
+
+
+# ---------------------------------------------------------------- loop devices
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    path: str  # /dev/loopN
+    backing_file: str  # as the kernel shows it: may end with " (deleted)"
+    read_only: bool
+    autoclear: bool
+    direct_io: bool
+
+
+def loop_devices_for(lun_file: str) -> list[LoopDevice]:
+    """Loop devices whose backing file is lun_file (losetup matches by inode, too)."""
+    text = output(["losetup", "--list", "--json", "--associated", lun_file,
+                   "--output", "NAME,BACK-FILE,RO,AUTOCLEAR,DIO,OFFSET,SIZELIMIT"])
+    if not text.strip():
+        return []
+    result = []
+    for d in json.loads(text).get("loopdevices", []):
+        if int(d.get("offset") or 0) or int(d.get("sizelimit") or 0):
+            continue  # someone else's partial view of the file: never ours
+        result.append(LoopDevice(d["name"], d["back-file"], _flag(d["ro"]),
+                                 _flag(d["autoclear"]), _flag(d["dio"])))
+    return result
+
+
+def _flag(value: object) -> bool:
+    return value in (True, 1, "1", "true")
+
+
+def attach_loop(lun_file: str, read_only: bool = False) -> str:
+    """A new loop device on lun_file with direct I/O (no double caching of the LUN)."""
+    argv = ["losetup", "--find", "--show", "--direct-io=on"]
+    if read_only:
+        argv.append("--read-only")
+    return output(argv + [lun_file]).strip()
+
+
+def find_or_attach_loop(lun_file: str, read_only: bool = False) -> str:
+    """Reuse a loop device already on lun_file (another staging of the same LUN, as in a
+    live migration between two nodes of one host), else attach a new one."""
+    for dev in loop_devices_for(lun_file):
+        if dev.read_only == read_only and not dev.autoclear:
+            return dev.path
+    return attach_loop(lun_file, read_only)
+
+
+def detach_loop(device: str) -> None:
+    """Detach; the kernel defers it while someone still holds the device open."""
+    run(["losetup", "--detach", device])
+
+
+def refresh_loop(device: str) -> None:
+    """Make the loop device pick up the new size of its (grown) backing file."""
+    run(["losetup", "--set-capacity", device])
+
+
+def _sys_block(device: str) -> str:
+    return os.path.join("/sys/class/block", os.path.basename(device))
+
+
+def is_loop(device: str) -> bool:
+    """A loop device node, attached or not (sysfs has loop/ only while attached)."""
+    name = os.path.basename(device)
+    return name.startswith("loop") and name[4:].isdigit()
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The backing file as the kernel shows it, None if the device is not an attached loop."""
+    try:
+        with open(os.path.join(_sys_block(device), "loop", "backing_file"), encoding="utf-8",
+                  errors="surrogateescape") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def lun_gone(device: str) -> str | None:
+    """Why the LUN behind a loop device is gone, or None while it is healthy."""
+    if not os.path.exists(device):
+        return f"LUN is gone: its device {device} no longer exists"
+    if not is_loop(device):
+        return None  # not a loop device: nothing here tells us more
+    backing = loop_backing_file(device)
+    if backing is None:
+        return f"LUN is gone: {device} is no longer attached to its file"
+    if backing.endswith(" (deleted)"):
+        return f"LUN is gone: its file {backing[: -len(' (deleted)')]} was deleted"
+    if not os.path.exists(backing):
+        return f"LUN is gone: its file {backing} is missing"
+    return None
+
+
+def backing_file_is(device: str, lun_file: str) -> bool:
+    """Does this loop device read exactly lun_file (same inode)?"""
+    backing = loop_backing_file(device)
+    if backing is None or backing.endswith(" (deleted)"):
+        return False
+    try:
+        a, b = os.stat(backing), os.stat(lun_file)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+# ---------------------------------------------------------------- devices behind paths
+
+
+def _device_by_number(major: int, minor: int) -> str | None:
+    try:
+        with open(f"/sys/dev/block/{major}:{minor}/uevent", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    return "/dev/" + line.strip().split("=", 1)[1]
+    except OSError:
+        return None
+    return None
+
+
+def device_of(path: str) -> str | None:
+    """The block device at a staged or published path: a device node bound onto a file
+    (block access) or the device of the filesystem mounted there (mount access)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return _device_by_number(os.major(st.st_rdev), os.minor(st.st_rdev))
+    m = mount_at(path)
+    if m is None:
+        return None
+    dev = _device_by_number(m.major, m.minor)
+    if dev is None and m.source.startswith("/dev/"):  # btrfs reports an anonymous st_dev
+        dev = m.source
+    return dev
+
+
+def _node_location(device: str, table: list[Mount]) -> tuple[int, int, str] | None:
+    """(major, minor, path inside that fs) of the filesystem that holds a device node,
+    which is what mountinfo shows for a bind mount of that node."""
+    try:
+        st_dev = os.stat(device).st_dev
+    except OSError:
+        return None
+    major, minor = os.major(st_dev), os.minor(st_dev)
+    best = None
+    for m in table:
+        if (m.major, m.minor) != (major, minor):
+            continue
+        prefix = m.mount_point.rstrip("/") + "/"
+        if device.startswith(prefix) and (best is None or len(m.mount_point) > len(best.mount_point)):
+            best = m
+    if best is None:
+        return None
+    rel = device[len(best.mount_point.rstrip("/")):]
+    return major, minor, best.root.rstrip("/") + rel
+
+
+def device_in_use(device: str) -> bool:
+    """Is the device mounted anywhere, as a filesystem or as a bind of its node?"""
+    table = mounts()
+    try:
+        rdev = os.stat(device).st_rdev
+    except OSError:
+        return False
+    number = (os.major(rdev), os.minor(rdev))
+    node = _node_location(device, table)
+    for m in table:
+        if (m.major, m.minor) == number or m.source == device:
+            return True
+        if node and (m.major, m.minor, m.root) == node:
+            return True
+    return False
+
+
+def device_read_only(device: str) -> bool:
+    try:
+        with open(os.path.join(_sys_block(device), "ro"), encoding="utf-8") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def device_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- filesystems
+
+
+class DeviceNotBlank(Exception):
+    """The device holds something that is not a filesystem (a partition table, ...)."""
+
+
+def filesystem_type(device: str) -> str | None:
+    """The filesystem on the device, None if the device is blank. Raises DeviceNotBlank
+    when it holds anything else: such a device must never be formatted."""
+    proc = run(["blkid", "--probe", "--output", "export", device], check=False)
+    if proc.returncode == 2:
+        return None  # nothing found
+    if proc.returncode != 0:
+        raise CommandError(["blkid"], proc.returncode, proc.stderr.decode(errors="replace"))
+    info = dict(line.split("=", 1) for line in proc.stdout.decode().splitlines() if "=" in line)
+    if info.get("TYPE") and info.get("USAGE", "filesystem") == "filesystem":
+        return info["TYPE"]
+    what = info.get("TYPE") or info.get("PTTYPE") or "unknown data"
+    raise DeviceNotBlank(f"{device} holds {what}, not a filesystem; refusing to format it")
+
+
+def make_filesystem(device: str, fstype: str) -> None:
+    """Format a blank device. The mkfs tools run without force flags, so they too refuse
+    a device that turns out to hold a filesystem."""
+    run(_MKFS[fstype] + [device], timeout=300)
+
+
+def grow_filesystem(device: str, mount_point: str, fstype: str) -> None:
+    """Grow a mounted filesystem to fill its (already refreshed) device."""
+    if fstype.startswith("ext"):
+        run(["resize2fs", device], timeout=600)
+    elif fstype == "xfs":
+        run(["xfs_growfs", mount_point], timeout=600)
+    elif fstype == "btrfs":
+        run(["btrfs", "filesystem", "resize", "max", mount_point], timeout=600)
+    else:
+        raise ValueError(f"cannot grow a {fstype} filesystem")
+
+
+@dataclass(frozen=True)
+class Usage:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    available_inodes: int
+    used_inodes: int
+
+
+def filesystem_usage(path: str) -> Usage:
+    s = os.statvfs(path)
+    return Usage(
+        total_bytes=s.f_blocks * s.f_frsize,
+        available_bytes=s.f_bavail * s.f_frsize,
+        used_bytes=(s.f_blocks - s.f_bfree) * s.f_frsize,
+        total_inodes=s.f_files,
+        available_inodes=s.f_favail,
+        used_inodes=s.f_files - s.f_ffree,
+    )

@@ -1,0 +1,1 @@
+"""pvlun csi/backends."""

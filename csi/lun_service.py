@@ -1,0 +1,396 @@
+"""The driver core: volumes, snapshots, group snapshots and publications.
+
+Every change follows one order — catalog row `creating`, backend bytes, row `ready`
+(and `deleting`, bytes removed, row removed) — so `repair()` can tell, after a crash,
+exactly what to finish or undo. Methods raise CsiError; the gRPC layer stays thin.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets as _secrets
+import threading
+
+from csi import validation as v
+from csi.backends.base import Backend
+from csi.catalog import CREATING, DELETING, READY, Catalog, GroupSnapshot, Publication, Snapshot, Volume
+from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition
+from csi.locks import KeyedLocks
+from csi.validation import Capability
+
+log = logging.getLogger("pvlun.csi")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{_secrets.token_hex(16)}"
+
+
+class LunService:
+    def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256):
+        self.catalog = catalog
+        self.backend = backend
+        self.locks = KeyedLocks()
+        self.max_volumes_per_node = max_volumes_per_node
+        self._capacity_lock = threading.Lock()
+
+    # ---- crash repair -------------------------------------------------------------
+    def repair(self) -> dict[str, int]:
+        """Finish or undo whatever a crash interrupted; make the pool match the catalog."""
+        counts = {"leftovers": len(self.backend.remove_leftovers()), "undone": 0, "orphans": 0, "lost": 0}
+        for group in self.catalog.groups():
+            if group.state != READY:
+                for snap in self.catalog.snapshots(group_id=group.id, state=None):
+                    self.backend.delete_snapshot(snap.id)
+                    self.catalog.remove_snapshot(snap.id)
+                self.catalog.remove_group(group.id)
+                counts["undone"] += 1
+        for volume_id, state in list(self.catalog.all_ids("volumes")):
+            if state != READY:
+                self.backend.delete_volume(volume_id)
+                self.catalog.remove_volume(volume_id)
+                counts["undone"] += 1
+        for snapshot_id, state in list(self.catalog.all_ids("snapshots")):
+            if state != READY:
+                self.backend.delete_snapshot(snapshot_id)
+                self.catalog.remove_snapshot(snapshot_id)
+                counts["undone"] += 1
+        stored_volumes, stored_snapshots = self.backend.stored_ids()
+        known_volumes = {i for i, _ in self.catalog.all_ids("volumes")}
+        known_snapshots = {i for i, _ in self.catalog.all_ids("snapshots")}
+        for orphan in stored_volumes - known_volumes:
+            self.backend.delete_volume(orphan)
+            counts["orphans"] += 1
+        for orphan in stored_snapshots - known_snapshots:
+            self.backend.delete_snapshot(orphan)
+            counts["orphans"] += 1
+        for volume_id in known_volumes:
+            if volume_id not in stored_volumes:
+                log.error("volume %s is in the catalog but its LUN is gone", volume_id)
+                counts["lost"] += 1
+                continue
+            record = self.catalog.volume(volume_id)
+            size = self.backend.volume_size(volume_id)
+            if record and size > record.size:  # an expansion finished on disk, not in the catalog
+                self.catalog.update_volume(volume_id, size=size)
+        counts["lost"] += len(known_snapshots - stored_snapshots)
+        return counts
+
+    # ---- volumes ---------------------------------------------------------------
+    def create_volume(
+        self, name: str, required: int, limit: int, capabilities: list[Capability],
+        parameters: dict[str, str], mutable: dict[str, str], source_kind: str = "", source_id: str = "",
+    ) -> Volume:
+        v.check_name(name)
+        v.require(capabilities, "volume_capabilities")
+        for cap in capabilities:
+            v.check_capability(cap)
+        v.check_parameters(parameters)
+        mutable = {**v.check_mutable(parameters, allow_other=True), **v.check_mutable(mutable)}
+        with self.locks.hold("volume-name:" + name):
+            existing = self.catalog.volume_by_name(name)
+            if existing:
+                return self._same_volume(existing, required, limit, capabilities, parameters, source_kind, source_id)
+            source_size = self._source_size(source_kind, source_id)
+            size = v.size_from_range(required, limit, source_size)
+            if source_size and limit and source_size > limit:
+                raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
+            with self._capacity_lock:
+                _, available = self.backend.capacity()
+                if size > available:
+                    raise exhausted(f"the pool has {available} bytes free; {size} were asked for")
+                volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
+                                dict(parameters), mutable, source_kind, source_id)
+                self.catalog.add_volume(volume)
+            with self.locks.hold(source_id):
+                self._fill(volume, source_kind, source_id)
+            self.catalog.update_volume(volume.id, state=READY)
+            volume.state = READY
+            return volume
+
+    def _source_size(self, kind: str, source_id: str) -> int:
+        if kind == "snapshot":
+            snap = self.catalog.snapshot(source_id) if v.is_id(v.SNAPSHOT_ID, source_id) else None
+            if not snap or snap.state != READY:
+                raise not_found(f"source snapshot {source_id!r} does not exist")
+            return snap.size
+        if kind == "volume":
+            vol = self.catalog.volume(source_id) if v.is_id(v.VOLUME_ID, source_id) else None
+            if not vol or vol.state != READY:
+                raise not_found(f"source volume {source_id!r} does not exist")
+            return vol.size
+        return 0
+
+    def _fill(self, volume: Volume, kind: str, source_id: str) -> None:
+        try:
+            if kind == "snapshot":
+                self.backend.restore_volume(volume.id, source_id, volume.size)
+            elif kind == "volume":
+                self.backend.clone_volume(volume.id, source_id, volume.size)
+            else:
+                self.backend.create_volume(volume.id, volume.size)
+        except BaseException:
+            self.backend.delete_volume(volume.id)
+            self.catalog.remove_volume(volume.id)
+            raise
+
+    def _same_volume(self, existing: Volume, required: int, limit: int, capabilities: list[Capability],
+                     parameters: dict[str, str], source_kind: str, source_id: str) -> Volume:
+        if existing.state != READY:
+            raise precondition(f"volume {existing.name!r} is being created or deleted; retry")
+        problems = []
+        if required and existing.size < required:
+            problems.append(f"size {existing.size} < required {required}")
+        if limit and existing.size > limit:
+            problems.append(f"size {existing.size} > limit {limit}")
+        if (existing.source_kind, existing.source_id) != (source_kind, source_id):
+            problems.append("a different content source")
+        if existing.parameters != parameters:
+            problems.append("different parameters")
+        stored = {Capability.from_dict(c) for c in existing.capabilities}
+        if not set(capabilities) <= stored:
+            problems.append("different capabilities")
+        if problems:
+            raise already_exists(f"volume {existing.name!r} already exists with {', '.join(problems)}")
+        return existing
+
+    def get_volume(self, volume_id: str) -> Volume:
+        v.require(volume_id, "volume_id")
+        volume = self.catalog.volume(volume_id) if v.is_id(v.VOLUME_ID, volume_id) else None
+        if not volume or volume.state != READY:
+            raise not_found(f"volume {volume_id!r} does not exist")
+        return volume
+
+    def delete_volume(self, volume_id: str) -> None:
+        v.require(volume_id, "volume_id")
+        if not v.is_id(v.VOLUME_ID, volume_id):
+            return  # never ours: already "deleted"
+        with self.locks.hold(volume_id):
+            volume = self.catalog.volume(volume_id)
+            if not volume:
+                return
+            nodes = [p.node_id for p in self.catalog.publications(volume_id)]
+            if nodes:
+                raise precondition(f"volume {volume_id} is still published on {', '.join(nodes)}; unpublish it first")
+            self.catalog.update_volume(volume_id, state=DELETING)
+            self.backend.delete_volume(volume_id)
+            self.catalog.remove_volume(volume_id)
+
+    def expand_volume(self, volume_id: str, required: int, limit: int) -> tuple[Volume, bool]:
+        """Grow a volume; returns it and whether the node must grow it too."""
+        v.require(volume_id, "volume_id")
+        if not required and not limit:
+            raise invalid("capacity_range is required")
+        with self.locks.hold(volume_id):
+            volume = self.get_volume(volume_id)
+            if limit and volume.size > limit:
+                raise out_of_range(f"volume is {volume.size} bytes, already above limit_bytes {limit}; volumes cannot shrink")
+            if required <= volume.size:
+                return volume, False
+            size = v.size_from_range(required, limit)
+            with self._capacity_lock:
+                _, available = self.backend.capacity()
+                if size - volume.size > available:
+                    raise exhausted(f"the pool has {available} bytes free; growing needs {size - volume.size}")
+                self.backend.expand_volume(volume_id, size)
+                self.catalog.update_volume(volume_id, size=size)
+            volume.size = size
+            published = bool(self.catalog.publications(volume_id))
+            is_mount = any(c["access_type"] == "mount" for c in volume.capabilities)
+            return volume, is_mount or published
+
+    def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> Volume:
+        v.require(volume_id, "volume_id")
+        found = v.check_mutable(mutable)
+        with self.locks.hold(volume_id):
+            volume = self.get_volume(volume_id)
+            volume.mutable = {**volume.mutable, **found}
+            self.catalog.update_volume(volume_id, mutable=volume.mutable)
+            return volume
+
+    def list_volumes(self, max_entries: int, token: str) -> tuple[list[Volume], str]:
+        return self._page(self.catalog.volumes, max_entries, token, v.VOLUME_ID)
+
+    @staticmethod
+    def _page(fetch, max_entries: int, token: str, pattern, **filters):
+        if max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        if token and not v.is_id(pattern, token):
+            raise aborted(f"starting_token {token!r} is not one this driver gave out")
+        limit = max_entries + 1 if max_entries else -1
+        items = fetch(start=token, limit=limit, **filters)
+        if max_entries and len(items) > max_entries:
+            return items[:max_entries], items[max_entries].id
+        return items, ""
+
+    def volume_healthy(self, volume_id: str) -> tuple[bool, str]:
+        if self.backend.volume_exists(volume_id):
+            return True, "LUN present"
+        return False, f"the LUN of volume {volume_id} is missing from the {self.backend.name} pool"
+
+    # ---- publications ---------------------------------------------------------
+    def publish(self, volume_id: str, node_id: str, cap: Capability, readonly: bool) -> dict[str, str]:
+        v.require(volume_id, "volume_id")
+        v.check_node_id(node_id)
+        v.check_capability(cap)
+        with self.locks.hold(volume_id):
+            volume = self.get_volume(volume_id)
+            if not self.catalog.node_known(node_id):
+                raise not_found(f"node {node_id!r} is not known to this driver (no node plugin registered it)")
+            stored = [Capability.from_dict(c) for c in volume.capabilities]
+            if stored and (cap.access_type not in {c.access_type for c in stored}):
+                raise invalid(f"volume {volume_id} was created for {stored[0].access_type} access, not {cap.access_type}")
+            pubs = {p.node_id: p for p in self.catalog.publications(volume_id)}
+            mine = pubs.pop(node_id, None)
+            if mine:
+                if mine.readonly != readonly or Capability.from_dict(mine.capability) != cap:
+                    raise already_exists(f"volume {volume_id} is already published on {node_id} with another capability or readonly flag")
+                return self.backend.publish_context(volume_id, node_id)
+            writers = [p for p in pubs.values() if not p.readonly]
+            if pubs and cap.mode in v.SINGLE_NODE_MODES:
+                raise precondition(f"volume {volume_id} ({cap.mode}) is already published on {', '.join(pubs)}")
+            if writers and not readonly and cap.mode != "MULTI_NODE_MULTI_WRITER":
+                raise precondition(f"volume {volume_id} already has a writer on {writers[0].node_id}")
+            if self.catalog.count_on_node(node_id) >= self.max_volumes_per_node:
+                raise exhausted(f"node {node_id} already has {self.max_volumes_per_node} volumes published")
+            self.catalog.publish(Publication(volume_id, node_id, readonly, cap.as_dict()))
+            return self.backend.publish_context(volume_id, node_id)
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        v.require(volume_id, "volume_id")
+        if not v.is_id(v.VOLUME_ID, volume_id):
+            return
+        with self.locks.hold(volume_id):
+            if node_id:
+                self.catalog.unpublish(volume_id, node_id)
+            else:
+                for p in self.catalog.publications(volume_id):
+                    self.catalog.unpublish(volume_id, p.node_id)
+
+    def published_nodes(self, volume_id: str) -> list[str]:
+        return [p.node_id for p in self.catalog.publications(volume_id)]
+
+    # ---- snapshots ---------------------------------------------------------
+    def create_snapshot(self, name: str, volume_id: str, parameters: dict[str, str]) -> Snapshot:
+        v.check_name(name)
+        v.require(volume_id, "source_volume_id")
+        with self.locks.hold("snapshot-name:" + name):
+            existing = self.catalog.snapshot_by_name(name)
+            if existing:
+                if existing.volume_id != volume_id:
+                    raise already_exists(f"snapshot {name!r} already exists for another volume ({existing.volume_id})")
+                if existing.state != READY:
+                    raise precondition(f"snapshot {name!r} is being created or deleted; retry")
+                return existing
+            with self.locks.hold(volume_id):
+                volume = self.get_volume(volume_id)
+                snap = Snapshot(new_id("snap"), name, volume_id, volume.size, CREATING, "", dict(parameters))
+                self.catalog.add_snapshot(snap)
+                try:
+                    self.backend.create_snapshot(snap.id, volume_id)
+                except BaseException:
+                    self.backend.delete_snapshot(snap.id)
+                    self.catalog.remove_snapshot(snap.id)
+                    raise
+            self.catalog.update_snapshot(snap.id, state=READY)
+            snap.state = READY
+            return snap
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        v.require(snapshot_id, "snapshot_id")
+        snap = self.catalog.snapshot(snapshot_id) if v.is_id(v.SNAPSHOT_ID, snapshot_id) else None
+        if not snap or snap.state != READY:
+            raise not_found(f"snapshot {snapshot_id!r} does not exist")
+        return snap
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        v.require(snapshot_id, "snapshot_id")
+        if not v.is_id(v.SNAPSHOT_ID, snapshot_id):
+            return
+        with self.locks.hold(snapshot_id):
+            snap = self.catalog.snapshot(snapshot_id)
+            if not snap:
+                return
+            if snap.group_id and self.catalog.group(snap.group_id):
+                raise precondition(f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; delete the group")
+            self._drop_snapshot(snapshot_id)
+
+    def _drop_snapshot(self, snapshot_id: str) -> None:
+        self.catalog.update_snapshot(snapshot_id, state=DELETING)
+        self.backend.delete_snapshot(snapshot_id)
+        self.catalog.remove_snapshot(snapshot_id)
+
+    def list_snapshots(self, max_entries: int, token: str, snapshot_id: str, volume_id: str) -> tuple[list[Snapshot], str]:
+        if snapshot_id:
+            snap = self.catalog.snapshot(snapshot_id) if v.is_id(v.SNAPSHOT_ID, snapshot_id) else None
+            ok = snap and snap.state == READY and (not volume_id or snap.volume_id == volume_id)
+            return ([snap] if ok else []), ""
+        if volume_id and not v.is_id(v.VOLUME_ID, volume_id):
+            return [], ""
+        return self._page(self.catalog.snapshots, max_entries, token, v.SNAPSHOT_ID, volume_id=volume_id)
+
+    # ---- group snapshots -----------------------------------------------------
+    def create_group(self, name: str, volume_ids: list[str], parameters: dict[str, str]) -> tuple[GroupSnapshot, list[Snapshot]]:
+        v.check_name(name)
+        v.require(volume_ids, "source_volume_ids")
+        if len(set(volume_ids)) != len(volume_ids):
+            raise invalid("source_volume_ids lists a volume twice")
+        with self.locks.hold("group-name:" + name):
+            existing = self.catalog.group_by_name(name)
+            if existing:
+                if sorted(existing.volume_ids) != sorted(volume_ids):
+                    raise already_exists(f"group snapshot {name!r} already exists for other volumes")
+                return existing, self.catalog.snapshots(group_id=existing.id)
+            with self.locks.hold(*volume_ids):
+                volumes = [self.get_volume(i) for i in volume_ids]
+                group = GroupSnapshot(new_id("grp"), name, CREATING, list(volume_ids), dict(parameters))
+                self.catalog.add_group(group)
+                snaps = [Snapshot(new_id("snap"), f"{name}-{vol.id}", vol.id, vol.size, CREATING, group.id, dict(parameters))
+                         for vol in volumes]
+                for snap in snaps:
+                    self.catalog.add_snapshot(snap)
+                try:
+                    self.backend.create_snapshots([(s.id, s.volume_id) for s in snaps])
+                except BaseException:
+                    for snap in snaps:
+                        self.backend.delete_snapshot(snap.id)
+                        self.catalog.remove_snapshot(snap.id)
+                    self.catalog.remove_group(group.id)
+                    raise
+            for snap in snaps:
+                self.catalog.update_snapshot(snap.id, state=READY)
+                snap.state = READY
+            self.catalog.update_group(group.id, state=READY)
+            group.state = READY
+            return group, snaps
+
+    def get_group(self, group_id: str, snapshot_ids: list[str]) -> tuple[GroupSnapshot, list[Snapshot]]:
+        v.require(group_id, "group_snapshot_id")
+        group = self.catalog.group(group_id) if v.is_id(v.GROUP_ID, group_id) else None
+        if not group or group.state != READY:
+            raise not_found(f"group snapshot {group_id!r} does not exist")
+        snaps = self.catalog.snapshots(group_id=group_id)
+        self._check_members(group_id, snaps, snapshot_ids)
+        return group, snaps
+
+    @staticmethod
+    def _check_members(group_id: str, snaps: list[Snapshot], snapshot_ids: list[str]) -> None:
+        if snapshot_ids and sorted(snapshot_ids) != sorted(s.id for s in snaps):
+            raise invalid(f"snapshot_ids do not match the members of group snapshot {group_id}")
+
+    def delete_group(self, group_id: str, snapshot_ids: list[str]) -> None:
+        v.require(group_id, "group_snapshot_id")
+        if not v.is_id(v.GROUP_ID, group_id):
+            return
+        with self.locks.hold(group_id):
+            group = self.catalog.group(group_id)
+            if not group:
+                return
+            snaps = self.catalog.snapshots(group_id=group_id, state=None)
+            self._check_members(group_id, snaps, snapshot_ids)
+            self.catalog.update_group(group_id, state=DELETING)
+            for snap in snaps:
+                self._drop_snapshot(snap.id)
+            self.catalog.remove_group(group_id)
+
+    def capacity(self) -> tuple[int, int]:
+        return self.backend.capacity()

@@ -1,0 +1,177 @@
+"""The CSI Node service: stage a LUN on this host, publish it where a workload wants it.
+
+Stateless by design: what is staged or published where is read back from the system
+(mountinfo, loop devices) on every call, so a restarted driver picks up where it was.
+Each RPC validates its request first (csi/validation_node.py), then calls into the
+staging operations (csi/staging.py), which use the host primitives of csi/attach.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import grpc
+
+from csi import staging
+from csi.attach import DeviceNotBlank
+from csi.errors import CsiError, invalid
+from csi.locks import KeyedLocks
+from csi.proto import csi_pb2, csi_pb2_grpc
+from csi.validation_node import (
+    check_capability, check_path, check_volume_id, check_volume_path, lun_path, require,
+)
+from pvlun.command import CommandError
+
+log = logging.getLogger(__name__)
+
+_Cap = csi_pb2.NodeServiceCapability.RPC.Type
+_CAPABILITIES = (
+    _Cap.STAGE_UNSTAGE_VOLUME,
+    _Cap.GET_VOLUME_STATS,
+    _Cap.EXPAND_VOLUME,
+    _Cap.VOLUME_CONDITION,
+    _Cap.SINGLE_NODE_MULTI_WRITER,
+)
+_Unit = csi_pb2.VolumeUsage.Unit
+
+
+def _rpc(method):
+    """Turn the errors of a node operation into the gRPC status the CO acts on."""
+
+    @functools.wraps(method)
+    def handler(self, request, context):
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except CsiError as exc:
+            code, message = exc.code, exc.message
+        except DeviceNotBlank as exc:
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        except CommandError as exc:
+            code, message = grpc.StatusCode.INTERNAL, str(exc)
+        except OSError as exc:
+            code, message = grpc.StatusCode.INTERNAL, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        finally:
+            log.debug("%s volume=%s %.3fs %s", method.__name__, getattr(request, "volume_id", ""),
+                      time.monotonic() - start, code.name)
+        context.abort(code, message)
+
+    return handler
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    """CSI Node for LUN files reached through loop devices on this host."""
+
+    def __init__(self, node_id: str, max_volumes: int = 256,
+                 topology_key: str = "topology.csi.pvlun.dev/node"):
+        self.node_id = node_id
+        self.max_volumes = max_volumes
+        self.topology_key = topology_key
+        # Calls for one volume run one at a time; a retry arriving while a long call (mkfs,
+        # resize) still runs gets ABORTED, the spec's "operation pending".
+        self._locks = KeyedLocks(wait_seconds=30)
+
+    def _lock(self, volume_id: str):
+        return self._locks.hold(volume_id)
+
+    @_rpc
+    def NodeStageVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        access = check_capability(request.volume_capability)
+        target = check_path(request.staging_target_path, "staging_target_path")
+        check_volume_id(request.volume_id)
+        lun = lun_path(dict(request.publish_context), dict(request.volume_context), request.volume_id)
+        with self._lock(request.volume_id):
+            staging.stage(request.volume_id, lun, target, access)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @_rpc
+    def NodeUnstageVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        target = check_path(request.staging_target_path, "staging_target_path")
+        check_volume_id(request.volume_id)
+        with self._lock(request.volume_id):
+            staging.unstage(request.volume_id, target)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    @_rpc
+    def NodePublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        require(request.HasField("volume_capability"), "volume_capability")
+        access = check_capability(request.volume_capability)
+        require(request.staging_target_path, "staging_target_path")
+        target = check_path(request.target_path, "target_path")
+        staged_at = check_path(request.staging_target_path, "staging_target_path")
+        check_volume_id(request.volume_id)
+        read_only = request.readonly or access.read_only_mode
+        with self._lock(request.volume_id):
+            staging.publish(request.volume_id, staged_at, target, access, read_only)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @_rpc
+    def NodeUnpublishVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        target = check_path(request.target_path, "target_path")
+        check_volume_id(request.volume_id)
+        with self._lock(request.volume_id):
+            staging.unpublish(request.volume_id, target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @_rpc
+    def NodeGetVolumeStats(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        check_volume_id(request.volume_id)
+        path = check_volume_path(request.volume_path, request.volume_id)
+        stats = staging.volume_stats(request.volume_id, path)
+        if stats.block:
+            usage = [csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=stats.size)]
+        else:
+            u = stats.usage
+            usage = [
+                csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=u.total_bytes,
+                                    available=u.available_bytes, used=u.used_bytes),
+                csi_pb2.VolumeUsage(unit=_Unit.INODES, total=u.total_inodes,
+                                    available=u.available_inodes, used=u.used_inodes),
+            ]
+        condition = csi_pb2.VolumeCondition(abnormal=stats.problem is not None,
+                                            message=stats.problem or "volume is healthy")
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    @_rpc
+    def NodeExpandVolume(self, request, context):
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        if request.HasField("volume_capability"):
+            check_capability(request.volume_capability)
+        check_volume_id(request.volume_id)
+        path = check_volume_path(request.volume_path, request.volume_id)
+        cr = request.capacity_range
+        if cr.required_bytes < 0 or cr.limit_bytes < 0:
+            raise invalid("capacity_range must not be negative")
+        with self._lock(request.volume_id):
+            size = staging.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    @_rpc
+    def NodeGetCapabilities(self, request, context):
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
+            for t in _CAPABILITIES
+        ])
+
+    @_rpc
+    def NodeGetInfo(self, request, context):
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.node_id,
+            max_volumes_per_node=self.max_volumes,
+            accessible_topology=csi_pb2.Topology(segments={self.topology_key: self.node_id}),
+        )

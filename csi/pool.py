@@ -1,0 +1,59 @@
+"""Where the LUN pool lives. On a filesystem without reflinks, and as root, pvlun makes
+an XFS image with reflink=1 and mounts it as the pool, so snapshots and clones take
+constant time whatever the volume size."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from csi.backends.copy import can_reflink
+from pvlun.command import CommandError, run
+
+log = logging.getLogger("pvlun.pool")
+DEFAULT_POOL_SIZE = 64 << 30
+
+
+def is_mountpoint(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int = DEFAULT_POOL_SIZE,
+                 make_xfs: bool = True) -> str:
+    """Return the pool directory, making and mounting a reflink XFS image if that helps."""
+    if pool:
+        os.makedirs(pool, exist_ok=True)
+        return os.path.abspath(pool)
+    root = os.path.join(data_dir, "pool")
+    image = os.path.join(data_dir, "pool.img")
+    os.makedirs(root, exist_ok=True)
+    if is_mountpoint(root):
+        return root
+    if os.path.exists(image) or (make_xfs and os.geteuid() == 0 and not can_reflink(root)):
+        try:
+            _mount_xfs_image(image, root, pool_size)
+        except CommandError as exc:
+            log.warning("cannot make a reflink XFS pool (%s); using plain copies in %s", exc, root)
+    return root
+
+
+def _mount_xfs_image(image: str, root: str, size: int) -> None:
+    if not os.path.exists(image):
+        with open(image + ".new", "wb") as f:
+            os.ftruncate(f.fileno(), size)
+        run(["mkfs.xfs", "-q", "-m", "reflink=1", image + ".new"], timeout=120)
+        os.replace(image + ".new", image)
+    run(["mount", "-o", "loop", image, root], timeout=60)
+    log.info("pool: XFS reflink image %s mounted on %s", image, root)
+
+
+def release_pool(data_dir: str) -> None:
+    """Unmount a pool image we mounted, if nothing holds it (published LUNs keep it busy)."""
+    root = os.path.join(data_dir, "pool")
+    if os.path.exists(os.path.join(data_dir, "pool.img")) and is_mountpoint(root):
+        try:
+            run(["umount", root], timeout=60)
+        except CommandError as exc:
+            log.info("pool stays mounted: %s", exc)

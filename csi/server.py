@@ -1,0 +1,111 @@
+"""The gRPC server: endpoint parsing, the services a mode needs, one log line per call,
+error mapping (CsiError → its status; a failed tool → INTERNAL with its stderr; never a
+traceback to the caller), socket mode 0600."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+
+from csi.errors import CsiError
+from pvlun.command import CommandError
+
+log = logging.getLogger("pvlun.csi")
+calls = logging.getLogger("pvlun.calls")
+
+_VOLUME_FIELDS = ("volume_id", "source_volume_id", "snapshot_id", "group_snapshot_id", "name")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """('unix', path) or ('tcp', 'host:port') for a CSI endpoint URL."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+        if not path.startswith("/"):
+            raise ValueError(f"endpoint {endpoint!r}: a unix socket path must be absolute (unix:///path)")
+        return "unix", path
+    if endpoint.startswith("tcp://"):
+        return "tcp", endpoint[len("tcp://"):]
+    if endpoint.startswith("/"):
+        return "unix", endpoint
+    raise ValueError(f"endpoint {endpoint!r}: use unix:///PATH or tcp://HOST:PORT")
+
+
+def _subject(request: Any) -> str:
+    for name in _VOLUME_FIELDS:
+        value = getattr(request, name, "") if hasattr(type(request), "DESCRIPTOR") and name in type(request).DESCRIPTOR.fields_by_name else ""
+        if value:
+            return value
+    return ""
+
+
+class CallInterceptor(grpc.ServerInterceptor):
+    """Logs each call as one JSON line and maps exceptions to gRPC statuses."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def wrapped(request, context):
+            start = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                return inner(request, context)
+            except CsiError as exc:
+                code = exc.code
+                context.abort(exc.code, exc.message)
+            except CommandError as exc:
+                code = grpc.StatusCode.INTERNAL
+                context.abort(code, str(exc))
+            except Exception as exc:
+                if context.code() not in (None, grpc.StatusCode.OK):  # context.abort() from a service
+                    code = context.code()
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", method)
+                context.abort(code, f"internal error in {method}: {exc}")
+            finally:
+                calls.info(json.dumps({
+                    "method": method, "volume": _subject(request),
+                    "duration_ms": round((time.monotonic() - start) * 1000, 2), "code": code.name}))
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def build_server(endpoint: str, register: list[Callable[[grpc.Server], None]], workers: int = 16) -> grpc.Server:
+    """A started server on `endpoint` with the given services; unix sockets get mode 0600."""
+    kind, where = parse_endpoint(endpoint)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor()])
+    for add in register:
+        add(server)
+    if kind == "unix":
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        if os.path.exists(where):
+            os.unlink(where)
+        old = os.umask(0o177)
+        try:
+            server.add_insecure_port("unix://" + where)
+            server.start()
+        finally:
+            os.umask(old)
+        os.chmod(where, 0o600)
+    else:
+        if server.add_insecure_port(where) == 0:
+            raise OSError(f"cannot listen on {where}")
+        server.start()
+    return server
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

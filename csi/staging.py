@@ -1,0 +1,321 @@
+"""Stage, publish and inspect volumes on this host, deriving the state from the system.
+
+Layout (see notes/PLAN.md):
+- block staging: the LUN's loop device bind-mounted onto the file STAGING/lun;
+  publish binds STAGING/lun onto the target file (read-only publish: a separate
+  read-only loop device, since a ro bind mount does not stop writes to a device node);
+- mount staging: the loop device (mkfs'd when blank) mounted on STAGING; publish binds
+  STAGING onto the target directory (remounted ro when read-only).
+Every function is idempotent: it looks at what is already there before acting.
+Callers serialise calls per volume.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import grpc
+
+from csi import attach
+from csi.errors import CsiError, not_found
+from csi.validation_node import Access
+
+log = logging.getLogger(__name__)
+
+BLOCK_NODE = "lun"  # the file under STAGING that a block volume's device is bound onto
+
+
+def _error(code: grpc.StatusCode, message: str) -> CsiError:
+    return CsiError(code, message)
+
+
+def _block_node(staging: str) -> str:
+    return os.path.join(staging, BLOCK_NODE)
+
+
+def _holds_volume(device: str, volume_id: str) -> bool:
+    """Is this device the volume's LUN? Loop devices are checked by their backing file's
+    name (the controller names LUN files after the volume); other devices can't tell."""
+    backing = attach.loop_backing_file(device)
+    return backing is None or volume_id in os.path.basename(backing)
+
+
+def _release(device: str | None) -> None:
+    """Detach a loop device once nothing mounts it any more."""
+    if (device and attach.is_loop(device) and attach.loop_backing_file(device) is not None
+            and not attach.device_in_use(device)):
+        log.info("detaching %s", device)
+        attach.detach_loop(device)
+
+
+def staged(staging: str) -> tuple[str | None, bool] | None:
+    """(device, is_block) of what is staged at `staging`, None when nothing is."""
+    node = _block_node(staging)
+    if attach.mount_at(node):
+        return attach.device_of(node), True
+    if attach.mount_at(staging):
+        return attach.device_of(staging), False
+    return None
+
+
+# ---------------------------------------------------------------- stage / unstage
+
+
+def stage(volume_id: str, lun: str, staging: str, access: Access) -> None:
+    if not os.path.isfile(lun):
+        raise not_found(f"volume {volume_id}: its LUN {lun} does not exist")
+    os.makedirs(staging, exist_ok=True)
+    current = staged(staging)
+    if current is not None:
+        _check_staged_matches(volume_id, lun, staging, current, access)
+        return
+    device = attach.find_or_attach_loop(lun)
+    try:
+        if access.block:
+            node = _block_node(staging)
+            if not os.path.exists(node):
+                os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            attach.bind_mount(device, node)
+        else:
+            _mount_filesystem(device, staging, access)
+    except BaseException:
+        if access.block and not attach.mount_at(_block_node(staging)):
+            _remove(_block_node(staging))
+        _release(device)
+        raise
+    log.info("staged %s (%s) at %s", volume_id, device, staging)
+
+
+def _check_staged_matches(volume_id: str, lun: str, staging: str,
+                          current: tuple[str | None, bool], access: Access) -> None:
+    device, block = current
+    conflict = grpc.StatusCode.ALREADY_EXISTS
+    if block != access.block:
+        have = "block" if block else "mount"
+        raise _error(conflict, f"{staging} already stages a volume with {have} access")
+    if device is None or not attach.backing_file_is(device, lun):
+        raise _error(conflict, f"{staging} already stages another volume, not {volume_id}")
+    if not block:
+        fstype = attach.mount_at(staging).fstype
+        if access.fs_type and fstype != access.fs_type:
+            raise _error(conflict, f"{volume_id} is staged at {staging} as {fstype}, not {access.fs_type}")
+
+
+def _mount_filesystem(device: str, staging: str, access: Access) -> None:
+    read_only = access.read_only_mode or "ro" in access.mount_flags
+    fstype = attach.filesystem_type(device)
+    if fstype is None:
+        if read_only:
+            raise _error(grpc.StatusCode.FAILED_PRECONDITION,
+                         "the volume is blank and the access mode is read-only: nothing to mount")
+        fstype = access.fs_type or attach.DEFAULT_FILESYSTEM
+        log.info("formatting %s as %s", device, fstype)
+        attach.make_filesystem(device, fstype)
+    elif access.fs_type and fstype != access.fs_type:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"the volume holds a {fstype} filesystem, not the requested {access.fs_type}")
+    options = list(access.mount_flags)
+    if read_only and "ro" not in options:
+        options.append("ro")
+    if fstype == "xfs" and "nouuid" not in options:
+        options.append("nouuid")  # clones and snapshots share the origin's XFS UUID
+    attach.mount(device, staging, fstype, options)
+
+
+def unstage(volume_id: str, staging: str) -> None:
+    node = _block_node(staging)
+    devices = []
+    for path in (node, staging):
+        while attach.mount_at(path):
+            devices.append(_unmount_volume(volume_id, path))
+        if path == node and devices:
+            _remove(node)
+    if not devices and os.path.isfile(node) and os.path.getsize(node) == 0:
+        _remove(node)  # left by a stage interrupted before its bind mount
+    for device in dict.fromkeys(devices):
+        _release(device)
+
+
+def _unmount_volume(volume_id: str, path: str) -> str | None:
+    device = attach.device_of(path)
+    if device and not _holds_volume(device, volume_id):
+        raise not_found(f"{path} holds another volume, not {volume_id}")
+    attach.unmount(path)
+    return device
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+        log.warning("not removing %s: not empty", path)
+
+
+# ---------------------------------------------------------------- publish / unpublish
+
+
+def publish(volume_id: str, staging: str, target: str, access: Access, read_only: bool) -> None:
+    current = staged(staging)
+    if current is None:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"volume {volume_id} is not staged at {staging}")
+    device, block = current
+    if block != access.block:
+        have = "block" if block else "mount"
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{volume_id} is staged for {have} access at {staging}")
+    if device is None or not _holds_volume(device, volume_id):
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{staging} stages another volume, not {volume_id}")
+    if attach.mount_at(target):
+        _check_published_matches(volume_id, device, target, access, read_only)
+        return
+    created = _make_target(target, access.block)
+    ro_device = None
+    try:
+        if not access.block:
+            attach.bind_mount(staging, target, read_only, access.mount_flags)
+        elif read_only:
+            ro_device = attach.find_or_attach_loop(_lun_of(device, volume_id), read_only=True)
+            attach.bind_mount(ro_device, target, read_only=True)
+        else:
+            attach.bind_mount(_block_node(staging), target)
+    except BaseException:
+        if created and not attach.mount_at(target):
+            _remove(target)
+        _release(ro_device)
+        raise
+    log.info("published %s at %s%s", volume_id, target, " (read-only)" if read_only else "")
+
+
+def _lun_of(device: str, volume_id: str) -> str:
+    problem = attach.lun_gone(device)
+    backing = attach.loop_backing_file(device)
+    if problem or backing is None:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, problem or f"{device} of {volume_id} is not a loop device")
+    return backing
+
+
+def _make_target(target: str, block: bool) -> bool:
+    """Create the target (a file for block, a directory for mount) if missing; kubelet
+    creates it for mount volumes, csi-sanity leaves it to the driver."""
+    if os.path.lexists(target):
+        st = os.lstat(target)
+        want_dir = not block
+        if stat.S_ISDIR(st.st_mode) != want_dir or stat.S_ISLNK(st.st_mode):
+            what = "a regular file" if block else "a directory"
+            raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"target_path {target} exists and is not {what}")
+        return False
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if block:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    else:
+        os.mkdir(target, 0o750)
+    return True
+
+
+def _check_published_matches(volume_id: str, staged_device: str, target: str,
+                             access: Access, read_only: bool) -> None:
+    conflict = grpc.StatusCode.ALREADY_EXISTS
+    device = attach.device_of(target)
+    if device is None:
+        raise _error(conflict, f"something else is mounted at {target}")
+    block = stat.S_ISBLK(os.stat(target).st_mode)
+    if block != access.block:
+        have = "block" if block else "mount"
+        raise _error(conflict, f"{volume_id} is already published at {target} with {have} access")
+    if block:
+        same = device == staged_device or attach.backing_file_is(device, _lun_of(staged_device, volume_id))
+        published_ro = attach.device_read_only(device)
+    else:
+        same = device == staged_device
+        published_ro = attach.mount_at(target).read_only
+    if not same:
+        raise _error(conflict, f"{target} already holds another volume, not {volume_id}")
+    if published_ro != read_only:
+        have = "read-only" if published_ro else "read-write"
+        raise _error(conflict, f"{volume_id} is already published {have} at {target}")
+
+
+def unpublish(volume_id: str, target: str) -> None:
+    devices = []
+    while attach.mount_at(target):
+        devices.append(_unmount_volume(volume_id, target))
+    _remove(target)  # the spec: the SP deletes the file or directory at target_path
+    for device in dict.fromkeys(devices):
+        _release(device)  # frees a read-only publish's own loop device; staged ones stay in use
+
+
+# ---------------------------------------------------------------- stats / expand
+
+
+@dataclass(frozen=True)
+class VolumeAt:
+    device: str
+    block: bool
+    mount_point: str  # "" for block
+
+
+def volume_at(volume_id: str, path: str) -> VolumeAt:
+    """The volume staged or published at path; NOT_FOUND unless it is volume_id's."""
+    missing = not_found(f"volume {volume_id} is not staged or published at {path}")
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise missing from None
+    if stat.S_ISBLK(st.st_mode) and attach.mount_at(path):
+        found = VolumeAt(attach.device_of(path) or "", True, "")
+    elif stat.S_ISDIR(st.st_mode) and attach.mount_at(path):
+        found = VolumeAt(attach.device_of(path) or "", False, path)
+    elif stat.S_ISDIR(st.st_mode) and attach.mount_at(_block_node(path)):
+        found = VolumeAt(attach.device_of(_block_node(path)) or "", True, "")  # block staging path
+    else:
+        raise missing
+    if not found.device or not _holds_volume(found.device, volume_id):
+        raise missing
+    return found
+
+
+@dataclass(frozen=True)
+class Stats:
+    block: bool
+    size: int
+    usage: attach.Usage | None
+    problem: str | None  # why the volume is abnormal; None when healthy
+
+
+def volume_stats(volume_id: str, path: str) -> Stats:
+    vol = volume_at(volume_id, path)
+    problem = attach.lun_gone(vol.device)
+    if vol.block:
+        return Stats(True, attach.device_size(vol.device), None, problem)
+    return Stats(False, 0, attach.filesystem_usage(vol.mount_point), problem)
+
+
+def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int) -> int:
+    """Make every loop device of the LUN see its grown file, then grow the filesystem."""
+    vol = volume_at(volume_id, path)
+    lun = _lun_of(vol.device, volume_id)
+    for loop in attach.loop_devices_for(lun):
+        attach.refresh_loop(loop.path)
+    size = attach.device_size(vol.device)
+    if required_bytes and size < required_bytes:
+        raise _error(grpc.StatusCode.OUT_OF_RANGE,
+                     f"the LUN of {volume_id} is {size} bytes, less than the {required_bytes} required: "
+                     "expand it with ControllerExpandVolume first")
+    if limit_bytes and size > limit_bytes:
+        raise _error(grpc.StatusCode.OUT_OF_RANGE,
+                     f"the LUN of {volume_id} is {size} bytes, more than the limit of {limit_bytes}")
+    if not vol.block:
+        fstype = attach.mount_at(vol.mount_point).fstype
+        log.info("growing %s filesystem of %s to %d bytes", fstype, volume_id, size)
+        attach.grow_filesystem(vol.device, vol.mount_point, fstype)
+    return size

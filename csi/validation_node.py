@@ -1,0 +1,127 @@
+"""Request checks for the node service, in the order the CSI spec and csi-sanity expect.
+
+Nothing from a request reaches the disk before it passes here: IDs match a strict
+pattern, paths are absolute, normalised and free of NUL and `..`. Failures raise
+`csi.errors.CsiError`, which carries the gRPC status code the caller must see. The helpers are
+plain functions of protobuf messages, so the controller can share them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from csi.attach import SUPPORTED_FILESYSTEMS
+from csi.errors import invalid, not_found
+from csi.proto import csi_pb2
+
+VOLUME_ID = re.compile(r"vol-[0-9a-f]{32}")
+MAX_PATH = 4096
+
+_Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+READ_ONLY_MODES = frozenset({_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY})
+MULTI_NODE_WRITE_MODES = frozenset({_Mode.MULTI_NODE_SINGLE_WRITER, _Mode.MULTI_NODE_MULTI_WRITER})
+# Mount options that would turn a mount into something else entirely.
+_FORBIDDEN_MOUNT_FLAGS = frozenset({"bind", "rbind", "remount", "move", "make-shared", "make-private",
+                                    "make-slave", "make-unbindable", "loop"})
+
+
+def require(value: object, field: str) -> None:
+    """A missing required field is INVALID_ARGUMENT (checked before anything else)."""
+    if not value:
+        raise invalid(f"{field} is required")
+
+
+def check_volume_id(volume_id: str) -> None:
+    """A well-formed request naming a volume that cannot exist: NOT_FOUND."""
+    if not VOLUME_ID.fullmatch(volume_id):
+        raise not_found(f"volume {volume_id[:80]!r} does not exist (volume IDs look like vol-<32 hex>)")
+
+
+def path_problem(path: str) -> str | None:
+    """Why a path from a request is unacceptable, None if it is fine."""
+    if "\x00" in path:
+        return "contains NUL"
+    if len(path) > MAX_PATH:
+        return "is too long"
+    if not os.path.isabs(path):
+        return "is not absolute"
+    if ".." in path.split("/"):
+        return "contains '..'"
+    return None
+
+
+def check_path(path: str, field: str) -> str:
+    """An absolute clean path, normalised (no trailing slash, no `//`)."""
+    problem = path_problem(path)
+    if problem:
+        raise invalid(f"{field} {path[:200]!r} {problem}")
+    return os.path.normpath(path)
+
+
+def check_volume_path(path: str, volume_id: str) -> str:
+    """A path naming where a volume is (stats, expand): a path that cannot hold it is
+    NOT_FOUND, as csi-sanity expects for "some/path"."""
+    if path_problem(path):
+        raise not_found(f"volume {volume_id} is not staged or published at {path[:200]!r}")
+    return os.path.normpath(path)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a VolumeCapability asks of the node."""
+
+    block: bool
+    fs_type: str  # as requested: "" when unspecified (ext4 for a blank volume) and for block
+    mount_flags: tuple[str, ...]
+    mode: int
+    read_only_mode: bool
+
+
+def check_capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capability") -> Access:
+    if not cap.HasField("access_mode") or cap.access_mode.mode == _Mode.UNKNOWN:
+        raise invalid(f"{field}.access_mode is required")
+    mode = cap.access_mode.mode
+    if mode not in _Mode.values():
+        raise invalid(f"{field}.access_mode {mode} is unknown")
+    which = cap.WhichOneof("access_type")
+    if which is None:
+        raise invalid(f"{field} needs an access type: block or mount")
+    if which == "block":
+        return Access(True, "", (), mode, mode in READ_ONLY_MODES)
+    if mode in MULTI_NODE_WRITE_MODES:
+        raise invalid(f"access mode {_Mode.Name(mode)} needs block access: a filesystem mounted on "
+                      "several nodes while one writes would be corrupted; use volumeMode: Block "
+                      "(as live migration does)")
+    fs_type = cap.mount.fs_type
+    if fs_type and fs_type not in SUPPORTED_FILESYSTEMS:
+        raise invalid(f"fs_type {fs_type[:40]!r} is not supported (supported: {', '.join(SUPPORTED_FILESYSTEMS)})")
+    if cap.mount.volume_mount_group:
+        raise invalid("volume_mount_group is not supported by this driver")
+    flags: list[str] = []
+    for entry in cap.mount.mount_flags:
+        for flag in entry.split(","):
+            flag = flag.strip()
+            if not flag:
+                continue
+            if any(c in flag for c in "\x00\n\t ") or flag.startswith("-") or len(flag) > 256:
+                raise invalid(f"mount flag {flag[:60]!r} is malformed")
+            if flag.split("=", 1)[0] in _FORBIDDEN_MOUNT_FLAGS:
+                raise invalid(f"mount flag {flag!r} is not allowed")
+            flags.append(flag)
+    return Access(False, fs_type, tuple(flags), mode, mode in READ_ONLY_MODES)
+
+
+def lun_path(publish_context: dict, volume_context: dict, volume_id: str) -> str:
+    """Where the LUN file is: publish_context["lunPath"] (from ControllerPublishVolume),
+    else volume_context["lunPath"]. It must name this volume's LUN."""
+    path = publish_context.get("lunPath") or volume_context.get("lunPath")
+    if not path:
+        raise invalid("publish_context has no lunPath: was the volume published with ControllerPublishVolume?")
+    problem = path_problem(path)
+    if problem:
+        raise invalid(f"lunPath {path[:200]!r} {problem}")
+    if volume_id not in os.path.basename(path):
+        raise invalid(f"lunPath {path!r} is not the LUN of volume {volume_id}")
+    return os.path.normpath(path)

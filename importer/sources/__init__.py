@@ -1,0 +1,1 @@
+"""pvlun importer/sources."""

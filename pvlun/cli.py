@@ -1,0 +1,82 @@
+"""The `pvlun` command: a thin layer over the parts' public functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from pvlun import __version__
+
+DEFAULT_DATA_DIR = "/var/lib/pvlun"
+
+
+def parse_size(text: str) -> int:
+    """Kubernetes-style quantities: 10Gi, 512Mi, 1G, 4096."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+             "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
+            return int(text[: -len(suffix)]) * units[suffix]
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 10Gi, 512Mi or bytes)")
+
+
+def data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
+                        help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from csi.server import setup_logging
+    from pvlun.daemon import Daemon, ServeOptions
+
+    setup_logging()
+    opts = ServeOptions(data_dir=args.data_dir, endpoint=args.endpoint or "", node_id=args.node_id,
+                        mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size,
+                        max_volumes_per_node=args.max_volumes_per_node)
+    try:
+        Daemon(opts).run_until_signal()
+    except (OSError, ValueError) as exc:
+        print(f"pvlun serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pvlun.quickstart import main as quickstart
+
+    return quickstart(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pvlun", description="Disks for virtual machines on Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"pvlun {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CSI driver (and the embedded controllers)")
+    serve.add_argument("--endpoint", help="unix:///PATH or tcp://HOST:PORT (default unix://DATA_DIR/csi.sock)")
+    serve.add_argument("--node-id", default=socket.gethostname())
+    data_dir_arg(serve)
+    serve.add_argument("--mode", choices=["all", "controller", "node"], default="all")
+    serve.add_argument("--nodes", type=int, default=1, help="present this host as N nodes (embedded mode)")
+    serve.add_argument("--pool", help="use this directory as the LUN pool")
+    serve.add_argument("--pool-size", type=parse_size, default="64Gi",
+                       help="size of the XFS reflink pool image made when the data dir cannot reflink")
+    serve.add_argument("--max-volumes-per-node", type=int, default=256)
+    serve.set_defaults(func=cmd_serve)
+
+    quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
+    quick.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`pvlun serve`: the CSI driver (and, in embedded mode, the controllers) in one process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from csi.backends.file import FileBackend
+from csi.catalog import Catalog
+from csi.controller import ControllerService
+from csi.group_controller import GroupControllerService
+from csi.identity import IdentityService
+from csi.lun_service import LunService
+from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, release_pool
+from csi.proto import csi_pb2_grpc
+from csi.server import build_server
+
+log = logging.getLogger("pvlun.serve")
+
+
+@dataclass
+class ServeOptions:
+    data_dir: str
+    endpoint: str = ""
+    node_id: str = field(default_factory=socket.gethostname)
+    mode: str = "all"  # all | controller | node
+    nodes: int = 1
+    pool: str | None = None
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_volumes_per_node: int = 256
+
+    def node_ids(self) -> list[str]:
+        """This host as N nodes: <node-id>, <node-id>-2, ..."""
+        return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, self.nodes + 1)]
+
+
+def node_endpoint(data_dir: str, node_id: str) -> str:
+    return f"unix://{os.path.join(data_dir, 'nodes', node_id, 'csi.sock')}"
+
+
+def default_endpoint(data_dir: str) -> str:
+    return f"unix://{os.path.join(os.path.abspath(data_dir), 'csi.sock')}"
+
+
+class Daemon:
+    """Owns the pool, the catalog and the gRPC servers; `stop()` is safe from a signal."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.data_dir = os.path.abspath(opts.data_dir)
+        self.stopped = threading.Event()
+        self.servers = []
+        self.catalog: Catalog | None = None
+        self.luns: LunService | None = None
+
+    def start(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        opts = self.opts
+        self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
+        with_controller = opts.mode in ("all", "controller")
+        with_node = opts.mode in ("all", "node")
+        if with_controller:
+            pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
+            backend = FileBackend(pool)
+            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node)
+            repaired = self.luns.repair()
+            log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
+        node_ids = opts.node_ids() if with_node else []
+        for node_id in node_ids:
+            self.catalog.register_node(node_id)
+        first = node_ids[0] if node_ids else None
+        self.servers.append(build_server(opts.endpoint or default_endpoint(self.data_dir),
+                                         self._services(with_controller, first)))
+        for node_id in node_ids[1:]:
+            self.servers.append(build_server(node_endpoint(self.data_dir, node_id), self._services(False, node_id)))
+        with open(os.path.join(self.data_dir, "serve.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        log.info("serving %s (mode %s, nodes %s)", opts.endpoint or default_endpoint(self.data_dir), opts.mode, node_ids)
+
+    def _services(self, with_controller: bool, node_id: str | None) -> list:
+        from csi.node import NodeService
+
+        adds = [lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(with_controller), s)]
+        if with_controller:
+            assert self.luns is not None
+            adds.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(self.luns), s))
+            adds.append(lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.luns), s))
+        if node_id:
+            node = NodeService(node_id, self.opts.max_volumes_per_node)
+            adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
+        return adds
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(grace=5).wait(10)
+        try:
+            os.unlink(os.path.join(self.data_dir, "serve.pid"))
+        except FileNotFoundError:
+            pass
+        if self.opts.mode in ("all", "controller") and not self.opts.pool:
+            release_pool(self.data_dir)
+        self.stopped.set()
+
+    def run_until_signal(self) -> None:
+        def on_signal(signum, frame):
+            log.info("signal %d: stopping", signum)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        self.stopped.wait()

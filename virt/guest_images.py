@@ -1,0 +1,188 @@
+"""Test guests made at run time from Debian packages and our own code.
+
+Two guests, both small and quick under TCG:
+- the *tick* disk: one boot sector (virt/bootsector.py) that prints a marker and then a
+  tick counter on COM1 — shows that a migrated guest kept running;
+- the *linux* disk: SYSLINUX (Debian `syslinux`, on a FAT file system) booting the Debian
+  kernel with a busybox-static initramfs whose init mounts the second disk and prints the
+  sha256 of a file put there by the test, then a marker.
+`build_data_disk` makes that second disk (ext4 via `mkfs.ext4 -d`, no mount needed).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from pvlun.command import run
+from virt.bootsector import tick_boot_sector
+
+TICK_DISK_SIZE = 1 << 20
+LINUX_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
+BUSYBOX = "/bin/busybox"
+
+
+def build_tick_disk(path: str | os.PathLike, marker: str = "PVLUN-BOOT", *, size: int = TICK_DISK_SIZE) -> Path:
+    """Write a raw disk whose boot sector prints `marker` and then "tick N" lines on COM1."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(tick_boot_sector(marker))
+        f.truncate(max(size, 512))
+    return path
+
+
+def kernel_path() -> Path:
+    """The newest Debian kernel in /boot (package linux-image-amd64)."""
+    found = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not found:
+        raise FileNotFoundError("no /boot/vmlinuz-*: install linux-image-amd64")
+    return Path(found[-1])
+
+
+def _module_files(release: str, names: tuple[str, ...]) -> list[Path]:
+    """Module files for `names` plus their dependencies, in load order (deps first)."""
+    base = Path("/lib/modules") / release
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (base / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+        by_name[Path(mod).name.split(".ko")[0].replace("-", "_")] = mod
+    ordered: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in ordered:
+            return
+        for dep in reversed(deps.get(mod, [])):
+            visit(dep)
+        ordered.append(mod)
+
+    for name in names:
+        if name not in by_name:
+            continue  # built into this kernel
+        visit(by_name[name])
+    return [base / m for m in ordered]
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data) entries — the initramfs format."""
+    out = io.BytesIO()
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], start=1):
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        out.write(b"070701" + b"".join(b"%08X" % v for v in fields) + encoded)
+        out.write(b"\0" * (-out.tell() % 4) + data)
+        out.write(b"\0" * (-out.tell() % 4))
+    return out.getvalue()
+
+
+INIT_SCRIPT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
+data=/dev/vdb; file=payload.bin; marker=PVLUN-LINUX; after=idle
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    pvlun.data=*) data="/dev/${arg#pvlun.data=}" ;;
+    pvlun.file=*) file="${arg#pvlun.file=}" ;;
+    pvlun.marker=*) marker="${arg#pvlun.marker=}" ;;
+    pvlun.after=*) after="${arg#pvlun.after=}" ;;
+  esac
+done
+i=0; while [ ! -b "$data" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+mkdir -p /mnt
+if mount -t ext4 -o ro "$data" /mnt 2>/dev/null || mount -o ro "$data" /mnt 2>/dev/null; then
+  sum=$(sha256sum "/mnt/$file" | cut -d' ' -f1)
+else
+  cd /mnt && tar -xf "$data" "$file" 2>/dev/null; sum=$(sha256sum "/mnt/$file" | cut -d' ' -f1)
+fi
+echo "PVLUN-SHA256 ${sum:-none} $file"
+echo "$marker"
+if [ "$after" = poweroff ]; then sync; poweroff -f; fi
+while true; do sleep 3600; done
+"""
+
+
+def build_initramfs(path: str | os.PathLike, *, release: str | None = None) -> Path:
+    """A gzip'd busybox-static initramfs with the virtio and ext4 modules and our init."""
+    release = release or kernel_path().name.removeprefix("vmlinuz-")
+    mods = _module_files(release, LINUX_MODULES)
+    entries: list[tuple[str, int, bytes]] = []
+    for d in ("bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules"):
+        entries.append((d, stat.S_IFDIR | 0o755, b""))
+    entries.append(("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()))
+    entries.append(("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()))
+    entries.append(("modules.order", stat.S_IFREG | 0o644, "".join(m.name + "\n" for m in mods).encode()))
+    for m in mods:
+        entries.append((f"lib/modules/{m.name}", stat.S_IFREG | 0o644, m.read_bytes()))
+    path = Path(path)
+    path.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=6))
+    return path
+
+
+def build_linux_disk(
+    path: str | os.PathLike,
+    *,
+    marker: str = "PVLUN-LINUX",
+    data_device: str = "vdb",
+    check_file: str = "payload.bin",
+    after: str = "idle",
+    size_mib: int = 48,
+    extra_cmdline: str = "",
+) -> Path:
+    """A raw FAT disk booted by SYSLINUX into the Debian kernel and our busybox initramfs.
+
+    The guest mounts /dev/`data_device` (ext4, other fs, or a raw tar), prints
+    "PVLUN-SHA256 <hex> <file>" and then `marker` on ttyS0; `after` is "idle" or "poweroff".
+    """
+    if after not in ("idle", "poweroff"):
+        raise ValueError('after must be "idle" or "poweroff"')
+    for word in (marker, data_device, check_file):
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"{word!r}: must be a non-empty word")
+    kernel = kernel_path()
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="pvlun-linux-") as tmp:
+        initrd = build_initramfs(Path(tmp) / "initrd.img", release=kernel.name.removeprefix("vmlinuz-"))
+        cfg = Path(tmp) / "syslinux.cfg"
+        cmdline = (
+            "console=ttyS0,115200 quiet loglevel=3 panic=-1 mitigations=off no_timer_check "
+            f"pvlun.data={data_device} pvlun.file={check_file} pvlun.marker={marker} pvlun.after={after} {extra_cmdline}"
+        ).strip()
+        cfg.write_text(f"DEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n"
+                       f"  INITRD initrd.img\n  APPEND {cmdline}\n")
+        path.unlink(missing_ok=True)
+        run(["mkfs.vfat", "-n", "PVLUNBOOT", "-C", str(path), str(size_mib * 1024)])
+        run(["syslinux", "--install", str(path)])
+        run(["mcopy", "-i", str(path), str(kernel), "::vmlinuz"])
+        run(["mcopy", "-i", str(path), str(initrd), str(cfg), "::"])
+    return path
+
+
+def build_data_disk(path: str | os.PathLike, files: dict[str, bytes], *, size_mib: int = 16) -> Path:
+    """A raw ext4 disk holding `files` (made with `mkfs.ext4 -d`, no mount needed)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="pvlun-data-") as tmp:
+        for name, data in files.items():
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        path.unlink(missing_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size_mib << 20)
+        run(["mkfs.ext4", "-q", "-F", "-d", tmp, str(path)])
+    return path
+
+
+def required_tools() -> list[str]:
+    """Tools the linux guest needs that are missing (for a clear message in tests)."""
+    return [t for t in ("mkfs.vfat", "syslinux", "mcopy", "mkfs.ext4") if shutil.which(t) is None]
