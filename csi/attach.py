@@ -1,13 +1,15 @@
-"""Host-level primitives of the CSI node side: loop devices, filesystems, mounts.
+"""Host-level primitives of the CSI node side: loop devices and mounts.
 
 The node service keeps no state of its own: everything it needs to know (what is staged
 or published where, which LUN file a device reads) is derived here from the system —
 /proc/self/mountinfo, sysfs and losetup. Every external tool runs through
-`pvlun.command.run`, so a failure carries the tool's own stderr.
+`pvlun.command.run`, so a failure carries the tool's own stderr. Making, probing and
+growing filesystems lives in csi/filesystems.py.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -15,25 +17,12 @@ from dataclasses import dataclass
 
 from pvlun.command import CommandError, output, run
 
-SUPPORTED_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
-DEFAULT_FILESYSTEM = "ext4"
-
 # Options that apply to one mount point (and so to a bind mount) rather than to the
 # filesystem: these are the ones a publish bind mount can honour.
 PER_MOUNT_OPTIONS = frozenset(
     {"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec",
      "noatime", "atime", "nodiratime", "diratime", "relatime", "norelatime", "strictatime"}
 )
-
-# Fast mkfs: no discard pass over a fresh sparse LUN, ext4 inode tables zeroed lazily.
-_MKFS = {
-    "ext4": ["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
-    "ext3": ["mkfs.ext3", "-q", "-E", "lazy_itable_init=1,nodiscard"],
-    "ext2": ["mkfs.ext2", "-q", "-E", "lazy_itable_init=1,nodiscard"],
-    "xfs": ["mkfs.xfs", "-q", "-K"],
-    "btrfs": ["mkfs.btrfs", "-q", "--nodiscard"],
-}
-
 
 # ---------------------------------------------------------------- mount table
 
@@ -51,6 +40,7 @@ class Mount:
     options: frozenset[str]  # per-mount options (ro, nosuid, ...)
     fstype: str
     source: str
+    super_options: tuple[str, ...] = ()  # filesystem-wide options (errors=..., data=...)
 
     @property
     def read_only(self) -> bool:
@@ -86,6 +76,7 @@ def mounts() -> list[Mount]:
                 root=_unescape(fields[3]), mount_point=_unescape(fields[4]),
                 options=frozenset(fields[5].split(",")),
                 fstype=fields[sep + 1], source=_unescape(fields[sep + 2]),
+                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
             ))
     return result
 
@@ -171,6 +162,7 @@ def find_or_attach_loop(lun_file: str, read_only: bool = False) -> str:
     live migration between two nodes of one host), else attach a new one."""
     for dev in loop_devices_for(lun_file):
         if dev.read_only == read_only and not dev.autoclear:
+            refresh_loop(dev.path)  # the file may have grown since it was attached
             return dev.path
     return attach_loop(lun_file, read_only)
 
@@ -303,6 +295,26 @@ def device_in_use(device: str) -> bool:
     return False
 
 
+def device_busy(device: str) -> bool:
+    """Is the device claimed by a mounted filesystem, in any mount namespace? The kernel
+    refuses an exclusive open then, which mountinfo of our namespace cannot tell."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return True
+        raise
+    os.close(fd)
+    return False
+
+
+def mounts_of(device: str) -> list[Mount]:
+    """Filesystem mounts of the device (not binds of its node), in mount order."""
+    rdev = os.stat(device).st_rdev
+    number = (os.major(rdev), os.minor(rdev))
+    return [m for m in mounts() if (m.major, m.minor) == number]
+
+
 def device_read_only(device: str) -> bool:
     try:
         with open(os.path.join(_sys_block(device), "ro"), encoding="utf-8") as f:
@@ -317,65 +329,3 @@ def device_size(device: str) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------- filesystems
-
-
-class DeviceNotBlank(Exception):
-    """The device holds something that is not a filesystem (a partition table, ...)."""
-
-
-def filesystem_type(device: str) -> str | None:
-    """The filesystem on the device, None if the device is blank. Raises DeviceNotBlank
-    when it holds anything else: such a device must never be formatted."""
-    proc = run(["blkid", "--probe", "--output", "export", device], check=False)
-    if proc.returncode == 2:
-        return None  # nothing found
-    if proc.returncode != 0:
-        raise CommandError(["blkid"], proc.returncode, proc.stderr.decode(errors="replace"))
-    info = dict(line.split("=", 1) for line in proc.stdout.decode().splitlines() if "=" in line)
-    if info.get("TYPE") and info.get("USAGE", "filesystem") == "filesystem":
-        return info["TYPE"]
-    what = info.get("TYPE") or info.get("PTTYPE") or "unknown data"
-    raise DeviceNotBlank(f"{device} holds {what}, not a filesystem; refusing to format it")
-
-
-def make_filesystem(device: str, fstype: str) -> None:
-    """Format a blank device. The mkfs tools run without force flags, so they too refuse
-    a device that turns out to hold a filesystem."""
-    run(_MKFS[fstype] + [device], timeout=300)
-
-
-def grow_filesystem(device: str, mount_point: str, fstype: str) -> None:
-    """Grow a mounted filesystem to fill its (already refreshed) device."""
-    if fstype.startswith("ext"):
-        run(["resize2fs", device], timeout=600)
-    elif fstype == "xfs":
-        run(["xfs_growfs", mount_point], timeout=600)
-    elif fstype == "btrfs":
-        run(["btrfs", "filesystem", "resize", "max", mount_point], timeout=600)
-    else:
-        raise ValueError(f"cannot grow a {fstype} filesystem")
-
-
-@dataclass(frozen=True)
-class Usage:
-    total_bytes: int
-    available_bytes: int
-    used_bytes: int
-    total_inodes: int
-    available_inodes: int
-    used_inodes: int
-
-
-def filesystem_usage(path: str) -> Usage:
-    s = os.statvfs(path)
-    return Usage(
-        total_bytes=s.f_blocks * s.f_frsize,
-        available_bytes=s.f_bavail * s.f_frsize,
-        used_bytes=(s.f_blocks - s.f_bfree) * s.f_frsize,
-        total_inodes=s.f_files,
-        available_inodes=s.f_favail,
-        used_inodes=s.f_files - s.f_ffree,
-    )

@@ -3,7 +3,8 @@
 Stateless by design: what is staged or published where is read back from the system
 (mountinfo, loop devices) on every call, so a restarted driver picks up where it was.
 Each RPC validates its request first (csi/validation_node.py), then calls into the
-staging operations (csi/staging.py), which use the host primitives of csi/attach.py.
+staging operations (csi/staging.py), which use the host primitives of csi/attach.py
+(loop devices, mounts) and csi/filesystems.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import grpc
 
 from csi import staging
-from csi.attach import DeviceNotBlank
+from csi.filesystems import DeviceNotBlank
 from csi.errors import CsiError, invalid
 from csi.locks import KeyedLocks
 from csi.proto import csi_pb2, csi_pb2_grpc

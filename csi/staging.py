@@ -20,13 +20,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from csi import attach
+from csi import attach, filesystems
 from csi.errors import CsiError, not_found
 from csi.validation_node import Access
+from pvlun.command import CommandError
 
 log = logging.getLogger(__name__)
 
 BLOCK_NODE = "lun"  # the file under STAGING that a block volume's device is bound onto
+_EXT_SLACK = 4 << 20
 
 
 def _error(code: grpc.StatusCode, message: str) -> CsiError:
@@ -66,6 +68,8 @@ def staged(staging: str) -> tuple[str | None, bool] | None:
 
 
 def stage(volume_id: str, lun: str, staging: str, access: Access) -> None:
+    if os.path.islink(lun):
+        raise _error(grpc.StatusCode.INVALID_ARGUMENT, f"lunPath {lun} is a symbolic link, not a LUN file")
     if not os.path.isfile(lun):
         raise not_found(f"volume {volume_id}: its LUN {lun} does not exist")
     os.makedirs(staging, exist_ok=True)
@@ -107,23 +111,32 @@ def _check_staged_matches(volume_id: str, lun: str, staging: str,
 
 def _mount_filesystem(device: str, staging: str, access: Access) -> None:
     read_only = access.read_only_mode or "ro" in access.mount_flags
-    fstype = attach.filesystem_type(device)
+    fstype = filesystems.filesystem_type(device)
     if fstype is None:
         if read_only:
             raise _error(grpc.StatusCode.FAILED_PRECONDITION,
                          "the volume is blank and the access mode is read-only: nothing to mount")
-        fstype = access.fs_type or attach.DEFAULT_FILESYSTEM
+        fstype = access.fs_type or filesystems.DEFAULT_FILESYSTEM
         log.info("formatting %s as %s", device, fstype)
-        attach.make_filesystem(device, fstype)
+        filesystems.make_filesystem(device, fstype)
     elif access.fs_type and fstype != access.fs_type:
         raise _error(grpc.StatusCode.FAILED_PRECONDITION,
                      f"the volume holds a {fstype} filesystem, not the requested {access.fs_type}")
+    elif fstype.startswith("ext") and not read_only and not attach.device_busy(device):
+        # The LUN grew while it was not staged (offline expansion): grow the filesystem now,
+        # before mounting, which needs no CAP_SYS_RESOURCE. A leftover too small for a
+        # block group is never used by resize2fs, hence the slack.
+        if filesystems.ext_filesystem_size(device) + _EXT_SLACK < attach.device_size(device):
+            log.info("growing the %s filesystem of %s offline", fstype, device)
+            filesystems.grow_unmounted_ext(device)
     options = list(access.mount_flags)
     if read_only and "ro" not in options:
         options.append("ro")
     if fstype == "xfs" and "nouuid" not in options:
         options.append("nouuid")  # clones and snapshots share the origin's XFS UUID
     attach.mount(device, staging, fstype, options)
+    if fstype in ("xfs", "btrfs") and not read_only:
+        filesystems.grow_filesystem(device, staging, fstype)  # a no-op unless the LUN grew meanwhile
 
 
 def unstage(volume_id: str, staging: str) -> None:
@@ -288,7 +301,7 @@ def volume_at(volume_id: str, path: str) -> VolumeAt:
 class Stats:
     block: bool
     size: int
-    usage: attach.Usage | None
+    usage: filesystems.Usage | None
     problem: str | None  # why the volume is abnormal; None when healthy
 
 
@@ -297,7 +310,7 @@ def volume_stats(volume_id: str, path: str) -> Stats:
     problem = attach.lun_gone(vol.device)
     if vol.block:
         return Stats(True, attach.device_size(vol.device), None, problem)
-    return Stats(False, 0, attach.filesystem_usage(vol.mount_point), problem)
+    return Stats(False, 0, filesystems.filesystem_usage(vol.mount_point), problem)
 
 
 def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int) -> int:
@@ -314,8 +327,69 @@ def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int) -> 
     if limit_bytes and size > limit_bytes:
         raise _error(grpc.StatusCode.OUT_OF_RANGE,
                      f"the LUN of {volume_id} is {size} bytes, more than the limit of {limit_bytes}")
-    if not vol.block:
-        fstype = attach.mount_at(vol.mount_point).fstype
-        log.info("growing %s filesystem of %s to %d bytes", fstype, volume_id, size)
-        attach.grow_filesystem(vol.device, vol.mount_point, fstype)
+    if vol.block:
+        return size
+    fstype = attach.mount_at(vol.mount_point).fstype
+    # Grow through a writable mount: the path asked about may be a read-only publish.
+    writable = next((m.mount_point for m in attach.mounts_of(vol.device) if not m.read_only), None)
+    if writable is None:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"the filesystem of {volume_id} is mounted read-only only: it cannot grow")
+    if not fstype.startswith("ext"):
+        filesystems.grow_filesystem(vol.device, writable, fstype)
+    elif filesystems.ext_filesystem_size(vol.device) + _EXT_SLACK < size:
+        log.info("growing the %s filesystem of %s to %d bytes", fstype, volume_id, size)
+        if filesystems.can_grow_mounted_ext():
+            filesystems.grow_filesystem(vol.device, writable, fstype)
+        else:
+            _grow_ext_unmounted(volume_id, vol.device, fstype)
     return size
+
+
+def _grow_ext_unmounted(volume_id: str, device: str, fstype: str) -> None:
+    """Without CAP_SYS_RESOURCE a mounted ext filesystem cannot grow: unmount every mount
+    of it here, grow it offline, mount everything back as it was. Refused with
+    FAILED_PRECONDITION while anything keeps it busy (open files, another namespace)."""
+    table = attach.mounts_of(device)
+    base = next((m for m in table if m.root == "/"), None)
+    if base is None:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"no mount of the whole filesystem of {volume_id}")
+    unmounted: list[attach.Mount] = []
+    busy = None
+    try:
+        for m in reversed(table):  # binds first, the filesystem mount last
+            try:
+                attach.unmount(m.mount_point)
+            except CommandError as exc:
+                busy = exc.stderr or str(exc)
+                break
+            unmounted.insert(0, m)
+        if busy is None and attach.device_busy(device):
+            busy = "it is mounted in another mount namespace"
+        if busy is None:
+            filesystems.grow_unmounted_ext(device)
+    finally:
+        _mount_again(device, base, unmounted)
+    if busy:
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"cannot grow the {fstype} filesystem of {volume_id}: growing it while mounted needs "
+                     f"CAP_SYS_RESOURCE, which the driver lacks, and it is in use ({busy})")
+
+
+def _mount_again(device: str, base: attach.Mount, unmounted: list[attach.Mount]) -> None:
+    """Restore mounts taken down by _grow_ext_unmounted, in their original order."""
+    failures = []
+    for m in unmounted:
+        per_mount = sorted(m.options & (attach.PER_MOUNT_OPTIONS - {"rw"}))
+        try:
+            if m.mount_id == base.mount_id:
+                fs_options = [o for o in m.super_options if o not in ("rw", "ro", "seclabel")]
+                attach.mount(device, m.mount_point, m.fstype, per_mount + fs_options)
+            else:
+                source = base.mount_point + (m.root if m.root != "/" else "")
+                attach.bind_mount(source, m.mount_point, m.read_only, per_mount)
+        except CommandError as exc:
+            log.error("could not mount %s again at %s: %s", device, m.mount_point, exc)
+            failures.append(f"{m.mount_point}: {exc}")
+    if failures:
+        raise _error(grpc.StatusCode.INTERNAL, "mounting again after growing failed: " + "; ".join(failures))

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from csi.attach import SUPPORTED_FILESYSTEMS
+from csi.filesystems import SUPPORTED_FILESYSTEMS
 from csi.errors import invalid, not_found
 from csi.proto import csi_pb2
 

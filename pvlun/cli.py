@@ -7,6 +7,8 @@ import os
 import socket
 import sys
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices are noise for a CLI and daemon
+
 from pvlun import __version__
 
 DEFAULT_DATA_DIR = "/var/lib/pvlun"
@@ -36,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging()
     opts = ServeOptions(data_dir=args.data_dir, endpoint=args.endpoint or "", node_id=args.node_id,
                         mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size,
-                        max_volumes_per_node=args.max_volumes_per_node)
+                        max_volumes_per_node=args.max_volumes_per_node,
+                        allow_file_import=args.allow_file_import)
     try:
         Daemon(opts).run_until_signal()
     except (OSError, ValueError) as exc:
@@ -66,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool-size", type=parse_size, default="64Gi",
                        help="size of the XFS reflink pool image made when the data dir cannot reflink")
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
+    serve.add_argument("--allow-file-import", action="store_true",
+                       help="let DataVolume http sources use file:// URLs (embedded mode)")
     serve.set_defaults(func=cmd_serve)
+
+    from pvlun.objects_cli import add_commands
+
+    add_commands(sub, data_dir_arg)
 
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)
@@ -74,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pvlun.objects_cli import NoDaemon
+
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except NoDaemon as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class ServeOptions:
     pool: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     max_volumes_per_node: int = 256
+    controllers: bool = True  # run the embedded control plane (mode all)
+    allow_file_import: bool = False  # let DataVolumes read file:// URLs (embedded mode only)
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ..."""
@@ -56,6 +58,7 @@ class Daemon:
         self.servers = []
         self.catalog: Catalog | None = None
         self.luns: LunService | None = None
+        self.ctx = None
 
     def start(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -77,9 +80,24 @@ class Daemon:
                                          self._services(with_controller, first)))
         for node_id in node_ids[1:]:
             self.servers.append(build_server(node_endpoint(self.data_dir, node_id), self._services(False, node_id)))
+        if opts.mode == "all" and opts.controllers:
+            self._start_control_plane(node_ids)
         with open(os.path.join(self.data_dir, "serve.pid"), "w") as f:
             f.write(str(os.getpid()))
         log.info("serving %s (mode %s, nodes %s)", opts.endpoint or default_endpoint(self.data_dir), opts.mode, node_ids)
+
+    def _start_control_plane(self, node_ids: list[str]) -> None:
+        """The embedded Kubernetes: object store, reconcile loop, talking CSI over our own socket."""
+        from pvlun.context import Context
+        from pvlun.controllers import run_loop
+        from pvlun.csi_client import CsiClient
+        from pvlun.store import SQLiteStore
+
+        store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
+        csi = CsiClient(self.data_dir, node_ids, self.opts.endpoint)
+        self.ctx = Context(store, csi, self.data_dir, node_ids)
+        self.ctx.services["allow_file"] = self.opts.allow_file_import
+        run_loop(self.ctx)
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:
         from csi.node import NodeService
@@ -95,6 +113,9 @@ class Daemon:
         return adds
 
     def stop(self) -> None:
+        if self.ctx is not None:
+            self.ctx.stopping.set()
+            self.ctx.jobs.join_all(10)
         for server in self.servers:
             server.stop(grace=5).wait(10)
         try:

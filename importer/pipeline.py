@@ -1,0 +1,403 @@
+"""The import pipeline: one phase machine that fills a target from any source.
+
+CDI's DataProcessor, in our words: Info → Transfer → Convert → Resize → Complete, a table
+from phase to function. The pipeline never knows a source by name; it looks at what
+`info()` says and at the bytes themselves:
+
+- raw (and iso), possibly gz/xz/zstd-compressed or in a tar: streamed into the target,
+  zero blocks skipped, stopped at the target's size;
+- qcow2/vmdk/vdi/vhd/vhdx that qemu can read in place (HTTP with ranges, a local file):
+  `qemu-img convert` straight from the source, no scratch copy;
+- other images: downloaded to scratch (checksummed), inspected, checked, converted.
+
+The target must read as zeros when the import starts (a fresh volume): zero blocks are
+skipped, not written. On any failure what was written is discarded before ImportFailed
+propagates.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Literal
+
+from pvlun.command import CommandError, run
+
+from . import errors, formats
+from .errors import ImportFailed
+from .sources.base import PeekStream, Source, read_head
+from .streams import CountingReader, DecompressingReader, write_sparse
+
+DISK_IMG = "disk.img"
+DEFAULT_FS_OVERHEAD = 0.055  # CDI's default filesystem overhead
+ALIGN = 1 << 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the disk goes. Block: a device or raw file of `size` bytes. Filesystem: a mounted dir."""
+
+    path: str
+    size: int
+    mode: Literal["Block", "Filesystem"] = "Block"
+    content_type: Literal["kubevirt", "archive"] = "kubevirt"
+    preallocation: bool = False
+    filesystem_overhead: float = DEFAULT_FS_OVERHEAD
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    format: str                # the image format found inside any compression/tar layers
+    layers: tuple[str, ...]    # e.g. ("gzip", "tar")
+    virtual_size: int          # bytes of disk the image holds
+    disk_path: str             # the device/file, or <dir>/disk.img ("" for archives)
+    disk_size: int             # size of the disk the guest sees (Filesystem: the usable space)
+    method: str                # "stream" | "direct" | "scratch" | "archive"
+    bytes_transferred: int     # bytes read from the source by us (0 when qemu read it in place)
+    seconds: float
+
+
+class Phase(enum.Enum):
+    INFO = "Info"
+    TRANSFER = "Transfer"
+    CONVERT = "Convert"
+    RESIZE = "Resize"
+    COMPLETE = "Complete"
+
+
+def import_into(source: Source, target: Target, *, progress: Callable[[float], None], scratch_dir: str) -> ImportResult:
+    """Fill `target` from `source`; raise ImportFailed (with the target discarded) if it cannot be done."""
+    return _Import(source, target, progress, scratch_dir).run()
+
+
+def usable_space(target: Target) -> int:
+    """CDI's rule for Filesystem volumes: the space left after the filesystem overhead, 1 MiB aligned."""
+    st = os.statvfs(target.path)
+    available = min(target.size, st.f_bavail * st.f_frsize)
+    return int(available * (1 - target.filesystem_overhead)) // ALIGN * ALIGN
+
+
+class _Import:
+    def __init__(self, source: Source, target: Target, progress: Callable[[float], None], scratch_dir: str):
+        self.source, self.target = source, target
+        self._report = progress
+        self._last = -1.0
+        self.scratch_root = scratch_dir
+        self.table: dict[Phase, Callable[[], Phase]] = {
+            Phase.INFO: self._info,
+            Phase.TRANSFER: self._transfer,
+            Phase.CONVERT: self._convert,
+            Phase.RESIZE: self._resize,
+        }
+        self.fd = -1
+        self.created_disk = False
+        self.touched = False
+        self.unpack_dir: str | None = None
+        self.scratch: str | None = None
+        self.open_streams: list = []
+        self.counter: CountingReader | None = None
+        self.size_hint: int | None = None
+        self.format, self.layers, self.method = "raw", [], "stream"
+        self.virtual_size = 0
+        self.convert_from: tuple[dict, list[str]] | None = None
+        self.progress_span = (0.0, 100.0)
+
+    # -- driver ------------------------------------------------------------------------
+    def run(self) -> ImportResult:
+        started = time.monotonic()
+        phase = Phase.INFO
+        try:
+            self._open_target()
+            while phase is not Phase.COMPLETE:
+                phase = self.table[phase]()
+            self._complete()
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, ImportFailed):
+                raise
+            if isinstance(exc, Exception):
+                raise ImportFailed(errors.INTERNAL, f"{phase.value}: {type(exc).__name__}: {exc}") from None
+            raise
+        finally:
+            self._release()
+        return ImportResult(
+            self.format, tuple(self.layers), self.virtual_size,
+            "" if self.target.content_type == "archive" else self.disk_path,
+            self.capacity if self.target.content_type == "kubevirt" else 0,
+            self.method, self.counter.count if self.counter else 0, time.monotonic() - started,
+        )
+
+    def progress(self, fraction: float) -> None:
+        lo, hi = self.progress_span
+        value = round(min(100.0, lo + (hi - lo) * max(0.0, min(1.0, fraction))), 2)
+        if value >= self._last + 0.5 or (value >= 100.0 and self._last < 100.0):
+            self._last = value
+            self._report(value)
+
+    # -- target ------------------------------------------------------------------------
+    def _open_target(self) -> None:
+        t = self.target
+        if t.mode == "Block":
+            if t.content_type != "kubevirt":
+                raise ImportFailed(errors.INVALID_SOURCE, "contentType archive needs a Filesystem volume")
+            self.disk_path, self.capacity = t.path, t.size
+            self.fd = os.open(t.path, os.O_WRONLY)
+            actual = os.lseek(self.fd, 0, os.SEEK_END)
+            if actual < t.size:
+                raise ImportFailed(errors.INTERNAL, f"the target holds {actual} bytes, less than the {t.size} declared")
+            return
+        if not os.path.isdir(t.path):
+            raise ImportFailed(errors.INTERNAL, f"the Filesystem target {t.path} is not a directory")
+        self.capacity = usable_space(t)
+        self.disk_path = os.path.join(t.path, DISK_IMG)
+        if t.content_type == "archive":
+            return
+        if os.path.lexists(self.disk_path):
+            os.unlink(self.disk_path)
+        self.fd = os.open(self.disk_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        self.created_disk = True
+        os.ftruncate(self.fd, self.capacity)
+
+    def _too_large(self, size: int | None = None) -> ImportFailed:
+        where = "the volume's usable space after filesystem overhead" if self.target.mode == "Filesystem" else "the volume"
+        what = f"virtual size {size} bytes" if size else "the image"
+        return ImportFailed(errors.IMAGE_TOO_LARGE, f"{what} is larger than {where} ({self.capacity} bytes)")
+
+    # -- phases ------------------------------------------------------------------------
+    def _info(self) -> Phase:
+        info = self.source.info()
+        self.size_hint = info.size
+        fmt = formats.detect(info.head)
+        direct = info.direct
+        if (fmt in formats.IMAGE_FORMATS and direct is not None and not self.source.checksum
+                and self.target.content_type == "kubevirt"):
+            self.format, self.method = fmt, "direct"
+            formats.precheck_header(fmt, info.head)
+            spec = _image_spec(fmt, direct.spec)
+            img = formats.inspect("json:" + json.dumps(spec), fmt, objects=direct.objects)
+            if img.virtual_size > self.capacity:
+                raise self._too_large(img.virtual_size)
+            if direct.spec.get("driver") == "file":  # truncation reads as zeros only from local files
+                formats.verify_integrity("json:" + json.dumps(spec), fmt, file_size=info.size)
+            self.virtual_size = img.virtual_size
+            self.convert_from = (spec, direct.objects)
+            return Phase.CONVERT
+        return Phase.TRANSFER
+
+    def _transfer(self) -> Phase:
+        raw = self.source.transfer()
+        self.open_streams.append(raw)
+        size = self.size_hint
+        self.counter = CountingReader(raw, self.source.checksum, lambda n: size and self.progress(n / size))
+        stream: BinaryIO = self.counter  # type: ignore[assignment]
+        fmt = "raw"
+        for _ in range(4):
+            head = read_head(stream, formats.HEAD_SIZE)
+            stream = PeekStream(head, stream)  # type: ignore[arg-type, assignment]
+            fmt = formats.detect(head)
+            if fmt in formats.COMPRESSIONS:
+                stream = DecompressingReader(fmt, stream)  # type: ignore[assignment]
+            elif fmt == "tar" and self.target.content_type == "kubevirt":
+                stream = self._first_file_in_tar(stream)
+            else:
+                break
+            self.layers.append(fmt)
+        self.format = fmt
+        if self.target.content_type == "archive":
+            if fmt != "tar":
+                raise ImportFailed(errors.INVALID_IMAGE, f"contentType archive needs a tar archive, found {fmt}")
+            self._unpack(stream)
+            self.counter.verify()
+            self.method = "archive"
+            return Phase.RESIZE
+        if fmt in formats.RAW_FORMATS:
+            if not self.layers and size is not None and size > self.capacity:
+                raise self._too_large(size)
+            self.touched = True
+            self.virtual_size = write_sparse(stream, self.fd, self.capacity, too_large=f"the volume's {self.capacity} bytes")
+            self.counter.verify()
+            return Phase.RESIZE
+        return self._to_scratch(fmt, head, stream)
+
+    def _to_scratch(self, fmt: str, head: bytes, stream: BinaryIO) -> Phase:
+        """Images qemu cannot read in place: download (bounded), verify, inspect, check."""
+        self.method = "scratch"
+        self.progress_span = (0.0, 50.0)
+        formats.precheck_header(fmt, head)
+        self.scratch = tempfile.mkdtemp(prefix="pvlun-scratch-", dir=self.scratch_root)
+        path = os.path.join(self.scratch, "image")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            limit = self.capacity + self.capacity // 8 + (64 << 20)  # image metadata on top of the data
+            length = write_sparse(stream, fd, limit, too_large=f"{limit} bytes (far more than the volume holds)")
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+        self.counter.verify()  # type: ignore[union-attr]
+        spec = _image_spec(fmt, {"driver": "file", "filename": path})
+        img = formats.inspect("json:" + json.dumps(spec), fmt)
+        if img.virtual_size > self.capacity:
+            raise self._too_large(img.virtual_size)
+        formats.verify_integrity("json:" + json.dumps(spec), fmt, file_size=length)
+        self.virtual_size = img.virtual_size
+        self.convert_from = (spec, [])
+        self.progress_span = (50.0, 100.0)
+        self.progress(0.0)
+        return Phase.CONVERT
+
+    def _convert(self) -> Phase:
+        assert self.convert_from is not None
+        spec, objects = self.convert_from
+        argv = ["qemu-img", "convert", "-p", "-W", "-m", "16", "-n", "--target-is-zero"]
+        for obj in objects:
+            argv += ["--object", obj]
+        argv += ["-O", "raw", "json:" + json.dumps(spec), self.disk_path]
+        self.touched = True
+        _run_with_progress(argv, self.progress)
+        return Phase.RESIZE
+
+    def _resize(self) -> Phase:
+        # Filesystem disks were created at the usable size (CDI resizes disk.img to it);
+        # Block disks are the device. Preallocation allocates the holes, data unchanged.
+        if self.target.preallocation and self.fd >= 0 and stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.posix_fallocate(self.fd, 0, self.capacity)
+        return Phase.COMPLETE
+
+    def _complete(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+        self.progress_span = (0.0, 100.0)
+        self.progress(1.0)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _first_file_in_tar(self, stream: BinaryIO) -> BinaryIO:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+            self.open_streams.append(tar)
+            for member in tar:
+                if member.isfile():
+                    return _TarMember(tar.extractfile(member))  # type: ignore[arg-type, return-value]
+        except tarfile.TarError as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
+        raise ImportFailed(errors.INVALID_IMAGE, "the tar archive holds no disk file")
+
+    def _unpack(self, stream: BinaryIO) -> None:
+        """contentType archive: unpack into the volume, bounded by its size, refusing unsafe members."""
+        self.touched = True
+        self.unpack_dir = tempfile.mkdtemp(prefix=".pvlun-unpack-", dir=self.target.path)
+        total = 0
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    total += max(member.size, 0)
+                    if total > self.capacity:
+                        raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the archive unpacks to more than the volume's {self.capacity} bytes")
+                    tar.extract(member, self.unpack_dir, filter="data")
+        except tarfile.FilterError as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the archive holds an unsafe entry: {exc}") from None
+        except tarfile.TarError as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
+        for name in os.listdir(self.unpack_dir):
+            os.replace(os.path.join(self.unpack_dir, name), os.path.join(self.target.path, name))
+        os.rmdir(self.unpack_dir)
+        self.unpack_dir = None
+
+    def _discard(self) -> None:
+        """Leave nothing of a failed import behind (the volume reads as zeros / disk.img is gone)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.unpack_dir:
+            shutil.rmtree(self.unpack_dir, ignore_errors=True)
+            self.unpack_dir = None
+        if self.created_disk:
+            try:
+                os.unlink(self.disk_path)
+            except FileNotFoundError:
+                pass
+            self.created_disk = False
+        elif self.touched and self.target.mode == "Block":
+            _zero(self.target.path, self.target.size)
+
+    def _release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for stream in reversed(self.open_streams):
+            try:
+                stream.close()
+            except Exception:
+                pass
+        try:
+            self.source.close()
+        except Exception:
+            pass
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class _TarMember:
+    """The disk file inside a tar; tar errors become ImportFailed."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._f = fileobj
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except tarfile.TarError as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _image_spec(fmt: str, file_spec: dict) -> dict:
+    """A qemu block spec for the image with its backing chain cut off, whatever the header says."""
+    return {"driver": formats.qemu_driver(fmt), "backing": None, "file": file_spec}
+
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _run_with_progress(argv: list[str], progress: Callable[[float], None]) -> None:
+    """qemu-img convert -p, long-running: read its progress as it goes (hence Popen, not run)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096):
+                found = _PROGRESS.findall(chunk)
+                if found:
+                    progress(float(found[-1]) / 100.0)
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if rc != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+            reason = errors.TRANSFER_FAILED if "curl" in text.lower() or "http" in text.lower() else errors.INVALID_IMAGE
+            raise ImportFailed(reason, f"qemu-img convert failed: {errors.tool_text(text)}")
+
+
+def _zero(path: str, size: int) -> None:
+    """Make a Block target read as zeros again: punch the file, or zero-out the device."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISBLK(mode):
+            run(["blkdiscard", "--zeroout", path], timeout=None)
+        else:
+            run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(size), path])
+    except (CommandError, OSError):
+        pass

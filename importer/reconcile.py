@@ -1,0 +1,265 @@
+"""DataVolume reconcile: CDI's phases over the pvlun pieces.
+
+A DataVolume gets a claim (same name, owned by it); once bound, the volume is attached on
+a node as kubelet would, filled by the pipeline, and detached. Clones go through CSI
+(CreateVolume with a volume or snapshot source). A failed import deletes the claim, so no
+half-written volume remains; the DataVolume keeps phase Failed and the reason until its
+spec changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+from pvlun import kubelet
+from pvlun.context import Context
+from pvlun.quantity import parse_quantity
+from pvlun.store import Obj, set_condition
+
+log = logging.getLogger("pvlun.importer")
+
+KIND = "DataVolume"
+FILESYSTEM_OVERHEAD = 0.055  # CDI's default share of a filesystem volume kept for the filesystem
+SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
+IMPORT_SOURCES = ("http", "registry", "s3")
+
+
+def key_of(dv: Obj) -> str:
+    return f"{dv['metadata'].get('namespace', 'default')}/{dv['metadata']['name']}"
+
+
+def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
+    """(source kind, source spec, requested size, volume mode, access modes, class); ValueError names the field."""
+    spec = dv.get("spec") or {}
+    source = spec.get("source")
+    if not isinstance(source, dict) or len(source) != 1:
+        sref = spec.get("sourceRef")
+        raise ValueError("spec.source must name exactly one of " + ", ".join(SOURCES)
+                         + (" (spec.sourceRef / DataSource is not supported)" if sref else ""))
+    kind = next(iter(source))
+    if kind not in SOURCES:
+        raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
+    storage = spec.get("storage") or spec.get("pvc")
+    field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    if not isinstance(storage, dict):
+        raise ValueError("spec.storage (or spec.pvc) is required")
+    request = (storage.get("resources") or {}).get("requests", {}).get("storage")
+    if request is None and kind not in ("pvc", "snapshot"):
+        raise ValueError(f"{field}.resources.requests.storage is required")
+    try:
+        size = parse_quantity(request) if request is not None else 0
+    except ValueError as exc:
+        raise ValueError(f"{field}.resources.requests.storage: {exc}") from None
+    mode = storage.get("volumeMode") or "Filesystem"
+    if mode not in ("Filesystem", "Block"):
+        raise ValueError(f"{field}.volumeMode: {mode!r} is not Filesystem or Block")
+    content = spec.get("contentType", "kubevirt")
+    if content not in ("kubevirt", "archive"):
+        raise ValueError(f"spec.contentType: {content!r} is not kubevirt or archive")
+    if content == "archive" and mode == "Block":
+        raise ValueError("spec.contentType archive needs a Filesystem volume")
+    return kind, source[kind] or {}, size, mode, storage.get("accessModes") or ["ReadWriteOnce"], storage.get("storageClassName")
+
+
+def _status(dv: Obj) -> Obj:
+    return dict(dv.get("status") or {})
+
+
+def _save(ctx: Context, dv: Obj, status: Obj) -> None:
+    ctx.store.update_status(KIND, dv["metadata"]["name"], dv["metadata"].get("namespace", "default"), status)
+
+
+def _phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, str] | None = None,
+           ready: bool | None = None, progress: str | None = None, event: tuple[str, str, str] | None = None) -> Obj:
+    status = _status(dv)
+    status["phase"] = phase
+    status.setdefault("restartCount", 0)
+    status["observedGeneration"] = dv["metadata"].get("generation", 1)
+    if progress is not None:
+        status["progress"] = progress
+    if running is not None:
+        set_condition(status, "Running", *running)
+    if ready is not None:
+        set_condition(status, "Ready", ready, phase, "")
+    _save(ctx, dv, status)
+    if event:
+        ctx.store.add_event(dv, *event)
+    dv["status"] = status
+    return status
+
+
+def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
+    """Phase Failed with the reason; the claim and its data are removed."""
+    _phase(ctx, dv, "Failed", running=(False, reason, message), ready=False,
+           event=("Warning", reason, message))
+    ns = dv["metadata"].get("namespace", "default")
+    ctx.store.delete("PersistentVolumeClaim", dv["metadata"]["name"], ns)
+
+
+def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str], sc: str | None,
+               use_storage_api: bool, dv_ns: str) -> dict:
+    """The claim a DataVolume needs. With spec.storage, a Filesystem claim is made larger
+    so the disk image itself gets the requested size (CDI's filesystem overhead)."""
+    if use_storage_api and mode == "Filesystem" and size:
+        size = int(math.ceil(size / (1 - FILESYSTEM_OVERHEAD) / (1 << 20))) << 20
+    spec: dict = {"accessModes": access, "volumeMode": mode}
+    if size:
+        spec["resources"] = {"requests": {"storage": str(size)}}
+    if sc:
+        spec["storageClassName"] = sc
+    if kind == "pvc":
+        spec["dataSource"] = {"kind": "PersistentVolumeClaim", "name": source.get("name", ""),
+                              "namespace": source.get("namespace") or dv_ns}
+    elif kind == "snapshot":
+        spec["dataSource"] = {"kind": "VolumeSnapshot", "name": source.get("name", ""),
+                              "namespace": source.get("namespace") or dv_ns, "apiGroup": "snapshot.storage.k8s.io"}
+    return spec
+
+
+def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    status = _status(dv)
+    if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get("generation", 1):
+        return
+    if ctx.jobs.running("dv:" + key_of(dv)):
+        return
+    try:
+        kind, source, size, mode, access, sc = validate(dv)
+    except ValueError as exc:
+        fail(ctx, dv, "InvalidSpec", str(exc))
+        return
+    if status.get("phase") in ("Succeeded", "Failed"):  # the spec changed: start over
+        status = {}
+        dv["status"] = {}
+    pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
+    if pvc is None:
+        if source.get("namespace") and kind in ("pvc", "snapshot") and source["namespace"] != ns:
+            pass  # cross-namespace clone: allowed in embedded mode (no RBAC here)
+        ctx.store.apply({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": meta["name"], "namespace": ns,
+                         "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": KIND,
+                                              "name": meta["name"], "uid": meta["uid"], "controller": True}]},
+            "spec": claim_spec(kind, source, size, mode, access, sc, (dv.get("spec") or {}).get("storage") is not None, ns),
+        })
+        scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
+        status = _phase(ctx, dv, scheduled, progress="N/A", ready=False)
+        status["claimName"] = meta["name"]
+        _save(ctx, dv, status)
+        return
+    if pvc.get("status", {}).get("phase") != "Bound":
+        cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
+        if cond and cond.get("reason") == "ProvisioningFailed":
+            fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
+        return
+    status = _status(dv)
+    if not any(c["type"] == "Bound" and c["status"] == "True" for c in status.get("conditions", [])):
+        set_condition(status, "Bound", True, "Bound", f"PVC {meta['name']} Bound")
+        status["claimName"] = meta["name"]
+        _save(ctx, dv, status)
+        dv["status"] = status
+    if kind in ("pvc", "snapshot"):
+        _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
+               event=("Normal", "CloneSucceeded", f"{kind} cloned into claim {meta['name']} by the CSI driver"))
+        return
+    if kind == "upload":
+        if status.get("phase") != "UploadReady":
+            _phase(ctx, dv, "UploadReady", running=(True, "Pod Running", ""), ready=False,
+                   event=("Normal", "UploadReady", "upload endpoint ready; send the image with pvlun image-upload"))
+        return
+    ctx.jobs.start("dv:" + key_of(dv), lambda: run_import(ctx, dv, kind, source, mode))
+
+
+def _lookups(ctx: Context, ns: str):
+    def secret(name: str) -> dict[str, str]:
+        obj = ctx.store.get("Secret", name, ns)
+        if obj is None:
+            raise LookupError(f"secret {ns}/{name} not found")
+        import base64
+
+        data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        data.update(obj.get("stringData") or {})
+        return data
+
+    def configmap(name: str) -> dict[str, str]:
+        obj = ctx.store.get("ConfigMap", name, ns)
+        if obj is None:
+            raise LookupError(f"configmap {ns}/{name} not found")
+        return dict(obj.get("data") or {})
+
+    return secret, configmap
+
+
+def target_for(attachment: kubelet.Attachment, pvc: Obj, dv: Obj):
+    from importer.pipeline import Target
+
+    spec = dv.get("spec") or {}
+    size = int(pvc.get("status", {}).get("capacity", {}).get("storage", "0"))
+    return Target(path=attachment.path, size=size, mode="Block" if attachment.block else "Filesystem",
+                  content_type=spec.get("contentType", "kubevirt"), preallocation=bool(spec.get("preallocation")))
+
+
+class Progress:
+    """Progress into the DataVolume status (at most every half second) and the metric."""
+
+    def __init__(self, ctx: Context, dv: Obj):
+        self.ctx, self.dv, self.last = ctx, dv, 0.0
+
+    def __call__(self, percent: float) -> None:
+        from importer import metrics
+
+        meta = self.dv["metadata"]
+        metrics.set_progress(meta.get("namespace", "default"), meta["name"], percent)
+        now = time.monotonic()
+        if now - self.last >= 0.5 or percent >= 100:
+            self.last = now
+            status = _status(self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default")) or self.dv)
+            status["progress"] = f"{percent:.2f}%"
+            _save(self.ctx, self.dv, status)
+
+
+def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -> None:
+    """The import job: attach, pipeline, detach; Succeeded or Failed with the reason."""
+    from importer.errors import ImportFailed
+    from importer.pipeline import import_into
+    from importer.sources import from_spec
+
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    owner = f"import/{ns}/{meta['name']}"
+    _phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
+    secret, configmap = _lookups(ctx, ns)
+    attachment = None
+    try:
+        pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
+        attachment = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, meta["name"], ns, ctx.node_id, owner)
+        source = from_spec({kind: source_spec}, secret=secret, configmap=configmap,
+                           allow_file=bool(ctx.services.get("allow_file")))
+        scratch = os.path.join(ctx.data_dir, "scratch")
+        os.makedirs(scratch, exist_ok=True)
+        import_into(source, target_for(attachment, pvc, dv), progress=Progress(ctx, dv), scratch_dir=scratch)
+    except ImportFailed as exc:
+        _detach(ctx, attachment, owner)
+        fail(ctx, dv, exc.reason, exc.message)
+        return
+    except LookupError as exc:
+        _detach(ctx, attachment, owner)
+        fail(ctx, dv, "InvalidSource", str(exc))
+        return
+    except Exception as exc:
+        log.exception("import %s/%s", ns, meta["name"])
+        _detach(ctx, attachment, owner)
+        fail(ctx, dv, "InternalError", str(exc))
+        return
+    _detach(ctx, attachment, owner)
+    _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", "Import Complete"), ready=True,
+           event=("Normal", "ImportSucceeded", "Successfully imported into claim " + meta["name"]))
+
+
+def _detach(ctx: Context, attachment: kubelet.Attachment | None, owner: str) -> None:
+    if attachment is not None:
+        kubelet.detach(ctx.store, ctx.csi, attachment.volume_id, attachment.node_id, owner)

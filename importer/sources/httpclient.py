@@ -1,0 +1,155 @@
+"""HTTP plumbing shared by the http, registry and s3 sources.
+
+One place decides: TLS verification (system CAs plus the certConfigMap's), bounded
+redirects, no proxy or netrc from the environment, and the mapping of every failure
+(404, refused connection, untrusted certificate, too many redirects) to an ImportFailed
+whose message names the URL without credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import BinaryIO, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+from .. import errors
+from ..errors import ImportFailed
+
+MAX_REDIRECTS = 10
+TIMEOUT = (15, 60)  # connect, read (seconds)
+CHUNK = 4 << 20
+
+
+def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """Split `scheme://user:pass@host/...` into a clean URL and the credentials."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    creds = (requests.utils.unquote(parts.username), requests.utils.unquote(parts.password or ""))
+    for value in creds:
+        errors.register_secret(value)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), creds
+
+
+class CABundle:
+    """A temporary PEM file with the system CAs plus the certConfigMap's certificates."""
+
+    def __init__(self, pems: list[str]):
+        self.custom = bool(pems)
+        self.path: str | None = None
+        if pems:
+            fd, self.path = tempfile.mkstemp(prefix="pvlun-ca-", suffix=".pem")
+            system = requests.utils.DEFAULT_CA_BUNDLE_PATH
+            with os.fdopen(fd, "w") as out:
+                if system and os.path.exists(system):
+                    with open(system) as f:
+                        out.write(f.read())
+                for pem in pems:
+                    out.write("\n" + pem.strip() + "\n")
+
+    @property
+    def verify(self) -> str | bool:
+        return self.path or True
+
+    def close(self) -> None:
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
+
+
+def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # no proxies, no ~/.netrc, no REQUESTS_CA_BUNDLE from the environment
+    session.max_redirects = MAX_REDIRECTS
+    session.verify = ca.verify
+    session.auth = auth
+    session.headers.update({"Accept-Encoding": "identity", "User-Agent": "pvlun-importer"})
+    session.headers.update(headers or {})
+    return session
+
+
+@contextlib.contextmanager
+def request_errors(url: str) -> Iterator[None]:
+    """Turn requests' exceptions into ImportFailed with an actionable reason."""
+    where = errors.scrub(url)
+    try:
+        yield
+    except ImportFailed:
+        raise
+    except requests.exceptions.SSLError as exc:
+        text = str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
+            raise ImportFailed(
+                errors.UNTRUSTED_CERTIFICATE,
+                f"the certificate of {where} is not trusted (add its CA to certConfigMap)",
+            ) from None
+        raise ImportFailed(errors.UNREACHABLE, f"TLS handshake with {where} failed") from None
+    except requests.exceptions.TooManyRedirects:
+        raise ImportFailed(errors.TOO_MANY_REDIRECTS, f"{where} redirected more than {MAX_REDIRECTS} times") from None
+    except (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL) as exc:
+        raise ImportFailed(errors.INVALID_SOURCE, f"{where} led to an unsupported URL: {errors.scrub(str(exc))}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        if isinstance(exc.__context__, urllib3.exceptions.ProtocolError) or "IncompleteRead" in str(exc):
+            raise ImportFailed(errors.TRANSFER_FAILED, f"the connection to {where} broke off during the transfer") from None
+        raise ImportFailed(errors.UNREACHABLE, f"cannot reach {where}: connection failed or timed out") from None
+    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+        raise ImportFailed(errors.TRANSFER_FAILED, f"transfer from {where} failed: {type(exc).__name__}") from None
+
+
+def check_status(resp: requests.Response, what: str) -> None:
+    """Raise ImportFailed for an HTTP error status."""
+    if resp.status_code < 400:
+        return
+    where = errors.scrub(what)
+    if resp.status_code in (404, 410):
+        raise ImportFailed(errors.NOT_FOUND, f"{where} was not found (HTTP {resp.status_code})")
+    if resp.status_code in (401, 403):
+        raise ImportFailed(errors.UNAUTHORIZED, f"{where} refused access (HTTP {resp.status_code}); check secretRef")
+    raise ImportFailed(errors.TRANSFER_FAILED, f"{where} answered HTTP {resp.status_code} {resp.reason}")
+
+
+class ResponseStream:
+    """Body of a streamed response as a plain reader; failures mid-way become ImportFailed."""
+
+    def __init__(self, resp: requests.Response, url: str):
+        self._resp = resp
+        self._url = url
+
+    def read(self, n: int = -1) -> bytes:
+        with request_errors(self._url):
+            try:
+                return self._resp.raw.read(CHUNK if n is None or n < 0 else n, decode_content=False)
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError):
+                raise ImportFailed(
+                    errors.TRANSFER_FAILED, f"the connection to {errors.scrub(self._url)} broke off during the transfer"
+                ) from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+def content_length(resp: requests.Response) -> int | None:
+    value = resp.headers.get("Content-Length")
+    return int(value) if value and value.isdigit() and not resp.headers.get("Content-Encoding") else None
+
+
+def total_from_content_range(resp: requests.Response) -> int | None:
+    value = resp.headers.get("Content-Range", "")
+    total = value.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+BinaryStream = BinaryIO

@@ -1,0 +1,134 @@
+"""Byte streams between a source and a disk: decompression, counting/hashing, sparse writing.
+
+The sparse writer is where "zero blocks are never written" happens: data arrives in
+chunks, all-zero 64 KiB blocks are skipped (the target is fresh and reads as zeros), runs
+of data blocks go out in one pwrite. It also enforces the capacity, which is what stops a
+decompression bomb at the target's size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import zlib
+from typing import BinaryIO, Callable
+
+import zstandard
+
+from . import errors
+from .errors import ImportFailed
+
+BLOCK = 64 * 1024
+CHUNK = 4 << 20
+_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+class DecompressingReader:
+    """A decompressor whose failures (corrupt or cut-off streams) are ImportFailed."""
+
+    def __init__(self, fmt: str, stream: BinaryIO):
+        self.fmt = fmt
+        if fmt == "gzip":
+            self._inner: BinaryIO = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+        elif fmt == "xz":
+            self._inner = lzma.LZMAFile(stream, mode="rb")  # type: ignore[assignment]
+        elif fmt == "zstd":
+            self._inner = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)  # type: ignore[assignment]
+        else:
+            raise ValueError(fmt)
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._inner.read(CHUNK if n is None or n < 0 else n)
+        except ImportFailed:
+            raise
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the {self.fmt} data is corrupt or truncated: {exc}") from None
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class CountingReader:
+    """Counts (for progress) and hashes (for the checksum) the bytes as a source delivers them."""
+
+    def __init__(self, stream: BinaryIO, checksum: str | None, on_bytes: Callable[[int], None]):
+        self._stream = stream
+        self._expected = checksum.split(":", 1)[1].lower() if checksum else None
+        self._hash = hashlib.sha256() if checksum else None
+        self._on_bytes = on_bytes
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if data:
+            self.count += len(data)
+            if self._hash is not None:
+                self._hash.update(data)
+            self._on_bytes(self.count)
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def verify(self) -> None:
+        """Read whatever is left (tar padding, trailing data) and compare the checksum."""
+        if self._hash is None:
+            return
+        while self.read(CHUNK):
+            pass
+        actual = self._hash.hexdigest()
+        if actual != self._expected:
+            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"checksum mismatch: expected sha256:{self._expected}, got sha256:{actual}")
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def write_sparse(stream: BinaryIO, fd: int, capacity: int, *, too_large: str) -> int:
+    """Copy `stream` to `fd` from offset 0, skipping all-zero blocks; return the bytes copied.
+
+    More than `capacity` bytes raises ImageTooLarge (`too_large` says what the limit is).
+    """
+    offset = 0
+    while True:
+        buf = stream.read(CHUNK)
+        if not buf:
+            return offset
+        if not isinstance(buf, bytes):
+            buf = bytes(buf)
+        size = len(buf)
+        if offset + size > capacity:
+            raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the image holds more than {too_large}")
+        if size == CHUNK and buf == _ZERO_CHUNK:
+            offset += size
+            continue
+        view = memoryview(buf)
+        run_start = -1
+        for start in range(0, size, BLOCK):
+            block = buf[start:start + BLOCK]  # a bytes copy: bytes == bytes is a memcmp
+            is_zero = block == _ZERO_BLOCK[: len(block)]
+            if is_zero:
+                if run_start >= 0:
+                    _pwrite_all(fd, view[run_start:start], offset + run_start)
+                    run_start = -1
+            elif run_start < 0:
+                run_start = start
+        if run_start >= 0:
+            _pwrite_all(fd, view[run_start:size], offset + run_start)
+        offset += size
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written

@@ -1,0 +1,126 @@
+"""What `pvlun apply` accepts: known kinds, each checked before anything is stored, with
+the offending field named (as a Kubernetes admission webhook would answer)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import yaml
+
+from pvlun.quantity import parse_quantity
+
+KINDS = {
+    "StorageClass": "storage.k8s.io/v1",
+    "PersistentVolumeClaim": "v1",
+    "Secret": "v1",
+    "ConfigMap": "v1",
+    "DataVolume": "cdi.kubevirt.io/v1beta1",
+    "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
+    "VirtualMachine": "kubevirt.io/v1",
+    "VirtualMachineInstanceMigration": "kubevirt.io/v1",
+}
+# Short names as kubectl knows them.
+ALIASES = {
+    "sc": "StorageClass", "storageclass": "StorageClass", "storageclasses": "StorageClass",
+    "pvc": "PersistentVolumeClaim", "pvcs": "PersistentVolumeClaim", "persistentvolumeclaim": "PersistentVolumeClaim",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+    "pv": "PersistentVolume", "pvs": "PersistentVolume", "persistentvolume": "PersistentVolume",
+    "persistentvolumes": "PersistentVolume",
+    "dv": "DataVolume", "dvs": "DataVolume", "datavolume": "DataVolume", "datavolumes": "DataVolume",
+    "secret": "Secret", "secrets": "Secret", "configmap": "ConfigMap", "configmaps": "ConfigMap", "cm": "ConfigMap",
+    "vm": "VirtualMachine", "vms": "VirtualMachine", "virtualmachine": "VirtualMachine",
+    "virtualmachines": "VirtualMachine",
+    "vmi": "VirtualMachineInstance", "vmis": "VirtualMachineInstance",
+    "virtualmachineinstance": "VirtualMachineInstance", "virtualmachineinstances": "VirtualMachineInstance",
+    "vmim": "VirtualMachineInstanceMigration", "virtualmachineinstancemigration": "VirtualMachineInstanceMigration",
+    "virtualmachineinstancemigrations": "VirtualMachineInstanceMigration",
+    "volumesnapshot": "VolumeSnapshot", "volumesnapshots": "VolumeSnapshot", "vs": "VolumeSnapshot",
+    "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
+}
+
+
+class Refused(ValueError):
+    """An object `apply` will not store; the message names the document and field."""
+
+
+def kind_of(name: str) -> str:
+    return ALIASES.get(name.lower(), name)
+
+
+def _check_pvc(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    storage = (spec.get("resources") or {}).get("requests", {}).get("storage")
+    if storage is None and not (spec.get("dataSource") or spec.get("dataSourceRef")):
+        raise ValueError("spec.resources.requests.storage is required")
+    if storage is not None:
+        try:
+            parse_quantity(storage)
+        except ValueError as exc:
+            raise ValueError(f"spec.resources.requests.storage: {exc}") from None
+    mode = spec.get("volumeMode", "Filesystem")
+    if mode not in ("Filesystem", "Block"):
+        raise ValueError(f"spec.volumeMode: {mode!r} is not Filesystem or Block")
+    for i, m in enumerate(spec.get("accessModes") or []):
+        if m not in ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"):
+            raise ValueError(f"spec.accessModes[{i}]: unknown access mode {m!r}")
+
+
+def _check_dv(obj: dict) -> None:
+    from importer.reconcile import validate
+
+    validate(obj)
+
+
+def _check_vm(obj: dict) -> None:
+    from virt.spec import parse_virtual_machine
+
+    parse_virtual_machine(obj)
+
+
+def _check_migration(obj: dict) -> None:
+    from virt.spec import parse_migration
+
+    parse_migration(obj)
+
+
+def _check_storage_class(obj: dict) -> None:
+    if not obj.get("provisioner"):
+        raise ValueError("provisioner is required")
+
+
+CHECKS: dict[str, Callable[[dict], None]] = {
+    "PersistentVolumeClaim": _check_pvc,
+    "DataVolume": _check_dv,
+    "VirtualMachine": _check_vm,
+    "VirtualMachineInstanceMigration": _check_migration,
+    "StorageClass": _check_storage_class,
+}
+
+
+def load_documents(text: str) -> list[dict[str, Any]]:
+    """Every non-empty YAML document, checked; Refused names the first bad one."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as exc:
+        raise Refused(f"not valid YAML: {exc}") from None
+    out = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            docs.extend(doc.get("items") or [])
+            continue
+        where = f"document {i + 1}"
+        if not isinstance(doc, dict) or "kind" not in doc:
+            raise Refused(f"{where}: not a Kubernetes object (no kind)")
+        kind = doc["kind"]
+        name = (doc.get("metadata") or {}).get("name")
+        where = f"{kind}/{name}" if name else where
+        if kind not in KINDS:
+            raise Refused(f"{where}: kind {kind!r} is not one pvlun serves ({', '.join(sorted(KINDS))})")
+        if not name:
+            raise Refused(f"{where}: metadata.name is required")
+        try:
+            CHECKS.get(kind, lambda o: None)(doc)
+        except ValueError as exc:
+            raise Refused(f"{kind} {name!r} is invalid: {exc}") from None
+        out.append(doc)
+    return out

@@ -1,0 +1,267 @@
+"""`pvlun apply / get / delete / describe`: kubectl's verbs over the embedded store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import yaml
+
+from pvlun.admission import Refused, kind_of, load_documents
+from pvlun.store import CLUSTER_SCOPED, SQLiteStore
+
+
+class NoDaemon(RuntimeError):
+    pass
+
+
+def daemon_running(data_dir: str) -> bool:
+    try:
+        with open(os.path.join(data_dir, "serve.pid")) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def open_store(data_dir: str, need_daemon: bool = True) -> SQLiteStore:
+    data_dir = os.path.abspath(data_dir)
+    if need_daemon and not daemon_running(data_dir):
+        raise NoDaemon(f"no pvlun serve is running for data dir {data_dir}; "
+                       f"start one with: pvlun serve --data-dir {data_dir}")
+    os.makedirs(data_dir, exist_ok=True)
+    return SQLiteStore(os.path.join(data_dir, "catalog.db"))
+
+
+def _age(obj: dict) -> str:
+    created = obj.get("metadata", {}).get("creationTimestamp")
+    if not created:
+        return ""
+    then = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    secs = int((datetime.now(timezone.utc) - then).total_seconds())
+    return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
+
+
+def _columns(kind: str, obj: dict) -> dict[str, str]:
+    st, spec, meta = obj.get("status") or {}, obj.get("spec") or {}, obj["metadata"]
+    if kind == "DataVolume":
+        return {"PHASE": st.get("phase", ""), "PROGRESS": st.get("progress", ""),
+                "RESTARTS": str(st.get("restartCount", 0))}
+    if kind == "PersistentVolumeClaim":
+        return {"STATUS": st.get("phase", "Pending"), "VOLUME": spec.get("volumeName", ""),
+                "CAPACITY": st.get("capacity", {}).get("storage", ""),
+                "ACCESS MODES": ",".join(spec.get("accessModes") or []), "STORAGECLASS": spec.get("storageClassName", "")}
+    if kind == "PersistentVolume":
+        claim = spec.get("claimRef") or {}
+        return {"CAPACITY": spec.get("capacity", {}).get("storage", ""), "STATUS": st.get("phase", ""),
+                "CLAIM": f"{claim.get('namespace', '')}/{claim.get('name', '')}", "HANDLE": spec.get("csi", {}).get("volumeHandle", "")}
+    if kind == "VirtualMachine":
+        return {"STATUS": st.get("printableStatus", ""), "READY": str(st.get("ready", False))}
+    if kind == "VirtualMachineInstance":
+        return {"PHASE": st.get("phase", ""), "NODENAME": st.get("nodeName", "")}
+    if kind == "VirtualMachineInstanceMigration":
+        return {"PHASE": st.get("phase", ""), "VMI": spec.get("vmiName", "")}
+    if kind == "VolumeAttachment":
+        return {"NODE": spec.get("nodeName", ""), "PV": spec.get("source", {}).get("persistentVolumeName", ""),
+                "ATTACHED": str(st.get("attached", False))}
+    if kind == "StorageClass":
+        return {"PROVISIONER": obj.get("provisioner", "")}
+    return {}
+
+
+def print_table(kind: str, objs: list[dict], out=sys.stdout) -> None:
+    if not objs:
+        print(f"No {kind} found.", file=sys.stderr)
+        return
+    rows = []
+    for obj in objs:
+        row = {"NAME": obj["metadata"]["name"]}
+        if kind not in CLUSTER_SCOPED:
+            row = {"NAMESPACE": obj["metadata"].get("namespace", "default"), **row}
+        row.update(_columns(kind, obj))
+        row["AGE"] = _age(obj)
+        rows.append(row)
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    print("   ".join(k.ljust(widths[k]) for k in rows[0]).rstrip(), file=out)
+    for r in rows:
+        print("   ".join(r[k].ljust(widths[k]) for k in r).rstrip(), file=out)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.filename == "-" else open(args.filename).read()
+    try:
+        docs = load_documents(text)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    store = open_store(args.data_dir)
+    for doc in docs:
+        if args.namespace and doc["kind"] not in CLUSTER_SCOPED:
+            doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
+        old = store.get(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default"))
+        store.apply(doc)
+        verb = "configured" if old else "created"
+        print(f"{doc['kind'].lower()}/{doc['metadata']['name']} {verb}")
+    if args.wait:
+        return wait_for(store, docs, args.timeout)
+    return 0
+
+
+def wait_for(store: SQLiteStore, docs: list[dict], timeout: float) -> int:
+    """Wait until every DataVolume and VirtualMachine applied is done; show DataVolume progress."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    watched = [d for d in docs if d["kind"] in ("DataVolume", "VirtualMachine", "PersistentVolumeClaim")]
+    deadline = time.monotonic() + timeout
+    failed = False
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
+                  TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty(),
+                  console=None) as bar:
+        tasks = {id(d): bar.add_task(f"{d['kind'].lower()}/{d['metadata']['name']}", total=100, phase="")
+                 for d in watched}
+        pending = list(watched)
+        while pending and time.monotonic() < deadline:
+            for doc in list(pending):
+                obj = store.get(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default")) or {}
+                done, ok, phase, pct = _done(obj)
+                bar.update(tasks[id(doc)], completed=pct, phase=phase)
+                if done:
+                    pending.remove(doc)
+                    failed |= not ok
+                    _report(store, obj, ok, phase)
+            time.sleep(0.2)
+    if pending:
+        names = ", ".join(f"{d['kind'].lower()}/{d['metadata']['name']}" for d in pending)
+        print(f"error: timed out after {timeout:.0f}s waiting for {names}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+def _done(obj: dict) -> tuple[bool, bool, str, float]:
+    st = obj.get("status") or {}
+    kind = obj.get("kind")
+    if kind == "DataVolume":
+        phase = st.get("phase", "")
+        try:
+            pct = float(st.get("progress", "0").rstrip("%"))
+        except ValueError:
+            pct = 0.0
+        return phase in ("Succeeded", "Failed"), phase == "Succeeded", phase, 100.0 if phase == "Succeeded" else pct
+    if kind == "VirtualMachine":
+        phase = st.get("printableStatus", "")
+        bad = phase in ("CrashLoopBackOff", "ErrorUnschedulable", "DataVolumeError", "ErrorPvcNotFound")
+        return phase in ("Running", "Stopped") or bad, not bad, phase, 100.0 if phase == "Running" else 0.0
+    phase = st.get("phase", "")
+    return phase == "Bound", True, phase, 100.0 if phase == "Bound" else 0.0
+
+
+def _report(store: SQLiteStore, obj: dict, ok: bool, phase: str) -> None:
+    name = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
+    if ok:
+        print(f"{name} {phase}")
+        return
+    reason = next((f"{c.get('reason')}: {c.get('message')}" for c in (obj.get("status") or {}).get("conditions", [])
+                   if c["type"] in ("Running", "Ready", "Failure") and c.get("message")), "")
+    print(f"{name} {phase}: {reason}", file=sys.stderr)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    store = open_store(args.data_dir, need_daemon=False)
+    kind = kind_of(args.kind)
+    ns = None if args.all_namespaces else args.namespace
+    if args.name:
+        obj = store.get(kind, args.name, ns or "default")
+        if obj is None:
+            print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
+            return 1
+        objs = [obj]
+    else:
+        objs = store.list(kind, ns)
+    if args.output == "yaml":
+        print(yaml.safe_dump(objs[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": objs},
+                             sort_keys=False), end="")
+    elif args.output == "json":
+        print(json.dumps(objs[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": objs}, indent=2))
+    else:
+        print_table(kind, objs)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    store = open_store(args.data_dir)
+    kind = kind_of(args.kind)
+    if not store.delete(kind, args.name, args.namespace):
+        print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
+        return 1
+    print(f'{kind.lower()} "{args.name}" deleted')
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    store = open_store(args.data_dir, need_daemon=False)
+    kind = kind_of(args.kind)
+    obj = store.get(kind, args.name, args.namespace)
+    if obj is None:
+        print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
+        return 1
+    meta, st = obj["metadata"], obj.get("status") or {}
+    print(f"Name:         {meta['name']}")
+    if kind not in CLUSTER_SCOPED:
+        print(f"Namespace:    {meta.get('namespace', 'default')}")
+    print(f"Kind:         {kind}")
+    print(f"Created:      {meta.get('creationTimestamp', '')}")
+    for key in ("phase", "printableStatus", "progress", "claimName", "restartCount", "nodeName"):
+        if key in st:
+            print(f"{key[0].upper() + key[1:] + ':':<14}{st[key]}")
+    if obj.get("spec"):
+        print("Spec:")
+        print("  " + yaml.safe_dump(obj["spec"], sort_keys=False).rstrip().replace("\n", "\n  "))
+    conditions = st.get("conditions") or []
+    if conditions:
+        print("Conditions:")
+        print(f"  {'Type':<12}{'Status':<8}{'Reason':<24}Message")
+        for c in conditions:
+            print(f"  {c['type']:<12}{c['status']:<8}{c.get('reason', ''):<24}{c.get('message', '')}")
+    events = store.events(obj)
+    print("Events:" if events else "Events:       <none>")
+    for e in events[-20:]:
+        print(f"  {e['time']}  {e['type']:<8}{e['reason']:<24}{e['message']}")
+    return 0
+
+
+def add_commands(sub, data_dir_arg) -> None:
+    apply = sub.add_parser("apply", help="create or update objects from YAML (like kubectl apply)")
+    apply.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+    apply.add_argument("-n", "--namespace", default="")
+    apply.add_argument("--wait", action="store_true", help="return when DataVolumes/VMs are done")
+    apply.add_argument("--timeout", type=float, default=1800)
+    data_dir_arg(apply)
+    apply.set_defaults(func=cmd_apply)
+
+    get = sub.add_parser("get", help="list or show objects")
+    get.add_argument("kind")
+    get.add_argument("name", nargs="?")
+    get.add_argument("-n", "--namespace", default="default")
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    get.add_argument("-o", "--output", choices=["yaml", "json", "table"], default="table")
+    data_dir_arg(get)
+    get.set_defaults(func=cmd_get)
+
+    delete = sub.add_parser("delete", help="delete an object")
+    delete.add_argument("kind")
+    delete.add_argument("name")
+    delete.add_argument("-n", "--namespace", default="default")
+    data_dir_arg(delete)
+    delete.set_defaults(func=cmd_delete)
+
+    describe = sub.add_parser("describe", help="show an object with its conditions and events")
+    describe.add_argument("kind")
+    describe.add_argument("name")
+    describe.add_argument("-n", "--namespace", default="default")
+    data_dir_arg(describe)
+    describe.set_defaults(func=cmd_describe)

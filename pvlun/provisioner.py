@@ -1,0 +1,158 @@
+"""The local provisioner: what external-provisioner does on a cluster. A claim gets a CSI
+volume (CreateVolume, with a clone or snapshot source from dataSource) and a bound
+PersistentVolume; a deleted claim's volume is deleted (reclaim policy Delete)."""
+
+from __future__ import annotations
+
+import grpc
+
+from csi.proto import csi_pb2 as pb
+from pvlun import DRIVER_NAME
+from pvlun.context import Context
+from pvlun.csi_client import capability
+from pvlun.quantity import parse_quantity
+from pvlun.store import Obj, remove_finalizer, set_condition
+
+FINALIZER = "pvlun.dev/provisioner"
+DEFAULT_CLASS = "pvlun"
+DEFAULT_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
+
+
+def default_storage_class() -> Obj:
+    """The class a claim without storageClassName gets in embedded mode."""
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": DEFAULT_CLASS, "annotations": {DEFAULT_ANNOTATION: "true"}},
+            "provisioner": DRIVER_NAME, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+            "allowVolumeExpansion": True, "parameters": {}}
+
+
+def storage_class_for(ctx: Context, pvc: Obj) -> Obj | None:
+    name = pvc["spec"].get("storageClassName")
+    if name:
+        return ctx.store.get("StorageClass", name)
+    for sc in ctx.store.list("StorageClass"):
+        if sc.get("metadata", {}).get("annotations", {}).get(DEFAULT_ANNOTATION) == "true":
+            return sc
+    return default_storage_class()
+
+
+def _fail(ctx: Context, pvc: Obj, reason: str, message: str) -> None:
+    meta = pvc["metadata"]
+    status = dict(pvc.get("status", {}), phase="Pending")
+    set_condition(status, "Provisioned", False, reason, message)
+    if status != pvc.get("status"):
+        ctx.store.add_event(pvc, "Warning", reason, message)
+    ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
+
+
+def _content_source(ctx: Context, pvc: Obj) -> pb.VolumeContentSource | None:
+    source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource")
+    if not source:
+        return None
+    ns = source.get("namespace") or pvc["metadata"]["namespace"]
+    if source.get("kind") == "PersistentVolumeClaim":
+        src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
+        if not src or src.get("status", {}).get("phase") != "Bound":
+            raise LookupError(f"source claim {ns}/{source['name']} is not bound")
+        pv = ctx.store.get("PersistentVolume", src["spec"]["volumeName"])
+        return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(
+            volume_id=pv["spec"]["csi"]["volumeHandle"]))
+    if source.get("kind") == "VolumeSnapshot":
+        snap = ctx.store.get("VolumeSnapshot", source["name"], ns)
+        handle = (snap or {}).get("status", {}).get("snapshotHandle")
+        if not handle:
+            raise LookupError(f"source snapshot {ns}/{source['name']} is not ready")
+        return pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=handle))
+    return None  # other populators (DataVolume, ...) fill the volume after it is made
+
+
+def owner_gone(ctx: Context, obj: Obj) -> bool:
+    """Garbage collection: an object whose controlling owner no longer exists."""
+    for ref in obj["metadata"].get("ownerReferences", []):
+        owner = ctx.store.get(ref["kind"], ref["name"], obj["metadata"].get("namespace", "default"))
+        if owner is None or owner["metadata"].get("uid") != ref.get("uid"):
+            return True
+    return False
+
+
+def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
+    meta = pvc["metadata"]
+    if not meta.get("deletionTimestamp") and owner_gone(ctx, pvc):
+        ctx.store.delete("PersistentVolumeClaim", meta["name"], meta["namespace"])
+        return
+    if meta.get("deletionTimestamp"):
+        _release(ctx, pvc)
+        return
+    if pvc.get("status", {}).get("phase") == "Bound":
+        return
+    sc = storage_class_for(ctx, pvc)
+    if sc is None:
+        _fail(ctx, pvc, "ProvisioningFailed", f"storageclass {pvc['spec'].get('storageClassName')!r} not found")
+        return
+    if sc.get("provisioner") != DRIVER_NAME:
+        _fail(ctx, pvc, "ExternalProvisioning", f"waiting for provisioner {sc.get('provisioner')!r}")
+        return
+    spec = pvc["spec"]
+    try:
+        size = parse_quantity(spec.get("resources", {}).get("requests", {}).get("storage", "1Gi"))
+        source = _content_source(ctx, pvc)
+    except (ValueError, LookupError) as exc:
+        _fail(ctx, pvc, "ProvisioningFailed", str(exc))
+        return
+    volume_mode = spec.get("volumeMode", "Filesystem")
+    access_modes = spec.get("accessModes") or ["ReadWriteOnce"]
+    params = dict(sc.get("parameters", {}))
+    fs_type = params.pop("csi.storage.k8s.io/fstype", params.pop("fsType", ""))
+    if FINALIZER not in meta.get("finalizers", []):
+        ctx.store.patch_metadata("PersistentVolumeClaim", meta["name"], meta["namespace"],
+                                 finalizers=meta.get("finalizers", []) + [FINALIZER])
+    request = pb.CreateVolumeRequest(
+        name=f"pvc-{meta['uid']}", capacity_range=pb.CapacityRange(required_bytes=size),
+        volume_capabilities=[capability(volume_mode, m, fs_type) for m in access_modes], parameters=params)
+    if source is not None:
+        request.volume_content_source.CopyFrom(source)
+    try:
+        volume = ctx.csi.controller.CreateVolume(request).volume
+    except grpc.RpcError as exc:
+        _fail(ctx, pvc, "ProvisioningFailed", f"{exc.code().name}: {exc.details()}")
+        return
+    pv_name = f"pvc-{meta['uid']}"
+    ctx.store.apply({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": str(volume.capacity_bytes)}, "accessModes": access_modes,
+                 "volumeMode": volume_mode, "persistentVolumeReclaimPolicy": sc.get("reclaimPolicy", "Delete"),
+                 "storageClassName": sc["metadata"]["name"],
+                 "claimRef": {"kind": "PersistentVolumeClaim", "namespace": meta["namespace"], "name": meta["name"],
+                              "uid": meta["uid"]},
+                 "csi": {"driver": DRIVER_NAME, "volumeHandle": volume.volume_id, "fsType": fs_type,
+                         "volumeAttributes": dict(volume.volume_context)}},
+    })
+    ctx.store.update_status("PersistentVolume", pv_name, "", {"phase": "Bound"})
+    current = ctx.store.get("PersistentVolumeClaim", meta["name"], meta["namespace"])
+    current["spec"]["volumeName"] = pv_name
+    current["spec"]["storageClassName"] = sc["metadata"]["name"]
+    ctx.store.apply(current)
+    status = {"phase": "Bound", "accessModes": access_modes, "capacity": {"storage": str(volume.capacity_bytes)}}
+    set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
+    ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
+    ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
+
+
+def _release(ctx: Context, pvc: Obj) -> None:
+    """A deleted claim: delete its volume unless something still has it attached."""
+    meta = pvc["metadata"]
+    pv_name = pvc["spec"].get("volumeName")
+    pv = ctx.store.get("PersistentVolume", pv_name) if pv_name else None
+    if pv:
+        handle = pv["spec"]["csi"]["volumeHandle"]
+        users = [a for a in ctx.store.list("VolumeAttachment") if a["spec"]["volumeId"] == handle]
+        if users:
+            return  # kubernetes.io/pvc-protection: wait until nothing uses it
+        if pv["spec"].get("persistentVolumeReclaimPolicy", "Delete") == "Delete":
+            try:
+                ctx.csi.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=handle))
+            except grpc.RpcError as exc:
+                ctx.store.add_event(pvc, "Warning", "VolumeFailedDelete", f"{exc.code().name}: {exc.details()}")
+                return
+            ctx.store.delete("PersistentVolume", pv_name, "")
+    remove_finalizer(ctx.store, pvc, FINALIZER)

@@ -1,0 +1,225 @@
+"""The object store the reconcile functions talk to, instead of a Kubernetes API server.
+
+Objects are plain dicts shaped like Kubernetes objects. `SQLiteStore` keeps them in the
+catalog database (embedded mode); a Kubernetes-backed store with the same methods would
+serve cluster mode, so the reconcile code never imports `sqlite3` or `kubernetes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+Obj = dict[str, Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    type TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, time TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 0), version INTEGER NOT NULL);
+INSERT OR IGNORE INTO counter (id, version) VALUES (0, 0);
+"""
+
+# Kinds that live outside namespaces, as in Kubernetes.
+CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass"}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ObjectStore(Protocol):
+    def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None: ...
+    def list(self, kind: str, namespace: str | None = None) -> list[Obj]: ...
+    def apply(self, obj: Obj) -> Obj: ...
+    def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None: ...
+    def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
+    def delete(self, kind: str, name: str, namespace: str = "default") -> bool: ...
+    def add_event(self, obj: Obj, type_: str, reason: str, message: str) -> None: ...
+    def events(self, obj: Obj) -> list[Obj]: ...
+    def version(self) -> int: ...
+    def wait_for_change(self, since: int, timeout: float) -> int: ...
+
+
+def namespace_of(obj: Obj) -> str:
+    if obj.get("kind") in CLUSTER_SCOPED:
+        return ""
+    return obj.get("metadata", {}).get("namespace") or "default"
+
+
+class SQLiteStore:
+    """Objects in SQLite; every write bumps one counter that watchers poll."""
+
+    def __init__(self, path: str):
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _bump(self) -> int:
+        self._db.execute("UPDATE counter SET version = version + 1 WHERE id = 0")
+        return self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
+
+    def version(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
+
+    def wait_for_change(self, since: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.version()
+            if current != since or time.monotonic() >= deadline:
+                return current
+            time.sleep(0.1)
+
+    @staticmethod
+    def _ns(kind: str, namespace: str | None) -> str:
+        return "" if kind in CLUSTER_SCOPED else (namespace or "default")
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                   (kind, self._ns(kind, namespace), name)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list(self, kind: str, namespace: str | None = None) -> list[Obj]:
+        sql, args = "SELECT body FROM objects WHERE kind=?", [kind]
+        if namespace is not None and kind not in CLUSTER_SCOPED:
+            sql += " AND namespace=?"
+            args.append(namespace)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY namespace, name", args).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def _write(self, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._bump()
+                meta["resourceVersion"] = str(version)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO objects (kind, namespace, name, body, version) VALUES (?,?,?,?,?)",
+                    (obj["kind"], namespace_of(obj), meta["name"], json.dumps(obj), version))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return obj
+
+    def apply(self, obj: Obj) -> Obj:
+        """Create, or replace spec/metadata of, an object (status is kept), like kubectl apply."""
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        if obj["kind"] not in CLUSTER_SCOPED:
+            meta.setdefault("namespace", "default")
+        with self._lock:
+            old = self.get(obj["kind"], meta["name"], meta.get("namespace", ""))
+            if old:
+                old_meta = old["metadata"]
+                meta["uid"] = old_meta["uid"]
+                meta["creationTimestamp"] = old_meta["creationTimestamp"]
+                if "status" in old and "status" not in obj:
+                    obj["status"] = old["status"]
+                if old_meta.get("finalizers") and "finalizers" not in meta:
+                    meta["finalizers"] = old_meta["finalizers"]
+                if old_meta.get("deletionTimestamp"):
+                    meta["deletionTimestamp"] = old_meta["deletionTimestamp"]
+                meta["generation"] = old_meta.get("generation", 1) + (old.get("spec") != obj.get("spec"))
+            else:
+                meta["uid"] = str(uuid.uuid4())
+                meta["creationTimestamp"] = now()
+                meta["generation"] = 1
+            return self._write(obj)
+
+    def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None:
+        with self._lock:
+            obj = self.get(kind, name, namespace)
+            if obj is None:
+                return None
+            if obj.get("status") == status:
+                return obj
+            obj["status"] = status
+            return self._write(obj)
+
+    def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
+        with self._lock:
+            obj = self.get(kind, name, namespace)
+            if obj is None:
+                return None
+            obj["metadata"].update(fields)
+            return self._write(obj)
+
+    def delete(self, kind: str, name: str, namespace: str = "default") -> bool:
+        """Remove an object; one with finalizers is only marked (deletionTimestamp), as Kubernetes does."""
+        with self._lock:
+            obj = self.get(kind, name, namespace)
+            if obj is None:
+                return False
+            if obj["metadata"].get("finalizers"):
+                if not obj["metadata"].get("deletionTimestamp"):
+                    obj["metadata"]["deletionTimestamp"] = now()
+                    self._write(obj)
+                return True
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
+                             (kind, self._ns(kind, namespace), name))
+            self._bump()
+            self._db.execute("COMMIT")
+            return True
+
+    def add_event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO events (kind, namespace, name, type, reason, message, time) VALUES (?,?,?,?,?,?,?)",
+                (obj["kind"], namespace_of(obj), obj["metadata"]["name"], type_, reason, message, now()))
+
+    def events(self, obj: Obj) -> list[Obj]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT type, reason, message, time FROM events WHERE kind=? AND namespace=? AND name=? ORDER BY seq",
+                (obj["kind"], namespace_of(obj), obj["metadata"]["name"])).fetchall()
+        return [{"type": t, "reason": r, "message": m, "time": ts} for t, r, m, ts in rows]
+
+
+def remove_finalizer(store: ObjectStore, obj: Obj, finalizer: str) -> None:
+    """Drop one finalizer; an object being deleted goes away when none remain."""
+    meta = obj["metadata"]
+    left = [f for f in meta.get("finalizers", []) if f != finalizer]
+    store.patch_metadata(obj["kind"], meta["name"], meta.get("namespace", ""), finalizers=left)
+    if not left and meta.get("deletionTimestamp"):
+        store.delete(obj["kind"], meta["name"], meta.get("namespace", "default"))
+
+
+def set_condition(status: Obj, type_: str, state: bool, reason: str = "", message: str = "") -> None:
+    """Set one Kubernetes-style condition in status['conditions'], keeping the transition time."""
+    conditions = status.setdefault("conditions", [])
+    value = "True" if state else "False"
+    for c in conditions:
+        if c["type"] == type_:
+            if c["status"] != value:
+                c["lastTransitionTime"] = now()
+            c.update(status=value, reason=reason, message=message, lastHeartbeatTime=now())
+            return
+    conditions.append({"type": type_, "status": value, "reason": reason, "message": message,
+                       "lastTransitionTime": now(), "lastHeartbeatTime": now()})

@@ -1,0 +1,440 @@
+"""Conformance: Controller volume RPCs (CreateVolume, DeleteVolume, ValidateVolumeCapabilities,
+ListVolumes, GetCapacity, ControllerGetVolume, ControllerGetCapabilities) against a real
+`pvlun serve`, rule by rule from the CSI spec and csi-sanity's expectations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import (
+    GiB, MALFORMED_IDS, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap,
+    unique, write_at,
+)
+from csi.proto import csi_pb2 as pb
+
+RPC = pb.ControllerServiceCapability.RPC.Type
+# What csi-sanity v5.3/v5.4 knows; anything else fails its capability spec.
+SANITY_KNOWN = {
+    "CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY", "CREATE_DELETE_SNAPSHOT",
+    "LIST_SNAPSHOTS", "PUBLISH_READONLY", "CLONE_VOLUME", "EXPAND_VOLUME", "MODIFY_VOLUME",
+    "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER",
+}
+
+
+def create_req(name: str, size: int = SMALL, caps=None, **fields) -> pb.CreateVolumeRequest:
+    return pb.CreateVolumeRequest(name=name, volume_capabilities=caps or [mount_cap()],
+                                  capacity_range=pb.CapacityRange(required_bytes=size, limit_bytes=size), **fields)
+
+
+def all_volumes(ctl) -> list[pb.ListVolumesResponse.Entry]:
+    return list(ctl.ListVolumes(pb.ListVolumesRequest()).entries)
+
+
+def volume_ids(ctl) -> set[str]:
+    return {e.volume.volume_id for e in all_volumes(ctl)}
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+def test_controller_capabilities_are_all_implemented_and_known_to_csi_sanity(driver):
+    caps = driver.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest()).capabilities
+    names = {RPC.Name(c.rpc.type) for c in caps}
+    assert names <= SANITY_KNOWN
+    assert {"CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY",
+            "CREATE_DELETE_SNAPSHOT", "LIST_SNAPSHOTS", "CLONE_VOLUME", "EXPAND_VOLUME", "MODIFY_VOLUME",
+            "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "SINGLE_NODE_MULTI_WRITER"} <= names
+
+
+# ---------------------------------------------------------------- CreateVolume: arguments
+
+
+def test_create_volume_without_name_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                pb.CreateVolumeRequest(volume_capabilities=[mount_cap()]))
+
+
+def test_create_volume_without_capabilities_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, pb.CreateVolumeRequest(name=unique()))
+
+
+def test_create_volume_with_capability_lacking_access_type_or_mode_is_invalid_argument(driver):
+    no_type = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=1))
+    no_mode = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume())
+    unknown_mode = mount_cap("UNKNOWN")
+    for cap in (no_type, no_mode, unknown_mode):
+        assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, create_req(unique(), caps=[cap]))
+
+
+def test_create_volume_with_name_over_128_bytes_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, create_req("n" * 129))
+
+
+def test_create_volume_with_maximum_length_name_succeeds_twice(driver, res):
+    name = ("max-" + "x" * 128)[:128]
+    first = res.volume(name)
+    second = driver.controller.CreateVolume(create_req(name)).volume
+    assert first.volume_id == second.volume_id
+
+
+def test_create_volume_with_required_above_limit_is_invalid_argument(driver):
+    req = pb.CreateVolumeRequest(name=unique(), volume_capabilities=[mount_cap()],
+                                 capacity_range=pb.CapacityRange(required_bytes=2 * SMALL, limit_bytes=SMALL))
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, req)
+
+
+def test_create_volume_with_negative_capacity_is_invalid_argument(driver):
+    req = pb.CreateVolumeRequest(name=unique(), volume_capabilities=[mount_cap()],
+                                 capacity_range=pb.CapacityRange(required_bytes=-1))
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, req)
+
+
+def test_create_volume_with_unknown_parameter_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                create_req(unique(), parameters={"noSuchParameter": "1"}))
+
+
+def test_create_volume_accepts_fstype_and_provisioner_parameters(driver, res):
+    vol = res.volume(parameters={"fsType": "xfs", "csi.storage.k8s.io/pvc/name": "disk"})
+    assert vol.capacity_bytes == SMALL
+
+
+def test_create_volume_with_unsupported_fs_type_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                create_req(unique(), caps=[mount_cap(fs_type="ntfs")]))
+
+
+def test_create_mount_volume_multi_node_multi_writer_is_invalid_argument_naming_block(driver):
+    msg = assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                      create_req(unique(), caps=[mount_cap("MULTI_NODE_MULTI_WRITER")]))
+    assert "block" in msg.lower()
+
+
+def test_create_block_volume_multi_node_multi_writer_is_allowed(driver, res):
+    vol = res.volume(cap=block_cap("MULTI_NODE_MULTI_WRITER"))
+    assert vol.volume_id.startswith("vol-")
+
+
+def test_create_volume_with_unknown_mutable_parameter_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                create_req(unique(), mutable_parameters={"XXX_FakeKey": "XXX_FakeValue"}))
+
+
+def test_create_volume_with_non_integer_mutable_parameter_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
+                create_req(unique(), mutable_parameters={"maxIOPS": "lots"}))
+
+
+def test_create_volume_with_mutable_parameters_returns_them_in_volume_context(driver, res):
+    vol = res.volume(mutable_parameters={"maxIOPS": "100", "maxMBps": "10"})
+    assert vol.volume_context["maxIOPS"] == "100"
+    assert vol.volume_context["maxMBps"] == "10"
+
+
+def test_create_volume_with_empty_mutable_parameters_succeeds(driver, res):
+    vol = res.volume(mutable_parameters={})
+    assert "maxIOPS" not in vol.volume_context
+
+
+# ---------------------------------------------------------------- CreateVolume: sizes
+
+
+def test_create_volume_with_required_equal_limit_gets_exactly_that_size(driver, res):
+    vol = res.volume(size=SMALL)
+    assert vol.capacity_bytes == SMALL
+    assert driver.lun(vol.volume_id).stat().st_size == SMALL
+
+
+def test_create_volume_without_capacity_range_gets_a_default_size(driver, res):
+    vol = driver.controller.CreateVolume(pb.CreateVolumeRequest(name=unique(), volume_capabilities=[mount_cap()])).volume
+    res._undo.append(("volume", (vol.volume_id,)))
+    assert vol.capacity_bytes > 0
+    assert driver.lun(vol.volume_id).stat().st_size == vol.capacity_bytes
+
+
+def test_create_volume_rounds_an_odd_size_up_within_no_limit(driver, res):
+    vol = res.volume(size=10 * MiB + 1, limit=0)
+    assert vol.capacity_bytes >= 10 * MiB + 1
+    assert vol.capacity_bytes % 4096 == 0
+
+
+def test_create_volume_rounds_to_4k_when_the_limit_forbids_mib(driver, res):
+    vol = res.volume(size=10 * MiB + 1, limit=10 * MiB + 8192)
+    assert 10 * MiB + 1 <= vol.capacity_bytes <= 10 * MiB + 8192
+
+
+def test_create_volume_of_10gib_is_a_sparse_lun(driver, res):
+    vol = res.volume(size=10 * GiB)
+    st = driver.lun(vol.volume_id).stat()
+    assert vol.capacity_bytes == 10 * GiB
+    assert st.st_size == 10 * GiB
+    assert st.st_blocks * 512 < 1 * MiB
+
+
+def test_create_volume_larger_than_the_pool_is_resource_exhausted_and_leaves_nothing(driver, res):
+    name = unique()
+    before_ids, before_disk = volume_ids(driver.controller), driver.disk_state()
+    assert_code(Code.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, create_req(name, size=4 * POOL_SIZE))
+    assert volume_ids(driver.controller) == before_ids
+    assert driver.disk_state() == before_disk
+    vol = res.volume(name)  # the name is free again
+    assert vol.capacity_bytes == SMALL
+
+
+# ---------------------------------------------------------------- CreateVolume: idempotency and conflicts
+
+
+def test_create_volume_same_name_same_size_is_idempotent(driver, res):
+    name = unique()
+    vol = res.volume(name)
+    for _ in range(3):
+        again = driver.controller.CreateVolume(create_req(name)).volume
+        assert again.volume_id == vol.volume_id
+        assert again.capacity_bytes == vol.capacity_bytes
+
+
+def test_create_volume_same_name_different_size_is_already_exists(driver, res):
+    name = unique()
+    res.volume(name, size=SMALL)
+    assert_code(Code.ALREADY_EXISTS, driver.controller.CreateVolume, create_req(name, size=2 * SMALL))
+
+
+def test_create_volume_same_name_different_source_is_already_exists(driver, res):
+    name = unique()
+    source = res.volume()
+    res.volume(name)
+    clone_of = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=source.volume_id))
+    assert_code(Code.ALREADY_EXISTS, driver.controller.CreateVolume, create_req(name, volume_content_source=clone_of))
+
+
+def test_create_volume_same_name_different_access_type_is_already_exists(driver, res):
+    name = unique()
+    res.volume(name, cap=mount_cap())
+    assert_code(Code.ALREADY_EXISTS, driver.controller.CreateVolume, create_req(name, caps=[block_cap()]))
+
+
+def test_create_volume_same_name_different_parameters_is_already_exists(driver, res):
+    name = unique()
+    res.volume(name)
+    assert_code(Code.ALREADY_EXISTS, driver.controller.CreateVolume,
+                create_req(name, parameters={"fsType": "xfs"}))
+
+
+# ---------------------------------------------------------------- CreateVolume: content sources
+
+
+@pytest.mark.parametrize("source_id", ["non-existing-snapshot-id", "snap-" + "0" * 32, "../etc/passwd"])
+def test_create_volume_from_unknown_snapshot_is_not_found(driver, source_id):
+    before = driver.disk_state()
+    src = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=source_id))
+    assert_code(Code.NOT_FOUND, driver.controller.CreateVolume, create_req(unique(), volume_content_source=src))
+    assert driver.disk_state() == before
+
+
+@pytest.mark.parametrize("source_id", ["fake-vol-id-0123456789", UNKNOWN_VOLUME_ID, "/etc/passwd"])
+def test_create_volume_from_unknown_volume_is_not_found(driver, source_id):
+    before = driver.disk_state()
+    src = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=source_id))
+    assert_code(Code.NOT_FOUND, driver.controller.CreateVolume, create_req(unique(), volume_content_source=src))
+    assert driver.disk_state() == before
+
+
+def test_create_volume_with_empty_content_source_is_invalid_argument(driver):
+    src = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=""))
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, create_req(unique(), volume_content_source=src))
+
+
+# ---------------------------------------------------------------- DeleteVolume
+
+
+def test_delete_volume_without_id_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.DeleteVolume, pb.DeleteVolumeRequest())
+
+
+@pytest.mark.parametrize("volume_id", MALFORMED_IDS + [UNKNOWN_VOLUME_ID])
+def test_delete_volume_with_unknown_or_malformed_id_is_ok_and_touches_nothing(driver, res, volume_id):
+    keep = res.volume()
+    before = driver.disk_state()
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+    assert driver.disk_state() == before
+    assert keep.volume_id in volume_ids(driver.controller)
+    assert os.path.exists("/etc/passwd")
+
+
+def test_delete_volume_removes_the_lun_and_is_idempotent(driver):
+    vol = driver.controller.CreateVolume(create_req(unique())).volume
+    lun = driver.lun(vol.volume_id)
+    assert lun.exists()
+    for _ in range(2):
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert not lun.exists()
+    assert vol.volume_id not in volume_ids(driver.controller)
+
+
+def test_deleted_volume_name_can_be_reused_for_a_new_volume(driver, res):
+    name = unique()
+    first = driver.controller.CreateVolume(create_req(name)).volume
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=first.volume_id))
+    second = res.volume(name, size=2 * SMALL)
+    assert second.volume_id != first.volume_id
+    assert second.capacity_bytes == 2 * SMALL
+
+
+# ---------------------------------------------------------------- ValidateVolumeCapabilities
+
+
+def test_validate_capabilities_without_volume_id_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_capabilities=[mount_cap()]))
+
+
+def test_validate_capabilities_without_capabilities_is_invalid_argument(driver, res):
+    vol = res.volume()
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id))
+
+
+@pytest.mark.parametrize("volume_id", ["fake-vol-id-0123456789", UNKNOWN_VOLUME_ID, "../etc/passwd"])
+def test_validate_capabilities_of_unknown_volume_is_not_found(driver, volume_id):
+    assert_code(Code.NOT_FOUND, driver.controller.ValidateVolumeCapabilities,
+                pb.ValidateVolumeCapabilitiesRequest(volume_id=volume_id, volume_capabilities=[mount_cap()]))
+
+
+def test_validate_capabilities_confirms_supported_ones(driver, res):
+    vol = res.volume()
+    rsp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[mount_cap(), mount_cap("SINGLE_NODE_READER_ONLY")]))
+    assert rsp.HasField("confirmed")
+    assert len(rsp.confirmed.volume_capabilities) == 2
+
+
+def test_validate_capabilities_confirms_block_multi_writer_for_a_block_volume(driver, res):
+    vol = res.volume(cap=block_cap())
+    rsp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[block_cap("MULTI_NODE_MULTI_WRITER")]))
+    assert rsp.HasField("confirmed")
+
+
+def test_validate_capabilities_does_not_confirm_mount_multi_writer(driver, res):
+    vol = res.volume()
+    rsp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[mount_cap("MULTI_NODE_MULTI_WRITER")]))
+    assert not rsp.HasField("confirmed")
+    assert "block" in rsp.message.lower()
+
+
+def test_validate_capabilities_does_not_confirm_another_access_type(driver, res):
+    vol = res.volume(cap=block_cap())
+    rsp = driver.controller.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=vol.volume_id, volume_capabilities=[mount_cap()]))
+    assert not rsp.HasField("confirmed")
+    assert rsp.message
+
+
+# ---------------------------------------------------------------- ListVolumes
+
+
+def test_list_volumes_with_invalid_token_is_aborted(driver):
+    for token in ("invalid-token", "../etc/passwd", "snap-" + "0" * 32):
+        assert_code(Code.ABORTED, driver.controller.ListVolumes, pb.ListVolumesRequest(starting_token=token))
+
+
+def test_list_volumes_with_negative_max_entries_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.ListVolumes, pb.ListVolumesRequest(max_entries=-1))
+
+
+def test_list_volumes_shows_new_volumes_and_not_deleted_ones(driver):
+    before = volume_ids(driver.controller)
+    vol = driver.controller.CreateVolume(pb.CreateVolumeRequest(name="sanity-" + unique(),
+                                                                volume_capabilities=[mount_cap()])).volume
+    entries = all_volumes(driver.controller)
+    assert len(entries) == len(before) + 1
+    entry = next(e for e in entries if e.volume.volume_id == vol.volume_id)
+    assert entry.volume.capacity_bytes == vol.capacity_bytes
+    assert not entry.status.volume_condition.abnormal
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert volume_ids(driver.controller) == before
+
+
+def test_list_volumes_pages_through_every_volume_exactly_once(driver, res):
+    made = {res.volume().volume_id for _ in range(5)}
+    seen, token, pages = [], "", 0
+    while True:
+        rsp = driver.controller.ListVolumes(pb.ListVolumesRequest(max_entries=2, starting_token=token))
+        assert len(rsp.entries) <= 2
+        seen += [e.volume.volume_id for e in rsp.entries]
+        pages += 1
+        token = rsp.next_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen))
+    assert made <= set(seen)
+    assert set(seen) == volume_ids(driver.controller)
+    assert pages >= 3
+
+
+def test_list_volumes_next_token_continues_after_a_limited_page(driver, res):
+    for _ in range(3):
+        res.volume()
+    total = len(all_volumes(driver.controller))
+    first = driver.controller.ListVolumes(pb.ListVolumesRequest(max_entries=2))
+    assert len(first.entries) == 2 and first.next_token
+    rest = driver.controller.ListVolumes(pb.ListVolumesRequest(starting_token=first.next_token))
+    assert len(rest.entries) == total - 2
+    assert not rest.next_token
+
+
+# ---------------------------------------------------------------- GetCapacity
+
+
+def test_get_capacity_without_arguments_reports_the_pool(driver):
+    available = driver.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+    assert 0 < available <= POOL_SIZE
+
+
+def test_get_capacity_for_an_unsupported_capability_is_zero(driver):
+    rsp = driver.controller.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap("MULTI_NODE_MULTI_WRITER")]))
+    assert rsp.available_capacity == 0
+
+
+def test_get_capacity_drops_by_the_bytes_written_into_a_lun(driver, res):
+    vol = res.volume(size=64 * MiB)
+    before = driver.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+    write_at(str(driver.lun(vol.volume_id)), 0, os.urandom(32 * MiB))
+    after = driver.controller.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap()])).available_capacity
+    assert before - after >= 32 * MiB
+
+
+# ---------------------------------------------------------------- ControllerGetVolume
+
+
+def test_controller_get_volume_without_id_is_invalid_argument(driver):
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest())
+
+
+@pytest.mark.parametrize("volume_id", MALFORMED_IDS + [UNKNOWN_VOLUME_ID])
+def test_controller_get_volume_of_unknown_or_malformed_id_is_not_found(driver, volume_id):
+    assert_code(Code.NOT_FOUND, driver.controller.ControllerGetVolume, pb.ControllerGetVolumeRequest(volume_id=volume_id))
+
+
+def test_controller_get_volume_returns_the_volume_with_a_normal_condition(driver, res):
+    vol = res.volume(mutable_parameters={"maxIOPS": "50"})
+    rsp = driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert rsp.volume.volume_id == vol.volume_id
+    assert rsp.volume.capacity_bytes == SMALL
+    assert rsp.volume.volume_context["maxIOPS"] == "50"
+    assert list(rsp.status.published_node_ids) == []
+    assert not rsp.status.volume_condition.abnormal
+
+
+def test_controller_get_volume_is_abnormal_once_the_lun_file_is_gone(driver, res):
+    vol = res.volume()
+    os.unlink(driver.lun(vol.volume_id))
+    rsp = driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert rsp.status.volume_condition.abnormal
+    assert rsp.status.volume_condition.message
+    listed = next(e for e in all_volumes(driver.controller) if e.volume.volume_id == vol.volume_id)
+    assert listed.status.volume_condition.abnormal
+    # and the broken volume can still be deleted (by the res cleanup)

@@ -1,0 +1,318 @@
+"""Run one QEMU for one VmSpec and watch it: the virt-launcher of pvlun.
+
+The command line comes from the pure `build_qemu_argv`; this module only starts the
+process, talks QMP to it (virt/qmp_session.py over `qemu.qmp`), and turns QMP events and
+the process exit into a phase — Scheduling, Running, Paused, Migrating, Succeeded, Failed —
+reported through `on_phase`. QEMU's stderr goes to `<run_dir>/qemu.stderr`, whose text is
+what a failed start reports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Mapping
+
+from virt.accel import choose_accel
+from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
+from virt.qmp_session import QmpError, QmpSession
+from virt.spec import VmSpec
+
+OVMF_CANDIDATES = {
+    False: [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+            ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd")],
+    True: [("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd")],
+}
+
+
+class Phase(str, Enum):
+    SCHEDULING = "Scheduling"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    MIGRATING = "Migrating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class LaunchError(RuntimeError):
+    """QEMU did not start; the message is QEMU's own error text."""
+
+    def __init__(self, message: str, stderr: str = ""):
+        self.stderr = stderr
+        super().__init__(message)
+
+
+def find_ovmf(secure_boot: bool) -> tuple[str, str]:
+    """(code, vars template) of the installed OVMF (Debian package ovmf)."""
+    for code, vars_ in OVMF_CANDIDATES[secure_boot]:
+        if Path(code).exists() and Path(vars_).exists():
+            return code, vars_
+    raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VmLauncher:
+    """One QEMU process. Not thread-safe for concurrent commands from many callers."""
+
+    def __init__(
+        self,
+        vm: VmSpec,
+        disks: Mapping[str, DiskAttachment],
+        run_dir: str | Path,
+        *,
+        accel: str | None = None,
+        incoming: str | None = None,
+        node: str = "",
+        console: bool = False,
+        host_ports: Mapping[tuple[str, int], int] | None = None,
+        on_phase: Callable[["VmLauncher", Phase, str], None] | None = None,
+        qemu_binary: str = QEMU_BINARY,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.vm = vm
+        self.disks = dict(disks)
+        self.run_dir = Path(run_dir)
+        self.accel = accel
+        self.incoming = incoming
+        self.node = node
+        self.console = console
+        self.host_ports = dict(host_ports) if host_ports is not None else None
+        self.on_phase = on_phase
+        self.qemu_binary = qemu_binary
+        self.extra_args = extra_args
+        self.qmp_path = str(self.run_dir / "qmp.sock")
+        self.serial_log = str(self.run_dir / "serial.log")
+        self.console_path = str(self.run_dir / "console.sock") if console else None
+        self.stderr_path = self.run_dir / "qemu.stderr"
+        self.phase = Phase.SCHEDULING
+        self.reason = ""
+        self.argv: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QmpSession | None = None
+        self._stopping = False
+        self._shutdown_reason = ""
+        self._lock = threading.Lock()
+        self._exited = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30) -> None:
+        """Start QEMU and connect QMP; LaunchError carries QEMU's stderr if it dies first."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.qmp_path, self.console_path):
+            if stale:
+                Path(stale).unlink(missing_ok=True)
+        self.accel = self.accel or choose_accel()
+        ovmf_code = ovmf_vars = None
+        if self.vm.firmware == "efi":
+            ovmf_code, template = find_ovmf(self.vm.secure_boot)
+            ovmf_vars = str(self.run_dir / "OVMF_VARS.fd")
+            if not Path(ovmf_vars).exists():
+                shutil.copyfile(template, ovmf_vars)
+        if self.host_ports is None:
+            self.host_ports = {(p.protocol, p.port): free_port() for i in self.vm.interfaces for p in i.ports}
+        self.argv = build_qemu_argv(
+            self.vm, self.disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
+            incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
+            ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
+        self._set_phase(Phase.SCHEDULING, "starting QEMU")
+        with open(self.stderr_path, "wb") as err:
+            try:
+                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                             start_new_session=True)
+            except OSError as exc:
+                self._set_phase(Phase.FAILED, str(exc))
+                raise LaunchError(f"cannot run {self.qemu_binary}: {exc}") from None
+        self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
+        try:
+            self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)
+            status = self.qmp.execute("query-status")["status"]
+        except QmpError as exc:
+            self._abort_start()
+            text = self.stderr_text() or str(exc)
+            self._set_phase(Phase.FAILED, text)
+            raise LaunchError(f"QEMU failed to start: {text}", text) from None
+        threading.Thread(target=self._watch_exit, name=f"wait-{self.vm.name}", daemon=True).start()
+        if status == "inmigrate":
+            self._set_phase(Phase.MIGRATING, "waiting for incoming migration")
+        elif status in ("paused", "prelaunch"):
+            self._set_phase(Phase.PAUSED, status)
+        else:
+            self._set_phase(Phase.RUNNING, status)
+
+    def _abort_start(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc:
+            self.proc.wait()
+        if self.qmp:
+            self.qmp.close()
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _watch_exit(self) -> None:
+        assert self.proc is not None
+        rc = self.proc.wait()
+        if self.qmp:
+            self.qmp.close()
+        if self.phase is Phase.SUCCEEDED:  # migrated away
+            phase, reason = Phase.SUCCEEDED, self.reason
+        elif self._stopping or (rc == 0 and self._shutdown_reason in ("guest-shutdown", "host-qmp-quit")):
+            phase, reason = Phase.SUCCEEDED, self._shutdown_reason or f"exited {rc}"
+        else:
+            phase, reason = Phase.FAILED, f"QEMU exited {rc}" + (f": {self.stderr_text()}" if self.stderr_text() else "")
+        self._set_phase(phase, reason)
+        self._exited.set()
+
+    def _on_event(self, event: dict) -> None:
+        name, data = event.get("event"), event.get("data") or {}
+        if name == "SHUTDOWN":
+            self._shutdown_reason = data.get("reason", "")
+        elif name == "STOP" and self.phase not in (Phase.MIGRATING, Phase.SUCCEEDED, Phase.FAILED):
+            self._set_phase(Phase.PAUSED, "paused")
+        elif name == "RESUME" and self.phase not in (Phase.SUCCEEDED, Phase.FAILED):
+            self._set_phase(Phase.RUNNING, "resumed")
+        elif name == "GUEST_PANICKED":
+            self._set_phase(Phase.FAILED, "guest panicked")
+        elif name == "MIGRATION" and data.get("status") in ("setup", "active", "device"):
+            if self.phase is not Phase.MIGRATING:
+                self._set_phase(Phase.MIGRATING, f"migration {data['status']}")
+
+    def _set_phase(self, phase: Phase, reason: str) -> None:
+        with self._lock:
+            changed = phase is not self.phase or reason != self.reason
+            self.phase, self.reason = phase, reason
+        if changed and self.on_phase:
+            try:
+                self.on_phase(self, phase, reason)
+            except Exception:  # noqa: BLE001 - a reporting failure must not kill supervision
+                pass
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit and its final phase to be set; the return code or None."""
+        if self.proc is None:
+            return None
+        self._exited.wait(timeout)
+        return self.proc.returncode if self._exited.is_set() else None
+
+    # ------------------------------------------------------------ control
+
+    def execute(self, command: str, arguments: dict | None = None, timeout: float = 30):
+        if self.qmp is None:
+            raise QmpError("QEMU is not started")
+        return self.qmp.execute(command, arguments, timeout)
+
+    def pause(self) -> None:
+        self.execute("stop")
+        self._set_phase(Phase.PAUSED, "paused by user")
+
+    def unpause(self) -> None:
+        self.execute("cont")
+        self._set_phase(Phase.RUNNING, "unpaused by user")
+
+    def stop(self, grace: float | None = None, quit_timeout: float = 10) -> Phase:
+        """ACPI powerdown, `quit` after `grace` seconds, SIGKILL if QEMU still lingers."""
+        if not self.running():
+            self.wait(5)
+            return self.phase
+        self._stopping = True
+        grace = self.vm.termination_grace_period if grace is None else grace
+        try:
+            self.execute("system_powerdown", timeout=5)
+        except QmpError:
+            pass
+        if self.wait(grace) is None:
+            try:
+                self.execute("quit", timeout=5)
+            except QmpError:
+                pass
+            if self.wait(quit_timeout) is None:
+                self.kill()
+        return self.phase
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (as a node failure would)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(10)
+
+    def mark_migrated(self) -> None:
+        """The VM now runs elsewhere: stop this (source) QEMU as a success."""
+        self._stopping = True
+        self._set_phase(Phase.SUCCEEDED, "migrated")
+        if self.running():
+            try:
+                self.execute("quit", timeout=5)
+            except QmpError:
+                pass
+            if self.wait(10) is None:
+                self.kill()
+        self.wait(5)
+
+    def note_migration_ended(self) -> None:
+        """After a failed or cancelled outgoing migration: back to Running or Paused."""
+        state = self.execute("query-status")["status"]
+        self._set_phase(Phase.RUNNING if state == "running" else Phase.PAUSED, f"migration ended, {state}")
+
+    def set_throttle(self, volume: str, throttle: Throttle) -> None:
+        """Change a volume's IOPS/bandwidth limits live (its throttle group)."""
+        if volume not in self.disks or self.disks[volume].throttle is None:
+            raise ValueError(f"volume {volume!r} has no throttle group")
+        self.execute("qom-set", {"path": f"tg-{volume}", "property": "limits",
+                                 "value": {"iops-total": throttle.iops_total, "bps-total": throttle.bps_total}})
+        self.disks[volume] = DiskAttachment(**{**self.disks[volume].__dict__, "throttle": throttle})
+
+    def throttle_limits(self, volume: str) -> dict:
+        """The throttle group's current limits as QEMU reports them."""
+        return self.execute("qom-get", {"path": f"tg-{volume}", "property": "limits"})
+
+    # ------------------------------------------------------------ serial console
+
+    def serial_text(self) -> str:
+        try:
+            return Path(self.serial_log).read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_serial(self, text: str, timeout: float = 30, count: int = 1) -> bool:
+        """True once `text` occurs `count` times in the serial log; False on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.serial_text().count(text) >= count:
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                return self.serial_text().count(text) >= count
+            time.sleep(0.05)
+        return False
+
+    def status(self) -> dict:
+        """A VMI-status-like summary."""
+        return {"phase": self.phase.value, "reason": self.reason, "node": self.node, "pid": self.pid,
+                "accel": self.accel, "qmp": self.qmp_path, "serialLog": self.serial_log,
+                "hostPorts": {f"{p}/{n}": h for (p, n), h in (self.host_ports or {}).items()}}

@@ -1,0 +1,191 @@
+"""Live migration between two launchers over a loopback TCP port.
+
+Sequence (KubeVirt's phases in brackets): pre hooks [PreparingTarget] → target QEMU
+started with `-incoming defer` → `migrate-incoming` on 127.0.0.1:PORT [TargetReady] →
+downtime limit and bandwidth set on the source → `migrate` [Running] → `query-migrate`
+polled into the status → completed: the source QEMU quits, post hooks [Succeeded].
+Anything failing (a pre hook, the target dying mid-way, a timeout, QEMU reporting
+failed/cancelled) cancels the migration, keeps or resumes the source, kills the target and
+runs the failed hooks [Failed].
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from virt.hooks import HookContext, HookError, MigrationHooks
+from virt.launcher import LaunchError, Phase, VmLauncher, free_port
+from virt.qmp_session import QmpError
+
+DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's own default
+DEFAULT_BANDWIDTH = 10 << 30  # bytes/s: loopback is not the bottleneck, don't throttle it
+
+
+class MigrationFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class MigrationStatus:
+    source_node: str
+    target_node: str
+    phase: str = "Pending"
+    qemu_status: str = ""
+    data_total: int = 0
+    data_remaining: int = 0
+    data_transferred: int = 0
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    total_time_ms: int | None = None
+    target_port: int | None = None
+    error: str | None = None
+    started: float = 0.0
+    ended: float | None = None
+
+    def as_dict(self) -> dict:
+        """camelCase, ready for a VirtualMachineInstanceMigration's status."""
+        return {"phase": self.phase, "sourceNode": self.source_node, "targetNode": self.target_node,
+                "qemuStatus": self.qemu_status, "dataTotal": self.data_total, "dataRemaining": self.data_remaining,
+                "dataTransferred": self.data_transferred, "expectedDowntimeMs": self.expected_downtime_ms,
+                "downtimeMs": self.downtime_ms, "setupTimeMs": self.setup_time_ms, "totalTimeMs": self.total_time_ms,
+                "targetPort": self.target_port, "error": self.error, "startTimestamp": self.started,
+                "endTimestamp": self.ended}
+
+
+def _update(status: MigrationStatus, info: dict) -> None:
+    status.qemu_status = info.get("status", status.qemu_status)
+    ram = info.get("ram") or {}
+    status.data_total = ram.get("total", status.data_total)
+    status.data_remaining = ram.get("remaining", status.data_remaining)
+    status.data_transferred = ram.get("transferred", status.data_transferred)
+    for key, attr in (("expected-downtime", "expected_downtime_ms"), ("downtime", "downtime_ms"),
+                      ("setup-time", "setup_time_ms"), ("total-time", "total_time_ms")):
+        if key in info:
+            setattr(status, attr, info[key])
+
+
+def migrate(
+    source: VmLauncher,
+    target: VmLauncher | Callable[[], VmLauncher],
+    *,
+    hooks: MigrationHooks | None = None,
+    source_node: str | None = None,
+    target_node: str | None = None,
+    port: int | None = None,
+    downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
+    max_bandwidth: int = DEFAULT_BANDWIDTH,
+    timeout: float = 300,
+    poll_interval: float = 0.05,
+    on_progress: Callable[[MigrationStatus], None] | None = None,
+) -> MigrationStatus:
+    """Live-migrate `source` into `target` (a launcher, or a factory called after the pre hooks).
+
+    The target launcher must have been made with incoming="defer" and not yet started.
+    Returns the final status (phase Succeeded or Failed); never leaves two running copies.
+    """
+    hooks = hooks or MigrationHooks()
+    status = MigrationStatus(source_node or source.node, target_node or "", started=time.time())
+    progress = on_progress or (lambda s: None)
+    target_launcher: VmLauncher | None = None
+    was_paused = source.phase is Phase.PAUSED
+
+    def context(event: str) -> HookContext:
+        return HookContext(event, source.vm, status.source_node, status.target_node, status.as_dict(), status.error)
+
+    def set_phase(phase: str) -> None:
+        status.phase = phase
+        progress(status)
+
+    try:
+        if not source.running() or source.phase not in (Phase.RUNNING, Phase.PAUSED):
+            raise MigrationFailed(f"source is not running (phase {source.phase.value})")
+        set_phase("PreparingTarget")
+        if isinstance(target, VmLauncher):
+            target_launcher = target
+            status.target_node = status.target_node or target.node
+            hooks.run(context("pre"), stop_on_error=True)
+        else:
+            hooks.run(context("pre"), stop_on_error=True)
+            target_launcher = target()
+            status.target_node = status.target_node or target_launcher.node
+        if target_launcher.incoming != "defer":
+            raise MigrationFailed('the target launcher must be created with incoming="defer"')
+        target_launcher.start()
+        status.target_port = port or free_port()
+        uri = f"tcp:127.0.0.1:{status.target_port}"
+        for side in (target_launcher, source):
+            side.execute("migrate-set-capabilities",
+                         {"capabilities": [{"capability": "events", "state": True}]})
+        target_launcher.execute("migrate-incoming", {"uri": uri})
+        set_phase("TargetReady")
+        source.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth})
+        source.execute("migrate", {"uri": uri})
+        set_phase("Running")
+        deadline = time.monotonic() + timeout
+        while True:
+            info = source.execute("query-migrate")
+            _update(status, info)
+            progress(status)
+            if status.qemu_status == "completed":
+                break
+            if status.qemu_status in ("failed", "cancelled"):
+                raise MigrationFailed(info.get("error-desc") or f"migration {status.qemu_status}")
+            if not target_launcher.running():
+                raise MigrationFailed(f"target QEMU exited {target_launcher.returncode}: "
+                                      f"{target_launcher.stderr_text() or 'no error text'}")
+            if time.monotonic() > deadline:
+                raise MigrationFailed(f"migration did not complete within {timeout}s")
+            time.sleep(poll_interval)
+        _wait_target_running(target_launcher, timeout=30)
+        source.mark_migrated()
+        status.ended = time.time()
+        set_phase("Succeeded")
+        errors = hooks.run(context("post"), stop_on_error=False)
+        if errors:
+            status.error = "post hooks failed: " + "; ".join(errors)
+            progress(status)
+        return status
+    except (MigrationFailed, HookError, LaunchError, QmpError) as exc:
+        status.error = str(exc)
+        _recover_source(source, was_paused)
+        if target_launcher is not None and target_launcher.proc is not None:
+            target_launcher.kill()
+        status.ended = time.time()
+        set_phase("Failed")
+        hooks.run(context("failed"), stop_on_error=False)
+        return status
+
+
+def _wait_target_running(target: VmLauncher, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = target.execute("query-status")["status"]
+        if state in ("running", "paused"):
+            return
+        if not target.running():
+            break
+        time.sleep(0.02)
+    raise MigrationFailed("target did not take over after the migration completed")
+
+
+def _recover_source(source: VmLauncher, was_paused: bool) -> None:
+    """Cancel an in-flight migration and make sure the source guest runs again."""
+    if not source.running():
+        return
+    try:
+        info = source.execute("query-migrate")
+        if info.get("status") in ("setup", "active", "device", "pre-switchover"):
+            source.execute("migrate_cancel")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and source.execute("query-migrate").get("status") not in (
+                    "cancelled", "failed", "completed"):
+                time.sleep(0.05)
+        if source.execute("query-status")["status"] in ("postmigrate", "finish-migrate", "paused") \
+                and not was_paused:
+            source.execute("cont")
+        source.note_migration_ended()
+    except QmpError:
+        pass

@@ -1,0 +1,430 @@
+"""KubeVirt `kubevirt.io/v1` objects parsed into typed, validated specs.
+
+VirtualMachine, VirtualMachineInstance and VirtualMachineInstanceMigration dicts (the same
+YAML a KubeVirt user applies) become frozen dataclasses with KubeVirt's defaults filled in.
+Anything we cannot run is refused with a SpecError naming the field path, so `pvlun apply`
+can tell the user exactly which line to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from virt.quantity import parse_quantity
+
+API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
+RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")
+BUSES = ("virtio", "sata", "scsi")
+CDROM_BUSES = ("sata", "scsi")
+VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk")
+DEFAULT_GRACE_SECONDS = 180
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+class SpecError(ValueError):
+    """A spec field is missing, malformed or unsupported; `path` names it."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str
+    device: str  # "disk" or "cdrom"
+    bus: str
+    boot_order: int | None = None
+    readonly: bool = False
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class Volume:
+    name: str
+    source: str  # one of VOLUME_SOURCES
+    claim_name: str | None = None  # DataVolume name or PVC claimName
+    readonly: bool = False
+    capacity: int | None = None  # emptyDisk bytes
+    user_data: str | None = None  # cloudInitNoCloud, decoded
+    network_data: str | None = None
+
+
+@dataclass(frozen=True)
+class Port:
+    port: int
+    protocol: str = "TCP"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    binding: str = "masquerade"
+    model: str = "virtio"
+    mac: str | None = None
+    ports: tuple[Port, ...] = ()
+    boot_order: int | None = None
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """A VirtualMachineInstance spec: what one QEMU process runs."""
+
+    name: str
+    namespace: str = "default"
+    cores: int = 1
+    sockets: int = 1
+    threads: int = 1
+    memory: int = 128 << 20
+    firmware: str = "bios"  # or "efi"
+    secure_boot: bool = False
+    machine: str = "q35"
+    hostname: str | None = None
+    disks: tuple[Disk, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+    interfaces: tuple[Interface, ...] = ()
+    termination_grace_period: int = DEFAULT_GRACE_SECONDS
+    labels: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def vcpus(self) -> int:
+        return self.cores * self.sockets * self.threads
+
+    def volume(self, name: str) -> Volume:
+        return next(v for v in self.volumes if v.name == name)
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    name: str
+    namespace: str
+    run_strategy: str
+    template: VmSpec
+    data_volume_templates: tuple[dict, ...] = ()
+
+    @property
+    def data_volume_names(self) -> list[str]:
+        return [v.claim_name for v in self.template.volumes if v.source == "dataVolume" and v.claim_name]
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    namespace: str
+    vmi_name: str
+
+
+# ---------------------------------------------------------------- helpers
+
+def _map(value: Any, path: str, *, required: bool = False) -> dict:
+    if value is None:
+        if required:
+            raise SpecError(path, "required")
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(path, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SpecError(path, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, path: str, default: int, *, minimum: int = 1, maximum: int = 1 << 31) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise SpecError(path, f"must be an integer within {minimum}..{maximum}, not {value!r}")
+    return value
+
+
+def _bool(value: Any, path: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(path, f"must be true or false, not {value!r}")
+    return value
+
+
+def _name(value: Any, path: str, pattern: re.Pattern = _NAME, limit: int = 63) -> str:
+    if value is None or value == "":
+        raise SpecError(path, "required")
+    if not isinstance(value, str) or len(value) > limit or not pattern.match(value):
+        raise SpecError(path, f"{value!r} is not a valid name (lowercase letters, digits and '-')")
+    return value
+
+
+def _text(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise SpecError(path, "must be a string")
+    return value
+
+
+def _b64(value: Any, path: str) -> str:
+    try:
+        return base64.b64decode(_text(value, path), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise SpecError(path, "is not valid base64 of UTF-8 text") from None
+
+
+def _check_header(obj: Any, kind: str) -> tuple[str, str]:
+    if not isinstance(obj, dict):
+        raise SpecError("", f"a {kind} must be an object")
+    if obj.get("apiVersion") not in API_VERSIONS:
+        raise SpecError("apiVersion", f"{obj.get('apiVersion')!r} is not {API_VERSIONS[0]}")
+    if obj.get("kind") != kind:
+        raise SpecError("kind", f"{obj.get('kind')!r} is not {kind}")
+    meta = _map(obj.get("metadata"), "metadata", required=True)
+    name = _name(meta.get("name"), "metadata.name", _SUBDOMAIN, 253)
+    namespace = _name(meta.get("namespace") or "default", "metadata.namespace")
+    return name, namespace
+
+
+# ---------------------------------------------------------------- domain pieces
+
+def _parse_disk(raw: Any, path: str) -> Disk:
+    raw = _map(raw, path, required=True)
+    name = _name(raw.get("name"), f"{path}.name")
+    kinds = [k for k in ("disk", "cdrom", "lun", "floppy") if k in raw]
+    if len(kinds) > 1:
+        raise SpecError(path, f"only one of disk, cdrom may be set (got {', '.join(kinds)})")
+    device = kinds[0] if kinds else "disk"
+    if device not in ("disk", "cdrom"):
+        raise SpecError(f"{path}.{device}", "unsupported disk type (disk, cdrom)")
+    body = _map(raw.get(device), f"{path}.{device}")
+    allowed = BUSES if device == "disk" else CDROM_BUSES
+    bus = body.get("bus", "virtio" if device == "disk" else "sata")
+    if bus not in allowed:
+        raise SpecError(f"{path}.{device}.bus", f'unsupported bus "{bus}" ({", ".join(allowed)})')
+    readonly = _bool(body.get("readonly"), f"{path}.{device}.readonly", device == "cdrom")
+    boot_order = None if raw.get("bootOrder") is None else _int(raw["bootOrder"], f"{path}.bootOrder", 0)
+    serial = raw.get("serial")
+    if serial is not None and (not isinstance(serial, str) or not re.match(r"^[A-Za-z0-9_.+-]{1,20}$", serial)):
+        raise SpecError(f"{path}.serial", "must be 1-20 characters of letters, digits, '_', '.', '+' or '-'")
+    return Disk(name, device, bus, boot_order, readonly, serial)
+
+
+def _parse_volume(raw: Any, path: str) -> Volume:
+    raw = _map(raw, path, required=True)
+    name = _name(raw.get("name"), f"{path}.name")
+    sources = [k for k in raw if k != "name"]
+    if not sources:
+        raise SpecError(path, f"a volume source is required ({', '.join(VOLUME_SOURCES)})")
+    if len(sources) > 1:
+        raise SpecError(path, f"only one volume source may be set (got {', '.join(sources)})")
+    source = sources[0]
+    if source not in VOLUME_SOURCES:
+        raise SpecError(f"{path}.{source}", f"unsupported volume source ({', '.join(VOLUME_SOURCES)})")
+    body = _map(raw[source], f"{path}.{source}", required=True)
+    where = f"{path}.{source}"
+    if source == "dataVolume":
+        return Volume(name, source, claim_name=_name(body.get("name"), f"{where}.name", _SUBDOMAIN, 253))
+    if source == "persistentVolumeClaim":
+        return Volume(name, source, claim_name=_name(body.get("claimName"), f"{where}.claimName", _SUBDOMAIN, 253),
+                      readonly=_bool(body.get("readOnly"), f"{where}.readOnly", False))
+    if source == "emptyDisk":
+        if body.get("capacity") is None:
+            raise SpecError(f"{where}.capacity", "required")
+        try:
+            capacity = parse_quantity(body["capacity"])
+        except ValueError as exc:
+            raise SpecError(f"{where}.capacity", str(exc)) from None
+        if capacity < 512:
+            raise SpecError(f"{where}.capacity", "must be at least 512 bytes")
+        return Volume(name, source, capacity=capacity)
+    # cloudInitNoCloud
+    if "secretRef" in body or "networkDataSecretRef" in body:
+        raise SpecError(where, "secretRef is not supported; use userData or userDataBase64")
+    if ("userData" in body) == ("userDataBase64" in body):
+        raise SpecError(where, "exactly one of userData, userDataBase64 is required")
+    user = _text(body["userData"], f"{where}.userData") if "userData" in body \
+        else _b64(body["userDataBase64"], f"{where}.userDataBase64")
+    network = None
+    if "networkData" in body and "networkDataBase64" in body:
+        raise SpecError(where, "only one of networkData, networkDataBase64 may be set")
+    if "networkData" in body:
+        network = _text(body["networkData"], f"{where}.networkData")
+    elif "networkDataBase64" in body:
+        network = _b64(body["networkDataBase64"], f"{where}.networkDataBase64")
+    return Volume(name, source, readonly=True, user_data=user, network_data=network)
+
+
+def _parse_interface(raw: Any, path: str) -> Interface:
+    raw = _map(raw, path, required=True)
+    name = _name(raw.get("name"), f"{path}.name")
+    bindings = [k for k in ("masquerade", "bridge", "slirp", "sriov", "passt", "binding") if k in raw]
+    if bindings and bindings != ["masquerade"]:
+        raise SpecError(f"{path}.{bindings[-1]}", "unsupported interface binding (masquerade)")
+    model = raw.get("model", "virtio")
+    if model not in ("virtio", "e1000", "e1000e", "rtl8139"):
+        raise SpecError(f"{path}.model", f"unsupported model {model!r} (virtio, e1000, e1000e, rtl8139)")
+    mac = raw.get("macAddress")
+    if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
+        raise SpecError(f"{path}.macAddress", f"{mac!r} is not a MAC address")
+    ports = []
+    for j, p in enumerate(_list(raw.get("ports"), f"{path}.ports")):
+        p = _map(p, f"{path}.ports[{j}]", required=True)
+        proto = p.get("protocol", "TCP")
+        if proto not in ("TCP", "UDP"):
+            raise SpecError(f"{path}.ports[{j}].protocol", f"unsupported protocol {proto!r} (TCP, UDP)")
+        ports.append(Port(_int(p.get("port"), f"{path}.ports[{j}].port", 0, maximum=65535), proto, p.get("name")))
+        if ports[-1].port == 0:
+            raise SpecError(f"{path}.ports[{j}].port", "required")
+    boot = None if raw.get("bootOrder") is None else _int(raw["bootOrder"], f"{path}.bootOrder", 0)
+    return Interface(name, "masquerade", model, mac, tuple(ports), boot)
+
+
+def _parse_memory(domain: dict, path: str) -> int:
+    mem = _map(domain.get("memory"), f"{path}.memory")
+    requests = _map(_map(domain.get("resources"), f"{path}.resources").get("requests"), f"{path}.resources.requests")
+    if mem.get("guest") is not None:
+        where, value = f"{path}.memory.guest", mem["guest"]
+    elif requests.get("memory") is not None:
+        where, value = f"{path}.resources.requests.memory", requests["memory"]
+    else:
+        raise SpecError(f"{path}.memory.guest", "required (or resources.requests.memory)")
+    try:
+        size = parse_quantity(value)
+    except ValueError as exc:
+        raise SpecError(where, str(exc)) from None
+    if size < 16 << 20:
+        raise SpecError(where, "must be at least 16Mi")
+    return size
+
+
+def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict | None = None) -> VmSpec:
+    """Parse a VirtualMachineInstance spec found at `path` (used for VMIs and VM templates)."""
+    spec = _map(spec, path, required=True)
+    dpath = f"{path}.domain"
+    domain = _map(spec.get("domain"), dpath, required=True)
+    cpu = _map(domain.get("cpu"), f"{dpath}.cpu")
+    cores = _int(cpu.get("cores"), f"{dpath}.cpu.cores", 1, maximum=64)
+    sockets = _int(cpu.get("sockets"), f"{dpath}.cpu.sockets", 1, maximum=16)
+    threads = _int(cpu.get("threads"), f"{dpath}.cpu.threads", 1, maximum=8)
+    memory = _parse_memory(domain, dpath)
+
+    boot = _map(_map(domain.get("firmware"), f"{dpath}.firmware").get("bootloader"), f"{dpath}.firmware.bootloader")
+    firmware, secure = "bios", False
+    if "efi" in boot and "bios" in boot:
+        raise SpecError(f"{dpath}.firmware.bootloader", "only one of bios, efi may be set")
+    if "efi" in boot:
+        efi = _map(boot["efi"], f"{dpath}.firmware.bootloader.efi")
+        firmware, secure = "efi", _bool(efi.get("secureBoot"), f"{dpath}.firmware.bootloader.efi.secureBoot", True)
+    machine = _map(domain.get("machine"), f"{dpath}.machine").get("type", "q35")
+    if machine not in ("q35", "pc") and not str(machine).startswith(("pc-q35", "pc-i440fx")):
+        raise SpecError(f"{dpath}.machine.type", f"unsupported machine type {machine!r} (q35, pc)")
+
+    devices = _map(domain.get("devices"), f"{dpath}.devices")
+    volumes = [_parse_volume(v, f"{path}.volumes[{i}]") for i, v in enumerate(_list(spec.get("volumes"), f"{path}.volumes"))]
+    disks = [_parse_disk(d, f"{dpath}.devices.disks[{i}]")
+             for i, d in enumerate(_list(devices.get("disks"), f"{dpath}.devices.disks"))]
+    _unique([v.name for v in volumes], f"{path}.volumes", "name")
+    _unique([d.name for d in disks], f"{dpath}.devices.disks", "name")
+    by_name = {v.name: v for v in volumes}
+    for i, d in enumerate(disks):
+        if d.name not in by_name:
+            raise SpecError(f"{dpath}.devices.disks[{i}].name", f"no volume named {d.name!r} in {path}.volumes")
+    named = {d.name for d in disks}
+    disks += [Disk(v.name, "disk", "virtio") for v in volumes if v.name not in named]  # KubeVirt's default disk
+    disks = [Disk(d.name, d.device, d.bus, d.boot_order, d.readonly or by_name[d.name].readonly, d.serial)
+             for d in disks]
+
+    ifaces_raw = _list(devices.get("interfaces"), f"{dpath}.devices.interfaces")
+    interfaces = [_parse_interface(x, f"{dpath}.devices.interfaces[{i}]") for i, x in enumerate(ifaces_raw)]
+    _unique([x.name for x in interfaces], f"{dpath}.devices.interfaces", "name")
+    networks = _list(spec.get("networks"), f"{path}.networks")
+    net_names = set()
+    for i, n in enumerate(networks):
+        n = _map(n, f"{path}.networks[{i}]", required=True)
+        if "pod" not in n:
+            raise SpecError(f"{path}.networks[{i}]", "unsupported network (pod)")
+        net_names.add(_name(n.get("name"), f"{path}.networks[{i}].name"))
+    for i, x in enumerate(interfaces):
+        if networks and x.name not in net_names:
+            raise SpecError(f"{dpath}.devices.interfaces[{i}].name", f"no network named {x.name!r} in {path}.networks")
+    if not ifaces_raw and not networks and devices.get("autoattachPodInterface", True):
+        interfaces = [Interface("default")]
+
+    orders = [d.boot_order for d in disks if d.boot_order] + [x.boot_order for x in interfaces if x.boot_order]
+    if len(orders) != len(set(orders)):
+        raise SpecError(f"{dpath}.devices.disks", "bootOrder values must be unique")
+
+    grace = _int(spec.get("terminationGracePeriodSeconds"), f"{path}.terminationGracePeriodSeconds",
+                 DEFAULT_GRACE_SECONDS, minimum=0)
+    hostname = spec.get("hostname")
+    if hostname is not None:
+        hostname = _name(hostname, f"{path}.hostname")
+    return VmSpec(name=name, namespace=namespace, cores=cores, sockets=sockets, threads=threads, memory=memory,
+                  firmware=firmware, secure_boot=secure, machine=machine, hostname=hostname or name,
+                  disks=tuple(disks), volumes=tuple(volumes), interfaces=tuple(interfaces),
+                  termination_grace_period=grace, labels=dict(labels or {}))
+
+
+def _unique(names: list[str], path: str, what: str) -> None:
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            raise SpecError(f"{path}[{i}].{what}", f"duplicate {what} {n!r}")
+        seen.add(n)
+
+
+# ---------------------------------------------------------------- top-level objects
+
+def parse_virtual_machine(obj: Any) -> VirtualMachine:
+    """Validate a VirtualMachine; SpecError names the offending field."""
+    name, namespace = _check_header(obj, "VirtualMachine")
+    spec = _map(obj.get("spec"), "spec", required=True)
+    if "running" in spec and "runStrategy" in spec:
+        raise SpecError("spec.running", "running and runStrategy are mutually exclusive")
+    if "runStrategy" in spec:
+        strategy = spec["runStrategy"]
+        if strategy not in RUN_STRATEGIES:
+            raise SpecError("spec.runStrategy", f"unsupported run strategy {strategy!r} ({', '.join(RUN_STRATEGIES)})")
+    else:
+        strategy = "Always" if _bool(spec.get("running"), "spec.running", False) else "Halted"
+    template = _map(spec.get("template"), "spec.template", required=True)
+    labels = _map(template.get("metadata"), "spec.template.metadata").get("labels") or {}
+    vmi = parse_vmi_spec(template.get("spec"), "spec.template.spec", name, namespace, labels)
+    templates = []
+    for i, t in enumerate(_list(spec.get("dataVolumeTemplates"), "spec.dataVolumeTemplates")):
+        t = _map(t, f"spec.dataVolumeTemplates[{i}]", required=True)
+        meta = _map(t.get("metadata"), f"spec.dataVolumeTemplates[{i}].metadata", required=True)
+        _name(meta.get("name"), f"spec.dataVolumeTemplates[{i}].metadata.name", _SUBDOMAIN, 253)
+        _map(t.get("spec"), f"spec.dataVolumeTemplates[{i}].spec", required=True)
+        templates.append(t)
+    _unique([t["metadata"]["name"] for t in templates], "spec.dataVolumeTemplates", "metadata.name")
+    return VirtualMachine(name, namespace, strategy, vmi, tuple(templates))
+
+
+def parse_virtual_machine_instance(obj: Any) -> VmSpec:
+    name, namespace = _check_header(obj, "VirtualMachineInstance")
+    labels = _map(obj.get("metadata"), "metadata").get("labels") or {}
+    return parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
+
+
+def parse_migration(obj: Any) -> Migration:
+    name, namespace = _check_header(obj, "VirtualMachineInstanceMigration")
+    spec = _map(obj.get("spec"), "spec", required=True)
+    return Migration(name, namespace, _name(spec.get("vmiName"), "spec.vmiName", _SUBDOMAIN, 253))
+
+
+def parse_object(obj: Any) -> VirtualMachine | VmSpec | Migration:
+    """Parse any of the three kinds by its `kind`."""
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    parsers = {"VirtualMachine": parse_virtual_machine, "VirtualMachineInstance": parse_virtual_machine_instance,
+               "VirtualMachineInstanceMigration": parse_migration}
+    if kind not in parsers:
+        raise SpecError("kind", f"{kind!r} is not one of {', '.join(parsers)}")
+    return parsers[kind](obj)
