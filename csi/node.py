@@ -16,8 +16,8 @@ import time
 import grpc
 
 from csi import staging
-from csi.filesystems import DeviceNotBlank
 from csi.errors import CsiError, invalid
+from csi.filesystems import DeviceNotBlank
 from csi.locks import KeyedLocks
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.validation_node import (

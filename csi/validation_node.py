@@ -2,21 +2,20 @@
 
 Nothing from a request reaches the disk before it passes here: IDs match a strict
 pattern, paths are absolute, normalised and free of NUL and `..`. Failures raise
-`csi.errors.CsiError`, which carries the gRPC status code the caller must see. The helpers are
-plain functions of protobuf messages, so the controller can share them.
+`csi.errors.CsiError`, which carries the gRPC status code the caller must see. The
+helpers are plain functions of protobuf messages, so the controller can share them.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-from csi.filesystems import SUPPORTED_FILESYSTEMS
 from csi.errors import invalid, not_found
+from csi.filesystems import SUPPORTED_FILESYSTEMS
 from csi.proto import csi_pb2
+from csi.validation import VOLUME_ID
 
-VOLUME_ID = re.compile(r"vol-[0-9a-f]{32}")
 MAX_PATH = 4096
 
 _Mode = csi_pb2.VolumeCapability.AccessMode.Mode

@@ -19,10 +19,12 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     """Kind → reconcile function, in the order a change flows through them."""
     from importer.reconcile import reconcile_datavolume
     from pvlun.provisioner import reconcile_pvc
+    from pvlun.snapshotter import reconcile_volume_snapshot
 
     table: list[tuple[str, Reconciler]] = [
         ("DataVolume", reconcile_datavolume),
         ("PersistentVolumeClaim", reconcile_pvc),
+        ("VolumeSnapshot", reconcile_volume_snapshot),
     ]
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers

@@ -32,7 +32,7 @@ from csi.proto import csi_pb2_grpc as rpc
 from pvlun.command import run
 
 MiB = 1 << 20
-ROUNDS_PER_POOL = 6
+ROUNDS_PER_POOL = 12
 WORKERS = 3
 MARKER_LEN = 4096
 FILLER = random.Random(7).randbytes(2 * MiB)  # data written into each blank volume, copied by copies

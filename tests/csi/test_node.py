@@ -6,6 +6,7 @@ publishes LUN files of its own directory and leaves no mount or loop device behi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -43,13 +44,12 @@ def _cleanup(root: str) -> None:
             run(["losetup", "--detach", d["name"]], check=False)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    """A Node stub talking to NodeService over a unix socket."""
-    root = tmp_path_factory.mktemp("node")
+@contextlib.contextmanager
+def serve_node(sock_dir, node_id="node-a"):
+    """A Node stub talking to a fresh NodeService over a unix socket."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    csi_pb2_grpc.add_NodeServicer_to_server(NodeService("node-a", max_volumes=64), server)
-    sock = f"unix://{root}/node.sock"
+    csi_pb2_grpc.add_NodeServicer_to_server(NodeService(node_id, max_volumes=64), server)
+    sock = f"unix://{sock_dir}/{node_id}.sock"
     server.add_insecure_port(sock)
     server.start()
     channel = grpc.insecure_channel(sock)
@@ -58,6 +58,15 @@ def node(tmp_path_factory):
     finally:
         channel.close()
         server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    root = tmp_path_factory.mktemp("node")
+    try:
+        with serve_node(root) as stub:
+            yield stub
+    finally:
         _cleanup(str(root))
 
 
@@ -510,3 +519,55 @@ def test_stats_report_abnormal_condition_when_the_lun_is_gone(node, case):
     assert attach.mount_at(str(staging)) is None
     assert not any(vid in (d.get("back-file") or "")
                    for d in json.loads(output(["losetup", "--list", "--json"]) or '{"loopdevices": []}')["loopdevices"])
+
+
+def test_clone_of_an_xfs_volume_stages_beside_its_origin(node, case):
+    """Clones share the origin's XFS UUID; both must mount at once (nouuid)."""
+    vid, lun = make_lun(case, 320 * MiB)
+    stage(node, vid, lun, case / "a", mount_cap("xfs"))
+    (case / "a" / "origin").write_text("from the origin")
+    unstage(node, vid, case / "a")
+    clone, clone_lun = make_lun(case, 0)
+    run(["cp", "--sparse=always", lun, clone_lun])
+    stage(node, vid, lun, case / "a", mount_cap("xfs"))
+    stage(node, clone, clone_lun, case / "b", mount_cap("xfs"))
+    assert (case / "b" / "origin").read_text() == "from the origin"
+    unstage(node, clone, case / "b")
+    unstage(node, vid, case / "a")
+
+
+def test_a_failing_tool_is_internal_with_its_stderr_and_leaves_nothing_behind(node, case):
+    vid, lun = make_lun(case)
+    with pytest.raises(grpc.RpcError) as info:
+        stage(node, vid, lun, case / "st", mount_cap(flags=["no_such_option"]))
+    assert info.value.code() == Code.INTERNAL
+    assert info.value.details().startswith("mount exited")
+    assert attach.mount_at(str(case / "st")) is None
+    assert loops_of(lun) == []
+
+
+def test_a_restarted_driver_finds_what_is_staged_and_published(node, case):
+    """The node keeps no state: a new NodeService derives it from the system."""
+    vid, lun = make_lun(case)
+    staging, target = case / "st", case / "tg"
+    stage(node, vid, lun, staging, mount_cap())
+    publish(node, vid, staging, target, mount_cap(), readonly=True)
+    with serve_node(case, "node-restarted") as again:
+        stage(again, vid, lun, staging, mount_cap())
+        publish(again, vid, staging, target, mount_cap(), readonly=True)
+        assert code_of(publish, again, vid, staging, target, mount_cap()) == Code.ALREADY_EXISTS
+        assert not stats(again, vid, target).volume_condition.abnormal
+        unpublish(again, vid, target)
+        unstage(again, vid, staging)
+    assert loops_of(lun) == []
+
+
+def test_concurrent_stages_of_one_volume_both_succeed_with_one_device(node, case):
+    vid, lun = make_lun(case)
+    with futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: stage(node, vid, lun, case / "st", mount_cap()), range(4)))
+    assert len(results) == 4
+    assert len(loops_of(lun)) == 1
+    assert len([m for m in attach.mounts() if m.mount_point == str(case / "st")]) == 1
+    unstage(node, vid, case / "st")
+    assert loops_of(lun) == []

@@ -77,3 +77,19 @@ def tick_copy(tick_disk, tmp_path) -> dict[str, DiskAttachment]:
     copy = tmp_path / "root.img"
     copy.write_bytes(tick_disk.read_bytes())
     return {"root": DiskAttachment.for_path(str(copy), throttle=Throttle())}
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    """The VirtualMachine manifest builder (a fixture, so test modules need not import conftest)."""
+    return vm_manifest
+
+
+@pytest.fixture(scope="session")
+def make_tick_vm():
+    return tick_vm
+
+
+@pytest.fixture(scope="session")
+def payload_sha256() -> str:
+    return PAYLOAD_SHA256

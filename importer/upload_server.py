@@ -1,0 +1,241 @@
+"""The upload endpoint (CDI's uploadproxy + upload server, in one): HTTPS, token per DataVolume.
+
+`POST|PUT /v1beta1/upload` (or `/upload`) with `Authorization: Bearer <token>`; the token
+is a short-lived HMAC-signed string naming one DataVolume (`issue_token`/`verify_token`).
+The body goes through the same pipeline as every import, into the Target that the
+`resolve` callback names. `on_done(dv_key, ok, message)` reports the outcome; an upload
+cut off halfway calls `on_interrupted(dv_key, message)` instead (the data is discarded and
+the DataVolume should go back to UploadReady: it can be sent again).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from . import errors
+from .errors import ImportFailed
+from .pipeline import Target, import_into
+from .sources.upload import UploadSource
+
+log = logging.getLogger("pvlun.upload")
+UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
+
+
+class InvalidToken(ValueError):
+    """The token is malformed, forged or expired."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue_token(secret_key: bytes, dv_key: str, ttl: float = 300) -> str:
+    """A token that lets its bearer upload into DataVolume `dv_key` ("namespace/name") for `ttl` s."""
+    payload = _b64(json.dumps({"dv": dv_key, "op": "upload", "exp": time.time() + ttl}, separators=(",", ":")).encode())
+    sig = _b64(hmac.new(secret_key, payload.encode(), hashlib.sha256).digest())
+    return f"{payload}.{sig}"
+
+
+def verify_token(secret_key: bytes, token: str) -> str:
+    """Return the DataVolume key the token names, or raise InvalidToken."""
+    payload, _, sig = token.partition(".")
+    try:
+        expected = hmac.new(secret_key, payload.encode(), hashlib.sha256).digest()
+        if not sig or not hmac.compare_digest(expected, _unb64(sig)):
+            raise InvalidToken("bad signature")
+        claims = json.loads(_unb64(payload))
+    except (ValueError, TypeError) as exc:
+        raise InvalidToken(f"malformed token: {type(exc).__name__}") from None
+    if claims.get("op") != "upload" or not isinstance(claims.get("dv"), str):
+        raise InvalidToken("not an upload token")
+    if float(claims.get("exp", 0)) < time.time():
+        raise InvalidToken("token expired")
+    return claims["dv"]
+
+
+def ensure_certificate(cert_dir: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")) -> tuple[str, str]:
+    """A self-signed serving certificate in cert_dir (tls.crt/tls.key), made once; clients trust tls.crt."""
+    cert_path, key_path = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+    os.makedirs(cert_dir, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvlun-upload")])
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+class UploadServer(ThreadingHTTPServer):
+    """HTTPS upload endpoint; `start()` serves in a thread, `stop()` ends it."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        *,
+        cert_dir: str,
+        secret_key: bytes,
+        resolve: Callable[[str], Target],
+        on_done: Callable[[str, bool, str], None],
+        scratch_dir: str,
+        on_interrupted: Callable[[str, str], None] | None = None,
+        progress: Callable[[str, float], None] | None = None,
+        address: tuple[str, int] = ("127.0.0.1", 0),
+    ):
+        self.cert_file, key_file = ensure_certificate(cert_dir)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(self.cert_file, key_file)
+        self.secret_key = secret_key
+        self.resolve, self.on_done, self.on_interrupted = resolve, on_done, on_interrupted
+        self.progress = progress
+        self.scratch_dir = scratch_dir
+        self.busy: set[str] = set()
+        self.lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        super().__init__(address, _UploadHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"https://{host}:{port}"
+
+    def finish_request(self, request, client_address) -> None:  # TLS handshake in the worker thread
+        request.settimeout(60)
+        try:
+            tls_sock = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        try:
+            super().finish_request(tls_sock, client_address)
+        finally:
+            try:
+                tls_sock.close()
+            except OSError:
+                pass
+
+    def start(self) -> "UploadServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="pvlun-upload", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _UploadHandler(BaseHTTPRequestHandler):
+    server: UploadServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args) -> None:  # never log request lines with tokens
+        log.debug("upload %s: %s", self.client_address[0], errors.scrub(fmt % args))
+
+    def _reply(self, code: int, message: str) -> None:
+        body = (message + "\n").encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._reply(200, "ok")
+        else:
+            self._reply(404, "not found")
+
+    def do_PUT(self) -> None:
+        self.do_POST()
+
+    def do_POST(self) -> None:
+        srv = self.server
+        if self.path.split("?")[0] not in UPLOAD_PATHS:
+            return self._reply(404, "not found")
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return self._reply(401, "missing bearer token")
+        try:
+            dv_key = verify_token(srv.secret_key, auth[7:].strip())
+        except InvalidToken as exc:
+            return self._reply(401, f"invalid token: {exc}")
+        length = self.headers.get("Content-Length")
+        if not length or not length.isdigit():
+            return self._reply(411, "Content-Length required")
+        with srv.lock:
+            if dv_key in srv.busy:
+                return self._reply(409, f"an upload into {dv_key} is already in progress")
+            srv.busy.add(dv_key)
+        try:
+            self._upload(dv_key, int(length))
+        finally:
+            with srv.lock:
+                srv.busy.discard(dv_key)
+
+    def _upload(self, dv_key: str, length: int) -> None:
+        srv = self.server
+        try:
+            target = srv.resolve(dv_key)
+        except LookupError as exc:
+            return self._reply(404, f"no DataVolume waiting for upload: {exc}")
+        report = (lambda p: srv.progress(dv_key, p)) if srv.progress else (lambda p: None)
+        try:
+            import_into(UploadSource(self.rfile, length), target, progress=report, scratch_dir=srv.scratch_dir)  # type: ignore[arg-type]
+        except ImportFailed as exc:
+            if exc.reason == errors.UPLOAD_INTERRUPTED:
+                log.info("upload into %s interrupted: %s", dv_key, exc.message)
+                if srv.on_interrupted:
+                    srv.on_interrupted(dv_key, exc.message)
+                else:
+                    srv.on_done(dv_key, False, str(exc))
+                return self._reply(400, str(exc))
+            srv.on_done(dv_key, False, str(exc))
+            return self._reply(400, str(exc))
+        srv.on_done(dv_key, True, "")
+        self._reply(200, "upload complete")
+
+
