@@ -10,6 +10,7 @@ staging operations (csi/staging.py), which use the host primitives of csi/attach
 from __future__ import annotations
 
 import functools
+import socket
 import logging
 import time
 
@@ -174,5 +175,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.node_id,
             max_volumes_per_node=self.max_volumes,
-            accessible_topology=csi_pb2.Topology(segments={self.topology_key: self.node_id}),
+            # the host key is what volumes are accessible by (every node of this host reaches its
+            # pool); the node key lets a workload be pinned to one of the host's nodes.
+            accessible_topology=csi_pb2.Topology(segments={self.topology_key: self.node_id,
+                                                           TOPOLOGY_HOST_KEY: socket.gethostname()}),
         )

@@ -39,7 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(data_dir=args.data_dir, endpoint=args.endpoint or "", node_id=args.node_id,
                         mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size,
                         max_volumes_per_node=args.max_volumes_per_node,
-                        allow_file_import=args.allow_file_import)
+                        allow_file_import=args.allow_file_import, upload_address=args.upload_address,
+                        metrics_address=args.metrics_address)
     try:
         Daemon(opts).run_until_signal()
     except (OSError, ValueError) as exc:
@@ -71,11 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")
+    serve.add_argument("--upload-address", default="127.0.0.1:0", help="HOST:PORT of the HTTPS upload endpoint")
+    serve.add_argument("--metrics-address", default="127.0.0.1:0",
+                       help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
     serve.set_defaults(func=cmd_serve)
 
     from pvlun.objects_cli import add_commands
 
     add_commands(sub, data_dir_arg)
+    from pvlun.transfer_cli import add_commands as add_transfer_commands
+
+    add_transfer_commands(sub, data_dir_arg)
 
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)

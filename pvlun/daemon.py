@@ -34,10 +34,17 @@ class ServeOptions:
     max_volumes_per_node: int = 256
     controllers: bool = True  # run the embedded control plane (mode all)
     allow_file_import: bool = False  # let DataVolumes read file:// URLs (embedded mode only)
+    upload_address: str = "127.0.0.1:0"
+    metrics_address: str = "127.0.0.1:0"
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ..."""
         return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, self.nodes + 1)]
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port or 0)
 
 
 def node_endpoint(data_dir: str, node_id: str) -> str:
@@ -97,6 +104,18 @@ class Daemon:
         csi = CsiClient(self.data_dir, node_ids, self.opts.endpoint)
         self.ctx = Context(store, csi, self.data_dir, node_ids)
         self.ctx.services["allow_file"] = self.opts.allow_file_import
+        from importer.upload_gateway import UploadGateway
+
+        upload = UploadGateway(self.ctx, _address(self.opts.upload_address))
+        upload.start()
+        self.ctx.services["upload"] = upload
+        if self.opts.metrics_address:
+            from prometheus_client import start_http_server
+
+            host, port = _address(self.opts.metrics_address)
+            self.metrics_server, _ = start_http_server(port, addr=host)
+            with open(os.path.join(self.data_dir, "metrics.url"), "w") as f:
+                f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
         run_loop(self.ctx)
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:
@@ -116,6 +135,8 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.stopping.set()
             self.ctx.jobs.join_all(10)
+            if "upload" in self.ctx.services:
+                self.ctx.services["upload"].stop()
         for server in self.servers:
             server.stop(grace=5).wait(10)
         try:

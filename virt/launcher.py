@@ -169,6 +169,7 @@ class VmLauncher:
             self.proc.wait()
         if self.qmp:
             self.qmp.close()
+        self._exited.set()
 
     def stderr_text(self) -> str:
         try:

@@ -34,7 +34,7 @@ def local_attachments(vm: VmSpec, run_dir: str | os.PathLike) -> dict[str, DiskA
     for volume in vm.volumes:
         if volume.source == "cloudInitNoCloud":
             path = build_nocloud_seed(run_dir / f"{volume.name}.cidata.iso", vm, volume)
-            out[volume.name] = DiskAttachment.for_path(str(path), readonly=True)
+            out[volume.name] = DiskAttachment.for_path(str(path))
         elif volume.source == "emptyDisk":
             path = build_empty_disk(run_dir / f"{volume.name}.empty.img", volume.capacity or 0)
             out[volume.name] = DiskAttachment.for_path(str(path))

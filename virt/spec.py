@@ -258,7 +258,7 @@ def _parse_volume(raw: Any, path: str) -> Volume:
         network = _text(body["networkData"], f"{where}.networkData")
     elif "networkDataBase64" in body:
         network = _b64(body["networkDataBase64"], f"{where}.networkDataBase64")
-    return Volume(name, source, readonly=True, user_data=user, network_data=network)
+    return Volume(name, source, user_data=user, network_data=network)
 
 
 def _parse_interface(raw: Any, path: str) -> Interface:
@@ -340,6 +340,9 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     disks += [Disk(v.name, "disk", "virtio") for v in volumes if v.name not in named]  # KubeVirt's default disk
     disks = [Disk(d.name, d.device, d.bus, d.boot_order, d.readonly or by_name[d.name].readonly, d.serial)
              for d in disks]
+    for i, d in enumerate(disks):
+        if d.device == "disk" and d.bus == "sata" and d.readonly:
+            raise SpecError(f"{dpath}.devices.disks[{i}].disk.bus", "a read-only disk needs bus virtio or scsi")
 
     ifaces_raw = _list(devices.get("interfaces"), f"{dpath}.devices.interfaces")
     interfaces = [_parse_interface(x, f"{dpath}.devices.interfaces[{i}]") for i, x in enumerate(ifaces_raw)]

@@ -25,7 +25,7 @@ def vm_manifest(name: str = "tick", memory: str = "64Mi", disks: list | None = N
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"runStrategy": "Always", "template": {"spec": {
-            "domain": {"memory": {"guest": memory}, "devices": {"disks": disks, "interfaces": []}, **domain},
+            "domain": {"memory": {"guest": memory}, "devices": {"disks": disks, "autoattachPodInterface": False}, **domain},
             "networks": [], "volumes": volumes, "terminationGracePeriodSeconds": 5}}},
     }
 

@@ -111,6 +111,8 @@ def test_memory_guest_wins_over_requests_and_bios_is_default():
     ("spec.template.spec.domain.resources.requests.memory", "lots",
      "spec.template.spec.domain.resources.requests.memory", "not a quantity"),
     ("spec.template.spec.domain.resources", None, "spec.template.spec.domain.memory.guest", "required"),
+    ("spec.template.spec.domain.devices.disks[1].disk.bus", "sata",
+     "spec.template.spec.domain.devices.disks[1].disk.bus", "a read-only disk needs bus virtio or scsi"),
     ("spec.template.spec.domain.cpu.cores", 0, "spec.template.spec.domain.cpu.cores", "integer"),
     ("spec.template.spec.domain.devices.disks[1].bootOrder", 1,
      "spec.template.spec.domain.devices.disks", "bootOrder values must be unique"),

@@ -1,0 +1,108 @@
+"""The upload endpoint in `pvlun serve`: resolves a DataVolume in UploadReady to its
+attached volume, and moves the DataVolume on when an upload ends. Tokens are HMACs with
+a key kept in the data dir (mode 0600), minted per DataVolume with a short lifetime."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+from importer import reconcile as dv
+from importer.upload_server import UploadServer, issue_token
+from pvlun import kubelet
+from pvlun.context import Context
+
+log = logging.getLogger("pvlun.upload")
+TOKEN_TTL = 300
+
+
+def upload_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, "upload")
+
+
+def token_key(data_dir: str) -> bytes:
+    """The HMAC key, made on first use; only root (the daemon and the CLI) can read it."""
+    path = os.path.join(upload_dir(data_dir), "token.key")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def mint_token(data_dir: str, namespace: str, name: str, ttl: float = TOKEN_TTL) -> str:
+    return issue_token(token_key(data_dir), f"{namespace}/{name}", ttl)
+
+
+def endpoint(data_dir: str) -> tuple[str, str]:
+    """(URL, CA file) of a running daemon's upload endpoint."""
+    d = upload_dir(data_dir)
+    with open(os.path.join(d, "url")) as f:
+        return f.read().strip(), os.path.join(d, "tls", "tls.crt")
+
+
+class UploadGateway:
+    def __init__(self, ctx: Context, address: tuple[str, int] = ("127.0.0.1", 0)):
+        self.ctx = ctx
+        self.attached: dict[str, kubelet.Attachment] = {}
+        scratch = os.path.join(ctx.data_dir, "scratch")
+        os.makedirs(scratch, exist_ok=True)
+        self.server = UploadServer(
+            cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),
+            resolve=self.resolve, on_done=self.on_done, on_interrupted=self.on_interrupted,
+            progress=self.progress, scratch_dir=scratch, address=address)
+
+    def start(self) -> str:
+        self.server.start()
+        with open(os.path.join(upload_dir(self.ctx.data_dir), "url"), "w") as f:
+            f.write(self.server.url)
+        log.info("upload endpoint %s", self.server.url)
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def _dv(self, key: str) -> dict:
+        ns, name = key.split("/", 1)
+        obj = self.ctx.store.get(dv.KIND, name, ns)
+        if obj is None:
+            raise LookupError(f"DataVolume {key} does not exist")
+        return obj
+
+    def resolve(self, key: str):
+        obj = self._dv(key)
+        if (obj.get("status") or {}).get("phase") != "UploadReady":
+            raise LookupError(f"DataVolume {key} is not UploadReady (phase {(obj.get('status') or {}).get('phase')})")
+        ns, name = key.split("/", 1)
+        attachment = kubelet.attach(self.ctx.store, self.ctx.csi, self.ctx.data_dir, name, ns, self.ctx.node_id,
+                                    f"upload/{key}")
+        self.attached[key] = attachment
+        pvc = self.ctx.store.get("PersistentVolumeClaim", name, ns)
+        return dv.target_for(attachment, pvc, obj)
+
+    def _detach(self, key: str) -> None:
+        attachment = self.attached.pop(key, None)
+        if attachment:
+            kubelet.detach(self.ctx.store, self.ctx.csi, attachment.volume_id, attachment.node_id, f"upload/{key}")
+
+    def progress(self, key: str, percent: float) -> None:
+        dv.Progress(self.ctx, self._dv(key))(percent)
+
+    def on_done(self, key: str, ok: bool, message: str) -> None:
+        self._detach(key)
+        obj = self._dv(key)
+        if ok:
+            dv._phase(self.ctx, obj, "Succeeded", progress="100.0%", running=(False, "Completed", "Upload Complete"),
+                      ready=True, event=("Normal", "UploadSucceeded", "Upload Successful"))
+        else:
+            reason, _, text = message.partition(": ")
+            dv.fail(self.ctx, obj, reason if reason.isalpha() else "UploadFailed", text or message)
+
+    def on_interrupted(self, key: str, message: str) -> None:
+        """A cut-off upload: the DataVolume stays UploadReady and the image can be sent again."""
+        self._detach(key)
+        obj = self._dv(key)
+        self.ctx.store.add_event(obj, "Warning", "UploadInterrupted", message + "; send the image again")

@@ -1,0 +1,128 @@
+"""`pvlun image-upload` (like virtctl image-upload) and `pvlun export` (like virtctl vmexport download)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from pvlun.objects_cli import open_store
+
+
+def _bar(description: str):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(description), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
+                    disable=not sys.stderr.isatty())
+
+
+def cmd_image_upload(args: argparse.Namespace) -> int:
+    from importer.errors import ImportFailed
+    from importer.upload_client import upload_image
+    from importer.upload_gateway import endpoint, mint_token
+
+    if not os.path.isfile(args.image_path):
+        print(f"error: {args.image_path} is not a file", file=sys.stderr)
+        return 1
+    store = open_store(args.data_dir)
+    ns, name = args.namespace, args.dv
+    obj = store.get("DataVolume", name, ns)
+    if obj is None:
+        if not args.size:
+            print(f"error: DataVolume {ns}/{name} does not exist; give --size to create it", file=sys.stderr)
+            return 1
+        storage = {"resources": {"requests": {"storage": args.size}}, "accessModes": [args.access_mode],
+                   "volumeMode": "Block" if args.block_volume else "Filesystem"}
+        if args.storage_class:
+            storage["storageClassName"] = args.storage_class
+        store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                     "metadata": {"name": name, "namespace": ns},
+                     "spec": {"source": {"upload": {}}, "storage": storage}})
+        print(f"DataVolume {ns}/{name} created")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        phase = ((store.get("DataVolume", name, ns) or {}).get("status") or {}).get("phase")
+        if phase == "UploadReady":
+            break
+        if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
+            print(f"error: DataVolume {ns}/{name} is {phase or 'not ready'}, not UploadReady", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    url, ca = endpoint(os.path.abspath(args.data_dir))
+    token = mint_token(os.path.abspath(args.data_dir), ns, name)
+    size = os.path.getsize(args.image_path)
+    print(f"Uploading {args.image_path} ({size} bytes) to {url}")
+    try:
+        with _bar("upload") as bar:
+            task = bar.add_task("upload", total=100)
+            upload_image(url, token, args.image_path, ca_file=ca, progress=lambda p: bar.update(task, completed=p))
+    except ImportFailed as exc:
+        print(f"error: {exc.reason}: {exc.message}", file=sys.stderr)
+        return 1
+    while True:
+        st = (store.get("DataVolume", name, ns) or {}).get("status") or {}
+        if st.get("phase") == "Succeeded":
+            print(f"Upload into DataVolume {ns}/{name} complete")
+            return 0
+        if st.get("phase") == "Failed" or time.monotonic() > deadline:
+            print(f"error: DataVolume {ns}/{name} is {st.get('phase')}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from importer.errors import ImportFailed
+    from importer.export import export_volume
+    from pvlun import kubelet
+    from pvlun.csi_client import CsiClient
+    from pvlun.daemon import ServeOptions
+
+    if args.kind not in ("pvc", "persistentvolumeclaim"):
+        print("error: only pvc exports are supported (pvlun export pvc NAME -o FILE)", file=sys.stderr)
+        return 1
+    data_dir = os.path.abspath(args.data_dir)
+    store = open_store(data_dir)
+    node_id = args.node_id or ServeOptions(data_dir=data_dir).node_id
+    csi = CsiClient(data_dir, [node_id])
+    owner = f"export/{args.namespace}/{args.name}"
+    try:
+        attachment = kubelet.attach(store, csi, data_dir, args.name, args.namespace, node_id, owner, readonly=True)
+    except kubelet.NotReady as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        export_volume(attachment.path, args.output, args.format)
+    except ImportFailed as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        kubelet.detach(store, csi, attachment.volume_id, node_id, owner)
+    st = os.stat(args.output)
+    print(f"exported {args.namespace}/{args.name} to {args.output} ({args.format}, {st.st_size} bytes, "
+          f"{st.st_blocks * 512} allocated)")
+    return 0
+
+
+def add_commands(sub, data_dir_arg) -> None:
+    up = sub.add_parser("image-upload", help="upload a disk image into a DataVolume (like virtctl image-upload)")
+    up.add_argument("--dv", required=True, help="DataVolume name (created when --size is given)")
+    up.add_argument("--image-path", required=True)
+    up.add_argument("--size", help="create the DataVolume with this size, e.g. 10Gi")
+    up.add_argument("--storage-class")
+    up.add_argument("--access-mode", default="ReadWriteOnce")
+    up.add_argument("--block-volume", action="store_true", help="create a Block volume")
+    up.add_argument("-n", "--namespace", default="default")
+    up.add_argument("--timeout", type=float, default=3600)
+    data_dir_arg(up)
+    up.set_defaults(func=cmd_image_upload)
+
+    ex = sub.add_parser("export", help="write a volume's disk to a file (like virtctl vmexport download)")
+    ex.add_argument("kind", help="pvc")
+    ex.add_argument("name")
+    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    ex.add_argument("-n", "--namespace", default="default")
+    ex.add_argument("--node-id", help="node to attach on (default: the daemon's first node)")
+    data_dir_arg(ex)
+    ex.set_defaults(func=cmd_export)
