@@ -18,6 +18,7 @@ import grpc
 
 from csi import staging
 from csi.errors import CsiError, invalid
+from csi.convert import TOPOLOGY_HOST_KEY
 from csi.filesystems import DeviceNotBlank
 from csi.locks import KeyedLocks
 from csi.proto import csi_pb2, csi_pb2_grpc

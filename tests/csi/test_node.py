@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import struct
 import uuid
 from concurrent import futures
@@ -147,7 +148,8 @@ def test_node_get_info_reports_id_limit_and_topology(node):
     info = node.NodeGetInfo(pb.NodeGetInfoRequest())
     assert info.node_id == "node-a"
     assert info.max_volumes_per_node == 64
-    assert dict(info.accessible_topology.segments) == {"topology.csi.pvlun.dev/node": "node-a"}
+    assert dict(info.accessible_topology.segments) == {"topology.csi.pvlun.dev/node": "node-a",
+                                                        "topology.csi.pvlun.dev/host": socket.gethostname()}
 
 
 def test_node_get_capabilities_lists_what_is_implemented(node):
