@@ -148,15 +148,12 @@ class Driver:
         return self.pool / "snapshots" / f"{snapshot_id}.img"
 
     def disk_state(self) -> dict[str, tuple[int, int]]:
-        """Every file of the data dir except the catalog and logs: (size, mtime)."""
-        state = {}
-        for dirpath, _, files in os.walk(self.data_dir):
+        """Every file of the LUN pool, (size, mtime), and the names in the data dir."""
+        state: dict[str, tuple[int, int]] = {name: (0, 0) for name in os.listdir(self.data_dir)}
+        for dirpath, _, files in os.walk(self.pool):
             for name in files:
-                path = Path(dirpath) / name
-                if name.startswith("catalog.db") or path == self.stderr_path or path.is_socket():
-                    continue
-                st = path.lstat()
-                state[str(path.relative_to(self.data_dir))] = (st.st_size, st.st_mtime_ns)
+                st = (Path(dirpath) / name).lstat()
+                state[str((Path(dirpath) / name).relative_to(self.data_dir))] = (st.st_size, st.st_mtime_ns)
         return state
 
     def calls(self) -> list[dict]:

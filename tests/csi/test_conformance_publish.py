@@ -221,3 +221,22 @@ def test_a_freed_node_slot_can_be_published_again(driver, res):
     driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(volume_id=vols[0].volume_id,
                                                                                     node_id=NODE_ID))
     res.publish(vols[-1].volume_id, mount_cap())
+
+
+# ---------------------------------------------------------------- topology
+
+
+def test_volume_topology_is_satisfied_by_both_nodes_of_the_host(driver, res):
+    vol = res.volume()
+    assert vol.accessible_topology
+    for node in (driver.node, driver.node2):
+        segments = dict(node.NodeGetInfo(pb.NodeGetInfoRequest()).accessible_topology.segments)
+        assert any(dict(t.segments).items() <= segments.items() for t in vol.accessible_topology), segments
+
+
+def test_create_volume_requiring_the_node_topology_succeeds(driver, res):
+    """csi-sanity's lifecycle specs put NodeGetInfo's topology into the requisite list."""
+    topology = driver.node.NodeGetInfo(pb.NodeGetInfoRequest()).accessible_topology
+    req = pb.TopologyRequirement(requisite=[topology], preferred=[topology])
+    vol = res.volume(accessibility_requirements=req)
+    res.publish(vol.volume_id, mount_cap())

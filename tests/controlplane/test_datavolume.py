@@ -1,0 +1,136 @@
+"""DataVolumes through the embedded control plane: pvlun apply → claim → CSI volume → bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+MiB = 1 << 20
+
+
+def make_qcow2(path: str, size_mib: int = 32) -> str:
+    """A qcow2 holding a marker and random data; returns the raw file it was made from."""
+    raw = path + ".raw"
+    with open(raw, "wb") as f:
+        f.truncate(size_mib * MiB)
+        f.seek(MiB)
+        f.write(b"PVLUN-DV-MARKER" * 100)
+        f.seek(8 * MiB)
+        f.write(os.urandom(2 * MiB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    return raw
+
+
+def dv(name: str, source: str, size: str = "64Mi", mode: str = "Block", api: str = "storage") -> str:
+    return f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: {name}
+spec:
+  source:
+{source}
+  {api}:
+    volumeMode: {mode}
+    accessModes: [ReadWriteOnce]
+    resources:
+      requests:
+        storage: {size}
+"""
+
+
+def same_prefix(raw: str, lun: str) -> bool:
+    size = os.path.getsize(raw)
+    with open(raw, "rb") as a, open(lun, "rb") as b:
+        return a.read() == b.read(size)
+
+
+def test_http_qcow2_into_block_volume_lands_byte_exact(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "a.qcow2"))
+    out = instance.apply(dv("http-block", f"    http:\n      url: {web.url}/a.qcow2"), "--wait")
+    assert "Succeeded" in out.stdout
+    status = instance.get("DataVolume", "http-block")["status"]
+    assert status["phase"] == "Succeeded" and status["progress"] == "100.0%" and status["claimName"] == "http-block"
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Bound": "True", "Ready": "True", "Running": "False"}
+    assert same_prefix(raw, instance.lun_path("http-block"))
+
+
+def test_cdi_documentation_datavolume_works_unchanged_into_filesystem_volume(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "doc.qcow2"))
+    manifest = f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: fedora
+spec:
+  source:
+      http:
+         url: "{web.url}/doc.qcow2"
+  storage:
+    resources:
+      requests:
+        storage: 64Mi
+"""
+    instance.apply(manifest, "--wait")
+    export = os.path.join(web.root, "fedora.raw")
+    instance.cli("export", "pvc", "fedora", "-o", export)
+    assert same_prefix(raw, export)
+    assert os.path.getsize(export) >= os.path.getsize(raw)  # disk.img grown to the usable space
+
+
+def test_http_404_fails_with_reason_and_leaves_no_claim(instance, web):
+    out = instance.apply(dv("missing", f"    http:\n      url: {web.url}/nope.qcow2"), "--wait", check=False)
+    assert out.returncode == 1
+    assert "404" in out.stderr
+    obj = instance.get("DataVolume", "missing")
+    assert obj["status"]["phase"] == "Failed"
+    running = next(c for c in obj["status"]["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "NotFound" and "404" in running["message"]
+    instance.wait(lambda: instance.get("PersistentVolumeClaim", "missing") is None, what="claim removed")
+    described = instance.cli("describe", "dv", "missing").stdout
+    assert "NotFound" in described and "Events:" in described
+
+
+def test_apply_refuses_bad_datavolume_naming_the_field(instance):
+    out = instance.apply(dv("bad-size", "    blank: {}", size="lots"), check=False)
+    assert out.returncode == 1
+    assert "spec.storage.resources.requests.storage" in out.stderr
+    assert instance.get("DataVolume", "bad-size") is None
+
+
+def test_blank_filesystem_datavolume_gets_a_disk_image(instance):
+    instance.apply(dv("blank-fs", "    blank: {}", size="32Mi", mode="Filesystem"), "--wait")
+    assert instance.get("DataVolume", "blank-fs")["status"]["phase"] == "Succeeded"
+
+
+def test_image_upload_creates_datavolume_and_lands_byte_exact(instance, tmp_path):
+    image = str(tmp_path / "up.qcow2")
+    raw = make_qcow2(image, 16)
+    out = instance.cli("image-upload", "--dv", "uploaded", "--image-path", image, "--size", "32Mi", "--block-volume")
+    assert "complete" in out.stdout
+    assert same_prefix(raw, instance.lun_path("uploaded"))
+
+
+def test_pvc_source_clones_through_csi(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "c.qcow2"))
+    instance.apply(dv("clone-src", f"    http:\n      url: {web.url}/c.qcow2"), "--wait")
+    instance.apply(dv("clone-dst", "    pvc:\n      name: clone-src\n      namespace: default"), "--wait")
+    assert instance.get("DataVolume", "clone-dst")["status"]["phase"] == "Succeeded"
+    assert same_prefix(raw, instance.lun_path("clone-dst"))
+
+
+def test_deleting_datavolume_deletes_its_claim_and_volume(instance):
+    instance.apply(dv("short-lived", "    blank: {}", size="16Mi"), "--wait")
+    lun = instance.lun_path("short-lived")
+    assert os.path.exists(lun)
+    instance.cli("delete", "dv", "short-lived")
+    instance.wait(lambda: instance.get("PersistentVolumeClaim", "short-lived") is None, what="claim gone")
+    instance.wait(lambda: not os.path.exists(lun), what="LUN deleted")
+
+
+def test_commands_needing_the_daemon_say_so_plainly(tmp_path):
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pvlun.cli", "apply", "-f", "-", "--data-dir", str(tmp_path)],
+                          input=dv("x", "    blank: {}"), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "no pvlun serve is running" in proc.stderr and "Traceback" not in proc.stderr
