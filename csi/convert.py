@@ -47,7 +47,7 @@ def volume_msg(vol: Volume, host: str) -> pb.Volume:
     msg = pb.Volume(
         volume_id=vol.id,
         capacity_bytes=vol.size,
-        volume_context={**vol.mutable},
+        volume_context={"sizeBytes": str(vol.size), **vol.mutable},  # keys per notes/PLAN.md
         accessible_topology=[pb.Topology(segments={TOPOLOGY_HOST_KEY: host})],
     )
     if vol.source_kind == "snapshot":

@@ -14,11 +14,15 @@ SUPPORTED_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
 DEFAULT_FILESYSTEM = "ext4"
 
 # Fast mkfs: no discard pass over a fresh sparse LUN, ext4 inode tables zeroed lazily.
+# Always 4 KiB blocks/sectors: a loop device's logical sector size follows the LUN file's
+# direct-I/O alignment, 512 for a fresh file but 4096 once XFS has reflinked it (snapshot,
+# clone, restore); a filesystem made with 1 KiB blocks (mke2fs's choice below 512 MiB) or
+# 512-byte XFS sectors could not be mounted again after that.
 _MKFS = {
-    "ext4": ["mkfs.ext4", "-q", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
-    "ext3": ["mkfs.ext3", "-q", "-E", "lazy_itable_init=1,nodiscard"],
-    "ext2": ["mkfs.ext2", "-q", "-E", "lazy_itable_init=1,nodiscard"],
-    "xfs": ["mkfs.xfs", "-q", "-K"],
+    "ext4": ["mkfs.ext4", "-q", "-b", "4096", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
+    "ext3": ["mkfs.ext3", "-q", "-b", "4096", "-E", "lazy_itable_init=1,nodiscard"],
+    "ext2": ["mkfs.ext2", "-q", "-b", "4096", "-E", "lazy_itable_init=1,nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-K", "-s", "size=4096"],
     "btrfs": ["mkfs.btrfs", "-q", "--nodiscard"],
 }
 

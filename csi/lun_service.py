@@ -90,18 +90,18 @@ class LunService:
             existing = self.catalog.volume_by_name(name)
             if existing:
                 return self._same_volume(existing, required, limit, capabilities, parameters, source_kind, source_id)
-            source_size = self._source_size(source_kind, source_id)
-            size = v.size_from_range(required, limit, source_size)
-            if source_size and limit and source_size > limit:
-                raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
-            with self._capacity_lock:
-                _, available = self.backend.capacity()
-                if size > available:
-                    raise exhausted(f"the pool has {available} bytes free; {size} were asked for")
-                volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
-                                dict(parameters), mutable, source_kind, source_id)
-                self.catalog.add_volume(volume)
-            with self.locks.hold(source_id):
+            with self.locks.hold(source_id):  # from the check to the copy: a concurrent delete waits
+                source_size = self._source_size(source_kind, source_id)
+                size = v.size_from_range(required, limit, source_size)
+                if source_size and limit and source_size > limit:
+                    raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
+                with self._capacity_lock:
+                    _, available = self.backend.capacity()
+                    if size > available:
+                        raise exhausted(f"the pool has {available} bytes free; {size} were asked for")
+                    volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
+                                    dict(parameters), mutable, source_kind, source_id)
+                    self.catalog.add_volume(volume)
                 self._fill(volume, source_kind, source_id)
             self.catalog.update_volume(volume.id, state=READY)
             volume.state = READY
@@ -246,9 +246,14 @@ class LunService:
                     raise already_exists(f"volume {volume_id} is already published on {node_id} with another capability or readonly flag")
                 return self.backend.publish_context(volume_id, node_id)
             writers = [p for p in pubs.values() if not p.readonly]
-            if pubs and cap.mode in v.SINGLE_NODE_MODES:
-                raise precondition(f"volume {volume_id} ({cap.mode}) is already published on {', '.join(pubs)}")
-            if writers and not readonly and cap.mode != "MULTI_NODE_MULTI_WRITER":
+            # what earlier publications were promised binds too: exclusivity, a single writer
+            modes = {node: Capability.from_dict(p.capability).mode for node, p in pubs.items()}
+            exclusive = [node for node, mode in modes.items() if mode in v.SINGLE_NODE_MODES]
+            if pubs and (cap.mode in v.SINGLE_NODE_MODES or exclusive):
+                raise precondition(f"volume {volume_id} is already published on {', '.join(exclusive or pubs)} "
+                                   f"for single-node access")
+            if writers and not readonly and (cap.mode != "MULTI_NODE_MULTI_WRITER" or any(
+                    modes[p.node_id] != "MULTI_NODE_MULTI_WRITER" for p in writers)):
                 raise precondition(f"volume {volume_id} already has a writer on {writers[0].node_id}")
             if self.catalog.count_on_node(node_id) >= self.max_volumes_per_node:
                 raise exhausted(f"node {node_id} already has {self.max_volumes_per_node} volumes published")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import socket
 import logging
+import os
 import time
 
 import grpc
 
-from csi import staging
+from csi import attach, staging
 from csi.errors import CsiError, invalid
 from csi.convert import TOPOLOGY_HOST_KEY
 from csi.filesystems import DeviceNotBlank
@@ -63,6 +64,17 @@ def _rpc(method):
         context.abort(code, message)
 
     return handler
+
+
+def _published_elsewhere(staged_at: str, target: str) -> list[str]:
+    """Targets other than `target` bound from what is staged at `staged_at` (the staging
+    mount for a filesystem, the STAGING/lun device bind for a block volume)."""
+    source = attach.mount_at(os.path.join(staged_at, staging.BLOCK_NODE)) or attach.mount_at(staged_at)
+    if source is None:
+        return []
+    key = (source.major, source.minor, source.root)
+    return [m.mount_point for m in attach.mounts()
+            if (m.major, m.minor, m.root) == key and m.mount_point not in (source.mount_point, target)]
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -115,6 +127,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         check_volume_id(request.volume_id)
         read_only = request.readonly or access.read_only_mode
         with self._lock(request.volume_id):
+            if access.mode == csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_SINGLE_WRITER:
+                others = _published_elsewhere(staged_at, target)
+                if others:
+                    raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
+                                   f"published at {others[0]}")
             staging.publish(request.volume_id, staged_at, target, access, read_only)
         return csi_pb2.NodePublishVolumeResponse()
 

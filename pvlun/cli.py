@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size,
                         max_volumes_per_node=args.max_volumes_per_node,
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
-                        metrics_address=args.metrics_address)
+                        metrics_address=args.metrics_address, accel=args.accel,
+                        migration_hooks=[tuple(h.split("=", 1)) for h in args.migration_hook])
     try:
         Daemon(opts).run_until_signal()
     except (OSError, ValueError) as exc:
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")
+    serve.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")
+    serve.add_argument("--migration-hook", action="append", default=[], metavar="EVENT=COMMAND",
+                       help="run COMMAND at a live-migration event (pre, post, failed); {vm}, {source}, {target} expand")
     serve.add_argument("--upload-address", default="127.0.0.1:0", help="HOST:PORT of the HTTPS upload endpoint")
     serve.add_argument("--metrics-address", default="127.0.0.1:0",
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pvlun.transfer_cli import add_commands as add_transfer_commands
 
     add_transfer_commands(sub, data_dir_arg)
+    from pvlun.vm_cli import add_commands as add_vm_commands
+
+    add_vm_commands(sub, data_dir_arg)
 
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)

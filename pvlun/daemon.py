@@ -36,6 +36,8 @@ class ServeOptions:
     allow_file_import: bool = False  # let DataVolumes read file:// URLs (embedded mode only)
     upload_address: str = "127.0.0.1:0"
     metrics_address: str = "127.0.0.1:0"
+    accel: str | None = None
+    migration_hooks: list[tuple[str, str]] = field(default_factory=list)
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ..."""
@@ -104,6 +106,8 @@ class Daemon:
         csi = CsiClient(self.data_dir, node_ids, self.opts.endpoint)
         self.ctx = Context(store, csi, self.data_dir, node_ids)
         self.ctx.services["allow_file"] = self.opts.allow_file_import
+        self.ctx.services["accel"] = self.opts.accel
+        self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
         from importer.upload_gateway import UploadGateway
 
         upload = UploadGateway(self.ctx, _address(self.opts.upload_address))
@@ -135,6 +139,8 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.stopping.set()
             self.ctx.jobs.join_all(10)
+            if "vms" in self.ctx.services:
+                self.ctx.services["vms"].stop_all(grace=10)
             if "upload" in self.ctx.services:
                 self.ctx.services["upload"].stop()
         for server in self.servers:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 Obj = dict[str, Any]
 
@@ -37,7 +37,7 @@ INSERT OR IGNORE INTO counter (id, version) VALUES (0, 0);
 """
 
 # Kinds that live outside namespaces, as in Kubernetes.
-CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass"}
+CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeAttachment"}
 
 
 def now() -> str:
@@ -49,7 +49,9 @@ class ObjectStore(Protocol):
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]: ...
     def apply(self, obj: Obj) -> Obj: ...
     def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None: ...
+    def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
     def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
+    def annotate(self, kind: str, name: str, namespace: str, **annotations: str | None) -> Obj | None: ...
     def delete(self, kind: str, name: str, namespace: str = "default") -> bool: ...
     def add_event(self, obj: Obj, type_: str, reason: str, message: str) -> None: ...
     def events(self, obj: Obj) -> list[Obj]: ...
@@ -152,23 +154,71 @@ class SQLiteStore:
                 meta["generation"] = 1
             return self._write(obj)
 
-    def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None:
+    def _mutate(self, kind: str, name: str, namespace: str, change: Callable[[Obj], bool]) -> Obj | None:
+        """Read, change and write one object in a single transaction, so writers in other
+        processes (the CLI and the daemon) never lose each other's updates."""
         with self._lock:
-            obj = self.get(kind, name, namespace)
-            if obj is None:
-                return None
-            if obj.get("status") == status:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+                                       (kind, self._ns(kind, namespace), name)).fetchone()
+                if row is None:
+                    self._db.execute("ROLLBACK")
+                    return None
+                obj = json.loads(row[0])
+                if not change(obj):
+                    self._db.execute("ROLLBACK")
+                    return obj
+                version = self._bump()
+                obj["metadata"]["resourceVersion"] = str(version)
+                self._db.execute("UPDATE objects SET body=?, version=? WHERE kind=? AND namespace=? AND name=?",
+                                 (json.dumps(obj), version, kind, self._ns(kind, namespace), name))
+                self._db.execute("COMMIT")
                 return obj
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None:
+        def change(obj: Obj) -> bool:
+            if obj.get("status") == status:
+                return False
             obj["status"] = status
-            return self._write(obj)
+            return True
+
+        return self._mutate(kind, name, namespace, change)
+
+    def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
+        """Set some status fields, keeping the others as they are now."""
+        def change(obj: Obj) -> bool:
+            status = obj.setdefault("status", {})
+            if all(status.get(k) == v for k, v in fields.items()):
+                return False
+            status.update(fields)
+            return True
+
+        return self._mutate(kind, name, namespace, change)
 
     def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
-        with self._lock:
-            obj = self.get(kind, name, namespace)
-            if obj is None:
-                return None
+        def change(obj: Obj) -> bool:
             obj["metadata"].update(fields)
-            return self._write(obj)
+            return True
+
+        return self._mutate(kind, name, namespace, change)
+
+    def annotate(self, kind: str, name: str, namespace: str, **annotations: str | None) -> Obj | None:
+        """Set (or, with None, remove) annotations atomically."""
+        def change(obj: Obj) -> bool:
+            current = obj["metadata"].setdefault("annotations", {})
+            for key, value in annotations.items():
+                if value is None:
+                    current.pop(key, None)
+                else:
+                    current[key] = value
+            return True
+
+        return self._mutate(kind, name, namespace, change)
 
     def delete(self, kind: str, name: str, namespace: str = "default") -> bool:
         """Remove an object; one with finalizers is only marked (deletionTimestamp), as Kubernetes does."""

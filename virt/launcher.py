@@ -9,7 +9,10 @@ what a failed start reports.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import tempfile
 import socket
 import subprocess
 import threading
@@ -55,6 +58,15 @@ def find_ovmf(secure_boot: bool) -> tuple[str, str]:
     raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
 
 
+def _socket_path(run_dir: Path, name: str) -> str:
+    """run_dir/name, or a short stand-in when that is too long for a unix socket (108 bytes)."""
+    path = str(run_dir / name)
+    if len(path.encode()) < 100:
+        return path
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "pvlun-sockets", f"{digest}-{name}")
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -91,9 +103,9 @@ class VmLauncher:
         self.on_phase = on_phase
         self.qemu_binary = qemu_binary
         self.extra_args = extra_args
-        self.qmp_path = str(self.run_dir / "qmp.sock")
+        self.qmp_path = _socket_path(self.run_dir, "qmp.sock")
         self.serial_log = str(self.run_dir / "serial.log")
-        self.console_path = str(self.run_dir / "console.sock") if console else None
+        self.console_path = _socket_path(self.run_dir, "console.sock") if console else None
         self.stderr_path = self.run_dir / "qemu.stderr"
         self.phase = Phase.SCHEDULING
         self.reason = ""
@@ -121,9 +133,14 @@ class VmLauncher:
     def start(self, timeout: float = 30) -> None:
         """Start QEMU and connect QMP; LaunchError carries QEMU's stderr if it dies first."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.qmp_path, self.console_path):
-            if stale:
-                Path(stale).unlink(missing_ok=True)
+        for name, sock in (("qmp.sock", self.qmp_path), ("console.sock", self.console_path)):
+            if sock:
+                Path(sock).unlink(missing_ok=True)
+                Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                link = self.run_dir / name
+                if str(link) != sock:  # a findable name in run_dir for the short socket
+                    link.unlink(missing_ok=True)
+                    link.symlink_to(sock)
         self.accel = self.accel or choose_accel()
         ovmf_code = ovmf_vars = None
         if self.vm.firmware == "efi":
@@ -169,7 +186,14 @@ class VmLauncher:
             self.proc.wait()
         if self.qmp:
             self.qmp.close()
+        self._remove_sockets()
         self._exited.set()
+
+    def _remove_sockets(self) -> None:
+        """QEMU leaves its sockets behind when killed; a dead socket must not linger."""
+        for sock in (self.qmp_path, self.console_path):
+            if sock:
+                Path(sock).unlink(missing_ok=True)
 
     def stderr_text(self) -> str:
         try:
@@ -182,6 +206,7 @@ class VmLauncher:
         rc = self.proc.wait()
         if self.qmp:
             self.qmp.close()
+        self._remove_sockets()
         if self.phase is Phase.SUCCEEDED:  # migrated away
             phase, reason = Phase.SUCCEEDED, self.reason
         elif self._stopping or (rc == 0 and self._shutdown_reason in ("guest-shutdown", "host-qmp-quit")):

@@ -110,11 +110,13 @@ def mounts_under(root: str) -> list[str]:
 
 
 def _force_clean(root: str) -> None:
-    """Best effort after a failure: do not leave mounts or loop devices on the machine."""
-    for point in sorted(mounts_under(root), key=len, reverse=True):
-        subprocess.run(["umount", "--lazy", point], capture_output=True)
+    """Best effort after a failure: do not leave mounts or loop devices on the machine.
+    Loop devices first (a busy one detaches once released), while their paths still
+    show under root, then lazy unmounts."""
     for dev in loop_devices_under(root):
         subprocess.run(["losetup", "--detach", dev], capture_output=True)
+    for point in sorted(mounts_under(root), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True)
 
 
 @dataclass
@@ -148,10 +150,10 @@ class Driver:
         return self.pool / "snapshots" / f"{snapshot_id}.img"
 
     def disk_state(self) -> dict[str, tuple[int, int]]:
-        """Every file of the LUN pool, (size, mtime), and the names in the data dir."""
-        state: dict[str, tuple[int, int]] = {name: (0, 0) for name in os.listdir(self.data_dir)}
-        for dirpath, _, files in os.walk(self.pool):
-            for name in files:
+        """Every file and directory of the LUN pool: (size, mtime)."""
+        state: dict[str, tuple[int, int]] = {}
+        for dirpath, dirs, files in os.walk(self.pool):
+            for name in dirs + files:
                 st = (Path(dirpath) / name).lstat()
                 state[str((Path(dirpath) / name).relative_to(self.data_dir))] = (st.st_size, st.st_mtime_ns)
         return state

@@ -438,3 +438,47 @@ def test_controller_get_volume_is_abnormal_once_the_lun_file_is_gone(driver, res
     listed = next(e for e in all_volumes(driver.controller) if e.volume.volume_id == vol.volume_id)
     assert listed.status.volume_condition.abnormal
     # and the broken volume can still be deleted (by the res cleanup)
+
+
+# ---------------------------------------------------------------- names, context, concurrency
+
+
+@pytest.mark.parametrize("name", ["bad\x00name", "line\nbreak", "tab\there"])
+def test_create_volume_with_control_characters_in_name_is_invalid_argument(driver, name):
+    before = driver.disk_state()
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, create_req(name))
+    assert driver.disk_state() == before
+
+
+def test_volume_context_carries_the_size_in_bytes(driver, res):
+    vol = res.volume(size=SMALL)
+    assert vol.volume_context["sizeBytes"] == str(SMALL)
+    driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=2 * SMALL)))
+    got = driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id)).volume
+    assert got.volume_context["sizeBytes"] == str(2 * SMALL)
+
+
+def test_concurrent_create_volume_with_one_name_makes_one_volume(driver, res):
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = unique()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: driver.controller.CreateVolume(create_req(name)).volume.volume_id, range(8)))
+    assert len(set(results)) == 1
+    res._undo.append(("volume", (results[0],)))
+    luns = [n for n in os.listdir(driver.pool / "volumes") if n.startswith(results[0])]
+    assert luns == [f"{results[0]}.img"]
+
+
+def test_list_volumes_continues_when_the_volume_of_the_token_is_deleted(driver, res):
+    for _ in range(4):
+        res.volume()
+    first = driver.controller.ListVolumes(pb.ListVolumesRequest(max_entries=2))
+    token = first.next_token
+    assert token
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=token))  # the token names the next volume
+    rest = driver.controller.ListVolumes(pb.ListVolumesRequest(starting_token=token))
+    seen = [e.volume.volume_id for e in list(first.entries) + list(rest.entries)]
+    assert token not in seen
+    assert set(seen) == volume_ids(driver.controller)

@@ -240,3 +240,23 @@ def test_create_volume_requiring_the_node_topology_succeeds(driver, res):
     req = pb.TopologyRequirement(requisite=[topology], preferred=[topology])
     vol = res.volume(accessibility_requirements=req)
     res.publish(vol.volume_id, mount_cap())
+
+
+# ---------------------------------------------------------------- modes of existing publications
+
+
+def test_multi_writer_publish_elsewhere_of_a_volume_published_single_node_is_failed_precondition(driver, res):
+    """The first node was promised exclusive access: no later request may break it."""
+    vol = res.volume(cap=block_cap("MULTI_NODE_MULTI_WRITER"))
+    res.publish(vol.volume_id, block_cap("SINGLE_NODE_WRITER"), NODE_ID)
+    assert_code(Code.FAILED_PRECONDITION, driver.controller.ControllerPublishVolume,
+                publish_req(vol.volume_id, NODE2_ID, block_cap("MULTI_NODE_MULTI_WRITER")))
+    assert_code(Code.FAILED_PRECONDITION, driver.controller.ControllerPublishVolume,
+                publish_req(vol.volume_id, NODE2_ID, block_cap("MULTI_NODE_READER_ONLY"), readonly=True))
+
+
+def test_multi_writer_publish_next_to_a_single_writer_publication_is_failed_precondition(driver, res):
+    vol = res.volume(cap=block_cap("MULTI_NODE_MULTI_WRITER"))
+    res.publish(vol.volume_id, block_cap("MULTI_NODE_SINGLE_WRITER"), NODE_ID)
+    assert_code(Code.FAILED_PRECONDITION, driver.controller.ControllerPublishVolume,
+                publish_req(vol.volume_id, NODE2_ID, block_cap("MULTI_NODE_MULTI_WRITER")))

@@ -140,3 +140,20 @@ def test_cloud_init_and_empty_disk_volumes_are_attached(launchers, manifest, tic
     assert vm.wait_for_serial("PVLUN-BOOT", timeout=15)
     nodes = {n["node-name"]: n for n in vm.execute("query-named-block-nodes")}
     assert nodes["file-cidata"]["file"].endswith("cidata.iso") and nodes["file-scratch"]["file"].endswith("scratch.empty.img")
+
+
+def test_interactive_console_socket_logs_and_long_run_dirs_work(launchers, make_tick_vm, tick_copy, tmp_path):
+    import socket
+
+    run = tmp_path / ("very-long-directory-name-" * 5) / "vms" / "default" / "tick" / "node-a"
+    vm = launchers(make_tick_vm(), tick_copy, run, console=True)
+    vm.start()
+    assert len(vm.qmp_path) < 108 and (run / "qmp.sock").is_symlink() and (run / "console.sock").is_symlink()
+    with socket.socket(socket.AF_UNIX) as console:
+        console.connect(vm.console_path)  # the symlink in run_dir names it; connect to its short target
+        console.settimeout(10)
+        received = b""
+        while b"tick" not in received:
+            received += console.recv(4096)
+    assert vm.wait_for_serial("tick", timeout=10)  # the same output also lands in serial.log
+    assert (run / "serial.log").exists()

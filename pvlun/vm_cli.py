@@ -1,0 +1,163 @@
+"""`pvlun vm start|stop|restart|pause|unpause|migrate`, `pvlun logs vm/NAME`,
+`pvlun console vm/NAME` (virtctl's verbs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import sys
+import termios
+import time
+import tty
+
+from pvlun.objects_cli import open_store
+
+REQUEST = "pvlun.dev/state-change-request"
+
+
+def _vm_or_fail(store, name: str, ns: str) -> dict | None:
+    vm = store.get("VirtualMachine", name, ns)
+    if vm is None:
+        print(f'Error: VirtualMachine "{ns}/{name}" not found', file=sys.stderr)
+    return vm
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    store = open_store(args.data_dir)
+    if _vm_or_fail(store, args.name, args.namespace) is None:
+        return 1
+    if args.action == "migrate":
+        return _migrate(store, args)
+    store.annotate("VirtualMachine", args.name, args.namespace, **{REQUEST: args.action})
+    print(f"VM {args.name} was scheduled to {args.action}")
+    if args.wait:
+        want = {"start": {"Running"}, "stop": {"Stopped"}, "restart": {"Running"}, "pause": {"Paused"},
+                "unpause": {"Running"}}[args.action]
+        return _wait_status(store, args, want)
+    return 0
+
+
+def _wait_status(store, args, want: set[str]) -> int:
+    deadline = time.monotonic() + args.timeout
+    time.sleep(0.3)
+    while time.monotonic() < deadline:
+        vm = store.get("VirtualMachine", args.name, args.namespace) or {}
+        status = (vm.get("status") or {}).get("printableStatus")
+        pending = (vm["metadata"].get("annotations") or {}).get(REQUEST)
+        if status in want and not pending:
+            print(f"VM {args.name} is {status}")
+            return 0
+        time.sleep(0.2)
+    print(f"error: VM {args.name} did not become {'/'.join(sorted(want))} in {args.timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def _migrate(store, args) -> int:
+    name = f"{args.name}-migration-{int(time.time() * 1000) % 10**8}"
+    spec: dict = {"vmiName": args.name}
+    if args.target_node:
+        spec["addedNodeSelector"] = {"kubernetes.io/hostname": args.target_node}
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                 "metadata": {"name": name, "namespace": args.namespace}, "spec": spec})
+    print(f"VM {args.name} was scheduled to migrate ({name})")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        st = (store.get("VirtualMachineInstanceMigration", name, args.namespace) or {}).get("status") or {}
+        if st.get("phase") == "Succeeded":
+            print(f"migrated {args.name} from {st.get('sourceNode')} to {st.get('targetNode')} in "
+                  f"{st.get('totalTimeMs')} ms (downtime {st.get('downtimeMs')} ms)")
+            return 0
+        if st.get("phase") == "Failed":
+            print(f"error: migration failed: {st.get('error') or st.get('reason')}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print("error: migration did not finish in time", file=sys.stderr)
+    return 1
+
+
+def _vm_target(text: str) -> str:
+    kind, _, name = text.partition("/")
+    if kind not in ("vm", "vmi", "virtualmachine", "virtualmachineinstance") or not name:
+        raise argparse.ArgumentTypeError("give vm/NAME")
+    return name
+
+
+def _current_run_dir(store, data_dir: str, name: str, ns: str) -> str | None:
+    vmi = store.get("VirtualMachineInstance", name, ns)
+    node = ((vmi or {}).get("status") or {}).get("nodeName")
+    if not node:
+        return None
+    return os.path.join(data_dir, "vms", ns, name, node)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The guest's serial console so far (KubeVirt's guest-console-log)."""
+    store = open_store(args.data_dir, need_daemon=False)
+    run_dir = _current_run_dir(store, os.path.abspath(args.data_dir), args.target, args.namespace)
+    if run_dir is None:
+        print(f"error: VM {args.target} has no running instance", file=sys.stderr)
+        return 1
+    with open(os.path.join(run_dir, "serial.log"), "rb") as f:
+        sys.stdout.write(f.read().decode(errors="replace"))
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """An interactive serial console; Ctrl-] leaves it (as virtctl console)."""
+    store = open_store(args.data_dir)
+    run_dir = _current_run_dir(store, os.path.abspath(args.data_dir), args.target, args.namespace)
+    if run_dir is None:
+        print(f"error: VM {args.target} has no running instance", file=sys.stderr)
+        return 1
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(os.path.join(run_dir, "console.sock"))
+    print("Successfully connected to the console. The escape sequence is ^]", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    saved = termios.tcgetattr(sys.stdin) if interactive else None
+    try:
+        if interactive:
+            tty.setraw(sys.stdin)
+        while True:
+            ready, _, _ = select.select([sock, sys.stdin], [], [])
+            if sock in ready:
+                data = sock.recv(4096)
+                if not data:
+                    return 0
+                os.write(sys.stdout.fileno(), data)
+            if sys.stdin in ready:
+                data = os.read(sys.stdin.fileno(), 1024)
+                if not data or b"\x1d" in data:
+                    return 0
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+        sock.close()
+
+
+def add_commands(sub, data_dir_arg) -> None:
+    vm = sub.add_parser("vm", help="start, stop, restart, pause, unpause or migrate a VirtualMachine")
+    vm.add_argument("action", choices=["start", "stop", "restart", "pause", "unpause", "migrate"])
+    vm.add_argument("name")
+    vm.add_argument("-n", "--namespace", default="default")
+    vm.add_argument("--target-node", help="migrate: the node to move to (default: another node)")
+    vm.add_argument("--wait", action="store_true", help="return when the VM has reached the new state")
+    vm.add_argument("--timeout", type=float, default=300)
+    data_dir_arg(vm)
+    vm.set_defaults(func=cmd_vm)
+
+    logs = sub.add_parser("logs", help="the guest's serial console output so far (vm/NAME)")
+    logs.add_argument("target", type=_vm_target, metavar="vm/NAME")
+    logs.add_argument("-n", "--namespace", default="default")
+    data_dir_arg(logs)
+    logs.set_defaults(func=cmd_logs)
+
+    console = sub.add_parser("console", help="an interactive serial console (vm/NAME); ^] to leave")
+    console.add_argument("target", type=_vm_target, metavar="vm/NAME")
+    console.add_argument("-n", "--namespace", default="default")
+    data_dir_arg(console)
+    console.set_defaults(func=cmd_console)

@@ -1,0 +1,123 @@
+"""Live migration of a running VMI to another node, driven by a
+VirtualMachineInstanceMigration object: publish the volumes on the target (pre hook),
+QEMU migration, unpublish from the source (post hook) — or clean the target on failure."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from pvlun.context import Context
+from pvlun.store import Obj
+from virt.hooks import HookContext, MigrationHooks
+from virt.launcher import VmLauncher
+from virt.migration import MigrationStatus, migrate
+from virt.runtime import CSI_SOURCES, attach_volumes, detach_volumes, set_vmi_status
+from virt.spec import SpecError, parse_migration
+
+log = logging.getLogger("pvlun.virt")
+NODE_SELECTOR_KEY = "kubernetes.io/hostname"
+
+
+def register_user_hooks(ctx: Context, hooks: MigrationHooks) -> None:
+    """Hooks given to `pvlun serve --migration-hook EVENT=COMMAND`, and Python callables
+    registered in ctx.services['migration_hooks'] as (event, callable); they run after ours."""
+    for event, hook in ctx.services.get("migration_hooks", []):
+        hooks.register(event, shlex.split(hook) if isinstance(hook, str) else hook)
+
+
+def _status(ctx: Context, mig: Obj, **fields) -> None:
+    meta = mig["metadata"]
+    ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], meta.get("namespace", "default"), **fields)
+
+
+def start_migration(ctx: Context, mig: Obj) -> None:
+    from virt.reconcile import runtime
+
+    meta = mig["metadata"]
+    ns = meta.get("namespace", "default")
+    try:
+        vmi_name = parse_migration(mig).vmi_name
+    except SpecError as exc:
+        _status(ctx, mig, phase="Failed", reason=str(exc))
+        return
+    key = f"{ns}/{vmi_name}"
+    rt = runtime(ctx).get(key)
+    if rt is None:
+        _status(ctx, mig, phase="Failed", reason=f"VirtualMachineInstance {key} is not running")
+        return
+    problem = not_migratable(ctx, rt.spec)
+    if problem:
+        _status(ctx, mig, phase="Failed", reason=problem)
+        return
+    selector = (mig.get("spec") or {}).get("addedNodeSelector") or {}
+    target = selector.get(NODE_SELECTOR_KEY) or next((n for n in ctx.node_ids if n != rt.node), None)
+    if target is None or target == rt.node or target not in ctx.node_ids:
+        _status(ctx, mig, phase="Failed",
+                reason=f"no target node: nodes are {', '.join(ctx.node_ids)} and the VMI runs on {rt.node}")
+        return
+    _status(ctx, mig, phase="Scheduling", sourceNode=rt.node, targetNode=target)
+    ctx.jobs.start("migration:" + key, lambda: run_migration(ctx, mig, key, target))
+
+
+def not_migratable(ctx: Context, spec) -> str | None:
+    """KubeVirt's LiveMigratable condition: every CSI volume shared (block, ReadWriteMany)."""
+    for volume in spec.volumes:
+        if volume.source == "emptyDisk":
+            return f"volume {volume.name} is an emptyDisk; it cannot move between nodes"
+        if volume.source in CSI_SOURCES:
+            pvc = ctx.store.get("PersistentVolumeClaim", volume.claim_name, spec.namespace) or {}
+            pvc_spec = pvc.get("spec") or {}
+            if "ReadWriteMany" not in (pvc_spec.get("accessModes") or []) or pvc_spec.get("volumeMode") != "Block":
+                return (f"volume {volume.name} (claim {volume.claim_name}) is not shared: live migration needs "
+                        "volumeMode Block with accessModes ReadWriteMany")
+    return None
+
+
+def run_migration(ctx: Context, mig: Obj, key: str, target: str) -> MigrationStatus:
+    from virt.reconcile import runtime
+
+    vms = runtime(ctx)
+    rt = vms.get(key)
+    made: dict[str, object] = {}
+
+    def publish_on_target(hook: HookContext) -> None:
+        disks, attached = attach_volumes(ctx, rt.spec, key, target)
+        made["disks"], made["attached"] = disks, attached
+
+    def unpublish_from_source(hook: HookContext) -> None:
+        detach_volumes(ctx, source_attached, key)
+
+    def clean_target(hook: HookContext) -> None:
+        detach_volumes(ctx, made.get("attached", {}), key)
+
+    def target_launcher() -> VmLauncher:
+        launcher = vms.launcher(rt.spec, key, target, made["disks"], incoming="defer")
+        made["launcher"] = launcher
+        return launcher
+
+    hooks = MigrationHooks()
+    hooks.register("pre", publish_on_target, name="publish-volumes-on-target")
+    hooks.register("post", unpublish_from_source, name="unpublish-volumes-from-source")
+    hooks.register("failed", clean_target, name="unpublish-volumes-from-target")
+    register_user_hooks(ctx, hooks)
+    source_attached = dict(rt.attachments)
+    rt.migrating = True
+
+    def progress(status: MigrationStatus) -> None:
+        _status(ctx, mig, **status.as_dict())
+        set_vmi_status(ctx, key, migrationState=status.as_dict())
+
+    try:
+        result = migrate(rt.launcher, target_launcher, hooks=hooks, source_node=rt.node, target_node=target,
+                         on_progress=progress)
+    finally:
+        rt.migrating = False
+    if result.phase == "Succeeded":
+        rt.launcher = made["launcher"]  # type: ignore[assignment]
+        rt.node = target
+        rt.attachments = made["attached"]  # type: ignore[assignment]
+        set_vmi_status(ctx, key, phase="Running", nodeName=target, launcher=rt.launcher.status(),
+                       migrationState=result.as_dict())
+    _status(ctx, mig, **result.as_dict())
+    return result

@@ -1,0 +1,212 @@
+"""VirtualMachine and VirtualMachineInstanceMigration reconcile (KubeVirt's virt-controller
+and virt-handler, folded into one process in embedded mode).
+
+State-change requests (start, stop, restart, pause, unpause) arrive as the annotation
+`pvlun.dev/state-change-request` on the VirtualMachine, written by `pvlun vm ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+from pvlun.context import Context
+from pvlun.store import Obj, set_condition
+from virt.launcher import LaunchError, Phase
+from virt.runtime import VmRuntime
+from virt.spec import SpecError, parse_virtual_machine
+
+log = logging.getLogger("pvlun.virt")
+REQUEST = "pvlun.dev/state-change-request"
+CRASH_WINDOW = 120  # seconds; failures inside it count towards CrashLoopBackOff
+CRASH_LIMIT = 3
+
+
+def runtime(ctx: Context) -> VmRuntime:
+    if "vms" not in ctx.services:
+        ctx.services["vms"] = VmRuntime(ctx, ctx.services.get("accel"))
+    return ctx.services["vms"]
+
+
+def key_of(obj: Obj) -> str:
+    return f"{obj['metadata'].get('namespace', 'default')}/{obj['metadata']['name']}"
+
+
+def _vm_status(ctx: Context, vm: Obj, printable: str, ready: bool = False, message: str = "", **extra) -> None:
+    ns, name = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"]
+    status = dict(vm.get("status") or {})
+    status.update(printableStatus=printable, ready=ready, created=bool(runtime(ctx).get(key_of(vm))), **extra)
+    set_condition(status, "Ready", ready, printable, message)
+    ctx.store.update_status("VirtualMachine", name, ns, status)
+
+
+def _ensure_data_volumes(ctx: Context, vm: Obj, templates) -> None:
+    ns = vm["metadata"].get("namespace", "default")
+    for template in templates:
+        name = template["metadata"]["name"]
+        if ctx.store.get("DataVolume", name, ns) is None:
+            dv = {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                  "metadata": {**copy.deepcopy(template["metadata"]), "namespace": ns,
+                               "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                                    "name": vm["metadata"]["name"], "uid": vm["metadata"]["uid"],
+                                                    "controller": True}]},
+                  "spec": copy.deepcopy(template["spec"])}
+            ctx.store.apply(dv)
+
+
+def _volumes_ready(ctx: Context, vm: Obj, spec) -> tuple[str, str] | None:
+    """None when every volume can be attached; else (printableStatus, message)."""
+    ns = spec.namespace
+    for volume in spec.volumes:
+        if volume.source == "dataVolume":
+            dv = ctx.store.get("DataVolume", volume.claim_name, ns)
+            phase = ((dv or {}).get("status") or {}).get("phase")
+            if dv is None:
+                return "DataVolumeError", f"DataVolume {volume.claim_name} does not exist"
+            if phase == "Failed":
+                return "DataVolumeError", f"DataVolume {volume.claim_name} failed"
+            if phase != "Succeeded":
+                return "Provisioning", f"waiting for DataVolume {volume.claim_name} ({phase or 'Pending'})"
+        elif volume.source == "persistentVolumeClaim":
+            pvc = ctx.store.get("PersistentVolumeClaim", volume.claim_name, ns)
+            if pvc is None:
+                return "ErrorPvcNotFound", f"PersistentVolumeClaim {volume.claim_name} does not exist"
+            if (pvc.get("status") or {}).get("phase") != "Bound":
+                return "Provisioning", f"waiting for PersistentVolumeClaim {volume.claim_name} to be bound"
+    return None
+
+
+def _want_running(vm: Obj, strategy: str, last_exit) -> bool:
+    if strategy == "Always":
+        return True
+    if strategy == "Halted":
+        return False
+    if strategy == "RerunOnFailure":
+        return not (last_exit and last_exit[0] == "Succeeded" and last_exit[2] >= _created(vm))
+    return (vm.get("status") or {}).get("manualRunning", False)  # Manual: what the last request said
+
+
+def _created(vm: Obj) -> float:
+    return float((vm.get("status") or {}).get("startRequestedAt", 0))
+
+
+def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
+    """Apply one state-change request and clear it (as KubeVirt's subresources would)."""
+    request = (vm["metadata"].get("annotations") or {}).get(REQUEST)
+    if not request:
+        return
+    ns, name, key = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"], key_of(vm)
+    running = rt.get(key)
+    strategy = parsed.run_strategy
+    spec_changes = {}
+    if request in ("start", "stop"):
+        if strategy in ("Always", "Halted", "RerunOnFailure") or "running" in (vm.get("spec") or {}):
+            new = {"start": "Always", "stop": "Halted"}[request]
+            if strategy != new:
+                spec_changes["runStrategy"] = new
+        ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
+                               startRequestedAt=time.time() if request == "start" else _created(vm))
+    elif request == "restart" and running:
+        ctx.jobs.start("vm:" + key, lambda: rt.stop(key, grace=min(parsed.template.termination_grace_period, 30)))
+    elif request == "pause" and running:
+        running.launcher.pause()
+    elif request == "unpause" and running:
+        running.launcher.unpause()
+    if spec_changes:
+        current = ctx.store.get("VirtualMachine", name, ns)
+        current["spec"].pop("running", None)
+        current["spec"].update(spec_changes)
+        ctx.store.apply(current)
+    ctx.store.annotate("VirtualMachine", name, ns, **{REQUEST: None})
+    ctx.store.add_event(vm, "Normal", f"{request.capitalize()}Requested", f"{request} requested")
+
+
+def _ensure_vmi(ctx: Context, vm: Obj) -> None:
+    meta = vm["metadata"]
+    ns = meta.get("namespace", "default")
+    template = (vm.get("spec") or {}).get("template") or {}
+    ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                     "metadata": {"name": meta["name"], "namespace": ns,
+                                  "labels": (template.get("metadata") or {}).get("labels", {}),
+                                  "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                                       "name": meta["name"], "uid": meta["uid"], "controller": True}]},
+                     "spec": copy.deepcopy(template.get("spec") or {}),
+                     "status": {"phase": "Pending"}})
+
+
+def reconcile_vm(ctx: Context, vm: Obj) -> None:
+    rt = runtime(ctx)
+    key = key_of(vm)
+    try:
+        parsed = parse_virtual_machine(vm)
+    except SpecError as exc:
+        _vm_status(ctx, vm, "ErrorUnschedulable", message=str(exc))
+        return
+    _handle_request(ctx, vm, parsed, rt)
+    vm = ctx.store.get("VirtualMachine", vm["metadata"]["name"], vm["metadata"].get("namespace", "default")) or vm
+    parsed = parse_virtual_machine(vm)
+    _ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
+    running = rt.get(key)
+    want = _want_running(vm, parsed.run_strategy, rt.last_exit.get(key))
+    busy = ctx.jobs.running("vm:" + key)
+    if running:
+        if not want and not busy:
+            _vm_status(ctx, vm, "Stopping")
+            grace = parsed.template.termination_grace_period
+            ctx.jobs.start("vm:" + key, lambda: rt.stop(key, grace))
+            return
+        phase = running.launcher.phase
+        if ctx.jobs.running("migration:" + key) or phase is Phase.MIGRATING:
+            _vm_status(ctx, vm, "Migrating", ready=True)
+        elif phase is Phase.PAUSED:
+            _vm_status(ctx, vm, "Paused", message="paused by user")
+        elif phase is Phase.RUNNING:
+            _vm_status(ctx, vm, "Running", ready=True)
+        return
+    if busy:
+        return
+    if not want:
+        vmi = ctx.store.get("VirtualMachineInstance", vm["metadata"]["name"], vm["metadata"].get("namespace", "default"))
+        if vmi is not None:
+            ctx.store.delete("VirtualMachineInstance", vm["metadata"]["name"], vm["metadata"].get("namespace", "default"))
+        _vm_status(ctx, vm, "Stopped")
+        return
+    waiting = _volumes_ready(ctx, vm, parsed.template)
+    if waiting:
+        _vm_status(ctx, vm, waiting[0], message=waiting[1])
+        return
+    recent = [t for t in rt.failures.get(key, []) if t > time.time() - CRASH_WINDOW]
+    if len(recent) >= CRASH_LIMIT:
+        backoff = min(300, 10 * 2 ** (len(recent) - CRASH_LIMIT))
+        if time.time() - recent[-1] < backoff:
+            _vm_status(ctx, vm, "CrashLoopBackOff", message=rt.last_exit.get(key, ("", ""))[1])
+            return
+    _vm_status(ctx, vm, "Starting")
+    _ensure_vmi(ctx, vm)
+
+    def start() -> None:
+        try:
+            rt.start(parsed.template, key, ctx.node_id)
+        except (LaunchError, Exception) as exc:  # noqa: BLE001 - reported on the VM, retried by policy
+            log.warning("VM %s failed to start: %s", key, exc)
+            ctx.store.add_event(vm, "Warning", "FailedCreate", str(exc))
+
+    ctx.jobs.start("vm:" + key, start)
+
+
+def reconcile_migration(ctx: Context, mig: Obj) -> None:
+    from virt.live_migration import start_migration
+
+    status = mig.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return
+    if ctx.jobs.running("migration:" + key_of(mig)):
+        return
+    start_migration(ctx, mig)
+
+
+RECONCILERS = [
+    ("VirtualMachine", reconcile_vm),
+    ("VirtualMachineInstanceMigration", reconcile_migration),
+]

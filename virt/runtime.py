@@ -1,0 +1,188 @@
+"""The VMs this daemon runs: start a VMI (attach its volumes through CSI, as kubelet
+would, then QEMU), stop it, and report its phase into the VMI and VM objects."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from csi.proto import csi_pb2 as pb
+from pvlun import kubelet
+from pvlun.context import Context
+from pvlun.store import set_condition
+from virt.launcher import LaunchError, Phase, VmLauncher
+from virt.local_volumes import local_attachments
+from virt.qemu_args import DiskAttachment, Throttle
+from virt.spec import VmSpec
+
+log = logging.getLogger("pvlun.virt")
+CSI_SOURCES = ("dataVolume", "persistentVolumeClaim")
+DISK_IMG = "disk.img"
+
+
+@dataclass
+class Running:
+    """One VMI on one node: its QEMU and the CSI attachments it holds there."""
+
+    key: str
+    spec: VmSpec
+    node: str
+    launcher: VmLauncher
+    attachments: dict[str, kubelet.Attachment] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    migrating: bool = False  # the source's own end (Succeeded "migrated") is not the VMI's end
+
+
+def owner(key: str) -> str:
+    return f"vm/{key}"
+
+
+def run_dir(ctx: Context, key: str, node: str) -> str:
+    return os.path.join(ctx.data_dir, "vms", key, node)
+
+
+def _access_mode(ctx: Context, claim: str, namespace: str) -> str:
+    pvc = ctx.store.get("PersistentVolumeClaim", claim, namespace) or {}
+    modes = (pvc.get("spec") or {}).get("accessModes") or ["ReadWriteOnce"]
+    return "ReadWriteMany" if "ReadWriteMany" in modes else modes[0]
+
+
+def throttle_of(ctx: Context, volume_id: str) -> Throttle:
+    """The volume's current QoS (CSI mutable parameters) as a QEMU throttle."""
+    try:
+        vol = ctx.csi.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume_id)).volume
+        return Throttle.from_volume_context(vol.volume_context)
+    except grpc.RpcError:
+        return Throttle()
+
+
+def attach_volumes(ctx: Context, spec: VmSpec, key: str, node: str) -> tuple[dict[str, DiskAttachment], dict[str, kubelet.Attachment]]:
+    """Publish every dataVolume/PVC volume on `node`; make the local ones (cloud-init, emptyDisk)."""
+    disks: dict[str, DiskAttachment] = {}
+    attached: dict[str, kubelet.Attachment] = {}
+    try:
+        for volume in spec.volumes:
+            if volume.source not in CSI_SOURCES:
+                continue
+            mode = _access_mode(ctx, volume.claim_name, spec.namespace)
+            a = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, volume.claim_name, spec.namespace, node, owner(key),
+                               readonly=volume.readonly, access_mode=mode)
+            attached[volume.name] = a
+            path = a.path if a.block else os.path.join(a.path, DISK_IMG)
+            disks[volume.name] = DiskAttachment.for_path(path, readonly=volume.readonly,
+                                                         throttle=throttle_of(ctx, a.volume_id))
+    except BaseException:
+        detach_volumes(ctx, attached, key)
+        raise
+    disks.update(local_attachments(spec, run_dir(ctx, key, node)))
+    return disks, attached
+
+
+def detach_volumes(ctx: Context, attached: dict[str, kubelet.Attachment], key: str) -> None:
+    for a in attached.values():
+        try:
+            kubelet.detach(ctx.store, ctx.csi, a.volume_id, a.node_id, owner(key))
+        except grpc.RpcError as exc:
+            log.warning("detach %s from %s: %s", a.volume_id, a.node_id, exc.details())
+
+
+class VmRuntime:
+    """Registry of running VMIs; lives in ctx.services['vms']."""
+
+    def __init__(self, ctx: Context, accel: str | None = None):
+        self.ctx = ctx
+        self.accel = accel
+        self.lock = threading.Lock()
+        self.running: dict[str, Running] = {}
+        self.last_exit: dict[str, tuple[str, str, float]] = {}  # key -> (phase, reason, time)
+        self.failures: dict[str, list[float]] = {}
+
+    def get(self, key: str) -> Running | None:
+        with self.lock:
+            return self.running.get(key)
+
+    def launcher(self, spec: VmSpec, key: str, node: str, disks: dict[str, DiskAttachment],
+                 incoming: str | None = None) -> VmLauncher:
+        return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,
+                          node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r))
+
+    def start(self, spec: VmSpec, key: str, node: str) -> None:
+        """Attach, launch and register; a failure leaves nothing attached."""
+        set_vmi_status(self.ctx, key, phase="Scheduled", nodeName=node)
+        disks, attached = attach_volumes(self.ctx, spec, key, node)
+        launcher = self.launcher(spec, key, node, disks)
+        with self.lock:
+            self.running[key] = Running(key, spec, node, launcher, attached)
+        try:
+            launcher.start()
+        except LaunchError as exc:
+            with self.lock:
+                self.running.pop(key, None)
+            detach_volumes(self.ctx, attached, key)
+            self._exited(key, "Failed", str(exc))
+            raise
+
+    def stop(self, key: str, grace: float | None = None) -> None:
+        rt = self.get(key)
+        if rt:
+            rt.launcher.stop(grace)
+
+    def on_phase(self, key: str, launcher: VmLauncher, phase: Phase, reason: str) -> None:
+        with self.lock:
+            rt = self.running.get(key)
+        if rt is None or rt.launcher is not launcher:
+            return  # a migration's target reporting before it takes over
+        if rt.migrating and phase is Phase.SUCCEEDED:
+            return  # the source quit because the VMI now runs on the target
+        if phase in (Phase.SUCCEEDED, Phase.FAILED):
+            with self.lock:
+                self.running.pop(key, None)
+            threading.Thread(target=self._cleanup, args=(rt, phase, reason), daemon=True).start()
+            return
+        vmi_phase = {Phase.RUNNING: "Running", Phase.PAUSED: "Running", Phase.MIGRATING: "Running",
+                     Phase.SCHEDULING: "Scheduled"}[phase]
+        status = {"phase": vmi_phase, "nodeName": rt.node, "reason": reason, "paused": phase is Phase.PAUSED,
+                  "launcher": launcher.status()}
+        set_vmi_status(self.ctx, key, **status)
+
+    def _cleanup(self, rt: Running, phase: Phase, reason: str) -> None:
+        detach_volumes(self.ctx, rt.attachments, rt.key)
+        self._exited(rt.key, phase.value, reason)
+
+    def _exited(self, key: str, phase: str, reason: str) -> None:
+        self.last_exit[key] = (phase, reason, time.time())
+        if phase == "Failed":
+            self.failures.setdefault(key, []).append(time.time())
+        set_vmi_status(self.ctx, key, phase=phase, reason=reason, paused=False)
+        ns, name = key.split("/", 1)
+        vm = self.ctx.store.get("VirtualMachine", name, ns)
+        if vm:
+            self.ctx.store.add_event(vm, "Normal" if phase == "Succeeded" else "Warning",
+                                     "Stopped" if phase == "Succeeded" else "Failed", reason or phase)
+
+    def stop_all(self, grace: float = 10) -> None:
+        with self.lock:
+            keys = list(self.running)
+        threads = [threading.Thread(target=self.stop, args=(k, grace)) for k in keys]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(grace + 30)
+
+
+def set_vmi_status(ctx: Context, key: str, **fields) -> None:
+    ns, name = key.split("/", 1)
+    vmi = ctx.store.get("VirtualMachineInstance", name, ns)
+    if vmi is None:
+        return
+    status = dict(vmi.get("status") or {})
+    status.update(fields)
+    set_condition(status, "Ready", status.get("phase") == "Running" and not status.get("paused"),
+                  "" if status.get("phase") == "Running" else "NotRunning", "")
+    set_condition(status, "Paused", bool(status.get("paused")), "PausedByUser" if status.get("paused") else "", "")
+    ctx.store.update_status("VirtualMachineInstance", name, ns, status)
