@@ -231,6 +231,96 @@ spec:
     steps.run("verify the imported bytes", verify)
 
 
+VM_MANIFEST = """apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: quickstart-vm
+spec:
+  runStrategy: Always
+  dataVolumeTemplates:
+  - metadata:
+      name: quickstart-vm-disk
+    spec:
+      source:
+        http:
+          url: {url}/tick.raw
+      storage:
+        volumeMode: Block
+        accessModes: [ReadWriteMany]
+        resources:
+          requests:
+            storage: 16Mi
+  template:
+    spec:
+      terminationGracePeriodSeconds: 2
+      domain:
+        memory:
+          guest: 64Mi
+        devices:
+          disks:
+          - name: root
+            bootOrder: 1
+            disk:
+              bus: virtio
+      volumes:
+      - name: root
+        dataVolume:
+          name: quickstart-vm-disk
+"""
+
+
+def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
+    """Import a tiny boot disk, boot it, live-migrate it while it ticks."""
+    from virt.guest_images import build_tick_disk
+
+    images = os.path.join(work, "vm-images")
+    os.makedirs(images)
+    build_tick_disk(os.path.join(images, "tick.raw"), marker="PVLUN-BOOT")
+
+    def cli(*args: str, input: str | None = None) -> str:
+        out = subprocess.run([sys.executable, "-m", "pvlun.cli", *args, "--data-dir", data_dir], input=input,
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"pvlun {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def serial() -> str:
+        return cli("logs", "vm/quickstart-vm")
+
+    def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    with http_server(images) as url:
+        steps.run("pvlun apply --wait (VM + DataVolume template)",
+                  lambda: cli("apply", "-f", "-", "--wait", "--timeout", "300", input=VM_MANIFEST.format(url=url))
+                  .strip().splitlines()[-1])
+
+    def marker() -> str:
+        wait_for(lambda: "PVLUN-BOOT" in serial(), "the guest's boot marker")
+        wait_for(lambda: "tick 3" in serial(), "the guest ticking")
+        return "guest printed PVLUN-BOOT and ticks on the serial console"
+
+    steps.run("guest boot marker", marker)
+    steps.run("live migration to the second node",
+              lambda: cli("vm", "migrate", "quickstart-vm", "--wait").strip().splitlines()[-1])
+
+    def still_ticking() -> str:
+        before = serial().count("tick")
+        wait_for(lambda: serial().count("tick") >= before + 3, "ticks on the target")
+        log = serial()
+        if "PVLUN-BOOT" in log:
+            raise RuntimeError("the guest rebooted on the target")
+        last = [line for line in log.splitlines() if line.startswith("tick")][-1]
+        return f"no reboot; still ticking on the target ({last})"
+
+    steps.run("guest still running on the target", still_ticking)
+    steps.run("pvlun vm stop", lambda: cli("vm", "stop", "quickstart-vm", "--wait").strip().splitlines()[-1])
+
+
 def main(args: argparse.Namespace | None = None) -> int:
     work = tempfile.mkdtemp(prefix="pvlun-quickstart-")
     data_dir = os.path.join(work, "data")
@@ -238,15 +328,14 @@ def main(args: argparse.Namespace | None = None) -> int:
     steps = Steps()
     ok = False
     try:
+        started = time.monotonic()
         with serve(data_dir):
-            steps.rows.append(("start pvlun serve (embedded, 2 nodes)", 0.0, data_dir))
+            steps.rows.append(("start pvlun serve (embedded, 2 nodes)", time.monotonic() - started, data_dir))
             host = socket.gethostname()  # serve's default node id
             csi = CsiClient(data_dir, [host, f"{host}-2"])
             csi_steps(steps, csi, work)
             import_steps(steps, data_dir, work)
-            extra = _virt_steps()
-            if extra:
-                extra(steps, data_dir, work)
+            vm_steps(steps, data_dir, work)
             ok = True
     except Exception as exc:
         console.print(f"[red]quickstart failed:[/red] {exc}")
@@ -257,11 +346,3 @@ def main(args: argparse.Namespace | None = None) -> int:
         else:
             console.print(f"kept {work} for inspection (serve.log is in data/)")
     return 0 if ok else 1
-
-
-def _virt_steps():
-    try:
-        from virt.quickstart import quickstart_steps
-    except ImportError:
-        return None
-    return quickstart_steps
