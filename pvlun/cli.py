@@ -15,15 +15,13 @@ DEFAULT_DATA_DIR = "/var/lib/pvlun"
 
 
 def parse_size(text: str) -> int:
-    """Kubernetes-style quantities: 10Gi, 512Mi, 1G, 4096."""
-    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
-             "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix) and text[: -len(suffix)].isdigit():
-            return int(text[: -len(suffix)]) * units[suffix]
-    if text.isdigit():
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 10Gi, 512Mi or bytes)")
+    """A Kubernetes quantity (10Gi, 512Mi, 1G) for argparse."""
+    from pvlun.quantity import parse_quantity
+
+    try:
+        return parse_quantity(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:

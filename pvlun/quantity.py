@@ -1,4 +1,4 @@
-"""Kubernetes resource quantities (10Gi, 512Mi, 1G, 1.5Gi, 100k) as integers."""
+"""Kubernetes resource quantities ("256Mi", "1G", "512M", "1.5Gi") as whole bytes."""
 
 from __future__ import annotations
 
@@ -6,21 +6,31 @@ import re
 from decimal import Decimal, InvalidOperation
 
 _SUFFIXES = {
+    "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1,
 }
-_PATTERN = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
+_PATTERN = re.compile(r"^([+]?[0-9]+(?:\.[0-9]*)?|[+]?\.[0-9]+)(?:[eE]([+-]?[0-9]+))?([a-zA-Z]*)$")
 
 
-def parse_quantity(value: str | int) -> int:
-    """Bytes for a quantity; ValueError naming the bad text otherwise."""
-    if isinstance(value, int) and value >= 0:
+def parse_quantity(value: object) -> int:
+    """Bytes for a quantity; ValueError names what is wrong. Fractions round up, as Kubernetes does."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a quantity")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative")
         return value
-    match = _PATTERN.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a quantity (like 10Gi, 512Mi or 1G)")
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a quantity")
+    match = _PATTERN.match(value.strip())
+    if not match or match.group(3) not in _SUFFIXES or (match.group(2) and match.group(3)):
+        raise ValueError(f"{value!r} is not a quantity (e.g. 256Mi, 1Gi, 512M)")
     try:
         number = Decimal(match.group(1))
+        if match.group(2):
+            number *= Decimal(10) ** int(match.group(2))
     except InvalidOperation:
         raise ValueError(f"{value!r} is not a quantity") from None
-    return int(-(-number * _SUFFIXES[match.group(2) or ""] // 1))
+    total = number * _SUFFIXES[match.group(3)]
+    return int(total.to_integral_value(rounding="ROUND_CEILING"))

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from virt.quantity import parse_quantity
+from pvlun.quantity import parse_quantity
 from virt.spec import (SpecError, parse_migration, parse_object, parse_virtual_machine,
                        parse_virtual_machine_instance)
 
