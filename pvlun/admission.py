@@ -16,6 +16,7 @@ KINDS = {
     "ConfigMap": "v1",
     "DataVolume": "cdi.kubevirt.io/v1beta1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
+    "VolumeAttributesClass": "storage.k8s.io/v1beta1",
     "VirtualMachine": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
 }
@@ -36,6 +37,8 @@ ALIASES = {
     "virtualmachineinstancemigrations": "VirtualMachineInstanceMigration",
     "volumesnapshot": "VolumeSnapshot", "volumesnapshots": "VolumeSnapshot", "vs": "VolumeSnapshot",
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
+    "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
+    "volumeattributesclasses": "VolumeAttributesClass",
 }
 
 
@@ -88,7 +91,20 @@ def _check_storage_class(obj: dict) -> None:
         raise ValueError("provisioner is required")
 
 
+def _check_attributes_class(obj: dict) -> None:
+    from csi.errors import CsiError
+    from csi.validation import check_mutable
+
+    if not obj.get("driverName"):
+        raise ValueError("driverName is required")
+    try:
+        check_mutable({k: str(v) for k, v in (obj.get("parameters") or {}).items()})
+    except CsiError as exc:
+        raise ValueError(f"parameters: {exc.message}") from None
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
+    "VolumeAttributesClass": _check_attributes_class,
     "PersistentVolumeClaim": _check_pvc,
     "DataVolume": _check_dv,
     "VirtualMachine": _check_vm,

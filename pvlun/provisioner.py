@@ -84,6 +84,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
         _release(ctx, pvc)
         return
     if pvc.get("status", {}).get("phase") == "Bound":
+        _modify_if_needed(ctx, pvc)
         return
     sc = storage_class_for(ctx, pvc)
     if sc is None:
@@ -106,9 +107,16 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     if FINALIZER not in meta.get("finalizers", []):
         ctx.store.patch_metadata("PersistentVolumeClaim", meta["name"], meta["namespace"],
                                  finalizers=meta.get("finalizers", []) + [FINALIZER])
+    vac_name = spec.get("volumeAttributesClassName")
+    try:
+        mutable = _attributes(ctx, vac_name)
+    except LookupError as exc:
+        _fail(ctx, pvc, "ProvisioningFailed", str(exc))
+        return
     request = pb.CreateVolumeRequest(
         name=f"pvc-{meta['uid']}", capacity_range=pb.CapacityRange(required_bytes=size),
-        volume_capabilities=[capability(volume_mode, m, fs_type) for m in access_modes], parameters=params)
+        volume_capabilities=[capability(volume_mode, m, fs_type) for m in access_modes], parameters=params,
+        mutable_parameters=mutable)
     if source is not None:
         request.volume_content_source.CopyFrom(source)
     try:
@@ -133,9 +141,43 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     current["spec"]["storageClassName"] = sc["metadata"]["name"]
     ctx.store.apply(current)
     status = {"phase": "Bound", "accessModes": access_modes, "capacity": {"storage": str(volume.capacity_bytes)}}
+    if vac_name:
+        status["currentVolumeAttributesClassName"] = vac_name
     set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
     ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
+
+
+def _attributes(ctx: Context, name: str | None) -> dict[str, str]:
+    if not name:
+        return {}
+    vac = ctx.store.get("VolumeAttributesClass", name)
+    if vac is None:
+        raise LookupError(f"volumeattributesclass {name!r} not found")
+    return {k: str(v) for k, v in (vac.get("parameters") or {}).items()}
+
+
+def _modify_if_needed(ctx: Context, pvc: Obj) -> None:
+    """A bound claim whose volumeAttributesClassName changed: ControllerModifyVolume, as
+    the external-resizer does."""
+    meta, spec, status = pvc["metadata"], pvc["spec"], pvc.get("status") or {}
+    wanted = spec.get("volumeAttributesClassName")
+    if not wanted or wanted == status.get("currentVolumeAttributesClassName"):
+        return
+    pv = ctx.store.get("PersistentVolume", spec.get("volumeName", ""))
+    try:
+        params = _attributes(ctx, wanted)
+        ctx.csi.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+            volume_id=pv["spec"]["csi"]["volumeHandle"], mutable_parameters=params))
+    except (LookupError, grpc.RpcError) as exc:
+        text = str(exc) if isinstance(exc, LookupError) else f"{exc.code().name}: {exc.details()}"
+        ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"],
+                               modifyVolumeStatus={"status": "Infeasible", "targetVolumeAttributesClassName": wanted,
+                                                   "message": text})
+        return
+    ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"],
+                           currentVolumeAttributesClassName=wanted, modifyVolumeStatus=None)
+    ctx.store.add_event(pvc, "Normal", "VolumeModifySuccessful", f"volume attributes class {wanted} applied")
 
 
 def _release(ctx: Context, pvc: Obj) -> None:

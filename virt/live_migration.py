@@ -105,8 +105,11 @@ def run_migration(ctx: Context, mig: Obj, key: str, target: str) -> MigrationSta
     rt.migrating = True
 
     def progress(status: MigrationStatus) -> None:
-        _status(ctx, mig, **status.as_dict())
-        set_vmi_status(ctx, key, migrationState=status.as_dict())
+        fields = status.as_dict()
+        if fields["phase"] == "Succeeded":  # not before the post hooks ran and the VMI names the target (below)
+            fields["phase"] = "Running"
+        _status(ctx, mig, **fields)
+        set_vmi_status(ctx, key, migrationState=fields)
 
     try:
         result = migrate(rt.launcher, target_launcher, hooks=hooks, source_node=rt.node, target_node=target,

@@ -84,7 +84,9 @@ def _want_running(vm: Obj, strategy: str, last_exit) -> bool:
         return False
     if strategy == "RerunOnFailure":
         return not (last_exit and last_exit[0] == "Succeeded" and last_exit[2] >= _created(vm))
-    return (vm.get("status") or {}).get("manualRunning", False)  # Manual: what the last request said
+    # Manual: what the last request said, until that run ends (a crash or shutdown is not restarted)
+    ended = last_exit is not None and last_exit[2] >= _created(vm)
+    return (vm.get("status") or {}).get("manualRunning", False) and not ended
 
 
 def _created(vm: Obj) -> float:
@@ -101,14 +103,21 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
     strategy = parsed.run_strategy
     spec_changes = {}
     if request in ("start", "stop"):
-        if strategy in ("Always", "Halted", "RerunOnFailure") or "running" in (vm.get("spec") or {}):
-            new = {"start": "Always", "stop": "Halted"}[request]
-            if strategy != new:
-                spec_changes["runStrategy"] = new
+        # virtctl: start turns Halted into Always, stop turns Always and RerunOnFailure into Halted;
+        # RerunOnFailure is otherwise kept (started again through startRequestedAt), Manual always is
+        new = {"start": "Always", "stop": "Halted"}[request]
+        changes = {"start": ("Halted",), "stop": ("Always", "RerunOnFailure")}[request]
+        if strategy != new and (strategy in changes or "running" in (vm.get("spec") or {})):
+            spec_changes["runStrategy"] = new
         ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
                                startRequestedAt=time.time() if request == "start" else _created(vm))
     elif request == "restart" and running:
-        ctx.jobs.start("vm:" + key, lambda: rt.stop(key, grace=min(parsed.template.termination_grace_period, 30)))
+        def restart() -> None:
+            rt.stop(key, grace=min(parsed.template.termination_grace_period, 30))
+            # a new run is wanted: the end just recorded must not hold back Manual or RerunOnFailure
+            ctx.store.merge_status("VirtualMachine", name, ns, startRequestedAt=time.time())
+
+        ctx.jobs.start("vm:" + key, restart)
     elif request == "pause" and running:
         running.launcher.pause()
     elif request == "unpause" and running:
@@ -135,6 +144,21 @@ def _ensure_vmi(ctx: Context, vm: Obj) -> None:
                      "status": {"phase": "Pending"}})
 
 
+def _follow_volume_qos(ctx: Context, running) -> None:
+    """A volume's maxIOPS/maxMBps changed (ControllerModifyVolume): change QEMU's throttle
+    group live, so the guest sees the new limits without a restart."""
+    from virt.runtime import throttle_of
+
+    for name, attachment in running.attachments.items():
+        disk = running.launcher.disks.get(name)
+        if disk is None or disk.throttle is None:
+            continue
+        wanted = throttle_of(ctx, attachment.volume_id)
+        if wanted != disk.throttle:
+            running.launcher.set_throttle(name, wanted)
+            log.info("VM %s volume %s: throttle now %s", running.key, name, wanted)
+
+
 def reconcile_vm(ctx: Context, vm: Obj) -> None:
     rt = runtime(ctx)
     key = key_of(vm)
@@ -157,6 +181,8 @@ def reconcile_vm(ctx: Context, vm: Obj) -> None:
             ctx.jobs.start("vm:" + key, lambda: rt.stop(key, grace))
             return
         phase = running.launcher.phase
+        if phase in (Phase.RUNNING, Phase.PAUSED) and not ctx.jobs.running("migration:" + key):
+            _follow_volume_qos(ctx, running)
         if ctx.jobs.running("migration:" + key) or phase is Phase.MIGRATING:
             _vm_status(ctx, vm, "Migrating", ready=True)
         elif phase is Phase.PAUSED:

@@ -122,9 +122,12 @@ class VmRuntime:
             launcher.start()
         except LaunchError as exc:
             with self.lock:
-                self.running.pop(key, None)
-            detach_volumes(self.ctx, attached, key)
-            self._exited(key, "Failed", str(exc))
+                mine = self.running.get(key) is not None and self.running[key].launcher is launcher
+                if mine:  # not yet cleaned up by on_phase (QEMU never reported Failed)
+                    self.running.pop(key)
+            if mine:
+                detach_volumes(self.ctx, attached, key)
+                self._exited(key, "Failed", str(exc))
             raise
 
     def stop(self, key: str, grace: float | None = None) -> None:
@@ -140,9 +143,12 @@ class VmRuntime:
         if rt.migrating and phase is Phase.SUCCEEDED:
             return  # the source quit because the VMI now runs on the target
         if phase in (Phase.SUCCEEDED, Phase.FAILED):
+            # Detach and record the end while the VMI is still registered, so that the reconcile
+            # loop cannot start the next run (same VolumeAttachments) before this one is undone.
+            self._cleanup(rt, phase, reason)
             with self.lock:
-                self.running.pop(key, None)
-            threading.Thread(target=self._cleanup, args=(rt, phase, reason), daemon=True).start()
+                if self.running.get(key) is rt:
+                    self.running.pop(key)
             return
         vmi_phase = {Phase.RUNNING: "Running", Phase.PAUSED: "Running", Phase.MIGRATING: "Running",
                      Phase.SCHEDULING: "Scheduled"}[phase]
@@ -166,9 +172,11 @@ class VmRuntime:
                                      "Stopped" if phase == "Succeeded" else "Failed", reason or phase)
 
     def stop_all(self, grace: float = 10) -> None:
+        """Stop every VMI, each within its own terminationGracePeriodSeconds (at most `grace`)."""
         with self.lock:
-            keys = list(self.running)
-        threads = [threading.Thread(target=self.stop, args=(k, grace)) for k in keys]
+            running = list(self.running.values())
+        threads = [threading.Thread(target=self.stop, args=(r.key, min(grace, r.spec.termination_grace_period)))
+                   for r in running]
         for t in threads:
             t.start()
         for t in threads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +49,49 @@ class Instance:
         raise AssertionError(f"timed out waiting for {what}")
 
 
+    def printable(self, vm: str, namespace: str = "default") -> str:
+        return ((self.get("VirtualMachine", vm, namespace) or {}).get("status") or {}).get("printableStatus", "")
+
+    def wait_printable(self, vm: str, want: str, timeout: float = 60) -> dict:
+        """Wait for the VM's printableStatus; the failure message shows where it got stuck."""
+        try:
+            return self.wait(lambda: self.printable(vm) == want and self.get("VirtualMachine", vm), timeout,
+                             f"VirtualMachine {vm} {want}")
+        except AssertionError:
+            vm_obj = self.get("VirtualMachine", vm) or {}
+            raise AssertionError(f"VirtualMachine {vm} is {self.printable(vm)!r}, not {want!r}: "
+                                 f"{vm_obj.get('status')}\nevents: {self.store.events(vm_obj) if vm_obj else None}")
+
+
+    # ---- VMs: what a test looks at, read where `pvlun` itself keeps it
+
+    def vmi_status(self, vm: str, namespace: str = "default") -> dict:
+        return (self.get("VirtualMachineInstance", vm, namespace) or {}).get("status") or {}
+
+    def qemu_pid(self, vm: str) -> int:
+        return self.vmi_status(vm)["launcher"]["pid"]
+
+    def serial_log(self, vm: str, node: str, namespace: str = "default") -> str:
+        path = os.path.join(self.data_dir, "vms", namespace, vm, node, "serial.log")
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def all_serial_logs(self, vm: str, namespace: str = "default") -> str:
+        """Every node's serial log of the VM (logs append across restarts)."""
+        return "".join(self.serial_log(vm, node, namespace) for node in self.nodes())
+
+    def nodes(self) -> list[str]:
+        """The node ids of `pvlun serve --nodes 2` (no --node-id): HOST, HOST-2."""
+        return [socket.gethostname(), socket.gethostname() + "-2"]
+
+    def attachments(self, vm: str, namespace: str = "default") -> list[dict]:
+        """The VolumeAttachments the VM holds (owner vm/NS/NAME)."""
+        return [a for a in self.store.list("VolumeAttachment") if a["spec"].get("owner") == f"vm/{namespace}/{vm}"]
+
+
 def start_instance(data_dir: str, *extra: str) -> Instance:
     log = open(os.path.join(data_dir, "serve.log"), "w")
     proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
@@ -79,6 +123,84 @@ def instance(tmp_path_factory):
     inst = start_instance(data_dir, "--nodes", "2")
     yield inst
     stop_instance(inst)
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    """Start `pvlun serve` instances with the flags a module needs (start(*flags, data_dir=None));
+    every one is stopped and its pool unmounted when the module ends."""
+    started: list[Instance] = []
+
+    def start(*extra: str, data_dir: str | None = None) -> Instance:
+        inst = start_instance(data_dir or str(tmp_path_factory.mktemp("pvlun")), *extra)
+        started.append(inst)
+        return inst
+
+    yield start
+    for inst in started:
+        stop_instance(inst)
+
+
+def _tick_vm_yaml(name: str, url: str, *, strategy: str = "Always", access: str = "ReadWriteMany",
+                 memory: str = "64Mi", grace: int = 1) -> str:
+    """A VirtualMachine booting the tick guest from a DataVolume (dataVolumeTemplates) imported from `url`."""
+    return f"""apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  runStrategy: {strategy}
+  dataVolumeTemplates:
+  - metadata:
+      name: {name}-root
+    spec:
+      source:
+        http:
+          url: {url}
+      storage:
+        volumeMode: Block
+        accessModes: [{access}]
+        resources:
+          requests:
+            storage: 8Mi
+  template:
+    metadata:
+      labels:
+        app: {name}
+    spec:
+      terminationGracePeriodSeconds: {grace}
+      domain:
+        cpu:
+          cores: 1
+        memory:
+          guest: {memory}
+        devices:
+          autoattachPodInterface: false
+          disks:
+          - name: root
+            bootOrder: 1
+            disk:
+              bus: virtio
+      volumes:
+      - name: root
+        dataVolume:
+          name: {name}-root
+"""
+
+
+@pytest.fixture(scope="session")
+def tick_vm_yaml():
+    """The tick VirtualMachine manifest builder: (name, url, strategy=, access=, memory=, grace=) -> YAML."""
+    return _tick_vm_yaml
+
+
+@pytest.fixture(scope="module")
+def tick_image(web) -> str:
+    """The tick guest's disk (marker PVLUN-BOOT, then "tick N"), served over HTTP; its URL."""
+    from virt.guest_images import build_tick_disk
+
+    build_tick_disk(os.path.join(web.root, "tick.img"))
+    return f"{web.url}/tick.img"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import mmap
 import os
 import stat
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -232,6 +233,9 @@ def test_node_unstage_leaves_the_staging_dir_empty_and_detaches_the_loop_device(
     driver.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vol.volume_id,
                                                               staging_target_path=str(res.staging)))
     assert os.listdir(res.staging) == []
+    deadline = time.monotonic() + 5  # a detach waits for the last opener (udev probing, say) to close
+    while loop_devices_of(lun) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert loop_devices_of(lun) == []
 
 
