@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 import stat
 from dataclasses import dataclass
 
@@ -154,7 +155,15 @@ def attach_loop(lun_file: str, read_only: bool = False) -> str:
     argv = ["losetup", "--find", "--show", "--direct-io=on"]
     if read_only:
         argv.append("--read-only")
-    return output(argv + [lun_file]).strip()
+    for attempt in range(5):
+        try:
+            return output(argv + [lun_file]).strip()
+        except CommandError as exc:
+            # another process took the free device between --find and the attach
+            if "busy" not in exc.stderr.lower() or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def find_or_attach_loop(lun_file: str, read_only: bool = False) -> str:

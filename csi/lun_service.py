@@ -92,7 +92,8 @@ class LunService:
                 return self._same_volume(existing, required, limit, capabilities, parameters, source_kind, source_id)
             with self.locks.hold(source_id):  # from the check to the copy: a concurrent delete waits
                 source_size = self._source_size(source_kind, source_id)
-                size = v.size_from_range(required, limit, source_size)
+                # a restore or clone without a capacity range gets its source's size
+                size = v.size_from_range(required or source_size, limit, source_size)
                 if source_size and limit and source_size > limit:
                     raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
                 with self._capacity_lock:

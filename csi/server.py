@@ -37,7 +37,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
     raise ValueError(f"endpoint {endpoint!r}: use unix:///PATH or tcp://HOST:PORT")
 
 
-def _subject(request: Any) -> str:
+def _subject(request: Any, response: Any = None) -> str:
+    created = getattr(getattr(response, "volume", None), "volume_id", "") if response is not None else ""
+    if created:
+        return created
     for name in _VOLUME_FIELDS:
         value = getattr(request, name, "") if hasattr(type(request), "DESCRIPTOR") and name in type(request).DESCRIPTOR.fields_by_name else ""
         if value:
@@ -58,8 +61,10 @@ class CallInterceptor(grpc.ServerInterceptor):
         def wrapped(request, context):
             start = time.monotonic()
             code = grpc.StatusCode.OK
+            response = None
             try:
-                return inner(request, context)
+                response = inner(request, context)
+                return response
             except CsiError as exc:
                 code = exc.code
                 context.abort(exc.code, exc.message)
@@ -75,7 +80,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 context.abort(code, f"internal error in {method}: {exc}")
             finally:
                 calls.info(json.dumps({
-                    "method": method, "volume": _subject(request),
+                    "time": round(time.time(), 3), "method": method, "volume": _subject(request, response),
                     "duration_ms": round((time.monotonic() - start) * 1000, 2), "code": code.name}))
 
         return grpc.unary_unary_rpc_method_handler(
@@ -108,4 +113,10 @@ def build_server(endpoint: str, register: list[Callable[[grpc.Server], None]], w
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    """Human-readable lines for the driver's own messages; the per-call records are pure JSON
+    lines (one per RPC) so that log collectors can parse them as they are."""
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    calls.addHandler(handler)
+    calls.propagate = False

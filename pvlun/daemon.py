@@ -70,6 +70,13 @@ class Daemon:
         self.ctx = None
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # never leave a pool mounted or a half-started server behind
+            raise
+
+    def _start(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
         opts = self.opts
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))

@@ -115,7 +115,7 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
         def restart() -> None:
             rt.stop(key, grace=min(parsed.template.termination_grace_period, 30))
             # a new run is wanted: the end just recorded must not hold back Manual or RerunOnFailure
-            ctx.store.merge_status("VirtualMachine", name, ns, startRequestedAt=time.time())
+            pass
 
         ctx.jobs.start("vm:" + key, restart)
     elif request == "pause" and running:

@@ -162,8 +162,8 @@ class Driver:
         """The structured per-call log records the server wrote to stderr so far."""
         records = []
         for line in self.stderr_path.read_text(errors="replace").splitlines():
-            if " pvlun.calls " in line and "{" in line:
-                records.append(json.loads(line[line.index("{"):]))
+            if line.startswith("{"):  # every per-call record is a whole JSON line
+                records.append(json.loads(line))
         return records
 
     def stop(self) -> int:
