@@ -135,18 +135,25 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
     if status.get("phase") in ("Succeeded", "Failed"):  # the spec changed: start over
         status = {}
         dv["status"] = {}
+    strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is None:
-        if source.get("namespace") and kind in ("pvc", "snapshot") and source["namespace"] != ns:
-            pass  # cross-namespace clone: allowed in embedded mode (no RBAC here)
+        scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
+        claim_kind = kind
+        if strategy == "host-assisted":
+            src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
+            if src is None:
+                fail(ctx, dv, "NotFound", f"source claim {source.get('namespace') or ns}/{source.get('name')} not found")
+                return
+            claim_kind = "blank"  # the copy fills it: no CSI content source across volume modes
+            size = size or int((src.get("status") or {}).get("capacity", {}).get("storage", "0"))
         ctx.store.apply({
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": meta["name"], "namespace": ns,
                          "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": KIND,
                                               "name": meta["name"], "uid": meta["uid"], "controller": True}]},
-            "spec": claim_spec(kind, source, size, mode, access, sc, (dv.get("spec") or {}).get("storage") is not None, ns),
+            "spec": claim_spec(claim_kind, source, size, mode, access, sc, (dv.get("spec") or {}).get("storage") is not None, ns),
         })
-        scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
         status = _phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
@@ -162,6 +169,9 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
         dv["status"] = status
+    if strategy == "host-assisted":
+        ctx.jobs.start("dv:" + key_of(dv), lambda: run_host_assisted_clone(ctx, dv, source))
+        return
     if kind in ("pvc", "snapshot"):
         _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
                event=("Normal", "CloneSucceeded", f"{kind} cloned into claim {meta['name']} by the CSI driver"))
@@ -172,6 +182,32 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
                    event=("Normal", "UploadReady", "upload endpoint ready; send the image with pvlun image-upload"))
         return
     ctx.jobs.start("dv:" + key_of(dv), lambda: run_import(ctx, dv, kind, source, mode))
+
+
+def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
+    if kind != "pvc":
+        return ""
+    from cloner import choose_strategy
+
+    src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
+    return choose_strategy(src, mode) if src else ""
+
+
+def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict) -> None:
+    """Source and target differ in volume mode: copy the disk across on a node."""
+    from cloner import host_assisted_copy
+    from pvlun.command import CommandError
+
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    _phase(ctx, dv, "CloneInProgress", running=(True, "Pod Running", "host-assisted clone"), progress="0.00%")
+    try:
+        host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}")
+    except (CommandError, kubelet.NotReady) as exc:
+        fail(ctx, dv, "CloneFailed", str(exc))
+        return
+    _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
+           event=("Normal", "CloneSucceeded", "host-assisted clone (volume modes differ) into claim " + meta["name"]))
 
 
 def _lookups(ctx: Context, ns: str):

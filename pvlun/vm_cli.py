@@ -30,23 +30,32 @@ def cmd_vm(args: argparse.Namespace) -> int:
         return 1
     if args.action == "migrate":
         return _migrate(store, args)
+    before = _launcher_pid(store, args.name, args.namespace)
     store.annotate("VirtualMachine", args.name, args.namespace, **{REQUEST: args.action})
     print(f"VM {args.name} was scheduled to {args.action}")
     if args.wait:
         want = {"start": {"Running"}, "stop": {"Stopped"}, "restart": {"Running"}, "pause": {"Paused"},
                 "unpause": {"Running"}}[args.action]
-        return _wait_status(store, args, want)
+        # a restart is done when a new QEMU runs, not while the old one still does
+        new_run = (lambda: _launcher_pid(store, args.name, args.namespace) not in (None, before)) \
+            if args.action == "restart" else (lambda: True)
+        return _wait_status(store, args, want, new_run)
     return 0
 
 
-def _wait_status(store, args, want: set[str]) -> int:
+def _launcher_pid(store, name: str, ns: str) -> int | None:
+    vmi = store.get("VirtualMachineInstance", name, ns) or {}
+    return ((vmi.get("status") or {}).get("launcher") or {}).get("pid")
+
+
+def _wait_status(store, args, want: set[str], done=lambda: True) -> int:
     deadline = time.monotonic() + args.timeout
     time.sleep(0.3)
     while time.monotonic() < deadline:
         vm = store.get("VirtualMachine", args.name, args.namespace) or {}
         status = (vm.get("status") or {}).get("printableStatus")
         pending = (vm["metadata"].get("annotations") or {}).get(REQUEST)
-        if status in want and not pending:
+        if status in want and not pending and done():
             print(f"VM {args.name} is {status}")
             return 0
         time.sleep(0.2)

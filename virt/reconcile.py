@@ -106,7 +106,7 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
         # virtctl: start turns Halted into Always, stop turns Always and RerunOnFailure into Halted;
         # RerunOnFailure is otherwise kept (started again through startRequestedAt), Manual always is
         new = {"start": "Always", "stop": "Halted"}[request]
-        changes = {"start": ("Halted",), "stop": ("Always", "RerunOnFailure")}[request]
+        changes = {"start": ("Halted", "RerunOnFailure"), "stop": ("Always", "RerunOnFailure")}[request]
         if strategy != new and (strategy in changes or "running" in (vm.get("spec") or {})):
             spec_changes["runStrategy"] = new
         ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
@@ -115,7 +115,7 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
         def restart() -> None:
             rt.stop(key, grace=min(parsed.template.termination_grace_period, 30))
             # a new run is wanted: the end just recorded must not hold back Manual or RerunOnFailure
-            pass
+            ctx.store.merge_status("VirtualMachine", name, ns, startRequestedAt=time.time())
 
         ctx.jobs.start("vm:" + key, restart)
     elif request == "pause" and running:

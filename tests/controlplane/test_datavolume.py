@@ -134,3 +134,13 @@ def test_commands_needing_the_daemon_say_so_plainly(tmp_path):
                           input=dv("x", "    blank: {}"), capture_output=True, text=True)
     assert proc.returncode == 1
     assert "no pvlun serve is running" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pvc_clone_across_volume_modes_copies_the_disk_host_assisted(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "x.qcow2"))
+    instance.apply(dv("fs-src", f"    http:\n      url: {web.url}/x.qcow2", mode="Filesystem"), "--wait")
+    instance.apply(dv("blk-dst", "    pvc:\n      name: fs-src", size="64Mi", mode="Block"), "--wait")
+    obj = instance.get("DataVolume", "blk-dst")
+    assert obj["status"]["phase"] == "Succeeded"
+    assert "host-assisted" in instance.cli("describe", "dv", "blk-dst").stdout
+    assert same_prefix(raw, instance.lun_path("blk-dst"))  # the disk itself, not the source's filesystem

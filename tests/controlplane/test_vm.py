@@ -175,8 +175,8 @@ def test_restart_boots_a_new_qemu(vms, tick_image, tick_vm_yaml):
     pid = boot(vms, tick_vm_yaml("restarting", tick_image), "restarting")["launcher"]["pid"]
     out = vms.cli("vm", "restart", "restarting", "--wait", "--timeout", "60")
     assert "is Running" in out.stdout
+    assert not alive(pid) and vms.qemu_pid("restarting") != pid  # --wait returns once the new QEMU runs
     wait_markers(vms, "restarting", 2)
-    assert not alive(pid) and vms.qemu_pid("restarting") != pid
     assert vms.get("VirtualMachine", "restarting")["spec"]["runStrategy"] == "Always"
 
 
