@@ -23,6 +23,7 @@ log = logging.getLogger("pvlun.importer")
 
 KIND = "DataVolume"
 FILESYSTEM_OVERHEAD = 0.055  # CDI's default share of a filesystem volume kept for the filesystem
+SMALL_FS_SLACK_MIB = 16  # ext4's journal and tables take more than 5.5% of a small volume
 SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
 IMPORT_SOURCES = ("http", "registry", "s3")
 
@@ -104,7 +105,7 @@ def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str],
     """The claim a DataVolume needs. With spec.storage, a Filesystem claim is made larger
     so the disk image itself gets the requested size (CDI's filesystem overhead)."""
     if use_storage_api and mode == "Filesystem" and size:
-        size = int(math.ceil(size / (1 - FILESYSTEM_OVERHEAD) / (1 << 20))) << 20
+        size = (int(math.ceil(size / (1 - FILESYSTEM_OVERHEAD) / (1 << 20))) + SMALL_FS_SLACK_MIB) << 20
     spec: dict = {"accessModes": access, "volumeMode": mode}
     if size:
         spec["resources"] = {"requests": {"storage": str(size)}}
@@ -235,8 +236,14 @@ def target_for(attachment: kubelet.Attachment, pvc: Obj, dv: Obj):
 
     spec = dv.get("spec") or {}
     size = int(pvc.get("status", {}).get("capacity", {}).get("storage", "0"))
+    overhead = FILESYSTEM_OVERHEAD
+    if not attachment.block and spec.get("storage") is not None:
+        # spec.storage: the claim was made larger for the overhead, so the disk gets the size asked for
+        requested = (spec["storage"].get("resources") or {}).get("requests", {}).get("storage")
+        size, overhead = (parse_quantity(requested), 0.0) if requested else (size, overhead)
     return Target(path=attachment.path, size=size, mode="Block" if attachment.block else "Filesystem",
-                  content_type=spec.get("contentType", "kubevirt"), preallocation=bool(spec.get("preallocation")))
+                  content_type=spec.get("contentType", "kubevirt"), preallocation=bool(spec.get("preallocation")),
+                  filesystem_overhead=overhead)
 
 
 class Progress:

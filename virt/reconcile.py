@@ -106,7 +106,7 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
         # virtctl: start turns Halted into Always, stop turns Always and RerunOnFailure into Halted;
         # RerunOnFailure is otherwise kept (started again through startRequestedAt), Manual always is
         new = {"start": "Always", "stop": "Halted"}[request]
-        changes = {"start": ("Halted", "RerunOnFailure"), "stop": ("Always", "RerunOnFailure")}[request]
+        changes = {"start": ("Halted",), "stop": ("Always", "RerunOnFailure")}[request]
         if strategy != new and (strategy in changes or "running" in (vm.get("spec") or {})):
             spec_changes["runStrategy"] = new
         ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
