@@ -92,6 +92,28 @@ def print_table(kind: str, objs: list[dict], out=sys.stdout) -> None:
         print("   ".join(r[k].ljust(widths[k]) for k in r).rstrip(), file=out)
 
 
+def check_references(store: SQLiteStore, docs: list[dict], default_ns: str) -> None:
+    """A VirtualMachine may only name DataVolumes that exist, come in the same apply, or
+    are in its own dataVolumeTemplates; otherwise the field is named and nothing is stored."""
+    def ns_of(doc: dict) -> str:
+        return (doc.get("metadata") or {}).get("namespace") or default_ns
+
+    coming = {(ns_of(d), d["metadata"]["name"]) for d in docs if d["kind"] == "DataVolume"}
+    for doc in docs:
+        if doc["kind"] != "VirtualMachine":
+            continue
+        ns = ns_of(doc)
+        spec = doc.get("spec") or {}
+        templates = {(t.get("metadata") or {}).get("name") for t in spec.get("dataVolumeTemplates") or []}
+        volumes = ((spec.get("template") or {}).get("spec") or {}).get("volumes") or []
+        for i, volume in enumerate(volumes):
+            name = (volume.get("dataVolume") or {}).get("name")
+            if name and name not in templates and (ns, name) not in coming and store.get("DataVolume", name, ns) is None:
+                raise Refused(f"VirtualMachine {doc['metadata']['name']!r} is invalid: "
+                              f"spec.template.spec.volumes[{i}].dataVolume.name: DataVolume {name!r} does not exist "
+                              f"in namespace {ns} (create it, or add it to spec.dataVolumeTemplates)")
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.filename == "-" else open(args.filename).read()
     try:
@@ -100,6 +122,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     store = open_store(args.data_dir)
+    try:
+        check_references(store, docs, args.namespace or "default")
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for doc in docs:
         if args.namespace and doc["kind"] not in CLUSTER_SCOPED:
             doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)

@@ -258,17 +258,24 @@ def test_memory_that_is_not_a_quantity_is_refused_with_the_field(vms, tick_image
     assert vms.get("VirtualMachine", "badmem") is None
 
 
-def test_missing_datavolume_is_accepted_and_reported_as_datavolume_error(vms, tick_image, tick_vm_yaml):
-    """As KubeVirt: the VM is stored, and its status says what is missing."""
+def test_missing_datavolume_is_refused_by_apply_with_the_field(vms, tick_image, tick_vm_yaml):
     manifest = tick_vm_yaml("nodv", tick_image)
     manifest = manifest[:manifest.index("  dataVolumeTemplates:")] + manifest[manifest.index("  template:"):]
+    err = _refused(vms, manifest)
+    assert "spec.template.spec.volumes[0].dataVolume.name" in err and "nodv-root" in err, err
+    assert vms.get("VirtualMachine", "nodv") is None
+
+
+def test_failed_datavolume_is_reported_as_datavolume_error(vms, tick_image, tick_vm_yaml):
+    """As KubeVirt: the VM is stored, and its status says which DataVolume failed."""
+    manifest = tick_vm_yaml("baddv", tick_image).replace("tick.img", "no-such-image.img")
     out = vms.apply(manifest, "--wait", "--timeout", "30", check=False)
-    assert out.returncode != 0 and "DataVolumeError" in out.stderr and "nodv-root" in out.stderr, out.stderr
-    vm = vms.get("VirtualMachine", "nodv")
+    assert out.returncode != 0 and "DataVolumeError" in out.stderr and "baddv-root" in out.stderr, out.stderr
+    vm = vms.get("VirtualMachine", "baddv")
     assert vm["status"]["printableStatus"] == "DataVolumeError"
     ready = next(c for c in vm["status"]["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "False" and "nodv-root" in ready["message"]
-    assert vms.get("VirtualMachineInstance", "nodv") is None
+    assert ready["status"] == "False" and "baddv-root" in ready["message"]
+    assert vms.get("VirtualMachineInstance", "baddv") is None
 
 
 def test_missing_claim_is_reported_as_pvc_not_found(vms, tick_image, tick_vm_yaml):
