@@ -73,6 +73,9 @@ def precheck_header(fmt: str, head: bytes) -> None:
     if fmt == "qcow2" and len(head) >= 104:
         backing_offset = struct.unpack_from(">Q", head, 8)[0]
         version = struct.unpack_from(">I", head, 4)[0]
+        cluster_bits = struct.unpack_from(">I", head, 20)[0]
+        if version not in (2, 3) or not 9 <= cluster_bits <= 21:
+            raise ImportFailed(errors.INVALID_IMAGE, f"not a valid qcow2 header (version {version}, cluster bits {cluster_bits})")
         if backing_offset:
             raise ImportFailed(errors.BACKING_FILE, "the qcow2 image names a backing file; only self-contained images are accepted")
         if version >= 3:

@@ -68,6 +68,8 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.luns: LunService | None = None
         self.ctx = None
+        # split deployments share a data dir: the controller and node plugins each keep their own
+        self.pid_file = os.path.join(self.data_dir, "serve.pid" if opts.mode == "all" else f"serve-{opts.mode}.pid")
 
     def start(self) -> None:
         try:
@@ -98,7 +100,7 @@ class Daemon:
             self.servers.append(build_server(node_endpoint(self.data_dir, node_id), self._services(False, node_id)))
         if opts.mode == "all" and opts.controllers:
             self._start_control_plane(node_ids)
-        with open(os.path.join(self.data_dir, "serve.pid"), "w") as f:
+        with open(self.pid_file, "w") as f:
             f.write(str(os.getpid()))
         log.info("serving %s (mode %s, nodes %s)", opts.endpoint or default_endpoint(self.data_dir), opts.mode, node_ids)
 
@@ -153,7 +155,7 @@ class Daemon:
         for server in self.servers:
             server.stop(grace=5).wait(10)
         try:
-            os.unlink(os.path.join(self.data_dir, "serve.pid"))
+            os.unlink(self.pid_file)
         except FileNotFoundError:
             pass
         if self.opts.mode in ("all", "controller") and not self.opts.pool:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from importer.pipeline import Target, usable_space
+from importer.pipeline import DIRECT_FORMATS, Target, usable_space
 
 from importer_support import MiB, allocated, assert_disk, block_target, run_import
 
@@ -20,8 +20,11 @@ SCRATCH_KINDS = ["qcow2.gz", "qcow2.xz", "qcow2.zst", "qcow2.tar", "qcow2.tar.gz
 def test_image_from_range_server_converts_in_place_without_scratch(kind, nginx, images, tmp_path, scratch):
     lun = block_target(tmp_path)
     result, progress = run_import({"http": {"url": f"{nginx.url}/img/{kind}.bin"}}, Target(str(lun), 16 * MiB), scratch)
-    assert result.method == "direct" and result.format == kind
-    assert result.bytes_transferred == 0 and os.listdir(scratch) == []
+    assert result.format == kind and os.listdir(scratch) == []
+    if kind in DIRECT_FORMATS:
+        assert result.method == "direct" and result.bytes_transferred == 0
+    else:  # qemu 7.2's curl driver hangs now and then on these: scratch
+        assert result.method == "scratch"
     assert_disk(lun, images.expected[kind], 16 * MiB)
     assert progress[-1] == 100.0 and progress == sorted(progress)
 
