@@ -6,8 +6,8 @@ from phase to function. The pipeline never knows a source by name; it looks at w
 
 - raw (and iso), possibly gz/xz/zstd-compressed or in a tar: streamed into the target,
   zero blocks skipped, stopped at the target's size;
-- qcow2/vmdk/vdi/vhd/vhdx that qemu can read in place (HTTP with ranges, a local file):
-  `qemu-img convert` straight from the source, no scratch copy;
+- qcow2/vmdk/vdi/vhd/vhdx that qemu can read in place (HTTP with ranges through nbdkit's
+  curl plugin, a local file): `qemu-img convert` straight from the source, no scratch copy;
 - other images: downloaded to scratch (checksummed), inspected, checked, converted.
 
 The target must read as zeros when the import starts (a fresh volume): zero blocks are
@@ -20,32 +20,23 @@ from __future__ import annotations
 import enum
 import json
 import os
-import re
-import select
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Literal
 
-from pvlun.command import CommandError, run
-
 from . import errors, formats
 from .errors import ImportFailed
 from .sources.base import PeekStream, Source, read_head
+from .qemu_convert import STALL_SECONDS, Stalled, run_with_progress, zero_target
 from .streams import CountingReader, DecompressingReader, write_sparse
 
 DISK_IMG = "disk.img"
 DEFAULT_FS_OVERHEAD = 0.055  # CDI's default filesystem overhead
 ALIGN = 1 << 20
-# Formats qemu 7.2's curl driver converts reliably with parallel requests. With vdi, vpc and
-# vhdx, `qemu-img convert -m 16` from HTTP hung in a fair share of runs here (stress-tested
-# with nginx on loopback), so those go through scratch space (local files are read in place whatever the format).
-DIRECT_FORMATS = ("qcow2", "vmdk")
-STALL_SECONDS = 120  # a convert that reports no progress for this long is killed
 
 
 @dataclass(frozen=True)
@@ -115,6 +106,7 @@ class _Import:
         self.format, self.layers, self.method = "raw", [], "stream"
         self.virtual_size = 0
         self.convert_from: tuple[dict, list[str]] | None = None
+        self.direct = None
         self.progress_span = (0.0, 100.0)
 
     # -- driver ------------------------------------------------------------------------
@@ -184,12 +176,12 @@ class _Import:
         self.size_hint = info.size
         fmt = formats.detect(info.head)
         direct = info.direct
-        if (fmt in formats.IMAGE_FORMATS and direct is not None
-                and (fmt in DIRECT_FORMATS or direct.spec.get("driver") == "file") and not self.source.checksum
+        if (fmt in formats.IMAGE_FORMATS and direct is not None and not self.source.checksum
                 and self.target.content_type == "kubevirt"):
             self.format, self.method = fmt, "direct"
             formats.precheck_header(fmt, info.head)
-            spec = _image_spec(fmt, direct.spec)
+            self.direct = direct
+            spec = _image_spec(fmt, direct.attach(self.scratch_root))
             img = formats.inspect("json:" + json.dumps(spec), fmt, objects=direct.objects)
             if img.virtual_size > self.capacity:
                 raise self._too_large(img.virtual_size)
@@ -270,8 +262,8 @@ class _Import:
         argv += ["-O", "raw", "json:" + json.dumps(spec), self.disk_path]
         self.touched = True
         try:
-            _run_with_progress(argv, self.progress)
-        except _Stalled:
+            run_with_progress(argv, self.progress)
+        except Stalled:
             if self.method != "direct":
                 raise ImportFailed(errors.INTERNAL, f"qemu-img convert made no progress for {STALL_SECONDS} s") from None
             # qemu's HTTP reader got stuck: start over the slow, sure way (via scratch).
@@ -341,16 +333,18 @@ class _Import:
                 pass
             self.created_disk = False
         elif self.touched and self.target.mode == "Block":
-            _zero(self.target.path, self.target.size)
+            zero_target(self.target.path, self.target.size)
 
     def _zero_disk(self) -> None:
         if self.target.mode == "Block":
-            _zero(self.target.path, self.target.size)
+            zero_target(self.target.path, self.target.size)
         else:
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, self.capacity)
 
     def _release(self) -> None:
+        if self.direct is not None:
+            self.direct.detach()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -386,51 +380,3 @@ class _TarMember:
 def _image_spec(fmt: str, file_spec: dict) -> dict:
     """A qemu block spec for the image with its backing chain cut off, whatever the header says."""
     return {"driver": formats.qemu_driver(fmt), "backing": None, "file": file_spec}
-
-
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
-class _Stalled(Exception):
-    pass
-
-
-def _run_with_progress(argv: list[str], progress: Callable[[float], None], stall: float = STALL_SECONDS) -> None:
-    """qemu-img convert -p, long-running: read its progress as it goes (hence Popen, not run)."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        try:
-            assert proc.stdout is not None
-            fd = proc.stdout.fileno()
-            while True:
-                ready, _, _ = select.select([fd], [], [], stall)
-                if not ready:
-                    raise _Stalled()
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                found = _PROGRESS.findall(chunk)
-                if found:
-                    progress(float(found[-1]) / 100.0)
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if rc != 0:
-            err.seek(0)
-            text = err.read().decode(errors="replace")
-            reason = errors.TRANSFER_FAILED if "curl" in text.lower() or "http" in text.lower() else errors.INVALID_IMAGE
-            raise ImportFailed(reason, f"qemu-img convert failed: {errors.tool_text(text)}")
-
-
-def _zero(path: str, size: int) -> None:
-    """Make a Block target read as zeros again: punch the file, or zero-out the device."""
-    try:
-        mode = os.stat(path).st_mode
-        if stat.S_ISBLK(mode):
-            run(["blkdiscard", "--zeroout", path], timeout=None)
-        else:
-            run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(size), path])
-    except (CommandError, OSError):
-        pass

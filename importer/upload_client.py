@@ -38,11 +38,17 @@ def upload_image(url: str, token: str, path: str, *, ca_file: str | None = None,
     if not url.rstrip("/").endswith("/upload"):
         url = url.rstrip("/") + "/v1beta1/upload"
     body = _FileBody(path, progress)
+    headers = {"Authorization": f"Bearer {token}"}
     try:
-        resp = requests.post(
-            url, data=body, timeout=(15, timeout), verify=ca_file or True,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
-        )
+        # Pre-flight: a refused token or a DataVolume not waiting is reported before any byte is sent.
+        check = requests.get(url, headers=headers, timeout=(15, 60), verify=ca_file or True)
+        if check.status_code >= 400:
+            resp = check
+        else:
+            resp = requests.post(
+                url, data=body, timeout=(15, timeout), verify=ca_file or True,
+                headers={**headers, "Content-Type": "application/octet-stream"},
+            )
     except requests.exceptions.SSLError:
         raise ImportFailed(errors.UNTRUSTED_CERTIFICATE, f"the upload endpoint {url} is not trusted (pass its CA)") from None
     except requests.exceptions.RequestException as exc:

@@ -184,10 +184,30 @@ class _UploadHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def do_GET(self) -> None:
+        """/healthz, and a pre-flight on the upload path: is the token good, is the DataVolume waiting?"""
         if self.path == "/healthz":
-            self._reply(200, "ok")
-        else:
-            self._reply(404, "not found")
+            return self._reply(200, "ok")
+        if self.path.split("?")[0] not in UPLOAD_PATHS:
+            return self._reply(404, "not found")
+        dv_key = self._authorize()
+        if dv_key is None:
+            return
+        try:
+            self.server.resolve(dv_key)
+        except LookupError as exc:
+            return self._reply(404, f"no DataVolume waiting for upload: {exc}")
+        self._reply(200, "ready")
+
+    def _authorize(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            self._reply(401, "missing bearer token")
+            return None
+        try:
+            return verify_token(self.server.secret_key, auth[7:].strip())
+        except InvalidToken as exc:
+            self._reply(401, f"invalid token: {exc}")
+            return None
 
     def do_PUT(self) -> None:
         self.do_POST()
@@ -196,13 +216,9 @@ class _UploadHandler(BaseHTTPRequestHandler):
         srv = self.server
         if self.path.split("?")[0] not in UPLOAD_PATHS:
             return self._reply(404, "not found")
-        auth = self.headers.get("Authorization", "")
-        if not auth.startswith("Bearer "):
-            return self._reply(401, "missing bearer token")
-        try:
-            dv_key = verify_token(srv.secret_key, auth[7:].strip())
-        except InvalidToken as exc:
-            return self._reply(401, f"invalid token: {exc}")
+        dv_key = self._authorize()
+        if dv_key is None:
+            return
         length = self.headers.get("Content-Length")
         if not length or not length.isdigit():
             return self._reply(411, "Content-Length required")

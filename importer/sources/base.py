@@ -16,10 +16,24 @@ from typing import BinaryIO, Protocol
 
 @dataclass
 class DirectRead:
-    """A qemu block node (the `file` child of a `json:` spec) that reads the source in place."""
+    """A qemu block node (the `file` child of a `json:` spec) that reads the source in place.
+
+    `attach(workdir)` returns that node, starting whatever must serve it first (an nbdkit
+    for HTTP); `detach()` stops it. `driver` names the node's kind for the pipeline's rules.
+    """
 
     spec: dict
     objects: list[str] = field(default_factory=list)  # qemu-img `--object` values (secrets)
+
+    @property
+    def driver(self) -> str:
+        return str(self.spec.get("driver", ""))
+
+    def attach(self, workdir: str) -> dict:
+        return self.spec
+
+    def detach(self) -> None:
+        pass
 
 
 @dataclass

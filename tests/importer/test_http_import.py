@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from importer.pipeline import DIRECT_FORMATS, Target, usable_space
+from importer.pipeline import Target, usable_space
 
 from importer_support import MiB, allocated, assert_disk, block_target, run_import
 
@@ -21,10 +21,7 @@ def test_image_from_range_server_converts_in_place_without_scratch(kind, nginx, 
     lun = block_target(tmp_path)
     result, progress = run_import({"http": {"url": f"{nginx.url}/img/{kind}.bin"}}, Target(str(lun), 16 * MiB), scratch)
     assert result.format == kind and os.listdir(scratch) == []
-    if kind in DIRECT_FORMATS:
-        assert result.method == "direct" and result.bytes_transferred == 0
-    else:  # qemu 7.2's curl driver hangs now and then on these: scratch
-        assert result.method == "scratch"
+    assert result.method == "direct" and result.bytes_transferred == 0
     assert_disk(lun, images.expected[kind], 16 * MiB)
     assert progress[-1] == 100.0 and progress == sorted(progress)
 
@@ -99,8 +96,8 @@ def test_https_with_ca_from_cert_configmap(server, request, nginx, pki, images, 
         lun = block_target(tmp_path, name=f"{kind}.lun")
         result, _ = run_import({"http": {"url": f"{base}/img/{kind}.bin", "certConfigMap": "ca"}},
                                Target(str(lun), 16 * MiB), scratch, configmaps={"ca": {"ca.pem": pki.ca_pem}})
-        # qemu's curl driver (libcurl-gnutls) cannot take a custom CA: images go via scratch.
-        assert result.method == ("stream" if kind == "raw.zst" else "scratch")
+        # nbdkit's curl plugin gets the CA bundle (cainfo=): images still convert in place
+        assert result.method == ("stream" if kind == "raw.zst" else "direct" if server == "nginx" else "scratch")
         assert_disk(lun, images.expected[kind], 16 * MiB)
 
 
@@ -117,7 +114,7 @@ def test_basic_auth_from_secret_ref(server, request, images, tmp_path, scratch):
     lun = block_target(tmp_path)
     result, _ = run_import({"http": {"url": f"{url}/auth/qcow2.bin", "secretRef": "creds"}}, Target(str(lun), 16 * MiB),
                            scratch, secrets={"creds": {"accessKeyId": "user", "secretKey": "s3cret-pass"}})
-    # nginx: qemu's curl driver gets the password through a --object secret file, not argv
+    # nginx: nbdkit's curl plugin reads the password from a 0600 file (password=+FILE), not argv
     assert result.method == ("direct" if server == "nginx" else "scratch")
     assert_disk(lun, images.expected["qcow2"])
 

@@ -19,7 +19,7 @@ from importer_support import MiB, assert_disk, assert_zero, block_target, free_p
 
 @pytest.fixture(scope="module")
 def s3(images, tmp_path_factory):
-    boto3 = pytest.importorskip("boto3")  # comes with moto[server], a dev dependency
+    import boto3  # comes with moto[server], a dev dependency
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")  # 3 IAM calls, then SigV4 is enforced
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
