@@ -257,6 +257,10 @@ class _Import:
         assert self.convert_from is not None
         spec, objects = self.convert_from
         argv = ["qemu-img", "convert", "-p", "-W", "-m", "16", "-n", "--target-is-zero"]
+        if _direct_io_works(self.disk_path):
+            # O_DIRECT into the volume: no second copy in the page cache, and the final
+            # fsync has little left to do (measured on a loop device: 0.9 s instead of 1.2-2.2 s)
+            argv += ["-t", "none"]
         for obj in objects:
             argv += ["--object", obj]
         argv += ["-O", "raw", "json:" + json.dumps(spec), self.disk_path]
@@ -380,3 +384,12 @@ class _TarMember:
 def _image_spec(fmt: str, file_spec: dict) -> dict:
     """A qemu block spec for the image with its backing chain cut off, whatever the header says."""
     return {"driver": formats.qemu_driver(fmt), "backing": None, "file": file_spec}
+
+
+def _direct_io_works(path: str) -> bool:
+    """Can the target be written with O_DIRECT (a block device, most local filesystems)?"""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False

@@ -69,7 +69,7 @@ def _check_pvc(obj: dict) -> None:
 
 
 def _check_dv(obj: dict) -> None:
-    from importer.reconcile import validate
+    from importer.dv_spec import validate
 
     validate(obj)
 

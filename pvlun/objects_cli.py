@@ -161,7 +161,7 @@ def wait_for(store: SQLiteStore, docs: list[dict], timeout: float) -> int:
                     pending.remove(doc)
                     failed |= not ok
                     _report(store, obj, ok, phase)
-            time.sleep(0.2)
+            time.sleep(0.05)
     if pending:
         names = ", ".join(f"{d['kind'].lower()}/{d['metadata']['name']}" for d in pending)
         print(f"error: timed out after {timeout:.0f}s waiting for {names}", file=sys.stderr)

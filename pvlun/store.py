@@ -92,7 +92,7 @@ class SQLiteStore:
             current = self.version()
             if current != since or time.monotonic() >= deadline:
                 return current
-            time.sleep(0.1)
+            time.sleep(0.03)
 
     @staticmethod
     def _ns(kind: str, namespace: str | None) -> str:

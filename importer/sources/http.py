@@ -123,8 +123,10 @@ class NbdkitCurl(DirectRead):
         # a private (0700) dir for the socket and password file; unix socket paths must be short
         self._dir = tempfile.mkdtemp(prefix="pvlun-nbd-", dir=workdir if len(workdir) < 60 else None)
         sock = os.path.join(self._dir, "nbd.sock")
+        # nbdkit 1.32's curl plugin serializes requests; the readahead filter turns qemu's
+        # 64 KiB cluster reads into growing sequential ranges (measured: 3x faster from nginx)
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly", "--threads", "16", "-U", sock,
-                "curl", f"url={self.url}", "protocols=http,https", "followlocation=false", "timeout=60"]
+                "--filter=readahead", "curl", f"url={self.url}", "protocols=http,https", "followlocation=false", "timeout=60"]
         if self.cainfo:
             argv.append(f"cainfo={self.cainfo}")
         if self.auth:

@@ -1,0 +1,67 @@
+"""A DataVolume's spec as CDI defines it: checked (naming the field) and turned into the
+claim it needs. Pure functions, so `pvlun apply` can check manifests without the daemon's parts."""
+
+from __future__ import annotations
+
+import math
+
+from pvlun.quantity import parse_quantity
+from pvlun.store import Obj
+
+FILESYSTEM_OVERHEAD = 0.055  # CDI's default share of a filesystem volume kept for the filesystem
+SMALL_FS_SLACK_MIB = 16  # ext4's journal and tables take more than 5.5% of a small volume
+SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
+IMPORT_SOURCES = ("http", "registry", "s3")
+
+
+def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
+    """(source kind, source spec, requested size, volume mode, access modes, class); ValueError names the field."""
+    spec = dv.get("spec") or {}
+    source = spec.get("source")
+    if not isinstance(source, dict) or len(source) != 1:
+        sref = spec.get("sourceRef")
+        raise ValueError("spec.source must name exactly one of " + ", ".join(SOURCES)
+                         + (" (spec.sourceRef / DataSource is not supported)" if sref else ""))
+    kind = next(iter(source))
+    if kind not in SOURCES:
+        raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
+    storage = spec.get("storage") or spec.get("pvc")
+    field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    if not isinstance(storage, dict):
+        raise ValueError("spec.storage (or spec.pvc) is required")
+    request = (storage.get("resources") or {}).get("requests", {}).get("storage")
+    if request is None and kind not in ("pvc", "snapshot"):
+        raise ValueError(f"{field}.resources.requests.storage is required")
+    try:
+        size = parse_quantity(request) if request is not None else 0
+    except ValueError as exc:
+        raise ValueError(f"{field}.resources.requests.storage: {exc}") from None
+    mode = storage.get("volumeMode") or "Filesystem"
+    if mode not in ("Filesystem", "Block"):
+        raise ValueError(f"{field}.volumeMode: {mode!r} is not Filesystem or Block")
+    content = spec.get("contentType", "kubevirt")
+    if content not in ("kubevirt", "archive"):
+        raise ValueError(f"spec.contentType: {content!r} is not kubevirt or archive")
+    if content == "archive" and mode == "Block":
+        raise ValueError("spec.contentType archive needs a Filesystem volume")
+    return kind, source[kind] or {}, size, mode, storage.get("accessModes") or ["ReadWriteOnce"], storage.get("storageClassName")
+
+
+def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str], sc: str | None,
+               use_storage_api: bool, dv_ns: str) -> dict:
+    """The claim a DataVolume needs. With spec.storage, a Filesystem claim is made larger
+    so the disk image itself gets the requested size (CDI's filesystem overhead)."""
+    if use_storage_api and mode == "Filesystem" and size:
+        size = (int(math.ceil(size / (1 - FILESYSTEM_OVERHEAD) / (1 << 20))) + SMALL_FS_SLACK_MIB) << 20
+    spec: dict = {"accessModes": access, "volumeMode": mode}
+    if size:
+        spec["resources"] = {"requests": {"storage": str(size)}}
+    if sc:
+        spec["storageClassName"] = sc
+    if kind == "pvc":
+        spec["dataSource"] = {"kind": "PersistentVolumeClaim", "name": source.get("name", ""),
+                              "namespace": source.get("namespace") or dv_ns}
+    elif kind == "snapshot":
+        spec["dataSource"] = {"kind": "VolumeSnapshot", "name": source.get("name", ""),
+                              "namespace": source.get("namespace") or dv_ns, "apiGroup": "snapshot.storage.k8s.io"}
+    return spec
