@@ -6,15 +6,14 @@ Target from issue 4: migration downtime of the 256 MiB guest under 300 ms."""
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 from virt.guest_images import build_tick_disk
 
 MANIFEST = """apiVersion: kubevirt.io/v1
@@ -63,19 +62,6 @@ def _cli(data_dir: str, *args: str, input: str | None = None) -> str:
     return out.stdout
 
 
-def _serve_dir(directory: str) -> http.server.ThreadingHTTPServer:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=directory, **kw)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def run() -> list[tuple[str, str, str]]:
     work = tempfile.mkdtemp(prefix="pvlun-bench-apply-")
     data_dir = os.path.join(work, "data")
@@ -83,18 +69,11 @@ def run() -> list[tuple[str, str, str]]:
     images = os.path.join(work, "images")
     os.makedirs(images)
     build_tick_disk(os.path.join(images, "tick.raw"))
-    web = _serve_dir(images)
-    log = open(os.path.join(work, "serve.log"), "w")
-    serve = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir, "--nodes", "2",
-                              "--pool-size", "8Gi"], stdout=log, stderr=log)
+    web = DirectoryServer(images)
+    serve = start_daemon(data_dir, "--nodes", "2")
     rows: list[tuple[str, str, str]] = []
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(data_dir, "serve.pid")):
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("pvlun serve did not start")
-            time.sleep(0.05)
-        manifest = MANIFEST.format(url=f"http://127.0.0.1:{web.server_address[1]}")
+        manifest = MANIFEST.format(url=web.url)
         started = time.monotonic()
         _cli(data_dir, "apply", "-f", "-", input=manifest)
         while True:
@@ -118,9 +97,7 @@ def run() -> list[tuple[str, str, str]]:
                          f"CSI publish on the target and unpublish from the source, took {wall:.2f} s"))
         _cli(data_dir, "vm", "stop", "bench-vm", "--wait")
     finally:
-        serve.terminate()
-        serve.wait(60)
-        web.shutdown()
-        log.close()
+        stop_daemon(serve, data_dir)
+        web.stop()
         shutil.rmtree(work, ignore_errors=True)
     return rows

@@ -48,7 +48,7 @@ def _age(obj: dict) -> str:
 
 
 def _columns(kind: str, obj: dict) -> dict[str, str]:
-    st, spec, meta = obj.get("status") or {}, obj.get("spec") or {}, obj["metadata"]
+    st, spec = obj.get("status") or {}, obj.get("spec") or {}
     if kind == "DataVolume":
         return {"PHASE": st.get("phase", ""), "PROGRESS": st.get("progress", ""),
                 "RESTARTS": str(st.get("restartCount", 0))}

@@ -182,7 +182,6 @@ def _modify_if_needed(ctx: Context, pvc: Obj) -> None:
 
 def _release(ctx: Context, pvc: Obj) -> None:
     """A deleted claim: delete its volume unless something still has it attached."""
-    meta = pvc["metadata"]
     pv_name = pvc["spec"].get("volumeName")
     pv = ctx.store.get("PersistentVolume", pv_name) if pv_name else None
     if pv:

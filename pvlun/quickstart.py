@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -23,6 +21,7 @@ from rich.table import Table
 
 from csi.proto import csi_pb2 as pb
 from pvlun.csi_client import CsiClient, capability
+from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 
 MiB = 1 << 20
 console = Console(stderr=False)
@@ -51,33 +50,20 @@ class Steps:
 
 @contextmanager
 def serve(data_dir: str) -> Iterator[subprocess.Popen]:
-    log = open(os.path.join(data_dir, "serve.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir, "--nodes", "2",
-                             "--pool-size", "16Gi"], stdout=log, stderr=log)
-    sock = os.path.join(data_dir, "csi.sock")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(sock) or not os.path.exists(os.path.join(data_dir, "serve.pid")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"pvlun serve did not start; see {log.name}")
-        time.sleep(0.1)
+    proc = start_daemon(data_dir, "--nodes", "2", pool_size="16Gi")
     try:
         yield proc
     finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+        stop_daemon(proc, data_dir)
 
 
 @contextmanager
 def http_server(directory: str) -> Iterator[str]:
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=directory, **kw)  # noqa: E731
-    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = DirectoryServer(directory)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.url
     finally:
-        server.shutdown()
+        server.stop()
 
 
 def csi_steps(steps: Steps, csi: CsiClient, work: str) -> None:

@@ -11,7 +11,7 @@ from pvlun.objects_cli import open_store
 
 
 def _bar(description: str):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn(description), BarColumn(), TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
                     disable=not sys.stderr.isatty())

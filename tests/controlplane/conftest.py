@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
+from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 from pvlun.store import SQLiteStore
 
 
@@ -93,28 +92,11 @@ class Instance:
 
 
 def start_instance(data_dir: str, *extra: str) -> Instance:
-    log = open(os.path.join(data_dir, "serve.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
-                             "--pool-size", "8Gi", *extra], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(os.path.join(data_dir, "serve.pid")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(open(log.name).read())
-        time.sleep(0.1)
-    return Instance(data_dir, proc)
+    return Instance(data_dir, start_daemon(data_dir, *extra))
 
 
 def stop_instance(inst: Instance) -> None:
-    inst.proc.terminate()
-    try:
-        inst.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        inst.proc.kill()
-        inst.proc.wait()
-    pool = os.path.join(inst.data_dir, "pool")
-    with open("/proc/self/mountinfo") as f:
-        if any(line.split()[4] == pool for line in f):
-            subprocess.run(["umount", "-l", pool], check=False)
+    stop_daemon(inst.proc, inst.data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +188,6 @@ def tick_image(web) -> str:
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
     """A plain Python HTTP server (no range requests needed) on loopback."""
-    root = tmp_path_factory.mktemp("www")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    server.root = str(root)
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = DirectoryServer(str(tmp_path_factory.mktemp("www")))
     yield server
-    server.shutdown()
+    server.stop()

@@ -1,0 +1,67 @@
+"""`pvlun serve` as a child process, and a directory served over plain HTTP on loopback:
+what the quickstart, the benchmarks and the end-to-end tests all need, in one place."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from csi.pool import is_mountpoint
+
+
+def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: float = 60) -> subprocess.Popen:
+    """Start `pvlun serve` on data_dir (log in data_dir/serve.log); return once it serves."""
+    log = open(os.path.join(data_dir, "serve.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
+                             "--pool-size", pool_size, *extra], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(data_dir, "serve.pid")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_daemon(proc, data_dir)
+            with open(os.path.join(data_dir, "serve.log")) as f:
+                raise RuntimeError(f"pvlun serve did not start:\n{f.read()[-4000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_daemon(proc: subprocess.Popen, data_dir: str, timeout: float = 60) -> int | None:
+    """SIGTERM, then SIGKILL; a pool the daemon could not unmount is detached lazily."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    pool = os.path.join(data_dir, "pool")
+    if os.path.isdir(pool) and is_mountpoint(pool):
+        subprocess.run(["umount", "-l", pool], check=False)
+    return proc.returncode
+
+
+class DirectoryServer(http.server.ThreadingHTTPServer):
+    """Python's plain HTTP server (no range requests) on 127.0.0.1, in a thread; `.url`."""
+
+    daemon_threads = True
+
+    def __init__(self, directory: str):
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=directory, **kw)
+
+            def log_message(self, *a) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Quiet)
+        self.root = directory
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
