@@ -1,42 +1,31 @@
 """Import of a qcow2 (2100 MiB virtual, 512 MiB of random data) from nginx on loopback and
 from a server without range requests (Python's http.server), each beside plain and `-W`
 local `qemu-img convert` of the same file; allocated bytes of the result against the data.
+Then, through one real `pvlun serve`, the whole `pvlun apply --wait` of DataVolumes of that
+qcow2 from nginx and from a docker-registry (a containerDisk), and the whole
+`pvlun image-upload` of it; each volume's bytes are checked against `qemu-img convert`.
 
 `run()` returns rows (metric, value, note) for bench/__main__.py's table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from bench.import_fixtures import REGISTRY_PASSWORD, REGISTRY_USER, PvlunServe, Registry, free_port, stop, wait_port
+
 MiB = 1 << 20
 VIRTUAL = 2100 * MiB
 DATA = 512 * MiB
 PIECE = 8 * MiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def _make_image(work: str) -> str:
@@ -75,7 +64,7 @@ def _fresh(path: str, size: int = VIRTUAL) -> str:
 
 
 def _start_nginx(root: str, work: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     conf = os.path.join(work, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""user root root; worker_processes 2; daemon off; pid {work}/nginx.pid; error_log {work}/error.log;
@@ -86,90 +75,88 @@ http {{ access_log off; sendfile on; types {{ }} default_type application/octet-
   server {{ listen 127.0.0.1:{port}; root {root}; }} }}
 """)
     proc = subprocess.Popen(["nginx", "-c", conf, "-e", f"{work}/error.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc)
+    wait_port(port, proc)
     return proc, f"http://127.0.0.1:{port}"
 
 
 def _start_http_server(root: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", root, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port, proc)
+    wait_port(port, proc)
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _sha256(path: str, length: int) -> str:
+    """Of the first `length` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while length > 0 and (chunk := f.read(min(8 * MiB, length))):
+            h.update(chunk)
+            length -= len(chunk)
+    return h.hexdigest()
 
 
-DV = """apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: bench-{n}
-spec:
-  source:
-    http:
-      url: {url}/disk.qcow2
-  storage:
-    volumeMode: Block
-    resources:
-      requests:
-        storage: 2200Mi
-"""
+def _dv(name: str, source: dict) -> str:
+    """A DataVolume manifest (JSON is YAML) for a 2200Mi Block volume."""
+    return json.dumps({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": name},
+                       "spec": {"source": source, "storage": {"volumeMode": "Block",
+                                                              "resources": {"requests": {"storage": "2200Mi"}}}}})
 
 
-def _apply_rows(work: str, url: str, plain: float) -> list[tuple[str, str, str]]:
-    """The issue's measure: the whole `pvlun apply --wait` of the DataVolume, through the
-    daemon (claim, CSI volume, attach, import, detach), against a plain local convert."""
-    data_dir = os.path.join(work, "pvlun")
-    os.mkdir(data_dir)
-    log = open(os.path.join(work, "serve.log"), "w")
-    serve = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir, "--pool-size", "16Gi"],
-                             stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(data_dir, "serve.pid")):
-            if serve.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("pvlun serve did not start")
-            time.sleep(0.05)
+def _apply_rows(stack: contextlib.ExitStack, work: str, nginx_url: str, qcow2: str, plain: float,
+                expected_sha: str) -> list[tuple[str, str, str]]:
+    """The issue's measures through one daemon (claim, CSI volume, attach, import, detach):
+    the whole `pvlun apply --wait` from nginx and from a registry, the whole
+    `pvlun image-upload`; each against a plain local convert."""
+    serve = stack.enter_context(PvlunServe(os.path.join(work, "pvlun")))
+    registry = stack.enter_context(Registry(os.path.join(work, "registry")))
+    reg_url = registry.push_container_disk(qcow2, "bench/disk")
+    serve.cli("apply", "-f", "-", input="\n---\n".join(json.dumps(doc) for doc in (
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-registry"},
+         "stringData": {"accessKeyId": REGISTRY_USER, "secretKey": REGISTRY_PASSWORD}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bench-registry-ca"},
+         "data": {"ca.pem": registry.pki.ca_pem}})))
+
+    def timed_runs(prefix: str, one) -> float:
         runs = iter(range(10))
+        return _timed(lambda: one(f"{prefix}-{next(runs)}"))
 
-        def apply() -> None:
-            manifest = DV.format(n=next(runs), url=url)
-            subprocess.run([sys.executable, "-m", "pvlun.cli", "apply", "-f", "-", "--wait", "--data-dir", data_dir],
-                           input=manifest, text=True, check=True, capture_output=True)
-
-        seconds = _timed(apply)
-        from pvlun.store import SQLiteStore
-
-        store = SQLiteStore(os.path.join(data_dir, "catalog.db"))
-        pv = store.get("PersistentVolume", store.get("PersistentVolumeClaim", "bench-0", "default")["spec"]["volumeName"])
-        lun = os.path.join(data_dir, "pool", "volumes", pv["spec"]["csi"]["volumeHandle"] + ".img")
-        alloc = os.stat(lun).st_blocks * 512
-        return [("pvlun apply --wait, qcow2 DataVolume from nginx", f"{seconds:.2f} s",
-                 f"the whole command, Python start-up included; {seconds / plain:.2f}x plain local convert "
-                 "(goal <= 1.0x)"),
-                ("allocated/data of that volume", f"{alloc / DATA:.3f}x",
-                 f"{alloc // MiB} MiB allocated in the LUN for {DATA // MiB} MiB of data (goal <= 1.05x)")]
-    finally:
-        serve.terminate()
-        serve.wait(60)
-        log.close()
+    from_nginx = timed_runs("http", lambda name: serve.apply(_dv(name, {"http": {"url": f"{nginx_url}/disk.qcow2"}})))
+    from_registry = timed_runs("registry", lambda name: serve.apply(_dv(name, {"registry": {
+        "url": reg_url, "secretRef": "bench-registry", "certConfigMap": "bench-registry-ca"}})))
+    upload = timed_runs("upload", lambda name: serve.cli("image-upload", "--dv", name, "--image-path", qcow2,
+                                                         "--size", "2200Mi", "--block-volume"))
+    checked = ["http-0", "registry-0", "upload-0"]
+    wrong = [name for name in checked if _sha256(serve.lun_path(name), VIRTUAL) != expected_sha]
+    if wrong:
+        raise RuntimeError(f"the first {VIRTUAL // MiB} MiB of {', '.join(wrong)} differ from qemu-img convert -O raw of the qcow2")
+    alloc = os.stat(serve.lun_path("http-0")).st_blocks * 512
+    ratio = lambda s: f"{s / plain:.2f}x plain local convert"  # noqa: E731
+    size = os.path.getsize(qcow2) // MiB
+    return [("pvlun apply --wait, qcow2 DataVolume from nginx", f"{from_nginx:.2f} s",
+             f"the whole command, Python start-up included; {ratio(from_nginx)} (goal <= 1.0x)"),
+            ("allocated/data of that volume", f"{alloc / DATA:.3f}x",
+             f"{alloc // MiB} MiB allocated in the LUN for {DATA // MiB} MiB of data (goal <= 1.05x)"),
+            ("pvlun apply --wait, qcow2 containerDisk from docker-registry", f"{from_registry:.2f} s",
+             f"whole command; disk/disk.qcow2 ({size} MiB) in one uncompressed tar layer, docker-registry on loopback "
+             f"over TLS (certConfigMap) with basic auth (secretRef); a qcow2 in a layer is a stream, so it goes to "
+             f"scratch, then convert; {ratio(from_registry)}"),
+            ("pvlun image-upload of the qcow2", f"{upload:.2f} s",
+             f"whole command: creates the DataVolume (--size 2200Mi --block-volume), waits for UploadReady, HTTPS "
+             f"upload of {size} MiB, convert, Succeeded; {ratio(upload)}"),
+            ("volume bytes == qemu-img convert -O raw", f"{len(checked)}/{len(checked)} equal",
+             f"sha256 of the first {VIRTUAL // MiB} MiB of the LUNs of {', '.join(checked)}")]
 
 
 def run() -> list[tuple[str, str, str]]:
     from importer.pipeline import Target, import_into
     from importer.sources import from_spec
 
-    work = tempfile.mkdtemp(prefix="pvlun-bench-import-")
     rows: list[tuple[str, str, str]] = []
-    procs: list[subprocess.Popen] = []
-    try:
+    with contextlib.ExitStack() as stack:  # on any failure: servers stopped, then the temp dir removed
+        work = tempfile.mkdtemp(prefix="pvlun-bench-import-")
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         serve = os.path.join(work, "www")
         os.mkdir(serve)
         qcow2 = _make_image(serve)
@@ -177,6 +164,7 @@ def run() -> list[tuple[str, str, str]]:
         plain = _timed(lambda: subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2, _fresh(out, 0)], check=True))
         local_w = _timed(lambda: subprocess.run(["qemu-img", "convert", "-W", "-m", "16", "-O", "raw", qcow2,
                                                  _fresh(out, 0)], check=True))
+
         def convert_and_fsync():
             subprocess.run(["qemu-img", "convert", "-O", "raw", qcow2, _fresh(out, 0)], check=True)
             fd = os.open(out, os.O_RDONLY)
@@ -184,6 +172,7 @@ def run() -> list[tuple[str, str, str]]:
             os.close(fd)
 
         plain_sync = _timed(convert_and_fsync)
+        expected_sha = _sha256(out, VIRTUAL)  # out is now exactly `qemu-img convert -O raw` of the qcow2
         rows.append(("import qcow2: local qemu-img convert + fsync", f"{plain_sync:.2f} s", "what the importer does locally"))
         rows.append(("import qcow2: local qemu-img convert (plain)", f"{plain:.2f} s",
                      "2100 MiB virtual, 512 MiB data; median of 3; no fsync"))
@@ -191,10 +180,10 @@ def run() -> list[tuple[str, str, str]]:
         scratch = os.path.join(work, "scratch")
         os.mkdir(scratch)
         ng, ng_url = _start_nginx(serve, work)
-        procs.append(ng)
+        stack.callback(stop, ng)
         py, py_url = _start_http_server(serve)
-        procs.append(py)
-        for label, url, note in ((f"nginx (ranges)", ng_url, "nbdkit curl plugin -> qemu-img convert -W -m 16, no scratch, fsync included"),
+        stack.callback(stop, py)
+        for label, url, note in (("nginx (ranges)", ng_url, "nbdkit curl plugin -> qemu-img convert -W -m 16, no scratch, fsync included"),
                                  ("http.server (no ranges)", py_url, "download to scratch, then convert, fsync included")):
             lun = os.path.join(work, "lun.img")
             result = None
@@ -210,11 +199,9 @@ def run() -> list[tuple[str, str, str]]:
                          f"{note}; method={result.method}; {seconds / plain:.2f}x plain local convert (goal <= 1.0x), {seconds / plain_sync:.2f}x with fsync"))
             rows.append((f"allocated/data after import from {label}", f"{alloc / DATA:.3f}x",
                          f"{alloc // MiB} MiB allocated for {DATA // MiB} MiB of data (goal <= 1.05x)"))
-        rows += _apply_rows(work, ng_url, plain)
-    finally:
-        for proc in procs:
-            _stop(proc)
-        shutil.rmtree(work, ignore_errors=True)
+        for path in (out, os.path.join(work, "lun.img")):  # 4 GiB of page cache and disk the daemon can use
+            os.unlink(path)
+        rows += _apply_rows(stack, work, ng_url, qcow2, plain, expected_sha)
     return rows
 
 

@@ -147,8 +147,9 @@ def _ensure_vmi(ctx: Context, vm: Obj) -> None:
 def _follow_volume_qos(ctx: Context, running) -> None:
     """A volume's maxIOPS/maxMBps changed (ControllerModifyVolume): change QEMU's throttle
     group live, so the guest sees the new limits without a restart."""
-    from virt.runtime import throttle_of
+    from virt.runtime import set_vmi_status, throttle_of
 
+    changed = False
     for name, attachment in running.attachments.items():
         disk = running.launcher.disks.get(name)
         if disk is None or disk.throttle is None:
@@ -157,6 +158,26 @@ def _follow_volume_qos(ctx: Context, running) -> None:
         if wanted != disk.throttle:
             running.launcher.set_throttle(name, wanted)
             log.info("VM %s volume %s: throttle now %s", running.key, name, wanted)
+            changed = True
+    if changed or "volumeStatus" not in (_vmi(ctx, running.key).get("status") or {}):
+        set_vmi_status(ctx, running.key, volumeStatus=volume_status(running))
+
+
+def _vmi(ctx: Context, key: str) -> Obj:
+    ns, name = key.split("/", 1)
+    return ctx.store.get("VirtualMachineInstance", name, ns) or {}
+
+
+def volume_status(running) -> list[dict]:
+    """KubeVirt's VMI volumeStatus, with the I/O limits as QEMU itself reports them."""
+    out = []
+    for name, attachment in running.attachments.items():
+        entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id}
+        if running.launcher.disks[name].throttle is not None:
+            limits = running.launcher.throttle_limits(name)
+            entry["ioLimits"] = {"iopsTotal": limits.get("iops-total", 0), "bpsTotal": limits.get("bps-total", 0)}
+        out.append(entry)
+    return out
 
 
 def reconcile_vm(ctx: Context, vm: Obj) -> None:

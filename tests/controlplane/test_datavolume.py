@@ -144,3 +144,30 @@ def test_pvc_clone_across_volume_modes_copies_the_disk_host_assisted(instance, w
     assert obj["status"]["phase"] == "Succeeded"
     assert "host-assisted" in instance.cli("describe", "dv", "blk-dst").stdout
     assert same_prefix(raw, instance.lun_path("blk-dst"))  # the disk itself, not the source's filesystem
+
+
+def test_upload_cut_off_halfway_leaves_upload_ready_and_can_be_sent_again(instance, tmp_path):
+    import socket
+    import ssl
+
+    from importer.upload_gateway import endpoint, mint_token
+
+    image = str(tmp_path / "cut.qcow2")
+    raw = make_qcow2(image, 16)
+    instance.apply(dv("cut", "    upload: {}", size="32Mi"))
+    instance.wait(lambda: (instance.get("DataVolume", "cut").get("status") or {}).get("phase") == "UploadReady",
+                  what="UploadReady")
+    url, ca = endpoint(instance.data_dir)
+    host, port = url.removeprefix("https://").split(":")
+    body = open(image, "rb").read()
+    tls = ssl.create_default_context(cafile=ca)
+    with socket.create_connection((host, int(port))) as raw_sock, tls.wrap_socket(raw_sock, server_hostname=host) as s:
+        s.sendall((f"POST /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Authorization: Bearer {mint_token(instance.data_dir, 'default', 'cut')}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])
+    instance.wait(lambda: any(e["reason"] == "UploadInterrupted"
+                              for e in instance.store.events(instance.get("DataVolume", "cut"))), what="interrupted event")
+    assert instance.get("DataVolume", "cut")["status"]["phase"] == "UploadReady"
+    out = instance.cli("image-upload", "--dv", "cut", "--image-path", image)
+    assert "complete" in out.stdout
+    assert same_prefix(raw, instance.lun_path("cut"))

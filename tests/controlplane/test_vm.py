@@ -285,3 +285,34 @@ def test_missing_claim_is_reported_as_pvc_not_found(vms, tick_image, tick_vm_yam
                                 "persistentVolumeClaim:\n          claimName: nopvc-root")
     vms.apply(manifest)
     vms.wait_printable("nopvc", "ErrorPvcNotFound", 10)
+
+
+# ---------------------------------------------------------------- volume QoS
+
+
+def test_volume_attributes_class_change_reaches_the_running_guest_throttle(vms, tick_image, tick_vm_yaml):
+    vms.apply("""apiVersion: storage.k8s.io/v1beta1
+kind: VolumeAttributesClass
+metadata:
+  name: qos-slow
+driverName: csi.pvlun.dev
+parameters:
+  maxIOPS: "150"
+  maxMBps: "7"
+""")
+    boot(vms, tick_vm_yaml("qos", tick_image), "qos")
+    limits = lambda: {v["name"]: v.get("ioLimits") for v in vms.vmi_status("qos").get("volumeStatus", [])}  # noqa: E731
+    vms.wait(lambda: limits().get("root") == {"iopsTotal": 0, "bpsTotal": 0}, 15, "unlimited volume status")
+    claim = vms.get("PersistentVolumeClaim", "qos-root")
+    claim["spec"]["volumeAttributesClassName"] = "qos-slow"
+    claim.pop("status")
+    import yaml
+
+    vms.apply(yaml.safe_dump(claim))
+    # read back from QEMU's throttle group: 150 IOPS, 7 MiB/s, while the guest keeps running
+    vms.wait(lambda: limits().get("root") == {"iopsTotal": 150, "bpsTotal": 7 << 20}, 15, "throttle from QEMU")
+    assert vms.get("PersistentVolumeClaim", "qos-root")["status"]["currentVolumeAttributesClassName"] == "qos-slow"
+    before = ticks(vms.all_serial_logs("qos"))[-1]
+    vms.wait(lambda: ticks(vms.all_serial_logs("qos"))[-1] > before + 2, 10, "ticks after the change")
+    assert vms.all_serial_logs("qos").count(MARKER) == 1
+    vms.cli("vm", "stop", "qos", "--wait")
