@@ -19,7 +19,8 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from pvlun.command import CommandError, run
+from pvlun.command import run
+from pvlun.local_run import start_daemon, stop_daemon
 
 REGISTRY_USER, REGISTRY_PASSWORD = "bench", "bench-Pa55"
 
@@ -53,39 +54,22 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
 
 # -- pvlun serve ------------------------------------------------------------------------------
 class PvlunServe:
-    """A `pvlun serve` on its own data dir, and the CLI pointed at it."""
+    """A `pvlun serve` on its own data dir (started and stopped by pvlun.local_run), and the
+    CLI pointed at it."""
 
     def __init__(self, data_dir: str, pool_size: str = "32Gi"):
         self.data_dir = data_dir
-        os.makedirs(data_dir)
-        self._log = open(os.path.join(os.path.dirname(data_dir), "serve.log"), "w")
-        self._proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
-                                       "--pool-size", pool_size], stdout=self._log, stderr=self._log)
+        self.pool_size = pool_size
+        self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> PvlunServe:
-        try:
-            deadline = time.monotonic() + 60
-            while not os.path.exists(os.path.join(self.data_dir, "serve.pid")):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"pvlun serve did not start; see {self._log.name}")
-                time.sleep(0.05)
-        except BaseException:
-            self.__exit__()
-            raise
+        os.makedirs(self.data_dir)
+        self._proc = start_daemon(self.data_dir, pool_size=self.pool_size)  # stops the daemon itself if it fails
         return self
 
     def __exit__(self, *exc) -> None:
-        stop(self._proc, grace=60)
-        self._log.close()
-        # a daemon that had to be killed leaves its pool (and maybe node mounts) mounted
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for mount in reversed(mounts):
-            if mount == self.data_dir or mount.startswith(self.data_dir + "/"):
-                try:
-                    run(["umount", "-l", mount], timeout=60)
-                except CommandError:
-                    pass
+        if self._proc is not None:
+            stop_daemon(self._proc, self.data_dir)
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         """One `pvlun` command, as a user types it (the whole process is what gets timed)."""

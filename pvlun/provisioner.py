@@ -85,6 +85,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
         return
     if pvc.get("status", {}).get("phase") == "Bound":
         _modify_if_needed(ctx, pvc)
+        _expand_if_needed(ctx, pvc)
         return
     sc = storage_class_for(ctx, pvc)
     if sc is None:
@@ -178,6 +179,48 @@ def _modify_if_needed(ctx: Context, pvc: Obj) -> None:
     ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"],
                            currentVolumeAttributesClassName=wanted, modifyVolumeStatus=None)
     ctx.store.add_event(pvc, "Normal", "VolumeModifySuccessful", f"volume attributes class {wanted} applied")
+
+
+def _expand_if_needed(ctx: Context, pvc: Obj) -> None:
+    """A bound claim asking for more storage: ControllerExpandVolume (external-resizer),
+    then NodeExpandVolume wherever the volume is attached (kubelet)."""
+    meta, spec, status = pvc["metadata"], pvc["spec"], pvc.get("status") or {}
+    try:
+        wanted = parse_quantity(spec.get("resources", {}).get("requests", {}).get("storage", "0"))
+    except ValueError:
+        return
+    current = int(status.get("capacity", {}).get("storage", "0") or 0)
+    if wanted <= current:
+        return
+    sc = storage_class_for(ctx, pvc)
+    if sc is not None and not sc.get("allowVolumeExpansion", False):
+        if status.get("resizeStatus") != "Infeasible":
+            ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"], resizeStatus="Infeasible")
+            ctx.store.add_event(pvc, "Warning", "ExternalExpanding",
+                                f"storageclass {sc['metadata']['name']} does not allow volume expansion")
+        return
+    pv = ctx.store.get("PersistentVolume", spec.get("volumeName", ""))
+    handle = pv["spec"]["csi"]["volumeHandle"]
+    try:
+        grown = ctx.csi.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=handle, capacity_range=pb.CapacityRange(required_bytes=wanted)))
+        if grown.node_expansion_required:
+            for att in ctx.store.list("VolumeAttachment"):
+                if att["spec"]["volumeId"] == handle:
+                    ctx.csi.node(att["spec"]["nodeName"]).NodeExpandVolume(pb.NodeExpandVolumeRequest(
+                        volume_id=handle, volume_path=att["spec"]["targetPath"],
+                        staging_target_path=att["spec"]["stagingPath"],
+                        capacity_range=pb.CapacityRange(required_bytes=wanted)))
+    except grpc.RpcError as exc:
+        ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"], resizeStatus="Failed")
+        ctx.store.add_event(pvc, "Warning", "VolumeResizeFailed", f"{exc.code().name}: {exc.details()}")
+        return
+    size = str(grown.capacity_bytes)
+    pv["spec"]["capacity"]["storage"] = size
+    ctx.store.apply(pv)
+    ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"],
+                           capacity={"storage": size}, resizeStatus=None)
+    ctx.store.add_event(pvc, "Normal", "VolumeResizeSuccessful", f"volume grown to {size} bytes")
 
 
 def _release(ctx: Context, pvc: Obj) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 
 from pvlun.context import Context
@@ -152,7 +153,10 @@ def _follow_volume_qos(ctx: Context, running) -> None:
     changed = False
     for name, attachment in running.attachments.items():
         disk = running.launcher.disks.get(name)
-        if disk is None or disk.throttle is None:
+        if disk is None:
+            continue
+        changed |= _follow_volume_size(running, name, disk)
+        if disk.throttle is None:
             continue
         wanted = throttle_of(ctx, attachment.volume_id)
         if wanted != disk.throttle:
@@ -163,16 +167,35 @@ def _follow_volume_qos(ctx: Context, running) -> None:
         set_vmi_status(ctx, running.key, volumeStatus=volume_status(running))
 
 
+def _follow_volume_size(running, name: str, disk) -> bool:
+    """A volume grown under a running VM (PVC expansion): tell QEMU, as KubeVirt's
+    ExpandDisks does, so the guest sees the new size."""
+    if not disk.block:
+        return False
+    with open(disk.path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+    nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
+    current = next((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == f"fmt-{name}"), size)
+    if size <= current:
+        return False
+    running.launcher.execute("block_resize", {"node-name": f"fmt-{name}", "size": size})
+    log.info("VM %s volume %s: grown to %d bytes", running.key, name, size)
+    return True
+
+
 def _vmi(ctx: Context, key: str) -> Obj:
     ns, name = key.split("/", 1)
     return ctx.store.get("VirtualMachineInstance", name, ns) or {}
 
 
 def volume_status(running) -> list[dict]:
-    """KubeVirt's VMI volumeStatus, with the I/O limits as QEMU itself reports them."""
+    """KubeVirt's VMI volumeStatus, with the size and I/O limits as QEMU itself reports them."""
+    nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
+    sizes = {n.get("node-name"): n["image"]["virtual-size"] for n in nodes}
     out = []
     for name, attachment in running.attachments.items():
-        entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id}
+        entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id,
+                 "size": sizes.get(f"fmt-{name}", 0)}
         if running.launcher.disks[name].throttle is not None:
             limits = running.launcher.throttle_limits(name)
             entry["ioLimits"] = {"iopsTotal": limits.get("iops-total", 0), "bpsTotal": limits.get("bps-total", 0)}

@@ -316,3 +316,21 @@ parameters:
     vms.wait(lambda: ticks(vms.all_serial_logs("qos"))[-1] > before + 2, 10, "ticks after the change")
     assert vms.all_serial_logs("qos").count(MARKER) == 1
     vms.cli("vm", "stop", "qos", "--wait")
+
+
+def test_expanding_the_claim_grows_the_disk_under_the_running_guest(vms, tick_image, tick_vm_yaml):
+    boot(vms, tick_vm_yaml("grow", tick_image), "grow")
+    size = lambda: {v["name"]: v.get("size") for v in vms.vmi_status("grow").get("volumeStatus", [])}.get("root")  # noqa: E731
+    before = vms.wait(size, 15, "volume size in the VMI status")
+    claim = vms.get("PersistentVolumeClaim", "grow-root")
+    claim["spec"]["resources"]["requests"]["storage"] = str(before + (32 << 20))
+    claim.pop("status")
+    import yaml
+
+    vms.apply(yaml.safe_dump(claim))
+    # QEMU itself now reports the bigger disk (block_resize), and the guest never rebooted
+    vms.wait(lambda: size() >= before + (32 << 20), 15, "QEMU's disk grown")
+    status = vms.get("PersistentVolumeClaim", "grow-root")["status"]
+    assert int(status["capacity"]["storage"]) >= before + (32 << 20)
+    assert vms.all_serial_logs("grow").count(MARKER) == 1
+    vms.cli("vm", "stop", "grow", "--wait")

@@ -3,67 +3,20 @@ skopeo from an OCI layout built here; the disk under disk/ lands byte-exact."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 import subprocess
-import tarfile
 import warnings
-from pathlib import Path
 
 import pytest
-import zstandard
 
 from importer import errors
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 
 from importer_support import MiB, assert_disk, assert_zero, block_target, free_port, run_import, stop, wait_port
+from registry_support import build_oci_layout
 
 CREDS = {"reg": {"accessKeyId": "puller", "secretKey": "reg-Pa55"}}
-
-
-def _tar_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted({str(Path(n).parent) for n in files} - {"."}):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict[str, bytes], str]]) -> None:
-    """An OCI image layout with one manifest; each layer is (files, "gzip"|"zstd")."""
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    descs, diff_ids = [], []
-    for files, comp in layers:
-        raw = _tar_bytes(files)
-        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        blob = gzip.compress(raw, 1) if comp == "gzip" else zstandard.ZstdCompressor().compress(raw)
-        descs.append({"mediaType": f"application/vnd.oci.image.layer.v1.tar+{comp}", "digest": put(blob), "size": len(blob)})
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                         "config": {}}).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
-                                      "size": len(config)},
-                           "layers": descs}).encode()
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest), "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
 
 
 @pytest.fixture(scope="module")
