@@ -137,9 +137,12 @@ class RegistrySource:
         with request_errors(realm):
             resp = self._session.get(realm, params=params, auth=self._auth, timeout=(15, 60))
         check_status(resp, f"token service {realm}")
-        body = resp.json()
-        token = body.get("token") or body.get("access_token")
-        if not token:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+        if not token or not isinstance(token, str):
             raise ImportFailed(errors.UNAUTHORIZED, "the registry's token service returned no token")
         errors.register_secret(token)
         return token

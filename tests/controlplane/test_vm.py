@@ -334,3 +334,26 @@ def test_expanding_the_claim_grows_the_disk_under_the_running_guest(vms, tick_im
     assert int(status["capacity"]["storage"]) >= before + (32 << 20)
     assert vms.all_serial_logs("grow").count(MARKER) == 1
     vms.cli("vm", "stop", "grow", "--wait")
+
+
+def test_console_shows_the_live_serial_output_and_ctrl_close_bracket_leaves(vms, tick_image, tick_vm_yaml):
+    import pty
+    import select
+    import sys
+
+    boot(vms, tick_vm_yaml("cons", tick_image), "cons")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a terminal, as a person runs it
+        os.execv(sys.executable, [sys.executable, "-m", "pvlun.cli", "console", "vm/cons", "--data-dir", vms.data_dir])
+    out = b""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and out.count(b"tick") < 3:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            out += os.read(fd, 4096)
+    os.write(fd, b"\x1d")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"escape sequence is ^]" in out and out.count(b"tick") >= 3, out
+    vms.cli("vm", "stop", "cons", "--wait")
