@@ -81,6 +81,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
         dv["status"] = {}
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
+    if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
+        return  # the old claim (a failed or restarted import) is still going away
     if pvc is None:
         scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
         claim_kind = kind

@@ -117,6 +117,9 @@ class Daemon:
         self.ctx.services["allow_file"] = self.opts.allow_file_import
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
+        from pvlun.recovery import recover
+
+        log.info("control plane start-up repair: %s", recover(self.ctx))
         from importer.upload_gateway import UploadGateway
 
         upload = UploadGateway(self.ctx, _address(self.opts.upload_address))

@@ -197,10 +197,11 @@ class TokenServer(http.server.ThreadingHTTPServer):
 
     def finish_request(self, request, client_address):
         try:
-            request = self.tls.wrap_socket(request, server_side=True)
+            wrapped = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
-        super().finish_request(request, client_address)
+        with wrapped:                            # wrap_socket detached `request`: close what holds the fd
+            super().finish_request(wrapped, client_address)
 
     @property
     def realm(self) -> str:

@@ -51,8 +51,13 @@ auth:
     issuer: {ISSUER}
     rootcertbundle: {tokens.cert_bundle}
 """)
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=open(d / "registry.log", "wb"))
+    with open(d / "registry.log", "wb") as log:
+        try:
+            proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                    stderr=log)
+        except BaseException:
+            tokens.stop()
+            raise
     try:
         wait_port(port, proc)
         host = f"127.0.0.1:{port}"
