@@ -50,6 +50,9 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], stall:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
         if rc != 0:
             err.seek(0)
             text = err.read().decode(errors="replace")

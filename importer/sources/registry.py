@@ -147,9 +147,18 @@ class RegistrySource:
         errors.register_secret(token)
         return token
 
+    def _json(self, resp) -> dict:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the registry's manifest is not JSON")
+        return body
+
     def _manifest(self) -> dict:
         resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
-        manifest = resp.json()
+        manifest = self._json(resp)
         mtype = manifest.get("mediaType") or resp.headers.get("Content-Type", "")
         if mtype in _INDEX_TYPES or "manifests" in manifest:
             entries = manifest.get("manifests") or []
@@ -157,7 +166,7 @@ class RegistrySource:
                            and (m.get("platform") or {}).get("os", "linux") == "linux"), entries[0] if entries else None)
             if chosen is None:
                 raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the image index lists no manifests")
-            manifest = self._get(f"{self._base}/manifests/{chosen['digest']}", accept=MANIFEST_TYPES).json()
+            manifest = self._json(self._get(f"{self._base}/manifests/{chosen['digest']}", accept=MANIFEST_TYPES))
         if not manifest.get("layers"):
             raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest has no layers")
         return manifest
