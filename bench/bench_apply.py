@@ -14,44 +14,8 @@ import tempfile
 import time
 
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
-from virt.guest_images import build_tick_disk
+from virt.guest_images import build_tick_disk, tick_vm_manifest
 
-MANIFEST = """apiVersion: kubevirt.io/v1
-kind: VirtualMachine
-metadata:
-  name: bench-vm
-spec:
-  runStrategy: Always
-  dataVolumeTemplates:
-  - metadata:
-      name: bench-vm-disk
-    spec:
-      source:
-        http:
-          url: {url}/tick.raw
-      storage:
-        volumeMode: Block
-        accessModes: [ReadWriteMany]
-        resources:
-          requests:
-            storage: 16Mi
-  template:
-    spec:
-      terminationGracePeriodSeconds: 1
-      domain:
-        memory:
-          guest: 256Mi
-        devices:
-          disks:
-          - name: root
-            bootOrder: 1
-            disk:
-              bus: virtio
-      volumes:
-      - name: root
-        dataVolume:
-          name: bench-vm-disk
-"""
 
 
 def _cli(data_dir: str, *args: str, input: str | None = None) -> str:
@@ -73,7 +37,7 @@ def run() -> list[tuple[str, str, str]]:
     serve = start_daemon(data_dir, "--nodes", "2")
     rows: list[tuple[str, str, str]] = []
     try:
-        manifest = MANIFEST.format(url=web.url)
+        manifest = tick_vm_manifest("bench-vm", f"{web.url}/tick.raw", memory="256Mi")
         started = time.monotonic()
         _cli(data_dir, "apply", "-f", "-", input=manifest)
         while True:

@@ -217,47 +217,11 @@ spec:
     steps.run("verify the imported bytes", verify)
 
 
-VM_MANIFEST = """apiVersion: kubevirt.io/v1
-kind: VirtualMachine
-metadata:
-  name: quickstart-vm
-spec:
-  runStrategy: Always
-  dataVolumeTemplates:
-  - metadata:
-      name: quickstart-vm-disk
-    spec:
-      source:
-        http:
-          url: {url}/tick.raw
-      storage:
-        volumeMode: Block
-        accessModes: [ReadWriteMany]
-        resources:
-          requests:
-            storage: 16Mi
-  template:
-    spec:
-      terminationGracePeriodSeconds: 2
-      domain:
-        memory:
-          guest: 64Mi
-        devices:
-          disks:
-          - name: root
-            bootOrder: 1
-            disk:
-              bus: virtio
-      volumes:
-      - name: root
-        dataVolume:
-          name: quickstart-vm-disk
-"""
 
 
 def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
     """Import a tiny boot disk, boot it, live-migrate it while it ticks."""
-    from virt.guest_images import build_tick_disk
+    from virt.guest_images import build_tick_disk, tick_vm_manifest
 
     images = os.path.join(work, "vm-images")
     os.makedirs(images)
@@ -282,7 +246,8 @@ def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
 
     with http_server(images) as url:
         steps.run("pvlun apply --wait (VM + DataVolume template)",
-                  lambda: cli("apply", "-f", "-", "--wait", "--timeout", "300", input=VM_MANIFEST.format(url=url))
+                  lambda: cli("apply", "-f", "-", "--wait", "--timeout", "300",
+                              input=tick_vm_manifest("quickstart-vm", f"{url}/tick.raw"))
                   .strip().splitlines()[-1])
 
     def marker() -> str:

@@ -186,3 +186,52 @@ def build_data_disk(path: str | os.PathLike, files: dict[str, bytes], *, size_mi
 def required_tools() -> list[str]:
     """Tools the linux guest needs that are missing (for a clear message in tests)."""
     return [t for t in ("mkfs.vfat", "syslinux", "mcopy", "mkfs.ext4") if shutil.which(t) is None]
+
+
+def tick_vm_manifest(name: str, image_url: str, *, strategy: str = "Always", access: str = "ReadWriteMany",
+                     memory: str = "64Mi", grace: int = 1) -> str:
+    """A kubevirt.io/v1 VirtualMachine booting the tick guest from a Block DataVolume
+    (dataVolumeTemplates, `<name>-root`) imported from `image_url`; ReadWriteMany so it
+    can live-migrate. Used by the quickstart, the benchmarks and the tests."""
+    return f"""apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  runStrategy: {strategy}
+  dataVolumeTemplates:
+  - metadata:
+      name: {name}-root
+    spec:
+      source:
+        http:
+          url: {image_url}
+      storage:
+        volumeMode: Block
+        accessModes: [{access}]
+        resources:
+          requests:
+            storage: 8Mi
+  template:
+    metadata:
+      labels:
+        app: {name}
+    spec:
+      terminationGracePeriodSeconds: {grace}
+      domain:
+        cpu:
+          cores: 1
+        memory:
+          guest: {memory}
+        devices:
+          autoattachPodInterface: false
+          disks:
+          - name: root
+            bootOrder: 1
+            disk:
+              bus: virtio
+      volumes:
+      - name: root
+        dataVolume:
+          name: {name}-root
+"""

@@ -12,6 +12,7 @@ import pytest
 
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 from pvlun.store import SQLiteStore
+from virt.guest_images import tick_vm_manifest
 
 
 class Instance:
@@ -123,57 +124,12 @@ def serve(tmp_path_factory):
         stop_instance(inst)
 
 
-def _tick_vm_yaml(name: str, url: str, *, strategy: str = "Always", access: str = "ReadWriteMany",
-                 memory: str = "64Mi", grace: int = 1) -> str:
-    """A VirtualMachine booting the tick guest from a DataVolume (dataVolumeTemplates) imported from `url`."""
-    return f"""apiVersion: kubevirt.io/v1
-kind: VirtualMachine
-metadata:
-  name: {name}
-spec:
-  runStrategy: {strategy}
-  dataVolumeTemplates:
-  - metadata:
-      name: {name}-root
-    spec:
-      source:
-        http:
-          url: {url}
-      storage:
-        volumeMode: Block
-        accessModes: [{access}]
-        resources:
-          requests:
-            storage: 8Mi
-  template:
-    metadata:
-      labels:
-        app: {name}
-    spec:
-      terminationGracePeriodSeconds: {grace}
-      domain:
-        cpu:
-          cores: 1
-        memory:
-          guest: {memory}
-        devices:
-          autoattachPodInterface: false
-          disks:
-          - name: root
-            bootOrder: 1
-            disk:
-              bus: virtio
-      volumes:
-      - name: root
-        dataVolume:
-          name: {name}-root
-"""
 
 
 @pytest.fixture(scope="session")
 def tick_vm_yaml():
     """The tick VirtualMachine manifest builder: (name, url, strategy=, access=, memory=, grace=) -> YAML."""
-    return _tick_vm_yaml
+    return tick_vm_manifest
 
 
 @pytest.fixture(scope="module")

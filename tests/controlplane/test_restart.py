@@ -6,17 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
+from guest_output import MARKER, alive
 from test_datavolume import dv, make_qcow2, same_prefix
-
-MARKER = "PVLUN-BOOT"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def kill9(inst) -> None:

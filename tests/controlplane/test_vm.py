@@ -10,26 +10,14 @@ import signal
 import time
 
 import pytest
+from guest_output import MARKER, alive, ticks
 
-MARKER = "PVLUN-BOOT"
 PAYLOAD = os.urandom(300_000)
 
 
 @pytest.fixture(scope="module")
 def vms(serve):
     return serve("--nodes", "2", "--accel", "tcg")
-
-
-def ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"tick (\d+)\r?\n", text)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def logs(inst, vm: str) -> str:

@@ -14,8 +14,8 @@ import yaml
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
+from guest_output import MARKER, alive, ticks
 
-MARKER = "PVLUN-BOOT"
 
 # A user hook (argv: event vm source target data-dir): records "{event} {vm} {source} {target}";
 # a flag file makes the pre hook fail, or makes it start a watcher that SIGKILLs the target QEMU
@@ -56,18 +56,6 @@ def mover(mig, tick_image, tick_vm_yaml) -> str:
     assert "virtualmachine/mover Running" in out.stdout, out.stdout + out.stderr
     mig.wait(lambda: MARKER in mig.all_serial_logs("mover"), 30, "mover's marker")
     return "mover"
-
-
-def ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"tick (\d+)\r?\n", text)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def hook_lines(hooks_dir: str) -> list[str]:
