@@ -3,6 +3,7 @@ the offending field named (as a Kubernetes admission webhook would answer)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import yaml
@@ -40,6 +41,22 @@ ALIASES = {
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",
 }
+
+
+# Kubernetes object names: a DNS-1123 subdomain; namespaces: a DNS-1123 label. Names reach
+# paths (run dirs, publish targets), so nothing else is accepted.
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def check_name(name: object, namespace: object) -> None:
+    if not isinstance(name, str) or len(name) > 253 or not _SUBDOMAIN.fullmatch(name):
+        raise ValueError(f"metadata.name {name!r} is not a valid name (lowercase letters, digits, '-' and '.', "
+                         "starting and ending with a letter or digit)")
+    if namespace is not None and (not isinstance(namespace, str) or len(namespace) > 63
+                                  or not _LABEL.fullmatch(namespace)):
+        raise ValueError(f"metadata.namespace {namespace!r} is not a valid namespace (lowercase letters, digits "
+                         "and '-')")
 
 
 class Refused(ValueError):
@@ -135,6 +152,7 @@ def load_documents(text: str) -> list[dict[str, Any]]:
         if not name:
             raise Refused(f"{where}: metadata.name is required")
         try:
+            check_name(name, (doc.get("metadata") or {}).get("namespace"))
             CHECKS.get(kind, lambda o: None)(doc)
         except ValueError as exc:
             raise Refused(f"{kind} {name!r} is invalid: {exc}") from None

@@ -97,7 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pvlun.objects_cli import NoDaemon
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "namespace", None):
+        from pvlun.admission import check_name
+
+        try:
+            check_name("x", args.namespace)
+        except ValueError as exc:
+            parser.error(str(exc).replace("metadata.namespace", "--namespace"))
     try:
         return args.func(args) or 0
     except NoDaemon as exc:

@@ -171,3 +171,11 @@ def test_upload_cut_off_halfway_leaves_upload_ready_and_can_be_sent_again(instan
     out = instance.cli("image-upload", "--dv", "cut", "--image-path", image)
     assert "complete" in out.stdout
     assert same_prefix(raw, instance.lun_path("cut"))
+
+
+def test_names_that_could_reach_a_path_are_refused(instance):
+    for bad in ("../../etc", "UPPER", "a/b", "-dash"):
+        out = instance.apply(dv(bad, "    blank: {}"), check=False)
+        assert out.returncode == 1 and "metadata.name" in out.stderr, (bad, out.stderr)
+    out = instance.cli("apply", "-f", "-", "-n", "../x", input=dv("fine", "    blank: {}"), check=False)
+    assert out.returncode == 2 and "--namespace" in out.stderr
