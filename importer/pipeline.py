@@ -17,6 +17,7 @@ propagates.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import os
@@ -291,15 +292,26 @@ class _Import:
 
     # -- helpers -----------------------------------------------------------------------
     def _first_file_in_tar(self, stream: BinaryIO) -> BinaryIO:
+        """The disk inside a tar: the first member whose content is a disk image. Text files
+        beside it (an OVA's .ovf descriptor and .mf manifest, certificates) are passed over;
+        in an archive of several disks (a multi-disk OVA) the first one is taken."""
+        skipped = []
         try:
             tar = tarfile.open(fileobj=stream, mode="r|")
             self.open_streams.append(tar)
             for member in tar:
-                if member.isfile():
-                    return _TarMember(tar.extractfile(member))  # type: ignore[arg-type, return-value]
+                if not member.isfile() or member.size == 0:
+                    continue
+                f = _TarMember(tar.extractfile(member))  # type: ignore[arg-type]
+                head = read_head(f, formats.HEAD_SIZE)  # type: ignore[arg-type]
+                if formats.detect(head) == "raw" and _is_text(head):
+                    skipped.append(member.name)
+                    continue
+                return PeekStream(head, f)  # type: ignore[arg-type, return-value]
         except tarfile.TarError as exc:
             raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
-        raise ImportFailed(errors.INVALID_IMAGE, "the tar archive holds no disk file")
+        found = f" (only text files: {', '.join(skipped[:5])})" if skipped else ""
+        raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive holds no disk image{found}")
 
     def _unpack(self, stream: BinaryIO) -> None:
         """contentType archive: unpack into the volume, bounded by its size, refusing unsafe members."""
@@ -393,3 +405,15 @@ def _direct_io_works(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _is_text(head: bytes) -> bool:
+    """A descriptor or manifest, not a disk: no NUL byte and valid UTF-8 (a disk's first
+    sectors always hold NULs; an OVF or a .mf never does)."""
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # the head may cut a character
+    except UnicodeDecodeError:
+        return False
+    return True
