@@ -8,6 +8,7 @@ so the catalog and the pool always agree.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -122,11 +123,21 @@ def _encode(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
+def create_private(path: str) -> None:
+    """Create the database file readable by its owner only (it holds the Secrets users
+    apply); SQLite gives its -wal and -shm files the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class Catalog:
     """A thread-safe handle on catalog.db; one connection, short transactions."""
 
     def __init__(self, path: str):
         self.path = path
+        create_private(path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row

@@ -79,7 +79,7 @@ class Daemon:
             raise
 
     def _start(self) -> None:
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         opts = self.opts
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
         with_controller = opts.mode in ("all", "controller")

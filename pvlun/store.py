@@ -69,6 +69,9 @@ class SQLiteStore:
     """Objects in SQLite; every write bumps one counter that watchers poll."""
 
     def __init__(self, path: str):
+        from csi.catalog import create_private
+
+        create_private(path)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")

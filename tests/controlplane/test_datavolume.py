@@ -179,3 +179,12 @@ def test_names_that_could_reach_a_path_are_refused(instance):
         assert out.returncode == 1 and "metadata.name" in out.stderr, (bad, out.stderr)
     out = instance.cli("apply", "-f", "-", "-n", "../x", input=dv("fine", "    blank: {}"), check=False)
     assert out.returncode == 2 and "--namespace" in out.stderr
+
+
+def test_catalog_holding_secrets_is_readable_by_its_owner_only(instance):
+    import stat
+
+    instance.apply("apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  accessKeyId: u\n  secretKey: p\n")
+    for name in ("catalog.db", "catalog.db-wal"):
+        mode = stat.S_IMODE(os.stat(os.path.join(instance.data_dir, name)).st_mode)
+        assert mode == 0o600, (name, oct(mode))
