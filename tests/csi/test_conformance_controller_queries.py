@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import (
+from csi_support import (
     MALFORMED_IDS, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap,
     unique, write_at,
 )

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import (
+from csi_support import (
     GiB, MALFORMED_IDS, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap,
     unique,
 )

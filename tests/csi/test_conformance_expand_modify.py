@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import (
+from csi_support import (
     GiB, MALFORMED_IDS, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap, read_at,
     unique, write_at,
 )

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import MALFORMED_IDS, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, mount_cap, read_at, unique, write_at
+from csi_support import MALFORMED_IDS, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, mount_cap, read_at, unique, write_at
 from csi.proto import csi_pb2 as pb
 
 RPC = pb.GroupControllerServiceCapability.RPC.Type

@@ -7,7 +7,7 @@ import re
 import stat
 import subprocess
 
-from conftest import NODE2_ID, NODE_ID, PVLUN, Code, assert_code
+from csi_support import NODE2_ID, NODE_ID, PVLUN, Code, assert_code
 from csi.proto import csi_pb2 as pb
 from pvlun import __version__
 

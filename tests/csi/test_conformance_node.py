@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 
-from conftest import (
+from csi_support import (
     MiB, NODE2_ID, NODE_ID, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap, read_at, unique,
 )
 from csi.proto import csi_pb2 as pb

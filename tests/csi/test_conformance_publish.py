@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import (
+from csi_support import (
     MALFORMED_IDS, NODE2_ID, NODE_ID, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap, unique,
 )
 from csi.proto import csi_pb2 as pb

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import (
+from csi_support import (
     MALFORMED_IDS, MiB, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap, read_at, unique, write_at,
 )
 from csi.proto import csi_pb2 as pb
