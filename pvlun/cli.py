@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", default=socket.gethostname())
     data_dir_arg(serve)
     serve.add_argument("--mode", choices=["all", "controller", "node"], default="all")
-    serve.add_argument("--nodes", type=int, default=1, help="present this host as N nodes (embedded mode)")
+    serve.add_argument("--nodes", type=int, default=2,
+                       help="present this host as N nodes: NODE-ID, NODE-ID-2, ... (embedded mode; default 2)")
     serve.add_argument("--pool", help="use this directory as the LUN pool")
     serve.add_argument("--pool-size", type=parse_size, default="64Gi",
                        help="size of the XFS reflink pool image made when the data dir cannot reflink")

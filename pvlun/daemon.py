@@ -28,7 +28,7 @@ class ServeOptions:
     endpoint: str = ""
     node_id: str = field(default_factory=socket.gethostname)
     mode: str = "all"  # all | controller | node
-    nodes: int = 1
+    nodes: int = 2
     pool: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     max_volumes_per_node: int = 256
@@ -40,8 +40,10 @@ class ServeOptions:
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
 
     def node_ids(self) -> list[str]:
-        """This host as N nodes: <node-id>, <node-id>-2, ..."""
-        return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, self.nodes + 1)]
+        """This host as N nodes: <node-id>, <node-id>-2, ... (embedded mode only: a split
+        node plugin is exactly the node it runs on)."""
+        count = self.nodes if self.mode == "all" else 1
+        return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, count + 1)]
 
 
 def _address(text: str) -> tuple[str, int]:
