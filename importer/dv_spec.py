@@ -48,7 +48,7 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
 
 
 def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str], sc: str | None,
-               use_storage_api: bool, dv_ns: str) -> dict:
+               use_storage_api: bool, dv_ns: str, attributes_class: str | None = None) -> dict:
     """The claim a DataVolume needs. With spec.storage, a Filesystem claim is made larger
     so the disk image itself gets the requested size (CDI's filesystem overhead)."""
     if use_storage_api and mode == "Filesystem" and size:
@@ -58,6 +58,8 @@ def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str],
         spec["resources"] = {"requests": {"storage": str(size)}}
     if sc:
         spec["storageClassName"] = sc
+    if attributes_class:  # volume QoS (maxIOPS, maxMBps) from the first byte
+        spec["volumeAttributesClassName"] = attributes_class
     if kind == "pvc":
         spec["dataSource"] = {"kind": "PersistentVolumeClaim", "name": source.get("name", ""),
                               "namespace": source.get("namespace") or dv_ns}

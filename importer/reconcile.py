@@ -55,10 +55,22 @@ def _phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, str] 
     return status
 
 
+def _attributes_class(dv: Obj) -> str | None:
+    spec = dv.get("spec") or {}
+    return (spec.get("storage") or spec.get("pvc") or {}).get("volumeAttributesClassName")
+
+
 def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     """Phase Failed with the reason; the claim and its data are removed."""
+    status = _status(dv)
+    if any(c["type"] == "Bound" for c in status.get("conditions", [])):
+        set_condition(status, "Bound", False, "ClaimDeleted", "the claim was deleted with the failed import's data")
+        dv["status"] = status
     _phase(ctx, dv, "Failed", running=(False, reason, message), ready=False,
            event=("Warning", reason, message))
+    status = _status(dv)
+    set_condition(status, "Ready", False, reason, message)
+    _save(ctx, dv, status)
     ns = dv["metadata"].get("namespace", "default")
     ctx.store.delete("PersistentVolumeClaim", dv["metadata"]["name"], ns)
 
@@ -98,7 +110,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
             "metadata": {"name": meta["name"], "namespace": ns,
                          "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": KIND,
                                               "name": meta["name"], "uid": meta["uid"], "controller": True}]},
-            "spec": claim_spec(claim_kind, source, size, mode, access, sc, (dv.get("spec") or {}).get("storage") is not None, ns),
+            "spec": claim_spec(claim_kind, source, size, mode, access, sc,
+                               (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
         })
         status = _phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
@@ -116,7 +129,11 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
         _save(ctx, dv, status)
         dv["status"] = status
     if strategy == "host-assisted":
-        ctx.jobs.start("dv:" + key_of(dv), lambda: run_host_assisted_clone(ctx, dv, source))
+        from pvlun.provisioner import claim_populated
+
+        src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
+        if src is not None and claim_populated(ctx, src):
+            ctx.jobs.start("dv:" + key_of(dv), lambda: run_host_assisted_clone(ctx, dv, source))
         return
     if kind in ("pvc", "snapshot"):
         _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,

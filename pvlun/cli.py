@@ -8,6 +8,7 @@ import socket
 import sys
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices are noise for a CLI and daemon
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # children exec tools at once; no fork handlers
 
 from pvlun import __version__
 
@@ -24,6 +25,17 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def overcommit_ratio(text: str) -> float:
+    """A positive, finite ratio for argparse."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < ratio < float("inf"):
+        raise argparse.ArgumentTypeError(f"the overcommit ratio must be positive, not {text}")
+    return ratio
+
+
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
                         help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
@@ -35,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging()
     opts = ServeOptions(data_dir=args.data_dir, endpoint=args.endpoint or "", node_id=args.node_id,
-                        mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size,
+                        mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size or 0,
+                        overcommit=args.overcommit,
                         max_volumes_per_node=args.max_volumes_per_node,
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
@@ -67,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--nodes", type=int, default=2,
                        help="present this host as N nodes: NODE-ID, NODE-ID-2, ... (embedded mode; default 2)")
     serve.add_argument("--pool", help="use this directory as the LUN pool")
-    serve.add_argument("--pool-size", type=parse_size, default="64Gi",
-                       help="size of the XFS reflink pool image made when the data dir cannot reflink")
+    serve.add_argument("--pool-size", type=parse_size, default=None,
+                       help="size of the XFS reflink pool image made when the data dir cannot reflink "
+                            "(default: 90%% of the data dir's free space, at most 256Gi; the image is sparse)")
+    serve.add_argument("--overcommit", type=overcommit_ratio, default=1.0, metavar="RATIO",
+                       help="let the volumes' sizes add up to RATIO x the pool size (default %(default)s)")
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")

@@ -6,10 +6,9 @@ carries the tool's own stderr, so the caller can hand it on to a person unchange
 
 from __future__ import annotations
 
-import resource
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 
 class CommandError(RuntimeError):
@@ -26,16 +25,22 @@ class CommandError(RuntimeError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits applied to the child (as CDI does for qemu-img info)."""
+    """Resource limits applied to the child (as CDI does for qemu-img info).
+
+    Applied by util-linux `prlimit` in front of the command rather than by Python code in
+    the forked child: the daemon has gRPC threads, and running Python between fork and
+    exec there makes gRPC's fork handlers misbehave."""
 
     address_space: int | None = None  # bytes
     cpu_seconds: int | None = None
 
-    def apply(self) -> None:
+    def prefix(self) -> list[str]:
+        argv = ["prlimit"]
         if self.address_space is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+            argv.append(f"--as={self.address_space}")
         if self.cpu_seconds is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (self.cpu_seconds, self.cpu_seconds))
+            argv.append(f"--cpu={self.cpu_seconds}")
+        return argv + ["--"] if len(argv) > 1 else []
 
 
 def run(
@@ -47,15 +52,14 @@ def run(
     check: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv, capture stdout and stderr, raise CommandError on failure or timeout."""
-    preexec: Callable[[], None] | None = limits.apply if limits else None
+    full = (limits.prefix() if limits else []) + list(argv)
     try:
         proc = subprocess.run(
-            list(argv),
+            full,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
-            preexec_fn=preexec,
         )
     except subprocess.TimeoutExpired as exc:
         raise CommandError(argv, None, (exc.stderr or b"").decode(errors="replace")) from None

@@ -45,25 +45,44 @@ def _fail(ctx: Context, pvc: Obj, reason: str, message: str) -> None:
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
 
 
-def _content_source(ctx: Context, pvc: Obj) -> pb.VolumeContentSource | None:
+def claim_populated(ctx: Context, pvc: Obj) -> bool:
+    """Bound and, if a DataVolume fills it, filled: only then may it be cloned or snapshotted
+    (CDI binds a populated claim only once the import is done; here the DataVolume says)."""
+    if (pvc.get("status") or {}).get("phase") != "Bound":
+        return False
+    for ref in pvc["metadata"].get("ownerReferences", []):
+        if ref.get("kind") == "DataVolume":
+            dv = ctx.store.get("DataVolume", ref["name"], pvc["metadata"].get("namespace", "default"))
+            return bool(dv) and (dv.get("status") or {}).get("phase") == "Succeeded"
+    return True
+
+
+class WaitingForSource(Exception):
+    """The claim's dataSource is not ready yet (not bound, not ready to use): try again."""
+
+
+def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | None, int]:
+    """The CSI content source of a claim's dataSource, and the source's size (0 if none)."""
     source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource")
     if not source:
-        return None
+        return None, 0
     ns = source.get("namespace") or pvc["metadata"]["namespace"]
     if source.get("kind") == "PersistentVolumeClaim":
         src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
-        if not src or src.get("status", {}).get("phase") != "Bound":
-            raise LookupError(f"source claim {ns}/{source['name']} is not bound")
+        if not src or not claim_populated(ctx, src):
+            raise WaitingForSource(f"waiting for source claim {ns}/{source['name']} to be bound and populated")
         pv = ctx.store.get("PersistentVolume", src["spec"]["volumeName"])
+        size = int(src.get("status", {}).get("capacity", {}).get("storage", "0") or 0)
         return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(
-            volume_id=pv["spec"]["csi"]["volumeHandle"]))
+            volume_id=pv["spec"]["csi"]["volumeHandle"])), size
     if source.get("kind") == "VolumeSnapshot":
         snap = ctx.store.get("VolumeSnapshot", source["name"], ns)
-        handle = (snap or {}).get("status", {}).get("snapshotHandle")
-        if not handle:
-            raise LookupError(f"source snapshot {ns}/{source['name']} is not ready")
-        return pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=handle))
-    return None  # other populators (DataVolume, ...) fill the volume after it is made
+        status = (snap or {}).get("status") or {}
+        if not status.get("snapshotHandle") or not status.get("readyToUse"):
+            raise WaitingForSource(f"waiting for source snapshot {ns}/{source['name']} to be ready")
+        return pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(
+            snapshot_id=status["snapshotHandle"])), int(status.get("restoreSize", "0") or 0)
+    return None, 0  # other populators (DataVolume, ...) fill the volume after it is made
 
 
 def owner_gone(ctx: Context, obj: Obj) -> bool:
@@ -96,10 +115,19 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
         return
     spec = pvc["spec"]
     try:
-        size = parse_quantity(spec.get("resources", {}).get("requests", {}).get("storage", "1Gi"))
-        source = _content_source(ctx, pvc)
+        source, source_size = _content_source(ctx, pvc)
+        # a clone or restore without a size gets its source's size (CSI: required_bytes 0)
+        requested = spec.get("resources", {}).get("requests", {}).get("storage", "0" if source else "1Gi")
+        size = parse_quantity(requested)
+    except WaitingForSource as exc:
+        _fail(ctx, pvc, "WaitingForDataSource", str(exc))
+        return
     except (ValueError, LookupError) as exc:
         _fail(ctx, pvc, "ProvisioningFailed", str(exc))
+        return
+    if source is not None and size and size < source_size:  # as the external-provisioner refuses it
+        _fail(ctx, pvc, "ProvisioningFailed",
+              f"requested {size} bytes is smaller than the source's {source_size} bytes")
         return
     volume_mode = spec.get("volumeMode", "Filesystem")
     access_modes = spec.get("accessModes") or ["ReadWriteOnce"]

@@ -8,6 +8,7 @@ import grpc
 
 from csi.proto import csi_pb2 as pb
 from pvlun.context import Context
+from pvlun.provisioner import claim_populated
 from pvlun.store import Obj, remove_finalizer
 
 FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
@@ -31,7 +32,7 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
         return
     claim = (snap.get("spec") or {}).get("source", {}).get("persistentVolumeClaimName")
     pvc = ctx.store.get("PersistentVolumeClaim", claim, ns) if claim else None
-    if not pvc or pvc.get("status", {}).get("phase") != "Bound":
+    if not pvc or not claim_populated(ctx, pvc):
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
             "readyToUse": False, "error": None if claim else {"message": "spec.source.persistentVolumeClaimName is required"}})
         return

@@ -188,3 +188,76 @@ def test_catalog_holding_secrets_is_readable_by_its_owner_only(instance):
     for name in ("catalog.db", "catalog.db-wal"):
         mode = stat.S_IMODE(os.stat(os.path.join(instance.data_dir, name)).st_mode)
         assert mode == 0o600, (name, oct(mode))
+
+
+def test_clones_applied_together_with_their_source_wait_for_it_and_get_its_size(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "together.qcow2"))
+    manifest = dv("tog-src", f"    http:\n      url: {web.url}/together.qcow2", size="48Mi") + "---\n" + """\
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: tog-snap
+spec:
+  source:
+    persistentVolumeClaimName: tog-src
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: tog-clone
+spec:
+  source:
+    pvc:
+      name: tog-src
+  storage:
+    volumeMode: Block
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: tog-restore
+spec:
+  source:
+    snapshot:
+      name: tog-snap
+  storage:
+    volumeMode: Block
+"""
+    instance.apply(manifest, "--wait")
+    for name in ("tog-clone", "tog-restore"):
+        assert instance.get("DataVolume", name)["status"]["phase"] == "Succeeded"
+        capacity = int(instance.get("PersistentVolumeClaim", name)["status"]["capacity"]["storage"])
+        assert capacity == 48 * MiB  # no size given: the source's
+        assert same_prefix(raw, instance.lun_path(name))
+
+
+def test_clone_smaller_than_its_source_is_refused(instance, web):
+    instance.apply(dv("big-src", "    blank: {}", size="64Mi"), "--wait")
+    out = instance.apply(dv("small-clone", "    pvc:\n      name: big-src", size="32Mi"), "--wait", "--timeout", "30",
+                         check=False)
+    assert out.returncode == 1 and "smaller than the source" in out.stderr
+
+
+def test_failed_datavolume_shows_its_claim_gone_and_the_reason_in_ready(instance, web):
+    instance.apply(dv("gone", f"    http:\n      url: {web.url}/absent.qcow2"), "--wait", check=False)
+    conditions = {c["type"]: c for c in instance.get("DataVolume", "gone")["status"]["conditions"]}
+    assert conditions["Bound"]["status"] == "False" and conditions["Bound"]["reason"] == "ClaimDeleted"
+    assert conditions["Ready"]["reason"] == "NotFound" and "404" in conditions["Ready"]["message"]
+
+
+def test_datavolume_volume_attributes_class_reaches_its_claim_and_volume(instance):
+    instance.apply("""apiVersion: storage.k8s.io/v1beta1
+kind: VolumeAttributesClass
+metadata:
+  name: dv-qos
+driverName: csi.pvlun.dev
+parameters:
+  maxIOPS: "300"
+""")
+    manifest = dv("qos-dv", "    blank: {}", size="16Mi").replace("    volumeMode: Block\n",
+                                                                   "    volumeMode: Block\n    volumeAttributesClassName: dv-qos\n")
+    instance.apply(manifest, "--wait")
+    pvc = instance.get("PersistentVolumeClaim", "qos-dv")
+    assert pvc["spec"]["volumeAttributesClassName"] == "dv-qos"
+    pv = instance.get("PersistentVolume", pvc["spec"]["volumeName"])
+    assert pv["spec"]["csi"]["volumeAttributes"]["maxIOPS"] == "300"
