@@ -34,7 +34,9 @@ def open_store(data_dir: str, need_daemon: bool = True) -> SQLiteStore:
     if need_daemon and not daemon_running(data_dir):
         raise NoDaemon(f"no pvlun serve is running for data dir {data_dir}; "
                        f"start one with: pvlun serve --data-dir {data_dir}")
-    os.makedirs(data_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(data_dir, "catalog.db")):
+        raise NoDaemon(f"{data_dir} is not a pvlun instance (no catalog.db); "
+                       f"start one with: pvlun serve --data-dir {data_dir}")
     return SQLiteStore(os.path.join(data_dir, "catalog.db"))
 
 

@@ -261,3 +261,15 @@ parameters:
     assert pvc["spec"]["volumeAttributesClassName"] == "dv-qos"
     pv = instance.get("PersistentVolume", pvc["spec"]["volumeName"])
     assert pv["spec"]["csi"]["volumeAttributes"]["maxIOPS"] == "300"
+
+
+def test_data_dir_goes_before_or_after_the_command_and_an_empty_dir_is_not_an_instance(instance, tmp_path):
+    import sys
+
+    before = subprocess.run([sys.executable, "-m", "pvlun.cli", "--data-dir", instance.data_dir, "get", "pvc"],
+                            capture_output=True, text=True)
+    assert before.returncode == 0 and "NAME" in before.stdout
+    empty = subprocess.run([sys.executable, "-m", "pvlun.cli", "get", "dv", "--data-dir", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert empty.returncode == 1 and "not a pvlun instance" in empty.stderr
+    assert not os.path.exists(tmp_path / "catalog.db")
