@@ -37,8 +37,9 @@ def overcommit_ratio(text: str) -> float:
 
 
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
-                        help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
+    """--data-dir, accepted before or after the subcommand (the later one wins)."""
+    parser.add_argument("--data-dir", default=argparse.SUPPRESS,
+                        help="instance directory (env PVLUN_DATA_DIR; default /var/lib/pvlun)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,6 +71,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pvlun", description="Disks for virtual machines on Kubernetes.")
     parser.add_argument("--version", action="version", version=f"pvlun {__version__}")
+    parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
+                        help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the CSI driver (and the embedded controllers)")

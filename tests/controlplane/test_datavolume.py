@@ -266,9 +266,10 @@ parameters:
 def test_data_dir_goes_before_or_after_the_command_and_an_empty_dir_is_not_an_instance(instance, tmp_path):
     import sys
 
-    before = subprocess.run([sys.executable, "-m", "pvlun.cli", "--data-dir", instance.data_dir, "get", "pvc"],
+    instance.apply(dv("where", "    blank: {}", size="8Mi"), "--wait")
+    before = subprocess.run([sys.executable, "-m", "pvlun.cli", "--data-dir", instance.data_dir, "get", "dv", "where"],
                             capture_output=True, text=True)
-    assert before.returncode == 0 and "NAME" in before.stdout
+    assert before.returncode == 0 and "where" in before.stdout and "Succeeded" in before.stdout
     empty = subprocess.run([sys.executable, "-m", "pvlun.cli", "get", "dv", "--data-dir", str(tmp_path)],
                            capture_output=True, text=True)
     assert empty.returncode == 1 and "not a pvlun instance" in empty.stderr
