@@ -30,6 +30,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
         return 1
     if args.action == "migrate":
         return _migrate(store, args)
+    if args.action == "migrate-cancel":
+        return _migrate_cancel(store, args)
     before = _launcher_pid(store, args.name, args.namespace)
     store.annotate("VirtualMachine", args.name, args.namespace, **{REQUEST: args.action})
     print(f"VM {args.name} was scheduled to {args.action}")
@@ -86,6 +88,20 @@ def _migrate(store, args) -> int:
         time.sleep(0.2)
     print("error: migration did not finish in time", file=sys.stderr)
     return 1
+
+
+def _migrate_cancel(store, args) -> int:
+    """Like virtctl migrate-cancel: delete the VM's unfinished migrations; the source keeps running."""
+    running = [m for m in store.list("VirtualMachineInstanceMigration", args.namespace)
+               if (m.get("spec") or {}).get("vmiName") == args.name
+               and ((m.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))]
+    if not running:
+        print(f"error: VM {args.name} has no migration in progress", file=sys.stderr)
+        return 1
+    for mig in running:
+        store.delete("VirtualMachineInstanceMigration", mig["metadata"]["name"], args.namespace)
+        print(f"migration {mig['metadata']['name']} of VM {args.name} cancelled")
+    return 0
 
 
 def _vm_target(text: str) -> str:
@@ -149,8 +165,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, data_dir_arg) -> None:
-    vm = sub.add_parser("vm", help="start, stop, restart, pause, unpause or migrate a VirtualMachine")
-    vm.add_argument("action", choices=["start", "stop", "restart", "pause", "unpause", "migrate"])
+    vm = sub.add_parser("vm", help="start, stop, restart, pause, unpause, migrate (or migrate-cancel) a VirtualMachine")
+    vm.add_argument("action", choices=["start", "stop", "restart", "pause", "unpause", "migrate", "migrate-cancel"])
     vm.add_argument("name")
     vm.add_argument("-n", "--namespace", default="default")
     vm.add_argument("--target-node", help="migrate: the node to move to (default: another node)")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import shlex
+import threading
 
 from pvlun.context import Context
-from pvlun.store import Obj
+from pvlun.store import Obj, remove_finalizer
 from virt.hooks import HookContext, MigrationHooks
 from virt.launcher import VmLauncher
 from virt.migration import MigrationStatus, migrate
@@ -17,6 +18,7 @@ from virt.spec import SpecError, parse_migration
 
 log = logging.getLogger("pvlun.virt")
 NODE_SELECTOR_KEY = "kubernetes.io/hostname"
+FINALIZER = "pvlun.dev/migration"
 
 
 def register_user_hooks(ctx: Context, hooks: MigrationHooks) -> None:
@@ -57,7 +59,33 @@ def start_migration(ctx: Context, mig: Obj) -> None:
                 reason=f"no target node: nodes are {', '.join(ctx.node_ids)} and the VMI runs on {rt.node}")
         return
     _status(ctx, mig, phase="Scheduling", sourceNode=rt.node, targetNode=target)
+    meta = mig["metadata"]
+    if FINALIZER not in meta.get("finalizers", []):  # a delete while it runs cancels it
+        ctx.store.patch_metadata("VirtualMachineInstanceMigration", meta["name"], ns,
+                                 finalizers=meta.get("finalizers", []) + [FINALIZER])
+    cancels(ctx).setdefault(key_of(mig), threading.Event())
     ctx.jobs.start("migration:" + key, lambda: run_migration(ctx, mig, key, target))
+
+
+def cancels(ctx: Context) -> dict[str, threading.Event]:
+    """One cancel flag per running migration (by the migration object's key)."""
+    return ctx.services.setdefault("migration_cancels", {})
+
+
+def key_of(obj: Obj) -> str:
+    return f"{obj['metadata'].get('namespace', 'default')}/{obj['metadata']['name']}"
+
+
+def cancel_migration(ctx: Context, mig: Obj) -> None:
+    """The migration object was deleted: abort what runs (the source keeps running), then let it go."""
+    flag = cancels(ctx).get(key_of(mig))
+    if flag is not None and not flag.is_set():
+        log.info("migration %s deleted: cancelling", key_of(mig))
+        flag.set()
+    vmi = (mig.get("spec") or {}).get("vmiName", "")
+    if not ctx.jobs.running(f"migration:{mig['metadata'].get('namespace', 'default')}/{vmi}"):
+        cancels(ctx).pop(key_of(mig), None)
+        remove_finalizer(ctx.store, mig, FINALIZER)
 
 
 def not_migratable(ctx: Context, spec) -> str | None:
@@ -113,9 +141,10 @@ def run_migration(ctx: Context, mig: Obj, key: str, target: str) -> MigrationSta
 
     try:
         result = migrate(rt.launcher, target_launcher, hooks=hooks, source_node=rt.node, target_node=target,
-                         on_progress=progress)
+                         on_progress=progress, cancel=cancels(ctx).get(key_of(mig)))
     finally:
         rt.migrating = False
+    cancels(ctx).pop(key_of(mig), None)
     if result.phase == "Succeeded":
         rt.launcher = made["launcher"]  # type: ignore[assignment]
         rt.node = target

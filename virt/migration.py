@@ -11,6 +11,7 @@ runs the failed hooks [Failed].
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -80,6 +81,7 @@ def migrate(
     timeout: float = 300,
     poll_interval: float = 0.05,
     on_progress: Callable[[MigrationStatus], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> MigrationStatus:
     """Live-migrate `source` into `target` (a launcher, or a factory called after the pre hooks).
 
@@ -87,6 +89,12 @@ def migrate(
     Returns the final status (phase Succeeded or Failed); never leaves two running copies.
     """
     hooks = hooks or MigrationHooks()
+    cancel = cancel or threading.Event()
+
+    def check_cancel() -> None:
+        if cancel.is_set():
+            raise MigrationFailed("migration cancelled")
+
     status = MigrationStatus(source_node or source.node, target_node or "", started=time.time())
     progress = on_progress or (lambda s: None)
     target_launcher: VmLauncher | None = None
@@ -111,6 +119,7 @@ def migrate(
             hooks.run(context("pre"), stop_on_error=True)
             target_launcher = target()
             status.target_node = status.target_node or target_launcher.node
+        check_cancel()
         if target_launcher.incoming != "defer":
             raise MigrationFailed('the target launcher must be created with incoming="defer"')
         target_launcher.start()
@@ -126,6 +135,7 @@ def migrate(
         set_phase("Running")
         deadline = time.monotonic() + timeout
         while True:
+            check_cancel()
             info = source.execute("query-migrate")
             _update(status, info)
             progress(status)

@@ -151,6 +151,7 @@ def _follow_volume_qos(ctx: Context, running) -> None:
     from virt.runtime import set_vmi_status, throttle_of
 
     changed = False
+    refused = ctx.services.setdefault("qos_refused", {}).setdefault(running.key, {})
     for name, attachment in running.attachments.items():
         disk = running.launcher.disks.get(name)
         if disk is None:
@@ -159,8 +160,16 @@ def _follow_volume_qos(ctx: Context, running) -> None:
         if disk.throttle is None:
             continue
         wanted = throttle_of(ctx, attachment.volume_id)
-        if wanted != disk.throttle:
-            running.launcher.set_throttle(name, wanted)
+        if wanted != disk.throttle and refused.get(name) != wanted:
+            try:
+                running.launcher.set_throttle(name, wanted)
+            except Exception as exc:  # noqa: BLE001 - QEMU's refusal is reported once, not retried each second
+                refused[name] = wanted
+                ns, vm_name = running.key.split("/", 1)
+                vm = ctx.store.get("VirtualMachine", vm_name, ns)
+                if vm:
+                    ctx.store.add_event(vm, "Warning", "VolumeQoSRefused", f"volume {name}: {exc}")
+                continue
             log.info("VM %s volume %s: throttle now %s", running.key, name, wanted)
             changed = True
     if changed or "volumeStatus" not in (_vmi(ctx, running.key).get("status") or {}):
@@ -266,12 +275,16 @@ def reconcile_vm(ctx: Context, vm: Obj) -> None:
 
 
 def reconcile_migration(ctx: Context, mig: Obj) -> None:
-    from virt.live_migration import start_migration
+    from virt.live_migration import cancel_migration, start_migration
 
+    if mig["metadata"].get("deletionTimestamp"):
+        cancel_migration(ctx, mig)
+        return
     status = mig.get("status") or {}
     if status.get("phase") in ("Succeeded", "Failed"):
         return
-    if ctx.jobs.running("migration:" + key_of(mig)):
+    vmi = f"{mig['metadata'].get('namespace', 'default')}/{(mig.get('spec') or {}).get('vmiName', '')}"
+    if ctx.jobs.running("migration:" + vmi):  # the job is keyed by the VMI: one migration at a time
         return
     start_migration(ctx, mig)
 

@@ -24,6 +24,7 @@ HOOK = """#!/bin/sh
 dir=$(dirname "$0")
 echo "$1 $2 $3 $4" >> "$dir/hooks.log"
 if [ "$1" = pre ] && [ -e "$dir/fail-pre-$2" ]; then echo "pre hook refused to move $2" >&2; exit 3; fi
+if [ "$1" = pre ] && [ -e "$dir/slow-pre-$2" ]; then sleep 3; fi
 if [ "$1" = pre ] && [ -e "$dir/kill-target-$2" ]; then
   ( while [ -e "$dir/kill-target-$2" ]; do
       pid=$(pgrep -f "$5/vms/default/$2/$4/") && { kill -9 $pid; echo "$pid" > "$dir/killed-$2"; exit 0; }
@@ -219,3 +220,29 @@ spec:
     assert hook_lines(hooks_dir)[before:] == [f"pre {mover} {source} {target}", f"post {mover} {source} {target}"]
     table = mig.cli("get", "vmim").stdout
     assert re.search(rf"move-{mover}\s+Succeeded\s+{mover}", table), table
+
+
+def test_cancelled_migration_leaves_the_source_running_and_cleans_the_target(mig, mover, hooks_dir):
+    source, target = placement(mig, mover)
+    pid = mig.qemu_pid(mover)
+    before = len(hook_lines(hooks_dir))
+    flag = os.path.join(hooks_dir, f"slow-pre-{mover}")
+    open(flag, "w").close()
+    try:
+        mig.cli("vm", "migrate", mover)  # no --wait: it is under way, in its (slow) pre hook
+        mig.wait(lambda: len(hook_lines(hooks_dir)) > before, 10, "the pre hook running")
+        out = mig.cli("vm", "migrate-cancel", mover)
+        assert "cancelled" in out.stdout
+    finally:
+        os.unlink(flag)
+    mig.wait(lambda: hook_lines(hooks_dir)[before:] == [f"pre {mover} {source} {target}",
+                                                        f"failed {mover} {source} {target}"], 20, "failed hooks")
+    assert mig.vmi_status(mover)["migrationState"]["phase"] == "Failed"
+    assert "cancelled" in mig.vmi_status(mover)["migrationState"]["error"]
+    assert_keeps_ticking(mig, mover, source, pid)
+    assert attachment_nodes(mig, mover) == [source] and published_nodes(mig, "mover-root") == [source]
+    # the deleted migration object goes away once the cancel is done
+    mig.wait(lambda: not [m for m in mig.store.list("VirtualMachineInstanceMigration")
+                          if (m.get("spec") or {}).get("vmiName") == mover
+                          and (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], 10,
+             "the cancelled migration object gone")
