@@ -208,7 +208,7 @@ def snapshot_clone_times(driver: Driver, label: str, repeats: int = 3) -> list[R
 def rss_with_volumes(root: str, count: int = 10_000, clients: int = 16) -> list[Row]:
     data_dir = os.path.join(root, "rss")
     rows = []
-    with Driver(data_dir, pool_size="8Gi") as driver:
+    with Driver(data_dir, pool_size="16Gi") as driver:
         idle_rss, _ = driver.rss()
         created = [0] * clients
         t0 = time.monotonic()
@@ -234,7 +234,7 @@ def rss_with_volumes(root: str, count: int = 10_000, clients: int = 16) -> list[
                      f"the process that served {count:,} concurrent CreateVolume calls ({clients} clients, "
                      f"{create_seconds:.1f} s) then a ListVolumes over all {listed:,} ({list_seconds:.2f} s, "
                      f"pages of 500); idle at start {idle_rss / MiB:.0f} MiB, peak {hwm / MiB:.0f} MiB (no target in the issue)"))
-    with Driver(data_dir, pool_size="8Gi") as driver:  # a fresh process: start-up repair scans all of them
+    with Driver(data_dir, pool_size="16Gi") as driver:  # a fresh process: start-up repair scans all of them
         startup = driver.startup_seconds
         listed, list_seconds = _list_all(driver)
         rss, hwm = driver.rss()

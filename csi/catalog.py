@@ -62,6 +62,15 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 CREATING, READY, DELETING = "creating", "ready", "deleting"
 
+# Members of a group snapshot are stored under names no request can use: the prefix holds
+# a control character, which check_name refuses, so CreateSnapshot never meets a member.
+MEMBER_PREFIX = "\x1fgroup/"
+
+
+def member_name(group_name: str, volume_id: str) -> str:
+    """The stored name of a group member (group names are unique, so these are too)."""
+    return f"{MEMBER_PREFIX}{group_name}-{volume_id}"
+
 
 @dataclass
 class Volume:
@@ -144,6 +153,9 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        # catalogs written before the member namespace named members "<group name>-<volume id>"
+        self._db.execute("UPDATE snapshots SET name = ? || name WHERE group_id != '' AND substr(name, 1, 1) != ?",
+                         (MEMBER_PREFIX, MEMBER_PREFIX[0]))
 
     def close(self) -> None:
         with self._lock:
@@ -194,6 +206,10 @@ class Catalog:
         args: tuple = (start, state) if state else (start,)
         rows = self._query(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [_row(Volume, r) for r in rows]
+
+    def provisioned_bytes(self) -> int:
+        """The sum of the sizes of all volumes (in any state; snapshots not counted)."""
+        return self._query("SELECT COALESCE(SUM(size), 0) FROM volumes")[0][0]
 
     def count_volumes(self) -> int:
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]

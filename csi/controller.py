@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from csi import convert
-from csi.errors import CsiError, invalid
+from csi.errors import CsiError, exhausted, invalid
 from csi.lun_service import LunService
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
@@ -45,10 +45,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             else:
                 raise invalid("volume_content_source must name a snapshot or a volume")
             require(source_id, f"volume_content_source.{kind} id")
+        if request.HasField("accessibility_requirements"):
+            self._check_topology(request.accessibility_requirements)
         rng = request.capacity_range
         vol = self.luns.create_volume(request.name, rng.required_bytes, rng.limit_bytes, caps,
                                       dict(request.parameters), dict(request.mutable_parameters), kind, source_id)
         return pb.CreateVolumeResponse(volume=convert.volume_msg(vol, self.host))
+
+    def _check_topology(self, requirements: pb.TopologyRequirement) -> None:
+        """Volumes live on this host: some requisite segment must admit it (preferred is advisory)."""
+        requisite = [dict(t.segments) for t in requirements.requisite]
+        if requisite and not any(convert.reachable_from(seg, self.host) for seg in requisite):
+            raise exhausted(f"the volume can only be reachable on host {self.host} "
+                            f"({convert.TOPOLOGY_HOST_KEY}={self.host}); the requisite topology excludes it")
 
     def DeleteVolume(self, request, context):
         self.luns.delete_volume(request.volume_id)
@@ -102,6 +111,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_capability(convert.capability(cap))
             except CsiError:
                 return pb.GetCapacityResponse(available_capacity=0)
+        if request.HasField("accessible_topology") and not convert.reachable_from(
+                dict(request.accessible_topology.segments), self.host):
+            return pb.GetCapacityResponse(available_capacity=0)
         _, available = self.luns.capacity()
         return pb.GetCapacityResponse(available_capacity=available)
 

@@ -14,6 +14,12 @@ TOPOLOGY_HOST_KEY = "topology.csi.pvlun.dev/host"
 _MODES = pb.VolumeCapability.AccessMode.Mode
 
 
+def reachable_from(segments: dict[str, str], host: str) -> bool:
+    """Whether a topology segment admits this host: every key of ours it holds (the host
+    key) must match; keys we do not know (the node key, others' keys) do not matter."""
+    return segments.get(TOPOLOGY_HOST_KEY, host) == host
+
+
 def capability(msg: pb.VolumeCapability, what: str = "volume_capability") -> Capability:
     """A VolumeCapability as a plain Capability; missing parts are INVALID_ARGUMENT."""
     kind = msg.WhichOneof("access_type")

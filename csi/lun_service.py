@@ -13,7 +13,8 @@ import threading
 
 from csi import validation as v
 from csi.backends.base import Backend
-from csi.catalog import CREATING, DELETING, READY, Catalog, GroupSnapshot, Publication, Snapshot, Volume
+from csi.catalog import (CREATING, DELETING, READY, Catalog, GroupSnapshot, Publication, Snapshot, Volume,
+                         member_name)
 from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition
 from csi.locks import KeyedLocks
 from csi.validation import Capability
@@ -26,11 +27,15 @@ def new_id(prefix: str) -> str:
 
 
 class LunService:
-    def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256):
+    def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256,
+                 overcommit: float = 1.0):
+        if not overcommit > 0:
+            raise ValueError(f"the overcommit ratio must be positive, not {overcommit}")
         self.catalog = catalog
         self.backend = backend
         self.locks = KeyedLocks()
         self.max_volumes_per_node = max_volumes_per_node
+        self.overcommit = overcommit
         self._capacity_lock = threading.Lock()
 
     # ---- crash repair -------------------------------------------------------------
@@ -97,9 +102,7 @@ class LunService:
                 if source_size and limit and source_size > limit:
                     raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
                 with self._capacity_lock:
-                    _, available = self.backend.capacity()
-                    if size > available:
-                        raise exhausted(f"the pool has {available} bytes free; {size} were asked for")
+                    self._check_room(size, f"{size} were asked for")
                     volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
@@ -189,9 +192,7 @@ class LunService:
                 return volume, False
             size = v.size_from_range(required, limit)
             with self._capacity_lock:
-                _, available = self.backend.capacity()
-                if size - volume.size > available:
-                    raise exhausted(f"the pool has {available} bytes free; growing needs {size - volume.size}")
+                self._check_room(size - volume.size, f"growing needs {size - volume.size}")
                 self.backend.expand_volume(volume_id, size)
                 self.catalog.update_volume(volume_id, size=size)
             volume.size = size
@@ -281,6 +282,8 @@ class LunService:
         v.require(volume_id, "source_volume_id")
         with self.locks.hold("snapshot-name:" + name):
             existing = self.catalog.snapshot_by_name(name)
+            if existing and existing.group_id:  # cannot happen: members live in their own namespace
+                raise already_exists(f"snapshot name {name!r} is taken by a member of group snapshot {existing.group_id}")
             if existing:
                 if existing.volume_id != volume_id:
                     raise already_exists(f"snapshot {name!r} already exists for another volume ({existing.volume_id})")
@@ -350,7 +353,7 @@ class LunService:
                 volumes = [self.get_volume(i) for i in volume_ids]
                 group = GroupSnapshot(new_id("grp"), name, CREATING, list(volume_ids), dict(parameters))
                 self.catalog.add_group(group)
-                snaps = [Snapshot(new_id("snap"), f"{name}-{vol.id}", vol.id, vol.size, CREATING, group.id, dict(parameters))
+                snaps = [Snapshot(new_id("snap"), member_name(name, vol.id), vol.id, vol.size, CREATING, group.id, dict(parameters))
                          for vol in volumes]
                 for snap in snaps:
                     self.catalog.add_snapshot(snap)
@@ -398,5 +401,25 @@ class LunService:
                 self._drop_snapshot(snap.id)
             self.catalog.remove_group(group_id)
 
+    # ---- capacity ---------------------------------------------------------------
+    def _provisionable(self) -> tuple[int, int, int, int]:
+        """(pool size, free bytes, provisioning limit = pool size x overcommit, bytes provisioned)."""
+        total, available = self.backend.capacity()
+        return total, available, int(total * self.overcommit), self.catalog.provisioned_bytes()
+
+    def _check_room(self, grow: int, asked: str) -> None:
+        """Refuse `grow` more bytes unless both the free space and the provisioning limit
+        allow them. Call with the capacity lock held."""
+        _, available, limit, provisioned = self._provisionable()
+        if grow > available:
+            raise exhausted(f"the pool has {available} bytes free; {asked}")
+        if provisioned + grow > limit:
+            raise exhausted(f"capacity beyond the pool: {provisioned} of {limit} bytes are provisioned "
+                            f"(pool size x overcommit {self.overcommit:g}); {asked}")
+
     def capacity(self) -> tuple[int, int]:
-        return self.backend.capacity()
+        """(total, available): available is what a new volume may still take, the smaller of
+        the free bytes and what the provisioning limit leaves."""
+        with self._capacity_lock:
+            total, available, limit, provisioned = self._provisionable()
+        return total, max(0, min(available, limit - provisioned))

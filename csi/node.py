@@ -14,6 +14,7 @@ import socket
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -24,7 +25,7 @@ from csi.filesystems import DeviceNotBlank
 from csi.locks import KeyedLocks
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.validation_node import (
-    check_capability, check_path, check_volume_id, check_volume_path, lun_path, require,
+    check_capability, check_path, check_volume_id, check_volume_path, lun_files, lun_path, require,
 )
 from pvlun.command import CommandError
 
@@ -81,16 +82,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     """CSI Node for LUN files reached through loop devices on this host."""
 
     def __init__(self, node_id: str, max_volumes: int = 256,
-                 topology_key: str = "topology.csi.pvlun.dev/node"):
+                 topology_key: str = "topology.csi.pvlun.dev/node",
+                 pool_volumes_dirs: Sequence[str] = ()):
         self.node_id = node_id
         self.max_volumes = max_volumes
         self.topology_key = topology_key
+        # The pool's volumes dirs: a volume's LUN is <dir>/<volume_id>.img and nothing else.
+        # Only such a LUN is staged, and only mounts of its loop device are unmounted,
+        # reported on or grown. With none, the node stages nothing and touches nothing.
+        self.pool_volumes_dirs = tuple(pool_volumes_dirs)
+        if not self.pool_volumes_dirs:
+            log.warning("node %s has no pool volumes dir: it will stage no volume", node_id)
         # Calls for one volume run one at a time; a retry arriving while a long call (mkfs,
         # resize) still runs gets ABORTED, the spec's "operation pending".
         self._locks = KeyedLocks(wait_seconds=30)
 
     def _lock(self, volume_id: str):
         return self._locks.hold(volume_id)
+
+    def _luns(self, volume_id: str) -> tuple[str, ...]:
+        """Where volume_id's LUN file may be (real paths); volume_id must be validated."""
+        return lun_files(volume_id, self.pool_volumes_dirs)
 
     @_rpc
     def NodeStageVolume(self, request, context):
@@ -100,7 +112,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         access = check_capability(request.volume_capability)
         target = check_path(request.staging_target_path, "staging_target_path")
         check_volume_id(request.volume_id)
-        lun = lun_path(dict(request.publish_context), dict(request.volume_context), request.volume_id)
+        lun = lun_path(dict(request.publish_context), dict(request.volume_context), request.volume_id,
+                       self.pool_volumes_dirs)
         with self._lock(request.volume_id):
             staging.stage(request.volume_id, lun, target, access)
         return csi_pb2.NodeStageVolumeResponse()
@@ -112,7 +125,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = check_path(request.staging_target_path, "staging_target_path")
         check_volume_id(request.volume_id)
         with self._lock(request.volume_id):
-            staging.unstage(request.volume_id, target)
+            staging.unstage(request.volume_id, target, self._luns(request.volume_id))
         return csi_pb2.NodeUnstageVolumeResponse()
 
     @_rpc
@@ -133,7 +146,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
                                    f"published at {others[0]}")
-            staging.publish(request.volume_id, staged_at, target, access, read_only)
+            staging.publish(request.volume_id, staged_at, target, access, read_only,
+                            self._luns(request.volume_id))
         return csi_pb2.NodePublishVolumeResponse()
 
     @_rpc
@@ -143,7 +157,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = check_path(request.target_path, "target_path")
         check_volume_id(request.volume_id)
         with self._lock(request.volume_id):
-            staging.unpublish(request.volume_id, target)
+            staging.unpublish(request.volume_id, target, self._luns(request.volume_id))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @_rpc
@@ -152,7 +166,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_path, "volume_path")
         check_volume_id(request.volume_id)
         path = check_volume_path(request.volume_path, request.volume_id)
-        stats = staging.volume_stats(request.volume_id, path)
+        stats = staging.volume_stats(request.volume_id, path, self._luns(request.volume_id))
         if stats.block:
             usage = [csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=stats.size)]
         else:
@@ -179,7 +193,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if cr.required_bytes < 0 or cr.limit_bytes < 0:
             raise invalid("capacity_range must not be negative")
         with self._lock(request.volume_id):
-            size = staging.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes)
+            size = staging.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes,
+                                  self._luns(request.volume_id))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     @_rpc

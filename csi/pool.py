@@ -11,7 +11,18 @@ from csi.backends.copy import can_reflink
 from pvlun.command import CommandError, run
 
 log = logging.getLogger("pvlun.pool")
-DEFAULT_POOL_SIZE = 64 << 30
+GiB = 1 << 30
+MAX_DEFAULT_POOL_SIZE = 256 * GiB
+DEFAULT_POOL_SIZE = 0  # 0: choose with default_pool_size() when the image is made
+
+
+def default_pool_size(data_dir: str) -> int:
+    """The pool image size when none is given: 90% of the free space of the data dir's
+    filesystem, at most 256 GiB, rounded down to GiB (the image is sparse: this is what
+    volumes may grow to, not what is taken now)."""
+    st = os.statvfs(data_dir)
+    free = st.f_bavail * st.f_frsize
+    return max(GiB, min(MAX_DEFAULT_POOL_SIZE, free * 9 // 10) // GiB * GiB)
 
 
 def is_mountpoint(path: str) -> bool:
@@ -20,9 +31,10 @@ def is_mountpoint(path: str) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int = DEFAULT_POOL_SIZE,
+def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None = DEFAULT_POOL_SIZE,
                  make_xfs: bool = True) -> str:
-    """Return the pool directory, making and mounting a reflink XFS image if that helps."""
+    """Return the pool directory, making and mounting a reflink XFS image if that helps
+    (`pool_size` 0 or None: default_pool_size())."""
     if pool:
         os.makedirs(pool, exist_ok=True)
         return os.path.abspath(pool)
@@ -33,7 +45,7 @@ def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int = DEFAUL
         return root
     if os.path.exists(image) or (make_xfs and os.geteuid() == 0 and not can_reflink(root)):
         try:
-            _mount_xfs_image(image, root, pool_size)
+            _mount_xfs_image(image, root, pool_size or default_pool_size(data_dir))
         except CommandError as exc:
             log.warning("cannot make a reflink XFS pool (%s); using plain copies in %s", exc, root)
     return root

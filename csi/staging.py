@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,11 +40,24 @@ def _block_node(staging: str) -> str:
     return os.path.join(staging, BLOCK_NODE)
 
 
-def _holds_volume(device: str, volume_id: str) -> bool:
-    """Is this device the volume's LUN? Loop devices are checked by their backing file's
-    name (the controller names LUN files after the volume); other devices can't tell."""
+_DELETED = " (deleted)"
+
+
+def _holds_volume(device: str | None, luns: Sequence[str]) -> bool:
+    """Is this device the volume's LUN: a loop device whose backing file is one of `luns`
+    (the volume's LUN file in each pool volumes dir, real paths)? Anything else - another
+    block device, a tmpfs or overlay (no device), a loop device on any other file - is not
+    ours and must never be unmounted, reported on or grown."""
+    if not device or not luns or not attach.is_loop(device):
+        return False
     backing = attach.loop_backing_file(device)
-    return backing is None or volume_id in os.path.basename(backing)
+    if backing is None:
+        return False
+    if backing in luns:
+        return True
+    if backing.endswith(_DELETED) and not os.path.lexists(backing):
+        return backing[: -len(_DELETED)] in luns  # the LUN was deleted while attached
+    return any(attach.backing_file_is(device, lun) for lun in luns)  # same inode, another name
 
 
 def _release(device: str | None) -> None:
@@ -139,26 +153,52 @@ def _mount_filesystem(device: str, staging: str, access: Access) -> None:
         filesystems.grow_filesystem(device, staging, fstype)  # a no-op unless the LUN grew meanwhile
 
 
-def unstage(volume_id: str, staging: str) -> None:
+def unstage(volume_id: str, staging: str, luns: Sequence[str]) -> None:
+    """Unmount what stages volume_id at `staging` (only mounts of its own LUN's loop device)
+    and detach the device. Something else mounted there: NOT_FOUND, and nothing is touched."""
     node = _block_node(staging)
-    devices = []
+    devices: list[str] = []
+    ours = True
     for path in (node, staging):
-        while attach.mount_at(path):
-            devices.append(_unmount_volume(volume_id, path))
+        ours = _unmount_ours(volume_id, path, luns, devices)
         if path == node and devices:
             _remove(node)
-    if not devices and os.path.isfile(node) and os.path.getsize(node) == 0:
+        if not ours:
+            break
+    if not devices and ours and _is_empty_file(node):
         _remove(node)  # left by a stage interrupted before its bind mount
     for device in dict.fromkeys(devices):
         _release(device)
+    if not devices and not ours:
+        raise not_found(f"{staging} holds something else, not volume {volume_id}: left alone")
 
 
-def _unmount_volume(volume_id: str, path: str) -> str | None:
-    device = attach.device_of(path)
-    if device and not _holds_volume(device, volume_id):
-        raise not_found(f"{path} holds another volume, not {volume_id}")
-    attach.unmount(path)
-    return device
+def _unmount_ours(volume_id: str, path: str, luns: Sequence[str], devices: list[str]) -> bool:
+    """Unmount the mounts stacked at `path` while they are volume_id's (appending their
+    devices); False when a mount there is not ours (left mounted)."""
+    while attach.mount_at(path):
+        device = attach.device_of(path)
+        if device is None or not _holds_volume(device, luns):
+            log.warning("not unmounting %s: it is not volume %s (device %s)", path, volume_id, device)
+            return False
+        attach.unmount(path)
+        devices.append(device)
+    return True
+
+
+def _is_empty_file(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _is_empty_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode) and not os.listdir(path)
+    except OSError:
+        return False
 
 
 def _remove(path: str) -> None:
@@ -178,7 +218,8 @@ def _remove(path: str) -> None:
 # ---------------------------------------------------------------- publish / unpublish
 
 
-def publish(volume_id: str, staging: str, target: str, access: Access, read_only: bool) -> None:
+def publish(volume_id: str, staging: str, target: str, access: Access, read_only: bool,
+            luns: Sequence[str]) -> None:
     current = staged(staging)
     if current is None:
         raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"volume {volume_id} is not staged at {staging}")
@@ -186,7 +227,7 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
     if block != access.block:
         have = "block" if block else "mount"
         raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{volume_id} is staged for {have} access at {staging}")
-    if device is None or not _holds_volume(device, volume_id):
+    if not _holds_volume(device, luns):
         raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{staging} stages another volume, not {volume_id}")
     if attach.mount_at(target):
         _check_published_matches(volume_id, device, target, access, read_only)
@@ -258,13 +299,19 @@ def _check_published_matches(volume_id: str, staged_device: str, target: str,
         raise _error(conflict, f"{volume_id} is already published {have} at {target}")
 
 
-def unpublish(volume_id: str, target: str) -> None:
-    devices = []
-    while attach.mount_at(target):
-        devices.append(_unmount_volume(volume_id, target))
-    _remove(target)  # the spec: the SP deletes the file or directory at target_path
+def unpublish(volume_id: str, target: str, luns: Sequence[str]) -> None:
+    """Unmount volume_id's publish at target (only binds of its own LUN's loop device or of
+    its staging mount) and delete the target, as the spec asks. Something else mounted
+    there: NOT_FOUND, and nothing is touched. Nothing mounted: only an empty directory or
+    empty file (what a publish creates) is removed."""
+    devices: list[str] = []
+    ours = _unmount_ours(volume_id, target, luns, devices)
+    if ours and (devices or _is_empty_dir(target) or _is_empty_file(target)):
+        _remove(target)  # the spec: the SP deletes the file or directory at target_path
     for device in dict.fromkeys(devices):
         _release(device)  # frees a read-only publish's own loop device; staged ones stay in use
+    if not devices and not ours:
+        raise not_found(f"{target} holds something else, not volume {volume_id}: left alone")
 
 
 # ---------------------------------------------------------------- stats / expand
@@ -277,7 +324,7 @@ class VolumeAt:
     mount_point: str  # "" for block
 
 
-def volume_at(volume_id: str, path: str) -> VolumeAt:
+def volume_at(volume_id: str, path: str, luns: Sequence[str]) -> VolumeAt:
     """The volume staged or published at path; NOT_FOUND unless it is volume_id's."""
     missing = not_found(f"volume {volume_id} is not staged or published at {path}")
     try:
@@ -292,7 +339,7 @@ def volume_at(volume_id: str, path: str) -> VolumeAt:
         found = VolumeAt(attach.device_of(_block_node(path)) or "", True, "")  # block staging path
     else:
         raise missing
-    if not found.device or not _holds_volume(found.device, volume_id):
+    if not _holds_volume(found.device, luns):
         raise missing
     return found
 
@@ -305,17 +352,18 @@ class Stats:
     problem: str | None  # why the volume is abnormal; None when healthy
 
 
-def volume_stats(volume_id: str, path: str) -> Stats:
-    vol = volume_at(volume_id, path)
+def volume_stats(volume_id: str, path: str, luns: Sequence[str]) -> Stats:
+    vol = volume_at(volume_id, path, luns)
     problem = attach.lun_gone(vol.device)
     if vol.block:
         return Stats(True, attach.device_size(vol.device), None, problem)
     return Stats(False, 0, filesystems.filesystem_usage(vol.mount_point), problem)
 
 
-def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int) -> int:
+def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int,
+           luns: Sequence[str]) -> int:
     """Make every loop device of the LUN see its grown file, then grow the filesystem."""
-    vol = volume_at(volume_id, path)
+    vol = volume_at(volume_id, path, luns)
     lun = _lun_of(vol.device, volume_id)
     for loop in attach.loop_devices_for(lun):
         attach.refresh_loop(loop.path)

@@ -29,6 +29,10 @@ SINGLE_NODE_MODES = {"SINGLE_NODE_WRITER", "SINGLE_NODE_READER_ONLY",
 FS_TYPES = {"", "ext4", "xfs"}
 
 MUTABLE_KEYS = {"maxIOPS", "maxMBps"}
+# QEMU refuses throttling limits above 1e15 (bytes or operations per second)
+QEMU_LIMIT = 10**15
+MUTABLE_MAX = {"maxIOPS": QEMU_LIMIT, "maxMBps": QEMU_LIMIT // MiB}
+_DIGITS = re.compile(r"[0-9]+")
 # StorageClass parameters we understand; the external-provisioner adds csi.storage.k8s.io/*.
 PARAMETER_KEYS = {"fsType", "csi.storage.k8s.io/fstype"} | MUTABLE_KEYS
 PARAMETER_PREFIXES = ("csi.storage.k8s.io/", "pvlun.dev/")
@@ -96,15 +100,18 @@ def check_parameters(parameters: dict[str, str]) -> None:
 
 
 def check_mutable(parameters: dict[str, str], allow_other: bool = False) -> dict[str, str]:
-    """Validate maxIOPS / maxMBps (positive integers); returns just those keys."""
+    """Validate maxIOPS / maxMBps (ASCII integers within what QEMU takes); returns just those keys."""
     found = {}
     for key, value in parameters.items():
         if key not in MUTABLE_KEYS:
             if allow_other:
                 continue
             raise invalid(f"unknown mutable parameter {key!r} (known: {', '.join(sorted(MUTABLE_KEYS))})")
-        if not value.isdigit() or int(value) <= 0:
-            raise invalid(f"mutable parameter {key} must be a positive integer, not {value!r}")
+        top = MUTABLE_MAX[key]
+        # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("١٢")
+        # (the length check first: int() refuses strings of more than 4300 digits)
+        if not _DIGITS.fullmatch(value) or len(value) > len(str(top)) + 8 or not 1 <= int(value) <= top:
+            raise invalid(f"mutable parameter {key} must be an integer from 1 to {top}, not {value!r}")
         found[key] = value
     return found
 

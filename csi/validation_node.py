@@ -112,15 +112,29 @@ def check_capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capabil
     return Access(False, fs_type, tuple(flags), mode, mode in READ_ONLY_MODES)
 
 
-def lun_path(publish_context: dict, volume_context: dict, volume_id: str) -> str:
+LUN_SUFFIX = ".img"
+
+
+def lun_files(volume_id: str, volumes_dirs) -> tuple[str, ...]:
+    """The only places volume_id's LUN can be: <realpath of a pool volumes dir>/<volume_id>.img.
+    Call with a validated volume_id only."""
+    return tuple(dict.fromkeys(os.path.join(os.path.realpath(d), volume_id + LUN_SUFFIX)
+                               for d in volumes_dirs))
+
+
+def lun_path(publish_context: dict, volume_context: dict, volume_id: str, volumes_dirs=()) -> str:
     """Where the LUN file is: publish_context["lunPath"] (from ControllerPublishVolume),
-    else volume_context["lunPath"]. It must name this volume's LUN."""
+    else volume_context["lunPath"]. Its real path must be exactly this volume's LUN file in
+    one of the pool's volumes dirs, which is what is returned; anything else (a file
+    elsewhere, a symlink out of the pool, another volume's LUN) is INVALID_ARGUMENT.
+    With no pool volumes dir configured nothing is accepted."""
     path = publish_context.get("lunPath") or volume_context.get("lunPath")
     if not path:
         raise invalid("publish_context has no lunPath: was the volume published with ControllerPublishVolume?")
     problem = path_problem(path)
     if problem:
         raise invalid(f"lunPath {path[:200]!r} {problem}")
-    if volume_id not in os.path.basename(path):
-        raise invalid(f"lunPath {path!r} is not the LUN of volume {volume_id}")
-    return os.path.normpath(path)
+    real = os.path.realpath(path)
+    if real not in lun_files(volume_id, volumes_dirs):
+        raise invalid(f"lunPath {path!r} is not the LUN of volume {volume_id} in this node's pool")
+    return real

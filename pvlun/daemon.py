@@ -32,6 +32,7 @@ class ServeOptions:
     pool: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     max_volumes_per_node: int = 256
+    overcommit: float = 1.0  # volumes may add up to this many times the pool size
     controllers: bool = True  # run the embedded control plane (mode all)
     allow_file_import: bool = False  # let DataVolumes read file:// URLs (embedded mode only)
     upload_address: str = "127.0.0.1:0"
@@ -89,7 +90,7 @@ class Daemon:
         if with_controller:
             pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
             backend = FileBackend(pool)
-            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node)
+            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit)
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
         node_ids = opts.node_ids() if with_node else []
@@ -145,7 +146,9 @@ class Daemon:
             adds.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(self.luns), s))
             adds.append(lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.luns), s))
         if node_id:
-            node = NodeService(node_id, self.opts.max_volumes_per_node)
+            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[
+                self.luns.backend.volumes_dir if self.luns is not None
+                else os.path.join(os.path.abspath(self.opts.pool or os.path.join(self.data_dir, "pool")), "volumes")])
             adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         return adds
 

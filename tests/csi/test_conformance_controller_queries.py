@@ -140,11 +140,23 @@ def test_get_capacity_for_an_unsupported_capability_is_zero(driver):
 
 
 def test_get_capacity_drops_by_the_bytes_written_into_a_lun(driver, res):
+    """GetCapacity is min(free bytes, pool size - the sizes of all volumes): once free bytes
+    are the smaller, written bytes show."""
+    def free() -> int:
+        st = os.statvfs(driver.pool)
+        return st.f_bavail * st.f_frsize
+
+    def unprovisioned() -> int:
+        st = os.statvfs(driver.pool)
+        sizes = sum(e.volume.capacity_bytes for e in driver.controller.ListVolumes(pb.ListVolumesRequest()).entries)
+        return st.f_blocks * st.f_frsize - sizes
+
     vol = res.volume(size=64 * MiB)
-    before = driver.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+    before_free = free()
     write_at(str(driver.lun(vol.volume_id)), 0, os.urandom(32 * MiB))
     after = driver.controller.GetCapacity(pb.GetCapacityRequest(volume_capabilities=[mount_cap()])).available_capacity
-    assert before - after >= 32 * MiB
+    assert before_free - free() >= 32 * MiB
+    assert after == min(free(), unprovisioned())
 
 
 # ---------------------------------------------------------------- ControllerGetVolume

@@ -4,11 +4,12 @@ against a real `pvlun serve`, rule by rule from the CSI spec and csi-sanity's ex
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from csi_support import (
-    GiB, MALFORMED_IDS, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap,
+    GiB, MALFORMED_IDS, NODE_ID, MiB, POOL_SIZE, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap,
     unique,
 )
 from csi.proto import csi_pb2 as pb
@@ -124,6 +125,19 @@ def test_create_volume_with_unknown_mutable_parameter_is_invalid_argument(driver
 def test_create_volume_with_non_integer_mutable_parameter_is_invalid_argument(driver):
     assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume,
                 create_req(unique(), mutable_parameters={"maxIOPS": "lots"}))
+
+
+@pytest.mark.parametrize("field,params", [
+    ("mutable_parameters", {"maxIOPS": "\u0661\u0662"}),
+    ("mutable_parameters", {"maxMBps": str(10**15 // MiB + 1)}),
+    ("parameters", {"maxIOPS": str(10**15 + 1)}),  # StorageClass parameters are checked the same way
+    ("parameters", {"maxMBps": "\u0968"}),  # Devanagari 2
+])
+def test_create_volume_with_non_ascii_or_too_large_mutable_parameter_is_invalid_argument(driver, field, params):
+    before = volume_ids(driver.controller)
+    msg = assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateVolume, create_req(unique(), **{field: params}))
+    assert next(iter(params)) in msg
+    assert volume_ids(driver.controller) == before
 
 
 def test_create_volume_with_mutable_parameters_returns_them_in_volume_context(driver, res):
@@ -310,3 +324,42 @@ def test_concurrent_create_volume_with_one_name_makes_one_volume(driver, res):
     res._undo.append(("volume", (results[0],)))
     luns = [n for n in os.listdir(driver.pool / "volumes") if n.startswith(results[0])]
     assert luns == [f"{results[0]}.img"]
+
+
+# ---------------------------------------------------------------- CreateVolume: accessibility requirements
+
+HOST_KEY, NODE_KEY = "topology.csi.pvlun.dev/host", "topology.csi.pvlun.dev/node"
+
+
+def topology(*segments: dict[str, str], preferred: tuple[dict[str, str], ...] = ()) -> pb.TopologyRequirement:
+    return pb.TopologyRequirement(requisite=[pb.Topology(segments=s) for s in segments],
+                                  preferred=[pb.Topology(segments=s) for s in preferred])
+
+
+def test_create_volume_with_the_nodes_own_topology_as_requisite_succeeds(driver, res):
+    """What csi-sanity's lifecycle specs send: NodeGetInfo's accessible_topology, as requisite."""
+    info = driver.node.NodeGetInfo(pb.NodeGetInfoRequest())
+    segments = dict(info.accessible_topology.segments)
+    assert segments[HOST_KEY] == socket.gethostname() and NODE_KEY in segments
+    vol = res.volume(accessibility_requirements=topology(segments, preferred=(segments,)))
+    assert [dict(t.segments) for t in vol.accessible_topology] == [{HOST_KEY: socket.gethostname()}]
+
+
+def test_create_volume_with_requisite_of_another_host_is_resource_exhausted_naming_this_host(driver):
+    before = volume_ids(driver.controller)
+    msg = assert_code(Code.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, create_req(
+        unique(), accessibility_requirements=topology({HOST_KEY: "some-other-host"},
+                                                      {HOST_KEY: "third-host", NODE_KEY: NODE_ID})))
+    assert socket.gethostname() in msg
+    assert volume_ids(driver.controller) == before
+
+
+def test_create_volume_is_fine_when_any_requisite_segment_admits_this_host(driver, res):
+    res.volume(accessibility_requirements=topology({HOST_KEY: "some-other-host"}, {HOST_KEY: socket.gethostname()}))
+    # keys we do not know (another driver's zone, a node name) do not exclude this host
+    res.volume(accessibility_requirements=topology({"topology.kubernetes.io/zone": "z1", NODE_KEY: "elsewhere"}))
+
+
+def test_create_volume_ignores_an_unreachable_preferred_topology(driver, res):
+    vol = res.volume(accessibility_requirements=topology(preferred=({HOST_KEY: "some-other-host"},)))
+    assert [dict(t.segments) for t in vol.accessible_topology] == [{HOST_KEY: socket.gethostname()}]

@@ -176,6 +176,31 @@ def test_modify_with_a_value_that_is_not_a_positive_integer_is_invalid_argument(
                 pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters={"maxMBps": value}))
 
 
+@pytest.mark.parametrize("key,value", [
+    ("maxIOPS", "\u0661\u0662"),  # Arabic-Indic "12": str.isdigit() and int() take it
+    ("maxMBps", "\uff11\uff10"),  # full-width "10"
+    ("maxIOPS", "+5"), ("maxIOPS", " 5"), ("maxIOPS", "5 "), ("maxIOPS", "1_000"),
+    ("maxIOPS", str(10**15 + 1)), ("maxIOPS", "9" * 40), ("maxIOPS", "0" * 20 + "5" * 5000),
+    ("maxMBps", str(10**15 // MiB + 1)),
+])
+def test_modify_with_a_non_ascii_or_out_of_range_value_is_invalid_argument_naming_the_range(driver, res, key, value):
+    vol = res.volume(mutable_parameters=MUTABLE)
+    msg = assert_code(Code.INVALID_ARGUMENT, driver.controller.ControllerModifyVolume,
+                      pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters={key: value}))
+    top = 10**15 if key == "maxIOPS" else 10**15 // MiB
+    assert key in msg and f"1 to {top}" in msg
+    context = get_volume(driver, vol.volume_id).volume_context
+    assert (context["maxIOPS"], context["maxMBps"]) == ("100", "10")
+
+
+def test_modify_accepts_the_largest_limits_qemu_takes(driver, res):
+    vol = res.volume()
+    top = {"maxIOPS": str(10**15), "maxMBps": str(10**15 // MiB)}
+    modify(driver, vol.volume_id, top)
+    context = get_volume(driver, vol.volume_id).volume_context
+    assert (context["maxIOPS"], context["maxMBps"]) == (top["maxIOPS"], top["maxMBps"])
+
+
 def test_modify_with_an_empty_map_is_ok(driver, res):
     vol = res.volume()
     modify(driver, vol.volume_id, {})

@@ -125,7 +125,8 @@ def test_group_members_are_listed_as_snapshots(driver, res, two_volumes):
 
 def test_a_group_member_cannot_be_deleted_alone(driver, res, two_volumes):
     vols, _ = two_volumes
-    grp = res.group([v.volume_id for v in vols])
+    grp_name = unique("g")
+    grp = res.group([v.volume_id for v in vols], name=grp_name)
     member = grp.snapshots[0]
     assert_code(Code.FAILED_PRECONDITION, driver.controller.DeleteSnapshot,
                 pb.DeleteSnapshotRequest(snapshot_id=member.snapshot_id))
@@ -214,3 +215,48 @@ def test_a_group_name_can_be_reused_after_deleting_the_group(driver, res, two_vo
     driver.group.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=first.group_snapshot_id))
     second = res.group([v.volume_id for v in vols], name)
     assert second.group_snapshot_id != first.group_snapshot_id and len(second.snapshots) == 2
+
+
+# ---------------------------------------------------------------- member names vs. ordinary snapshot names
+
+
+def create_snapshot(driver, name: str, volume_id: str) -> pb.Snapshot:
+    return driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id)).snapshot
+
+
+def test_an_ordinary_snapshot_named_like_a_member_is_a_new_snapshot(driver, res, two_volumes):
+    vols, data = two_volumes
+    name = unique("g")
+    grp = res.group([v.volume_id for v in vols], name=name)
+    members = {s.snapshot_id for s in grp.snapshots}
+    for vol in vols:
+        snap = create_snapshot(driver, f"{name}-{vol.volume_id}", vol.volume_id)  # the old member name
+        res._undo.append(("snapshot", (snap.snapshot_id,)))
+        assert snap.snapshot_id not in members
+        assert not snap.group_snapshot_id
+        again = create_snapshot(driver, f"{name}-{vol.volume_id}", vol.volume_id)
+        assert again.snapshot_id == snap.snapshot_id  # idempotent on its own name, still not a member
+    assert {s.snapshot_id for s in get_group(driver, grp.group_snapshot_id).snapshots} == members
+    # deleting an ordinary snapshot never touches a member, and the other way round
+    driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    assert {s.snapshot_id for s in get_group(driver, grp.group_snapshot_id).snapshots} == members
+
+
+def test_a_group_is_created_even_when_ordinary_snapshots_hold_its_old_member_names(driver, res, two_volumes):
+    vols, _ = two_volumes
+    name = unique("g")
+    taken = [res.snapshot(v.volume_id, name=f"{name}-{v.volume_id}") for v in vols]
+    grp = res.group([v.volume_id for v in vols], name=name)
+    assert len(grp.snapshots) == 2
+    assert {s.snapshot_id for s in grp.snapshots}.isdisjoint(s.snapshot_id for s in taken)
+    assert all(s.group_snapshot_id == grp.group_snapshot_id for s in grp.snapshots)
+
+
+def test_create_snapshot_cannot_name_the_member_namespace(driver, res, two_volumes):
+    vols, _ = two_volumes
+    grp_name = unique("g")
+    grp = res.group([v.volume_id for v in vols], name=grp_name)
+    member = grp.snapshots[0]
+    name = f"\x1fgroup/{grp_name}-{member.source_volume_id}"
+    assert_code(Code.INVALID_ARGUMENT, driver.controller.CreateSnapshot,
+                pb.CreateSnapshotRequest(name=name, source_volume_id=member.source_volume_id))

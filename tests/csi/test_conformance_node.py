@@ -471,3 +471,64 @@ def test_a_restored_snapshot_of_a_mounted_volume_mounts_with_its_files(driver, r
     target = res.attach(restored.volume_id, mount_cap())
     with open(os.path.join(target, "before-snapshot"), "rb") as f:
         assert f.read() == b"v1"
+
+
+# ---------------------------------------------------------------- only the volume's own LUN is ever touched
+
+
+def _tmpfs_intact(path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == str(path) and " - tmpfs " in line for line in f)
+    return mounted and (path / "keep").read_text() == "host data"
+
+
+@pytest.mark.parametrize("access", ["block", "mount"])
+def test_node_unpublish_unstage_stats_expand_never_touch_a_host_mount(driver, res, tmp_path, access):
+    cap = ACCESS[access]()
+    vol = res.volume(cap=cap)
+    res.attach(vol.volume_id, cap)  # a volume of ours really is staged and published meanwhile
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(host)], check=True)
+    try:
+        (host / "keep").write_text("host data")
+        for volume_id in (vol.volume_id, "vol-" + "2" * 32):
+            for call, request in (
+                    (driver.node.NodeUnpublishVolume,
+                     pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(host))),
+                    (driver.node.NodeUnstageVolume,
+                     pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(host)))):
+                try:
+                    call(request)
+                except grpc.RpcError as err:
+                    assert err.code() == Code.NOT_FOUND, err.details()
+                assert host.is_dir() and _tmpfs_intact(host)
+            for path in ("/", str(host)):
+                assert_code(Code.NOT_FOUND, driver.node.NodeGetVolumeStats,
+                            pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path))
+                assert_code(Code.NOT_FOUND, driver.node.NodeExpandVolume,
+                            pb.NodeExpandVolumeRequest(volume_id=volume_id, volume_path=path))
+        assert _tmpfs_intact(host)
+        assert stats(driver, vol.volume_id, res.target).usage  # ours is still found
+    finally:
+        subprocess.run(["umount", "--lazy", str(host)], check=False)
+
+
+@pytest.mark.parametrize("where", ["publish_context", "volume_context"])
+def test_node_stage_of_a_lun_path_outside_the_pool_is_refused_and_attaches_nothing(driver, res, tmp_path, where):
+    vol = res.volume(cap=mount_cap())
+    fakes = [tmp_path / "anything" / vol.volume_id, tmp_path / f"{vol.volume_id}.img"]
+    fakes[0].parent.mkdir()
+    for fake in fakes:
+        with open(fake, "wb") as f:
+            f.truncate(SMALL)
+    for fake in fakes:
+        err = assert_code(Code.INVALID_ARGUMENT, driver.node.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(res.staging), volume_capability=mount_cap(),
+            **{where: {"lunPath": str(fake)}}))
+        assert "lunPath" in err
+        assert os.listdir(res.staging) == []
+        attached = subprocess.run(["losetup", "--noheadings", "--associated", str(fake)],
+                                  capture_output=True, text=True, check=True).stdout
+        assert attached.strip() == ""
+        assert blkid_type(str(fake)) == ""

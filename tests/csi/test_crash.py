@@ -52,7 +52,8 @@ class DriverProcess:
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", self.data_dir,
-                "--node-id", "crash-node", "--pool-size", "2Gi"] + (["--pool", self.pool] if self.pool else [])
+                "--node-id", "crash-node", "--pool-size", "2Gi",
+                "--overcommit", "64"] + (["--pool", self.pool] if self.pool else [])
         with open(os.path.join(self.data_dir, "serve.log"), "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         pid_file = os.path.join(self.data_dir, "serve.pid")  # written once the servers listen
@@ -285,11 +286,11 @@ class Worker:
             with self.model.lock:
                 for s in group.snapshots:
                     vol = by_id[s.source_volume_id]
-                    self.model.snapshots[f"{name}-{vol.id}"] = Snap(s.snapshot_id, vol.id, vol.size, vol.marker, name)
-                self.model.groups[name] = (group.group_snapshot_id, [f"{name}-{i}" for i in by_id])
+                    self.model.snapshots[f"\x1fgroup/{name}-{vol.id}"] = Snap(s.snapshot_id, vol.id, vol.size, vol.marker, name)
+                self.model.groups[name] = (group.group_snapshot_id, [f"\x1fgroup/{name}-{i}" for i in by_id])
             return group.group_snapshot_id
         return Call("CreateVolumeGroupSnapshot", req, finish,
-                    {name} | {f"{name}-{i}" for i in by_id})
+                    {name} | {f"\x1fgroup/{name}-{i}" for i in by_id})
 
     def _delete_group(self, vols, snaps, groups) -> Call:
         name = self.rng.choice(groups)

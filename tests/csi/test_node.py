@@ -1,7 +1,8 @@
 """The CSI Node service against real loop devices, mkfs and mounts (needs root).
 
-An in-process gRPC server runs NodeService on a unix socket; each test stages and
-publishes LUN files of its own directory and leaves no mount or loop device behind.
+An in-process gRPC server runs NodeService on a unix socket with a pool volumes dir of
+the module's own; each test stages and publishes LUN files it makes in that pool and
+leaves no mount or loop device behind.
 """
 
 from __future__ import annotations
@@ -34,22 +35,31 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and moun
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-def _cleanup(root: str) -> None:
-    """Unmount everything under root (innermost first) and detach its loop devices."""
+_POOL: list[str] = []  # the module's pool volumes dir (set by the node fixture)
+_LUNS: list[str] = []  # LUN files made by the running test
+
+
+def _cleanup(root: str, luns: tuple[str, ...] = ()) -> None:
+    """Unmount everything under root (innermost first) and detach its loop devices and
+    those of `luns`."""
     for m in reversed(attach.mounts()):
         if m.mount_point.startswith(root + "/"):
             run(["umount", "--lazy", m.mount_point], check=False)
     listing = json.loads(output(["losetup", "--list", "--json"]) or '{"loopdevices": []}')
     for d in listing["loopdevices"]:
-        if (d.get("back-file") or "").startswith(root + "/"):
+        back = (d.get("back-file") or "").removesuffix(" (deleted)")
+        if back.startswith(root + "/") or back in luns:
             run(["losetup", "--detach", d["name"]], check=False)
+    for lun in luns:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lun)
 
 
 @contextlib.contextmanager
 def serve_node(sock_dir, node_id="node-a"):
     """A Node stub talking to a fresh NodeService over a unix socket."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    csi_pb2_grpc.add_NodeServicer_to_server(NodeService(node_id, max_volumes=64), server)
+    csi_pb2_grpc.add_NodeServicer_to_server(NodeService(node_id, max_volumes=64, pool_volumes_dirs=_POOL), server)
     sock = f"unix://{sock_dir}/{node_id}.sock"
     server.add_insecure_port(sock)
     server.start()
@@ -64,25 +74,36 @@ def serve_node(sock_dir, node_id="node-a"):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     root = tmp_path_factory.mktemp("node")
+    pool = root / "pool" / "volumes"
+    pool.mkdir(parents=True)
+    _POOL[:] = [str(pool)]
     try:
         with serve_node(root) as stub:
             yield stub
     finally:
         _cleanup(str(root))
+        _POOL.clear()
 
 
 @pytest.fixture
 def case(tmp_path):
-    """A per-test directory; whatever the test leaves mounted or attached is removed."""
+    """A per-test directory; whatever the test leaves mounted or attached is removed, and
+    the LUNs it made in the pool are detached and deleted."""
+    _LUNS.clear()
     yield tmp_path
-    _cleanup(str(tmp_path))
+    _cleanup(str(tmp_path), tuple(_LUNS))
+    _LUNS.clear()
+
+
+def lun_of(volume_id: str) -> str:
+    """Where the node looks for volume_id's LUN: <pool volumes dir>/<volume_id>.img."""
+    return os.path.join(os.path.realpath(_POOL[0]), f"{volume_id}.img")
 
 
 def make_lun(case, size: int = 64 * MiB) -> tuple[str, str]:
     volume_id = "vol-" + uuid.uuid4().hex
-    pool = case / "pool"
-    pool.mkdir(exist_ok=True)
-    path = pool / f"{volume_id}.img"
+    path = lun_of(volume_id)
+    _LUNS.append(path)
     with open(path, "wb") as f:
         f.truncate(size)
     return volume_id, str(path)
@@ -234,7 +255,7 @@ def test_multi_node_multi_writer_is_refused_for_mount_and_allowed_for_block(node
 
 def test_stage_of_a_missing_lun_is_not_found(node, case):
     vid = "vol-" + uuid.uuid4().hex
-    assert code_of(stage, node, vid, f"{case}/{vid}.img", case / "st", block_cap()) == Code.NOT_FOUND
+    assert code_of(stage, node, vid, lun_of(vid), case / "st", block_cap()) == Code.NOT_FOUND
 
 
 def test_unsupported_fs_type_is_invalid_argument(node, case):
@@ -573,3 +594,129 @@ def test_concurrent_stages_of_one_volume_both_succeed_with_one_device(node, case
     assert len([m for m in attach.mounts() if m.mount_point == str(case / "st")]) == 1
     unstage(node, vid, case / "st")
     assert loops_of(lun) == []
+
+
+# ---------------------------------------------------------------- only our own volumes are touched
+
+
+@contextlib.contextmanager
+def tmpfs_at(path):
+    path.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)])
+    try:
+        (path / "keep").write_text("host data")
+        yield path
+    finally:
+        run(["umount", "--lazy", str(path)], check=False)
+
+
+def _tmpfs_intact(path) -> bool:
+    m = attach.mount_at(str(path))
+    return m is not None and m.fstype == "tmpfs" and (path / "keep").read_text() == "host data"
+
+
+@pytest.mark.parametrize("volume_id", ["vol-" + "2" * 32, "made"])
+def test_a_host_mount_survives_unpublish_and_unstage(node, case, volume_id):
+    if volume_id == "made":
+        volume_id, _ = make_lun(case)
+    with tmpfs_at(case / "host") as host:
+        for call in (unpublish, unstage):
+            try:
+                call(node, volume_id, host)
+            except grpc.RpcError as err:
+                assert err.code() == Code.NOT_FOUND, err.details()
+            assert host.is_dir()
+            assert _tmpfs_intact(host)
+        # a block staging path's STAGING/lun is looked at first: a foreign mount there stays too
+        (case / "st").mkdir()
+        with tmpfs_at(case / "st" / "lun") as node_dir:
+            assert code_of(unstage, node, volume_id, case / "st") == Code.NOT_FOUND
+            assert _tmpfs_intact(node_dir)
+
+
+def test_stats_and_expand_of_host_paths_are_not_found(node, case):
+    vid, _ = make_lun(case)
+    with tmpfs_at(case / "host") as host:
+        for path in ("/", host, "/proc", "/dev/null"):
+            assert code_of(stats, node, vid, path) == Code.NOT_FOUND, path
+            assert code_of(expand, node, vid, path) == Code.NOT_FOUND, path
+        assert _tmpfs_intact(host)
+
+
+def test_a_loop_device_on_a_file_named_like_the_volume_outside_the_pool_is_not_ours(node, case):
+    """Only a loop device on <pool>/<volume_id>.img is the volume: not one on a look-alike."""
+    vid, lun = make_lun(case)
+    fake = case / f"{vid}.img"
+    with open(fake, "wb") as f:
+        f.truncate(64 * MiB)
+    loop = attach.attach_loop(str(fake))
+    filesystems.make_filesystem(loop, "ext4")
+    target = case / "tg"
+    target.mkdir()
+    attach.mount(loop, str(target), "ext4")
+    (target / "keep").write_text("host data")
+    assert code_of(unpublish, node, vid, target) == Code.NOT_FOUND
+    assert code_of(unstage, node, vid, target) == Code.NOT_FOUND
+    assert code_of(stats, node, vid, target) == Code.NOT_FOUND
+    assert code_of(expand, node, vid, target) == Code.NOT_FOUND
+    assert attach.mount_at(str(target)) is not None and (target / "keep").read_text() == "host data"
+    assert attach.loop_backing_file(loop) == str(fake)
+    # and a staging holding it is not taken for the volume: publish refuses it
+    assert code_of(publish, node, vid, target, case / "pub", mount_cap()) == Code.FAILED_PRECONDITION
+    assert not (case / "pub").exists()
+
+
+def test_unpublish_with_nothing_mounted_deletes_only_what_a_publish_creates(node, case):
+    vid, _ = make_lun(case)
+    kept = case / "data"
+    kept.write_text("host data")
+    (case / "full").mkdir()
+    (case / "full" / "f").write_text("x")
+    for path in (kept, case / "full"):
+        unpublish(node, vid, path)
+        assert path.exists()
+    assert kept.read_text() == "host data"
+    (case / "empty").mkdir()
+    unpublish(node, vid, case / "empty")  # a target left by an interrupted publish
+    assert not (case / "empty").exists()
+
+
+def _loop_backed_by(path: str) -> bool:
+    return bool(output(["losetup", "--noheadings", "--associated", path]).strip())
+
+
+@pytest.mark.parametrize("where", ["publish_context", "volume_context"])
+def test_stage_of_a_lun_path_outside_the_pool_is_refused_and_touches_nothing(node, case, where):
+    vid = "vol-" + uuid.uuid4().hex
+    outside = case / "anything" / vid  # named after the volume, as in the report
+    outside.parent.mkdir()
+    outside_img = case / f"{vid}.img"
+    for f in (outside, outside_img):
+        with open(f, "wb") as fh:
+            fh.truncate(64 * MiB)
+    escape = os.path.join(_POOL[0], f"{vid}.img")  # the right name in the pool, but a symlink out of it
+    os.symlink(outside_img, escape)
+    _LUNS.append(escape)
+    other_vid, other_lun = make_lun(case)  # another volume's LUN in the pool
+    for lun in (str(outside), str(outside_img), escape, other_lun, f"{_POOL[0]}/../volumes/{vid}.img"):
+        for cap in (mount_cap(), block_cap()):
+            request = pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=str(case / "st"),
+                                                volume_capability=cap, **{where: {"lunPath": lun}})
+            with pytest.raises(grpc.RpcError) as info:
+                node.NodeStageVolume(request)
+            assert info.value.code() == Code.INVALID_ARGUMENT, (lun, info.value.details())
+    for f in (outside, outside_img, other_lun):
+        assert not _loop_backed_by(str(f)), f
+        assert output(["blkid", "-p", "-o", "value", "-s", "TYPE", str(f)], check=False).strip() == "", f
+        assert open(f, "rb").read(1 << 20) == bytes(1 << 20)  # not formatted
+    assert not (case / "st").exists() or attach.mount_at(str(case / "st")) is None
+
+
+def test_csi_sanity_fake_publish_context_still_gets_invalid_argument_for_the_capability(node, case):
+    vid = "vol-" + uuid.uuid4().hex
+    assert code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=str(case / "st"),
+        publish_context={"device": "/dev/mock"})) == Code.INVALID_ARGUMENT
+    assert code_of(node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=str(case / "st"), volume_capability=mount_cap(),
+        publish_context={"device": "/dev/mock"})) == Code.INVALID_ARGUMENT

@@ -1,0 +1,194 @@
+"""Conformance: provisioned-capacity accounting. The sizes of all volumes (not snapshots)
+may add up to the pool size x the overcommit ratio (`pvlun serve --overcommit`, default 1);
+beyond that CreateVolume and ControllerExpandVolume are RESOURCE_EXHAUSTED, and GetCapacity
+reports what is left (never more than the free bytes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from csi_support import (
+    GiB, MiB, SMALL, Code, _force_clean, assert_code, loop_devices_under, mount_cap, mounts_under, start_driver,
+    unique,
+)
+from csi.pool import default_pool_size
+from csi.proto import csi_pb2 as pb
+
+SERVE_ARGS = ("--pool-size", "8Gi")
+
+
+def create_req(size: int, name: str | None = None) -> pb.CreateVolumeRequest:
+    return pb.CreateVolumeRequest(name=name or unique(), volume_capabilities=[mount_cap()],
+                                  capacity_range=pb.CapacityRange(required_bytes=size, limit_bytes=size))
+
+
+def expand_req(volume_id: str, size: int) -> pb.ControllerExpandVolumeRequest:
+    return pb.ControllerExpandVolumeRequest(volume_id=volume_id, capacity_range=pb.CapacityRange(required_bytes=size))
+
+
+def capacity(driver) -> int:
+    return driver.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+
+
+def pool_bytes(driver) -> int:
+    st = os.statvfs(driver.pool)
+    return st.f_blocks * st.f_frsize
+
+
+def expected_capacity(driver, ratio: float = 1.0) -> int:
+    """min(free bytes, pool size x ratio - the sizes of all volumes)."""
+    provisioned = sum(e.volume.capacity_bytes for e in driver.controller.ListVolumes(pb.ListVolumesRequest()).entries)
+    st = os.statvfs(driver.pool)
+    return max(0, min(st.f_bavail * st.f_frsize, int(st.f_blocks * st.f_frsize * ratio) - provisioned))
+
+
+@contextmanager
+def extra_driver(data_dir, *args: str):
+    drv = start_driver(data_dir, *args)
+    try:
+        yield drv
+    finally:
+        rc = drv.stop() if drv.proc.poll() is None else drv.proc.returncode
+        left = mounts_under(str(data_dir)) + loop_devices_under(str(data_dir))
+        _force_clean(str(data_dir))
+        assert rc == 0, drv.stderr_path.read_text()[-3000:]
+        assert not left, left
+
+
+def test_sizes_beyond_the_pool_are_resource_exhausted_though_the_pool_is_empty(driver, res):
+    """Three 7 GiB volumes on an 8 GiB pool: the first fits, the others would promise
+    bytes the pool does not have, although all three are sparse and nothing is written."""
+    assert 7 * GiB < pool_bytes(driver) <= 8 * GiB
+    res.volume(size=7 * GiB)
+    for _ in range(2):
+        msg = assert_code(Code.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, create_req(7 * GiB))
+        assert "capacity beyond the pool" in msg
+    assert capacity(driver) <= pool_bytes(driver) - 7 * GiB
+    res.volume(size=pool_bytes(driver) - 7 * GiB - 64 * MiB)  # what is left still fits
+
+
+def test_get_capacity_is_the_unprovisioned_part_of_the_pool(driver, res):
+    assert 0 < capacity(driver) == expected_capacity(driver) <= pool_bytes(driver)
+    res.volume(size=1 * GiB)
+    assert capacity(driver) == expected_capacity(driver) <= pool_bytes(driver) - 1 * GiB
+    res.volume(size=capacity(driver) // MiB * MiB)  # exactly what GetCapacity offers can be created
+    assert capacity(driver) < MiB
+    assert_code(Code.RESOURCE_EXHAUSTED, driver.controller.CreateVolume, create_req(SMALL))
+
+
+def test_deleting_a_volume_gives_its_size_back(driver, res):
+    before = capacity(driver)
+    vol = res.volume(size=4 * GiB)
+    assert capacity(driver) == expected_capacity(driver) <= pool_bytes(driver) - 4 * GiB
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert capacity(driver) == pytest.approx(before, abs=16 * MiB)
+    res.volume(size=7 * GiB)
+
+
+def test_snapshots_do_not_count_as_provisioned(driver, res):
+    vol = res.volume(size=4 * GiB)
+    before = capacity(driver)
+    for _ in range(3):
+        res.snapshot(vol.volume_id)
+    assert capacity(driver) == pytest.approx(before, abs=16 * MiB)
+    res.volume(size=3 * GiB)
+
+
+def test_expand_beyond_the_provisioning_limit_is_resource_exhausted(driver, res):
+    big = res.volume(size=6 * GiB)
+    vol = res.volume(size=512 * MiB)
+    msg = assert_code(Code.RESOURCE_EXHAUSTED, driver.controller.ControllerExpandVolume, expand_req(vol.volume_id, 3 * GiB))
+    assert "capacity beyond the pool" in msg
+    assert driver.lun(vol.volume_id).stat().st_size == 512 * MiB
+    got = driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=vol.volume_id)).volume
+    assert got.capacity_bytes == 512 * MiB
+    driver.controller.ControllerExpandVolume(expand_req(vol.volume_id, 1 * GiB))  # within the limit: fine
+    assert big.capacity_bytes == 6 * GiB
+
+
+def test_parallel_creates_never_provision_beyond_the_pool(driver, res):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(_):
+        try:
+            return driver.controller.CreateVolume(create_req(3 * GiB)).volume.volume_id
+        except Exception as exc:  # grpc.RpcError
+            assert exc.code() == Code.RESOURCE_EXHAUSTED, exc
+            return None
+
+    with ThreadPoolExecutor(6) as pool:
+        made = [v for v in pool.map(attempt, range(6)) if v]
+    for volume_id in made:
+        res._undo.append(("volume", (volume_id,)))
+    assert len(made) == 2  # 3 x 3 GiB > 8 GiB
+
+
+def test_overcommit_ratio_lets_sizes_exceed_the_pool(tmp_path_factory):
+    # a short data dir: the node sockets' unix paths must stay under 108 bytes
+    with extra_driver(tmp_path_factory.mktemp("oc") / "d", "--pool-size", "8Gi", "--overcommit", "3") as drv:
+        limit = 3 * (os.statvfs(drv.pool).f_blocks * os.statvfs(drv.pool).f_frsize)
+        made = [drv.controller.CreateVolume(create_req(7 * GiB)).volume.volume_id for _ in range(3)]
+        assert_code(Code.RESOURCE_EXHAUSTED, drv.controller.CreateVolume, create_req(limit - 21 * GiB + GiB))
+        # free bytes still bind: the offer is never above what the pool holds
+        available = drv.controller.GetCapacity(pb.GetCapacityRequest()).available_capacity
+        st = os.statvfs(drv.pool)
+        assert available <= min(st.f_bavail * st.f_frsize, limit - 21 * GiB)
+        for volume_id in made:
+            drv.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+
+
+@pytest.mark.parametrize("ratio", ["0", "-1", "lots", "inf", "nan"])
+def test_serve_refuses_a_bad_overcommit_ratio(tmp_path, ratio):
+    import subprocess
+
+    from csi_support import PVLUN
+
+    out = subprocess.run([PVLUN, "serve", "--data-dir", str(tmp_path), "--overcommit", ratio],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "overcommit" in out.stderr
+    assert not os.path.exists(tmp_path / "pool.img")
+
+
+def test_default_pool_size_is_90_percent_of_free_space_at_most_256gib(tmp_path):
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    size = default_pool_size(str(tmp_path))
+    assert size % GiB == 0
+    assert size == min(256 * GiB, free * 9 // 10) // GiB * GiB or (free * 9 // 10 < GiB and size == GiB)
+
+
+def test_serve_without_pool_size_makes_a_sparse_image_of_the_default_size(tmp_path):
+    data_dir = tmp_path / "auto"
+    data_dir.mkdir()
+    expected = default_pool_size(str(data_dir))
+    proc_args = ("--overcommit", "1")
+    # start_driver always passes --pool-size; run serve by hand here without it
+    import subprocess
+    import signal
+
+    from csi_support import NODE_ID, PVLUN
+
+    err = open(tmp_path / "auto.stderr", "wb")
+    proc = subprocess.Popen([PVLUN, "serve", "--data-dir", str(data_dir), "--node-id", NODE_ID, "--nodes", "1",
+                             *proc_args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not (data_dir / "csi.sock").exists():
+            assert proc.poll() is None, (tmp_path / "auto.stderr").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        image = data_dir / "pool.img"
+        if image.exists():  # only made where the data dir cannot reflink (as here, on ext4)
+            st = image.stat()
+            assert abs(st.st_size - expected) <= GiB  # free space moves a little while we look
+            assert st.st_blocks * 512 < st.st_size // 10
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        err.close()
+        _force_clean(str(data_dir))
+    assert rc == 0, (tmp_path / "auto.stderr").read_text()[-3000:]
