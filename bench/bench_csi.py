@@ -265,7 +265,7 @@ def run() -> list[Row]:
             for clients in (1, 16):
                 rows.append(create_delete_rate(driver, clients))
         for label, pool in (("reflink", None), ("plain-copy", os.path.join(root, "plain", "pool-on-ext4"))):
-            with Driver(os.path.join(root, label), pool=pool, pool_size="16Gi") as driver:
+            with Driver(os.path.join(root, label), pool=pool, pool_size="64Gi") as driver:
                 rows += snapshot_clone_times(driver, label)
         rows += rss_with_volumes(root)
     finally:
