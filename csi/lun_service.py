@@ -36,6 +36,7 @@ class LunService:
         self.locks = KeyedLocks()
         self.max_volumes_per_node = max_volumes_per_node
         self.overcommit = overcommit
+        self._provisioned: int | None = None  # running sum of volume sizes; loaded from the catalog once
         self._capacity_lock = threading.Lock()
 
     # ---- crash repair -------------------------------------------------------------
@@ -78,6 +79,7 @@ class LunService:
             if record and size > record.size:  # an expansion finished on disk, not in the catalog
                 self.catalog.update_volume(volume_id, size=size)
         counts["lost"] += len(known_snapshots - stored_snapshots)
+        self._provisioned = None  # recounted from the catalog on next use
         return counts
 
     # ---- volumes ---------------------------------------------------------------
@@ -106,6 +108,7 @@ class LunService:
                     volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
+                    self._account(size)
                 self._fill(volume, source_kind, source_id)
             self.catalog.update_volume(volume.id, state=READY)
             volume.state = READY
@@ -135,6 +138,8 @@ class LunService:
         except BaseException:
             self.backend.delete_volume(volume.id)
             self.catalog.remove_volume(volume.id)
+            with self._capacity_lock:
+                self._account(-volume.size)
             raise
 
     def _same_volume(self, existing: Volume, required: int, limit: int, capabilities: list[Capability],
@@ -178,6 +183,8 @@ class LunService:
             self.catalog.update_volume(volume_id, state=DELETING)
             self.backend.delete_volume(volume_id)
             self.catalog.remove_volume(volume_id)
+            with self._capacity_lock:
+                self._account(-volume.size)
 
     def expand_volume(self, volume_id: str, required: int, limit: int) -> tuple[Volume, bool]:
         """Grow a volume; returns it and whether the node must grow it too."""
@@ -195,6 +202,7 @@ class LunService:
                 self._check_room(size - volume.size, f"growing needs {size - volume.size}")
                 self.backend.expand_volume(volume_id, size)
                 self.catalog.update_volume(volume_id, size=size)
+                self._account(size - volume.size)
             volume.size = size
             published = bool(self.catalog.publications(volume_id))
             is_mount = any(c["access_type"] == "mount" for c in volume.capabilities)
@@ -405,7 +413,14 @@ class LunService:
     def _provisionable(self) -> tuple[int, int, int, int]:
         """(pool size, free bytes, provisioning limit = pool size x overcommit, bytes provisioned)."""
         total, available = self.backend.capacity()
-        return total, available, int(total * self.overcommit), self.catalog.provisioned_bytes()
+        if self._provisioned is None:
+            self._provisioned = self.catalog.provisioned_bytes()
+        return total, available, int(total * self.overcommit), self._provisioned
+
+    def _account(self, delta: int) -> None:
+        """Keep the running sum in step with the catalog. Call with the capacity lock held."""
+        if self._provisioned is not None:
+            self._provisioned += delta
 
     def _check_room(self, grow: int, asked: str) -> None:
         """Refuse `grow` more bytes unless both the free space and the provisioning limit
