@@ -102,3 +102,9 @@ class QmpSession:
         if self._pump is not None:
             self._pump.cancel()
         await self._client.disconnect()
+        # commands still waiting for a reply (QEMU exited first) end here, not as
+        # "Task was destroyed but it is pending!" when the loop closes
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
