@@ -17,12 +17,13 @@ DEFAULT_POOL_SIZE = 0  # 0: choose with default_pool_size() when the image is ma
 
 
 def default_pool_size(data_dir: str) -> int:
-    """The pool image size when none is given: 90% of the free space of the data dir's
-    filesystem, at most 256 GiB, rounded down to GiB (the image is sparse: this is what
-    volumes may grow to, not what is taken now)."""
+    """The pool image size when none is given: 90% of the size of the data dir's filesystem,
+    at most 256 GiB, rounded down to GiB. The image is sparse, so this is what volumes may be
+    provisioned up to (thinly, like the LUN files themselves), not what is taken now; tying it
+    to the free space of the moment would make a nearly full host refuse every volume."""
     st = os.statvfs(data_dir)
-    free = st.f_bavail * st.f_frsize
-    return max(GiB, min(MAX_DEFAULT_POOL_SIZE, free * 9 // 10) // GiB * GiB)
+    total = st.f_blocks * st.f_frsize
+    return max(GiB, min(MAX_DEFAULT_POOL_SIZE, total * 9 // 10) // GiB * GiB)
 
 
 def is_mountpoint(path: str) -> bool:

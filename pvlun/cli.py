@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool", help="use this directory as the LUN pool")
     serve.add_argument("--pool-size", type=parse_size, default=None,
                        help="size of the XFS reflink pool image made when the data dir cannot reflink "
-                            "(default: 90%% of the data dir's free space, at most 256Gi; the image is sparse)")
+                            "(default: 90%% of the data dir's filesystem, at most 256Gi; the image is sparse)")
     serve.add_argument("--overcommit", type=overcommit_ratio, default=1.0, metavar="RATIO",
                        help="let the volumes' sizes add up to RATIO x the pool size (default %(default)s)")
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
