@@ -115,21 +115,14 @@ def csi_steps(steps: Steps, csi: CsiClient, work: str) -> None:
         state["snap"] = snap.snapshot.snapshot_id
         return state["snap"]
 
-    def restore() -> str:
-        src = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=state["snap"]))
-        vol = csi.controller.CreateVolume(pb.CreateVolumeRequest(
-            name="quickstart-restore", volume_capabilities=[cap], volume_content_source=src,
-            capacity_range=pb.CapacityRange(required_bytes=1 << 30)))
-        state["restore"] = vol.volume.volume_id
-        return state["restore"]
-
-    def clone() -> str:
-        src = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=state["vol"]))
-        vol = csi.controller.CreateVolume(pb.CreateVolumeRequest(
-            name="quickstart-clone", volume_capabilities=[cap], volume_content_source=src,
-            capacity_range=pb.CapacityRange(required_bytes=1 << 30)))
-        state["clone"] = vol.volume.volume_id
-        return state["clone"]
+    def copy_of(name: str, source: pb.VolumeContentSource) -> Callable[[], str]:
+        def create() -> str:
+            vol = csi.controller.CreateVolume(pb.CreateVolumeRequest(
+                name=f"quickstart-{name}", volume_capabilities=[cap], volume_content_source=source,
+                capacity_range=pb.CapacityRange(required_bytes=1 << 30)))
+            state[name] = vol.volume.volume_id
+            return state[name]
+        return create
 
     def expand() -> str:
         rsp = csi.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
@@ -151,8 +144,10 @@ def csi_steps(steps: Steps, csi: CsiClient, work: str) -> None:
     steps.run("CreateVolume (1 GiB, block)", create)
     steps.run("write through NodePublish", write)
     steps.run("CreateSnapshot", snapshot)
-    steps.run("CreateVolume from snapshot", restore)
-    steps.run("CreateVolume clone", clone)
+    steps.run("CreateVolume from snapshot", lambda: copy_of("restore", pb.VolumeContentSource(
+        snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=state["snap"])))())
+    steps.run("CreateVolume clone", lambda: copy_of("clone", pb.VolumeContentSource(
+        volume=pb.VolumeContentSource.VolumeSource(volume_id=state["vol"])))())
     steps.run("ControllerExpandVolume to 2 GiB", expand)
     steps.run("check data in restore and clone", check)
 

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from csi_support import (
+    write_at,
     MiB, NODE2_ID, NODE_ID, SMALL, UNKNOWN_VOLUME_ID, Code, assert_code, block_cap, mount_cap, read_at, unique,
 )
 from csi.proto import csi_pb2 as pb
@@ -40,13 +41,7 @@ def read_direct(path: str, offset: int, length: int) -> bytes:
         os.close(fd)
 
 
-def write_device(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+write_device = write_at  # a published block device is written like a LUN file
 
 
 def write_file(path: str, data: bytes) -> None:
