@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     except NoDaemon as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, a person reads one line, not a traceback
+        from pvlun.user_text import user_text
+
+        print(f"error: {user_text(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

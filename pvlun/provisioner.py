@@ -12,6 +12,7 @@ from pvlun.context import Context
 from pvlun.csi_client import capability
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, remove_finalizer, set_condition
+from pvlun.user_text import user_text
 
 FINALIZER = "pvlun.dev/provisioner"
 DEFAULT_CLASS = "pvlun"
@@ -151,7 +152,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     try:
         volume = ctx.csi.controller.CreateVolume(request).volume
     except grpc.RpcError as exc:
-        _fail(ctx, pvc, "ProvisioningFailed", f"{exc.code().name}: {exc.details()}")
+        _fail(ctx, pvc, "ProvisioningFailed", user_text(exc))
         return
     pv_name = f"pvc-{meta['uid']}"
     ctx.store.apply({
@@ -199,7 +200,7 @@ def _modify_if_needed(ctx: Context, pvc: Obj) -> None:
         ctx.csi.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
             volume_id=pv["spec"]["csi"]["volumeHandle"], mutable_parameters=params))
     except (LookupError, grpc.RpcError) as exc:
-        text = str(exc) if isinstance(exc, LookupError) else f"{exc.code().name}: {exc.details()}"
+        text = user_text(exc)
         ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"],
                                modifyVolumeStatus={"status": "Infeasible", "targetVolumeAttributesClassName": wanted,
                                                    "message": text})
@@ -241,7 +242,7 @@ def _expand_if_needed(ctx: Context, pvc: Obj) -> None:
                         capacity_range=pb.CapacityRange(required_bytes=wanted)))
     except grpc.RpcError as exc:
         ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"], resizeStatus="Failed")
-        ctx.store.add_event(pvc, "Warning", "VolumeResizeFailed", f"{exc.code().name}: {exc.details()}")
+        ctx.store.add_event(pvc, "Warning", "VolumeResizeFailed", user_text(exc))
         return
     size = str(grown.capacity_bytes)
     pv["spec"]["capacity"]["storage"] = size
@@ -264,7 +265,7 @@ def _release(ctx: Context, pvc: Obj) -> None:
             try:
                 ctx.csi.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=handle))
             except grpc.RpcError as exc:
-                ctx.store.add_event(pvc, "Warning", "VolumeFailedDelete", f"{exc.code().name}: {exc.details()}")
+                ctx.store.add_event(pvc, "Warning", "VolumeFailedDelete", user_text(exc))
                 return
             ctx.store.delete("PersistentVolume", pv_name, "")
     remove_finalizer(ctx.store, pvc, FINALIZER)

@@ -10,6 +10,7 @@ from csi.proto import csi_pb2 as pb
 from pvlun.context import Context
 from pvlun.provisioner import claim_populated
 from pvlun.store import Obj, remove_finalizer
+from pvlun.user_text import user_text
 
 FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
 
@@ -24,7 +25,7 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
             try:
                 ctx.csi.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=handle))
             except grpc.RpcError as exc:
-                ctx.store.add_event(snap, "Warning", "SnapshotDeleteError", f"{exc.code().name}: {exc.details()}")
+                ctx.store.add_event(snap, "Warning", "SnapshotDeleteError", user_text(exc))
                 return
         remove_finalizer(ctx.store, snap, FINALIZER)
         return
@@ -44,7 +45,7 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
             name=f"snapshot-{meta['uid']}", source_volume_id=pv["spec"]["csi"]["volumeHandle"])).snapshot
     except grpc.RpcError as exc:
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
-            "readyToUse": False, "error": {"message": f"{exc.code().name}: {exc.details()}"}})
+            "readyToUse": False, "error": {"message": user_text(exc)}})
         return
     ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
         "readyToUse": created.ready_to_use, "snapshotHandle": created.snapshot_id,

@@ -15,6 +15,7 @@ from csi.proto import csi_pb2 as pb
 from pvlun import kubelet
 from pvlun.context import Context
 from pvlun.store import set_condition
+from pvlun.user_text import shown_text, user_text
 from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
@@ -127,7 +128,7 @@ class VmRuntime:
                     self.running.pop(key)
             if mine:
                 detach_volumes(self.ctx, attached, key)
-                self._exited(key, "Failed", str(exc))
+                self._exited(key, "Failed", user_text(exc))
             raise
 
     def stop(self, key: str, grace: float | None = None) -> None:
@@ -161,6 +162,7 @@ class VmRuntime:
         self._exited(rt.key, phase.value, reason)
 
     def _exited(self, key: str, phase: str, reason: str) -> None:
+        reason = shown_text(reason)  # QEMU's own words may name host paths
         self.last_exit[key] = (phase, reason, time.time())
         if phase == "Failed":
             self.failures.setdefault(key, []).append(time.time())
