@@ -30,11 +30,22 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
-    type TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, time TEXT NOT NULL
+    type TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, time TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1, first_time TEXT NOT NULL DEFAULT '', uid TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 0), version INTEGER NOT NULL);
 INSERT OR IGNORE INTO counter (id, version) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS changes (
+    version INTEGER PRIMARY KEY, kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_object ON events (kind, namespace, name);
 """
+# Columns that catalogs made before repeated events were counted lack.
+EVENT_COLUMNS = {"count": "INTEGER NOT NULL DEFAULT 1", "first_time": "TEXT NOT NULL DEFAULT ''",
+                 "uid": "TEXT NOT NULL DEFAULT ''"}
+CHANGES_KEPT = 20000  # change records a watcher may fall behind by before it must list everything again
+
+Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-scoped kinds
 
 # Kinds that live outside namespaces, as in Kubernetes.
 CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeAttachment", "VolumeAttributesClass"}
@@ -57,6 +68,7 @@ class ObjectStore(Protocol):
     def events(self, obj: Obj) -> list[Obj]: ...
     def version(self) -> int: ...
     def wait_for_change(self, since: int, timeout: float) -> int: ...
+    def changes_since(self, since: int) -> tuple[int, list[Key] | None]: ...
 
 
 def namespace_of(obj: Obj) -> str:
@@ -66,7 +78,8 @@ def namespace_of(obj: Obj) -> str:
 
 
 class SQLiteStore:
-    """Objects in SQLite; every write bumps one counter that watchers poll."""
+    """Objects in SQLite; every write bumps one counter that watchers poll, and records
+    which object it changed, so a watcher handles what changed rather than everything."""
 
     def __init__(self, path: str):
         from csi.catalog import create_private
@@ -77,13 +90,23 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        for column, decl in EVENT_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
 
-    def _bump(self) -> int:
+    def _bump(self, kind: str, namespace: str, name: str) -> int:
+        """Next version, recorded as a change of this object (inside the caller's transaction)."""
         self._db.execute("UPDATE counter SET version = version + 1 WHERE id = 0")
-        return self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
+        version = self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
+        self._db.execute("INSERT OR REPLACE INTO changes (version, kind, namespace, name) VALUES (?,?,?,?)",
+                         (version, kind, self._ns(kind, namespace), name))
+        if version % 1000 == 0:
+            self._db.execute("DELETE FROM changes WHERE version <= ?", (version - CHANGES_KEPT,))
+        return version
 
     def version(self) -> int:
         with self._lock:
@@ -96,6 +119,20 @@ class SQLiteStore:
             if current != since or time.monotonic() >= deadline:
                 return current
             time.sleep(0.03)
+
+    def changes_since(self, since: int) -> tuple[int, list[Key] | None]:
+        """(current version, the objects written after `since`, each once); None instead of the
+        list when the records no longer reach back that far (list everything again)."""
+        with self._lock:
+            version = self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
+            if since >= version:
+                return version, []
+            oldest = self._db.execute("SELECT MIN(version) FROM changes").fetchone()[0]
+            if since < 0 or oldest is None or oldest > since + 1:
+                return version, None
+            rows = self._db.execute("SELECT kind, namespace, name FROM changes WHERE version > ? AND version <= ? "
+                                    "ORDER BY version", (since, version)).fetchall()
+        return version, list(dict.fromkeys((k, ns, n) for k, ns, n in rows))
 
     @staticmethod
     def _ns(kind: str, namespace: str | None) -> str:
@@ -121,7 +158,7 @@ class SQLiteStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                version = self._bump()
+                version = self._bump(obj["kind"], namespace_of(obj), meta["name"])
                 meta["resourceVersion"] = str(version)
                 self._db.execute(
                     "INSERT OR REPLACE INTO objects (kind, namespace, name, body, version) VALUES (?,?,?,?,?)",
@@ -172,7 +209,7 @@ class SQLiteStore:
                 if not change(obj):
                     self._db.execute("ROLLBACK")
                     return obj
-                version = self._bump()
+                version = self._bump(kind, namespace, name)
                 obj["metadata"]["resourceVersion"] = str(version)
                 self._db.execute("UPDATE objects SET body=?, version=? WHERE kind=? AND namespace=? AND name=?",
                                  (json.dumps(obj), version, kind, self._ns(kind, namespace), name))
@@ -237,22 +274,41 @@ class SQLiteStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
                              (kind, self._ns(kind, namespace), name))
-            self._bump()
+            self._bump(kind, namespace, name)
             self._db.execute("COMMIT")
             return True
 
     def add_event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """Record an event; the same one again (object, type, reason, message) only bumps its
+        count and last time, as Kubernetes' event correlator does."""
+        meta = obj["metadata"]
+        key = (obj["kind"], namespace_of(obj), meta["name"], meta.get("uid", ""), type_, reason, message)
+        stamp = now()
         with self._lock:
-            self._db.execute(
-                "INSERT INTO events (kind, namespace, name, type, reason, message, time) VALUES (?,?,?,?,?,?,?)",
-                (obj["kind"], namespace_of(obj), obj["metadata"]["name"], type_, reason, message, now()))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                bumped = self._db.execute(
+                    "UPDATE events SET count = count + 1, time = ? WHERE seq = (SELECT MAX(seq) FROM events WHERE "
+                    "kind=? AND namespace=? AND name=? AND uid=? AND type=? AND reason=? AND message=?)",
+                    (stamp, *key)).rowcount
+                if not bumped:
+                    self._db.execute(
+                        "INSERT INTO events (kind, namespace, name, uid, type, reason, message, time, first_time, count) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,1)", (*key, stamp, stamp))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def events(self, obj: Obj) -> list[Obj]:
+        """The object's events, oldest last seen first; `time` is when each was last seen."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT type, reason, message, time FROM events WHERE kind=? AND namespace=? AND name=? ORDER BY seq",
+                "SELECT type, reason, message, time, first_time, count FROM events WHERE kind=? AND namespace=? "
+                "AND name=? ORDER BY time, seq",
                 (obj["kind"], namespace_of(obj), obj["metadata"]["name"])).fetchall()
-        return [{"type": t, "reason": r, "message": m, "time": ts} for t, r, m, ts in rows]
+        return [{"type": t, "reason": r, "message": m, "time": ts, "firstTime": first or ts, "count": count}
+                for t, r, m, ts, first, count in rows]
 
 
 def remove_finalizer(store: ObjectStore, obj: Obj, finalizer: str) -> None:
