@@ -23,10 +23,10 @@ def _disk(attachment: kubelet.Attachment) -> str:
 
 
 def host_assisted_copy(ctx: Context, source_claim: str, source_ns: str, target_claim: str, target_ns: str,
-                       owner: str) -> None:
-    """Attach the source read-only and the target, convert the disk across, detach both.
+                       owner: str, node: str | None = None) -> None:
+    """Attach the source read-only and the target on `node`, convert the disk across, detach both.
     The target keeps its own size: a Filesystem target's disk.img fills the usable space."""
-    node = ctx.node_id
+    node = node or ctx.node_id
     src = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, source_claim, source_ns, node, owner + "/source",
                          readonly=True, access_mode="ReadOnlyMany")
     try:

@@ -18,6 +18,7 @@ from pvlun.context import Context
 from importer.dv_spec import FILESYSTEM_OVERHEAD, claim_spec, validate
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, set_condition
+from pvlun.user_text import user_text
 
 log = logging.getLogger("pvlun.importer")
 
@@ -133,7 +134,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
 
         src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
         if src is not None and claim_populated(ctx, src):
-            ctx.jobs.start("dv:" + key_of(dv), lambda: run_host_assisted_clone(ctx, dv, source))
+            ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_host_assisted_clone(ctx, dv, source, node),
+                                   f"clone/{key_of(dv)}", volumes=2)
         return
     if kind in ("pvc", "snapshot"):
         _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
@@ -144,7 +146,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
             _phase(ctx, dv, "UploadReady", running=(True, "Pod Running", ""), ready=False,
                    event=("Normal", "UploadReady", "upload endpoint ready; send the image with pvlun image-upload"))
         return
-    ctx.jobs.start("dv:" + key_of(dv), lambda: run_import(ctx, dv, kind, source, mode))
+    ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_import(ctx, dv, kind, source, mode, node),
+                           f"import/{key_of(dv)}")
 
 
 def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
@@ -156,7 +159,7 @@ def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -
     return choose_strategy(src, mode) if src else ""
 
 
-def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict) -> None:
+def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | None = None) -> None:
     """Source and target differ in volume mode: copy the disk across on a node."""
     from cloner import host_assisted_copy
     from pvlun.command import CommandError
@@ -165,9 +168,10 @@ def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict) -> None:
     ns = meta.get("namespace", "default")
     _phase(ctx, dv, "CloneInProgress", running=(True, "Pod Running", "host-assisted clone"), progress="0.00%")
     try:
-        host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}")
+        host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}",
+                           node)
     except (CommandError, kubelet.NotReady) as exc:
-        fail(ctx, dv, "CloneFailed", str(exc))
+        fail(ctx, dv, "CloneFailed", user_text(exc))
         return
     _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
            event=("Normal", "CloneSucceeded", "host-assisted clone (volume modes differ) into claim " + meta["name"]))
@@ -227,8 +231,9 @@ class Progress:
             _save(self.ctx, self.dv, status)
 
 
-def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -> None:
-    """The import job: attach, pipeline, detach; Succeeded or Failed with the reason."""
+def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, node: str | None = None) -> None:
+    """The import job: attach on `node` (the job queue picks one with a free slot), pipeline,
+    detach; Succeeded or Failed with the reason. A node found full goes back to the queue."""
     from importer.errors import ImportFailed
     from importer.pipeline import import_into
     from importer.sources import from_spec
@@ -241,12 +246,15 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -
     attachment = None
     try:
         pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
-        attachment = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, meta["name"], ns, ctx.node_id, owner)
+        attachment = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, meta["name"], ns, node or ctx.node_id, owner)
         source = from_spec({kind: source_spec}, secret=secret, configmap=configmap,
                            allow_file=bool(ctx.services.get("allow_file")))
         scratch = os.path.join(ctx.data_dir, "scratch")
         os.makedirs(scratch, exist_ok=True)
         import_into(source, target_for(attachment, pvc, dv), progress=Progress(ctx, dv), scratch_dir=scratch)
+    except kubelet.NodeFull:
+        _detach(ctx, attachment, owner)
+        raise
     except ImportFailed as exc:
         _detach(ctx, attachment, owner)
         fail(ctx, dv, exc.reason, exc.message)
@@ -258,7 +266,7 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -
     except Exception as exc:
         log.exception("import %s/%s", ns, meta["name"])
         _detach(ctx, attachment, owner)
-        fail(ctx, dv, "InternalError", str(exc))
+        fail(ctx, dv, "InternalError", user_text(exc))
         return
     _detach(ctx, attachment, owner)
     _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", "Import Complete"), ready=True,

@@ -77,8 +77,9 @@ class UploadGateway:
         if (obj.get("status") or {}).get("phase") != "UploadReady":
             raise LookupError(f"DataVolume {key} is not UploadReady (phase {(obj.get('status') or {}).get('phase')})")
         ns, name = key.split("/", 1)
-        attachment = kubelet.attach(self.ctx.store, self.ctx.csi, self.ctx.data_dir, name, ns, self.ctx.node_id,
-                                    f"upload/{key}")
+        with self.ctx.slots.hold(f"upload/{key}") as node:  # NoFreeSlot (a LookupError): the client retries
+            attachment = kubelet.attach(self.ctx.store, self.ctx.csi, self.ctx.data_dir, name, ns, node,
+                                        f"upload/{key}")
         self.attached[key] = attachment
         pvc = self.ctx.store.get("PersistentVolumeClaim", name, ns)
         return dv.target_for(attachment, pvc, obj)

@@ -116,7 +116,7 @@ class Daemon:
 
         store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
         csi = CsiClient(self.data_dir, node_ids, self.opts.endpoint)
-        self.ctx = Context(store, csi, self.data_dir, node_ids)
+        self.ctx = Context(store, csi, self.data_dir, node_ids, max_volumes_per_node=self.opts.max_volumes_per_node)
         self.ctx.services["allow_file"] = self.opts.allow_file_import
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)

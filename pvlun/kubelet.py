@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
+
+import grpc
 
 from csi.proto import csi_pb2 as pb
 from pvlun.csi_client import CsiClient, capability
@@ -15,6 +18,13 @@ from pvlun.store import ObjectStore
 
 class NotReady(Exception):
     """The claim is not bound yet; try again later."""
+
+
+class NodeFull(Exception):
+    """ControllerPublish found the node at its volume limit: wait for a slot, then try again."""
+
+
+NAME_MAX = 255  # bytes in one path component (Linux)
 
 
 @dataclass
@@ -39,10 +49,19 @@ def claim_volume(store: ObjectStore, claim: str, namespace: str) -> tuple[dict, 
     return pvc, pv
 
 
+def path_component(text: str, limit: int = NAME_MAX) -> str:
+    """`text` as one path component: unchanged when it fits, else a prefix and a hash of the
+    whole (owners hold namespace and name: up to 63 + 253 characters and a prefix)."""
+    if len(text.encode()) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return text.encode()[:limit - len(digest) - 1].decode(errors="ignore") + "-" + digest
+
+
 def paths(data_dir: str, node_id: str, volume_id: str, owner: str) -> tuple[str, str]:
     node_dir = os.path.join(data_dir, "nodes", node_id)
     staging = os.path.join(node_dir, "staging", volume_id)
-    target = os.path.join(node_dir, "publish", owner.replace("/", "_"), volume_id)
+    target = os.path.join(node_dir, "publish", path_component(owner.replace("/", "_")), volume_id)
     return staging, target
 
 
@@ -59,13 +78,21 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     name = _name(volume_id, node_id, owner)
+    recorded = store.get("VolumeAttachment", name, "") is not None
     store.apply({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
                  "spec": {"attacher": "csi.pvlun.dev", "nodeName": node_id,
                           "source": {"persistentVolumeName": pv["metadata"]["name"]},
                           "owner": owner, "stagingPath": staging, "targetPath": target, "volumeId": volume_id}})
-    published = csi.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
-        volume_id=volume_id, node_id=node_id, volume_capability=cap, readonly=readonly,
-        volume_context=spec["csi"].get("volumeAttributes", {})))
+    try:
+        published = csi.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=volume_id, node_id=node_id, volume_capability=cap, readonly=readonly,
+            volume_context=spec["csi"].get("volumeAttributes", {})))
+    except grpc.RpcError as exc:
+        if not recorded:  # nothing was published: no record may hold the claim
+            store.delete("VolumeAttachment", name, "")
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise NodeFull(f"node {node_id} is at its volume limit") from None
+        raise
     context = dict(published.publish_context)
     node = csi.node(node_id)
     node.NodeStageVolume(pb.NodeStageVolumeRequest(
@@ -85,14 +112,30 @@ def detach(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, own
         return
     staging, target = record["spec"]["stagingPath"], record["spec"]["targetPath"]
     node = csi.node(node_id)
-    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+    _retried(node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
     store.delete("VolumeAttachment", name, "")
     others = [a for a in store.list("VolumeAttachment")
               if a["spec"]["volumeId"] == volume_id and a["spec"]["nodeName"] == node_id]
     if not others:
-        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
-        csi.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        _retried(node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
+        _retried(csi.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
             volume_id=volume_id, node_id=node_id))
+
+
+RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0)  # a mount can be busy for a moment (a tool started elsewhere still holds it)
+FINAL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _retried(method, request):
+    """A detach step, retried a few times as kubelet would: undoing must not give up at once."""
+    for delay in RETRY_DELAYS:
+        try:
+            return method(request)
+        except grpc.RpcError as exc:
+            if exc.code() in FINAL:
+                raise
+            time.sleep(delay)
+    return method(request)
 
 
 def attachments_of(store: ObjectStore, owner: str) -> list[dict]:

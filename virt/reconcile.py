@@ -13,9 +13,11 @@ import os
 import time
 
 from pvlun.context import Context
+from pvlun.kubelet import NodeFull
 from pvlun.store import Obj, set_condition
+from pvlun.user_text import user_text
 from virt.launcher import LaunchError, Phase
-from virt.runtime import VmRuntime
+from virt.runtime import CSI_SOURCES, VmRuntime, owner as attachment_owner
 from virt.spec import SpecError, parse_virtual_machine
 
 log = logging.getLogger("pvlun.virt")
@@ -168,7 +170,7 @@ def _follow_volume_qos(ctx: Context, running) -> None:
                 ns, vm_name = running.key.split("/", 1)
                 vm = ctx.store.get("VirtualMachine", vm_name, ns)
                 if vm:
-                    ctx.store.add_event(vm, "Warning", "VolumeQoSRefused", f"volume {name}: {exc}")
+                    ctx.store.add_event(vm, "Warning", "VolumeQoSRefused", f"volume {name}: {user_text(exc)}")
                 continue
             log.info("VM %s volume %s: throttle now %s", running.key, name, wanted)
             changed = True
@@ -212,7 +214,7 @@ def volume_status(running) -> list[dict]:
     return out
 
 
-def reconcile_vm(ctx: Context, vm: Obj) -> None:
+def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
     rt = runtime(ctx)
     key = key_of(vm)
     try:
@@ -260,18 +262,21 @@ def reconcile_vm(ctx: Context, vm: Obj) -> None:
         backoff = min(300, 10 * 2 ** (len(recent) - CRASH_LIMIT))
         if time.time() - recent[-1] < backoff:
             _vm_status(ctx, vm, "CrashLoopBackOff", message=rt.last_exit.get(key, ("", ""))[1])
-            return
+            return backoff - (time.time() - recent[-1])  # seconds until the loop looks again
     _vm_status(ctx, vm, "Starting")
     _ensure_vmi(ctx, vm)
 
-    def start() -> None:
+    def start(node: str) -> None:
         try:
-            rt.start(parsed.template, key, ctx.node_id)
+            rt.start(parsed.template, key, node)
+        except NodeFull:
+            raise  # back to the job queue until a node has room for every volume
         except (LaunchError, Exception) as exc:  # noqa: BLE001 - reported on the VM, retried by policy
             log.warning("VM %s failed to start: %s", key, exc)
-            ctx.store.add_event(vm, "Warning", "FailedCreate", str(exc))
+            ctx.store.add_event(vm, "Warning", "FailedCreate", user_text(exc))
 
-    ctx.jobs.start("vm:" + key, start)
+    ctx.jobs.start_on_node("vm:" + key, start, attachment_owner(key),
+                           volumes=sum(v.source in CSI_SOURCES for v in parsed.template.volumes))
 
 
 def reconcile_migration(ctx: Context, mig: Obj) -> None:
