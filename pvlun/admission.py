@@ -3,12 +3,14 @@ the offending field named (as a Kubernetes admission webhook would answer)."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
 
-import yaml
-
+from pvlun.manifest_yaml import ManifestError, load_all
+from pvlun.object_types import conform
 from pvlun.quantity import parse_quantity
+from pvlun.user_text import one_line, quoted
 
 KINDS = {
     "StorageClass": "storage.k8s.io/v1",
@@ -17,6 +19,7 @@ KINDS = {
     "ConfigMap": "v1",
     "DataVolume": "cdi.kubevirt.io/v1beta1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
+    "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
     "VolumeAttributesClass": "storage.k8s.io/v1beta1",
     "VirtualMachine": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
@@ -37,26 +40,41 @@ ALIASES = {
     "vmim": "VirtualMachineInstanceMigration", "virtualmachineinstancemigration": "VirtualMachineInstanceMigration",
     "virtualmachineinstancemigrations": "VirtualMachineInstanceMigration",
     "volumesnapshot": "VolumeSnapshot", "volumesnapshots": "VolumeSnapshot", "vs": "VolumeSnapshot",
+    "volumesnapshotclass": "VolumeSnapshotClass", "volumesnapshotclasses": "VolumeSnapshotClass",
+    "vsclass": "VolumeSnapshotClass",
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",
 }
 
 
-# Kubernetes object names: a DNS-1123 subdomain; namespaces: a DNS-1123 label. Names reach
-# paths (run dirs, publish targets), so nothing else is accepted.
+# Kubernetes object names: a DNS-1123 subdomain; namespaces, and the names of kinds whose
+# name becomes a host name (a VirtualMachine's, as KubeVirt requires): a DNS-1123 label.
+# Names reach paths (run dirs, publish targets), so nothing else is accepted.
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+SUBDOMAIN_MAX, LABEL_MAX = 253, 63
+LABEL_NAMED = {"VirtualMachine"}
+MAX_OBJECT_BYTES = 3 << 19  # 1.5 MiB, etcd's limit on one object
 
 
-def check_name(name: object, namespace: object) -> None:
-    if not isinstance(name, str) or len(name) > 253 or not _SUBDOMAIN.fullmatch(name):
-        raise ValueError(f"metadata.name {name!r} is not a valid name (lowercase letters, digits, '-' and '.', "
-                         "starting and ending with a letter or digit)")
-    if namespace is not None and (not isinstance(namespace, str) or len(namespace) > 63
-                                  or not _LABEL.fullmatch(namespace)):
-        raise ValueError(f"metadata.namespace {namespace!r} is not a valid namespace (lowercase letters, digits "
-                         "and '-')")
+def _check(value: object, what: str, label: bool) -> None:
+    limit, pattern = (LABEL_MAX, _LABEL) if label else (SUBDOMAIN_MAX, _SUBDOMAIN)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if len(value) > limit:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {limit} are allowed")
+    if not pattern.fullmatch(value):
+        allowed = "lowercase letters, digits and '-'" if label else "lowercase letters, digits, '-' and '.'"
+        raise ValueError(f"{what} {quoted(value)} is not a valid name ({allowed}, starting and ending with a "
+                         "letter or digit)")
+
+
+def check_name(name: object, namespace: object, kind: str = "") -> None:
+    """A DNS-1123 subdomain (a label for LABEL_NAMED kinds) and, if given, a label namespace."""
+    _check(name, "metadata.name", kind in LABEL_NAMED)
+    if namespace is not None:
+        _check(namespace, "metadata.namespace", True)
 
 
 class Refused(ValueError):
@@ -95,6 +113,13 @@ def _check_vm(obj: dict) -> None:
     from virt.spec import parse_virtual_machine
 
     parse_virtual_machine(obj)
+    for i, template in enumerate((obj.get("spec") or {}).get("dataVolumeTemplates") or []):
+        where = f"spec.dataVolumeTemplates[{i}]"
+        try:
+            _check((template.get("metadata") or {}).get("name"), "metadata.name", False)
+            _check_dv(template)  # it becomes a DataVolume: the same rules
+        except ValueError as exc:
+            raise ValueError(f"{where}.{exc}") from None
 
 
 def _check_migration(obj: dict) -> None:
@@ -106,6 +131,12 @@ def _check_migration(obj: dict) -> None:
 def _check_storage_class(obj: dict) -> None:
     if not obj.get("provisioner"):
         raise ValueError("provisioner is required")
+
+
+def _check_snapshot_class(obj: dict) -> None:
+    for field in ("driver", "deletionPolicy"):
+        if not obj.get(field):
+            raise ValueError(f"{field} is required")
 
 
 def _check_attributes_class(obj: dict) -> None:
@@ -127,34 +158,52 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VirtualMachine": _check_vm,
     "VirtualMachineInstanceMigration": _check_migration,
     "StorageClass": _check_storage_class,
+    "VolumeSnapshotClass": _check_snapshot_class,
 }
 
 
 def load_documents(text: str) -> list[dict[str, Any]]:
-    """Every non-empty YAML document, checked; Refused names the first bad one."""
+    """Every object of a manifest (Lists unpacked), checked and normalised; Refused names the
+    first bad document and field, in one line. Nothing is stored here."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d]
-    except yaml.YAMLError as exc:
-        raise Refused(f"not valid YAML: {exc}") from None
-    out = []
-    for i, doc in enumerate(docs):
+        documents = load_all(text)
+    except ManifestError as exc:
+        raise Refused(str(exc)) from None
+    out: list[dict[str, Any]] = []
+    todo = [(f"document {n}", doc) for n, doc in reversed(documents)]
+    while todo:
+        where, doc = todo.pop()
         if isinstance(doc, dict) and doc.get("kind") == "List":
-            docs.extend(doc.get("items") or [])
+            items = doc.get("items")
+            if not isinstance(items, list) and items is not None:
+                raise Refused(f"{where}: items of a List must be a list, not {type(items).__name__}")
+            todo += [(f"{where}, item {i + 1}", item) for i, item in reversed(list(enumerate(items or [])))]
             continue
-        where = f"document {i + 1}"
-        if not isinstance(doc, dict) or "kind" not in doc:
-            raise Refused(f"{where}: not a Kubernetes object (no kind)")
-        kind = doc["kind"]
-        name = (doc.get("metadata") or {}).get("name")
-        where = f"{kind}/{name}" if name else where
-        if kind not in KINDS:
-            raise Refused(f"{where}: kind {kind!r} is not one pvlun serves ({', '.join(sorted(KINDS))})")
-        if not name:
-            raise Refused(f"{where}: metadata.name is required")
-        try:
-            check_name(name, (doc.get("metadata") or {}).get("namespace"))
-            CHECKS.get(kind, lambda o: None)(doc)
-        except ValueError as exc:
-            raise Refused(f"{kind} {name!r} is invalid: {exc}") from None
-        out.append(doc)
+        out.append(admit(doc, where))
     return out
+
+
+def admit(doc: object, where: str) -> dict[str, Any]:
+    """One object checked field by field, as a fresh tree (no YAML alias shares a part of it)."""
+    if not isinstance(doc, dict):
+        raise Refused(f"{where}: not a Kubernetes object (a {type(doc).__name__}, not a mapping)")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise Refused(f"{where}: not a Kubernetes object (no kind)")
+    if kind not in KINDS:
+        raise Refused(f"{where}: kind {quoted(kind)} is not one pvlun serves ({', '.join(sorted(KINDS))})")
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    label = f"{kind} {quoted(name)}" if isinstance(name, str) and name else f"{where} ({kind})"
+    try:
+        doc = conform(doc)
+        if not name:
+            raise ValueError("metadata.name is required")
+        check_name(name, doc["metadata"].get("namespace"), kind)
+        CHECKS.get(kind, lambda o: None)(doc)
+        body = json.dumps(doc)
+    except (ValueError, TypeError) as exc:
+        raise Refused(one_line(f"{label} is invalid: {exc}")) from None
+    if len(body) > MAX_OBJECT_BYTES:
+        raise Refused(f"{label} is {len(body)} bytes long; one object may have at most {MAX_OBJECT_BYTES} bytes")
+    return json.loads(body)
