@@ -244,6 +244,8 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
             _vm_status(ctx, vm, "Paused", message="paused by user")
         elif phase is Phase.RUNNING:
             _vm_status(ctx, vm, "Running", ready=True)
+        elif phase in (Phase.SUCCEEDED, Phase.FAILED):
+            return 0.5  # QEMU ended and its VMI is being unregistered: look again then, nothing else will say
         return
     if busy:
         return
