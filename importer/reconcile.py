@@ -18,7 +18,7 @@ from pvlun.context import Context
 from importer.dv_spec import FILESYSTEM_OVERHEAD, claim_spec, validate
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, set_condition
-from pvlun.user_text import user_text
+from pvlun.user_text import shown_text, user_text
 
 log = logging.getLogger("pvlun.importer")
 
@@ -63,6 +63,7 @@ def _attributes_class(dv: Obj) -> str | None:
 
 def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     """Phase Failed with the reason; the claim and its data are removed."""
+    message = shown_text(message)  # one line, no path of the daemon's, whoever wrote it
     status = _status(dv)
     if any(c["type"] == "Bound" for c in status.get("conditions", [])):
         set_condition(status, "Bound", False, "ClaimDeleted", "the claim was deleted with the failed import's data")

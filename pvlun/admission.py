@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 from pvlun.manifest_yaml import ManifestError, load_all
 from pvlun.object_types import conform
-from pvlun.quantity import parse_quantity
 from pvlun.user_text import one_line, quoted
 
 KINDS = {
@@ -86,21 +85,15 @@ def kind_of(name: str) -> str:
 
 
 def _check_pvc(obj: dict) -> None:
+    """What the field types (object_types) cannot say: which fields go together."""
     spec = obj.get("spec") or {}
-    storage = (spec.get("resources") or {}).get("requests", {}).get("storage")
-    if storage is None and not (spec.get("dataSource") or spec.get("dataSourceRef")):
+    sources = [(f, spec[f]) for f in ("dataSource", "dataSourceRef") if spec.get(f)]
+    if (spec.get("resources") or {}).get("requests", {}).get("storage") is None and not sources:
         raise ValueError("spec.resources.requests.storage is required")
-    if storage is not None:
-        try:
-            parse_quantity(storage)
-        except ValueError as exc:
-            raise ValueError(f"spec.resources.requests.storage: {exc}") from None
-    mode = spec.get("volumeMode", "Filesystem")
-    if mode not in ("Filesystem", "Block"):
-        raise ValueError(f"spec.volumeMode: {mode!r} is not Filesystem or Block")
-    for i, m in enumerate(spec.get("accessModes") or []):
-        if m not in ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"):
-            raise ValueError(f"spec.accessModes[{i}]: unknown access mode {m!r}")
+    for field, source in sources:
+        for key in ("kind", "name"):
+            if not source.get(key):
+                raise ValueError(f"spec.{field}.{key} is required")
 
 
 def _check_dv(obj: dict) -> None:

@@ -74,6 +74,7 @@ CASES = [
      "spec: must be an object"),
     ('metadata: "x"', 'apiVersion: v1\nkind: ConfigMap\nmetadata: "x"\n', "metadata: must be an object"),
     ("storage: [1]", pvc("{resources: {requests: {storage: [1]}}}"), "spec.resources.requests.storage"),
+    ("dataSource without a name", pvc("{dataSource: {kind: PersistentVolumeClaim}}"), "spec.dataSource.name is required"),
     ("kind: [1]", "kind: [1]\nmetadata: {name: a}\n", "no kind"),
     ("labels of lists", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, labels: {x: [1]}}\n",
      "metadata.labels.x: must be a string"),
