@@ -93,7 +93,10 @@ class SQLiteStore:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
         for column, decl in EVENT_COLUMNS.items():
             if column not in have:
-                self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {decl}")
+                try:
+                    self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError:  # another process (the daemon, a CLI) added it first
+                    pass
 
     def close(self) -> None:
         self._db.close()
