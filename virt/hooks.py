@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 from pvlun.command import CommandError, run
+from pvlun.user_text import user_text
 from virt.spec import VmSpec
 
 EVENTS = ("pre", "post", "failed")
@@ -88,8 +89,9 @@ class MigrationHooks:
                     run(argv, timeout=h.timeout, input=json.dumps(ctx.as_json()).encode())
                 self.history.append((ctx.event, h.name, "ok"))
             except (CommandError, Exception) as exc:  # noqa: BLE001 - hooks are user code
-                self.history.append((ctx.event, h.name, str(exc)))
-                errors.append(f"{h.name}: {exc}")
+                text = user_text(exc)  # it reaches the migration's status: one line, no gRPC repr
+                self.history.append((ctx.event, h.name, text))
+                errors.append(f"{h.name}: {text}")
                 if stop_on_error:
-                    raise HookError(h.name, str(exc)) from exc
+                    raise HookError(h.name, text) from exc
         return errors

@@ -10,6 +10,7 @@ import threading
 
 from pvlun.context import Context
 from pvlun.store import Obj, remove_finalizer
+from pvlun.user_text import user_text
 from virt.hooks import HookContext, MigrationHooks
 from virt.launcher import VmLauncher
 from virt.migration import MigrationStatus, migrate
@@ -41,7 +42,7 @@ def start_migration(ctx: Context, mig: Obj) -> None:
     try:
         vmi_name = parse_migration(mig).vmi_name
     except SpecError as exc:
-        _status(ctx, mig, phase="Failed", reason=str(exc))
+        _status(ctx, mig, phase="Failed", reason=user_text(exc))
         return
     key = f"{ns}/{vmi_name}"
     rt = runtime(ctx).get(key)

@@ -220,7 +220,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
     try:
         parsed = parse_virtual_machine(vm)
     except SpecError as exc:
-        _vm_status(ctx, vm, "ErrorUnschedulable", message=str(exc))
+        _vm_status(ctx, vm, "ErrorUnschedulable", message=user_text(exc))
         return
     _handle_request(ctx, vm, parsed, rt)
     vm = ctx.store.get("VirtualMachine", vm["metadata"]["name"], vm["metadata"].get("namespace", "default")) or vm
