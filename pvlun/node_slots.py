@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from pvlun.kubelet import NodeFull
 from pvlun.store import ObjectStore
 
 
@@ -84,7 +85,8 @@ class NodeSlots:
 
     @contextmanager
     def hold(self, owner: str, volumes: int = 1, timeout: float = 60) -> Iterator[str]:
-        """Wait (up to `timeout`) for a node with room, keep it reserved inside the block."""
+        """Wait (up to `timeout`) for a node with room, keep it reserved inside the block;
+        a node found full there after all is NoFreeSlot too (for work that cannot queue)."""
         deadline = time.monotonic() + timeout
         while (node := self.reserve(owner, volumes)) is None:
             if time.monotonic() >= deadline:
@@ -93,5 +95,7 @@ class NodeSlots:
             time.sleep(0.2)
         try:
             yield node
+        except NodeFull as exc:  # another attacher won the race for the slot
+            raise NoFreeSlot(f"{exc}; try again later") from None
         finally:
             self.release(owner)
