@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -226,6 +227,43 @@ def driver(tmp_path_factory, request):
     assert drv.socket_mode == 0o600, oct(drv.socket_mode)
     assert not left_mounts, f"left mounted after a clean stop: {left_mounts}"
     assert not left_loops, f"loop devices left attached: {left_loops}"
+
+
+@contextmanager
+def running_driver(data_dir: Path, *args: str):
+    """A `pvlun serve` of a test's own; stopped cleanly, leaving no mount or loop device."""
+    drv = start_driver(data_dir, *args)
+    try:
+        yield drv
+    finally:
+        rc = drv.stop() if drv.proc.poll() is None else drv.proc.returncode
+        left = mounts_under(str(data_dir)) + loop_devices_under(str(data_dir))
+        _force_clean(str(data_dir))
+        assert rc == 0, drv.stderr_path.read_text()[-3000:]
+        assert not left, left
+
+
+@contextmanager
+def xfs_pool(image: Path, size: int):
+    """A small real XFS filesystem with reflinks, loop-mounted: a pool for `serve --pool`.
+    mkfs.xfs refuses filesystems under 300 MB unless told it runs under fstests (its
+    TEST_DIR/TEST_DEV/QA_CHECK_FS variables); tens of MiB keep filling it fast."""
+    mount_point = image.with_suffix(".mnt")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    env = dict(os.environ, TEST_DIR=str(image.parent), TEST_DEV=str(image), QA_CHECK_FS="1")
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True, env=env, capture_output=True)
+    mount_point.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True, capture_output=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
+        left = mounts_under(str(mount_point))
+        _force_clean(str(mount_point))
+        image.unlink()
+        mount_point.rmdir()
+        assert not left, f"the XFS pool stayed mounted: {left}"
 
 
 # ---------------------------------------------------------------- per-test resources
