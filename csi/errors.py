@@ -69,5 +69,6 @@ def public_message(message: str) -> str:
     and nothing longer than MAX_MESSAGE goes out."""
     message = _LUN_PATH.sub(r"\1", message)
     if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 20] + f"... ({len(message)} characters)"
+        tail = f"... ({len(message)} characters)"
+        message = message[: MAX_MESSAGE - len(tail)] + tail
     return message

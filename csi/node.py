@@ -58,7 +58,7 @@ def _rpc(method):
         except CommandError as exc:
             code, message = grpc.StatusCode.INTERNAL, str(exc)
         except OSError as exc:
-            where = f": {shown(exc.filename)}" if exc.filename else ""
+            where = f": {shown(public_message(str(exc.filename)))}" if exc.filename else ""
             code, message = grpc.StatusCode.INTERNAL, f"{exc.strerror or type(exc).__name__}{where}"
         finally:
             log.debug("%s volume=%s %.3fs %s", method.__name__, shown(getattr(request, "volume_id", "")),

@@ -40,6 +40,8 @@ def path_problem(path: str) -> str | None:
     """Why a path from a request is unacceptable, None if it is fine."""
     if "\x00" in path:
         return "contains NUL"
+    if not path.isprintable():
+        return "contains control characters"
     if len(path) > MAX_PATH:
         return "is too long"
     if not os.path.isabs(path):
@@ -133,8 +135,9 @@ def lun_path(publish_context: dict, volume_context: dict, volume_id: str, volume
         raise invalid("publish_context has no lunPath: was the volume published with ControllerPublishVolume?")
     problem = path_problem(path)
     if problem:
-        raise invalid(f"lunPath {shown(path)} {problem}")
+        raise invalid(f"lunPath {problem}")
     real = os.path.realpath(path)
     if real not in lun_files(volume_id, volumes_dirs):
-        raise invalid(f"lunPath {shown(path)} is not the LUN of volume {volume_id} in this node's pool")
+        # not echoed: it names a place in (or near) the daemon's pool
+        raise invalid(f"lunPath is not the LUN of volume {volume_id} in this node's pool")
     return real
