@@ -31,6 +31,7 @@ import pytest
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
+from pvlun.local_run import small_xfs_pool
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 NODE_ID = "conformance-node"
@@ -245,25 +246,9 @@ def running_driver(data_dir: Path, *args: str):
 
 @contextmanager
 def xfs_pool(image: Path, size: int):
-    """A small real XFS filesystem with reflinks, loop-mounted: a pool for `serve --pool`.
-    mkfs.xfs refuses filesystems under 300 MB unless told it runs under fstests (its
-    TEST_DIR/TEST_DEV/QA_CHECK_FS variables); tens of MiB keep filling it fast."""
-    mount_point = image.with_suffix(".mnt")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    env = dict(os.environ, TEST_DIR=str(image.parent), TEST_DEV=str(image), QA_CHECK_FS="1")
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True, env=env, capture_output=True)
-    mount_point.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True, capture_output=True)
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], capture_output=True)
-        left = mounts_under(str(mount_point))
-        _force_clean(str(mount_point))
-        image.unlink()
-        mount_point.rmdir()
-        assert not left, f"the XFS pool stayed mounted: {left}"
+    """A small real XFS reflink pool of `size` bytes, mounted (see pvlun.local_run)."""
+    with small_xfs_pool(str(image), size) as mount_point:
+        yield Path(mount_point)
 
 
 # ---------------------------------------------------------------- per-test resources
