@@ -5,7 +5,9 @@ Layout (see notes/PLAN.md):
   publish binds STAGING/lun onto the target file (read-only publish: a separate
   read-only loop device, since a ro bind mount does not stop writes to a device node);
 - mount staging: the loop device (mkfs'd when blank) mounted on STAGING; publish binds
-  STAGING onto the target directory (remounted ro when read-only).
+  STAGING onto the target directory (remounted ro when read-only); both nosuid,nodev
+  unless the capability's mount flags ask suid/dev.
+Paths are made and mounted onto without following links (csi/node_paths.py).
 Every function is idempotent: it looks at what is already there before acting.
 Callers serialise calls per volume.
 """
