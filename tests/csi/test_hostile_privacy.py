@@ -158,18 +158,24 @@ def elsewhere(tmp_path) -> Path:
     assert mounts_under(str(place)) == [], "a volume was mounted through a link"
 
 
-@pytest.mark.parametrize("access", ["mount", "block"])
-@pytest.mark.parametrize("where", ["last", "parent"])
-def test_staging_path_through_a_link_is_refused_and_nothing_is_mounted(driver, res, elsewhere, tmp_path, access,
-                                                                      where):
+def through_a_link(res, tmp_path: Path, elsewhere: Path, access: str, where: str, leaf: str):
+    """A controller-published volume, and a path whose last component or parent is a link
+    to `elsewhere`: (capability, volume ID, publish context, path)."""
     cap = mount_cap() if access == "mount" else block_cap()
     vol = res.volume(cap=cap)
     ctx = res.publish(vol.volume_id, cap)
     link = tmp_path / "link"
     link.symlink_to(elsewhere / "sub" if where == "last" else elsewhere)
-    staging = link if where == "last" else link / "sub"
+    return cap, vol.volume_id, ctx, link if where == "last" else link / leaf
+
+
+@pytest.mark.parametrize("access", ["mount", "block"])
+@pytest.mark.parametrize("where", ["last", "parent"])
+def test_staging_path_through_a_link_is_refused_and_nothing_is_mounted(driver, res, elsewhere, tmp_path, access,
+                                                                      where):
+    cap, volume_id, ctx, staging = through_a_link(res, tmp_path, elsewhere, access, where, "sub")
     msg = assert_code(Code.INVALID_ARGUMENT, driver.node.NodeStageVolume, pb.NodeStageVolumeRequest(
-        volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap, publish_context=ctx))
+        volume_id=volume_id, staging_target_path=str(staging), volume_capability=cap, publish_context=ctx))
     assert "symbolic link" in msg
     assert loop_devices_under(str(driver.pool)) == [] and os.listdir(elsewhere / "sub") == []
 
@@ -178,15 +184,10 @@ def test_staging_path_through_a_link_is_refused_and_nothing_is_mounted(driver, r
 @pytest.mark.parametrize("where", ["last", "parent"])
 def test_target_path_through_a_link_is_refused_and_nothing_is_mounted(driver, res, elsewhere, tmp_path, access,
                                                                      where):
-    cap = mount_cap() if access == "mount" else block_cap()
-    vol = res.volume(cap=cap)
-    ctx = res.publish(vol.volume_id, cap)
-    res.stage(vol.volume_id, cap, ctx)
-    link = tmp_path / "link"
-    link.symlink_to(elsewhere / "sub" if where == "last" else elsewhere)
-    target = link if where == "last" else link / "target"
+    cap, volume_id, ctx, target = through_a_link(res, tmp_path, elsewhere, access, where, "target")
+    res.stage(volume_id, cap, ctx)
     msg = assert_code(Code.INVALID_ARGUMENT, driver.node.NodePublishVolume, pb.NodePublishVolumeRequest(
-        volume_id=vol.volume_id, staging_target_path=str(res.staging), target_path=str(target),
+        volume_id=volume_id, staging_target_path=str(res.staging), target_path=str(target),
         volume_capability=cap, publish_context=ctx))
     assert "symbolic link" in msg
     assert not (elsewhere / "target").exists()
