@@ -2,6 +2,9 @@
 
 qemu-img convert is long-running, so it is started with Popen (not pvlun.command.run) and
 its `-p` output is read as it goes; a convert that goes silent is reported as stalled.
+It runs sandboxed like every qemu-img on untrusted data: it sees the image's node and the
+target (a private device node, or the file lent to the sandbox user for the run), nothing
+else, so a format trick that slipped past the checks finds no host file to read.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import tempfile
 from typing import Callable
 
 from pvlun.command import CommandError, run
+from pvlun.sandbox import lent
 
 from . import errors
 from .errors import ImportFailed
+from .formats import ImageNode
 
 STALL_SECONDS = 120  # a direct convert that reports no progress for this long is retried via scratch
 
@@ -58,6 +63,31 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], stall:
             text = err.read().decode(errors="replace")
             reason = errors.TRANSFER_FAILED if "curl" in text.lower() or "http" in text.lower() else errors.INVALID_IMAGE
             raise ImportFailed(reason, f"qemu-img convert failed: {errors.tool_text(text)}")
+
+
+def convert_into(node: ImageNode, disk_path: str, progress: Callable[[float], None]) -> None:
+    """Convert the image into the disk (a device or a raw file that reads as zeros), sandboxed."""
+    argv = ["qemu-img", "convert", "-p", "-W", "-m", "16", "-n", "--target-is-zero"]
+    if _direct_io_works(disk_path):
+        # O_DIRECT into the volume: no second copy in the page cache, and the final
+        # fsync has little left to do (measured on a loop device: 0.9 s instead of 1.2-2.2 s)
+        argv += ["-t", "none"]
+    argv += [*node.object_args(), "-O", "raw", node.spec, disk_path]
+    if stat.S_ISBLK(os.stat(disk_path).st_mode):
+        with node.sandbox(devices=[disk_path]) as box:
+            run_with_progress(box.wrap(argv), progress)
+        return
+    with lent(disk_path), node.sandbox(writable=[disk_path]) as box:
+        run_with_progress(box.wrap(argv), progress)
+
+
+def _direct_io_works(path: str) -> bool:
+    """Can the target be written with O_DIRECT (a block device, most local filesystems)?"""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
 
 
 def zero_target(path: str, size: int) -> None:

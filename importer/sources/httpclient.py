@@ -41,13 +41,17 @@ def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
 
 
 class CABundle:
-    """A temporary PEM file with the system CAs plus the certConfigMap's certificates."""
+    """A temporary PEM file with the system CAs plus the certConfigMap's certificates.
+
+    World-readable (certificates are public; only root may write it): nbdkit reads it as the
+    unprivileged sandbox user."""
 
     def __init__(self, pems: list[str]):
         self.custom = bool(pems)
         self.path: str | None = None
         if pems:
             fd, self.path = tempfile.mkstemp(prefix="pvlun-ca-", suffix=".pem")
+            os.fchmod(fd, 0o644)
             system = requests.utils.DEFAULT_CA_BUNDLE_PATH
             with os.fdopen(fd, "w") as out:
                 if system and os.path.exists(system):
