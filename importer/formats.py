@@ -135,6 +135,13 @@ class ImageNode:
     def spec(self) -> str:
         return "json:" + json.dumps({"driver": qemu_driver(self.fmt), "backing": None, "file": self.file})
 
+    @property
+    def file_name(self) -> str:
+        """How qemu names the file node (in `qemu-img info` and its errors): a path, an nbd URI."""
+        if self.file.get("driver") == "nbd":
+            return f"nbd+unix://?socket={self.file['server']['path']}"
+        return str(self.file.get("filename", ""))
+
     def object_args(self) -> list[str]:
         return [arg for obj in self.objects for arg in ("--object", obj)]
 
@@ -158,7 +165,7 @@ def inspect(node: ImageNode) -> ImageInfo:
     try:
         info = json.loads(_qemu_img(node, ["info", "--output=json"]))
     except CommandError as exc:
-        references.refuse_failed_open(exc.stderr, node.spec, node.file.get("filename", ""))
+        references.refuse_failed_open(exc.stderr, node.spec, node.file_name)
         raise ImportFailed(errors.INVALID_IMAGE, f"qemu-img info failed: {errors.tool_text(exc.stderr)}") from None
     references.refuse_references(info)
     size = int(info.get("virtual-size") or 0)

@@ -11,7 +11,7 @@ one file node), never from the image's name; qemu 7.2 prints, for that spec:
 - `backing-filename` / `full-backing-filename`: a backing file the header names;
 - `format-specific.data.data-file` (qcow2): an external data file;
 - `format-specific.data.extents[].filename` (vmdk): every extent, the image itself for a
-  monolithic one (a ZERO extent has none: only a descriptor can hold one);
+  monolithic one (qemu 7.2 skips ZERO extents; a descriptor of only those makes it abort);
 - `children` (qemu 8 and later): the nodes below the image, only `file` is its own.
 
 qemu-img info itself opens VMDK extents; in its sandbox an extent that is not the image does
@@ -45,13 +45,10 @@ def refuse_references(info: dict) -> None:
         raise ImportFailed(errors.DATA_FILE,
                            f"the qcow2 image uses an external data file {_shown(specific['data-file'])}; {_SELF_CONTAINED}")
     for extent in specific.get("extents") or []:
-        name = extent.get("filename")
-        if not name:
-            raise ImportFailed(errors.BACKING_FILE, f"the VMDK is a descriptor with a {extent.get('format') or 'file-less'} "
-                                                    f"extent; upload a monolithic VMDK ({_SELF_CONTAINED})")
-        if name != own:
-            raise ImportFailed(errors.BACKING_FILE, f"the VMDK names the extent file {_shown(name)}; upload a monolithic "
-                                                    f"VMDK ({_SELF_CONTAINED})")
+        if extent.get("filename") != own:
+            raise ImportFailed(errors.BACKING_FILE, f"the VMDK names the {extent.get('format') or 'sparse'} extent "
+                                                    f"{_shown(extent.get('filename'))}; upload a monolithic VMDK "
+                                                    f"({_SELF_CONTAINED})")
     _refuse_children(info.get("children") or [], own)
 
 

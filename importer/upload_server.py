@@ -36,6 +36,7 @@ from .sources.upload import UploadSource
 
 log = logging.getLogger("pvlun.upload")
 UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
+LINGER_SECONDS = 2.0
 
 
 class InvalidToken(ValueError):
@@ -183,6 +184,18 @@ class _UploadHandler(BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
+    def _linger(self) -> None:
+        """After refusing an upload early (a backing file, too large) the client may still be
+        sending: read and drop what comes for a moment, so that closing the connection does not
+        reset it before the client reads the answer (a lingering close, as web servers do)."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            self.connection.settimeout(LINGER_SECONDS)
+            while time.monotonic() < deadline and self.rfile.read1(1 << 20):
+                pass
+        except (OSError, ValueError):
+            pass
+
     def do_GET(self) -> None:
         """/healthz, and a pre-flight on the upload path: is the token good, is the DataVolume waiting?"""
         if self.path == "/healthz":
@@ -250,7 +263,8 @@ class _UploadHandler(BaseHTTPRequestHandler):
                     srv.on_done(dv_key, False, str(exc))
                 return self._reply(400, str(exc))
             srv.on_done(dv_key, False, str(exc))
-            return self._reply(400, str(exc))
+            self._reply(400, str(exc))
+            return self._linger()
         srv.on_done(dv_key, True, "")
         self._reply(200, "upload complete")
 

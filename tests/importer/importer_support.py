@@ -403,6 +403,46 @@ def nginx(images, pki, tmp_path_factory):
     stop(proc)
 
 
+# -- the upload server --------------------------------------------------------------------------
+KEY = b"k" * 32
+
+
+class Control:
+    """What the control plane would do with the upload server's callbacks."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.targets: dict = {}
+        self.events: list[tuple] = []
+        self.progress: dict[str, float] = {}
+        self.done = threading.Event()
+
+    def resolve(self, dv_key: str):
+        return self.targets[dv_key]
+
+    def on_done(self, dv_key: str, ok: bool, message: str) -> None:
+        self.events.append(("done", dv_key, ok, message))
+        self.done.set()
+
+    def on_interrupted(self, dv_key: str, message: str) -> None:
+        self.events.append(("interrupted", dv_key, message))
+        self.done.set()
+
+
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory):
+    from importer.upload_server import UploadServer
+
+    d = tmp_path_factory.mktemp("upload")
+    control = Control(d)
+    (d / "scratch").mkdir()
+    srv = UploadServer(cert_dir=str(d / "certs"), secret_key=KEY, resolve=control.resolve, on_done=control.on_done,
+                       on_interrupted=control.on_interrupted, scratch_dir=str(d / "scratch"),
+                       progress=lambda k, p: control.progress.__setitem__(k, p)).start()
+    yield srv, control
+    srv.stop()
+
+
 # -- targets and lookups --------------------------------------------------------------------
 @pytest.fixture
 def scratch(tmp_path) -> str:
