@@ -11,6 +11,7 @@ the file's length). Every qemu-img run here is sandboxed: it sees only the node'
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from typing import Sequence
@@ -119,6 +120,9 @@ def precheck_header(fmt: str, head: bytes) -> None:
             raise ImportFailed(errors.INVALID_IMAGE, f"not a valid VDI header (image type {kind})")
 
 
+IMAGE = "<image>"  # how messages name the image qemu was handed
+
+
 @dataclass(frozen=True)
 class ImageNode:
     """An image as qemu opens it: its format over one file node (a local file, an nbd socket),
@@ -141,6 +145,15 @@ class ImageNode:
         if self.file.get("driver") == "nbd":
             return f"nbd+unix://?socket={self.file['server']['path']}"
         return str(self.file.get("filename", ""))
+
+    def tool_text(self, stderr: str) -> str:
+        """qemu's words about this image for a person, without the daemon's paths: the spec and
+        the file node read IMAGE, names beside the image are shown relative to it."""
+        text = stderr.replace(self.spec, IMAGE).replace(self.file_name, IMAGE)
+        where = os.path.dirname(str(self.file.get("filename") or (self.file.get("server") or {}).get("path") or ""))
+        if len(where) > 1:
+            text = text.replace(where + "/", "")
+        return errors.tool_text(text)
 
     def object_args(self) -> list[str]:
         return [arg for obj in self.objects for arg in ("--object", obj)]
@@ -165,8 +178,9 @@ def inspect(node: ImageNode) -> ImageInfo:
     try:
         info = json.loads(_qemu_img(node, ["info", "--output=json"]))
     except CommandError as exc:
-        references.refuse_failed_open(exc.stderr, node.spec, node.file_name)
-        raise ImportFailed(errors.INVALID_IMAGE, f"qemu-img info failed: {errors.tool_text(exc.stderr)}") from None
+        text = node.tool_text(exc.stderr)
+        references.refuse_failed_open(text, IMAGE, IMAGE)
+        raise ImportFailed(errors.INVALID_IMAGE, f"qemu-img info failed: {text}") from None
     references.refuse_references(info)
     size = int(info.get("virtual-size") or 0)
     if size <= 0:
@@ -184,13 +198,13 @@ def verify_integrity(node: ImageNode, *, file_size: int | None = None) -> None:
             if exc.returncode == 3:  # leaked clusters only: harmless for reading
                 return
             raise ImportFailed(
-                errors.INVALID_IMAGE, f"the {fmt} image is corrupt or truncated: {errors.tool_text(exc.stderr or str(exc))}"
+                errors.INVALID_IMAGE, f"the {fmt} image is corrupt or truncated: {node.tool_text(exc.stderr or str(exc))}"
             ) from None
     elif fmt == "vhd" and file_size is not None:
         try:
             extents = json.loads(_qemu_img(node, ["map", "--output=json"]))
         except CommandError as exc:
-            raise ImportFailed(errors.INVALID_IMAGE, f"qemu-img map failed: {errors.tool_text(exc.stderr)}") from None
+            raise ImportFailed(errors.INVALID_IMAGE, f"qemu-img map failed: {node.tool_text(exc.stderr)}") from None
         for ext in extents:
             if ext.get("data") and "offset" in ext and ext["offset"] + ext["length"] > file_size:
                 raise ImportFailed(

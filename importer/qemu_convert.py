@@ -9,6 +9,7 @@ else, so a format trick that slipped past the checks finds no host file to read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -33,8 +34,10 @@ class Stalled(Exception):
     """qemu-img printed nothing for `stall` seconds."""
 
 
-def run_with_progress(argv: list[str], progress: Callable[[float], None], stall: float = STALL_SECONDS) -> None:
-    """qemu-img convert -p, long-running: read its progress as it goes (hence Popen, not run)."""
+def run_with_progress(argv: list[str], progress: Callable[[float], None], stall: float = STALL_SECONDS, *,
+                      describe: Callable[[str], str] = errors.tool_text) -> None:
+    """qemu-img convert -p, long-running: read its progress as it goes (hence Popen, not run).
+    `describe` turns its stderr into the failure's message."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         try:
@@ -62,7 +65,7 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], stall:
             err.seek(0)
             text = err.read().decode(errors="replace")
             reason = errors.TRANSFER_FAILED if "curl" in text.lower() or "http" in text.lower() else errors.INVALID_IMAGE
-            raise ImportFailed(reason, f"qemu-img convert failed: {errors.tool_text(text)}")
+            raise ImportFailed(reason, f"qemu-img convert failed: {describe(text)}")
 
 
 def convert_into(node: ImageNode, disk_path: str, progress: Callable[[float], None]) -> None:
@@ -73,12 +76,10 @@ def convert_into(node: ImageNode, disk_path: str, progress: Callable[[float], No
         # fsync has little left to do (measured on a loop device: 0.9 s instead of 1.2-2.2 s)
         argv += ["-t", "none"]
     argv += [*node.object_args(), "-O", "raw", node.spec, disk_path]
-    if stat.S_ISBLK(os.stat(disk_path).st_mode):
-        with node.sandbox(devices=[disk_path]) as box:
-            run_with_progress(box.wrap(argv), progress)
-        return
-    with lent(disk_path), node.sandbox(writable=[disk_path]) as box:
-        run_with_progress(box.wrap(argv), progress)
+    block = stat.S_ISBLK(os.stat(disk_path).st_mode)
+    handed = {"devices": [disk_path]} if block else {"writable": [disk_path]}
+    with (contextlib.nullcontext() if block else lent(disk_path)), node.sandbox(**handed) as box:
+        run_with_progress(box.wrap(argv), progress, describe=lambda text: node.tool_text(text.replace(disk_path, "<volume>")))
 
 
 def _direct_io_works(path: str) -> bool:
