@@ -273,6 +273,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if parts[0] == "lie":                           # /lie/<file>: declares 1 GiB, sends the first 64 KiB
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            self.wfile.write((self.server.root / parts[1]).read_bytes()[:64 * 1024])
+            return
         if parts[0] == "img":
             return self._file(parts[1])
         self.send_error(404)

@@ -14,14 +14,13 @@ sources whose declared size is already too large.
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
 import os
 import shutil
 import ssl
 import struct
 import subprocess
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,6 +289,39 @@ def test_with_every_check_switched_off_the_sandbox_alone_keeps_the_canary_out(
     assert_untouched(target, canary)
 
 
+def _processes(needle: bytes) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0] == b"nbdkit" and any(needle in arg for arg in argv):
+            found.append(pid)
+    return found
+
+
+def test_nbdkit_serves_from_its_sandbox_as_nobody_and_stops_with_its_import(nginx, images, tmp_path):
+    from importer.sources.http import NbdkitCurl
+
+    nbd = NbdkitCurl(f"{nginx.url}/img/qcow2.bin", auth=("user", "s3cret-pass"), cainfo=None)
+    spec = nbd.attach(str(tmp_path))
+    try:
+        (pid,) = _processes(spec["server"]["path"].encode())
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "Uid:\t65534\t65534" in status and "CapEff:\t0000000000000000" in status
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert b"s3cret-pass" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        info = formats.inspect(formats.ImageNode("qcow2", spec, writable=tuple(nbd.writable)))
+        assert info.virtual_size == os.path.getsize(images.expected["qcow2"])
+    finally:
+        nbd.detach()
+    deadline = time.monotonic() + 5
+    while _processes(spec["server"]["path"].encode()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _processes(spec["server"]["path"].encode()) == []
+
+
 # -- fixed VHD: raw data followed by a footer ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def vhds(images, tmp_path_factory) -> dict[str, Path]:
@@ -336,39 +368,13 @@ def test_stream_ending_in_an_invalid_vhd_footer_stays_raw(name, images, py_http,
 
 
 # -- a declared size already too large --------------------------------------------------------------
-class _Liar(http.server.BaseHTTPRequestHandler):
-    """Declares `Content-Length: 1 GiB` and sends only the first 64 KiB of the named image."""
-
-    protocol_version = "HTTP/1.0"
-    root: Path
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(1 << 30))
-        self.end_headers()
-        self.wfile.write((self.root / self.path.strip("/")).read_bytes()[:64 * 1024])
-
-
-@pytest.fixture(scope="module")
-def liar(images):
-    handler = type("Liar", (_Liar,), {"root": images.dir})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
 @pytest.mark.parametrize("kind", ["raw", "qcow2", "raw.gz"])
 @pytest.mark.parametrize("mode", ["Block", "Filesystem"])
-def test_http_source_declaring_more_than_the_volume_is_refused_before_a_byte_is_written(kind, mode, liar, canary,
+def test_http_source_declaring_more_than_the_volume_is_refused_before_a_byte_is_written(kind, mode, py_http, canary,
                                                                                         tmp_path, scratch):
     target = _target(tmp_path, mode)
-    with pytest.raises(ImportFailed) as info:
-        run_import({"http": {"url": f"{liar}/{kind}.bin"}}, target, scratch)
+    with pytest.raises(ImportFailed) as info:  # the server declares 1 GiB and sends 64 KiB
+        run_import({"http": {"url": f"{py_http.url}/lie/{kind}.bin"}}, target, scratch)
     # refused on the declared size: the short body (a TransferFailed later) is never read
     assert info.value.reason == errors.IMAGE_TOO_LARGE and str(1 << 30) in info.value.message
     assert_untouched(target, canary)
