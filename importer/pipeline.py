@@ -30,11 +30,11 @@ from typing import BinaryIO, Callable, Literal
 
 from pvlun.sandbox import give
 
-from . import errors, formats
+from . import errors, formats, transfer_watch
 from .errors import ImportFailed
 from .formats import ImageNode
 from .sources.base import PeekStream, Source, read_head
-from .qemu_convert import STALL_SECONDS, Stalled, convert_into, zero_target
+from .qemu_convert import Stalled, convert_into, zero_target
 from .streams import CountingReader, DecompressingReader, write_sparse
 
 DISK_IMG = "disk.img"
@@ -118,7 +118,10 @@ class _Import:
         phase = Phase.INFO
         try:
             self._open_target()
+            watch = transfer_watch.current()
             while phase is not Phase.COMPLETE:
+                if watch is not None:
+                    watch.check()  # a cancelled import goes no further
                 phase = self.table[phase]()
             self._complete()
         except BaseException as exc:
@@ -273,7 +276,8 @@ class _Import:
             convert_into(self.convert_from, self.disk_path, self.progress)
         except Stalled:
             if self.method != "direct":
-                raise ImportFailed(errors.INTERNAL, f"qemu-img convert made no progress for {STALL_SECONDS} s") from None
+                raise ImportFailed(errors.INTERNAL,
+                                   f"qemu-img convert made no progress for {transfer_watch.stall_seconds():g} s") from None
             # qemu's HTTP reader got stuck: start over the slow, sure way (via scratch).
             self._zero_disk()
             self.method, self.convert_from = "scratch", None

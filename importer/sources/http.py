@@ -19,7 +19,7 @@ import requests
 
 from pvlun.sandbox import Sandbox, prepare_dir, readable_by_sandbox
 
-from .. import errors
+from .. import errors, transfer_watch
 from ..formats import HEAD_SIZE
 from .base import DirectRead, PeekStream, SourceInfo, read_head
 from .httpclient import (
@@ -121,6 +121,7 @@ class NbdkitCurl(DirectRead):
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
         self._stderr = None
+        self._unwatch = lambda: None
 
     def attach(self, workdir: str) -> dict:
         if self._proc is not None:
@@ -149,6 +150,9 @@ class NbdkitCurl(DirectRead):
         finally:
             os.close(secret)
         self.writable = [self._dir]
+        watch = transfer_watch.current()
+        if watch is not None:  # a cancelled import kills nbdkit, so qemu-img reading through it ends too
+            self._unwatch = watch.on_abort(self._proc.kill)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -161,6 +165,7 @@ class NbdkitCurl(DirectRead):
         return self.spec
 
     def detach(self) -> None:
+        self._unwatch()
         if self._proc is not None:
             self._proc.terminate()
             try:
