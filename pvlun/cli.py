@@ -36,6 +36,17 @@ def overcommit_ratio(text: str) -> float:
     return ratio
 
 
+def positive_seconds(text: str) -> float:
+    """A positive, finite number of seconds for argparse."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a positive number of seconds, not {text}")
+    return seconds
+
+
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
     """--data-dir, accepted before or after the subcommand (the later one wins)."""
     parser.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -53,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_volumes_per_node=args.max_volumes_per_node,
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
+                        stall_seconds=args.import_stall_timeout,
                         migration_hooks=[tuple(h.split("=", 1)) for h in args.migration_hook])
     try:
         Daemon(opts).run_until_signal()
@@ -97,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upload-address", default="127.0.0.1:0", help="HOST:PORT of the HTTPS upload endpoint")
     serve.add_argument("--metrics-address", default="127.0.0.1:0",
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
+    serve.add_argument("--import-stall-timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
+                       help="an import that receives no byte this long is retried, then Failed (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     from pvlun.objects_cli import add_commands
