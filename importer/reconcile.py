@@ -297,8 +297,9 @@ def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) ->
                 raise ImportFailed(exc.reason, f"{exc.message} ({attempt} attempts)") from None
             backoff = watch.stall / 4 * 2 ** (attempt - 1)
             current = (ctx.store.get(KIND, meta["name"], ns) or dv).get("status") or {}
-            ctx.store.merge_status(KIND, meta["name"], ns, restartCount=int(current.get("restartCount", 0)) + 1,
-                                   progress="0.00%")
+            updated = ctx.store.merge_status(KIND, meta["name"], ns, progress="0.00%",
+                                             restartCount=int(current.get("restartCount", 0)) + 1)
+            dv["status"] = (updated or dv).get("status") or {}  # what the job writes later builds on it
             ctx.store.add_event(dv, "Warning", exc.reason, f"{exc.message}; attempt {attempt} of {STALL_ATTEMPTS}, "
                                                           f"trying again in {backoff:g} s")
             watch.pause(backoff)

@@ -104,23 +104,24 @@ def _recover_vmi(ctx: Context, vmi: dict, counts: dict[str, int]) -> None:
 
 
 def _recover_attachment(ctx: Context, att: dict, counts: dict[str, int]) -> None:
-    spec = att["spec"]
-    volume_id, node_id, owner = spec["volumeId"], spec["nodeName"], spec["owner"]
-    via = None
-    if node_id not in ctx.node_ids:
-        via = ctx.node_id
-        message = (f"node {node_id!r} is not served by this pvlun serve (its nodes: {', '.join(ctx.node_ids)}); "
-                   f"the attachment of volume {volume_id} for {owner} is dropped")
-        log.warning("%s", message)
-        ctx.store.add_event(att, "Warning", "NodeNotServed", message)
-        counts["foreign"] += 1
     try:
-        kubelet.detach(ctx.store, ctx.csi, volume_id, node_id, owner, via=via)
-    except grpc.RpcError as exc:
-        log.warning("cannot detach %s from %s: %s", volume_id, node_id, exc.details())
+        spec = att["spec"]
+        volume_id, node_id, owner = spec["volumeId"], spec["nodeName"], spec["owner"]
+        via = None
+        if node_id not in ctx.node_ids:
+            via = ctx.node_id
+            message = (f"node {node_id!r} is not served by this pvlun serve (its nodes: {', '.join(ctx.node_ids)}); "
+                       f"the attachment of volume {volume_id} for {owner} is dropped")
+            log.warning("%s", message)
+            ctx.store.add_event(att, "Warning", "NodeNotServed", message)
+            counts["foreign"] += 1
+        try:
+            kubelet.detach(ctx.store, ctx.csi, volume_id, node_id, owner, via=via)
+        except grpc.RpcError as exc:
+            log.warning("cannot detach %s from %s: %s", volume_id, node_id, exc.details())
+        counts["attachments"] += 1
     finally:
         ctx.store.delete("VolumeAttachment", att["metadata"]["name"], "")  # it must not hold its claim forever
-    counts["attachments"] += 1
 
 
 def _recover_datavolume(ctx: Context, dv: dict, uploading: set[str], counts: dict[str, int]) -> None:
