@@ -57,10 +57,13 @@ class UploadGateway:
         self.attached: dict[str, kubelet.Attachment] = {}
         scratch = os.path.join(ctx.data_dir, "scratch")
         os.makedirs(scratch, exist_ok=True)
-        self.server = UploadServer(
-            cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),
-            resolve=self.resolve, on_done=self.on_done, on_interrupted=self.on_interrupted,
-            progress=self.progress, scratch_dir=scratch, address=address, check=self.check, release=self.release)
+        try:
+            self.server = UploadServer(
+                cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),
+                resolve=self.resolve, on_done=self.on_done, on_interrupted=self.on_interrupted,
+                progress=self.progress, scratch_dir=scratch, address=address, check=self.check, release=self.release)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address[0]}:{address[1]} for uploads: {exc.strerror}") from None
 
     def start(self) -> str:
         self.server.start()

@@ -108,7 +108,7 @@ def detach(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, own
     node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
     store.delete("VolumeAttachment", name, "")
     others = [a for a in store.list("VolumeAttachment")
-              if a["spec"]["volumeId"] == volume_id and a["spec"]["nodeName"] == node_id]
+              if a["spec"].get("volumeId") == volume_id and a["spec"].get("nodeName") == node_id]
     if not others:
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
         csi.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(

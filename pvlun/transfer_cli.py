@@ -46,7 +46,7 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
     finally:
         if created and rc != 0:
             store.delete("DataVolume", name, ns)  # its claim and volume go with it
-            print(f"DataVolume {ns}/{name} deleted again", file=sys.stderr)
+            print(f"DataVolume {ns}/{name} deleted again")
 
 
 def _upload(store, args: argparse.Namespace, ns: str, name: str) -> int:
