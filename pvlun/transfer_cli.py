@@ -76,6 +76,10 @@ def _upload(store, args: argparse.Namespace, ns: str, name: str) -> int:
             task = bar.add_task("upload", total=100)
             upload_image(url, token, args.image_path, ca_file=ca, progress=lambda p: bar.update(task, completed=p))
     except ImportFailed as exc:
+        st = (store.get("DataVolume", name, ns) or {}).get("status") or {}
+        ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+        if st.get("phase") == "Failed" and ready.get("reason"):  # the server's word on why, over the client's
+            exc = ImportFailed(ready["reason"], ready.get("message", ""))
         print(f"error: {exc.reason}: {exc.message}", file=sys.stderr)
         return 1
     while True:
