@@ -120,7 +120,7 @@ class TransferWatch:
     def failure(self, where: str = "the source") -> ImportFailed:
         if self.fired == errors.CANCELLED:
             return ImportFailed(errors.CANCELLED, "the import was cancelled")
-        return ImportFailed(errors.TRANSFER_STALLED, f"no data arrived from {where} for {self.stall:g} s")
+        return ImportFailed(errors.TRANSFER_STALLED, f"no data arrived from {errors.scrub(where)} for {self.stall:g} s")
 
     # -- what the job calls between attempts -------------------------------------------
     def pause(self, seconds: float) -> None:

@@ -179,34 +179,28 @@ class ResponseStream:
             conn.sock.settimeout(None)  # the watch decides when waiting is too long, not a socket timeout
 
     def read(self, n: int = -1) -> bytes:
-        want = CHUNK if n is None or n < 0 else n
-        where = errors.scrub(self._url)
         try:
-            data = self._read(want, where)
+            data = self._read(CHUNK if n is None or n < 0 else n)
         except ImportFailed:
-            if self._watch is not None:
-                self._watch.check(where)  # a read the watch broke off says why
+            self._check()  # a read the watch broke off says why
             raise
-        if self._watch is not None:
-            self._watch.check(where)  # a socket shut down by the watch can look like the body's end
+        self._check()  # a socket shut down by the watch can look like the body's end
         return data
 
-    def _read(self, want: int, where: str) -> bytes:
-        """Up to `want` bytes, gathered as they arrive (each arrival is progress for the watch)."""
-        parts: list[bytes] = []
-        got = 0
+    def _check(self) -> None:
+        if self._watch is not None:
+            self._watch.check(self._url)
+
+    def _read(self, want: int) -> bytes:
+        """What has arrived, up to `want` bytes, as a raw socket read would (short reads keep
+        the watch's view of progress exact and spare a copy)."""
         with request_errors(self._url):
             try:
-                while got < want:
-                    with self._watch.waiting() if self._watch is not None else contextlib.nullcontext():
-                        data = self._resp.raw.read1(want - got, decode_content=False)
-                    if not data:
-                        break
-                    parts.append(data)
-                    got += len(data)
+                with self._watch.waiting() if self._watch is not None else contextlib.nullcontext():
+                    return self._resp.raw.read1(want, decode_content=False)
             except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError):
-                raise ImportFailed(errors.TRANSFER_FAILED, f"the connection to {where} broke off during the transfer") from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+                raise ImportFailed(errors.TRANSFER_FAILED,
+                                   f"the connection to {errors.scrub(self._url)} broke off during the transfer") from None
 
     def readable(self) -> bool:
         return True
