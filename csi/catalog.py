@@ -141,6 +141,16 @@ def create_private(path: str) -> None:
         pass
 
 
+def close_checkpointed(db: sqlite3.Connection) -> None:
+    """Close a connection after folding the WAL back into the database file (and emptying
+    it), so that a clean stop leaves no -wal file to grow or to replay."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:  # another process is mid-transaction: the last closer folds it
+        pass
+    db.close()
+
+
 class Catalog:
     """A thread-safe handle on catalog.db; one connection, short transactions."""
 
@@ -159,7 +169,7 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            close_checkpointed(self._db)
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -208,13 +218,18 @@ class Catalog:
         return [_row(Volume, r) for r in rows]
 
     def provisioned_bytes(self) -> int:
-        """The sum of the sizes of all volumes (in any state; snapshots not counted)."""
-        return self._query("SELECT COALESCE(SUM(size), 0) FROM volumes")[0][0]
+        """The sum of the sizes of all volumes and all snapshots, in any state (a snapshot
+        may come to hold its whole size once its volume is rewritten)."""
+        return self._query("SELECT (SELECT COALESCE(SUM(size), 0) FROM volumes)"
+                           " + (SELECT COALESCE(SUM(size), 0) FROM snapshots)")[0][0]
 
     def count_volumes(self) -> int:
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]
 
     # snapshots
+    def count_snapshots(self) -> int:
+        return self._query("SELECT COUNT(*) FROM snapshots")[0][0]
+
     def add_snapshot(self, snapshot: Snapshot) -> None:
         snapshot.created = snapshot.created or time.time()
         self._insert("snapshots", snapshot)

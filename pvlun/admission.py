@@ -41,6 +41,8 @@ ALIASES = {
     "volumesnapshot": "VolumeSnapshot", "volumesnapshots": "VolumeSnapshot", "vs": "VolumeSnapshot",
     "volumesnapshotclass": "VolumeSnapshotClass", "volumesnapshotclasses": "VolumeSnapshotClass",
     "vsclass": "VolumeSnapshotClass",
+    "volumesnapshotcontent": "VolumeSnapshotContent", "volumesnapshotcontents": "VolumeSnapshotContent",
+    "vsc": "VolumeSnapshotContent",
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",

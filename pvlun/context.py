@@ -45,6 +45,7 @@ class Jobs:
         self._workers = workers
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._cancels: dict[str, threading.Event] = {}
         self.slots: NodeSlots | None = None
         self.on_done: Callable[[str], None] | None = None  # told every key that finished
 
@@ -120,6 +121,7 @@ class Jobs:
                         self._queue.append(job)
                     else:
                         self._keys.discard(job.key)
+                        self._cancels.pop(job.key, None)
                     self._cond.notify_all()
             if not requeued and self.on_done is not None:
                 try:
@@ -131,6 +133,25 @@ class Jobs:
         """Queued or running."""
         with self._cond:
             return key in self._keys
+
+    def cancel_event(self, key: str) -> threading.Event:
+        """The job's cancellation flag: set by `cancel(key)`, read by the job between steps."""
+        with self._cond:
+            return self._cancels.setdefault(key, threading.Event())
+
+    def cancel(self, key: str) -> bool:
+        """Drop the job if it still waits in the queue, else ask it to stop; False when there is none."""
+        with self._cond:
+            if key not in self._keys:
+                return False
+            waiting = next((job for job in self._queue if job.key == key), None)
+            if waiting is not None:
+                self._queue.remove(waiting)
+                self._keys.discard(key)
+                self._cancels.pop(key, None)
+                return True
+            self._cancels.setdefault(key, threading.Event()).set()
+            return True
 
     def join_all(self, timeout: float) -> None:
         """Stop taking jobs (queued ones are dropped: start-up repair redoes their work)

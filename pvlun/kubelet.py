@@ -5,6 +5,7 @@ is recorded as a VolumeAttachment object so that a restart can undo it."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import grpc
 from csi.proto import csi_pb2 as pb
 from pvlun.csi_client import CsiClient, capability
 from pvlun.store import ObjectStore
+
+log = logging.getLogger("pvlun.kubelet")
 
 
 class NotReady(Exception):
@@ -59,7 +62,8 @@ def path_component(text: str, limit: int = NAME_MAX) -> str:
 
 
 def paths(data_dir: str, node_id: str, volume_id: str, owner: str) -> tuple[str, str]:
-    node_dir = os.path.join(data_dir, "nodes", node_id)
+    # the data dir's real path: the node refuses staging and target paths through a link
+    node_dir = os.path.join(os.path.realpath(data_dir), "nodes", node_id)
     staging = os.path.join(node_dir, "staging", volume_id)
     target = os.path.join(node_dir, "publish", path_component(owner.replace("/", "_")), volume_id)
     return staging, target
@@ -73,12 +77,12 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     volume_id = spec["csi"]["volumeHandle"]
     block = spec.get("volumeMode", "Filesystem") == "Block"
     cap = capability(spec.get("volumeMode", "Filesystem"), access_mode or spec["accessModes"][0],
-                     spec["csi"].get("fsType", ""))
+                     spec["csi"].get("fsType", ""), spec.get("mountOptions") or ())
     staging, target = paths(data_dir, node_id, volume_id, owner)
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     name = _name(volume_id, node_id, owner)
-    recorded = store.get("VolumeAttachment", name, "") is not None
+    existed = store.get("VolumeAttachment", name, "") is not None
     store.apply({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
                  "spec": {"attacher": "csi.pvlun.dev", "nodeName": node_id,
                           "source": {"persistentVolumeName": pv["metadata"]["name"]},
@@ -87,35 +91,46 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
         published = csi.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=node_id, volume_capability=cap, readonly=readonly,
             volume_context=spec["csi"].get("volumeAttributes", {})))
-    except grpc.RpcError as exc:
-        if not recorded:  # nothing was published: no record may hold the claim
-            store.delete("VolumeAttachment", name, "")
-        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        context = dict(published.publish_context)
+        node = csi.node(node_id)
+        node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=volume_id, publish_context=context, staging_target_path=staging, volume_capability=cap))
+        node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=volume_id, publish_context=context, staging_target_path=staging, target_path=target,
+            volume_capability=cap, readonly=readonly))
+    except BaseException as exc:
+        if not existed:
+            _undo(store, csi, volume_id, node_id, owner)  # a failed attach leaves no attachment behind
+        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise NodeFull(f"node {node_id} is at its volume limit") from None
         raise
-    context = dict(published.publish_context)
-    node = csi.node(node_id)
-    node.NodeStageVolume(pb.NodeStageVolumeRequest(
-        volume_id=volume_id, publish_context=context, staging_target_path=staging, volume_capability=cap))
-    node.NodePublishVolume(pb.NodePublishVolumeRequest(
-        volume_id=volume_id, publish_context=context, staging_target_path=staging, target_path=target,
-        volume_capability=cap, readonly=readonly))
     store.update_status("VolumeAttachment", name, "", {"attached": True, "attachmentMetadata": context})
     return Attachment(target, volume_id, node_id, block)
 
 
-def detach(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str) -> None:
-    """Undo `attach`; unstage and controller-unpublish only when no other owner on the node uses it."""
+def _undo(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str) -> None:
+    try:
+        detach(store, csi, volume_id, node_id, owner)
+    except Exception as exc:  # the node or controller is unreachable: the record must go all the same
+        log.warning("undoing the attachment of %s on %s: %s", volume_id, node_id, exc)
+        store.delete("VolumeAttachment", _name(volume_id, node_id, owner), "")
+
+
+def detach(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str,
+           via: str | None = None) -> None:
+    """Undo `attach`; unstage and controller-unpublish only when no other owner on the node uses it.
+    `via` names the node plugin to call when `node_id` is one this daemon no longer serves (a
+    renamed host: every embedded node is this host, so another of its plugins can undo it)."""
     name = _name(volume_id, node_id, owner)
     record = store.get("VolumeAttachment", name, "")
     if record is None:
         return
     staging, target = record["spec"]["stagingPath"], record["spec"]["targetPath"]
-    node = csi.node(node_id)
+    node = csi.node(via or node_id)
     _retried(node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
     store.delete("VolumeAttachment", name, "")
     others = [a for a in store.list("VolumeAttachment")
-              if a["spec"]["volumeId"] == volume_id and a["spec"]["nodeName"] == node_id]
+              if a["spec"].get("volumeId") == volume_id and a["spec"].get("nodeName") == node_id]
     if not others:
         _retried(node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
         _retried(csi.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(

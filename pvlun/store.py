@@ -48,7 +48,8 @@ CHANGES_KEPT = 20000  # change records a watcher may fall behind by before it mu
 Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-scoped kinds
 
 # Kinds that live outside namespaces, as in Kubernetes.
-CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeAttachment", "VolumeAttributesClass"}
+CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeSnapshotContent", "VolumeAttachment",
+                  "VolumeAttributesClass"}
 
 
 def now() -> str:
@@ -99,7 +100,10 @@ class SQLiteStore:
                     pass
 
     def close(self) -> None:
-        self._db.close()
+        from csi.catalog import close_checkpointed
+
+        with self._lock:
+            close_checkpointed(self._db)
 
     def _bump(self, kind: str, namespace: str, name: str) -> int:
         """Next version, recorded as a change of this object (inside the caller's transaction)."""
