@@ -29,7 +29,8 @@ log = logging.getLogger("pvlun.controllers")
 Reconciler = Callable[[Context, Obj], "float | None"]
 RESYNC_SECONDS = 30.0
 # Kinds the watcher keeps for their links even though nobody reconciles them.
-WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance")
+WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance",
+           "VolumeSnapshotContent")
 # A job's key prefix → the kind of object it works for (its end is that object's change).
 JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance"}
 

@@ -19,6 +19,7 @@ from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
+from pvlun.user_text import private_root
 
 log = logging.getLogger("pvlun.serve")
 
@@ -98,6 +99,9 @@ class Daemon:
     def _start(self) -> None:
         private_dir(self.data_dir)  # 0700, also when it existed (a hostPath is made 0755)
         opts = self.opts
+        for root in (self.data_dir, opts.pool):  # no status or event shows a path inside them
+            if root:
+                private_root(root)
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
         with_controller = opts.mode in ("all", "controller")
         with_node = opts.mode in ("all", "node")

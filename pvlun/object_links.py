@@ -15,8 +15,9 @@ from typing import Iterable
 from pvlun.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 
 # Kinds nobody reconciles whose changes matter one step further: a VolumeAttachment names a
-# PersistentVolume, whose claim waits for its attachments to go.
-PASS_THROUGH = {"PersistentVolume"}
+# PersistentVolume, whose claim waits for its attachments to go; a restore waits on the
+# VolumeSnapshotContent of its snapshot (its annotation may allow a change of volume mode).
+PASS_THROUGH = {"PersistentVolume", "VolumeSnapshotContent"}
 # VolumeAttachment owners (kubelet.attach's `owner`) → the kind of object that made them
 ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine"}
 
@@ -75,6 +76,9 @@ def links(obj: Obj) -> set[Key]:
                 out.append(key("VolumeSnapshot", body.get("namespace") or ns, body.get("name")))
     elif kind == "VolumeSnapshot":
         out += _claim(ns, _dict(spec.get("source")).get("persistentVolumeClaimName"))
+    elif kind == "VolumeSnapshotContent":
+        ref = _dict(spec.get("volumeSnapshotRef"))
+        out.append(key("VolumeSnapshot", ref.get("namespace", ""), ref.get("name")))
     elif kind in ("VirtualMachine", "VirtualMachineInstance"):
         out += [key("VirtualMachine", ns, name), key("VirtualMachineInstance", ns, name)]
         template = _dict(_dict(spec.get("template")).get("spec")) if kind == "VirtualMachine" else spec
@@ -106,7 +110,8 @@ class LinkIndex:
 
     def update(self, k: Key, obj: Obj | None) -> set[Key]:
         """Record the object's new body (None: deleted); return the keys its change concerns:
-        itself, what it named before and now, what names it, and one step past PASS_THROUGH."""
+        itself, what it named before and now, what names it, and one step past PASS_THROUGH
+        kinds (on either side)."""
         old = self._links.pop(k, set())
         for target in old:
             names = self._named_by.get(target)
@@ -124,6 +129,8 @@ class LinkIndex:
             for target in new:
                 self._named_by.setdefault(target, set()).add(k)
         touched = {k} | old | new | self._named_by.get(k, set())
+        if k[0] in PASS_THROUGH:  # its change is a change of what it names, for whoever waits on that
+            touched |= self.around(old | new)
         return touched | self.around(t for t in touched if t[0] in PASS_THROUGH)
 
     def around(self, keys: Iterable[Key]) -> set[Key]:

@@ -7,6 +7,7 @@ CLI's last-resort error line, go through `user_text`.
 
 from __future__ import annotations
 
+import os
 import re
 
 import grpc
@@ -14,8 +15,8 @@ import grpc
 from pvlun.command import CommandError
 
 LIMIT = 400  # characters of one message
-# An absolute path of two or more components (not inside a URL): the daemon's host paths
-_HOST_PATH = re.compile(r"(?<![\w:/.~%-])/(?:[^\s/'\"`:;,()<>\[\]]+/)+")
+_PRIVATE_ROOTS: set[str] = set()  # the daemon's own directories (its data dir, its pool)
+_PATH_REST = r"(?=[/\s'\"`:;,()<>\[\]]|$)(?:/[^\s'\"`:;,()<>\[\]]*)?"  # the root itself or a path below it
 _INTERNAL = (AttributeError, TypeError, KeyError, IndexError, NameError, AssertionError, RecursionError)
 
 
@@ -30,9 +31,21 @@ def quoted(value: object, limit: int = 60) -> str:
     return one_line(repr(value), limit)
 
 
+def private_root(path: str) -> None:
+    """A directory of the daemon's: no message shows a path inside it (the daemon registers
+    its data dir and pool at start; a person's own paths, `/dev/vda` in a mount flag, stay)."""
+    for p in (path, os.path.realpath(path)):
+        if p.rstrip("/"):
+            _PRIVATE_ROOTS.add(p.rstrip("/"))
+
+
 def hide_paths(text: str) -> str:
-    """`/var/lib/pvlun/nodes/n1/staging/vol-1` → `…/vol-1`."""
-    return _HOST_PATH.sub("…/", text)
+    """`/var/lib/pvlun/nodes/n1/staging/vol-1` → `…/vol-1`, for the registered roots."""
+    for root in sorted(_PRIVATE_ROOTS, key=len, reverse=True):
+        if root in text:
+            text = re.sub(re.escape(root) + _PATH_REST,
+                          lambda m: "…/" + os.path.basename(m.group(0).rstrip("/")), text)
+    return text
 
 
 def shown_text(text: str, limit: int = LIMIT) -> str:
