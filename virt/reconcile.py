@@ -15,6 +15,7 @@ import time
 from pvlun.context import Context
 from pvlun.store import Obj, set_condition
 from virt.launcher import LaunchError, Phase
+from virt.qemu_args import node_name
 from virt.runtime import VmRuntime
 from virt.spec import SpecError, parse_virtual_machine
 
@@ -184,10 +185,11 @@ def _follow_volume_size(running, name: str, disk) -> bool:
     with open(disk.path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
     nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
-    current = next((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == f"fmt-{name}"), size)
+    fmt = node_name("fmt", name)
+    current = next((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == fmt), size)
     if size <= current:
         return False
-    running.launcher.execute("block_resize", {"node-name": f"fmt-{name}", "size": size})
+    running.launcher.execute("block_resize", {"node-name": fmt, "size": size})
     log.info("VM %s volume %s: grown to %d bytes", running.key, name, size)
     return True
 
@@ -204,7 +206,7 @@ def volume_status(running) -> list[dict]:
     out = []
     for name, attachment in running.attachments.items():
         entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id,
-                 "size": sizes.get(f"fmt-{name}", 0)}
+                 "size": sizes.get(node_name("fmt", name), 0)}
         if running.launcher.disks[name].throttle is not None:
             limits = running.launcher.throttle_limits(name)
             entry["ioLimits"] = {"iopsTotal": limits.get("iops-total", 0), "bpsTotal": limits.get("bps-total", 0)}
