@@ -1,0 +1,93 @@
+"""QEMU as a sandboxed process: what its sandbox holds, which pid is QEMU, how it ends.
+
+The launcher runs `bwrap … setpriv … qemu-system-x86_64 …` (pvlun/sandbox.py). Three
+processes then stand for one QEMU: bwrap, the sandbox's init and QEMU itself. The VMI status
+names QEMU's own pid (what a person or a test kills, what start-up repair looks for), a kill
+ends the whole tree, and the exit status bwrap reports is turned back into QEMU's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Mapping
+
+from pvlun.sandbox import Sandbox, give
+from virt.qemu_args import DiskAttachment
+from virt.spec import VmSpec
+
+
+def qemu_sandbox(vm: VmSpec, disks: Mapping[str, DiskAttachment], run_dir: Path, sockets: list[str],
+                 binary: str, firmware: list[str], devices: list[str]) -> Sandbox:
+    """What one QEMU may reach: its run dir (serial log, sockets, firmware variables, local
+    disks), its other socket dirs, its volumes, firmware outside /usr, and `devices` (/dev/kvm).
+    File volumes are handed to the sandbox user; block volumes become private device nodes."""
+    writable = [str(run_dir)] + sorted({str(Path(s).parent) for s in sockets if not inside(s, run_dir)})
+    read_only = [p for p in [binary, *firmware] if not os.path.realpath(p).startswith("/usr/")]
+    devices = list(devices)
+    readonly_disks = {d.name for d in vm.disks if d.readonly}
+    for name, att in disks.items():
+        if att.block:
+            devices.append(att.path)
+            continue
+        try:
+            give(att.path)  # a Filesystem claim's disk.img, a cloud-init seed, an emptyDisk
+        except OSError:
+            pass  # on a read-only mount: QEMU opens it as its permissions allow, or says why not
+        if not inside(att.path, run_dir):
+            (read_only if att.readonly or name in readonly_disks else writable).append(att.path)
+    return Sandbox(read_only=read_only, writable=writable, devices=devices, network=True, die_with_parent=False)
+
+
+def inside(path: str, directory: Path) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the sandbox's init, then QEMU), nearest first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, queue = [], list(children.get(pid, []))
+    while queue:
+        out.append(queue.pop(0))
+        queue += children.get(out[-1], [])
+    return out
+
+
+def qemu_pid(proc: subprocess.Popen, argv0: str) -> int | None:
+    """QEMU's own pid below the sandbox process `proc` (found by its argv[0])."""
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0", 1)[0].decode(errors="replace") == argv0:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the sandbox's processes (its init first: the kernel ends the rest) and bwrap."""
+    if proc.poll() is not None:
+        return
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+
+
+def exit_code(rc: int | None) -> int | None:
+    """QEMU's exit as Popen would report it without the sandbox: bwrap reports a death by
+    signal N as 128+N (QEMU itself exits 0 or 1)."""
+    return -(rc - 128) if rc is not None and 128 < rc <= 128 + 64 else rc
