@@ -8,6 +8,7 @@ import threading
 from typing import Callable
 
 from pvlun.context import Context
+from pvlun.garbage_collector import collect_garbage
 from pvlun.store import Obj
 
 log = logging.getLogger("pvlun.controllers")
@@ -54,6 +55,7 @@ def run_loop(ctx: Context) -> threading.Thread:
             current = ctx.store.wait_for_change(seen, timeout=1.0)
             seen = current
             reconcile_once(ctx, table)
+            collect_garbage(ctx)
 
     thread = threading.Thread(target=loop, name="reconcile", daemon=True)
     thread.start()

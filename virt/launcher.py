@@ -229,10 +229,16 @@ class VmLauncher:
         self._exited.set()
 
     def _remove_sockets(self) -> None:
-        """QEMU leaves its sockets behind when killed; a dead socket must not linger."""
+        """QEMU leaves its sockets behind when killed; a dead socket must not linger (nor the
+        short socket directory made for it)."""
         for sock in (self.qmp_path, self.console_path):
             if sock:
                 Path(sock).unlink(missing_ok=True)
+                if Path(sock).parent != self.run_dir:
+                    try:
+                        Path(sock).parent.rmdir()
+                    except OSError:
+                        pass  # the other socket is still there, or it is gone already
 
     def stderr_text(self) -> str:
         try:

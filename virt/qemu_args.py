@@ -88,9 +88,9 @@ def _esc(value: str) -> str:
 
 
 def _keyval(head: str | None, options: Mapping[str, object]) -> str:
-    """`head,key=value,...` with every value escaped: the one way an option string is built.
-    Keys and the head are this module's own constants; booleans become on/off."""
-    parts = [head] if head else []
+    """`head,key=value,...` with the head and every value escaped: the one way an option
+    string is built. Keys are this module's own constants; booleans become on/off."""
+    parts = [_esc(head)] if head else []
     for key, value in options.items():
         if isinstance(value, bool):
             value = "on" if value else "off"
@@ -191,7 +191,7 @@ def build_qemu_argv(
     argv += ["-smp", _keyval(str(vm.vcpus), {"sockets": vm.sockets, "cores": vm.cores, "threads": vm.threads}),
              "-m", f"{-(-vm.memory // MIB)}M",
              "-rtc", "base=utc",
-             "-qmp", "unix:" + _keyval(_esc(qmp_path), {"server": True, "wait": False})]
+             "-qmp", "unix:" + _keyval(qmp_path, {"server": True, "wait": False})]
     if vm.uuid:
         argv += ["-uuid", vm.uuid]
     if vm.serial:

@@ -116,6 +116,13 @@ class VmRuntime:
                 self.histories[key] = ConsoleHistory(history_file(self.ctx.data_dir, ns, name))
             return self.histories[key]
 
+    def forget(self, key: str) -> None:
+        """The VM is deleted: a new one of the same name starts with a clean record."""
+        with self.lock:
+            self.last_exit.pop(key, None)
+            self.failures.pop(key, None)
+            self.histories.pop(key, None)
+
     def launcher(self, spec: VmSpec, key: str, node: str, disks: dict[str, DiskAttachment],
                  incoming: str | None = None) -> VmLauncher:
         return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,

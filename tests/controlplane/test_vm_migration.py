@@ -19,7 +19,8 @@ from guest_output import MARKER, alive, ticks
 
 # A user hook (argv: event vm source target data-dir): records "{event} {vm} {source} {target}";
 # a flag file makes the pre hook fail, or makes it start a watcher that SIGKILLs the target QEMU
-# (found by its run directory in this instance) as soon as it appears, while the flag exists.
+# (found by its run directory in this instance, not its sandbox's processes that name it too) as
+# soon as it appears, while the flag exists.
 HOOK = """#!/bin/sh
 dir=$(dirname "$0")
 echo "$1 $2 $3 $4" >> "$dir/hooks.log"
@@ -27,7 +28,7 @@ if [ "$1" = pre ] && [ -e "$dir/fail-pre-$2" ]; then echo "pre hook refused to m
 if [ "$1" = pre ] && [ -e "$dir/slow-pre-$2" ]; then sleep 3; fi
 if [ "$1" = pre ] && [ -e "$dir/kill-target-$2" ]; then
   ( while [ -e "$dir/kill-target-$2" ]; do
-      pid=$(pgrep -f "$5/vms/default/$2/$4/") && { kill -9 $pid; echo "$pid" > "$dir/killed-$2"; exit 0; }
+      pid=$(pgrep -f "^qemu-system-x86_64 .*$5/vms/default/$2/$4/") && { kill -9 $pid; echo "$pid" > "$dir/killed-$2"; exit 0; }
       sleep 0.005; done ) </dev/null >/dev/null 2>&1 &
 fi
 exit 0
