@@ -247,3 +247,25 @@ def test_cancelled_migration_leaves_the_source_running_and_cleans_the_target(mig
                           if (m.get("spec") or {}).get("vmiName") == mover
                           and (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], 10,
              "the cancelled migration object gone")
+
+
+def test_logs_show_the_whole_console_history_across_a_migration_and_a_restart(mig, tick_image, tick_vm_yaml):
+    out = mig.apply(tick_vm_yaml("historian", tick_image), "--wait")
+    assert "virtualmachine/historian Running" in out.stdout, out.stdout + out.stderr
+    source, target = placement(mig, "historian")
+    mig.wait(lambda: len(ticks(mig.serial_log("historian", source))) >= 3, 15, "ticks before the migration")
+    out = mig.cli("vm", "migrate", "historian", "--wait", "--timeout", "120")
+    assert f"from {source} to {target}" in out.stdout, out.stdout + out.stderr
+    last_on_source = ticks(mig.serial_log("historian", source))[-1]
+    mig.wait(lambda: len(ticks(mig.serial_log("historian", target))) >= 3, 15, "ticks after the migration")
+    first_run_end = ticks(mig.serial_log("historian", target))[-1]
+    assert "is Running" in mig.cli("vm", "restart", "historian", "--wait", "--timeout", "60").stdout
+    mig.wait(lambda: len(ticks(mig.cli("logs", "vm/historian").stdout.split(MARKER)[-1])) >= 2, 30,
+             "ticks of the second run in pvlun logs")
+
+    text = mig.cli("logs", "vm/historian").stdout
+    assert text.count(MARKER) == 2  # two boots, in order, each once
+    _, first_run, second_run = text.split(MARKER)
+    counted = ticks(first_run)  # one count across both nodes: nothing lost or repeated at the switch
+    assert counted == list(range(1, len(counted) + 1)) and len(counted) >= first_run_end > last_on_source
+    assert ticks(second_run)[:2] == [1, 2]
