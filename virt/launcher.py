@@ -8,8 +8,9 @@ what a failed start reports.
 
 QEMU runs in a sandbox (pvlun/sandbox.py) as the unprivileged sandbox user: a mount
 namespace holding /usr, its run directory (serial log, sockets, firmware variables, local
-disks), the volumes it was handed (files, or private nodes of the published block devices)
-and /dev/kvm when KVM is used — nothing else of the host. It keeps the host's network
+disks), the volumes it was handed (writable files, private nodes of the published block
+devices; read-only files are inherited open instead) and /dev/kvm when KVM is used — nothing
+else of the host. It keeps the host's network
 namespace: user-mode networking, host port forwards and migrations use loopback. The sandbox
 does not die with the thread that started it (QEMU outlives a daemon crash, as a pod would).
 """
@@ -32,7 +33,7 @@ from pvlun.sandbox import Sandbox, give
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import ConsoleFollower, ConsoleHistory
 from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
-from virt.qemu_sandbox import exit_code, kill_tree, qemu_pid, qemu_sandbox
+from virt.qemu_sandbox import exit_code, kill_tree, open_read_only, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
 from virt.spec import VmSpec
 
@@ -178,22 +179,29 @@ class VmLauncher:
         if self.history is not None:
             offset = os.path.getsize(self.serial_log) if os.path.exists(self.serial_log) else 0
             self._follower = ConsoleFollower(self.history, self.serial_log, offset)
-        self.argv = build_qemu_argv(
-            self.vm, self.disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
-            incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
-            ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
         self._set_phase(Phase.SCHEDULING, "starting QEMU")
+        disks: dict[str, DiskAttachment] = {}
         try:
+            disks = open_read_only(self.vm, self.disks)
+            self.argv = build_qemu_argv(
+                self.vm, disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
+                incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
+                ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
             sockets = [s for s in (self.qmp_path, self.console_path) if s]
-            self._sandbox = qemu_sandbox(self.vm, self.disks, self.run_dir, sockets, binary,
-                                         [ovmf_code] if ovmf_code else [], kvm_devices() if self.accel == "kvm" else [])
+            self._sandbox = qemu_sandbox(disks, self.run_dir, sockets, binary, [ovmf_code] if ovmf_code else [],
+                                         kvm_devices() if self.accel == "kvm" else [])
             with open(self.stderr_path, "wb") as err:
                 self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=err,
-                                             stderr=err, start_new_session=True)
-        except (OSError, ValueError) as exc:
+                                             stderr=err, start_new_session=True,
+                                             pass_fds=[a.fd for a in disks.values() if a.fd is not None])
+        except OSError as exc:
             self._close_sandbox()
             self._set_phase(Phase.FAILED, str(exc))
             raise LaunchError(f"cannot start QEMU: {exc}") from None
+        finally:
+            for att in disks.values():
+                if att.fd is not None:
+                    os.close(att.fd)
         self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
         try:
             self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)

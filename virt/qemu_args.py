@@ -69,6 +69,7 @@ class DiskAttachment:
     block: bool = True  # a block device (host_device) rather than a regular file
     direct_io: bool = True  # cache.direct=on, aio=native
     throttle: Throttle | None = None  # None = no throttle layer (limits then cannot be set live)
+    fd: int | None = None  # QEMU inherits the file open as this descriptor (-add-fd) instead of opening `path`
 
     @classmethod
     def for_path(cls, path: str, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
@@ -124,7 +125,7 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     file, fmt = node_name("file", disk.name), node_name("fmt", disk.name)
     proto: dict = {
         "driver": "host_device" if att.block else "file",
-        "filename": att.path,
+        "filename": att.path if att.fd is None else f"/dev/fdset/{att.fd}",
         "node-name": file,
         "read-only": readonly,
         "discard": "unmap",
@@ -132,7 +133,8 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     }
     if att.direct_io:
         proto["aio"] = "native"
-    args = _blockdev(proto)
+    args = [] if att.fd is None else ["-add-fd", _keyval(None, {"fd": int(att.fd), "set": int(att.fd)})]
+    args += _blockdev(proto)
     args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
     top = fmt
     if att.throttle is not None:

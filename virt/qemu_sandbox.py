@@ -8,6 +8,7 @@ ends the whole tree, and the exit status bwrap reports is turned back into QEMU'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,26 +20,37 @@ from virt.qemu_args import DiskAttachment
 from virt.spec import VmSpec
 
 
-def qemu_sandbox(vm: VmSpec, disks: Mapping[str, DiskAttachment], run_dir: Path, sockets: list[str],
-                 binary: str, firmware: list[str], devices: list[str]) -> Sandbox:
+def qemu_sandbox(disks: Mapping[str, DiskAttachment], run_dir: Path, sockets: list[str], binary: str,
+                 firmware: list[str], devices: list[str]) -> Sandbox:
     """What one QEMU may reach: its run dir (serial log, sockets, firmware variables, local
     disks), its other socket dirs, its volumes, firmware outside /usr, and `devices` (/dev/kvm).
-    File volumes are handed to the sandbox user; block volumes become private device nodes."""
+    Writable file volumes are handed to the sandbox user and bound; read-only ones are not in
+    it at all (QEMU inherits them open, read-only: `open_read_only`); block volumes become
+    private device nodes."""
     writable = [str(run_dir)] + sorted({str(Path(s).parent) for s in sockets if not inside(s, run_dir)})
     read_only = [p for p in [binary, *firmware] if not os.path.realpath(p).startswith("/usr/")]
     devices = list(devices)
-    readonly_disks = {d.name for d in vm.disks if d.readonly}
-    for name, att in disks.items():
+    for att in disks.values():
         if att.block:
             devices.append(att.path)
-            continue
-        try:
-            give(att.path)  # a Filesystem claim's disk.img, a cloud-init seed, an emptyDisk
-        except OSError:
-            pass  # on a read-only mount: QEMU opens it as its permissions allow, or says why not
-        if not inside(att.path, run_dir):
-            (read_only if att.readonly or name in readonly_disks else writable).append(att.path)
+        elif att.fd is None:
+            give(att.path)  # a Filesystem claim's disk.img, an emptyDisk, a cloud-init seed
+            if not inside(att.path, run_dir):
+                writable.append(att.path)
     return Sandbox(read_only=read_only, writable=writable, devices=devices, network=True, die_with_parent=False)
+
+
+def open_read_only(vm: VmSpec, disks: Mapping[str, DiskAttachment]) -> dict[str, DiskAttachment]:
+    """The attachments with every read-only file volume opened here, for QEMU to inherit: it
+    then reads a file the sandbox user may not (a read-only mount's root-owned disk.img)
+    and can never write it. The caller passes the descriptors on and closes them."""
+    readonly = {d.name for d in vm.disks if d.readonly}
+    out = dict(disks)
+    for name, att in disks.items():
+        if not att.block and (att.readonly or name in readonly):
+            fd = os.open(att.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if att.direct_io else 0))
+            out[name] = dataclasses.replace(att, fd=fd)
+    return out
 
 
 def inside(path: str, directory: Path) -> bool:

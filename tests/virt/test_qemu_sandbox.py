@@ -111,3 +111,29 @@ def test_kvm_is_handed_over_as_a_private_character_device(tmp_path):
     assert given.returncode == 0 and given.stdout.strip() == "12", given.stderr  # KVM_API_VERSION
     after = os.stat("/dev/kvm")
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+
+
+def test_a_read_only_file_volume_is_inherited_open_never_bound_nor_handed_over(launchers, manifest, tick_disk,
+                                                                                 tmp_path):
+    """A read-only Filesystem claim's disk.img may be root's 0600 file on a read-only mount:
+    QEMU gets it already open for reading, so it boots from it and can never write it."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(tick_disk.read_bytes())
+    image.chmod(0o600)
+    spec = parse_virtual_machine(manifest(disks=[{"name": "root", "disk": {}, "bootOrder": 1}],
+                                          volumes=[{"name": "root", "persistentVolumeClaim": {
+                                              "claimName": "r", "readOnly": True}}])).template
+    vm = launchers(spec, {"root": DiskAttachment.for_path(str(image), readonly=True)}, tmp_path / "run")
+    vm.start()
+    assert vm.wait_for_serial("PVLUN-BOOT", timeout=15)
+    node = next(n for n in vm.execute("query-named-block-nodes") if n["node-name"] == "file-root")
+    assert node["ro"] is True and node["file"].startswith("/dev/fdset/")
+    assert not os.path.exists(f"/proc/{vm.pid}/root{image}")
+    fds = [fd for fd in os.listdir(f"/proc/{vm.pid}/fd") if os.path.realpath(f"/proc/{vm.pid}/fd/{fd}") == str(image)]
+    assert fds
+    for fd in fds:
+        with open(f"/proc/{vm.pid}/fdinfo/{fd}") as f:
+            flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+        assert flags & os.O_ACCMODE == os.O_RDONLY
+    st = image.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600) and image.read_bytes() == tick_disk.read_bytes()
