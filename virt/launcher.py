@@ -17,10 +17,8 @@ does not die with the thread that started it (QEMU outlives a daemon crash, as a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
 import socket
 import subprocess
 import threading
@@ -33,7 +31,7 @@ from pvlun.sandbox import Sandbox, give
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import ConsoleFollower, ConsoleHistory
 from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
-from virt.qemu_sandbox import exit_code, kill_tree, open_read_only, qemu_pid, qemu_sandbox
+from virt.qemu_sandbox import exit_code, kill_tree, open_read_only, qemu_pid, qemu_sandbox, socket_path
 from virt.qmp_session import QmpError, QmpSession
 from virt.spec import VmSpec
 
@@ -67,16 +65,6 @@ def find_ovmf(secure_boot: bool) -> tuple[str, str]:
         if Path(code).exists() and Path(vars_).exists():
             return code, vars_
     raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
-
-
-def _socket_path(run_dir: Path, name: str) -> str:
-    """run_dir/name, or a short stand-in when that is too long for a unix socket (108 bytes):
-    in a directory of this run dir's own, so a sandbox is handed its sockets and no others."""
-    path = str(run_dir / name)
-    if len(path.encode()) < 100:
-        return path
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "pvlun-sockets", digest, name)
 
 
 def free_port() -> int:
@@ -117,9 +105,9 @@ class VmLauncher:
         self.qemu_binary = qemu_binary
         self.extra_args = extra_args
         self.history = history
-        self.qmp_path = _socket_path(self.run_dir, "qmp.sock")
+        self.qmp_path = socket_path(self.run_dir, "qmp.sock")
         self.serial_log = str(self.run_dir / "serial.log")
-        self.console_path = _socket_path(self.run_dir, "console.sock") if console else None
+        self.console_path = socket_path(self.run_dir, "console.sock") if console else None
         self.stderr_path = self.run_dir / "qemu.stderr"
         self.phase = Phase.SCHEDULING
         self.reason = ""

@@ -9,9 +9,11 @@ ends the whole tree, and the exit status bwrap reports is turned back into QEMU'
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -51,6 +53,16 @@ def open_read_only(vm: VmSpec, disks: Mapping[str, DiskAttachment]) -> dict[str,
             fd = os.open(att.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if att.direct_io else 0))
             out[name] = dataclasses.replace(att, fd=fd)
     return out
+
+
+def socket_path(run_dir: Path, name: str) -> str:
+    """run_dir/name, or a short stand-in when that is too long for a unix socket (108 bytes):
+    in a directory of this run dir's own, so a sandbox is handed its sockets and no others."""
+    path = str(run_dir / name)
+    if len(path.encode()) < 100:
+        return path
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "pvlun-sockets", digest, name)
 
 
 def inside(path: str, directory: Path) -> bool:
