@@ -141,6 +141,16 @@ def create_private(path: str) -> None:
         pass
 
 
+def close_checkpointed(db: sqlite3.Connection) -> None:
+    """Close a connection after folding the WAL back into the database file (and emptying
+    it), so that a clean stop leaves no -wal file to grow or to replay."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:  # another process is mid-transaction: the last closer folds it
+        pass
+    db.close()
+
+
 class Catalog:
     """A thread-safe handle on catalog.db; one connection, short transactions."""
 
@@ -159,7 +169,7 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            close_checkpointed(self._db)
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -100,16 +100,25 @@ def build_server(endpoint: str, register: list[Callable[[grpc.Server], None]], w
             os.unlink(where)
         old = os.umask(0o177)
         try:
-            server.add_insecure_port("unix://" + where)
+            _listen(server, "unix://" + where, endpoint)
             server.start()
         finally:
             os.umask(old)
         os.chmod(where, 0o600)
     else:
-        if server.add_insecure_port(where) == 0:
-            raise OSError(f"cannot listen on {where}")
+        _listen(server, where, endpoint)
         server.start()
     return server
+
+
+def _listen(server: grpc.Server, address: str, endpoint: str) -> None:
+    """Bind, or OSError naming the endpoint (grpc raises RuntimeError or returns 0, by version)."""
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {endpoint} (in use, or not a place a socket can be made)")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

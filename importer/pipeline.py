@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import enum
-import json
 import os
 import shutil
 import stat
@@ -29,10 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Literal
 
-from . import errors, formats
+from pvlun.sandbox import give
+
+from . import errors, formats, transfer_watch
 from .errors import ImportFailed
+from .formats import ImageNode
 from .sources.base import PeekStream, Source, read_head
-from .qemu_convert import STALL_SECONDS, Stalled, run_with_progress, zero_target
+from .qemu_convert import Stalled, convert_into, zero_target
 from .streams import CountingReader, DecompressingReader, write_sparse
 
 DISK_IMG = "disk.img"
@@ -106,7 +108,7 @@ class _Import:
         self.size_hint: int | None = None
         self.format, self.layers, self.method = "raw", [], "stream"
         self.virtual_size = 0
-        self.convert_from: tuple[dict, list[str]] | None = None
+        self.convert_from: ImageNode | None = None
         self.direct = None
         self.progress_span = (0.0, 100.0)
 
@@ -116,7 +118,10 @@ class _Import:
         phase = Phase.INFO
         try:
             self._open_target()
+            watch = transfer_watch.current()
             while phase is not Phase.COMPLETE:
+                if watch is not None:
+                    watch.check()  # a cancelled import goes no further
                 phase = self.table[phase]()
             self._complete()
         except BaseException as exc:
@@ -166,30 +171,40 @@ class _Import:
         self.created_disk = True
         os.ftruncate(self.fd, self.capacity)
 
-    def _too_large(self, size: int | None = None) -> ImportFailed:
+    def _too_large(self, size: int | None = None, what: str = "virtual size") -> ImportFailed:
         where = "the volume's usable space after filesystem overhead" if self.target.mode == "Filesystem" else "the volume"
-        what = f"virtual size {size} bytes" if size else "the image"
+        what = f"{what} {size} bytes" if size else "the image"
         return ImportFailed(errors.IMAGE_TOO_LARGE, f"{what} is larger than {where} ({self.capacity} bytes)")
+
+    def _size_bound(self, fmt: str) -> int:
+        """The most bytes a source in this format may hold for this target: raw data is the disk
+        (a fixed VHD's footer may follow it); images and compressed streams carry metadata on top."""
+        if fmt in formats.RAW_FORMATS:
+            return self.capacity + formats.VHD_FOOTER
+        return self.capacity + self.capacity // 8 + (64 << 20)
 
     # -- phases ------------------------------------------------------------------------
     def _info(self) -> Phase:
         info = self.source.info()
         self.size_hint = info.size
         fmt = formats.detect(info.head)
+        if info.size is not None and info.size > self._size_bound(fmt):  # before a byte is written
+            raise self._too_large(info.size, f"the {fmt} source of")
         direct = info.direct
         if (fmt in formats.IMAGE_FORMATS and direct is not None and not self.source.checksum
                 and self.target.content_type == "kubevirt"):
             self.format, self.method = fmt, "direct"
             formats.precheck_header(fmt, info.head)
             self.direct = direct
-            spec = _image_spec(fmt, direct.attach(self.scratch_root))
-            img = formats.inspect("json:" + json.dumps(spec), fmt, objects=direct.objects)
+            node = ImageNode(fmt, direct.attach(self.scratch_root), tuple(direct.read_only), tuple(direct.writable),
+                             tuple(direct.objects))
+            img = formats.inspect(node)
             if img.virtual_size > self.capacity:
                 raise self._too_large(img.virtual_size)
             # qemu reads past the end of a truncated image as zeros (files and HTTP alike): check it
-            formats.verify_integrity("json:" + json.dumps(spec), fmt, objects=direct.objects, file_size=info.size)
+            formats.verify_integrity(node, file_size=info.size)
             self.virtual_size = img.virtual_size
-            self.convert_from = (spec, direct.objects)
+            self.convert_from = node
             return Phase.CONVERT
         return Phase.TRANSFER
 
@@ -220,10 +235,9 @@ class _Import:
             self.method = "archive"
             return Phase.RESIZE
         if fmt in formats.RAW_FORMATS:
-            if not self.layers and size is not None and size > self.capacity:
-                raise self._too_large(size)
             self.touched = True
-            self.virtual_size = write_sparse(stream, self.fd, self.capacity, too_large=f"the volume's {self.capacity} bytes")
+            self.virtual_size = write_sparse(stream, self.fd, self.capacity, too_large=f"the volume's {self.capacity} bytes",
+                                             trailer=self._fixed_vhd_footer)
             self.counter.verify()
             return Phase.RESIZE
         return self._to_scratch(fmt, head, stream)
@@ -237,40 +251,33 @@ class _Import:
         path = os.path.join(self.scratch, "image")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            limit = self.capacity + self.capacity // 8 + (64 << 20)  # image metadata on top of the data
+            limit = self._size_bound(fmt)
             length = write_sparse(stream, fd, limit, too_large=f"{limit} bytes (far more than the volume holds)")
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
         self.counter.verify()  # type: ignore[union-attr]
-        spec = _image_spec(fmt, {"driver": "file", "filename": path})
-        img = formats.inspect("json:" + json.dumps(spec), fmt)
+        give(path)  # qemu-img reads it as the sandbox user
+        node = formats.local_image(path, fmt)
+        img = formats.inspect(node)
         if img.virtual_size > self.capacity:
             raise self._too_large(img.virtual_size)
-        formats.verify_integrity("json:" + json.dumps(spec), fmt, file_size=length)
+        formats.verify_integrity(node, file_size=length)
         self.virtual_size = img.virtual_size
-        self.convert_from = (spec, [])
+        self.convert_from = node
         self.progress_span = (50.0, 100.0)
         self.progress(0.0)
         return Phase.CONVERT
 
     def _convert(self) -> Phase:
         assert self.convert_from is not None
-        spec, objects = self.convert_from
-        argv = ["qemu-img", "convert", "-p", "-W", "-m", "16", "-n", "--target-is-zero"]
-        if _direct_io_works(self.disk_path):
-            # O_DIRECT into the volume: no second copy in the page cache, and the final
-            # fsync has little left to do (measured on a loop device: 0.9 s instead of 1.2-2.2 s)
-            argv += ["-t", "none"]
-        for obj in objects:
-            argv += ["--object", obj]
-        argv += ["-O", "raw", "json:" + json.dumps(spec), self.disk_path]
         self.touched = True
         try:
-            run_with_progress(argv, self.progress)
+            convert_into(self.convert_from, self.disk_path, self.progress)
         except Stalled:
             if self.method != "direct":
-                raise ImportFailed(errors.INTERNAL, f"qemu-img convert made no progress for {STALL_SECONDS} s") from None
+                raise ImportFailed(errors.INTERNAL,
+                                   f"qemu-img convert made no progress for {transfer_watch.stall_seconds():g} s") from None
             # qemu's HTTP reader got stuck: start over the slow, sure way (via scratch).
             self._zero_disk()
             self.method, self.convert_from = "scratch", None
@@ -291,6 +298,14 @@ class _Import:
         self.progress(1.0)
 
     # -- helpers -----------------------------------------------------------------------
+    def _fixed_vhd_footer(self, tail: bytes, length: int) -> bool:
+        """A fixed VHD is its disk's bytes then a 512-byte footer: keep the disk, drop the footer
+        (only a valid one whose size is the data's; anything else is raw data)."""
+        if formats.fixed_vhd_size(tail) != length:
+            return False
+        self.format = "vhd"
+        return True
+
     def _first_file_in_tar(self, stream: BinaryIO) -> BinaryIO:
         """The disk inside a tar: the first member whose content is a disk image. Text files
         beside it (an OVA's .ovf descriptor and .mf manifest, certificates) are passed over;
@@ -391,20 +406,6 @@ class _TarMember:
 
     def close(self) -> None:
         self._f.close()
-
-
-def _image_spec(fmt: str, file_spec: dict) -> dict:
-    """A qemu block spec for the image with its backing chain cut off, whatever the header says."""
-    return {"driver": formats.qemu_driver(fmt), "backing": None, "file": file_spec}
-
-
-def _direct_io_works(path: str) -> bool:
-    """Can the target be written with O_DIRECT (a block device, most local filesystems)?"""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 def _is_text(head: bytes) -> bool:

@@ -227,28 +227,35 @@ class Progress:
             _save(self.ctx, self.dv, status)
 
 
+STALL_ATTEMPTS = 3  # a stalled transfer is tried this many times before the DataVolume fails
+
+
 def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -> None:
-    """The import job: attach, pipeline, detach; Succeeded or Failed with the reason."""
+    """The import job: attach, pipeline, detach; Succeeded or Failed with the reason.
+
+    A transfer that stalls is tried again after a backoff (restartCount + 1, as CDI restarts
+    its importer pod); a deleted DataVolume or a stopping daemon cancels the import at once
+    and its volume is detached (the claim then goes with its owner)."""
+    from importer import errors
     from importer.errors import ImportFailed
-    from importer.pipeline import import_into
-    from importer.sources import from_spec
+    from importer.transfer_watch import DEFAULT_STALL_SECONDS, TransferWatch
 
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     owner = f"import/{ns}/{meta['name']}"
     _phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
-    secret, configmap = _lookups(ctx, ns)
     attachment = None
+    watch = TransferWatch(float(ctx.services.get("stall_seconds") or DEFAULT_STALL_SECONDS), _cancelled(ctx, dv))
     try:
-        pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
-        attachment = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, meta["name"], ns, ctx.node_id, owner)
-        source = from_spec({kind: source_spec}, secret=secret, configmap=configmap,
-                           allow_file=bool(ctx.services.get("allow_file")))
-        scratch = os.path.join(ctx.data_dir, "scratch")
-        os.makedirs(scratch, exist_ok=True)
-        import_into(source, target_for(attachment, pvc, dv), progress=Progress(ctx, dv), scratch_dir=scratch)
+        with watch:
+            pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
+            attachment = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, meta["name"], ns, ctx.node_id, owner)
+            _import_attempts(ctx, dv, watch, {kind: source_spec}, target_for(attachment, pvc, dv))
     except ImportFailed as exc:
         _detach(ctx, attachment, owner)
+        if exc.reason == errors.CANCELLED:
+            log.info("import %s/%s cancelled", ns, meta["name"])
+            return  # deleted: nothing to report on; daemon stopping: start-up repair starts it over
         fail(ctx, dv, exc.reason, exc.message)
         return
     except LookupError as exc:
@@ -263,6 +270,67 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str) -
     _detach(ctx, attachment, owner)
     _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", "Import Complete"), ready=True,
            event=("Normal", "ImportSucceeded", "Successfully imported into claim " + meta["name"]))
+
+
+def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) -> None:
+    """The pipeline, again after a backoff while the transfer stalls, at most STALL_ATTEMPTS times."""
+    from importer import errors
+    from importer.errors import ImportFailed
+    from importer.pipeline import import_into
+    from importer.sources import from_spec
+
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    secret, configmap = _lookups(ctx, ns)
+    scratch = os.path.join(ctx.data_dir, "scratch")
+    os.makedirs(scratch, exist_ok=True)
+    for attempt in range(1, STALL_ATTEMPTS + 1):
+        source = from_spec(source_spec, secret=secret, configmap=configmap,
+                           allow_file=bool(ctx.services.get("allow_file")))
+        try:
+            import_into(source, target, progress=Progress(ctx, dv), scratch_dir=scratch)
+            return
+        except ImportFailed as exc:
+            if exc.reason != errors.TRANSFER_STALLED:
+                raise
+            if attempt == STALL_ATTEMPTS:
+                raise ImportFailed(exc.reason, f"{exc.message} ({attempt} attempts)") from None
+            backoff = watch.stall / 4 * 2 ** (attempt - 1)
+            current = (ctx.store.get(KIND, meta["name"], ns) or dv).get("status") or {}
+            updated = ctx.store.merge_status(KIND, meta["name"], ns, progress="0.00%",
+                                             restartCount=int(current.get("restartCount", 0)) + 1)
+            dv["status"] = (updated or dv).get("status") or {}  # what the job writes later builds on it
+            ctx.store.add_event(dv, "Warning", exc.reason, f"{exc.message}; attempt {attempt} of {STALL_ATTEMPTS}, "
+                                                          f"trying again in {backoff:g} s")
+            watch.pause(backoff)
+
+
+def _cancelled(ctx: Context, dv: Obj):
+    """An import ends when its DataVolume is deleted (or replaced by another of the same name),
+    when its job is cancelled, or when the daemon stops."""
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    event = ctx.jobs.cancel_event("dv:" + key_of(dv))
+
+    def cancelled() -> bool:
+        if event.is_set() or ctx.stopping.is_set():
+            return True
+        current = ctx.store.get(KIND, meta["name"], ns)
+        return (current is None or current["metadata"].get("uid") != meta.get("uid")
+                or bool(current["metadata"].get("deletionTimestamp")))
+
+    return cancelled
+
+
+def start_over(store, dv: Obj, reason: str, message: str) -> None:
+    """Drop the DataVolume's claim, and the half-written volume with it, and begin again on a
+    fresh one with restartCount + 1 (CDI restarts its importer or upload pod the same way)."""
+    meta = dv["metadata"]
+    ns = meta.get("namespace", "default")
+    store.delete("PersistentVolumeClaim", meta["name"], ns)
+    store.update_status(KIND, meta["name"], ns, {"phase": "Pending", "progress": "N/A",
+                                                 "restartCount": int(_status(dv).get("restartCount", 0)) + 1})
+    store.add_event(dv, "Warning", reason, message)
 
 
 def _detach(ctx: Context, attachment: kubelet.Attachment | None, owner: str) -> None:

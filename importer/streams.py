@@ -93,38 +93,56 @@ class CountingReader:
         self._stream.close()
 
 
-def write_sparse(stream: BinaryIO, fd: int, capacity: int, *, too_large: str) -> int:
+TRAILER = 512  # a fixed VHD's footer
+
+
+def write_sparse(stream: BinaryIO, fd: int, capacity: int, *, too_large: str,
+                 trailer: Callable[[bytes, int], bool] | None = None) -> int:
     """Copy `stream` to `fd` from offset 0, skipping all-zero blocks; return the bytes copied.
 
     More than `capacity` bytes raises ImageTooLarge (`too_large` says what the limit is).
+    With `trailer`, the last 512 bytes are held back until the end and written only if
+    `trailer(last_512, bytes_before_them)` says they are data, not a footer to drop.
     """
     offset = 0
+    held = b""
     while True:
         buf = stream.read(CHUNK)
         if not buf:
-            return offset
+            break
         if not isinstance(buf, bytes):
             buf = bytes(buf)
-        size = len(buf)
-        if offset + size > capacity:
-            raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the image holds more than {too_large}")
-        if size == CHUNK and buf == _ZERO_CHUNK:
-            offset += size
-            continue
-        view = memoryview(buf)
-        run_start = -1
-        for start in range(0, size, BLOCK):
-            block = buf[start:start + BLOCK]  # a bytes copy: bytes == bytes is a memcmp
-            is_zero = block == _ZERO_BLOCK[: len(block)]
-            if is_zero:
-                if run_start >= 0:
-                    _pwrite_all(fd, view[run_start:start], offset + run_start)
-                    run_start = -1
-            elif run_start < 0:
-                run_start = start
-        if run_start >= 0:
-            _pwrite_all(fd, view[run_start:size], offset + run_start)
-        offset += size
+        if trailer is not None:
+            buf = held + buf
+            cut = max(0, len(buf) - TRAILER)
+            buf, held = buf[:cut], buf[cut:]
+        offset = _write_chunk(fd, buf, offset, capacity, too_large)
+    if held and not (trailer is not None and trailer(held, offset)):
+        offset = _write_chunk(fd, held, offset, capacity, too_large)
+    return offset
+
+
+def _write_chunk(fd: int, buf: bytes, offset: int, capacity: int, too_large: str) -> int:
+    """Write one chunk at `offset` (its zero blocks skipped); return the offset after it."""
+    size = len(buf)
+    if offset + size > capacity:
+        raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the image holds more than {too_large}")
+    if size == CHUNK and buf == _ZERO_CHUNK:
+        return offset + size
+    view = memoryview(buf)
+    run_start = -1
+    for start in range(0, size, BLOCK):
+        block = buf[start:start + BLOCK]  # a bytes copy: bytes == bytes is a memcmp
+        is_zero = block == _ZERO_BLOCK[: len(block)]
+        if is_zero:
+            if run_start >= 0:
+                _pwrite_all(fd, view[run_start:start], offset + run_start)
+                run_start = -1
+        elif run_start < 0:
+            run_start = start
+    if run_start >= 0:
+        _pwrite_all(fd, view[run_start:size], offset + run_start)
+    return offset + size
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

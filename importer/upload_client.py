@@ -49,8 +49,11 @@ def upload_image(url: str, token: str, path: str, *, ca_file: str | None = None,
                 url, data=body, timeout=(15, timeout), verify=ca_file or True,
                 headers={**headers, "Content-Type": "application/octet-stream"},
             )
-    except requests.exceptions.SSLError:
-        raise ImportFailed(errors.UNTRUSTED_CERTIFICATE, f"the upload endpoint {url} is not trusted (pass its CA)") from None
+    except requests.exceptions.SSLError as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise ImportFailed(errors.UNTRUSTED_CERTIFICATE, f"the upload endpoint {url} is not trusted (pass its CA)") from None
+        # the server refused the upload and closed the connection while the body was still being sent
+        raise ImportFailed(errors.TRANSFER_FAILED, f"the upload endpoint {url} closed the connection") from None
     except requests.exceptions.RequestException as exc:
         raise ImportFailed(errors.UNREACHABLE, f"upload to {url} failed: {type(exc).__name__}") from None
     text = resp.text.strip()

@@ -1,6 +1,10 @@
 """The upload endpoint in `pvlun serve`: resolves a DataVolume in UploadReady to its
 attached volume, and moves the DataVolume on when an upload ends. Tokens are HMACs with
-a key kept in the data dir (mode 0600), minted per DataVolume with a short lifetime."""
+a key kept in the data dir (mode 0600), minted per DataVolume with a short lifetime.
+
+The volume is attached only while bytes come (the attachment is what start-up repair
+takes as "an upload was under way"); an upload cut off halfway starts over on a fresh
+volume, as a restarted import does, so no byte of it is left for the next one."""
 
 from __future__ import annotations
 
@@ -40,8 +44,11 @@ def mint_token(data_dir: str, namespace: str, name: str, ttl: float = TOKEN_TTL)
 def endpoint(data_dir: str) -> tuple[str, str]:
     """(URL, CA file) of a running daemon's upload endpoint."""
     d = upload_dir(data_dir)
-    with open(os.path.join(d, "url")) as f:
-        return f.read().strip(), os.path.join(d, "tls", "tls.crt")
+    try:
+        with open(os.path.join(d, "url")) as f:
+            return f.read().strip(), os.path.join(d, "tls", "tls.crt")
+    except FileNotFoundError:
+        raise LookupError("the daemon serves no upload endpoint (it runs with --mode all only)") from None
 
 
 class UploadGateway:
@@ -50,10 +57,13 @@ class UploadGateway:
         self.attached: dict[str, kubelet.Attachment] = {}
         scratch = os.path.join(ctx.data_dir, "scratch")
         os.makedirs(scratch, exist_ok=True)
-        self.server = UploadServer(
-            cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),
-            resolve=self.resolve, on_done=self.on_done, on_interrupted=self.on_interrupted,
-            progress=self.progress, scratch_dir=scratch, address=address)
+        try:
+            self.server = UploadServer(
+                cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),
+                resolve=self.resolve, on_done=self.on_done, on_interrupted=self.on_interrupted,
+                progress=self.progress, scratch_dir=scratch, address=address, check=self.check, release=self.release)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address[0]}:{address[1]} for uploads: {exc.strerror}") from None
 
     def start(self) -> str:
         self.server.start()
@@ -64,6 +74,10 @@ class UploadGateway:
 
     def stop(self) -> None:
         self.server.stop()
+        try:
+            os.unlink(os.path.join(upload_dir(self.ctx.data_dir), "url"))
+        except FileNotFoundError:
+            pass
 
     def _dv(self, key: str) -> dict:
         ns, name = key.split("/", 1)
@@ -72,10 +86,15 @@ class UploadGateway:
             raise LookupError(f"DataVolume {key} does not exist")
         return obj
 
-    def resolve(self, key: str):
+    def check(self, key: str) -> dict:
+        """The DataVolume, if it waits for an upload (LookupError if not); attaches nothing."""
         obj = self._dv(key)
         if (obj.get("status") or {}).get("phase") != "UploadReady":
             raise LookupError(f"DataVolume {key} is not UploadReady (phase {(obj.get('status') or {}).get('phase')})")
+        return obj
+
+    def resolve(self, key: str):
+        obj = self.check(key)
         ns, name = key.split("/", 1)
         attachment = kubelet.attach(self.ctx.store, self.ctx.csi, self.ctx.data_dir, name, ns, self.ctx.node_id,
                                     f"upload/{key}")
@@ -83,7 +102,8 @@ class UploadGateway:
         pvc = self.ctx.store.get("PersistentVolumeClaim", name, ns)
         return dv.target_for(attachment, pvc, obj)
 
-    def _detach(self, key: str) -> None:
+    def release(self, key: str) -> None:
+        """Detach what `resolve` attached, whatever the upload's end was."""
         attachment = self.attached.pop(key, None)
         if attachment:
             kubelet.detach(self.ctx.store, self.ctx.csi, attachment.volume_id, attachment.node_id, f"upload/{key}")
@@ -92,7 +112,6 @@ class UploadGateway:
         dv.Progress(self.ctx, self._dv(key))(percent)
 
     def on_done(self, key: str, ok: bool, message: str) -> None:
-        self._detach(key)
         obj = self._dv(key)
         if ok:
             dv._phase(self.ctx, obj, "Succeeded", progress="100.0%", running=(False, "Completed", "Upload Complete"),
@@ -102,7 +121,6 @@ class UploadGateway:
             dv.fail(self.ctx, obj, reason if reason.isalpha() else "UploadFailed", text or message)
 
     def on_interrupted(self, key: str, message: str) -> None:
-        """A cut-off upload: the DataVolume stays UploadReady and the image can be sent again."""
-        self._detach(key)
-        obj = self._dv(key)
-        self.ctx.store.add_event(obj, "Warning", "UploadInterrupted", message + "; send the image again")
+        """A cut-off upload: a fresh volume gets ready for upload, and the image can be sent again."""
+        dv.start_over(self.ctx.store, self._dv(key), "UploadInterrupted",
+                      message + "; send the image again once the DataVolume is UploadReady")

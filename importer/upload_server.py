@@ -5,7 +5,11 @@ is a short-lived HMAC-signed string naming one DataVolume (`issue_token`/`verify
 The body goes through the same pipeline as every import, into the Target that the
 `resolve` callback names. `on_done(dv_key, ok, message)` reports the outcome; an upload
 cut off halfway calls `on_interrupted(dv_key, message)` instead (the data is discarded and
-the DataVolume should go back to UploadReady: it can be sent again).
+the DataVolume should get ready for upload again: it can be sent again).
+
+`resolve` may acquire the target (attach a volume): it is called only once the body's
+first byte has arrived, and `release(dv_key)` follows it on every path. A readiness probe
+(GET) or a request that is no upload only asks `check(dv_key)`, which acquires nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .sources.upload import UploadSource
 
 log = logging.getLogger("pvlun.upload")
 UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
+LINGER_SECONDS = 2.0
 
 
 class InvalidToken(ValueError):
@@ -121,12 +126,16 @@ class UploadServer(ThreadingHTTPServer):
         on_interrupted: Callable[[str, str], None] | None = None,
         progress: Callable[[str, float], None] | None = None,
         address: tuple[str, int] = ("127.0.0.1", 0),
+        check: Callable[[str], None] | None = None,
+        release: Callable[[str], None] | None = None,
     ):
         self.cert_file, key_file = ensure_certificate(cert_dir)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(self.cert_file, key_file)
         self.secret_key = secret_key
         self.resolve, self.on_done, self.on_interrupted = resolve, on_done, on_interrupted
+        self.check = check or (lambda dv_key: None)
+        self.release = release or (lambda dv_key: None)
         self.progress = progress
         self.scratch_dir = scratch_dir
         self.busy: set[str] = set()
@@ -183,6 +192,18 @@ class _UploadHandler(BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
+    def _linger(self) -> None:
+        """After refusing an upload early (a backing file, too large) the client may still be
+        sending: read and drop what comes for a moment, so that closing the connection does not
+        reset it before the client reads the answer (a lingering close, as web servers do)."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            self.connection.settimeout(LINGER_SECONDS)
+            while time.monotonic() < deadline and self.rfile.read1(1 << 20):
+                pass
+        except (OSError, ValueError):
+            pass
+
     def do_GET(self) -> None:
         """/healthz, and a pre-flight on the upload path: is the token good, is the DataVolume waiting?"""
         if self.path == "/healthz":
@@ -193,7 +214,7 @@ class _UploadHandler(BaseHTTPRequestHandler):
         if dv_key is None:
             return
         try:
-            self.server.resolve(dv_key)
+            self.server.check(dv_key)
         except LookupError as exc:
             return self._reply(404, f"no DataVolume waiting for upload: {exc}")
         self._reply(200, "ready")
@@ -222,6 +243,8 @@ class _UploadHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if not length or not length.isdigit():
             return self._reply(411, "Content-Length required")
+        if int(length) == 0:
+            return self._reply(400, f"{errors.INVALID_IMAGE}: the upload is empty")
         with srv.lock:
             if dv_key in srv.busy:
                 return self._reply(409, f"an upload into {dv_key} is already in progress")
@@ -235,9 +258,32 @@ class _UploadHandler(BaseHTTPRequestHandler):
     def _upload(self, dv_key: str, length: int) -> None:
         srv = self.server
         try:
+            srv.check(dv_key)
+        except LookupError as exc:
+            return self._reply(404, f"no DataVolume waiting for upload: {exc}")
+        if not self._body_started():
+            return  # the client sent headers only and went away: nothing was acquired
+        try:
+            self._receive(dv_key, length)
+        finally:
+            srv.release(dv_key)
+
+    def _body_started(self) -> bool:
+        """Wait for the body's first byte before anything is acquired for it."""
+        try:
+            return bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+        except OSError:
+            return False
+
+    def _receive(self, dv_key: str, length: int) -> None:
+        srv = self.server
+        try:
             target = srv.resolve(dv_key)
         except LookupError as exc:
             return self._reply(404, f"no DataVolume waiting for upload: {exc}")
+        except Exception:
+            log.exception("upload into %s: cannot get its volume ready", dv_key)
+            return self._reply(503, "the DataVolume's volume cannot be made ready now; try again")
         report = (lambda p: srv.progress(dv_key, p)) if srv.progress else (lambda p: None)
         try:
             import_into(UploadSource(self.rfile, length), target, progress=report, scratch_dir=srv.scratch_dir)  # type: ignore[arg-type]
@@ -250,7 +296,8 @@ class _UploadHandler(BaseHTTPRequestHandler):
                     srv.on_done(dv_key, False, str(exc))
                 return self._reply(400, str(exc))
             srv.on_done(dv_key, False, str(exc))
-            return self._reply(400, str(exc))
+            self._reply(400, str(exc))
+            return self._linger()
         srv.on_done(dv_key, True, "")
         self._reply(200, "upload complete")
 

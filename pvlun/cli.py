@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 import sys
+from typing import Callable
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's fork notices are noise for a CLI and daemon
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # children exec tools at once; no fork handlers
@@ -25,15 +26,18 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def overcommit_ratio(text: str) -> float:
-    """A positive, finite ratio for argparse."""
-    try:
-        ratio = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < ratio < float("inf"):
-        raise argparse.ArgumentTypeError(f"the overcommit ratio must be positive, not {text}")
-    return ratio
+def positive_number(what: str) -> Callable[[str], float]:
+    """An argparse type: a positive, finite number; `what` names it in the error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} must be positive, not {text}")
+        return value
+
+    return parse
 
 
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_volumes_per_node=args.max_volumes_per_node,
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
+                        stall_seconds=args.import_stall_timeout,
                         migration_hooks=[tuple(h.split("=", 1)) for h in args.migration_hook])
     try:
         Daemon(opts).run_until_signal()
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pool-size", type=parse_size, default=None,
                        help="size of the XFS reflink pool image made when the data dir cannot reflink "
                             "(default: 90%% of the data dir's filesystem, at most 256Gi; the image is sparse)")
-    serve.add_argument("--overcommit", type=overcommit_ratio, default=1.0, metavar="RATIO",
+    serve.add_argument("--overcommit", type=positive_number("the overcommit ratio"), default=1.0, metavar="RATIO",
                        help="let the volumes' sizes add up to RATIO x the pool size (default %(default)s)")
     serve.add_argument("--max-volumes-per-node", type=int, default=256)
     serve.add_argument("--allow-file-import", action="store_true",
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upload-address", default="127.0.0.1:0", help="HOST:PORT of the HTTPS upload endpoint")
     serve.add_argument("--metrics-address", default="127.0.0.1:0",
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
+    serve.add_argument("--import-stall-timeout", type=positive_number("the stall timeout"), default=120.0, metavar="SECONDS",
+                       help="an import that receives no byte this long is retried, then Failed (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     from pvlun.objects_cli import add_commands

@@ -20,6 +20,7 @@ class Jobs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
+        self._cancels: dict[str, threading.Event] = {}
 
     def start(self, key: str, fn: Callable[[], None]) -> bool:
         with self._lock:
@@ -35,10 +36,26 @@ class Jobs:
             fn()
         except Exception:
             log.exception("job %s failed", key)
+        finally:
+            with self._lock:
+                self._cancels.pop(key, None)
 
     def running(self, key: str) -> bool:
         with self._lock:
             return key in self._running and self._running[key].is_alive()
+
+    def cancel_event(self, key: str) -> threading.Event:
+        """The running job's cancellation flag: set by `cancel(key)`, read by the job between steps."""
+        with self._lock:
+            return self._cancels.setdefault(key, threading.Event())
+
+    def cancel(self, key: str) -> bool:
+        """Ask the job running under `key` to stop; False when none runs."""
+        with self._lock:
+            if not (key in self._running and self._running[key].is_alive()):
+                return False
+            self._cancels.setdefault(key, threading.Event()).set()
+            return True
 
     def join_all(self, timeout: float) -> None:
         for thread in list(self._running.values()):

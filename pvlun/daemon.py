@@ -18,6 +18,7 @@ from csi.lun_service import LunService
 from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
+from pvlun import serve_record
 
 log = logging.getLogger("pvlun.serve")
 
@@ -37,6 +38,7 @@ class ServeOptions:
     allow_file_import: bool = False  # let DataVolumes read file:// URLs (embedded mode only)
     upload_address: str = "127.0.0.1:0"
     metrics_address: str = "127.0.0.1:0"
+    stall_seconds: float = 120.0  # an import that receives no byte this long is stalled
     accel: str | None = None
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
 
@@ -71,6 +73,8 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.luns: LunService | None = None
         self.ctx = None
+        self.loop = None
+        self.metrics_server = None
         # split deployments share a data dir: the controller and node plugins each keep their own
         self.pid_file = os.path.join(self.data_dir, "serve.pid" if opts.mode == "all" else f"serve-{opts.mode}.pid")
 
@@ -78,8 +82,18 @@ class Daemon:
         try:
             self._start()
         except BaseException:
+            log.error("pvlun serve could not start; releasing what it took")
             self.stop()  # never leave a pool mounted or a half-started server behind
             raise
+
+    def endpoint(self) -> str:
+        """Where the first server listens: --endpoint, else a socket in the data dir (a split
+        node plugin its node's own, so it never replaces the controller's)."""
+        if self.opts.endpoint:
+            return self.opts.endpoint
+        if self.opts.mode == "node":
+            return node_endpoint(self.data_dir, self.opts.node_id)
+        return default_endpoint(self.data_dir)
 
     def _start(self) -> None:
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -97,15 +111,17 @@ class Daemon:
         for node_id in node_ids:
             self.catalog.register_node(node_id)
         first = node_ids[0] if node_ids else None
-        self.servers.append(build_server(opts.endpoint or default_endpoint(self.data_dir),
-                                         self._services(with_controller, first)))
+        self.servers.append(build_server(self.endpoint(), self._services(with_controller, first)))
+        nodes = {first: self.endpoint()} if first else {}
         for node_id in node_ids[1:]:
-            self.servers.append(build_server(node_endpoint(self.data_dir, node_id), self._services(False, node_id)))
+            nodes[node_id] = node_endpoint(self.data_dir, node_id)
+            self.servers.append(build_server(nodes[node_id], self._services(False, node_id)))
+        serve_record.write(self.data_dir, opts.mode, self.endpoint() if with_controller else "", nodes)
         if opts.mode == "all" and opts.controllers:
             self._start_control_plane(node_ids)
         with open(self.pid_file, "w") as f:
             f.write(str(os.getpid()))
-        log.info("serving %s (mode %s, nodes %s)", opts.endpoint or default_endpoint(self.data_dir), opts.mode, node_ids)
+        log.info("serving %s (mode %s, nodes %s)", self.endpoint(), opts.mode, node_ids)
 
     def _start_control_plane(self, node_ids: list[str]) -> None:
         """The embedded Kubernetes: object store, reconcile loop, talking CSI over our own socket."""
@@ -115,9 +131,10 @@ class Daemon:
         from pvlun.store import SQLiteStore
 
         store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
-        csi = CsiClient(self.data_dir, node_ids, self.opts.endpoint)
+        csi = CsiClient(self.data_dir, node_ids, self.endpoint())
         self.ctx = Context(store, csi, self.data_dir, node_ids)
         self.ctx.services["allow_file"] = self.opts.allow_file_import
+        self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
         from pvlun.recovery import recover
@@ -135,7 +152,7 @@ class Daemon:
             self.metrics_server, _ = start_http_server(port, addr=host)
             with open(os.path.join(self.data_dir, "metrics.url"), "w") as f:
                 f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
-        run_loop(self.ctx)
+        self.loop = run_loop(self.ctx)
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:
         from csi.node import NodeService
@@ -153,22 +170,42 @@ class Daemon:
         return adds
 
     def stop(self) -> None:
+        """Stop what was started, newest first; every step runs even when one before it
+        failed, so neither a stop nor a failed start leaves the pool mounted behind."""
+        steps: list = self._control_plane_stops() if self.ctx is not None else []
+        steps += [lambda server=server: server.stop(grace=5).wait(10) for server in self.servers]
+        steps += [lambda: serve_record.remove(self.data_dir, self.opts.mode), self._remove_pid_file]
         if self.ctx is not None:
-            self.ctx.stopping.set()
-            self.ctx.jobs.join_all(10)
-            if "vms" in self.ctx.services:
-                self.ctx.services["vms"].stop_all(grace=10)
-            if "upload" in self.ctx.services:
-                self.ctx.services["upload"].stop()
-        for server in self.servers:
-            server.stop(grace=5).wait(10)
+            steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
+        if self.catalog is not None:
+            steps.append(self.catalog.close)
+        if self.opts.mode in ("all", "controller") and not self.opts.pool:
+            steps.append(lambda: release_pool(self.data_dir))
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("while stopping")
+        self.stopped.set()
+
+    def _control_plane_stops(self) -> list:
+        ctx = self.ctx
+        steps = [ctx.stopping.set, lambda: ctx.jobs.join_all(10)]  # running imports give their volumes back
+        if "vms" in ctx.services:
+            steps.append(lambda: ctx.services["vms"].stop_all(grace=10))
+        if "upload" in ctx.services:
+            steps.append(ctx.services["upload"].stop)
+        if self.metrics_server is not None:
+            steps.append(self.metrics_server.shutdown)
+        if self.loop is not None:
+            steps.append(lambda: self.loop.join(10))
+        return steps
+
+    def _remove_pid_file(self) -> None:
         try:
             os.unlink(self.pid_file)
         except FileNotFoundError:
             pass
-        if self.opts.mode in ("all", "controller") and not self.opts.pool:
-            release_pool(self.data_dir)
-        self.stopped.set()
 
     def run_until_signal(self) -> None:
         def on_signal(signum, frame):

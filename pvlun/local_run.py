@@ -19,8 +19,10 @@ def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: fl
     proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
                              "--pool-size", pool_size, *extra], stdout=log, stderr=subprocess.STDOUT)
     log.close()
+    mode = extra[extra.index("--mode") + 1] if "--mode" in extra else "all"
+    pid_file = os.path.join(data_dir, "serve.pid" if mode == "all" else f"serve-{mode}.pid")
     deadline = time.monotonic() + timeout
-    while not os.path.exists(os.path.join(data_dir, "serve.pid")):
+    while not os.path.exists(pid_file):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_daemon(proc, data_dir)
             with open(os.path.join(data_dir, "serve.log")) as f:

@@ -3,12 +3,18 @@
 
 - QEMU processes a previous daemon left behind are stopped (they hold volumes the VM
   controller is about to attach again), so a VM never runs twice.
-- Every VolumeAttachment is undone through CSI (kubelet's reconstruction, simplified).
+- Every VolumeAttachment is undone through CSI (kubelet's reconstruction, simplified). One
+  naming a node this daemon does not serve now (a renamed host, another --node-id) is
+  dropped with a warning event, its node side undone through a node this daemon serves.
 - Running VMIs end as Failed ("the daemon restarted"); the VM controller restarts them
   as their runStrategy says.
 - Imports, uploads and clones cut off mid-way lose their half-written claim and start
-  again from scratch, with restartCount + 1 (CDI restarts its importer pod the same way).
+  again from scratch on a fresh volume, with restartCount + 1 (CDI restarts its importer
+  or upload pod the same way). An upload was under way when its volume was attached.
 - Migrations in flight are Failed.
+
+Repair never stops the daemon: an object that cannot be repaired gets a warning event
+and the others are repaired all the same.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from typing import Callable
 
 import grpc
 
@@ -46,42 +53,86 @@ def _stop_orphan(pid: int) -> None:
 
 
 def recover(ctx: Context) -> dict[str, int]:
-    counts = {"qemu": 0, "attachments": 0, "vmis": 0, "datavolumes": 0, "migrations": 0}
+    counts = {"qemu": 0, "attachments": 0, "foreign": 0, "vmis": 0, "datavolumes": 0, "migrations": 0,
+              "failed": 0}
     store = ctx.store
     for vmi in store.list("VirtualMachineInstance"):
-        status = vmi.get("status") or {}
-        pid = (status.get("launcher") or {}).get("pid")
-        if pid and _ours(pid, ctx.data_dir):
-            _stop_orphan(pid)
-            counts["qemu"] += 1
-        if status.get("phase") not in ("Succeeded", "Failed"):
-            meta = vmi["metadata"]
-            store.merge_status("VirtualMachineInstance", meta["name"], meta.get("namespace", "default"),
-                               phase="Failed", reason="pvlun serve restarted while it ran")
-            counts["vmis"] += 1
-    for att in store.list("VolumeAttachment"):
-        spec = att["spec"]
-        try:
-            kubelet.detach(store, ctx.csi, spec["volumeId"], spec["nodeName"], spec["owner"])
-        except grpc.RpcError as exc:
-            log.warning("cannot detach %s from %s: %s", spec["volumeId"], spec["nodeName"], exc.details())
-            store.delete("VolumeAttachment", att["metadata"]["name"], "")
-        counts["attachments"] += 1
+        _guarded(ctx, counts, vmi, lambda: _recover_vmi(ctx, vmi, counts))
+    attachments = store.list("VolumeAttachment")
+    uploading = {a["spec"].get("owner", "").removeprefix("upload/") for a in attachments
+                 if a["spec"].get("owner", "").startswith("upload/")}
+    for att in attachments:
+        _guarded(ctx, counts, att, lambda: _recover_attachment(ctx, att, counts))
     for dv in store.list("DataVolume"):
-        status = dv.get("status") or {}
-        if status.get("phase") in UNFINISHED_DV_PHASES:
-            meta = dv["metadata"]
-            ns = meta.get("namespace", "default")
-            store.delete("PersistentVolumeClaim", meta["name"], ns)  # its half-written volume goes with it
-            store.update_status("DataVolume", meta["name"], ns,
-                                {"phase": "Pending", "restartCount": int(status.get("restartCount", 0)) + 1,
-                                 "progress": "N/A"})
-            store.add_event(dv, "Warning", "ImportRestarted", "pvlun serve restarted during the import; starting over")
-            counts["datavolumes"] += 1
+        _guarded(ctx, counts, dv, lambda: _recover_datavolume(ctx, dv, uploading, counts))
     for mig in store.list("VirtualMachineInstanceMigration"):
         if (mig.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             meta = mig["metadata"]
-            store.merge_status("VirtualMachineInstanceMigration", meta["name"], meta.get("namespace", "default"),
-                               phase="Failed", error="pvlun serve restarted during the migration")
+            _guarded(ctx, counts, mig, lambda: store.merge_status(
+                "VirtualMachineInstanceMigration", meta["name"], meta.get("namespace", "default"),
+                phase="Failed", error="pvlun serve restarted during the migration"))
             counts["migrations"] += 1
     return counts
+
+
+def _guarded(ctx: Context, counts: dict[str, int], obj: dict, repair: Callable[[], None]) -> None:
+    """One object's repair; its failure is an event on it, and the start goes on."""
+    try:
+        repair()
+    except Exception as exc:
+        meta = obj["metadata"]
+        log.exception("start-up repair of %s %s failed", obj.get("kind"), meta.get("name"))
+        counts["failed"] += 1
+        text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else type(exc).__name__
+        try:
+            ctx.store.add_event(obj, "Warning", "RepairFailed", f"start-up repair failed ({text}); see the daemon log")
+        except Exception:
+            log.exception("cannot record the failed repair")
+
+
+def _recover_vmi(ctx: Context, vmi: dict, counts: dict[str, int]) -> None:
+    status = vmi.get("status") or {}
+    pid = (status.get("launcher") or {}).get("pid")
+    if pid and _ours(pid, ctx.data_dir):
+        _stop_orphan(pid)
+        counts["qemu"] += 1
+    if status.get("phase") not in ("Succeeded", "Failed"):
+        meta = vmi["metadata"]
+        ctx.store.merge_status("VirtualMachineInstance", meta["name"], meta.get("namespace", "default"),
+                               phase="Failed", reason="pvlun serve restarted while it ran")
+        counts["vmis"] += 1
+
+
+def _recover_attachment(ctx: Context, att: dict, counts: dict[str, int]) -> None:
+    try:
+        spec = att["spec"]
+        volume_id, node_id, owner = spec["volumeId"], spec["nodeName"], spec["owner"]
+        via = None
+        if node_id not in ctx.node_ids:
+            via = ctx.node_id
+            message = (f"node {node_id!r} is not served by this pvlun serve (its nodes: {', '.join(ctx.node_ids)}); "
+                       f"the attachment of volume {volume_id} for {owner} is dropped")
+            log.warning("%s", message)
+            ctx.store.add_event(att, "Warning", "NodeNotServed", message)
+            counts["foreign"] += 1
+        try:
+            kubelet.detach(ctx.store, ctx.csi, volume_id, node_id, owner, via=via)
+        except grpc.RpcError as exc:
+            log.warning("cannot detach %s from %s: %s", volume_id, node_id, exc.details())
+        counts["attachments"] += 1
+    finally:
+        ctx.store.delete("VolumeAttachment", att["metadata"]["name"], "")  # it must not hold its claim forever
+
+
+def _recover_datavolume(ctx: Context, dv: dict, uploading: set[str], counts: dict[str, int]) -> None:
+    from importer.reconcile import key_of, start_over
+
+    phase = (dv.get("status") or {}).get("phase")
+    if phase in UNFINISHED_DV_PHASES:
+        start_over(ctx.store, dv, "ImportRestarted", "pvlun serve restarted during the import; starting over")
+    elif phase in ("UploadScheduled", "UploadReady") and key_of(dv) in uploading:
+        start_over(ctx.store, dv, "UploadRestarted",
+                   "pvlun serve restarted during the upload; send the image again (it goes to a fresh volume)")
+    else:
+        return
+    counts["datavolumes"] += 1

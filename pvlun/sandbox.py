@@ -20,13 +20,14 @@ executes: no Python runs between fork and exec.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from pvlun.command import Limits
 
@@ -57,6 +58,30 @@ def give(path: str) -> None:
 def take_back(path: str) -> None:
     """Return a file to root once the sandboxed tool is done with it."""
     os.chown(path, 0, 0)
+
+
+@contextlib.contextmanager
+def lent(path: str) -> Iterator[None]:
+    """Lend a file root owns (a volume's LUN file, a disk.img) to the sandbox user for one run
+    that writes it, then give it back with its owner and mode as they were."""
+    before = os.stat(path)
+    uid, gid = sandbox_ids()
+    os.chown(path, uid, gid)
+    try:
+        yield
+    finally:
+        os.chown(path, before.st_uid, before.st_gid)
+        os.chmod(path, stat.S_IMODE(before.st_mode))
+
+
+def readable_by_sandbox(st: os.stat_result) -> bool:
+    """Would the sandbox user (no supplementary groups) be allowed to read this file?"""
+    uid, gid = sandbox_ids()
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def prepare_dir(parent: str | None, prefix: str) -> str:

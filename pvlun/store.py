@@ -79,7 +79,10 @@ class SQLiteStore:
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        from csi.catalog import close_checkpointed
+
+        with self._lock:
+            close_checkpointed(self._db)
 
     def _bump(self) -> int:
         self._db.execute("UPDATE counter SET version = version + 1 WHERE id = 0")

@@ -18,17 +18,15 @@ def _bar(description: str):
 
 
 def cmd_image_upload(args: argparse.Namespace) -> int:
-    from importer.errors import ImportFailed
-    from importer.upload_client import upload_image
-    from importer.upload_gateway import endpoint, mint_token
-
+    """Upload into a DataVolume (made first when --size is given); a DataVolume this command
+    made is deleted again when the upload fails, so a failed command leaves nothing behind."""
     if not os.path.isfile(args.image_path):
         print(f"error: {args.image_path} is not a file", file=sys.stderr)
         return 1
     store = open_store(args.data_dir)
     ns, name = args.namespace, args.dv
-    obj = store.get("DataVolume", name, ns)
-    if obj is None:
+    created = False
+    if store.get("DataVolume", name, ns) is None:
         if not args.size:
             print(f"error: DataVolume {ns}/{name} does not exist; give --size to create it", file=sys.stderr)
             return 1
@@ -39,7 +37,23 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
         store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                      "metadata": {"name": name, "namespace": ns},
                      "spec": {"source": {"upload": {}}, "storage": storage}})
+        created = True
         print(f"DataVolume {ns}/{name} created")
+    rc = 1
+    try:
+        rc = _upload(store, args, ns, name)
+        return rc
+    finally:
+        if created and rc != 0:
+            store.delete("DataVolume", name, ns)  # its claim and volume go with it
+            print(f"DataVolume {ns}/{name} deleted again")
+
+
+def _upload(store, args: argparse.Namespace, ns: str, name: str) -> int:
+    from importer.errors import ImportFailed
+    from importer.upload_client import upload_image
+    from importer.upload_gateway import endpoint, mint_token
+
     deadline = time.monotonic() + args.timeout
     while True:
         phase = ((store.get("DataVolume", name, ns) or {}).get("status") or {}).get("phase")
@@ -49,7 +63,11 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
             print(f"error: DataVolume {ns}/{name} is {phase or 'not ready'}, not UploadReady", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    url, ca = endpoint(os.path.abspath(args.data_dir))
+    try:
+        url, ca = endpoint(os.path.abspath(args.data_dir))
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     token = mint_token(os.path.abspath(args.data_dir), ns, name)
     size = os.path.getsize(args.image_path)
     print(f"Uploading {args.image_path} ({size} bytes) to {url}")
@@ -58,6 +76,10 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
             task = bar.add_task("upload", total=100)
             upload_image(url, token, args.image_path, ca_file=ca, progress=lambda p: bar.update(task, completed=p))
     except ImportFailed as exc:
+        st = (store.get("DataVolume", name, ns) or {}).get("status") or {}
+        ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+        if st.get("phase") == "Failed" and ready.get("reason"):  # the server's word on why, over the client's
+            exc = ImportFailed(ready["reason"], ready.get("message", ""))
         print(f"error: {exc.reason}: {exc.message}", file=sys.stderr)
         return 1
     while True:
@@ -72,24 +94,39 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Attach the claim read-only on a node of the running daemon (its first unless --node-id
+    says otherwise), write the disk out, detach; nothing stays attached whatever fails."""
+    import grpc
+
     from importer.errors import ImportFailed
     from importer.export import export_volume
     from pvlun import kubelet
     from pvlun.csi_client import CsiClient
-    from pvlun.daemon import ServeOptions
 
     if args.kind not in ("pvc", "persistentvolumeclaim"):
         print("error: only pvc exports are supported (pvlun export pvc NAME -o FILE)", file=sys.stderr)
         return 1
     data_dir = os.path.abspath(args.data_dir)
     store = open_store(data_dir)
-    node_id = args.node_id or ServeOptions(data_dir=data_dir).node_id
-    csi = CsiClient(data_dir, [node_id])
+    try:
+        csi = CsiClient.of_daemon(data_dir)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    node_id = args.node_id or csi.node_ids[0]
+    if node_id not in csi.node_ids:
+        print(f"error: node {node_id!r} is not served by the daemon (its nodes: {', '.join(csi.node_ids)})",
+              file=sys.stderr)
+        return 1
     owner = f"export/{args.namespace}/{args.name}"
     try:
         attachment = kubelet.attach(store, csi, data_dir, args.name, args.namespace, node_id, owner, readonly=True)
     except kubelet.NotReady as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"error: cannot attach {args.namespace}/{args.name} on {node_id}: {exc.code().name}: {exc.details()}",
+              file=sys.stderr)
         return 1
     try:
         export_volume(attachment.path, args.output, args.format)

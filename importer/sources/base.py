@@ -20,10 +20,14 @@ class DirectRead:
 
     `attach(workdir)` returns that node, starting whatever must serve it first (an nbdkit
     for HTTP); `detach()` stops it. `driver` names the node's kind for the pipeline's rules.
+    qemu-img runs sandboxed: `read_only` and `writable` are the host paths it must be handed
+    to reach the node (the file; the socket's directory), valid once attached.
     """
 
     spec: dict
     objects: list[str] = field(default_factory=list)  # qemu-img `--object` values (secrets)
+    read_only: list[str] = field(default_factory=list)
+    writable: list[str] = field(default_factory=list)
 
     @property
     def driver(self) -> str:

@@ -17,7 +17,9 @@ from typing import BinaryIO
 
 import requests
 
-from .. import errors
+from pvlun.sandbox import Sandbox, prepare_dir, readable_by_sandbox
+
+from .. import errors, transfer_watch
 from ..formats import HEAD_SIZE
 from .base import DirectRead, PeekStream, SourceInfo, read_head
 from .httpclient import (
@@ -108,6 +110,9 @@ class NbdkitCurl(DirectRead):
     Chosen over qemu's own curl driver, which hung now and then here under parallel
     requests (`qemu-img convert -m 16`, qemu 7.2); nbdkit's also takes a CA file. Redirects
     were resolved by us already, so nbdkit follows none, and speaks only http(s).
+    nbdkit talks to a hostile server, so it is sandboxed too (with the network): it sees its
+    socket's directory (the sandbox user's) and the CA file; the password comes on a pipe-like
+    memfd, never in a file or on the command line.
     """
 
     def __init__(self, url: str, *, auth: tuple[str, str] | None, cainfo: str | None):
@@ -116,27 +121,38 @@ class NbdkitCurl(DirectRead):
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
         self._stderr = None
+        self._unwatch = lambda: None
 
     def attach(self, workdir: str) -> dict:
         if self._proc is not None:
             return self.spec
-        # a private (0700) dir for the socket and password file; unix socket paths must be short
-        self._dir = tempfile.mkdtemp(prefix="pvlun-nbd-", dir=workdir if len(workdir) < 60 else None)
+        # a private (0700) dir of the sandbox user's for the socket; unix socket paths must be short
+        self._dir = prepare_dir(workdir if len(workdir) < 60 else None, "pvlun-nbd-")
         sock = os.path.join(self._dir, "nbd.sock")
         # nbdkit 1.32's curl plugin serializes requests; the readahead filter turns qemu's
         # 64 KiB cluster reads into growing sequential ranges (measured: 3x faster from nginx)
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly", "--threads", "16", "-U", sock,
                 "--filter=readahead", "curl", f"url={self.url}", "protocols=http,https", "followlocation=false", "timeout=60"]
+        read_only = []
         if self.cainfo:
             argv.append(f"cainfo={self.cainfo}")
-        if self.auth:
-            path = os.path.join(self._dir, "password")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.auth[1])
-            argv += [f"user={self.auth[0]}", f"password=+{path}"]
-        self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
+            read_only.append(self.cainfo)
+        secret = os.memfd_create("pvlun-nbd-password")
+        try:
+            if self.auth:
+                os.write(secret, self.auth[1].encode())
+                os.lseek(secret, 0, os.SEEK_SET)
+                argv += [f"user={self.auth[0]}", f"password=-{secret}"]
+            self._stderr = tempfile.TemporaryFile()
+            box = Sandbox(read_only=read_only, writable=[self._dir], network=True)
+            self._proc = subprocess.Popen(box.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=self._stderr, pass_fds=(secret,))
+        finally:
+            os.close(secret)
+        self.writable = [self._dir]
+        watch = transfer_watch.current()
+        if watch is not None:  # a cancelled import kills nbdkit, so qemu-img reading through it ends too
+            self._unwatch = watch.on_abort(self._proc.kill)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -149,6 +165,7 @@ class NbdkitCurl(DirectRead):
         return self.spec
 
     def detach(self) -> None:
+        self._unwatch()
         if self._proc is not None:
             self._proc.terminate()
             try:
@@ -176,11 +193,18 @@ class FileSource:
         try:
             with open(self.path, "rb") as f:
                 head = f.read(HEAD_SIZE)
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
         except OSError as exc:
             reason = errors.NOT_FOUND if isinstance(exc, FileNotFoundError) else errors.INVALID_SOURCE
             raise errors.ImportFailed(reason, f"cannot read {self.path}: {exc.strerror}") from None
-        return SourceInfo(head, size, DirectRead({"driver": "file", "filename": self.path}), f"file://{self.path}")
+        if not readable_by_sandbox(st):
+            # qemu-img reads it as the unprivileged sandbox user; root reading it for us would
+            # make file:// a way around the file's own permissions
+            raise errors.ImportFailed(errors.INVALID_SOURCE, f"{self.path} is not readable by the unprivileged user the "
+                                                             "importer's tools run as; make it world-readable (chmod o+r)")
+        real = os.path.realpath(self.path)
+        return SourceInfo(head, st.st_size, DirectRead({"driver": "file", "filename": real}, read_only=[real]),
+                          f"file://{self.path}")
 
     def transfer(self) -> BinaryIO:
         return open(self.path, "rb")

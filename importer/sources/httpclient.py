@@ -16,8 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
-from .. import errors
+from .. import errors, transfer_watch
 from ..errors import ImportFailed
 
 MAX_REDIRECTS = 10
@@ -41,13 +43,17 @@ def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
 
 
 class CABundle:
-    """A temporary PEM file with the system CAs plus the certConfigMap's certificates."""
+    """A temporary PEM file with the system CAs plus the certConfigMap's certificates.
+
+    World-readable (certificates are public; only root may write it): nbdkit reads it as the
+    unprivileged sandbox user."""
 
     def __init__(self, pems: list[str]):
         self.custom = bool(pems)
         self.path: str | None = None
         if pems:
             fd, self.path = tempfile.mkstemp(prefix="pvlun-ca-", suffix=".pem")
+            os.fchmod(fd, 0o644)
             system = requests.utils.DEFAULT_CA_BUNDLE_PATH
             with os.fdopen(fd, "w") as out:
                 if system and os.path.exists(system):
@@ -67,8 +73,47 @@ class CABundle:
             self.path = None
 
 
+class _Watched:
+    """A connection whose socket the running import's watch can shut down (stall, cancel)."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()  # type: ignore[misc]
+        _watch_socket(sock)  # from here on the TLS handshake and the header wait are interruptible
+        return sock
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _watch_socket(self.sock)  # type: ignore[attr-defined]  # HTTPS: the TLS socket that wraps the raw one
+
+
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+def _watch_socket(sock) -> None:
+    watch = transfer_watch.current()
+    if watch is not None and sock is not None:
+        watch.add_socket(sock)
+
+
 def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None) -> requests.Session:
     session = requests.Session()
+    for prefix in ("http://", "https://"):
+        adapter = HTTPAdapter()
+        adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        session.mount(prefix, adapter)
     session.trust_env = False  # no proxies, no ~/.netrc, no REQUESTS_CA_BUNDLE from the environment
     session.max_redirects = MAX_REDIRECTS
     session.verify = ca.verify
@@ -119,20 +164,43 @@ def check_status(resp: requests.Response, what: str) -> None:
 
 
 class ResponseStream:
-    """Body of a streamed response as a plain reader; failures mid-way become ImportFailed."""
+    """Body of a streamed response as a plain reader; failures mid-way become ImportFailed.
+
+    Under a transfer watch (an import job), every wait for bytes is watched: a source that
+    sends nothing for the stall timeout, or a cancelled import, ends the read at once.
+    """
 
     def __init__(self, resp: requests.Response, url: str):
         self._resp = resp
         self._url = url
+        self._watch = transfer_watch.current()
+        conn = resp.raw.connection if self._watch is not None else None
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(None)  # the watch decides when waiting is too long, not a socket timeout
 
     def read(self, n: int = -1) -> bytes:
+        try:
+            data = self._read(CHUNK if n is None or n < 0 else n)
+        except ImportFailed:
+            self._check()  # a read the watch broke off says why
+            raise
+        self._check()  # a socket shut down by the watch can look like the body's end
+        return data
+
+    def _check(self) -> None:
+        if self._watch is not None:
+            self._watch.check(self._url)
+
+    def _read(self, want: int) -> bytes:
+        """What has arrived, up to `want` bytes, as a raw socket read would (short reads keep
+        the watch's view of progress exact and spare a copy)."""
         with request_errors(self._url):
             try:
-                return self._resp.raw.read(CHUNK if n is None or n < 0 else n, decode_content=False)
+                with self._watch.waiting() if self._watch is not None else contextlib.nullcontext():
+                    return self._resp.raw.read1(want, decode_content=False)
             except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError):
-                raise ImportFailed(
-                    errors.TRANSFER_FAILED, f"the connection to {errors.scrub(self._url)} broke off during the transfer"
-                ) from None
+                raise ImportFailed(errors.TRANSFER_FAILED,
+                                   f"the connection to {errors.scrub(self._url)} broke off during the transfer") from None
 
     def readable(self) -> bool:
         return True

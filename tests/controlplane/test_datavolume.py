@@ -146,7 +146,7 @@ def test_pvc_clone_across_volume_modes_copies_the_disk_host_assisted(instance, w
     assert same_prefix(raw, instance.lun_path("blk-dst"))  # the disk itself, not the source's filesystem
 
 
-def test_upload_cut_off_halfway_leaves_upload_ready_and_can_be_sent_again(instance, tmp_path):
+def test_upload_cut_off_halfway_is_upload_ready_again_on_a_fresh_volume_and_can_be_sent_again(instance, tmp_path):
     import socket
     import ssl
 
@@ -157,6 +157,7 @@ def test_upload_cut_off_halfway_leaves_upload_ready_and_can_be_sent_again(instan
     instance.apply(dv("cut", "    upload: {}", size="32Mi"))
     instance.wait(lambda: (instance.get("DataVolume", "cut").get("status") or {}).get("phase") == "UploadReady",
                   what="UploadReady")
+    first_lun = instance.lun_path("cut")
     url, ca = endpoint(instance.data_dir)
     host, port = url.removeprefix("https://").split(":")
     body = open(image, "rb").read()
@@ -167,7 +168,9 @@ def test_upload_cut_off_halfway_leaves_upload_ready_and_can_be_sent_again(instan
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])
     instance.wait(lambda: any(e["reason"] == "UploadInterrupted"
                               for e in instance.store.events(instance.get("DataVolume", "cut"))), what="interrupted event")
-    assert instance.get("DataVolume", "cut")["status"]["phase"] == "UploadReady"
+    instance.wait(lambda: instance.get("DataVolume", "cut")["status"].get("phase") == "UploadReady"
+                  and instance.get("DataVolume", "cut")["status"].get("restartCount") == 1, what="UploadReady again")
+    assert not os.path.exists(first_lun)  # the half-written volume is gone, not reused
     out = instance.cli("image-upload", "--dv", "cut", "--image-path", image)
     assert "complete" in out.stdout
     assert same_prefix(raw, instance.lun_path("cut"))

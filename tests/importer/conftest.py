@@ -7,4 +7,5 @@ from importer_support import (  # noqa: F401  (pytest finds fixtures by name)
     py_http,
     py_https,
     scratch,
+    upload,
 )

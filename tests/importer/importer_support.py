@@ -273,6 +273,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if parts[0] == "lie":                           # /lie/<file>: declares 1 GiB, sends the first 64 KiB
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            self.wfile.write((self.server.root / parts[1]).read_bytes()[:64 * 1024])
+            return
         if parts[0] == "img":
             return self._file(parts[1])
         self.send_error(404)
@@ -401,6 +407,46 @@ def nginx(images, pki, tmp_path_factory):
     proc, info = start_nginx(images.dir, tmp_path_factory.mktemp("nginx"), pki)
     yield info
     stop(proc)
+
+
+# -- the upload server --------------------------------------------------------------------------
+KEY = b"k" * 32
+
+
+class Control:
+    """What the control plane would do with the upload server's callbacks."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.targets: dict = {}
+        self.events: list[tuple] = []
+        self.progress: dict[str, float] = {}
+        self.done = threading.Event()
+
+    def resolve(self, dv_key: str):
+        return self.targets[dv_key]
+
+    def on_done(self, dv_key: str, ok: bool, message: str) -> None:
+        self.events.append(("done", dv_key, ok, message))
+        self.done.set()
+
+    def on_interrupted(self, dv_key: str, message: str) -> None:
+        self.events.append(("interrupted", dv_key, message))
+        self.done.set()
+
+
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory):
+    from importer.upload_server import UploadServer
+
+    d = tmp_path_factory.mktemp("upload")
+    control = Control(d)
+    (d / "scratch").mkdir()
+    srv = UploadServer(cert_dir=str(d / "certs"), secret_key=KEY, resolve=control.resolve, on_done=control.on_done,
+                       on_interrupted=control.on_interrupted, scratch_dir=str(d / "scratch"),
+                       progress=lambda k, p: control.progress.__setitem__(k, p)).start()
+    yield srv, control
+    srv.stop()
 
 
 # -- targets and lookups --------------------------------------------------------------------

@@ -32,9 +32,10 @@ def test_fixed_vhd_is_recognised_by_its_footer(tmp_path, images):
 
 @pytest.mark.parametrize("kind", ["qcow2", "vmdk", "vdi", "vhd", "vhdx"])
 def test_inspect_reports_virtual_size(kind, images):
-    info = formats.inspect(str(images.path(kind)), kind)
+    node = formats.local_image(str(images.path(kind)), kind)
+    info = formats.inspect(node)
     assert info.virtual_size >= 6 << 20
-    formats.verify_integrity(str(images.path(kind)), kind, file_size=images.path(kind).stat().st_size)
+    formats.verify_integrity(node, file_size=images.path(kind).stat().st_size)
 
 
 def test_inspect_refuses_backing_file_even_if_the_header_check_is_bypassed(tmp_path):
@@ -43,7 +44,7 @@ def test_inspect_refuses_backing_file_even_if_the_header_check_is_bypassed(tmp_p
     overlay = tmp_path / "overlay.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
     with pytest.raises(ImportFailed) as info:
-        formats.inspect(str(overlay), "qcow2")
+        formats.inspect(formats.local_image(str(overlay), "qcow2"))
     assert info.value.reason == errors.BACKING_FILE
 
 

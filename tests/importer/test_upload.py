@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import os
 import ssl
-import threading
 import time
 
 import pytest
@@ -14,45 +13,9 @@ from importer import errors
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 from importer.upload_client import upload_image
-from importer.upload_server import InvalidToken, UploadServer, issue_token, verify_token
+from importer.upload_server import InvalidToken, issue_token, verify_token
 
-from importer_support import MiB, assert_disk, assert_zero, block_target
-
-KEY = b"k" * 32
-
-
-class Control:
-    """What the control plane would do with the callbacks."""
-
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.targets: dict[str, Target] = {}
-        self.events: list[tuple] = []
-        self.progress: dict[str, float] = {}
-        self.done = threading.Event()
-
-    def resolve(self, dv_key: str) -> Target:
-        return self.targets[dv_key]
-
-    def on_done(self, dv_key: str, ok: bool, message: str) -> None:
-        self.events.append(("done", dv_key, ok, message))
-        self.done.set()
-
-    def on_interrupted(self, dv_key: str, message: str) -> None:
-        self.events.append(("interrupted", dv_key, message))
-        self.done.set()
-
-
-@pytest.fixture(scope="module")
-def upload(tmp_path_factory):
-    d = tmp_path_factory.mktemp("upload")
-    control = Control(d)
-    (d / "scratch").mkdir()
-    srv = UploadServer(cert_dir=str(d / "certs"), secret_key=KEY, resolve=control.resolve, on_done=control.on_done,
-                       on_interrupted=control.on_interrupted, scratch_dir=str(d / "scratch"),
-                       progress=lambda k, p: control.progress.__setitem__(k, p)).start()
-    yield srv, control
-    srv.stop()
+from importer_support import KEY, MiB, assert_disk, assert_zero, block_target
 
 
 def test_token_round_trip_and_refusals():

@@ -1,0 +1,99 @@
+"""`pvlun serve` killed with -9 in the middle of an upload and while a VM runs, then started
+again on the same data dir: the upload starts over on a fresh volume that reads as zeros (the
+next upload holds exactly its own bytes), the orphaned QEMU is gone, attachments agree with the
+driver's publications, and the VM runs again as its runStrategy says."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import ssl
+import subprocess
+
+from guest_output import MARKER, alive
+from test_datavolume import dv
+from test_restart import kill9
+
+MiB = 1 << 20
+
+
+def loop_devices(path: str) -> list[str]:
+    out = subprocess.run(["losetup", "-j", path], capture_output=True, text=True, check=True).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines()]
+
+
+def publications(data_dir: str) -> set[tuple[str, str]]:
+    """(volume, node) pairs the CSI driver's catalog says are published."""
+    with sqlite3.connect(f"file:{os.path.join(data_dir, 'catalog.db')}?mode=ro", uri=True) as db:
+        return set(db.execute("SELECT volume_id, node_id FROM publications").fetchall())
+
+
+def read_volume(path: str, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def test_upload_cut_off_by_a_daemon_kill_starts_over_on_a_fresh_volume_that_reads_as_zeros(serve, tmp_path):
+    from importer.upload_gateway import endpoint, mint_token
+
+    data_dir = str(tmp_path / "upload")
+    os.makedirs(data_dir)
+    first = serve(data_dir=data_dir)
+    first.apply(dv("phoenix-up", "    upload: {}", size="32Mi"))
+    first.wait(lambda: (first.get("DataVolume", "phoenix-up").get("status") or {}).get("phase") == "UploadReady",
+               what="UploadReady")
+    old_lun = first.lun_path("phoenix-up")
+    image1 = os.urandom(16 * MiB)
+    url, ca = endpoint(data_dir)
+    host, port = url.removeprefix("https://").split(":")
+    tls = ssl.create_default_context(cafile=ca)
+    conn = tls.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
+    conn.sendall((f"PUT /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
+                  f"Authorization: Bearer {mint_token(data_dir, 'default', 'phoenix-up')}\r\n"
+                  f"Content-Length: {len(image1)}\r\n\r\n").encode() + image1[:12 * MiB])
+    # the first image's bytes are on the volume (read through its loop device) when the daemon dies
+    first.wait(lambda: any(read_volume(dev, 4 * MiB) == image1[:4 * MiB] for dev in loop_devices(old_lun)), 30,
+               "the first upload's bytes on the volume")
+    kill9(first)
+    conn.close()
+    second = serve(data_dir=data_dir)
+    second.wait(lambda: second.get("DataVolume", "phoenix-up")["status"].get("phase") == "UploadReady"
+                and second.get("DataVolume", "phoenix-up")["status"].get("restartCount") == 1, 30,
+                "UploadReady again, on a fresh volume")
+    new_lun = second.lun_path("phoenix-up")
+    assert new_lun != old_lun and not os.path.exists(old_lun)
+    assert read_volume(new_lun, 32 * MiB) == bytes(32 * MiB)
+    assert "UploadRestarted" in second.cli("describe", "dv", "phoenix-up").stdout
+    image2 = os.urandom(MiB) + bytes(15 * MiB)  # zeros where the first image had data: none of it may show
+    path = tmp_path / "image2.raw"
+    path.write_bytes(image2)
+    assert "complete" in second.cli("image-upload", "--dv", "phoenix-up", "--image-path", str(path)).stdout
+    assert read_volume(second.lun_path("phoenix-up"), 32 * MiB) == image2 + bytes(16 * MiB)
+    assert second.store.list("VolumeAttachment") == []
+
+
+def test_vm_after_a_daemon_kill_runs_once_again_with_its_attachments_consistent(serve, tmp_path, tick_image,
+                                                                                tick_vm_yaml):
+    data_dir = str(tmp_path / "vm")
+    os.makedirs(data_dir)
+    first = serve("--nodes", "2", "--accel", "tcg", data_dir=data_dir)
+    first.apply(tick_vm_yaml("phoenix", tick_image), "--wait")
+    first.wait(lambda: MARKER in first.all_serial_logs("phoenix"), 30, "first boot")
+    old_pid = first.qemu_pid("phoenix")
+    lun = first.lun_path("phoenix-root")
+    kill9(first)
+    assert alive(old_pid)  # QEMU outlives the daemon, as a pod would outlive a controller crash
+    second = serve("--nodes", "2", "--accel", "tcg", data_dir=data_dir)
+    second.wait(lambda: not alive(old_pid), 15, "the orphaned QEMU stopped")
+    second.wait(lambda: second.all_serial_logs("phoenix").count(MARKER) == 2, 30, "the VM booted again (Always)")
+    new_pid = second.qemu_pid("phoenix")
+    assert new_pid != old_pid and alive(new_pid)
+    second.wait_printable("phoenix", "Running", 15)
+    [att] = second.store.list("VolumeAttachment")  # the VM's, once: the old run's was undone
+    assert att["spec"]["owner"] == "vm/default/phoenix"
+    assert publications(data_dir) == {(att["spec"]["volumeId"], att["spec"]["nodeName"])}
+    assert len(loop_devices(lun)) == 1
+    second.cli("vm", "stop", "phoenix", "--wait")
+    assert second.attachments("phoenix") == [] and publications(data_dir) == set()
+    second.wait(lambda: loop_devices(lun) == [], 10, "the volume's loop device detached")
