@@ -17,6 +17,7 @@ does not die with the thread that started it (QEMU outlives a daemon crash, as a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -116,6 +117,7 @@ class VmLauncher:
         self.qemu_pid: int | None = None  # QEMU itself, as the host sees it
         self.qmp: QmpSession | None = None
         self._sandbox: Sandbox | None = None
+        self._lending = contextlib.ExitStack()  # files lent to the sandbox user while QEMU runs
         self._stopping = False
         self._shutdown_reason = ""
         self._lock = threading.Lock()
@@ -177,7 +179,7 @@ class VmLauncher:
                 ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
             sockets = [s for s in (self.qmp_path, self.console_path) if s]
             self._sandbox = qemu_sandbox(disks, self.run_dir, sockets, binary, [ovmf_code] if ovmf_code else [],
-                                         kvm_devices() if self.accel == "kvm" else [])
+                                         kvm_devices() if self.accel == "kvm" else [], self._lending)
             with open(self.stderr_path, "wb") as err:
                 self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=err,
                                              stderr=err, start_new_session=True,
@@ -213,6 +215,7 @@ class VmLauncher:
     def _close_sandbox(self) -> None:
         if self._sandbox is not None:
             self._sandbox.close()
+        self._lending.close()
 
     def _abort_start(self) -> None:
         if self.proc:

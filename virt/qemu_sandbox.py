@@ -8,6 +8,7 @@ ends the whole tree, and the exit status bwrap reports is turned back into QEMU'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -17,28 +18,30 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from pvlun.sandbox import Sandbox, give
+from pvlun.sandbox import Sandbox, give, lent
 from virt.qemu_args import DiskAttachment
 from virt.spec import VmSpec
 
 
 def qemu_sandbox(disks: Mapping[str, DiskAttachment], run_dir: Path, sockets: list[str], binary: str,
-                 firmware: list[str], devices: list[str]) -> Sandbox:
+                 firmware: list[str], devices: list[str], lending: contextlib.ExitStack) -> Sandbox:
     """What one QEMU may reach: its run dir (serial log, sockets, firmware variables, local
     disks), its other socket dirs, its volumes, firmware outside /usr, and `devices` (/dev/kvm).
-    Writable file volumes are handed to the sandbox user and bound; read-only ones are not in
-    it at all (QEMU inherits them open, read-only: `open_read_only`); block volumes become
-    private device nodes."""
+    Writable file volumes are bound: its own (cloud-init, emptyDisk) handed to the sandbox user,
+    others (a Filesystem claim's disk.img) lent until `lending` closes, when QEMU is gone;
+    read-only ones are not in it at all (QEMU inherits them open: `open_read_only`); block
+    volumes become private device nodes."""
     writable = [str(run_dir)] + sorted({str(Path(s).parent) for s in sockets if not inside(s, run_dir)})
     read_only = [p for p in [binary, *firmware] if not os.path.realpath(p).startswith("/usr/")]
     devices = list(devices)
     for att in disks.values():
         if att.block:
             devices.append(att.path)
+        elif att.fd is None and inside(att.path, run_dir):
+            give(att.path)
         elif att.fd is None:
-            give(att.path)  # a Filesystem claim's disk.img, an emptyDisk, a cloud-init seed
-            if not inside(att.path, run_dir):
-                writable.append(att.path)
+            lending.enter_context(lent(att.path))
+            writable.append(att.path)
     return Sandbox(read_only=read_only, writable=writable, devices=devices, network=True, die_with_parent=False)
 
 

@@ -34,10 +34,12 @@ def test_qemu_runs_unprivileged_with_seccomp_and_sees_only_its_own_volumes(launc
 
     run = tmp_path / "run"
     disks = {**local_attachments(spec, run), "root": DiskAttachment.for_path(str(mine), throttle=Throttle())}
+    before = mine.stat()
     vm = launchers(spec, disks, run)
     vm.start()
     assert vm.wait_for_serial("PVLUN-BOOT", timeout=15)
     pid = vm.pid
+    assert mine.stat().st_uid == sandbox_ids()[0]  # lent to the sandbox user while QEMU runs
     assert pid is not None and pid != vm.proc.pid
     root = f"/proc/{pid}/root"
 
@@ -74,6 +76,8 @@ def test_qemu_runs_unprivileged_with_seccomp_and_sees_only_its_own_volumes(launc
     vm.kill()
     assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
     assert "exited -9" in vm.reason
+    after = mine.stat()  # given back as it was
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
 
 
 def test_a_published_block_device_is_a_private_node_the_host_node_keeps_its_owner(launchers, make_tick_vm,
