@@ -85,7 +85,8 @@ def name(value: Any, path: str, pattern: re.Pattern = NAME, limit: int = 63) -> 
     if value is None or value == "":
         raise SpecError(path, "required")
     if not isinstance(value, str) or len(value) > limit or not pattern.fullmatch(value):
-        raise SpecError(path, f"{shown(value)} is not a valid name (at most {limit} lowercase letters, digits and '-')")
+        chars = "digits, '-' and '.'" if pattern is SUBDOMAIN else "digits and '-'"
+        raise SpecError(path, f"{shown(value)} is not a valid name (at most {limit} lowercase letters, {chars})")
     return value
 
 
