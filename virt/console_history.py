@@ -26,8 +26,6 @@ class ConsoleHistory:
         self._lock = threading.Lock()
 
     def append(self, data: bytes) -> None:
-        if not data:
-            return
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as f:
@@ -75,6 +73,7 @@ class ConsoleFollower:
         if self.started:
             return
         self.started = True
+        self.history.append(b"")  # `pvlun logs` of a VM that runs: what there is, even nothing yet
 
         def follow() -> None:
             while not done.wait(0.2):
