@@ -103,15 +103,20 @@ def qemu_pid(proc: subprocess.Popen, argv0: str) -> int | None:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the sandbox's processes (its init first: the kernel ends the rest) and bwrap."""
+    """SIGKILL the sandbox's init and QEMU. bwrap itself is left to report it: the kernel lets
+    a pid namespace's init finish only once every process in it is gone, so bwrap's exit (what
+    the launcher waits for) means QEMU is dead and holds no volume. Before the sandbox has an
+    init, bwrap itself is killed."""
     if proc.poll() is not None:
         return
-    for pid in descendants(proc.pid):
+    inside = descendants(proc.pid)
+    for pid in inside:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    proc.kill()
+    if not inside:
+        proc.kill()
 
 
 def exit_code(rc: int | None) -> int | None:
