@@ -176,7 +176,8 @@ class VmLauncher:
             self.argv = build_qemu_argv(
                 self.vm, disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
                 incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
-                ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
+                ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args,
+                start_paused=not self.incoming)  # the guest runs once its pid is known (below)
             sockets = [s for s in (self.qmp_path, self.console_path) if s]
             self._sandbox = qemu_sandbox(disks, self.run_dir, sockets, binary, [ovmf_code] if ovmf_code else [],
                                          kvm_devices() if self.accel == "kvm" else [], self._lending)
@@ -195,13 +196,15 @@ class VmLauncher:
         self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
         try:
             self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)
+            self.qemu_pid = qemu_pid(self.proc, self.qemu_binary)
+            if not self.incoming:
+                self.qmp.execute("cont")
             status = self.qmp.execute("query-status")["status"]
         except QmpError as exc:
             self._abort_start()
             text = self.stderr_text() or str(exc)
             self._set_phase(Phase.FAILED, text)
             raise LaunchError(f"QEMU failed to start: {text}", text) from None
-        self.qemu_pid = qemu_pid(self.proc, self.qemu_binary)
         threading.Thread(target=self._watch_exit, name=f"wait-{self.vm.name}", daemon=True).start()
         if not self.incoming:
             self.take_over_console()

@@ -161,12 +161,14 @@ def build_qemu_argv(
     ovmf_vars: str | None = None,
     qemu_binary: str = QEMU_BINARY,
     extra_args: Sequence[str] = (),
+    start_paused: bool = False,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
     `host_ports` maps (protocol, guest port) of masquerade interface ports to host ports on
     127.0.0.1. `incoming` is "defer" for a migration target. With `console_socket` the serial
-    console is an interactive unix socket that also logs to `serial_log`.
+    console is an interactive unix socket that also logs to `serial_log`. `start_paused` (-S)
+    holds the guest until QMP `cont`.
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
@@ -252,6 +254,8 @@ def build_qemu_argv(
 
     if any(d.boot_order for d in vm.disks) or any(i.boot_order for i in vm.interfaces):
         argv += ["-boot", "strict=on"]
+    if start_paused:
+        argv += ["-S"]
     if incoming:
         argv += ["-incoming", incoming]
     return argv + list(extra_args)

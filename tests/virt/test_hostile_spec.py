@@ -162,7 +162,7 @@ def test_hostile_volume_qos_values_never_reach_a_throttle_group(value):
 
 FLAGS = {"-name", "-nodefaults", "-no-user-config", "-display", "-sandbox", "-accel", "-machine", "-cpu", "-smp",
          "-m", "-rtc", "-qmp", "-uuid", "-smbios", "-chardev", "-serial", "-device", "-blockdev", "-object",
-         "-netdev", "-boot", "-incoming", "-global"}
+         "-netdev", "-boot", "-incoming", "-global", "-S", "-add-fd"}
 # one keyval part: a key and a value of harmless characters (a spec value never needs escaping)
 PART = re.compile(r"[a-z][a-z0-9-]*(=[A-Za-z0-9_.:/+-]*)?|[A-Za-z0-9_.:/+-]+")
 
@@ -223,7 +223,7 @@ def test_every_argv_element_from_a_valid_spec_is_in_the_allow_list(seed):
         assert user_data.strip() not in element  # cloud-init data goes into the seed image, never argv
         if flag is None:
             assert element in FLAGS, (seed, element)
-            flag = element if element not in ("-nodefaults", "-no-user-config") else None
+            flag = element if element not in ("-nodefaults", "-no-user-config", "-S") else None
             continue
         if flag == "-blockdev":
             node = json.loads(element)
