@@ -182,3 +182,22 @@ def _parents(dest: str, made: set[str]) -> list[str]:
 def _real(path: str) -> str:
     """Bind what the path names now: a symlink swapped in later must not redirect the bind."""
     return os.path.realpath(path)
+
+
+def processes_below(pid: int) -> list[int]:
+    """Every process below `pid`, nearest first: what a sandbox (bwrap, its init, the tool)
+    runs, for finding or ending the tool itself."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, queue = [], list(children.get(pid, []))
+    while queue:
+        out.append(queue.pop(0))
+        queue += children.get(out[-1], [])
+    return out

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-from pvlun.sandbox import Sandbox, give, lent
+from pvlun.sandbox import Sandbox, give, lent, processes_below
 from virt.qemu_args import DiskAttachment
 from virt.spec import VmSpec
 
@@ -72,27 +72,9 @@ def inside(path: str, directory: Path) -> bool:
     return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the sandbox's init, then QEMU), nearest first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, queue = [], list(children.get(pid, []))
-    while queue:
-        out.append(queue.pop(0))
-        queue += children.get(out[-1], [])
-    return out
-
-
 def qemu_pid(proc: subprocess.Popen, argv0: str) -> int | None:
     """QEMU's own pid below the sandbox process `proc` (found by its argv[0])."""
-    for pid in descendants(proc.pid):
+    for pid in processes_below(proc.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if f.read().split(b"\0", 1)[0].decode(errors="replace") == argv0:
@@ -109,7 +91,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     init, bwrap itself is killed."""
     if proc.poll() is not None:
         return
-    inside = descendants(proc.pid)
+    inside = processes_below(proc.pid)
     for pid in inside:
         try:
             os.kill(pid, signal.SIGKILL)
