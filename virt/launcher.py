@@ -196,6 +196,7 @@ class VmLauncher:
         self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
         try:
             self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)
+            self._sandbox.close()  # its namespace holds the private device nodes now: none stays on the host
             self.qemu_pid = qemu_pid(self.proc, self.qemu_binary)
             if not self.incoming:
                 self.qmp.execute("cont")

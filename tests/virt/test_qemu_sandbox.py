@@ -101,6 +101,11 @@ def test_a_published_block_device_is_a_private_node_the_host_node_keeps_its_owne
         assert vm.wait_for_serial("PVLUN-BOOT", timeout=15)
         inside = os.stat(f"/proc/{vm.pid}/root{loop}")
         assert (inside.st_rdev, inside.st_uid) == (before.st_rdev, sandbox_ids()[0])
+        # the private node lives only in QEMU's namespace: nothing of it is left on the host (nor after a crash)
+        with open(f"/proc/{vm.pid}/mountinfo") as f:
+            (mount,) = [line.split() for line in f if line.split()[4] == loop]
+        assert mount[3].startswith("/.pvlun-sandbox/") and mount[3].endswith("//deleted")
+        assert vm.wait_for_serial("tick 2", timeout=10)
         others = [d for d in os.listdir(f"/proc/{vm.pid}/root/dev") if re.fullmatch(r"loop\d+", d)]
         assert others == [os.path.basename(loop)]
         after = os.stat(loop)
