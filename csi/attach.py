@@ -16,6 +16,7 @@ import time
 import stat
 from dataclasses import dataclass
 
+from csi.node_paths import pinned
 from pvlun.command import CommandError, output, run
 
 # Options that apply to one mount point (and so to a bind mount) rather than to the
@@ -92,24 +93,33 @@ def mount_at(path: str) -> Mount | None:
     return found
 
 
+def _mount_onto(target: str, argv: list[str], timeout: float) -> None:
+    """Run `mount --no-canonicalize ARGV... TARGET` with target reached without following
+    links (csi/node_paths.py); its errors name target, not the descriptor's /proc path."""
+    with pinned(target) as where:
+        try:
+            run(["mount", "--no-canonicalize", *argv, where], timeout=timeout)
+        except CommandError as exc:
+            raise CommandError(exc.argv, exc.returncode, exc.stderr.replace(where, target)) from None
+
+
 def mount(device: str, target: str, fstype: str, options: list[str] | tuple[str, ...] = ()) -> None:
-    argv = ["mount", "-t", fstype]
-    if options:
-        argv += ["-o", ",".join(options)]
-    run(argv + [device, target], timeout=120)
+    _mount_onto(target, ["-t", fstype, *(["-o", ",".join(options)] if options else []), device], 120)
 
 
 def bind_mount(source: str, target: str, read_only: bool = False,
                options: list[str] | tuple[str, ...] = ()) -> None:
     """Bind source onto target; then apply ro and per-mount options with a bind remount
-    (a plain `mount --bind -o ro` silently ignores ro on older kernels)."""
-    run(["mount", "--bind", source, target], timeout=60)
+    (a plain `mount --bind -o ro` silently ignores ro on older kernels). A bind remount
+    sets every per-mount flag anew: flags it does not name (nosuid, nodev) are cleared,
+    so callers pass all they want kept."""
+    _mount_onto(target, ["--bind", source], 60)
     extra = [o for o in options if o in PER_MOUNT_OPTIONS and o not in ("ro", "rw")]
     if read_only or "ro" in options:
         extra.append("ro")
     if extra:
         try:
-            run(["mount", "-o", ",".join(["remount", "bind", *extra]), target], timeout=60)
+            _mount_onto(target, ["-o", ",".join(["remount", "bind", *extra])], 60)  # target: now the new mount
         except CommandError:
             unmount(target)
             raise
@@ -215,10 +225,11 @@ def lun_gone(device: str) -> str | None:
     backing = loop_backing_file(device)
     if backing is None:
         return f"LUN is gone: {device} is no longer attached to its file"
+    # the file's name only: callers never see the daemon's pool directories
     if backing.endswith(" (deleted)"):
-        return f"LUN is gone: its file {backing[: -len(' (deleted)')]} was deleted"
+        return f"LUN is gone: its file {os.path.basename(backing[: -len(' (deleted)')])} was deleted"
     if not os.path.exists(backing):
-        return f"LUN is gone: its file {backing} is missing"
+        return f"LUN is gone: its file {os.path.basename(backing)} is missing"
     return None
 
 

@@ -218,13 +218,18 @@ class Catalog:
         return [_row(Volume, r) for r in rows]
 
     def provisioned_bytes(self) -> int:
-        """The sum of the sizes of all volumes (in any state; snapshots not counted)."""
-        return self._query("SELECT COALESCE(SUM(size), 0) FROM volumes")[0][0]
+        """The sum of the sizes of all volumes and all snapshots, in any state (a snapshot
+        may come to hold its whole size once its volume is rewritten)."""
+        return self._query("SELECT (SELECT COALESCE(SUM(size), 0) FROM volumes)"
+                           " + (SELECT COALESCE(SUM(size), 0) FROM snapshots)")[0][0]
 
     def count_volumes(self) -> int:
         return self._query("SELECT COUNT(*) FROM volumes")[0][0]
 
     # snapshots
+    def count_snapshots(self) -> int:
+        return self._query("SELECT COUNT(*) FROM snapshots")[0][0]
+
     def add_snapshot(self, snapshot: Snapshot) -> None:
         snapshot.created = snapshot.created or time.time()
         self._insert("snapshots", snapshot)

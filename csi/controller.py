@@ -16,8 +16,8 @@ CAPABILITIES = [
     "CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY",
     "CREATE_DELETE_SNAPSHOT", "LIST_SNAPSHOTS", "CLONE_VOLUME", "EXPAND_VOLUME",
     "LIST_VOLUMES_PUBLISHED_NODES", "VOLUME_CONDITION", "GET_VOLUME", "SINGLE_NODE_MULTI_WRITER",
-    "MODIFY_VOLUME", "PUBLISH_READONLY",
-]  # GetSnapshot is served too, but not advertised: csi-sanity before v5.5 rejects the capability
+    "MODIFY_VOLUME", "PUBLISH_READONLY", "GET_SNAPSHOT",
+]
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
@@ -114,8 +114,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if request.HasField("accessible_topology") and not convert.reachable_from(
                 dict(request.accessible_topology.segments), self.host):
             return pb.GetCapacityResponse(available_capacity=0)
-        _, available = self.luns.capacity()
-        return pb.GetCapacityResponse(available_capacity=available)
+        return pb.GetCapacityResponse(available_capacity=self.luns.available_capacity())
 
     def ControllerGetVolume(self, request, context):
         vol = self.luns.get_volume(request.volume_id)

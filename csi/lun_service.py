@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import secrets as _secrets
-import threading
 
 from csi import validation as v
 from csi.backends.base import Backend
+from csi.capacity import Capacity, PoolUsage, human
 from csi.catalog import (CREATING, DELETING, READY, Catalog, GroupSnapshot, Publication, Snapshot, Volume,
                          member_name)
-from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition
+from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition, shown
 from csi.locks import KeyedLocks
 from csi.validation import Capability
 
@@ -29,15 +29,11 @@ def new_id(prefix: str) -> str:
 class LunService:
     def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256,
                  overcommit: float = 1.0):
-        if not overcommit > 0:
-            raise ValueError(f"the overcommit ratio must be positive, not {overcommit}")
         self.catalog = catalog
         self.backend = backend
         self.locks = KeyedLocks()
         self.max_volumes_per_node = max_volumes_per_node
-        self.overcommit = overcommit
-        self._provisioned: int | None = None  # running sum of volume sizes; loaded from the catalog once
-        self._capacity_lock = threading.Lock()
+        self.ledger = Capacity(catalog, backend.space, overcommit)  # what is provisioned, what is usable
 
     # ---- crash repair -------------------------------------------------------------
     def repair(self) -> dict[str, int]:
@@ -79,7 +75,7 @@ class LunService:
             if record and size > record.size:  # an expansion finished on disk, not in the catalog
                 self.catalog.update_volume(volume_id, size=size)
         counts["lost"] += len(known_snapshots - stored_snapshots)
-        self._provisioned = None  # recounted from the catalog on next use
+        self.ledger.forget()  # recounted from the catalog on next use
         return counts
 
     # ---- volumes ---------------------------------------------------------------
@@ -103,12 +99,14 @@ class LunService:
                 size = v.size_from_range(required or source_size, limit, source_size)
                 if source_size and limit and source_size > limit:
                     raise out_of_range(f"the source holds {source_size} bytes, more than limit_bytes {limit}")
-                with self._capacity_lock:
-                    self._check_room(size, f"{size} were asked for")
+                with self.ledger.lock:
+                    if source_kind:
+                        self.ledger.check_real_use("clones or restores")
+                    self.ledger.check_room(size, f"{human(size)} was asked for")
                     volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
-                    self._account(size)
+                    self.ledger.account(size)
                 self._fill(volume, source_kind, source_id)
             self.catalog.update_volume(volume.id, state=READY)
             volume.state = READY
@@ -118,12 +116,12 @@ class LunService:
         if kind == "snapshot":
             snap = self.catalog.snapshot(source_id) if v.is_id(v.SNAPSHOT_ID, source_id) else None
             if not snap or snap.state != READY:
-                raise not_found(f"source snapshot {source_id!r} does not exist")
+                raise not_found(f"source snapshot {shown(source_id)} does not exist")
             return snap.size
         if kind == "volume":
             vol = self.catalog.volume(source_id) if v.is_id(v.VOLUME_ID, source_id) else None
             if not vol or vol.state != READY:
-                raise not_found(f"source volume {source_id!r} does not exist")
+                raise not_found(f"source volume {shown(source_id)} does not exist")
             return vol.size
         return 0
 
@@ -136,16 +134,16 @@ class LunService:
             else:
                 self.backend.create_volume(volume.id, volume.size)
         except BaseException:
-            self.backend.delete_volume(volume.id)
-            self.catalog.remove_volume(volume.id)
-            with self._capacity_lock:
-                self._account(-volume.size)
+            with self.ledger.lock:
+                self.backend.delete_volume(volume.id)
+                self.catalog.remove_volume(volume.id)
+                self.ledger.account(-volume.size)
             raise
 
     def _same_volume(self, existing: Volume, required: int, limit: int, capabilities: list[Capability],
                      parameters: dict[str, str], source_kind: str, source_id: str) -> Volume:
         if existing.state != READY:
-            raise precondition(f"volume {existing.name!r} is being created or deleted; retry")
+            raise precondition(f"volume {shown(existing.name)} is being created or deleted; retry")
         problems = []
         if required and existing.size < required:
             problems.append(f"size {existing.size} < required {required}")
@@ -159,14 +157,14 @@ class LunService:
         if not set(capabilities) <= stored:
             problems.append("different capabilities")
         if problems:
-            raise already_exists(f"volume {existing.name!r} already exists with {', '.join(problems)}")
+            raise already_exists(f"volume {shown(existing.name)} already exists with {', '.join(problems)}")
         return existing
 
     def get_volume(self, volume_id: str) -> Volume:
         v.require(volume_id, "volume_id")
         volume = self.catalog.volume(volume_id) if v.is_id(v.VOLUME_ID, volume_id) else None
         if not volume or volume.state != READY:
-            raise not_found(f"volume {volume_id!r} does not exist")
+            raise not_found(f"volume {shown(volume_id)} does not exist")
         return volume
 
     def delete_volume(self, volume_id: str) -> None:
@@ -181,10 +179,10 @@ class LunService:
             if nodes:
                 raise precondition(f"volume {volume_id} is still published on {', '.join(nodes)}; unpublish it first")
             self.catalog.update_volume(volume_id, state=DELETING)
-            self.backend.delete_volume(volume_id)
-            self.catalog.remove_volume(volume_id)
-            with self._capacity_lock:
-                self._account(-volume.size)
+            with self.ledger.lock:
+                self.backend.delete_volume(volume_id)
+                self.catalog.remove_volume(volume_id)
+                self.ledger.account(-volume.size)
 
     def expand_volume(self, volume_id: str, required: int, limit: int) -> tuple[Volume, bool]:
         """Grow a volume; returns it and whether the node must grow it too."""
@@ -198,11 +196,11 @@ class LunService:
             if required <= volume.size:
                 return volume, False
             size = v.size_from_range(required, limit)
-            with self._capacity_lock:
-                self._check_room(size - volume.size, f"growing needs {size - volume.size}")
+            with self.ledger.lock:
+                self.ledger.check_room(size - volume.size, f"growing needs {human(size - volume.size)} more")
                 self.backend.expand_volume(volume_id, size)
                 self.catalog.update_volume(volume_id, size=size)
-                self._account(size - volume.size)
+                self.ledger.account(size - volume.size)
             volume.size = size
             published = bool(self.catalog.publications(volume_id))
             is_mount = any(c["access_type"] == "mount" for c in volume.capabilities)
@@ -225,7 +223,7 @@ class LunService:
         if max_entries < 0:
             raise invalid("max_entries must not be negative")
         if token and not v.is_id(pattern, token):
-            raise aborted(f"starting_token {token!r} is not one this driver gave out")
+            raise aborted(f"starting_token {shown(token)} is not one this driver gave out")
         limit = max_entries + 1 if max_entries else -1
         items = fetch(start=token, limit=limit, **filters)
         if max_entries and len(items) > max_entries:
@@ -245,7 +243,7 @@ class LunService:
         with self.locks.hold(volume_id):
             volume = self.get_volume(volume_id)
             if not self.catalog.node_known(node_id):
-                raise not_found(f"node {node_id!r} is not known to this driver (no node plugin registered it)")
+                raise not_found(f"node {shown(node_id)} is not known to this driver (no node plugin registered it)")
             stored = [Capability.from_dict(c) for c in volume.capabilities]
             if stored and (cap.access_type not in {c.access_type for c in stored}):
                 raise invalid(f"volume {volume_id} was created for {stored[0].access_type} access, not {cap.access_type}")
@@ -291,22 +289,21 @@ class LunService:
         with self.locks.hold("snapshot-name:" + name):
             existing = self.catalog.snapshot_by_name(name)
             if existing and existing.group_id:  # cannot happen: members live in their own namespace
-                raise already_exists(f"snapshot name {name!r} is taken by a member of group snapshot {existing.group_id}")
+                raise already_exists(f"snapshot name {shown(name)} is taken by a member of group snapshot {existing.group_id}")
             if existing:
                 if existing.volume_id != volume_id:
-                    raise already_exists(f"snapshot {name!r} already exists for another volume ({existing.volume_id})")
+                    raise already_exists(f"snapshot {shown(name)} already exists for another volume ({existing.volume_id})")
                 if existing.state != READY:
-                    raise precondition(f"snapshot {name!r} is being created or deleted; retry")
+                    raise precondition(f"snapshot {shown(name)} is being created or deleted; retry")
                 return existing
             with self.locks.hold(volume_id):
                 volume = self.get_volume(volume_id)
                 snap = Snapshot(new_id("snap"), name, volume_id, volume.size, CREATING, "", dict(parameters))
-                self.catalog.add_snapshot(snap)
+                self._reserve_snapshots([snap], f"the snapshot needs {human(volume.size)}")
                 try:
                     self.backend.create_snapshot(snap.id, volume_id)
                 except BaseException:
-                    self.backend.delete_snapshot(snap.id)
-                    self.catalog.remove_snapshot(snap.id)
+                    self._drop_snapshot(snap)
                     raise
             self.catalog.update_snapshot(snap.id, state=READY)
             snap.state = READY
@@ -316,7 +313,7 @@ class LunService:
         v.require(snapshot_id, "snapshot_id")
         snap = self.catalog.snapshot(snapshot_id) if v.is_id(v.SNAPSHOT_ID, snapshot_id) else None
         if not snap or snap.state != READY:
-            raise not_found(f"snapshot {snapshot_id!r} does not exist")
+            raise not_found(f"snapshot {shown(snapshot_id)} does not exist")
         return snap
 
     def delete_snapshot(self, snapshot_id: str) -> None:
@@ -329,12 +326,24 @@ class LunService:
                 return
             if snap.group_id and self.catalog.group(snap.group_id):
                 raise precondition(f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; delete the group")
-            self._drop_snapshot(snapshot_id)
+            self._drop_snapshot(snap)
 
-    def _drop_snapshot(self, snapshot_id: str) -> None:
-        self.catalog.update_snapshot(snapshot_id, state=DELETING)
-        self.backend.delete_snapshot(snapshot_id)
-        self.catalog.remove_snapshot(snapshot_id)
+    def _reserve_snapshots(self, snaps: list[Snapshot], asked: str) -> None:
+        """Add `creating` rows for new snapshots if the pool can hold them: each may come to
+        hold its volume's size once the volume is rewritten."""
+        with self.ledger.lock:
+            self.ledger.check_real_use("snapshots")
+            self.ledger.check_room(sum(s.size for s in snaps), asked, volume=False)
+            for snap in snaps:
+                self.catalog.add_snapshot(snap)
+                self.ledger.account(snap.size)
+
+    def _drop_snapshot(self, snap: Snapshot) -> None:
+        self.catalog.update_snapshot(snap.id, state=DELETING)
+        with self.ledger.lock:
+            self.backend.delete_snapshot(snap.id)
+            self.catalog.remove_snapshot(snap.id)
+            self.ledger.account(-snap.size)
 
     def list_snapshots(self, max_entries: int, token: str, snapshot_id: str, volume_id: str) -> tuple[list[Snapshot], str]:
         if snapshot_id:
@@ -355,22 +364,24 @@ class LunService:
             existing = self.catalog.group_by_name(name)
             if existing:
                 if sorted(existing.volume_ids) != sorted(volume_ids):
-                    raise already_exists(f"group snapshot {name!r} already exists for other volumes")
+                    raise already_exists(f"group snapshot {shown(name)} already exists for other volumes")
                 return existing, self.catalog.snapshots(group_id=existing.id)
             with self.locks.hold(*volume_ids):
                 volumes = [self.get_volume(i) for i in volume_ids]
                 group = GroupSnapshot(new_id("grp"), name, CREATING, list(volume_ids), dict(parameters))
-                self.catalog.add_group(group)
                 snaps = [Snapshot(new_id("snap"), member_name(name, vol.id), vol.id, vol.size, CREATING, group.id, dict(parameters))
                          for vol in volumes]
-                for snap in snaps:
-                    self.catalog.add_snapshot(snap)
+                self.catalog.add_group(group)
+                try:
+                    self._reserve_snapshots(snaps, f"the group snapshot needs {human(sum(s.size for s in snaps))}")
+                except BaseException:
+                    self.catalog.remove_group(group.id)
+                    raise
                 try:
                     self.backend.create_snapshots([(s.id, s.volume_id) for s in snaps])
                 except BaseException:
                     for snap in snaps:
-                        self.backend.delete_snapshot(snap.id)
-                        self.catalog.remove_snapshot(snap.id)
+                        self._drop_snapshot(snap)
                     self.catalog.remove_group(group.id)
                     raise
             for snap in snaps:
@@ -384,7 +395,7 @@ class LunService:
         v.require(group_id, "group_snapshot_id")
         group = self.catalog.group(group_id) if v.is_id(v.GROUP_ID, group_id) else None
         if not group or group.state != READY:
-            raise not_found(f"group snapshot {group_id!r} does not exist")
+            raise not_found(f"group snapshot {shown(group_id)} does not exist")
         snaps = self.catalog.snapshots(group_id=group_id)
         self._check_members(group_id, snaps, snapshot_ids)
         return group, snaps
@@ -406,35 +417,14 @@ class LunService:
             self._check_members(group_id, snaps, snapshot_ids)
             self.catalog.update_group(group_id, state=DELETING)
             for snap in snaps:
-                self._drop_snapshot(snap.id)
+                self._drop_snapshot(snap)
             self.catalog.remove_group(group_id)
 
-    # ---- capacity ---------------------------------------------------------------
-    def _provisionable(self) -> tuple[int, int, int, int]:
-        """(pool size, free bytes, provisioning limit = pool size x overcommit, bytes provisioned)."""
-        total, available = self.backend.capacity()
-        if self._provisioned is None:
-            self._provisioned = self.catalog.provisioned_bytes()
-        return total, available, int(total * self.overcommit), self._provisioned
+    # ---- capacity (csi/capacity.py) ---------------------------------------------------
+    def available_capacity(self) -> int:
+        """What GetCapacity reports: what a new volume may still take."""
+        return self.ledger.available()
 
-    def _account(self, delta: int) -> None:
-        """Keep the running sum in step with the catalog. Call with the capacity lock held."""
-        if self._provisioned is not None:
-            self._provisioned += delta
-
-    def _check_room(self, grow: int, asked: str) -> None:
-        """Refuse `grow` more bytes unless both the free space and the provisioning limit
-        allow them. Call with the capacity lock held."""
-        _, available, limit, provisioned = self._provisionable()
-        if grow > available:
-            raise exhausted(f"the pool has {available} bytes free; {asked}")
-        if provisioned + grow > limit:
-            raise exhausted(f"capacity beyond the pool: {provisioned} of {limit} bytes are provisioned "
-                            f"(pool size x overcommit {self.overcommit:g}); {asked}")
-
-    def capacity(self) -> tuple[int, int]:
-        """(total, available): available is what a new volume may still take, the smaller of
-        the free bytes and what the provisioning limit leaves."""
-        with self._capacity_lock:
-            total, available, limit, provisioned = self._provisionable()
-        return total, max(0, min(available, limit - provisioned))
+    def pool_usage(self, fresh: bool = False) -> PoolUsage:
+        """The pool's real use, for /metrics and the control plane's warnings."""
+        return self.ledger.usage(fresh)

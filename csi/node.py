@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import grpc
 
 from csi import attach, staging
-from csi.errors import CsiError, invalid
+from csi.errors import CsiError, invalid, public_message, shown
 from csi.convert import TOPOLOGY_HOST_KEY
 from csi.filesystems import DeviceNotBlank
 from csi.locks import KeyedLocks
@@ -58,11 +58,12 @@ def _rpc(method):
         except CommandError as exc:
             code, message = grpc.StatusCode.INTERNAL, str(exc)
         except OSError as exc:
-            code, message = grpc.StatusCode.INTERNAL, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            where = f": {shown(public_message(str(exc.filename)))}" if exc.filename else ""
+            code, message = grpc.StatusCode.INTERNAL, f"{exc.strerror or type(exc).__name__}{where}"
         finally:
-            log.debug("%s volume=%s %.3fs %s", method.__name__, getattr(request, "volume_id", ""),
+            log.debug("%s volume=%s %.3fs %s", method.__name__, shown(getattr(request, "volume_id", "")),
                       time.monotonic() - start, code.name)
-        context.abort(code, message)
+        context.abort(code, public_message(message))
 
     return handler
 
@@ -145,7 +146,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 if others:
                     raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
-                                   f"published at {others[0]}")
+                                   f"published at {shown(others[0])}")
             staging.publish(request.volume_id, staged_at, target, access, read_only,
                             self._luns(request.volume_id))
         return csi_pb2.NodePublishVolumeResponse()

@@ -1,6 +1,8 @@
 """Where the LUN pool lives. On a filesystem without reflinks, and as root, pvlun makes
 an XFS image with reflink=1 and mounts it as the pool, so snapshots and clones take
-constant time whatever the volume size."""
+constant time whatever the volume size. The data dir, the pool (directory, image and the
+image's mounted root) are private to the daemon's user: 0700 directories, a 0600 image,
+also when they existed before (deploy/ makes the data dir as a hostPath, mode 0755)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 import os
 
 from csi.backends.copy import can_reflink
+from csi.backends.file import DIR_MODE, FILE_MODE, make_private
 from pvlun.command import CommandError, run
 
 log = logging.getLogger("pvlun.pool")
@@ -26,6 +29,13 @@ def default_pool_size(data_dir: str) -> int:
     return max(GiB, min(MAX_DEFAULT_POOL_SIZE, total * 9 // 10) // GiB * GiB)
 
 
+def private_dir(path: str) -> str:
+    """Make `path` (and missing parents) a directory only its owner may enter; returns it."""
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    make_private(path, DIR_MODE)
+    return path
+
+
 def is_mountpoint(path: str) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -37,25 +47,32 @@ def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None =
     """Return the pool directory, making and mounting a reflink XFS image if that helps
     (`pool_size` 0 or None: default_pool_size())."""
     if pool:
-        os.makedirs(pool, exist_ok=True)
-        return os.path.abspath(pool)
-    root = os.path.join(data_dir, "pool")
+        return private_dir(os.path.abspath(pool))
+    root = private_dir(os.path.join(data_dir, "pool"))
     image = os.path.join(data_dir, "pool.img")
-    os.makedirs(root, exist_ok=True)
+    if os.path.exists(image):
+        make_private(image, FILE_MODE)
     if is_mountpoint(root):
-        return root
+        return private_dir(root)
     if os.path.exists(image) or (make_xfs and os.geteuid() == 0 and not can_reflink(root)):
         try:
             _mount_xfs_image(image, root, pool_size or default_pool_size(data_dir))
         except CommandError as exc:
             log.warning("cannot make a reflink XFS pool (%s); using plain copies in %s", exc, root)
+        else:
+            make_private(root, DIR_MODE)  # the root of the mounted filesystem (mkfs makes it 0755)
     return root
 
 
 def _mount_xfs_image(image: str, root: str, size: int) -> None:
     if not os.path.exists(image):
-        with open(image + ".new", "wb") as f:
-            os.ftruncate(f.fileno(), size)
+        if os.path.lexists(image + ".new"):
+            os.unlink(image + ".new")  # left by a start-up that died in mkfs
+        fd = os.open(image + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         run(["mkfs.xfs", "-q", "-m", "reflink=1", image + ".new"], timeout=120)
         os.replace(image + ".new", image)
     run(["mount", "-o", "loop", image, root], timeout=60)  # autoclear: umount frees the loop device

@@ -1,6 +1,7 @@
 """The gRPC server: endpoint parsing, the services a mode needs, one log line per call,
 error mapping (CsiError → its status; a failed tool → INTERNAL with its stderr; never a
-traceback to the caller), socket mode 0600."""
+traceback, a Python repr, a pool path or a whole echoed input to the caller: every message
+passes `public_message`), socket mode 0600."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import grpc
 
-from csi.errors import CsiError
+from csi.errors import CsiError, public_message, shown
 from pvlun.command import CommandError
 
 log = logging.getLogger("pvlun.csi")
@@ -44,8 +45,16 @@ def _subject(request: Any, response: Any = None) -> str:
     for name in _VOLUME_FIELDS:
         value = getattr(request, name, "") if hasattr(type(request), "DESCRIPTOR") and name in type(request).DESCRIPTOR.fields_by_name else ""
         if value:
-            return value
+            return value if len(value) <= 128 and value.isprintable() else shown(value)
     return ""
+
+
+def _internal(method: str, exc: Exception) -> str:
+    """What a caller learns of an unexpected failure: the system's reason for an OSError
+    (no file names), else only that the driver's log has it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"internal error in {method}: {exc.strerror}"
+    return f"internal error in {method}; the driver's log has the details"
 
 
 class CallInterceptor(grpc.ServerInterceptor):
@@ -67,17 +76,17 @@ class CallInterceptor(grpc.ServerInterceptor):
                 return response
             except CsiError as exc:
                 code = exc.code
-                context.abort(exc.code, exc.message)
+                context.abort(exc.code, public_message(exc.message))
             except CommandError as exc:
                 code = grpc.StatusCode.INTERNAL
-                context.abort(code, str(exc))
+                context.abort(code, public_message(str(exc)))
             except Exception as exc:
                 if context.code() not in (None, grpc.StatusCode.OK):  # context.abort() from a service
                     code = context.code()
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method)
-                context.abort(code, f"internal error in {method}: {exc}")
+                context.abort(code, _internal(method, exc))
             finally:
                 calls.info(json.dumps({
                     "time": round(time.time(), 3), "method": method, "volume": _subject(request, response),

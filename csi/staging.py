@@ -5,7 +5,9 @@ Layout (see notes/PLAN.md):
   publish binds STAGING/lun onto the target file (read-only publish: a separate
   read-only loop device, since a ro bind mount does not stop writes to a device node);
 - mount staging: the loop device (mkfs'd when blank) mounted on STAGING; publish binds
-  STAGING onto the target directory (remounted ro when read-only).
+  STAGING onto the target directory (remounted ro when read-only); both nosuid,nodev
+  unless the capability's mount flags ask suid/dev.
+Paths are made and mounted onto without following links (csi/node_paths.py).
 Every function is idempotent: it looks at what is already there before acting.
 Callers serialise calls per volume.
 """
@@ -21,8 +23,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from csi import attach, filesystems
-from csi.errors import CsiError, not_found
+from csi import attach, filesystems, node_paths
+from csi.errors import CsiError, not_found, shown
 from csi.validation_node import Access
 from pvlun.command import CommandError
 
@@ -83,10 +85,10 @@ def staged(staging: str) -> tuple[str | None, bool] | None:
 
 def stage(volume_id: str, lun: str, staging: str, access: Access) -> None:
     if os.path.islink(lun):
-        raise _error(grpc.StatusCode.INVALID_ARGUMENT, f"lunPath {lun} is a symbolic link, not a LUN file")
+        raise _error(grpc.StatusCode.INVALID_ARGUMENT, f"the LUN of volume {volume_id} is a symbolic link, not a file")
     if not os.path.isfile(lun):
-        raise not_found(f"volume {volume_id}: its LUN {lun} does not exist")
-    os.makedirs(staging, exist_ok=True)
+        raise not_found(f"volume {volume_id}: its LUN is missing from the pool")
+    node_paths.make_dirs(staging)
     current = staged(staging)
     if current is not None:
         _check_staged_matches(volume_id, lun, staging, current, access)
@@ -95,8 +97,8 @@ def stage(volume_id: str, lun: str, staging: str, access: Access) -> None:
     try:
         if access.block:
             node = _block_node(staging)
-            if not os.path.exists(node):
-                os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            if not os.path.lexists(node):
+                node_paths.create_file(node)
             attach.bind_mount(device, node)
         else:
             _mount_filesystem(device, staging, access)
@@ -114,13 +116,26 @@ def _check_staged_matches(volume_id: str, lun: str, staging: str,
     conflict = grpc.StatusCode.ALREADY_EXISTS
     if block != access.block:
         have = "block" if block else "mount"
-        raise _error(conflict, f"{staging} already stages a volume with {have} access")
+        raise _error(conflict, f"{shown(staging)} already stages a volume with {have} access")
     if device is None or not attach.backing_file_is(device, lun):
-        raise _error(conflict, f"{staging} already stages another volume, not {volume_id}")
+        raise _error(conflict, f"{shown(staging)} already stages another volume, not {volume_id}")
     if not block:
         fstype = attach.mount_at(staging).fstype
         if access.fs_type and fstype != access.fs_type:
-            raise _error(conflict, f"{volume_id} is staged at {staging} as {fstype}, not {access.fs_type}")
+            raise _error(conflict, f"{volume_id} is staged at {shown(staging)} as {fstype}, not {access.fs_type}")
+
+
+def hardened(flags: tuple[str, ...]) -> list[str]:
+    """The mount options of a filesystem volume: nosuid,nodev unless its StorageClass asks
+    for suid or dev (mountOptions) - a file system a workload filled must not give it
+    set-user-ID programs or device nodes on the host. Block volumes are device nodes
+    themselves: never nodev."""
+    options = list(flags)
+    if "suid" not in options and "nosuid" not in options:
+        options.append("nosuid")
+    if "dev" not in options and "nodev" not in options:
+        options.append("nodev")
+    return options
 
 
 def _mount_filesystem(device: str, staging: str, access: Access) -> None:
@@ -143,7 +158,7 @@ def _mount_filesystem(device: str, staging: str, access: Access) -> None:
         if filesystems.ext_filesystem_size(device) + _EXT_SLACK < attach.device_size(device):
             log.info("growing the %s filesystem of %s offline", fstype, device)
             filesystems.grow_unmounted_ext(device)
-    options = list(access.mount_flags)
+    options = hardened(access.mount_flags)
     if read_only and "ro" not in options:
         options.append("ro")
     if fstype == "xfs" and "nouuid" not in options:
@@ -170,7 +185,7 @@ def unstage(volume_id: str, staging: str, luns: Sequence[str]) -> None:
     for device in dict.fromkeys(devices):
         _release(device)
     if not devices and not ours:
-        raise not_found(f"{staging} holds something else, not volume {volume_id}: left alone")
+        raise not_found(f"{shown(staging)} holds something else, not volume {volume_id}: left alone")
 
 
 def _unmount_ours(volume_id: str, path: str, luns: Sequence[str], devices: list[str]) -> bool:
@@ -222,13 +237,13 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
             luns: Sequence[str]) -> None:
     current = staged(staging)
     if current is None:
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"volume {volume_id} is not staged at {staging}")
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"volume {volume_id} is not staged at {shown(staging)}")
     device, block = current
     if block != access.block:
         have = "block" if block else "mount"
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{volume_id} is staged for {have} access at {staging}")
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{volume_id} is staged for {have} access at {shown(staging)}")
     if not _holds_volume(device, luns):
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{staging} stages another volume, not {volume_id}")
+        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{shown(staging)} stages another volume, not {volume_id}")
     if attach.mount_at(target):
         _check_published_matches(volume_id, device, target, access, read_only)
         return
@@ -236,7 +251,7 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
     ro_device = None
     try:
         if not access.block:
-            attach.bind_mount(staging, target, read_only, access.mount_flags)
+            attach.bind_mount(staging, target, read_only, hardened(access.mount_flags))
         elif read_only:
             ro_device = attach.find_or_attach_loop(_lun_of(device, volume_id), read_only=True)
             attach.bind_mount(ro_device, target, read_only=True)
@@ -266,13 +281,12 @@ def _make_target(target: str, block: bool) -> bool:
         want_dir = not block
         if stat.S_ISDIR(st.st_mode) != want_dir or stat.S_ISLNK(st.st_mode):
             what = "a regular file" if block else "a directory"
-            raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"target_path {target} exists and is not {what}")
+            raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"target_path {shown(target)} exists and is not {what}")
         return False
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     if block:
-        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        node_paths.create_file(target)
     else:
-        os.mkdir(target, 0o750)
+        node_paths.make_dirs(target)
     return True
 
 
@@ -281,11 +295,11 @@ def _check_published_matches(volume_id: str, staged_device: str, target: str,
     conflict = grpc.StatusCode.ALREADY_EXISTS
     device = attach.device_of(target)
     if device is None:
-        raise _error(conflict, f"something else is mounted at {target}")
+        raise _error(conflict, f"something else is mounted at {shown(target)}")
     block = stat.S_ISBLK(os.stat(target).st_mode)
     if block != access.block:
         have = "block" if block else "mount"
-        raise _error(conflict, f"{volume_id} is already published at {target} with {have} access")
+        raise _error(conflict, f"{volume_id} is already published at {shown(target)} with {have} access")
     if block:
         same = device == staged_device or attach.backing_file_is(device, _lun_of(staged_device, volume_id))
         published_ro = attach.device_read_only(device)
@@ -293,10 +307,10 @@ def _check_published_matches(volume_id: str, staged_device: str, target: str,
         same = device == staged_device
         published_ro = attach.mount_at(target).read_only
     if not same:
-        raise _error(conflict, f"{target} already holds another volume, not {volume_id}")
+        raise _error(conflict, f"{shown(target)} already holds another volume, not {volume_id}")
     if published_ro != read_only:
         have = "read-only" if published_ro else "read-write"
-        raise _error(conflict, f"{volume_id} is already published {have} at {target}")
+        raise _error(conflict, f"{volume_id} is already published {have} at {shown(target)}")
 
 
 def unpublish(volume_id: str, target: str, luns: Sequence[str]) -> None:
@@ -311,7 +325,7 @@ def unpublish(volume_id: str, target: str, luns: Sequence[str]) -> None:
     for device in dict.fromkeys(devices):
         _release(device)  # frees a read-only publish's own loop device; staged ones stay in use
     if not devices and not ours:
-        raise not_found(f"{target} holds something else, not volume {volume_id}: left alone")
+        raise not_found(f"{shown(target)} holds something else, not volume {volume_id}: left alone")
 
 
 # ---------------------------------------------------------------- stats / expand
@@ -326,7 +340,7 @@ class VolumeAt:
 
 def volume_at(volume_id: str, path: str, luns: Sequence[str]) -> VolumeAt:
     """The volume staged or published at path; NOT_FOUND unless it is volume_id's."""
-    missing = not_found(f"volume {volume_id} is not staged or published at {path}")
+    missing = not_found(f"volume {volume_id} is not staged or published at {shown(path)}")
     try:
         st = os.stat(path)
     except OSError:

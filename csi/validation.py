@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from csi.errors import invalid, out_of_range
+from csi.errors import invalid, out_of_range, shown
 
 VOLUME_ID = re.compile(r"vol-[0-9a-f]{32}")
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{32}")
@@ -76,7 +76,7 @@ def check_name(name: str, what: str = "name") -> None:
 def check_node_id(node_id: str) -> None:
     require(node_id, "node_id")
     if not NODE_ID.fullmatch(node_id):
-        raise invalid(f"node_id {node_id!r} is not a valid node name")
+        raise invalid(f"node_id {shown(node_id)} is not a valid node name")
 
 
 def check_capability(cap: Capability) -> None:
@@ -87,15 +87,52 @@ def check_capability(cap: Capability) -> None:
                 f"access mode {cap.mode} needs block access: a filesystem volume cannot be "
                 "written from several nodes; use volumeMode: Block (as live migration does)")
         if cap.fs_type not in FS_TYPES:
-            raise invalid(f"fsType {cap.fs_type!r} is not supported (ext4, xfs)")
+            raise invalid(f"fsType {shown(cap.fs_type)} is not supported (ext4, xfs)")
+        check_mount_flags(cap.mount_flags)
     if cap.mode == "UNKNOWN":
         raise invalid("volume_capability.access_mode is required")
+
+
+# Mount options that would make a volume's mount something else than a private, hardened
+# mount of that volume: mount-tree operations, loop and helper options of mount(8),
+# SELinux relabelling, and filesystem options naming another device of the host.
+DANGEROUS_MOUNT_FLAGS = frozenset({
+    "bind", "rbind", "remount", "move", "loop", "offset", "sizelimit", "encryption", "helper", "uhelper",
+    "user", "users", "owner", "group", "fstab", "source", "target",
+    "context", "fscontext", "defcontext", "rootcontext",
+    "logdev", "rtdev", "journal_dev", "journal_path", "device",
+})
+MAX_MOUNT_FLAG = 256
+
+
+def check_mount_flags(entries) -> tuple[str, ...]:
+    """The mount flags of a VolumeCapability (a StorageClass's mountOptions), split on
+    commas; malformed or dangerous ones are INVALID_ARGUMENT. `suid` and `dev` are
+    allowed: they are how a StorageClass asks for a mount without nosuid / nodev."""
+    flags: list[str] = []
+    for entry in entries:
+        for flag in entry.split(","):
+            flag = flag.strip()
+            if not flag:
+                continue
+            if len(flag) > MAX_MOUNT_FLAG or not flag.isprintable() or any(c in flag for c in " \\'\"") \
+                    or flag.startswith("-"):
+                raise invalid(f"mount flag {shown(flag)} is malformed")
+            key, _, value = flag.partition("=")
+            if key.lower() in DANGEROUS_MOUNT_FLAGS or key.lower().startswith(("x-", "make-")):
+                raise invalid(f"mount flag {shown(flag)} is not allowed: it would change what is mounted where")
+            if "/" in value:
+                raise invalid(f"mount flag {shown(flag)} is not allowed: it names a path of the host")
+            if flag == "errors=panic":
+                raise invalid("mount flag errors=panic is not allowed: a damaged volume would stop the host")
+            flags.append(flag)
+    return tuple(flags)
 
 
 def check_parameters(parameters: dict[str, str]) -> None:
     for key in parameters:
         if key not in PARAMETER_KEYS and not key.startswith(PARAMETER_PREFIXES):
-            raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(sorted(PARAMETER_KEYS))})")
+            raise invalid(f"unknown StorageClass parameter {shown(key)} (known: {', '.join(sorted(PARAMETER_KEYS))})")
     check_mutable(parameters, allow_other=True)
 
 
@@ -106,12 +143,12 @@ def check_mutable(parameters: dict[str, str], allow_other: bool = False) -> dict
         if key not in MUTABLE_KEYS:
             if allow_other:
                 continue
-            raise invalid(f"unknown mutable parameter {key!r} (known: {', '.join(sorted(MUTABLE_KEYS))})")
+            raise invalid(f"unknown mutable parameter {shown(key)} (known: {', '.join(sorted(MUTABLE_KEYS))})")
         top = MUTABLE_MAX[key]
         # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("١٢")
         # (the length check first: int() refuses strings of more than 4300 digits)
         if not _DIGITS.fullmatch(value) or len(value) > len(str(top)) + 8 or not 1 <= int(value) <= top:
-            raise invalid(f"mutable parameter {key} must be an integer from 1 to {top}, not {value!r}")
+            raise invalid(f"mutable parameter {key} must be an integer from 1 to {top}, not {shown(value)}")
         found[key] = value
     return found
 

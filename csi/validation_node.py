@@ -11,19 +11,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from csi.errors import invalid, not_found
+from csi.errors import invalid, not_found, shown
 from csi.filesystems import SUPPORTED_FILESYSTEMS
 from csi.proto import csi_pb2
-from csi.validation import VOLUME_ID
+from csi.node_paths import first_symlink
+from csi.validation import VOLUME_ID, check_mount_flags
 
 MAX_PATH = 4096
 
 _Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 READ_ONLY_MODES = frozenset({_Mode.SINGLE_NODE_READER_ONLY, _Mode.MULTI_NODE_READER_ONLY})
 MULTI_NODE_WRITE_MODES = frozenset({_Mode.MULTI_NODE_SINGLE_WRITER, _Mode.MULTI_NODE_MULTI_WRITER})
-# Mount options that would turn a mount into something else entirely.
-_FORBIDDEN_MOUNT_FLAGS = frozenset({"bind", "rbind", "remount", "move", "make-shared", "make-private",
-                                    "make-slave", "make-unbindable", "loop"})
 
 
 def require(value: object, field: str) -> None:
@@ -35,13 +33,15 @@ def require(value: object, field: str) -> None:
 def check_volume_id(volume_id: str) -> None:
     """A well-formed request naming a volume that cannot exist: NOT_FOUND."""
     if not VOLUME_ID.fullmatch(volume_id):
-        raise not_found(f"volume {volume_id[:80]!r} does not exist (volume IDs look like vol-<32 hex>)")
+        raise not_found(f"volume {shown(volume_id)} does not exist (volume IDs look like vol-<32 hex>)")
 
 
 def path_problem(path: str) -> str | None:
     """Why a path from a request is unacceptable, None if it is fine."""
     if "\x00" in path:
         return "contains NUL"
+    if not path.isprintable():
+        return "contains control characters"
     if len(path) > MAX_PATH:
         return "is too long"
     if not os.path.isabs(path):
@@ -52,19 +52,31 @@ def path_problem(path: str) -> str | None:
 
 
 def check_path(path: str, field: str) -> str:
-    """An absolute clean path, normalised (no trailing slash, no `//`)."""
+    """An absolute clean path, normalised (no trailing slash, no `//`), with no symbolic
+    link in it: mount(8) and the kernel follow links, so a link in a staging or target path
+    (or any of its parents) would put a volume, or take one away, somewhere the caller did
+    not name. The node's mounts then go through descriptors opened without following links
+    (csi/node_paths.py), so a link swapped in after this check is not followed either."""
     problem = path_problem(path)
     if problem:
-        raise invalid(f"{field} {path[:200]!r} {problem}")
-    return os.path.normpath(path)
+        raise invalid(f"{field} {shown(path)} {problem}")
+    path = os.path.normpath(path)
+    link = first_symlink(path)
+    if link:
+        raise invalid(f"{field} {shown(path)} goes through a symbolic link ({shown(link)}); "
+                      "give the path it stands for")
+    return path
 
 
 def check_volume_path(path: str, volume_id: str) -> str:
     """A path naming where a volume is (stats, expand): a path that cannot hold it is
     NOT_FOUND, as csi-sanity expects for "some/path"."""
     if path_problem(path):
-        raise not_found(f"volume {volume_id} is not staged or published at {path[:200]!r}")
-    return os.path.normpath(path)
+        raise not_found(f"volume {volume_id} is not staged or published at {shown(path)}")
+    path = os.path.normpath(path)
+    if first_symlink(path):
+        raise invalid(f"volume_path {shown(path)} goes through a symbolic link; give the path it stands for")
+    return path
 
 
 @dataclass(frozen=True)
@@ -95,21 +107,11 @@ def check_capability(cap: csi_pb2.VolumeCapability, field: str = "volume_capabil
                       "(as live migration does)")
     fs_type = cap.mount.fs_type
     if fs_type and fs_type not in SUPPORTED_FILESYSTEMS:
-        raise invalid(f"fs_type {fs_type[:40]!r} is not supported (supported: {', '.join(SUPPORTED_FILESYSTEMS)})")
+        raise invalid(f"fs_type {shown(fs_type)} is not supported (supported: {', '.join(SUPPORTED_FILESYSTEMS)})")
     if cap.mount.volume_mount_group:
         raise invalid("volume_mount_group is not supported by this driver")
-    flags: list[str] = []
-    for entry in cap.mount.mount_flags:
-        for flag in entry.split(","):
-            flag = flag.strip()
-            if not flag:
-                continue
-            if any(c in flag for c in "\x00\n\t ") or flag.startswith("-") or len(flag) > 256:
-                raise invalid(f"mount flag {flag[:60]!r} is malformed")
-            if flag.split("=", 1)[0] in _FORBIDDEN_MOUNT_FLAGS:
-                raise invalid(f"mount flag {flag!r} is not allowed")
-            flags.append(flag)
-    return Access(False, fs_type, tuple(flags), mode, mode in READ_ONLY_MODES)
+    flags = check_mount_flags(cap.mount.mount_flags)
+    return Access(False, fs_type, flags, mode, mode in READ_ONLY_MODES)
 
 
 LUN_SUFFIX = ".img"
@@ -133,8 +135,9 @@ def lun_path(publish_context: dict, volume_context: dict, volume_id: str, volume
         raise invalid("publish_context has no lunPath: was the volume published with ControllerPublishVolume?")
     problem = path_problem(path)
     if problem:
-        raise invalid(f"lunPath {path[:200]!r} {problem}")
+        raise invalid(f"lunPath {problem}")
     real = os.path.realpath(path)
     if real not in lun_files(volume_id, volumes_dirs):
-        raise invalid(f"lunPath {path!r} is not the LUN of volume {volume_id} in this node's pool")
+        # not echoed: it names a place in (or near) the daemon's pool
+        raise invalid(f"lunPath is not the LUN of volume {volume_id} in this node's pool")
     return real

@@ -37,6 +37,8 @@ ALIASES = {
     "vmim": "VirtualMachineInstanceMigration", "virtualmachineinstancemigration": "VirtualMachineInstanceMigration",
     "virtualmachineinstancemigrations": "VirtualMachineInstanceMigration",
     "volumesnapshot": "VolumeSnapshot", "volumesnapshots": "VolumeSnapshot", "vs": "VolumeSnapshot",
+    "volumesnapshotcontent": "VolumeSnapshotContent", "volumesnapshotcontents": "VolumeSnapshotContent",
+    "vsc": "VolumeSnapshotContent",
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",

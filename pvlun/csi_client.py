@@ -19,11 +19,15 @@ ACCESS_MODES = {  # Kubernetes accessModes → CSI access mode
 }
 
 
-def capability(volume_mode: str, access_mode: str, fs_type: str = "") -> pb.VolumeCapability:
+def capability(volume_mode: str, access_mode: str, fs_type: str = "",
+               mount_options: list[str] | tuple[str, ...] = ()) -> pb.VolumeCapability:
+    """As the sidecars and kubelet build it; a StorageClass's mountOptions become the mount
+    flags of a Filesystem volume (a Block volume has none)."""
     mode = pb.VolumeCapability.AccessMode(mode=ACCESS_MODES.get(access_mode, MODES.SINGLE_NODE_WRITER))
     if volume_mode == "Block":
         return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(), access_mode=mode)
-    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(fs_type=fs_type), access_mode=mode)
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(mount_options)),
+                               access_mode=mode)
 
 
 class CsiClient:

@@ -15,7 +15,7 @@ from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
 from csi.lun_service import LunService
-from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, release_pool
+from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
@@ -96,7 +96,7 @@ class Daemon:
         return default_endpoint(self.data_dir)
 
     def _start(self) -> None:
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        private_dir(self.data_dir)  # 0700, also when it existed (a hostPath is made 0755)
         opts = self.opts
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
         with_controller = opts.mode in ("all", "controller")
@@ -137,6 +137,10 @@ class Daemon:
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
+        if self.luns is not None:
+            from pvlun.pool_watch import PoolWatch
+
+            self.ctx.services["pool_watch"] = PoolWatch(self.luns.pool_usage)
         from pvlun.recovery import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
@@ -150,6 +154,8 @@ class Daemon:
 
             host, port = _address(self.opts.metrics_address)
             self.metrics_server, _ = start_http_server(port, addr=host)
+            if self.luns is not None:
+                self.ctx.services["pool_watch"].expose()
             with open(os.path.join(self.data_dir, "metrics.url"), "w") as f:
                 f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
         self.loop = run_loop(self.ctx)

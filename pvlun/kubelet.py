@@ -43,7 +43,8 @@ def claim_volume(store: ObjectStore, claim: str, namespace: str) -> tuple[dict, 
 
 
 def paths(data_dir: str, node_id: str, volume_id: str, owner: str) -> tuple[str, str]:
-    node_dir = os.path.join(data_dir, "nodes", node_id)
+    # the data dir's real path: the node refuses staging and target paths through a link
+    node_dir = os.path.join(os.path.realpath(data_dir), "nodes", node_id)
     staging = os.path.join(node_dir, "staging", volume_id)
     target = os.path.join(node_dir, "publish", owner.replace("/", "_"), volume_id)
     return staging, target
@@ -57,7 +58,7 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     volume_id = spec["csi"]["volumeHandle"]
     block = spec.get("volumeMode", "Filesystem") == "Block"
     cap = capability(spec.get("volumeMode", "Filesystem"), access_mode or spec["accessModes"][0],
-                     spec["csi"].get("fsType", ""))
+                     spec["csi"].get("fsType", ""), spec.get("mountOptions") or ())
     staging, target = paths(data_dir, node_id, volume_id, owner)
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)

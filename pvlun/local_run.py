@@ -9,8 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from csi.pool import is_mountpoint
+from pvlun.command import run
 
 
 def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: float = 60) -> subprocess.Popen:
@@ -67,3 +70,32 @@ class DirectoryServer(http.server.ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+@contextmanager
+def small_xfs_pool(image: str, size: int) -> Iterator[str]:
+    """A small real XFS filesystem with reflinks, loop-mounted: a pool for `pvlun serve
+    --pool` that fills in seconds (tests of what happens when a pool is full). mkfs.xfs
+    refuses filesystems under 300 MB unless it is told it runs under fstests (its
+    TEST_DIR/TEST_DEV/QA_CHECK_FS variables). Unmounted and deleted on leaving; a pool
+    something still holds is detached lazily and reported."""
+    mount_point = image + ".mnt"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    busy = None
+    try:
+        run(["env", f"TEST_DIR={os.path.dirname(image)}", f"TEST_DEV={image}", "QA_CHECK_FS=1",
+             "mkfs.xfs", "-q", "-m", "reflink=1", image], timeout=120)
+        os.mkdir(mount_point)
+        run(["mount", "-o", "loop", image, mount_point], timeout=60)
+        yield mount_point
+    finally:
+        if os.path.isdir(mount_point) and is_mountpoint(mount_point):
+            busy = run(["umount", mount_point], check=False, timeout=60).stderr.decode(errors="replace") or None
+            if busy:
+                run(["umount", "--lazy", mount_point], check=False, timeout=60)
+        if os.path.isdir(mount_point) and not busy:
+            os.rmdir(mount_point)
+        os.unlink(image)
+    if busy:
+        raise RuntimeError(f"the pool at {mount_point} was still in use: {busy}")

@@ -1,10 +1,11 @@
-"""`pvlun apply / get / delete / describe`: kubectl's verbs over the embedded store."""
+"""`pvlun apply / get / delete / describe / annotate`: kubectl's verbs over the embedded store."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -73,6 +74,12 @@ def _columns(kind: str, obj: dict) -> dict[str, str]:
                 "ATTACHED": str(st.get("attached", False))}
     if kind == "StorageClass":
         return {"PROVISIONER": obj.get("provisioner", "")}
+    if kind == "VolumeSnapshotContent":
+        ref = spec.get("volumeSnapshotRef") or {}
+        return {"READYTOUSE": str(st.get("readyToUse", False)).lower(), "RESTORESIZE": str(st.get("restoreSize", "")),
+                "DELETIONPOLICY": spec.get("deletionPolicy", ""), "DRIVER": spec.get("driver", ""),
+                "SOURCEVOLUMEMODE": spec.get("sourceVolumeMode", "<unknown>"),
+                "VOLUMESNAPSHOT": f"{ref.get('namespace', '')}/{ref.get('name', '')}"}
     return {}
 
 
@@ -263,6 +270,31 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+# An annotation key as Kubernetes takes it: an optional DNS-subdomain prefix and "/", then a name.
+_ANNOTATION_KEY = re.compile(r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """`pvlun annotate KIND NAME KEY=VALUE... | KEY-`, as kubectl annotate (always overwriting)."""
+    changes: dict[str, str | None] = {}
+    for item in args.annotations:
+        key, sep, value = item.partition("=")
+        remove = not sep and key.endswith("-")
+        key = key[:-1] if remove else key
+        if not (sep or remove) or len(key) > 317 or not _ANNOTATION_KEY.fullmatch(key):
+            print(f"error: {item[:80]!r} is not KEY=VALUE or KEY- with a valid annotation key", file=sys.stderr)
+            return 1
+        changes[key] = None if remove else value
+    store = open_store(args.data_dir)
+    kind = kind_of(args.kind)
+    if store.annotate(kind, args.name, args.namespace, **changes) is None:
+        print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
+        return 1
+    print(f"{kind.lower()}/{args.name} annotated")
+    return 0
+
+
 def add_commands(sub, data_dir_arg) -> None:
     apply = sub.add_parser("apply", help="create or update objects from YAML (like kubectl apply)")
     apply.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
@@ -294,3 +326,11 @@ def add_commands(sub, data_dir_arg) -> None:
     describe.add_argument("-n", "--namespace", default="default")
     data_dir_arg(describe)
     describe.set_defaults(func=cmd_describe)
+
+    annotate = sub.add_parser("annotate", help="set (KEY=VALUE) or remove (KEY-) annotations of an object")
+    annotate.add_argument("kind")
+    annotate.add_argument("name")
+    annotate.add_argument("annotations", nargs="+", metavar="KEY=VALUE")
+    annotate.add_argument("-n", "--namespace", default="default")
+    data_dir_arg(annotate)
+    annotate.set_defaults(func=cmd_annotate)

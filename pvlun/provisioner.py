@@ -10,6 +10,7 @@ from csi.proto import csi_pb2 as pb
 from pvlun import DRIVER_NAME
 from pvlun.context import Context
 from pvlun.csi_client import capability
+from pvlun.pool_watch import check_pool_use
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, remove_finalizer, set_condition
 
@@ -61,6 +62,26 @@ class WaitingForSource(Exception):
     """The claim's dataSource is not ready yet (not bound, not ready to use): try again."""
 
 
+ALLOW_MODE_CHANGE = "snapshot.storage.kubernetes.io/allow-volume-mode-change"
+
+
+def check_volume_mode(pvc: Obj, content: Obj, snapshot: str) -> None:
+    """A snapshot restores only into its source's volume mode, unless its
+    VolumeSnapshotContent allows the change (what the external-provisioner enforces from
+    spec.sourceVolumeMode): a Block volume's bytes read as a Filesystem volume would be
+    formatted over or mounted as whatever the guest wrote, and the reverse exposes a
+    filesystem's raw blocks. Contents that do not know their source's mode allow it."""
+    source_mode = (content.get("spec") or {}).get("sourceVolumeMode")
+    mode = pvc["spec"].get("volumeMode") or "Filesystem"
+    allowed = (content["metadata"].get("annotations") or {}).get(ALLOW_MODE_CHANGE) == "true"
+    if source_mode and source_mode != mode and not allowed:
+        name = content["metadata"]["name"]
+        raise ValueError(
+            f"snapshot {snapshot} was taken of a {source_mode} volume: it cannot be restored as volumeMode {mode}. "
+            f"Ask for volumeMode {source_mode}, or, if the data is meant to be read the other way, allow it on the "
+            f"snapshot's content: pvlun annotate volumesnapshotcontent {name} {ALLOW_MODE_CHANGE}=true")
+
+
 def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | None, int]:
     """The CSI content source of a claim's dataSource, and the source's size (0 if none)."""
     source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource")
@@ -80,6 +101,10 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
         status = (snap or {}).get("status") or {}
         if not status.get("snapshotHandle") or not status.get("readyToUse"):
             raise WaitingForSource(f"waiting for source snapshot {ns}/{source['name']} to be ready")
+        content = ctx.store.get("VolumeSnapshotContent", status.get("boundVolumeSnapshotContentName") or "", "")
+        if content is None:
+            raise WaitingForSource(f"waiting for the VolumeSnapshotContent of snapshot {ns}/{source['name']}")
+        check_volume_mode(pvc, content, f"{ns}/{source['name']}")
         return pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(
             snapshot_id=status["snapshotHandle"])), int(status.get("restoreSize", "0") or 0)
     return None, 0  # other populators (DataVolume, ...) fill the volume after it is made
@@ -119,6 +144,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
         return
     volume_mode = spec.get("volumeMode", "Filesystem")
     access_modes = spec.get("accessModes") or ["ReadWriteOnce"]
+    mount_options = [str(o) for o in sc.get("mountOptions") or []]  # the driver checks them
     params = dict(sc.get("parameters", {}))
     fs_type = params.pop("csi.storage.k8s.io/fstype", params.pop("fsType", ""))
     if FINALIZER not in meta.get("finalizers", []):
@@ -132,7 +158,8 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
         return
     request = pb.CreateVolumeRequest(
         name=f"pvc-{meta['uid']}", capacity_range=pb.CapacityRange(required_bytes=size),
-        volume_capabilities=[capability(volume_mode, m, fs_type) for m in access_modes], parameters=params,
+        volume_capabilities=[capability(volume_mode, m, fs_type, mount_options) for m in access_modes],
+        parameters=params,
         mutable_parameters=mutable)
     if source is not None:
         request.volume_content_source.CopyFrom(source)
@@ -149,6 +176,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
                  "storageClassName": sc["metadata"]["name"],
                  "claimRef": {"kind": "PersistentVolumeClaim", "namespace": meta["namespace"], "name": meta["name"],
                               "uid": meta["uid"]},
+                 "mountOptions": mount_options,
                  "csi": {"driver": DRIVER_NAME, "volumeHandle": volume.volume_id, "fsType": fs_type,
                          "volumeAttributes": dict(volume.volume_context)}},
     })
@@ -163,6 +191,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
     ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
+    check_pool_use(ctx, sc["metadata"]["name"], ctx.store.get("PersistentVolume", pv_name, ""))
 
 
 def _attributes(ctx: Context, name: str | None) -> dict[str, str]:

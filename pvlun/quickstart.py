@@ -268,7 +268,7 @@ def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
 
 
 def main(args: argparse.Namespace | None = None) -> int:
-    work = tempfile.mkdtemp(prefix="pvlun-quickstart-")
+    work = os.path.realpath(tempfile.mkdtemp(prefix="pvlun-quickstart-"))  # node paths may hold no link
     data_dir = os.path.join(work, "data")
     os.makedirs(data_dir)
     steps = Steps()

@@ -1,17 +1,51 @@
 """The local snapshotter: what external-snapshotter does on a cluster. A VolumeSnapshot of
-a claim becomes a CSI snapshot; deleting it deletes the snapshot (deletionPolicy Delete).
-The VolumeSnapshotContent is folded into the VolumeSnapshot's status (snapshotHandle)."""
+a claim becomes a CSI snapshot and a VolumeSnapshotContent (`snapcontent-<uid>`, cluster
+scoped) that records it: the snapshotHandle, the size, and the source's volume mode, which
+the provisioner checks before a restore (users allow a change of mode with an annotation on
+the content, as in Kubernetes). The VolumeSnapshot's status repeats the handle for
+`pvlun get`. Deleting the snapshot deletes both (deletionPolicy Delete)."""
 
 from __future__ import annotations
 
 import grpc
 
 from csi.proto import csi_pb2 as pb
+from pvlun import DRIVER_NAME
 from pvlun.context import Context
+from pvlun.pool_watch import check_pool_use
 from pvlun.provisioner import claim_populated
 from pvlun.store import Obj, remove_finalizer
 
 FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
+CONTENT_KIND = "VolumeSnapshotContent"
+
+
+def content_name(snap: Obj) -> str:
+    return f"snapcontent-{snap['metadata']['uid']}"
+
+
+def _record_content(ctx: Context, snap: Obj, handle: str, size: int, volume_handle: str,
+                    source_mode: str | None) -> None:
+    """Make the snapshot's VolumeSnapshotContent unless it exists (a user's annotations on
+    it are kept). `source_mode` None: not known any more (the source claim is gone)."""
+    name = content_name(snap)
+    if ctx.store.get(CONTENT_KIND, name, "") is not None:
+        return
+    meta = snap["metadata"]
+    spec: Obj = {"deletionPolicy": "Delete", "driver": DRIVER_NAME, "source": {"volumeHandle": volume_handle},
+                 "volumeSnapshotRef": {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                                       "name": meta["name"], "namespace": meta.get("namespace", "default"),
+                                       "uid": meta["uid"]}}
+    if source_mode:
+        spec["sourceVolumeMode"] = source_mode
+    ctx.store.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": CONTENT_KIND,
+                     "metadata": {"name": name}, "spec": spec})
+    ctx.store.update_status(CONTENT_KIND, name, "", {"snapshotHandle": handle, "readyToUse": True,
+                                                     "restoreSize": size})
+
+
+def _volume_mode(pvc: Obj | None) -> str | None:
+    return ((pvc or {}).get("spec") or {}).get("volumeMode") or ("Filesystem" if pvc else None)
 
 
 def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
@@ -26,11 +60,19 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
             except grpc.RpcError as exc:
                 ctx.store.add_event(snap, "Warning", "SnapshotDeleteError", f"{exc.code().name}: {exc.details()}")
                 return
+        ctx.store.delete(CONTENT_KIND, content_name(snap), "")
         remove_finalizer(ctx.store, snap, FINALIZER)
         return
-    if status.get("readyToUse") or status.get("error"):
-        return
     claim = (snap.get("spec") or {}).get("source", {}).get("persistentVolumeClaimName")
+    if status.get("readyToUse"):
+        if ctx.store.get(CONTENT_KIND, content_name(snap), "") is None:  # made before contents were recorded
+            pvc = ctx.store.get("PersistentVolumeClaim", claim, ns) if claim else None
+            pv = ctx.store.get("PersistentVolume", pvc["spec"].get("volumeName", "")) if pvc else None
+            _record_content(ctx, snap, status["snapshotHandle"], int(status.get("restoreSize") or 0),
+                            ((pv or {}).get("spec") or {}).get("csi", {}).get("volumeHandle", ""), _volume_mode(pvc))
+        return
+    if status.get("error"):
+        return
     pvc = ctx.store.get("PersistentVolumeClaim", claim, ns) if claim else None
     if not pvc or not claim_populated(ctx, pvc):
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
@@ -39,14 +81,18 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
     pv = ctx.store.get("PersistentVolume", pvc["spec"]["volumeName"])
     if FINALIZER not in meta.get("finalizers", []):
         ctx.store.patch_metadata("VolumeSnapshot", meta["name"], ns, finalizers=meta.get("finalizers", []) + [FINALIZER])
+    volume_handle = pv["spec"]["csi"]["volumeHandle"]
     try:
         created = ctx.csi.controller.CreateSnapshot(pb.CreateSnapshotRequest(
-            name=f"snapshot-{meta['uid']}", source_volume_id=pv["spec"]["csi"]["volumeHandle"])).snapshot
+            name=f"snapshot-{meta['uid']}", source_volume_id=volume_handle)).snapshot
     except grpc.RpcError as exc:
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
             "readyToUse": False, "error": {"message": f"{exc.code().name}: {exc.details()}"}})
         return
+    # the content first: a ready snapshot always has one for the provisioner to check
+    _record_content(ctx, snap, created.snapshot_id, created.size_bytes, volume_handle, _volume_mode(pvc))
     ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
         "readyToUse": created.ready_to_use, "snapshotHandle": created.snapshot_id,
-        "restoreSize": str(created.size_bytes), "boundVolumeSnapshotContentName": f"snapcontent-{meta['uid']}"})
+        "restoreSize": str(created.size_bytes), "boundVolumeSnapshotContentName": content_name(snap)})
     ctx.store.add_event(snap, "Normal", "SnapshotCreated", f"snapshot {created.snapshot_id} of claim {claim}")
+    check_pool_use(ctx, pvc["spec"].get("storageClassName", ""), pv)

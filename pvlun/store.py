@@ -37,7 +37,8 @@ INSERT OR IGNORE INTO counter (id, version) VALUES (0, 0);
 """
 
 # Kinds that live outside namespaces, as in Kubernetes.
-CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeAttachment", "VolumeAttributesClass"}
+CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeSnapshotContent", "VolumeAttachment",
+                  "VolumeAttributesClass"}
 
 
 def now() -> str:

@@ -40,9 +40,14 @@ def sparse_copy(src_fd: int, dst_fd: int, size: int) -> None:
         offset = end
 
 
+def new_private_file(path: str) -> int:
+    """Create a new LUN file readable and writable by its owner only; a write descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
 def copy_file(src: str, dst: str, size: int | None = None) -> bool:
-    """Copy src to a new file dst (then set its size); returns True when reflinked."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    """Copy src to a new private file dst (then set its size); returns True when reflinked."""
+    with open(src, "rb") as fin, open(new_private_file(dst), "wb") as fout:
         src_size = os.fstat(fin.fileno()).st_size
         linked = reflink(fin.fileno(), fout.fileno())
         if not linked:

@@ -2,18 +2,31 @@
 
 volumes/<volume-id>.img and snapshots/<snapshot-id>.img. New files are written under a
 temporary name and renamed into place, so a crash never leaves a half-made LUN under a
-real name; `remove_leftovers` sweeps the temporaries at start-up.
+real name; `remove_leftovers` sweeps the temporaries at start-up. Volumes are private to
+their owner: the pool's directories are 0700 and every LUN file 0600, also when they were
+made before (by an older version, by hand, under a umask) — fixed when the backend opens.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from contextlib import ExitStack
 
-from csi.backends.copy import can_reflink, copy_file, reflink, sparse_copy
+from csi.backends.copy import can_reflink, copy_file, new_private_file, reflink, sparse_copy
+from csi.backends.extents import allocated_bytes
+from csi.capacity import PoolSpace
 
 SUFFIX = ".img"
 TEMP_PREFIX = ".tmp-"
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+
+def make_private(path: str, mode: int) -> None:
+    """Set mode on path unless it is a symbolic link (never chmod a link's target)."""
+    st = os.lstat(path)
+    if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 class FileBackend:
@@ -23,8 +36,12 @@ class FileBackend:
         self.root = os.path.abspath(root)
         self.volumes_dir = os.path.join(self.root, "volumes")
         self.snapshots_dir = os.path.join(self.root, "snapshots")
-        os.makedirs(self.volumes_dir, exist_ok=True)
-        os.makedirs(self.snapshots_dir, exist_ok=True)
+        for directory in (self.root, self.volumes_dir, self.snapshots_dir):
+            os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+            make_private(directory, DIR_MODE)
+        for directory in (self.volumes_dir, self.snapshots_dir):
+            for name in os.listdir(directory):
+                make_private(os.path.join(directory, name), FILE_MODE)
         self.reflinks = can_reflink(self.volumes_dir)
 
     # paths: IDs are validated by the caller against a strict pattern before they get here
@@ -57,8 +74,12 @@ class FileBackend:
     def create_volume(self, volume_id: str, size: int) -> None:
         final = self.volume_path(volume_id)
         temp = self._temp(final)
-        with open(temp, "wb") as f:
-            os.ftruncate(f.fileno(), size)
+        _unlink(temp)
+        fd = new_private_file(temp)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         self._publish(temp, final)
 
     def clone_volume(self, volume_id: str, source_volume_id: str, size: int) -> None:
@@ -68,8 +89,8 @@ class FileBackend:
         self._copy_in(self.snapshot_path(snapshot_id), self.volume_path(volume_id), size)
 
     def delete_volume(self, volume_id: str) -> None:
-        _unlink(self.volume_path(volume_id))
-        _unlink(self._temp(self.volume_path(volume_id)))
+        _discard(self.volume_path(volume_id))
+        _discard(self._temp(self.volume_path(volume_id)))
 
     def expand_volume(self, volume_id: str, size: int) -> None:
         with open(self.volume_path(volume_id), "r+b") as f:
@@ -90,7 +111,7 @@ class FileBackend:
                 src = stack.enter_context(open(self.volume_path(volume_id), "rb"))
                 temp = self._temp(self.snapshot_path(snapshot_id))
                 _unlink(temp)
-                dst = stack.enter_context(open(temp, "xb"))
+                dst = stack.enter_context(open(new_private_file(temp), "wb"))
                 os.fsync(src.fileno())
                 staged.append((src, dst, temp, snapshot_id))
             for src, dst, _, _ in staged:
@@ -103,8 +124,8 @@ class FileBackend:
                 self._publish(temp, self.snapshot_path(snapshot_id))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        _unlink(self.snapshot_path(snapshot_id))
-        _unlink(self._temp(self.snapshot_path(snapshot_id)))
+        _discard(self.snapshot_path(snapshot_id))
+        _discard(self._temp(self.snapshot_path(snapshot_id)))
 
     def volume_exists(self, volume_id: str) -> bool:
         return os.path.exists(self.volume_path(volume_id))
@@ -118,10 +139,14 @@ class FileBackend:
     def publish_context(self, volume_id: str, node_id: str) -> dict[str, str]:
         return {"lunPath": self.volume_path(volume_id)}
 
-    def capacity(self) -> tuple[int, int]:
-        """(total, available) bytes of the pool's filesystem."""
+    def space(self) -> PoolSpace:
+        """The pool's filesystem and what the LUN files hold. The files are measured before
+        the filesystem, so bytes written meanwhile are missed as held rather than counted
+        twice: usable space comes out a little low, never high."""
+        paths = [os.path.join(d, n) for d in (self.volumes_dir, self.snapshots_dir) for n in os.listdir(d)]
+        held = allocated_bytes(paths)
         st = os.statvfs(self.root)
-        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return PoolSpace(free=st.f_bavail * st.f_frsize, held=held, filesystem=st.f_blocks * st.f_frsize)
 
     def stored_ids(self) -> tuple[set[str], set[str]]:
         """IDs of the volume and snapshot files really in the pool."""
@@ -146,3 +171,22 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _discard(path: str) -> None:
+    """Delete a LUN file, its blocks freed before this returns: emptied first, then unlinked.
+    An unlinked file's blocks are freed later, in the background (XFS inode GC), and until
+    then the pool would look smaller than it is - a volume deleted to make room would not
+    make room at once."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        fd = -1  # not a file we can empty (a link): unlink it as it is
+    if fd >= 0:
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    _unlink(path)

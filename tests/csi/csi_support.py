@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,7 @@ import pytest
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
+from pvlun.local_run import small_xfs_pool
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 NODE_ID = "conformance-node"
@@ -226,6 +228,27 @@ def driver(tmp_path_factory, request):
     assert drv.socket_mode == 0o600, oct(drv.socket_mode)
     assert not left_mounts, f"left mounted after a clean stop: {left_mounts}"
     assert not left_loops, f"loop devices left attached: {left_loops}"
+
+
+@contextmanager
+def running_driver(data_dir: Path, *args: str):
+    """A `pvlun serve` of a test's own; stopped cleanly, leaving no mount or loop device."""
+    drv = start_driver(data_dir, *args)
+    try:
+        yield drv
+    finally:
+        rc = drv.stop() if drv.proc.poll() is None else drv.proc.returncode
+        left = mounts_under(str(data_dir)) + loop_devices_under(str(data_dir))
+        _force_clean(str(data_dir))
+        assert rc == 0, drv.stderr_path.read_text()[-3000:]
+        assert not left, left
+
+
+@contextmanager
+def xfs_pool(image: Path, size: int):
+    """A small real XFS reflink pool of `size` bytes, mounted (see pvlun.local_run)."""
+    with small_xfs_pool(str(image), size) as mount_point:
+        yield Path(mount_point)
 
 
 # ---------------------------------------------------------------- per-test resources

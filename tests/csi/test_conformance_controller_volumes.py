@@ -15,11 +15,11 @@ from csi_support import (
 from csi.proto import csi_pb2 as pb
 
 RPC = pb.ControllerServiceCapability.RPC.Type
-# What csi-sanity v5.3/v5.4 knows; anything else fails its capability spec.
+# What csi-sanity v5.5 knows; anything else fails its capability spec.
 SANITY_KNOWN = {
     "CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY", "CREATE_DELETE_SNAPSHOT",
     "LIST_SNAPSHOTS", "PUBLISH_READONLY", "CLONE_VOLUME", "EXPAND_VOLUME", "MODIFY_VOLUME",
-    "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER",
+    "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER", "GET_SNAPSHOT",
 }
 
 
@@ -45,7 +45,7 @@ def test_controller_capabilities_are_all_implemented_and_known_to_csi_sanity(dri
     assert names <= SANITY_KNOWN
     assert {"CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY",
             "CREATE_DELETE_SNAPSHOT", "LIST_SNAPSHOTS", "CLONE_VOLUME", "EXPAND_VOLUME", "MODIFY_VOLUME",
-            "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "SINGLE_NODE_MULTI_WRITER"} <= names
+            "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME", "SINGLE_NODE_MULTI_WRITER", "GET_SNAPSHOT"} <= names
 
 
 # ---------------------------------------------------------------- CreateVolume: arguments

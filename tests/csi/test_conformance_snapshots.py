@@ -328,7 +328,7 @@ def test_list_snapshots_with_invalid_token_is_aborted(driver):
         assert_code(Code.ABORTED, driver.controller.ListSnapshots, pb.ListSnapshotsRequest(starting_token=token))
 
 
-# ---------------------------------------------------------------- GetSnapshot (served, not advertised)
+# ---------------------------------------------------------------- GetSnapshot (advertised: GET_SNAPSHOT)
 
 
 def test_get_snapshot_returns_the_snapshot(driver, res):
