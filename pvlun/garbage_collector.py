@@ -24,7 +24,8 @@ from pvlun.store import CLUSTER_SCOPED, Obj, namespace_of
 
 log = logging.getLogger("pvlun.gc")
 # every kind the embedded store holds: what `apply` takes, and what the controllers make
-KINDS = tuple(APPLIED_KINDS) + ("PersistentVolume", "VirtualMachineInstance", "VolumeAttachment")
+KINDS = tuple(APPLIED_KINDS) + tuple(k for k in ("PersistentVolume", "VirtualMachineInstance", "VolumeAttachment",
+                                                  "VolumeSnapshotContent") if k not in APPLIED_KINDS)
 INTERVAL = 1.0  # seconds between passes: a pass lists every kind
 
 
