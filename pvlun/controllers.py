@@ -36,13 +36,15 @@ JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMa
 
 
 def reconcilers() -> list[tuple[str, Reconciler]]:
-    """Kind → reconcile function. A kind may have several (e.g. a garbage collector's pass
-    next to its controller); they run in this order, one key at a time."""
+    """Kind → reconcile function. A kind may have several; they run in this order, one key
+    at a time: the garbage collector first (an orphan is deleted, not worked on), then the
+    kind's controller."""
     from importer.reconcile import reconcile_datavolume
+    from pvlun.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
     from pvlun.provisioner import reconcile_pvc
     from pvlun.snapshotter import reconcile_volume_snapshot
 
-    table: list[tuple[str, Reconciler]] = [
+    table: list[tuple[str, Reconciler]] = [(kind, collect_if_orphaned) for kind in COLLECTED] + [
         ("DataVolume", reconcile_datavolume),
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),

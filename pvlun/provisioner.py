@@ -111,20 +111,8 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     return None, 0  # other populators (DataVolume, ...) fill the volume after it is made
 
 
-def owner_gone(ctx: Context, obj: Obj) -> bool:
-    """Garbage collection: an object whose controlling owner no longer exists."""
-    for ref in obj["metadata"].get("ownerReferences", []):
-        owner = ctx.store.get(ref["kind"], ref["name"], obj["metadata"].get("namespace", "default"))
-        if owner is None or owner["metadata"].get("uid") != ref.get("uid"):
-            return True
-    return False
-
-
 def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     meta = pvc["metadata"]
-    if not meta.get("deletionTimestamp") and owner_gone(ctx, pvc):
-        ctx.store.delete("PersistentVolumeClaim", meta["name"], meta["namespace"])
-        return
     if meta.get("deletionTimestamp"):
         _release(ctx, pvc)
         return

@@ -11,11 +11,11 @@ format trick (a VMDK extent naming `/etc/shadow`) must find nothing to open. So 
   namespaces, in a new session (no terminal injection).
 
 The files handed over must be accessible to that user: callers create their scratch files
-and sockets with `prepare_dir`/`give`. Block devices are handed over as private device nodes
-owned by the sandbox user (made in a root-only directory and bound over the device's path),
-so the host's own device node keeps its permissions. Everything is one argv (`wrap`), which
-the one command runner (or a Popen for long runs) executes: no Python runs between fork and
-exec.
+and sockets with `prepare_dir`/`give`. Devices (block, or character such as /dev/kvm) are
+handed over as private device nodes owned by the sandbox user (made in a root-only directory
+and bound over the device's path), so the host's own device node keeps its permissions.
+Everything is one argv (`wrap`), which the one command runner (or a Popen for long runs)
+executes: no Python runs between fork and exec.
 """
 
 from __future__ import annotations
@@ -98,9 +98,11 @@ class Sandbox:
 
     read_only: Sequence[str] = ()
     writable: Sequence[str] = ()  # files or directories (a socket's directory)
-    devices: Sequence[str] = ()  # block devices the tool reads or writes
+    devices: Sequence[str] = ()  # block (or character, e.g. /dev/kvm) devices the tool opens
     network: bool = False
     limits: Limits | None = None
+    # killed with the thread that started it; off for a process that outlives its starter (QEMU)
+    die_with_parent: bool = True
     _node_dir: str | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> "Sandbox":
@@ -112,8 +114,9 @@ class Sandbox:
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """The argv that runs `argv` inside this sandbox."""
         uid, gid = sandbox_ids()
-        out = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-               "--unshare-cgroup-try", "--cap-add", "CAP_SETUID,CAP_SETGID"]
+        out = ["bwrap"] + (["--die-with-parent"] if self.die_with_parent else [])
+        out += ["--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                "--cap-add", "CAP_SETUID,CAP_SETGID"]
         if not self.network:
             out.append("--unshare-net")
         for path in _SYSTEM_RO:
@@ -142,14 +145,15 @@ class Sandbox:
         """A node for the same device, owned by the sandbox user, in a root-only directory on a
         filesystem that allows devices (the host's node keeps its owner and mode)."""
         st = os.stat(path)
-        if not stat.S_ISBLK(st.st_mode):
-            raise ValueError(f"{path} is not a block device")
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise ValueError(f"{path} is not a device")
         if self._node_dir is None:
             os.makedirs("/dev/.pvlun-sandbox", mode=0o700, exist_ok=True)
             self._node_dir = tempfile.mkdtemp(dir="/dev/.pvlun-sandbox")
-        node = os.path.join(self._node_dir, f"{os.major(st.st_rdev)}-{os.minor(st.st_rdev)}")
+        kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+        node = os.path.join(self._node_dir, f"{kind}{os.major(st.st_rdev)}-{os.minor(st.st_rdev)}")
         if not os.path.exists(node):
-            os.mknod(node, stat.S_IFBLK | 0o600, st.st_rdev)
+            os.mknod(node, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
             uid, gid = sandbox_ids()
             os.chown(node, uid, gid)
         return node
@@ -178,3 +182,22 @@ def _parents(dest: str, made: set[str]) -> list[str]:
 def _real(path: str) -> str:
     """Bind what the path names now: a symlink swapped in later must not redirect the bind."""
     return os.path.realpath(path)
+
+
+def processes_below(pid: int) -> list[int]:
+    """Every process below `pid`, nearest first: what a sandbox (bwrap, its init, the tool)
+    runs, for finding or ending the tool itself."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, queue = [], list(children.get(pid, []))
+    while queue:
+        out.append(queue.pop(0))
+        queue += children.get(out[-1], [])
+    return out

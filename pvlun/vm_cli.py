@@ -13,6 +13,7 @@ import time
 import tty
 
 from pvlun.objects_cli import open_store
+from virt.console_history import history_file
 
 REQUEST = "pvlun.dev/state-change-request"
 
@@ -120,14 +121,19 @@ def _current_run_dir(store, data_dir: str, name: str, ns: str) -> str | None:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """The guest's serial console so far (KubeVirt's guest-console-log)."""
+    """The guest's serial console history (KubeVirt's guest-console-log), across its
+    restarts and migrations: kept per VM by whichever launcher ran it (virt/console_history.py)."""
     store = open_store(args.data_dir, need_daemon=False)
-    run_dir = _current_run_dir(store, os.path.abspath(args.data_dir), args.target, args.namespace)
-    if run_dir is None:
-        print(f"error: VM {args.target} has no running instance", file=sys.stderr)
+    if store.get("VirtualMachine", args.target, args.namespace) is None:
+        print(f'Error: VirtualMachine "{args.namespace}/{args.target}" not found', file=sys.stderr)
         return 1
-    with open(os.path.join(run_dir, "serial.log"), "rb") as f:
-        sys.stdout.write(f.read().decode(errors="replace"))
+    try:
+        with open(history_file(os.path.abspath(args.data_dir), args.namespace, args.target), "rb") as f:
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        print(f"error: VM {args.target} has not run yet: no console output", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
     return 0
 
 
@@ -175,7 +181,7 @@ def add_commands(sub, data_dir_arg) -> None:
     data_dir_arg(vm)
     vm.set_defaults(func=cmd_vm)
 
-    logs = sub.add_parser("logs", help="the guest's serial console output so far (vm/NAME)")
+    logs = sub.add_parser("logs", help="the guest's serial console history, across restarts and migrations (vm/NAME)")
     logs.add_argument("target", type=_vm_target, metavar="vm/NAME")
     logs.add_argument("-n", "--namespace", default="default")
     data_dir_arg(logs)

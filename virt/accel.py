@@ -4,22 +4,27 @@
 for seconds or forever. So we boot the tick guest (virt/bootsector.py) with -accel kvm and
 wait for its marker on the serial port for a few seconds. The answer is cached in the
 process and in a small file keyed by the host boot id, so a fleet of VMs pays the probe once
-per boot. `PVLUN_ACCEL=kvm|tcg` or the `override` argument skip the probe.
+per boot. `PVLUN_ACCEL=kvm|tcg` or the `override` argument skip the probe. The probe QEMU
+runs in the same sandbox as every QEMU (pvlun/sandbox.py), handed only its disk, its log
+directory and /dev/kvm.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from pvlun.sandbox import Sandbox, give, prepare_dir
 from virt.guest_images import build_tick_disk
-from virt.qemu_args import QEMU_BINARY
+from virt.qemu_args import QEMU_BINARY, SECCOMP
 
 PROBE_MARKER = "PVLUN-KVM-PROBE"
+KVM_DEVICE = "/dev/kvm"
 DEFAULT_PROBE_SECONDS = 2.0
 _chosen: str | None = None
 
@@ -36,29 +41,40 @@ def _cache_file() -> Path:
     return Path(base) / "pvlun" / "accel.json"
 
 
+def kvm_devices() -> list[str]:
+    """The devices a KVM guest's QEMU is handed."""
+    return [KVM_DEVICE]
+
+
 def probe_kvm(timeout: float = DEFAULT_PROBE_SECONDS, qemu_binary: str = QEMU_BINARY) -> bool:
     """True when a guest under KVM prints its marker within `timeout` seconds."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    binary = shutil.which(qemu_binary)
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK) or binary is None:
         return False
     with tempfile.TemporaryDirectory(prefix="pvlun-kvm-probe-") as tmp:
         disk = build_tick_disk(Path(tmp) / "probe.img", PROBE_MARKER)
-        log = Path(tmp) / "serial.log"
-        proc = subprocess.Popen(
-            [qemu_binary, "-nodefaults", "-no-user-config", "-display", "none", "-accel", "kvm", "-m", "32",
-             "-blockdev", f"driver=file,filename={disk},node-name=f0,read-only=on",
-             "-device", "virtio-blk-pci,drive=f0", "-serial", f"file:{log}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and proc.poll() is None:
-                if log.exists() and PROBE_MARKER.encode() in log.read_bytes():
-                    return True
-                time.sleep(0.05)
-            return False
-        finally:
-            proc.kill()
-            proc.wait()
+        give(str(disk))
+        logs = prepare_dir(tmp, "log-")
+        log = Path(logs) / "serial.log"
+        argv = [qemu_binary, "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", SECCOMP,
+                "-accel", "kvm", "-m", "32",
+                "-blockdev", json.dumps({"driver": "file", "filename": str(disk), "node-name": "f0", "read-only": True}),
+                "-device", "virtio-blk-pci,drive=f0",
+                "-chardev", "file,id=s0,path=" + str(log).replace(",", ",,"), "-serial", "chardev:s0"]
+        handed = [str(disk)] + ([] if os.path.realpath(binary).startswith("/usr/") else [binary])
+        with Sandbox(read_only=handed, writable=[logs], devices=kvm_devices()) as box:
+            proc = subprocess.Popen(box.wrap(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and proc.poll() is None:
+                    if log.exists() and PROBE_MARKER.encode() in log.read_bytes():
+                        return True
+                    time.sleep(0.05)
+                return False
+            finally:
+                proc.kill()  # bwrap: its sandbox dies with it (die-with-parent)
+                proc.wait()
 
 
 def choose_accel(override: str | None = None, *, probe_timeout: float = DEFAULT_PROBE_SECONDS,

@@ -5,14 +5,21 @@ process, talks QMP to it (virt/qmp_session.py over `qemu.qmp`), and turns QMP ev
 the process exit into a phase — Scheduling, Running, Paused, Migrating, Succeeded, Failed —
 reported through `on_phase`. QEMU's stderr goes to `<run_dir>/qemu.stderr`, whose text is
 what a failed start reports.
+
+QEMU runs in a sandbox (pvlun/sandbox.py) as the unprivileged sandbox user: a mount
+namespace holding /usr, its run directory (serial log, sockets, firmware variables, local
+disks), the volumes it was handed (writable files, private nodes of the published block
+devices; read-only files are inherited open instead) and /dev/kvm when KVM is used — nothing
+else of the host. It keeps the host's network
+namespace: user-mode networking, host port forwards and migrations use loopback. The sandbox
+does not die with the thread that started it (QEMU outlives a daemon crash, as a pod would).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import shutil
-import tempfile
 import socket
 import subprocess
 import threading
@@ -21,8 +28,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Mapping
 
-from virt.accel import choose_accel
+from pvlun.sandbox import Sandbox, give
+from virt.accel import choose_accel, kvm_devices
+from virt.console_history import ConsoleFollower, ConsoleHistory
 from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
+from virt.qemu_sandbox import exit_code, kill_tree, open_read_only, qemu_pid, qemu_sandbox, socket_path
 from virt.qmp_session import QmpError, QmpSession
 from virt.spec import VmSpec
 
@@ -58,15 +68,6 @@ def find_ovmf(secure_boot: bool) -> tuple[str, str]:
     raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
 
 
-def _socket_path(run_dir: Path, name: str) -> str:
-    """run_dir/name, or a short stand-in when that is too long for a unix socket (108 bytes)."""
-    path = str(run_dir / name)
-    if len(path.encode()) < 100:
-        return path
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "pvlun-sockets", f"{digest}-{name}")
-
-
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -91,6 +92,7 @@ class VmLauncher:
         on_phase: Callable[["VmLauncher", Phase, str], None] | None = None,
         qemu_binary: str = QEMU_BINARY,
         extra_args: tuple[str, ...] = (),
+        history: ConsoleHistory | None = None,
     ):
         self.vm = vm
         self.disks = dict(disks)
@@ -103,42 +105,53 @@ class VmLauncher:
         self.on_phase = on_phase
         self.qemu_binary = qemu_binary
         self.extra_args = extra_args
-        self.qmp_path = _socket_path(self.run_dir, "qmp.sock")
+        self.history = history
+        self.qmp_path = socket_path(self.run_dir, "qmp.sock")
         self.serial_log = str(self.run_dir / "serial.log")
-        self.console_path = _socket_path(self.run_dir, "console.sock") if console else None
+        self.console_path = socket_path(self.run_dir, "console.sock") if console else None
         self.stderr_path = self.run_dir / "qemu.stderr"
         self.phase = Phase.SCHEDULING
         self.reason = ""
-        self.argv: list[str] = []
-        self.proc: subprocess.Popen | None = None
+        self.argv: list[str] = []  # QEMU's own command line (inside the sandbox)
+        self.proc: subprocess.Popen | None = None  # the sandbox (bwrap), whose exit is QEMU's
+        self.qemu_pid: int | None = None  # QEMU itself, as the host sees it
         self.qmp: QmpSession | None = None
+        self._sandbox: Sandbox | None = None
+        self._lending = contextlib.ExitStack()  # files lent to the sandbox user while QEMU runs
         self._stopping = False
         self._shutdown_reason = ""
         self._lock = threading.Lock()
         self._exited = threading.Event()
+        self._follower: ConsoleFollower | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.qemu_pid
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.returncode if self.proc else None
+        return exit_code(self.proc.returncode) if self.proc else None
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 30) -> None:
         """Start QEMU and connect QMP; LaunchError carries QEMU's stderr if it dies first."""
+        binary = shutil.which(self.qemu_binary)
+        if binary is None:
+            self._set_phase(Phase.FAILED, f"{self.qemu_binary} not found")
+            raise LaunchError(f"cannot run {self.qemu_binary}: not found")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        give(str(self.run_dir))
         for name, sock in (("qmp.sock", self.qmp_path), ("console.sock", self.console_path)):
             if sock:
                 Path(sock).unlink(missing_ok=True)
-                Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 link = self.run_dir / name
                 if str(link) != sock:  # a findable name in run_dir for the short socket
+                    Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    give(str(Path(sock).parent))
                     link.unlink(missing_ok=True)
                     link.symlink_to(sock)
         self.accel = self.accel or choose_accel()
@@ -148,23 +161,45 @@ class VmLauncher:
             ovmf_vars = str(self.run_dir / "OVMF_VARS.fd")
             if not Path(ovmf_vars).exists():
                 shutil.copyfile(template, ovmf_vars)
+            give(ovmf_vars)
         if self.host_ports is None:
             self.host_ports = {(p.protocol, p.port): free_port() for i in self.vm.interfaces for p in i.ports}
-        self.argv = build_qemu_argv(
-            self.vm, self.disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
-            incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
-            ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args)
+        if os.path.exists(self.serial_log):
+            give(self.serial_log)
+        if self.history is not None:
+            offset = os.path.getsize(self.serial_log) if os.path.exists(self.serial_log) else 0
+            self._follower = ConsoleFollower(self.history, self.serial_log, offset)
         self._set_phase(Phase.SCHEDULING, "starting QEMU")
-        with open(self.stderr_path, "wb") as err:
-            try:
-                self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                             start_new_session=True)
-            except OSError as exc:
-                self._set_phase(Phase.FAILED, str(exc))
-                raise LaunchError(f"cannot run {self.qemu_binary}: {exc}") from None
+        disks: dict[str, DiskAttachment] = {}
+        try:
+            disks = open_read_only(self.vm, self.disks)
+            self.argv = build_qemu_argv(
+                self.vm, disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
+                incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
+                ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args,
+                start_paused=not self.incoming)  # the guest runs once its pid is known (below)
+            sockets = [s for s in (self.qmp_path, self.console_path) if s]
+            self._sandbox = qemu_sandbox(disks, self.run_dir, sockets, binary, [ovmf_code] if ovmf_code else [],
+                                         kvm_devices() if self.accel == "kvm" else [], self._lending)
+            with open(self.stderr_path, "wb") as err:
+                self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=err,
+                                             stderr=err, start_new_session=True,
+                                             pass_fds=[a.fd for a in disks.values() if a.fd is not None])
+        except OSError as exc:
+            self._close_sandbox()
+            self._set_phase(Phase.FAILED, str(exc))
+            raise LaunchError(f"cannot start QEMU: {exc}") from None
+        finally:
+            for att in disks.values():
+                if att.fd is not None:
+                    os.close(att.fd)
         self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
         try:
             self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)
+            self._sandbox.close()  # its namespace holds the private device nodes now: none stays on the host
+            self.qemu_pid = qemu_pid(self.proc, self.qemu_binary)
+            if not self.incoming:
+                self.qmp.execute("cont")
             status = self.qmp.execute("query-status")["status"]
         except QmpError as exc:
             self._abort_start()
@@ -172,6 +207,8 @@ class VmLauncher:
             self._set_phase(Phase.FAILED, text)
             raise LaunchError(f"QEMU failed to start: {text}", text) from None
         threading.Thread(target=self._watch_exit, name=f"wait-{self.vm.name}", daemon=True).start()
+        if not self.incoming:
+            self.take_over_console()
         if status == "inmigrate":
             self._set_phase(Phase.MIGRATING, "waiting for incoming migration")
         elif status in ("paused", "prelaunch"):
@@ -179,21 +216,32 @@ class VmLauncher:
         else:
             self._set_phase(Phase.RUNNING, status)
 
+    def _close_sandbox(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+        self._lending.close()
+
     def _abort_start(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
         if self.proc:
+            kill_tree(self.proc)
             self.proc.wait()
         if self.qmp:
             self.qmp.close()
         self._remove_sockets()
+        self._close_sandbox()
         self._exited.set()
 
     def _remove_sockets(self) -> None:
-        """QEMU leaves its sockets behind when killed; a dead socket must not linger."""
+        """QEMU leaves its sockets behind when killed; a dead socket must not linger (nor the
+        short socket directory made for it)."""
         for sock in (self.qmp_path, self.console_path):
             if sock:
                 Path(sock).unlink(missing_ok=True)
+                if Path(sock).parent != self.run_dir:
+                    try:
+                        Path(sock).parent.rmdir()
+                    except OSError:
+                        pass  # the other socket is still there, or it is gone already
 
     def stderr_text(self) -> str:
         try:
@@ -203,10 +251,13 @@ class VmLauncher:
 
     def _watch_exit(self) -> None:
         assert self.proc is not None
-        rc = self.proc.wait()
+        rc = exit_code(self.proc.wait())
         if self.qmp:
             self.qmp.close()
         self._remove_sockets()
+        self._close_sandbox()
+        if self._follower is not None:
+            self._follower.copy()  # the last words, before a migration target takes over
         if self.phase is Phase.SUCCEEDED:  # migrated away
             phase, reason = Phase.SUCCEEDED, self.reason
         elif self._stopping or (rc == 0 and self._shutdown_reason in ("guest-shutdown", "host-qmp-quit")):
@@ -215,6 +266,12 @@ class VmLauncher:
             phase, reason = Phase.FAILED, f"QEMU exited {rc}" + (f": {self.stderr_text()}" if self.stderr_text() else "")
         self._set_phase(phase, reason)
         self._exited.set()
+
+    def take_over_console(self) -> None:
+        """From now on this QEMU's console output goes to the VM's history (a migration
+        target calls this once the source is gone, so the history stays in order)."""
+        if self._follower is not None:
+            self._follower.start(self._exited, self.vm.name)
 
     def _on_event(self, event: dict) -> None:
         name, data = event.get("event"), event.get("data") or {}
@@ -245,7 +302,7 @@ class VmLauncher:
         if self.proc is None:
             return None
         self._exited.wait(timeout)
-        return self.proc.returncode if self._exited.is_set() else None
+        return self.returncode if self._exited.is_set() else None
 
     # ------------------------------------------------------------ control
 
@@ -284,8 +341,8 @@ class VmLauncher:
 
     def kill(self) -> None:
         """SIGKILL QEMU (as a node failure would)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            kill_tree(self.proc)
         self.wait(10)
 
     def mark_migrated(self) -> None:

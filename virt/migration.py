@@ -151,6 +151,7 @@ def migrate(
             time.sleep(poll_interval)
         _wait_target_running(target_launcher, timeout=30)
         source.mark_migrated()
+        target_launcher.take_over_console()  # after the source's last console bytes
         status.ended = time.time()
         set_phase("Succeeded")
         errors = hooks.run(context("post"), stop_on_error=False)

@@ -7,6 +7,11 @@ helper that finds that out for a path.
 Per volume the block graph is: protocol node (`host_device` for a published block device,
 `file` for a regular file) → `raw` format node → optional `throttle` node bound to a
 throttle group `tg-<volume>` whose limits can be changed live over QMP.
+
+Safe by construction: block nodes are JSON (`-blockdev`), every other option is built by
+`_keyval`, which escapes every value (QEMU doubles commas), and every value that came from a
+spec already matched a strict pattern (virt/spec_fields.py). QEMU also runs with `-sandbox`
+(seccomp): no exec, no privilege changes, no obsolete or resource-control syscalls.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from virt.spec import Disk, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIB = 1 << 20
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_MAX_LIMIT = 1 << 40  # IOPS or MiB/s: more than any device, less than QEMU's own bounds
+_NODE_NAME_MAX = 31  # QEMU refuses longer block node names
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,11 @@ class Throttle:
         """From a CSI volume_context / mutable parameters dict."""
         def num(key: str) -> int | None:
             value = context.get(key)
-            return int(value) if value not in (None, "") else None
+            if value in (None, ""):
+                return None
+            if not isinstance(value, str) or not value.isascii() or not value.isdigit() or int(value) > _MAX_LIMIT:
+                raise ValueError(f"{key} must be a whole number up to {_MAX_LIMIT}")
+            return int(value)
         return cls(num("maxIOPS"), num("maxMBps"))
 
 
@@ -57,6 +69,7 @@ class DiskAttachment:
     block: bool = True  # a block device (host_device) rather than a regular file
     direct_io: bool = True  # cache.direct=on, aio=native
     throttle: Throttle | None = None  # None = no throttle layer (limits then cannot be set live)
+    fd: int | None = None  # QEMU inherits the file open as this descriptor (-add-fd) instead of opening `path`
 
     @classmethod
     def for_path(cls, path: str, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
@@ -75,6 +88,27 @@ def _esc(value: str) -> str:
     return str(value).replace(",", ",,")
 
 
+def _keyval(head: str | None, options: Mapping[str, object]) -> str:
+    """`head,key=value,...` with the head and every value escaped: the one way an option
+    string is built. Keys are this module's own constants; booleans become on/off."""
+    parts = [_esc(head)] if head else []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append(f"{key}={_esc(str(value))}")
+    return ",".join(parts)
+
+
+def node_name(kind: str, volume: str) -> str:
+    """The block node (kind file, fmt or drive) of a volume: `kind-volume`, shortened with a
+    digest where QEMU's 31-character limit needs it (volume names may have 63)."""
+    plain = f"{kind}-{volume}"
+    if len(plain) <= _NODE_NAME_MAX:
+        return plain
+    digest = hashlib.sha256(volume.encode()).hexdigest()[:8]
+    return f"{kind}-{volume[:_NODE_NAME_MAX - len(kind) - 10]}-{digest}"
+
+
 def _blockdev(opts: dict) -> list[str]:
     return ["-blockdev", json.dumps(opts, separators=(",", ":"))]
 
@@ -88,26 +122,28 @@ def mac_address(vm: VmSpec, interface: str) -> str:
 def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str], str]:
     """Arguments for one volume's block graph; returns (argv, top node name)."""
     readonly = att.readonly or disk.readonly
+    file, fmt = node_name("file", disk.name), node_name("fmt", disk.name)
     proto: dict = {
         "driver": "host_device" if att.block else "file",
-        "filename": att.path,
-        "node-name": f"file-{disk.name}",
+        "filename": att.path if att.fd is None else f"/dev/fdset/{att.fd}",
+        "node-name": file,
         "read-only": readonly,
         "discard": "unmap",
         "cache": {"direct": att.direct_io, "no-flush": False},
     }
     if att.direct_io:
         proto["aio"] = "native"
-    args = _blockdev(proto)
-    args += _blockdev({"driver": "raw", "node-name": f"fmt-{disk.name}", "file": f"file-{disk.name}",
-                       "read-only": readonly, "discard": "unmap"})
-    top = f"fmt-{disk.name}"
+    args = [] if att.fd is None else ["-add-fd", _keyval(None, {"fd": int(att.fd), "set": int(att.fd)})]
+    args += _blockdev(proto)
+    args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
+    top = fmt
     if att.throttle is not None:
         t = att.throttle
-        args += ["-object", f"throttle-group,id=tg-{disk.name},x-iops-total={t.iops_total},x-bps-total={t.bps_total}"]
-        args += _blockdev({"driver": "throttle", "node-name": f"drive-{disk.name}", "throttle-group": f"tg-{disk.name}",
-                           "file": top, "read-only": readonly})
-        top = f"drive-{disk.name}"
+        args += ["-object", _keyval("throttle-group", {"id": f"tg-{disk.name}", "x-iops-total": t.iops_total,
+                                                       "x-bps-total": t.bps_total})]
+        top = node_name("drive", disk.name)
+        args += _blockdev({"driver": "throttle", "node-name": top, "throttle-group": f"tg-{disk.name}",
+                           "file": fmt, "read-only": readonly})
     return args, top
 
 
@@ -125,42 +161,50 @@ def build_qemu_argv(
     ovmf_vars: str | None = None,
     qemu_binary: str = QEMU_BINARY,
     extra_args: Sequence[str] = (),
+    start_paused: bool = False,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
     `host_ports` maps (protocol, guest port) of masquerade interface ports to host ports on
     127.0.0.1. `incoming` is "defer" for a migration target. With `console_socket` the serial
-    console is an interactive unix socket that also logs to `serial_log`.
+    console is an interactive unix socket that also logs to `serial_log`. `start_paused` (-S)
+    holds the guest until QMP `cont`.
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
+    if incoming not in (None, "defer"):
+        raise ValueError(f"incoming must be defer, not {incoming!r}")
     missing = [d.name for d in vm.disks if d.name not in disks]
     if missing:
         raise ValueError(f"no attachment for volume(s) {', '.join(missing)}")
-    machine = f"{vm.machine}"
-    argv = [qemu_binary, "-name", f"guest={_esc(vm.namespace)}/{_esc(vm.name)},debug-threads=on",
-            "-nodefaults", "-no-user-config", "-display", "none", "-accel", accel]
+    machine: dict[str, object] = {}
+    argv = [qemu_binary, "-name", _keyval(None, {"guest": f"{vm.namespace}/{vm.name}", "debug-threads": True}),
+            "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", SECCOMP, "-accel", accel]
     if vm.firmware == "efi":
         if not ovmf_code or not ovmf_vars:
             raise ValueError("efi firmware needs ovmf_code and ovmf_vars")
         argv += _blockdev({"driver": "file", "filename": ovmf_code, "node-name": "pflash0", "read-only": True})
         argv += _blockdev({"driver": "file", "filename": ovmf_vars, "node-name": "pflash1", "read-only": False})
-        machine += ",pflash0=pflash0,pflash1=pflash1"
+        machine.update({"pflash0": "pflash0", "pflash1": "pflash1"})
         if vm.secure_boot:
-            machine += ",smm=on"
+            machine["smm"] = True
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
-    argv += ["-machine", machine]
+    argv += ["-machine", _keyval(vm.machine, machine)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
-    argv += ["-smp", f"{vm.vcpus},sockets={vm.sockets},cores={vm.cores},threads={vm.threads}",
+    argv += ["-smp", _keyval(str(vm.vcpus), {"sockets": vm.sockets, "cores": vm.cores, "threads": vm.threads}),
              "-m", f"{-(-vm.memory // MIB)}M",
              "-rtc", "base=utc",
-             "-qmp", f"unix:{_esc(qmp_path)},server=on,wait=off"]
+             "-qmp", "unix:" + _keyval(qmp_path, {"server": True, "wait": False})]
+    if vm.uuid:
+        argv += ["-uuid", vm.uuid]
+    if vm.serial:
+        argv += ["-smbios", _keyval("type=1", {"serial": vm.serial})]
     if console_socket:
-        argv += ["-chardev", f"socket,id=serial0,path={_esc(console_socket)},server=on,wait=off,"
-                             f"logfile={_esc(serial_log)},logappend=on"]
+        argv += ["-chardev", _keyval("socket", {"id": "serial0", "path": console_socket, "server": True, "wait": False,
+                                                "logfile": serial_log, "logappend": True})]
     else:
-        argv += ["-chardev", f"file,id=serial0,path={_esc(serial_log)},append=on"]
+        argv += ["-chardev", _keyval("file", {"id": "serial0", "path": serial_log, "append": True})]
     argv += ["-serial", "chardev:serial0"]
 
     buses = {d.bus for d in vm.disks}
@@ -172,39 +216,46 @@ def build_qemu_argv(
     for disk in vm.disks:
         nodes, top = _volume_nodes(vm, disk, disks[disk.name])
         argv += nodes
-        dev = f"drive={top},id=ua-{disk.name}"
         if disk.bus == "virtio":
-            dev = f"virtio-blk-pci,{dev}"
+            head, where = "virtio-blk-pci", {}
         elif disk.bus == "sata":
-            kind = "ide-cd" if disk.device == "cdrom" else "ide-hd"
-            dev = f"{kind},bus=sata0.{sata_port},{dev}"
+            head, where = "ide-cd" if disk.device == "cdrom" else "ide-hd", {"bus": f"sata0.{sata_port}"}
             sata_port += 1
         else:
-            kind = "scsi-cd" if disk.device == "cdrom" else "scsi-hd"
-            dev = f"{kind},bus=scsi0.0,channel=0,scsi-id=0,lun={scsi_lun},{dev}"
+            head = "scsi-cd" if disk.device == "cdrom" else "scsi-hd"
+            where = {"bus": "scsi0.0", "channel": 0, "scsi-id": 0, "lun": scsi_lun}
             scsi_lun += 1
+        dev = {**where, "drive": top, "id": f"ua-{disk.name}"}
         if disk.serial:
-            dev += f",serial={disk.serial}"
+            dev["serial"] = disk.serial
         if disk.boot_order:
-            dev += f",bootindex={disk.boot_order}"
-        argv += ["-device", dev]
+            dev["bootindex"] = disk.boot_order
+        argv += ["-device", _keyval(head, dev)]
 
     for iface in vm.interfaces:
-        net = f"user,id=net-{iface.name},net=10.0.2.0/24,host=10.0.2.1,dhcpstart=10.0.2.2"
+        net: dict[str, object] = {"id": f"net-{iface.name}", "net": "10.0.2.0/24", "host": "10.0.2.1",
+                                  "dhcpstart": "10.0.2.2"}
         if vm.hostname:
-            net += f",hostname={vm.hostname}"
+            net["hostname"] = vm.hostname
+        forwards = []
         for port in iface.ports:
             host = (host_ports or {}).get((port.protocol, port.port))
             if host is None:
                 raise ValueError(f"no host port for {port.protocol} {port.port} of interface {iface.name}")
-            net += f",hostfwd={port.protocol.lower()}:127.0.0.1:{host}-:{port.port}"
+            forwards.append(_keyval(None, {"hostfwd": f"{port.protocol.lower()}:127.0.0.1:{int(host)}-:{port.port}"}))
         model = {"virtio": "virtio-net-pci"}.get(iface.model, iface.model)
-        dev = f"{model},netdev=net-{iface.name},id=ua-{iface.name},mac={iface.mac or mac_address(vm, iface.name)}"
-        dev += f",bootindex={iface.boot_order}" if iface.boot_order else ",romfile="
-        argv += ["-netdev", net, "-device", dev]
+        dev: dict[str, object] = {"netdev": f"net-{iface.name}", "id": f"ua-{iface.name}",
+                                  "mac": iface.mac or mac_address(vm, iface.name)}
+        if iface.boot_order:
+            dev["bootindex"] = iface.boot_order
+        else:
+            dev["romfile"] = ""
+        argv += ["-netdev", ",".join([_keyval("user", net), *forwards]), "-device", _keyval(model, dev)]
 
     if any(d.boot_order for d in vm.disks) or any(i.boot_order for i in vm.interfaces):
         argv += ["-boot", "strict=on"]
+    if start_paused:
+        argv += ["-S"]
     if incoming:
         argv += ["-incoming", incoming]
     return argv + list(extra_args)

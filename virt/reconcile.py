@@ -3,6 +3,11 @@ and virt-handler, folded into one process in embedded mode).
 
 State-change requests (start, stop, restart, pause, unpause) arrive as the annotation
 `pvlun.dev/state-change-request` on the VirtualMachine, written by `pvlun vm ...`.
+
+A VirtualMachine carries a finalizer (as KubeVirt's does) from its first reconcile on, before
+anything of it runs: deleting it stops its QEMU (ACPI powerdown, `quit` after a short grace,
+then SIGKILL), which detaches its volumes; then its VMI, run directories and console history
+go, and the VM itself. Its DataVolumes follow through the garbage collector (ownerReferences).
 """
 
 from __future__ import annotations
@@ -10,20 +15,24 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import time
 
+from pvlun import kubelet
 from pvlun.context import Context
-from pvlun.kubelet import NodeFull
-from pvlun.store import Obj, set_condition
+from pvlun.store import Obj, remove_finalizer, set_condition
 from pvlun.user_text import user_text
 from virt.launcher import LaunchError, Phase
-from virt.runtime import CSI_SOURCES, VmRuntime, owner as attachment_owner
-from virt.spec import SpecError, parse_virtual_machine
+from virt.qemu_args import node_name
+from virt.runtime import CSI_SOURCES, VmRuntime, owner
+from virt.spec import DEFAULT_GRACE_SECONDS, SpecError, parse_virtual_machine
 
 log = logging.getLogger("pvlun.virt")
 REQUEST = "pvlun.dev/state-change-request"
 CRASH_WINDOW = 120  # seconds; failures inside it count towards CrashLoopBackOff
 CRASH_LIMIT = 3
+FINALIZER = "pvlun.dev/virtual-machine"
+DELETE_GRACE_SECONDS = 30  # at most this long for the guest to power off when its VM is deleted
 
 
 def runtime(ctx: Context) -> VmRuntime:
@@ -186,10 +195,11 @@ def _follow_volume_size(running, name: str, disk) -> bool:
     with open(disk.path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
     nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
-    current = next((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == f"fmt-{name}"), size)
+    fmt = node_name("fmt", name)
+    current = next((n["image"]["virtual-size"] for n in nodes if n.get("node-name") == fmt), size)
     if size <= current:
         return False
-    running.launcher.execute("block_resize", {"node-name": f"fmt-{name}", "size": size})
+    running.launcher.execute("block_resize", {"node-name": fmt, "size": size})
     log.info("VM %s volume %s: grown to %d bytes", running.key, name, size)
     return True
 
@@ -206,7 +216,7 @@ def volume_status(running) -> list[dict]:
     out = []
     for name, attachment in running.attachments.items():
         entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id,
-                 "size": sizes.get(f"fmt-{name}", 0)}
+                 "size": sizes.get(node_name("fmt", name), 0)}
         if running.launcher.disks[name].throttle is not None:
             limits = running.launcher.throttle_limits(name)
             entry["ioLimits"] = {"iopsTotal": limits.get("iops-total", 0), "bpsTotal": limits.get("bps-total", 0)}
@@ -214,9 +224,43 @@ def volume_status(running) -> list[dict]:
     return out
 
 
+def _delete_vm(ctx: Context, vm: Obj, rt: VmRuntime) -> None:
+    """The VM is being deleted: stop what runs, then release everything it held."""
+    key = key_of(vm)
+    ns, name = key.split("/", 1)
+    if ctx.jobs.running("vm:" + key) or ctx.jobs.running("migration:" + key):
+        return  # a start, stop or migration under way: finish it first
+    if rt.get(key):
+        try:
+            grace = parse_virtual_machine(vm).template.termination_grace_period
+        except SpecError:
+            grace = DEFAULT_GRACE_SECONDS
+        _vm_status(ctx, vm, "Terminating")
+        ctx.jobs.start("vm:" + key, lambda: rt.stop(key, min(grace, DELETE_GRACE_SECONDS)))
+        return
+    for a in kubelet.attachments_of(ctx.store, owner(key)):  # normally none: QEMU's exit detached them
+        kubelet.detach(ctx.store, ctx.csi, a["spec"]["volumeId"], a["spec"]["nodeName"], owner(key))
+    if ctx.store.get("VirtualMachineInstance", name, ns) is not None:
+        ctx.store.delete("VirtualMachineInstance", name, ns)
+    rt.forget(key)
+    ctx.services.get("qos_refused", {}).pop(key, None)
+    shutil.rmtree(os.path.join(ctx.data_dir, "vms", ns, name), ignore_errors=True)
+    remove_finalizer(ctx.store, vm, FINALIZER)
+    log.info("VM %s deleted", key)
+
+
 def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
     rt = runtime(ctx)
     key = key_of(vm)
+    meta = vm["metadata"]
+    if meta.get("deletionTimestamp"):
+        _delete_vm(ctx, vm, rt)
+        return
+    if FINALIZER not in meta.get("finalizers", []):  # before anything of it runs
+        vm = ctx.store.patch_metadata("VirtualMachine", meta["name"], meta.get("namespace", "default"),
+                                      finalizers=meta.get("finalizers", []) + [FINALIZER])
+        if vm is None or vm["metadata"].get("deletionTimestamp"):
+            return  # deleted meanwhile
     try:
         parsed = parse_virtual_machine(vm)
     except SpecError as exc:
@@ -271,13 +315,13 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
     def start(node: str) -> None:
         try:
             rt.start(parsed.template, key, node)
-        except NodeFull:
+        except kubelet.NodeFull:
             raise  # back to the job queue until a node has room for every volume
         except (LaunchError, Exception) as exc:  # noqa: BLE001 - reported on the VM, retried by policy
             log.warning("VM %s failed to start: %s", key, exc)
             ctx.store.add_event(vm, "Warning", "FailedCreate", user_text(exc))
 
-    ctx.jobs.start_on_node("vm:" + key, start, attachment_owner(key),
+    ctx.jobs.start_on_node("vm:" + key, start, owner(key),
                            volumes=sum(v.source in CSI_SOURCES for v in parsed.template.volumes))
 
 

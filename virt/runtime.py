@@ -16,6 +16,7 @@ from pvlun import kubelet
 from pvlun.context import Context
 from pvlun.store import set_condition
 from pvlun.user_text import shown_text, user_text
+from virt.console_history import ConsoleHistory, history_file
 from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
@@ -102,15 +103,32 @@ class VmRuntime:
         self.running: dict[str, Running] = {}
         self.last_exit: dict[str, tuple[str, str, float]] = {}  # key -> (phase, reason, time)
         self.failures: dict[str, list[float]] = {}
+        self.histories: dict[str, ConsoleHistory] = {}
 
     def get(self, key: str) -> Running | None:
         with self.lock:
             return self.running.get(key)
 
+    def history(self, key: str) -> ConsoleHistory:
+        """The VM's console history, one per VM (its launchers append to it in turn)."""
+        with self.lock:
+            if key not in self.histories:
+                ns, name = key.split("/", 1)
+                self.histories[key] = ConsoleHistory(history_file(self.ctx.data_dir, ns, name))
+            return self.histories[key]
+
+    def forget(self, key: str) -> None:
+        """The VM is deleted: a new one of the same name starts with a clean record."""
+        with self.lock:
+            self.last_exit.pop(key, None)
+            self.failures.pop(key, None)
+            self.histories.pop(key, None)
+
     def launcher(self, spec: VmSpec, key: str, node: str, disks: dict[str, DiskAttachment],
                  incoming: str | None = None) -> VmLauncher:
         return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,
-                          node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r))
+                          node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r),
+                          history=self.history(key))
 
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""

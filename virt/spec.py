@@ -8,32 +8,31 @@ can tell the user exactly which line to fix.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pvlun.quantity import parse_quantity
+from virt.spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
+from virt.spec_fields import SUBDOMAIN as _SUBDOMAIN
+from virt.spec_fields import base64_text as _b64
+from virt.spec_fields import boolean as _bool
+from virt.spec_fields import integer as _int
+from virt.spec_fields import items as _list
+from virt.spec_fields import mac_address, machine_type, matching, one_of
+from virt.spec_fields import mapping as _map
+from virt.spec_fields import name as _name
+from virt.spec_fields import shown
+from virt.spec_fields import text as _text
 
 API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")
 BUSES = ("virtio", "sata", "scsi")
 CDROM_BUSES = ("sata", "scsi")
 VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk")
+MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
+PROTOCOLS = ("TCP", "UDP")
 DEFAULT_GRACE_SECONDS = 180
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-
-
-class SpecError(ValueError):
-    """A spec field is missing, malformed or unsupported; `path` names it."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}")
+__all__ = ["SpecError"]  # re-exported: callers catch it from here
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,9 @@ class VmSpec:
     memory: int = 128 << 20
     firmware: str = "bios"  # or "efi"
     secure_boot: bool = False
-    machine: str = "q35"
+    machine: str = DEFAULT_MACHINE
+    uuid: str | None = None  # firmware.uuid: the guest's SMBIOS system UUID
+    serial: str | None = None  # firmware.serial: the guest's SMBIOS system serial
     hostname: str | None = None
     disks: tuple[Disk, ...] = ()
     volumes: tuple[Volume, ...] = ()
@@ -124,68 +125,13 @@ class Migration:
 
 # ---------------------------------------------------------------- helpers
 
-def _map(value: Any, path: str, *, required: bool = False) -> dict:
-    if value is None:
-        if required:
-            raise SpecError(path, "required")
-        return {}
-    if not isinstance(value, dict):
-        raise SpecError(path, f"must be an object, not {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, path: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise SpecError(path, f"must be a list, not {type(value).__name__}")
-    return value
-
-
-def _int(value: Any, path: str, default: int, *, minimum: int = 1, maximum: int = 1 << 31) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise SpecError(path, f"must be an integer within {minimum}..{maximum}, not {value!r}")
-    return value
-
-
-def _bool(value: Any, path: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SpecError(path, f"must be true or false, not {value!r}")
-    return value
-
-
-def _name(value: Any, path: str, pattern: re.Pattern = _NAME, limit: int = 63) -> str:
-    if value is None or value == "":
-        raise SpecError(path, "required")
-    if not isinstance(value, str) or len(value) > limit or not pattern.match(value):
-        raise SpecError(path, f"{value!r} is not a valid name (lowercase letters, digits and '-')")
-    return value
-
-
-def _text(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise SpecError(path, "must be a string")
-    return value
-
-
-def _b64(value: Any, path: str) -> str:
-    try:
-        return base64.b64decode(_text(value, path), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise SpecError(path, "is not valid base64 of UTF-8 text") from None
-
-
 def _check_header(obj: Any, kind: str) -> tuple[str, str]:
     if not isinstance(obj, dict):
         raise SpecError("", f"a {kind} must be an object")
     if obj.get("apiVersion") not in API_VERSIONS:
-        raise SpecError("apiVersion", f"{obj.get('apiVersion')!r} is not {API_VERSIONS[0]}")
+        raise SpecError("apiVersion", f"{shown(obj.get('apiVersion'))} is not {API_VERSIONS[0]}")
     if obj.get("kind") != kind:
-        raise SpecError("kind", f"{obj.get('kind')!r} is not {kind}")
+        raise SpecError("kind", f"{shown(obj.get('kind'))} is not {kind}")
     meta = _map(obj.get("metadata"), "metadata", required=True)
     name = _name(meta.get("name"), "metadata.name", _SUBDOMAIN, 253)
     namespace = _name(meta.get("namespace") or "default", "metadata.namespace")
@@ -205,14 +151,12 @@ def _parse_disk(raw: Any, path: str) -> Disk:
         raise SpecError(f"{path}.{device}", "unsupported disk type (disk, cdrom)")
     body = _map(raw.get(device), f"{path}.{device}")
     allowed = BUSES if device == "disk" else CDROM_BUSES
-    bus = body.get("bus", "virtio" if device == "disk" else "sata")
-    if bus not in allowed:
-        raise SpecError(f"{path}.{device}.bus", f'unsupported bus "{bus}" ({", ".join(allowed)})')
+    bus = one_of(body.get("bus", "virtio" if device == "disk" else "sata"), f"{path}.{device}.bus", allowed, "bus")
     readonly = _bool(body.get("readonly"), f"{path}.{device}.readonly", device == "cdrom")
     boot_order = None if raw.get("bootOrder") is None else _int(raw["bootOrder"], f"{path}.bootOrder", 0)
     serial = raw.get("serial")
-    if serial is not None and (not isinstance(serial, str) or not re.match(r"^[A-Za-z0-9_.+-]{1,20}$", serial)):
-        raise SpecError(f"{path}.serial", "must be 1-20 characters of letters, digits, '_', '.', '+' or '-'")
+    if serial is not None:
+        matching(serial, f"{path}.serial", DISK_SERIAL, "1-20 characters of letters, digits, '_', '.', '+' or '-'")
     return Disk(name, device, bus, boot_order, readonly, serial)
 
 
@@ -223,10 +167,11 @@ def _parse_volume(raw: Any, path: str) -> Volume:
     if not sources:
         raise SpecError(path, f"a volume source is required ({', '.join(VOLUME_SOURCES)})")
     if len(sources) > 1:
-        raise SpecError(path, f"only one volume source may be set (got {', '.join(sources)})")
+        raise SpecError(path, f"only one volume source may be set (got {shown(sources, 80)})")
     source = sources[0]
     if source not in VOLUME_SOURCES:
-        raise SpecError(f"{path}.{source}", f"unsupported volume source ({', '.join(VOLUME_SOURCES)})")
+        where = f"{path}.{source}" if isinstance(source, str) and source.isalnum() and len(source) < 40 else path
+        raise SpecError(where, f"unsupported volume source {shown(source)} ({', '.join(VOLUME_SOURCES)})")
     body = _map(raw[source], f"{path}.{source}", required=True)
     where = f"{path}.{source}"
     if source == "dataVolume":
@@ -249,15 +194,15 @@ def _parse_volume(raw: Any, path: str) -> Volume:
         raise SpecError(where, "secretRef is not supported; use userData or userDataBase64")
     if ("userData" in body) == ("userDataBase64" in body):
         raise SpecError(where, "exactly one of userData, userDataBase64 is required")
-    user = _text(body["userData"], f"{where}.userData") if "userData" in body \
-        else _b64(body["userDataBase64"], f"{where}.userDataBase64")
+    user = _text(body["userData"], f"{where}.userData", CLOUD_INIT_MAX_BYTES) if "userData" in body \
+        else _b64(body["userDataBase64"], f"{where}.userDataBase64", CLOUD_INIT_MAX_BYTES)
     network = None
     if "networkData" in body and "networkDataBase64" in body:
         raise SpecError(where, "only one of networkData, networkDataBase64 may be set")
     if "networkData" in body:
-        network = _text(body["networkData"], f"{where}.networkData")
+        network = _text(body["networkData"], f"{where}.networkData", CLOUD_INIT_MAX_BYTES)
     elif "networkDataBase64" in body:
-        network = _b64(body["networkDataBase64"], f"{where}.networkDataBase64")
+        network = _b64(body["networkDataBase64"], f"{where}.networkDataBase64", CLOUD_INIT_MAX_BYTES)
     return Volume(name, source, user_data=user, network_data=network)
 
 
@@ -267,19 +212,14 @@ def _parse_interface(raw: Any, path: str) -> Interface:
     bindings = [k for k in ("masquerade", "bridge", "slirp", "sriov", "passt", "binding") if k in raw]
     if bindings and bindings != ["masquerade"]:
         raise SpecError(f"{path}.{bindings[-1]}", "unsupported interface binding (masquerade)")
-    model = raw.get("model", "virtio")
-    if model not in ("virtio", "e1000", "e1000e", "rtl8139"):
-        raise SpecError(f"{path}.model", f"unsupported model {model!r} (virtio, e1000, e1000e, rtl8139)")
-    mac = raw.get("macAddress")
-    if mac is not None and (not isinstance(mac, str) or not _MAC.match(mac)):
-        raise SpecError(f"{path}.macAddress", f"{mac!r} is not a MAC address")
+    model = one_of(raw.get("model", "virtio"), f"{path}.model", MODELS, "model")
+    mac = None if raw.get("macAddress") is None else mac_address(raw["macAddress"], f"{path}.macAddress")
     ports = []
     for j, p in enumerate(_list(raw.get("ports"), f"{path}.ports")):
         p = _map(p, f"{path}.ports[{j}]", required=True)
-        proto = p.get("protocol", "TCP")
-        if proto not in ("TCP", "UDP"):
-            raise SpecError(f"{path}.ports[{j}].protocol", f"unsupported protocol {proto!r} (TCP, UDP)")
-        ports.append(Port(_int(p.get("port"), f"{path}.ports[{j}].port", 0, maximum=65535), proto, p.get("name")))
+        proto = one_of(p.get("protocol", "TCP"), f"{path}.ports[{j}].protocol", PROTOCOLS, "protocol")
+        port_name = None if p.get("name") is None else _name(p["name"], f"{path}.ports[{j}].name", limit=15)
+        ports.append(Port(_int(p.get("port"), f"{path}.ports[{j}].port", 0, maximum=65535), proto, port_name))
         if ports[-1].port == 0:
             raise SpecError(f"{path}.ports[{j}].port", "required")
     boot = None if raw.get("bootOrder") is None else _int(raw["bootOrder"], f"{path}.bootOrder", 0)
@@ -315,16 +255,20 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     threads = _int(cpu.get("threads"), f"{dpath}.cpu.threads", 1, maximum=8)
     memory = _parse_memory(domain, dpath)
 
-    boot = _map(_map(domain.get("firmware"), f"{dpath}.firmware").get("bootloader"), f"{dpath}.firmware.bootloader")
+    fw = _map(domain.get("firmware"), f"{dpath}.firmware")
+    if "kernelBoot" in fw:
+        raise SpecError(f"{dpath}.firmware.kernelBoot", "unsupported (boot from a disk)")
+    uuid = None if fw.get("uuid") is None else matching(fw["uuid"], f"{dpath}.firmware.uuid", UUID, "a UUID")
+    serial = None if fw.get("serial") is None else matching(
+        fw["serial"], f"{dpath}.firmware.serial", FIRMWARE_SERIAL, "1-64 letters, digits, '_', '.', '+' or '-'")
+    boot = _map(fw.get("bootloader"), f"{dpath}.firmware.bootloader")
     firmware, secure = "bios", False
     if "efi" in boot and "bios" in boot:
         raise SpecError(f"{dpath}.firmware.bootloader", "only one of bios, efi may be set")
     if "efi" in boot:
         efi = _map(boot["efi"], f"{dpath}.firmware.bootloader.efi")
         firmware, secure = "efi", _bool(efi.get("secureBoot"), f"{dpath}.firmware.bootloader.efi.secureBoot", True)
-    machine = _map(domain.get("machine"), f"{dpath}.machine").get("type", "q35")
-    if machine not in ("q35", "pc") and not str(machine).startswith(("pc-q35", "pc-i440fx")):
-        raise SpecError(f"{dpath}.machine.type", f"unsupported machine type {machine!r} (q35, pc)")
+    machine = machine_type(_map(domain.get("machine"), f"{dpath}.machine").get("type"), f"{dpath}.machine.type")
 
     devices = _map(domain.get("devices"), f"{dpath}.devices")
     volumes = [_parse_volume(v, f"{path}.volumes[{i}]") for i, v in enumerate(_list(spec.get("volumes"), f"{path}.volumes"))]
@@ -357,7 +301,8 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     for i, x in enumerate(interfaces):
         if networks and x.name not in net_names:
             raise SpecError(f"{dpath}.devices.interfaces[{i}].name", f"no network named {x.name!r} in {path}.networks")
-    if not ifaces_raw and not networks and devices.get("autoattachPodInterface", True):
+    if not ifaces_raw and not networks and _bool(devices.get("autoattachPodInterface"),
+                                                 f"{dpath}.devices.autoattachPodInterface", True):
         interfaces = [Interface("default")]
 
     orders = [d.boot_order for d in disks if d.boot_order] + [x.boot_order for x in interfaces if x.boot_order]
@@ -370,7 +315,8 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     if hostname is not None:
         hostname = _name(hostname, f"{path}.hostname")
     return VmSpec(name=name, namespace=namespace, cores=cores, sockets=sockets, threads=threads, memory=memory,
-                  firmware=firmware, secure_boot=secure, machine=machine, hostname=hostname or name,
+                  firmware=firmware, secure_boot=secure, machine=machine, uuid=uuid, serial=serial,
+                  hostname=hostname or name,
                   disks=tuple(disks), volumes=tuple(volumes), interfaces=tuple(interfaces),
                   termination_grace_period=grace, labels=dict(labels or {}))
 
@@ -394,11 +340,12 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
     if "runStrategy" in spec:
         strategy = spec["runStrategy"]
         if strategy not in RUN_STRATEGIES:
-            raise SpecError("spec.runStrategy", f"unsupported run strategy {strategy!r} ({', '.join(RUN_STRATEGIES)})")
+            raise SpecError("spec.runStrategy",
+                            f"unsupported run strategy {shown(strategy)} ({', '.join(RUN_STRATEGIES)})")
     else:
         strategy = "Always" if _bool(spec.get("running"), "spec.running", False) else "Halted"
     template = _map(spec.get("template"), "spec.template", required=True)
-    labels = _map(template.get("metadata"), "spec.template.metadata").get("labels") or {}
+    labels = _map(_map(template.get("metadata"), "spec.template.metadata").get("labels"), "spec.template.metadata.labels")
     vmi = parse_vmi_spec(template.get("spec"), "spec.template.spec", name, namespace, labels)
     templates = []
     for i, t in enumerate(_list(spec.get("dataVolumeTemplates"), "spec.dataVolumeTemplates")):
@@ -413,7 +360,7 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
 
 def parse_virtual_machine_instance(obj: Any) -> VmSpec:
     name, namespace = _check_header(obj, "VirtualMachineInstance")
-    labels = _map(obj.get("metadata"), "metadata").get("labels") or {}
+    labels = _map(_map(obj.get("metadata"), "metadata").get("labels"), "metadata.labels")
     return parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
 
 
@@ -429,5 +376,5 @@ def parse_object(obj: Any) -> VirtualMachine | VmSpec | Migration:
     parsers = {"VirtualMachine": parse_virtual_machine, "VirtualMachineInstance": parse_virtual_machine_instance,
                "VirtualMachineInstanceMigration": parse_migration}
     if kind not in parsers:
-        raise SpecError("kind", f"{kind!r} is not one of {', '.join(parsers)}")
+        raise SpecError("kind", f"{shown(kind)} is not one of {', '.join(parsers)}")
     return parsers[kind](obj)

@@ -12,6 +12,8 @@ import pytest
 from hostile_http import HostileServer
 from test_datavolume import dv
 
+from pvlun.sandbox import processes_below
+
 MiB = 1 << 20
 
 
@@ -34,24 +36,13 @@ def status(inst, name: str) -> dict:
 
 def descendants(pid: int) -> list[str]:
     """Command lines of every process below pid."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
+    found = []
+    for child in processes_below(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
                 found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
         except OSError:
             continue
-        todo += children.get(child, [])
     return found
 
 

@@ -19,7 +19,8 @@ from guest_output import MARKER, alive, ticks
 
 # A user hook (argv: event vm source target data-dir): records "{event} {vm} {source} {target}";
 # a flag file makes the pre hook fail, or makes it start a watcher that SIGKILLs the target QEMU
-# (found by its run directory in this instance) as soon as it appears, while the flag exists.
+# (found by its run directory in this instance, not its sandbox's processes that name it too) as
+# soon as it appears, while the flag exists.
 HOOK = """#!/bin/sh
 dir=$(dirname "$0")
 echo "$1 $2 $3 $4" >> "$dir/hooks.log"
@@ -27,7 +28,7 @@ if [ "$1" = pre ] && [ -e "$dir/fail-pre-$2" ]; then echo "pre hook refused to m
 if [ "$1" = pre ] && [ -e "$dir/slow-pre-$2" ]; then sleep 3; fi
 if [ "$1" = pre ] && [ -e "$dir/kill-target-$2" ]; then
   ( while [ -e "$dir/kill-target-$2" ]; do
-      pid=$(pgrep -f "$5/vms/default/$2/$4/") && { kill -9 $pid; echo "$pid" > "$dir/killed-$2"; exit 0; }
+      pid=$(pgrep -f "^qemu-system-x86_64 .*$5/vms/default/$2/$4/") && { kill -9 $pid; echo "$pid" > "$dir/killed-$2"; exit 0; }
       sleep 0.005; done ) </dev/null >/dev/null 2>&1 &
 fi
 exit 0
@@ -246,3 +247,25 @@ def test_cancelled_migration_leaves_the_source_running_and_cleans_the_target(mig
                           if (m.get("spec") or {}).get("vmiName") == mover
                           and (m.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], 10,
              "the cancelled migration object gone")
+
+
+def test_logs_show_the_whole_console_history_across_a_migration_and_a_restart(mig, tick_image, tick_vm_yaml):
+    out = mig.apply(tick_vm_yaml("historian", tick_image), "--wait")
+    assert "virtualmachine/historian Running" in out.stdout, out.stdout + out.stderr
+    source, target = placement(mig, "historian")
+    mig.wait(lambda: len(ticks(mig.serial_log("historian", source))) >= 3, 15, "ticks before the migration")
+    out = mig.cli("vm", "migrate", "historian", "--wait", "--timeout", "120")
+    assert f"from {source} to {target}" in out.stdout, out.stdout + out.stderr
+    last_on_source = ticks(mig.serial_log("historian", source))[-1]
+    mig.wait(lambda: len(ticks(mig.serial_log("historian", target))) >= 3, 15, "ticks after the migration")
+    first_run_end = ticks(mig.serial_log("historian", target))[-1]
+    assert "is Running" in mig.cli("vm", "restart", "historian", "--wait", "--timeout", "60").stdout
+    second_boot = lambda: mig.cli("logs", "vm/historian").stdout.split(MARKER)[2:]  # noqa: E731
+    mig.wait(lambda: second_boot() and len(ticks(second_boot()[0])) >= 2, 30, "ticks of the second run in pvlun logs")
+
+    text = mig.cli("logs", "vm/historian").stdout
+    assert text.count(MARKER) == 2  # two boots, in order, each once
+    _, first_run, second_run = text.split(MARKER)
+    counted = ticks(first_run)  # one count across both nodes: nothing lost or repeated at the switch
+    assert counted == list(range(1, len(counted) + 1)) and len(counted) >= first_run_end > last_on_source
+    assert ticks(second_run)[:2] == [1, 2]

@@ -37,7 +37,8 @@ def test_minimal_vm_argv_exactly():
                            qmp_path="/run/vm/qmp.sock", serial_log="/run/vm/serial.log")
     assert argv == [
         "qemu-system-x86_64", "-name", "guest=ns1/web,debug-threads=on",
-        "-nodefaults", "-no-user-config", "-display", "none", "-accel", "tcg",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-accel", "tcg",
         "-machine", "q35", "-smp", "2,sockets=1,cores=2,threads=1", "-m", "256M", "-rtc", "base=utc",
         "-qmp", "unix:/run/vm/qmp.sock,server=on,wait=off",
         "-chardev", "file,id=serial0,path=/run/vm/serial.log,append=on", "-serial", "chardev:serial0",
