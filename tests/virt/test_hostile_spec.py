@@ -210,7 +210,7 @@ def argv_for(spec, paths: dict[str, str]) -> list[str]:
                            console_socket="/run/vm/console.sock", host_ports=ports)
 
 
-@pytest.mark.parametrize("seed", [random.randrange(1 << 30) for _ in range(20)])
+@pytest.mark.parametrize("seed", range(20))  # fixed seeds: the same ids on every xdist worker, reproducible failures
 def test_every_argv_element_from_a_valid_spec_is_in_the_allow_list(seed):
     rng = random.Random(seed)
     spec = parse_virtual_machine(random_vm(rng)).template
