@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pvlun.command import CommandError, Limits, run
-from pvlun.sandbox import Sandbox
+from pvlun.sandbox import TOOLS_ONLY, Sandbox
 
 from . import errors, references
 from .errors import ImportFailed
@@ -159,8 +159,10 @@ class ImageNode:
         return [arg for obj in self.objects for arg in ("--object", obj)]
 
     def sandbox(self, *, writable: Sequence[str] = (), devices: Sequence[str] = (), limits: Limits | None = None) -> Sandbox:
-        """A sandbox holding this node's paths (plus a conversion's target)."""
-        return Sandbox(read_only=self.read_only, writable=(*self.writable, *writable), devices=devices, limits=limits)
+        """A sandbox holding this node's paths (plus a conversion's target), and of /usr only the
+        tools and their libraries: no public file an image's metadata could name."""
+        return Sandbox(read_only=self.read_only, writable=(*self.writable, *writable), devices=devices, limits=limits,
+                       system=TOOLS_ONLY)
 
 
 def local_image(path: str, fmt: str) -> ImageNode:

@@ -203,6 +203,7 @@ class _Import:
                 raise self._too_large(img.virtual_size)
             # qemu reads past the end of a truncated image as zeros (files and HTTP alike): check it
             formats.verify_integrity(node, file_size=info.size)
+            direct.seal()  # the conversion reads what was checked (see sources.nbd)
             self.virtual_size = img.virtual_size
             self.convert_from = node
             return Phase.CONVERT

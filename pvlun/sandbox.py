@@ -11,7 +11,9 @@ format trick (a VMDK extent naming `/etc/shadow`) must find nothing to open. So 
   namespaces, in a new session (no terminal injection).
 
 The files handed over must be accessible to that user: callers create their scratch files
-and sockets with `prepare_dir`/`give`. Devices (block, or character such as /dev/kvm) are
+and sockets with `prepare_dir`/`give`. A file a person names (a `file://` source) is opened
+by that user in the host's own tree (`open_as_sandbox_user`: every directory's permissions
+count) and handed over as that open file (`files`), so what was checked is what is read. Devices (block, or character such as /dev/kvm) are
 handed over as private device nodes owned by the sandbox user (made in a root-only directory
 and bound over the device's path), so the host's own device node keeps its permissions.
 Everything is one argv (`wrap`), which the one command runner (or a Popen for long runs)
@@ -21,18 +23,25 @@ executes: no Python runs between fork and exec.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pvlun.command import Limits
 
 SANDBOX_USER = "nobody"
 _SYSTEM_RO = ("/usr",)
+# what a tool that only parses data needs of /usr: its binary and libraries, none of the
+# public files under /usr/share (licenses, docs) an image's metadata could name
+TOOLS_ONLY = ("/usr/bin", "/usr/lib", "/usr/lib64")
 _LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
 # what a networked tool needs to resolve names and verify TLS (all public files)
 _NETWORK_RO = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/ssl", "/etc/ca-certificates",
@@ -63,25 +72,76 @@ def take_back(path: str) -> None:
 @contextlib.contextmanager
 def lent(path: str) -> Iterator[None]:
     """Lend a file root owns (a volume's LUN file, a disk.img) to the sandbox user for one run
-    that writes it, then give it back with its owner and mode as they were."""
-    before = os.stat(path)
-    uid, gid = sandbox_ids()
-    os.chown(path, uid, gid)
+    that writes it, then give it back with its owner and mode as they were. A symbolic link
+    is refused, never followed: a link in a volume must not lend the file it names."""
+    before = _restamp(path, *sandbox_ids())
     try:
         yield
     finally:
-        os.chown(path, before.st_uid, before.st_gid)
-        os.chmod(path, stat.S_IMODE(before.st_mode))
+        _restamp(path, before.st_uid, before.st_gid, stat.S_IMODE(before.st_mode))
 
 
-def readable_by_sandbox(st: os.stat_result) -> bool:
-    """Would the sandbox user (no supplementary groups) be allowed to read this file?"""
+def _restamp(path: str, uid: int, gid: int, mode: int | None = None) -> os.stat_result:
+    """Owner (and mode) of the file itself, through a descriptor opened without following a
+    link; returns what it was."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        before = os.fstat(fd)
+        os.fchown(fd, uid, gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        return before
+    finally:
+        os.close(fd)
+
+
+_OPENER = """import os, socket, sys
+channel = socket.socket(fileno=0)
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+except OSError as exc:
+    channel.sendall(str(exc.errno).encode())
+else:
+    socket.send_fds(channel, [b"0"], [fd])
+"""
+
+
+def open_as_sandbox_user(path: str, timeout: float = 30) -> int:
+    """Open `path` read-only with the sandbox user's rights, in the host's own tree: the kernel
+    checks every directory on the way and the file itself, as it would for that user. Returns
+    the descriptor (the file as it was resolved, once); raises OSError as the open would.
+
+    The open happens in a small Python child that `subprocess` starts as that user (its C code
+    switches ids: no Python runs between fork and exec in the daemon); the descriptor comes
+    back over a socket. The child runs an interpreter that user may execute: the daemon's own,
+    else Debian's /usr/bin/python3 (python3-minimal)."""
     uid, gid = sandbox_ids()
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IRUSR)
-    if st.st_gid == gid:
-        return bool(st.st_mode & stat.S_IRGRP)
-    return bool(st.st_mode & stat.S_IROTH)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(timeout)
+        proc = None
+        for exe in dict.fromkeys((os.path.realpath(sys.executable), "/usr/bin/python3")):
+            try:
+                proc = subprocess.Popen([exe, "-I", "-S", "-c", _OPENER, path], stdin=theirs, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, cwd="/", env={"LC_ALL": "C"}, user=uid, group=gid,
+                                        extra_groups=[], umask=0o077)
+                break
+            except (PermissionError, FileNotFoundError):
+                continue
+        if proc is None:
+            raise OSError(errno.EACCES, "no Python interpreter the sandbox user may run", path)
+        theirs.close()
+        try:
+            msg, fds, _, _ = socket.recv_fds(ours, 32, 1)
+        except OSError:
+            msg, fds = b"", []
+        finally:
+            proc.kill()
+            proc.wait()
+    if fds:
+        return fds[0]
+    code = int(msg) if msg.isdigit() else errno.EIO
+    raise OSError(code, os.strerror(code), path)
 
 
 def prepare_dir(parent: str | None, prefix: str) -> str:
@@ -99,8 +159,12 @@ class Sandbox:
     read_only: Sequence[str] = ()
     writable: Sequence[str] = ()  # files or directories (a socket's directory)
     devices: Sequence[str] = ()  # block (or character, e.g. /dev/kvm) devices the tool opens
+    # open files (descriptors the caller passes to the child) bound read-only at a path
+    files: Mapping[str, int] = field(default_factory=dict)
     network: bool = False
     limits: Limits | None = None
+    system: Sequence[str] = _SYSTEM_RO  # what of /usr it sees (TOOLS_ONLY: no /usr/share)
+    env: Mapping[str, str] = field(default_factory=dict)
     # killed with the thread that started it; off for a process that outlives its starter (QEMU)
     die_with_parent: bool = True
     _node_dir: str | None = field(default=None, init=False, repr=False)
@@ -119,23 +183,28 @@ class Sandbox:
                 "--cap-add", "CAP_SETUID,CAP_SETGID"]
         if not self.network:
             out.append("--unshare-net")
-        for path in _SYSTEM_RO:
-            out += ["--ro-bind", path, path]
+        made = {"/", "/tmp", "/dev", "/proc"}
+        for path in self.system:
+            out += _parents(path, made) + ["--ro-bind-try", path, path]
+            made.add(path)
         for target, link in _LINKS:
             out += ["--symlink", target, link]
         out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         if self.network:
             for path in _NETWORK_RO:
                 out += ["--ro-bind-try", path, path]
-        made = {"/", "/tmp", "/dev", "/proc", *_SYSTEM_RO}
         for flag, paths in (("--ro-bind", self.read_only), ("--bind", self.writable), ("--dev-bind", self.devices)):
             for path in paths:
                 dest = os.path.abspath(path)
                 out += _parents(dest, made)
                 source = self._private_node(path) if flag == "--dev-bind" else _real(path)
                 out += [flag, source, dest]
-        out += ["--chdir", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/usr/sbin", "--setenv", "LC_ALL", "C",
-                "--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+        for dest, fd in self.files.items():
+            out += _parents(dest, made) + ["--ro-bind-fd", str(fd), dest]
+        out += ["--chdir", "/", "--clearenv", "--setenv", "PATH", "/usr/bin:/usr/sbin", "--setenv", "LC_ALL", "C"]
+        for key, value in self.env.items():
+            out += ["--setenv", key, value]
+        out += ["--", "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
         if self.limits is not None:
             out += self.limits.prefix()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from pvlun.command import CommandError, run
-from pvlun.sandbox import Sandbox, give, prepare_dir, sandbox_ids
+from pvlun.sandbox import TOOLS_ONLY, Sandbox, give, lent, open_as_sandbox_user, prepare_dir, sandbox_ids
 
 
 def _sh(box: Sandbox, script: str) -> subprocess.CompletedProcess[bytes]:
@@ -97,3 +100,63 @@ def test_a_tool_failing_inside_reports_its_own_stderr(tmp_path):
     with Sandbox() as box, pytest.raises(CommandError) as err:
         run(box.wrap(["qemu-img", "info", str(tmp_path / "missing.qcow2")]))
     assert "missing.qcow2" in err.value.stderr and "No such file" in err.value.stderr
+
+
+@pytest.fixture
+def reachable():
+    """A directory every user may enter (pytest's temporary directories are private)."""
+    path = tempfile.mkdtemp(prefix="pvlun-test-reachable-")
+    os.chmod(path, 0o711)
+    yield Path(path)
+    shutil.rmtree(path)
+
+
+def test_open_as_the_sandbox_user_checks_every_directory_on_the_way(reachable):
+    public = reachable / "public"
+    public.mkdir(mode=0o700)
+    (public / "f").write_text("data\n")
+    os.chmod(public / "f", 0o644)
+    with pytest.raises(PermissionError):
+        open_as_sandbox_user(str(public / "f"))  # a world-readable file in a directory only root may enter
+    os.chmod(public, 0o711)
+    fd = open_as_sandbox_user(str(public / "f"))
+    try:
+        assert os.read(fd, 100) == b"data\n"
+    finally:
+        os.close(fd)
+    os.chmod(public / "f", 0o600)
+    with pytest.raises(PermissionError):
+        open_as_sandbox_user(str(public / "f"))
+    with pytest.raises(FileNotFoundError):
+        open_as_sandbox_user(str(public / "missing"))
+
+
+def test_an_open_file_handed_over_is_the_one_opened_whatever_its_path_names_later(tmp_path, canary):
+    path = tmp_path / "image"
+    path.write_text("checked\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.rename(path, tmp_path / "moved-away")
+        os.symlink(canary, path)
+        with Sandbox(files={"/source/image": fd}) as box:
+            proc = subprocess.run(box.wrap(["cat", "/source/image"]), capture_output=True, timeout=30, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert proc.stdout == b"checked\n"
+
+
+def test_lending_a_link_is_refused_and_the_file_it_names_keeps_its_owner(tmp_path, canary):
+    link = tmp_path / "disk.img"
+    os.symlink(canary, link)
+    with pytest.raises(OSError):
+        with lent(str(link)):
+            pass
+    st = os.stat(canary)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+
+
+def test_tools_only_sandbox_runs_tools_but_holds_no_public_files_of_usr_share():
+    assert os.path.isfile("/usr/share/common-licenses/GPL-3")
+    with Sandbox(system=TOOLS_ONLY) as box:
+        proc = _sh(box, "qemu-img --version >/dev/null && echo tools-run; cat /usr/share/common-licenses/GPL-3")
+    assert proc.stdout == b"tools-run\n" and b"No such file" in proc.stderr

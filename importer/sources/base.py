@@ -18,8 +18,9 @@ from typing import BinaryIO, Protocol
 class DirectRead:
     """A qemu block node (the `file` child of a `json:` spec) that reads the source in place.
 
-    `attach(workdir)` returns that node, starting whatever must serve it first (an nbdkit
-    for HTTP); `detach()` stops it. `driver` names the node's kind for the pipeline's rules.
+    `attach(workdir)` returns that node, starting whatever must serve it first (an nbdkit);
+    `seal()` says the checks are done (what they read is what the conversion gets, see
+    `sources.nbd`); `detach()` stops it. `driver` names the node's kind for the pipeline's rules.
     qemu-img runs sandboxed: `read_only` and `writable` are the host paths it must be handed
     to reach the node (the file; the socket's directory), valid once attached.
     """
@@ -35,6 +36,9 @@ class DirectRead:
 
     def attach(self, workdir: str) -> dict:
         return self.spec
+
+    def seal(self) -> None:
+        pass
 
     def detach(self) -> None:
         pass

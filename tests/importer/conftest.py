@@ -4,6 +4,7 @@ from importer_support import (  # noqa: F401  (pytest finds fixtures by name)
     images,
     nginx,
     pki,
+    public,
     py_http,
     py_https,
     scratch,

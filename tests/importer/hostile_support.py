@@ -1,13 +1,29 @@
-"""Hostile images, built at test time with qemu-img and a few patched bytes (for test_hostile_images)."""
+"""Hostile images and tar archives, built at test time with qemu-img, tarfile and a few patched bytes
+(for the test_hostile_* modules); `checks_off` leaves only the sandbox between an image and the host."""
 
 from __future__ import annotations
 
+import io
+import os
 import struct
 import subprocess
+import tarfile
 import uuid
 from pathlib import Path
 
+import pytest
+
+from importer import formats, references
 from importer_support import qemu_img
+
+
+@pytest.fixture
+def checks_off(monkeypatch):
+    """Every check of image metadata and integrity switched off: only the sandbox is left."""
+    monkeypatch.setattr(formats, "precheck_header", lambda fmt, head: None)
+    monkeypatch.setattr(references, "refuse_references", lambda info: None)
+    monkeypatch.setattr(references, "refuse_failed_open", lambda stderr, spec, own: None)
+    monkeypatch.setattr(formats, "verify_integrity", lambda node, file_size=None: None)
 
 
 def vmdk_text(path: Path, create_type: str, extents: list[str]) -> None:
@@ -21,7 +37,14 @@ def vmdk_embedded(path: Path, subformat: str, create_type: str, extents: list[st
     """A sparse (KDMV) VMDK whose embedded descriptor is patched: with capacity 0 in its header
     qemu treats that descriptor as a descriptor file and opens its extents."""
     qemu_img("create", "-f", "vmdk", "-o", f"subformat={subformat}", str(path), "1M")
-    data = bytearray(path.read_bytes())
+    path.write_bytes(vmdk_patched(path.read_bytes(), create_type, extents, capacity_zero=capacity_zero, parent=parent))
+
+
+def vmdk_patched(image: bytes, create_type: str, extents: list[str], *, capacity_zero: bool = True,
+                 parent: str | None = None) -> bytes:
+    """The same sparse VMDK, same length, with its embedded descriptor's createType and extent
+    lines replaced (and, with `capacity_zero`, read as a descriptor file that opens them)."""
+    data = bytearray(image)
     desc_sector, desc_sectors = struct.unpack_from("<QQ", data, 28)
     lines = []
     for line in bytes(data[desc_sector * 512:(desc_sector + desc_sectors) * 512]).rstrip(b"\0").decode().splitlines():
@@ -39,7 +62,7 @@ def vmdk_embedded(path: Path, subformat: str, create_type: str, extents: list[st
     data[desc_sector * 512:(desc_sector + desc_sectors) * 512] = text.ljust(desc_sectors * 512, b"\0")
     if capacity_zero:
         struct.pack_into("<Q", data, 12, 0)
-    path.write_bytes(data)
+    return bytes(data)
 
 
 def qcow2_data_file(path: Path, name: str, work: Path) -> None:
@@ -94,3 +117,46 @@ def vhdx_with_parent(path: Path) -> None:
 
 def fixed_vhd(raw: Path, out: Path) -> None:
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", str(raw), str(out))
+
+
+# -- hostile tar archives ------------------------------------------------------------------------
+def tar_entries(path: Path, entries: list[tuple]) -> Path:
+    """A tar of (name, type, content or link target[, mode]) entries, in order, exactly as given
+    (no normalisation of names: the archive is hostile). Types: tarfile's REGTYPE, DIRTYPE,
+    SYMTYPE, LNKTYPE, CHRTYPE, FIFOTYPE."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, payload, *mode in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = kind, mode[0] if mode else 0o755
+            if kind == tarfile.REGTYPE:
+                data = payload.encode() if isinstance(payload, str) else payload
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = payload
+            if kind == tarfile.CHRTYPE:
+                info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+            tar.addfile(info)
+    return path
+
+
+def link_chain_escape(levels: int = 16) -> tuple[list[tuple], str]:
+    """CVE-2025-4517's trick: `levels` nested 247-character directories, each reached through a
+    one-letter link, and a link at the bottom climbing back up: `escape` then names
+    `<letters>/<bottom>` followed by `levels + 1` times `..`, which stays inside the destination
+    as text but, resolved, climbs `levels + 1` directories above it. The path Python's realpath
+    would have to follow is longer than PATH_MAX, so it stops resolving and checks the text.
+    Returns the entries and the name (`escape`) that leads above the destination."""
+    component = "d" * 247
+    steps = [chr(ord("a") + i) for i in range(levels)]
+    entries: list[tuple] = []
+    path = ""
+    for step in steps:
+        entries.append((os.path.join(path, component), tarfile.DIRTYPE, ""))
+        entries.append((os.path.join(path, step), tarfile.SYMTYPE, component))
+        path = os.path.join(path, component)
+    bottom = os.path.join(*steps, "l" * 254)
+    entries.append((bottom, tarfile.SYMTYPE, "../" * levels))
+    entries.append(("escape", tarfile.SYMTYPE, bottom + "/.." * (levels + 1)))
+    return entries, "escape"

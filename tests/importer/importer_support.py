@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -447,6 +448,25 @@ def upload(tmp_path_factory):
                        progress=lambda k, p: control.progress.__setitem__(k, p)).start()
     yield srv, control
     srv.stop()
+
+
+# -- file:// sources ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def public():
+    """A directory the sandbox user can reach: file:// sources are opened as that user, through
+    every directory on the way, and pytest's temporary directories are private (0700)."""
+    d = Path(tempfile.mkdtemp(prefix="pvlun-test-public-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def published(public: Path, path: str | Path, name: str | None = None) -> Path:
+    """A world-readable copy of `path` in `public` (under `name`, by default its own)."""
+    out = public / (name or Path(path).name)
+    shutil.copyfile(path, out)
+    os.chmod(out, 0o644)
+    return out
 
 
 # -- targets and lookups --------------------------------------------------------------------

@@ -32,7 +32,8 @@ from importer.pipeline import Target
 from importer.upload_client import upload_image
 from importer.upload_server import issue_token
 
-from hostile_support import (
+from hostile_support import (  # noqa: F401  (checks_off is a fixture)
+    checks_off,
     fixed_vhd,
     qcow2_data_file,
     vdi_differencing,
@@ -42,7 +43,7 @@ from hostile_support import (
     vmdk_embedded,
     vmdk_text,
 )
-from importer_support import KEY, MiB, assert_disk, assert_zero, block_target, qemu_img, run_import
+from importer_support import KEY, MiB, assert_disk, assert_zero, block_target, published, qemu_img, run_import
 
 SIZE = 16 * MiB
 
@@ -143,8 +144,9 @@ def _import(via: str, path: Path, target: Target, scratch: str, request) -> obje
             return upload_image(srv.url, issue_token(KEY, key), str(path), ca_file=srv.cert_file)
         finally:
             assert control.events[-1][:2] == ("done", key), "the control plane hears how the upload ended"
-    if via == "file":
-        return run_import({"http": {"url": f"file://{path}"}}, target, scratch, allow_file=True)
+    if via == "file":  # a world-readable copy where the sandbox user can reach it
+        public = published(request.getfixturevalue("public"), path)
+        return run_import({"http": {"url": f"file://{public}"}}, target, scratch, allow_file=True)
     server = request.getfixturevalue("nginx" if via == "range" else "py_http")
     return run_import({"http": {"url": f"{server.url}/img/{path.name}"}}, target, scratch)
 
@@ -197,28 +199,36 @@ def test_image_naming_another_file_is_refused_through_the_upload_server(name, ho
     expect_refused("upload", name, hostile[name], _target(tmp_path, "Block"), scratch, request, canary)
 
 
-def test_extent_named_relative_to_a_file_source_is_refused(canary, tmp_path, scratch):
-    """file://: the canary sits right beside the image, named by a relative extent."""
-    image = Path(canary.path).parent / "beside.vmdk"
+def test_extent_named_relative_to_a_file_source_is_refused(canary, public, tmp_path, scratch):
+    """file://: a world-readable copy of the canary sits right beside the image, named by a
+    relative extent (qemu reads the file in place through nbd, where relative names mean nothing)."""
+    beside = public / "relative"
+    beside.mkdir(mode=0o755)
+    published(beside, canary.path, "canary")
+    image = beside / "beside.vmdk"
     vmdk_embedded(image, "monolithicSparse", "monolithicFlat", ['RW 2048 FLAT "canary" 0'])
     os.chmod(image, 0o644)
     target = _target(tmp_path, "Block")
     with pytest.raises(ImportFailed) as info:
-        _import("file", image, target, scratch, None)
-    assert info.value.reason == errors.BACKING_FILE and "canary" in info.value.message
+        run_import({"http": {"url": f"file://{image}"}}, target, scratch, allow_file=True)
+    assert info.value.reason == errors.BACKING_FILE and "relative paths" in info.value.message
     assert_untouched(target, canary)
 
 
-def test_file_source_the_sandbox_user_cannot_read_is_refused_with_the_reason(canary, images, tmp_path, scratch):
-    private = tmp_path / "private.qcow2"
-    shutil.copy(images.path("qcow2"), private)
+def test_file_source_the_sandbox_user_cannot_read_is_refused_with_the_reason(canary, images, public, tmp_path, scratch):
+    private = published(public, images.path("qcow2"), "private.qcow2")
     os.chmod(private, 0o600)
-    target = _target(tmp_path, "Block")
-    with pytest.raises(ImportFailed) as info:
-        _import("file", private, target, scratch, None)
-    assert info.value.reason == errors.INVALID_SOURCE
-    assert "not readable by the unprivileged user" in info.value.message and "chmod o+r" in info.value.message
-    assert_zero(target.path)
+    hidden_dir = public / "root-only"  # a world-readable file in a directory only root may enter
+    hidden_dir.mkdir(mode=0o700)
+    hidden = published(hidden_dir, images.path("qcow2"))
+    for path in (private, hidden):
+        (tmp_path / path.stem).mkdir()
+        target = _target(tmp_path / path.stem, "Block")
+        with pytest.raises(ImportFailed) as info:
+            run_import({"http": {"url": f"file://{path}"}}, target, scratch, allow_file=True)
+        assert info.value.reason == errors.INVALID_SOURCE, path
+        assert "not readable by the unprivileged user" in info.value.message and "chmod o+r" in info.value.message
+        assert_zero(target.path)
 
 
 # -- the decision itself, from what qemu-img 7.2 prints ---------------------------------------------
@@ -262,15 +272,6 @@ def test_sparse_vmdk_whose_descriptor_text_names_the_canary_reads_only_itself(ca
 
 
 # -- the sandbox alone ------------------------------------------------------------------------------
-@pytest.fixture
-def checks_off(monkeypatch):
-    """Every check of image metadata and integrity switched off: only the sandbox is left."""
-    monkeypatch.setattr(formats, "precheck_header", lambda fmt, head: None)
-    monkeypatch.setattr(references, "refuse_references", lambda info: None)
-    monkeypatch.setattr(references, "refuse_failed_open", lambda stderr, spec, own: None)
-    monkeypatch.setattr(formats, "verify_integrity", lambda node, file_size=None: None)
-
-
 @pytest.mark.parametrize("name", ["vmdk-text-many", "kdmv-sparse-flat", "kdmv-stream-flat", "qcow2-data-file"])
 @pytest.mark.parametrize("via,mode", [("range", "Block"), ("upload", "Block"), ("scratch", "Filesystem")])
 def test_with_every_check_switched_off_the_sandbox_alone_keeps_the_canary_out(
@@ -304,7 +305,8 @@ def _processes(needle: bytes) -> list[str]:
 def test_nbdkit_serves_from_its_sandbox_as_nobody_and_stops_with_its_import(nginx, images, tmp_path):
     from importer.sources.http import NbdkitCurl
 
-    nbd = NbdkitCurl(f"{nginx.url}/img/qcow2.bin", auth=("user", "s3cret-pass"), cainfo=None)
+    url = f"{nginx.url}/img/qcow2.bin"
+    nbd = NbdkitCurl(url, os.path.getsize(images.path("qcow2")), auth=("user", "s3cret-pass"), cainfo=None)
     spec = nbd.attach(str(tmp_path))
     try:
         (pid,) = _processes(spec["server"]["path"].encode())

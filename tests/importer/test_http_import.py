@@ -9,7 +9,7 @@ import pytest
 
 from importer.pipeline import Target, usable_space
 
-from importer_support import MiB, allocated, assert_disk, block_target, run_import
+from importer_support import MiB, allocated, assert_disk, block_target, published, run_import
 
 IMAGE_KINDS = ["qcow2", "vmdk", "vdi", "vhd", "vhdx"]
 STREAM_KINDS = ["raw", "iso", "raw.gz", "raw.xz", "raw.zst", "raw.tar", "raw.tar.gz"]
@@ -145,9 +145,9 @@ def test_matching_checksum_is_accepted(kind, nginx, images, tmp_path, scratch):
     assert_disk(lun, images.expected[kind])
 
 
-def test_file_url_when_the_embedded_flag_allows_it(images, tmp_path, scratch):
+def test_file_url_when_the_embedded_flag_allows_it(images, public, tmp_path, scratch):
     lun = block_target(tmp_path)
-    result, _ = run_import({"http": {"url": f"file://{images.path('vdi')}"}}, Target(str(lun), 16 * MiB), scratch,
+    result, _ = run_import({"http": {"url": f"file://{published(public, images.path('vdi'))}"}}, Target(str(lun), 16 * MiB), scratch,
                            allow_file=True)
     assert result.method == "direct"
     assert_disk(lun, images.expected["vdi"])

@@ -12,7 +12,7 @@ import pytest
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 
-from importer_support import MiB, assert_disk, block_target, run_import
+from importer_support import MiB, assert_disk, block_target, published, run_import
 
 OVF = b"""<?xml version="1.0" encoding="UTF-8"?>
 <Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"><References>
@@ -35,20 +35,21 @@ def make_ova(tmp_path, images, members: list[str]) -> str:
     return str(ova)
 
 
-def test_ova_imports_its_vmdk_not_its_ovf_descriptor(images, tmp_path, scratch):
-    ova = make_ova(tmp_path, images, ["vm.ovf", "vm-disk1.vmdk", "vm.mf"])
+def test_ova_imports_its_vmdk_not_its_ovf_descriptor(images, public, tmp_path, scratch):
+    ova = published(public, make_ova(tmp_path, images, ["vm.ovf", "vm-disk1.vmdk", "vm.mf"]), "vm.ova")
     lun = block_target(tmp_path, 16 * MiB)
     result, _ = run_import({"http": {"url": f"file://{ova}"}}, Target(str(lun), 16 * MiB), scratch, allow_file=True)
     assert (result.format, result.layers) == ("vmdk", ("tar",))
     assert_disk(lun, images.expected["raw"])
 
 
-def test_tar_of_only_text_files_fails_naming_them(images, tmp_path, scratch):
+def test_tar_of_only_text_files_fails_naming_them(images, public, tmp_path, scratch):
     make_ova(tmp_path, images, [])
     ova = tmp_path / "text-only.bin"
     with tarfile.open(ova, "w") as tar:
         tar.add(tmp_path / "vm.ovf", arcname="vm.ovf")
         tar.add(tmp_path / "vm.mf", arcname="vm.mf")
+    ova = published(public, ova)
     lun = block_target(tmp_path, 16 * MiB)
     with pytest.raises(ImportFailed) as failed:
         run_import({"http": {"url": f"file://{ova}"}}, Target(str(lun), 16 * MiB), scratch, allow_file=True)
