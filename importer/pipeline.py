@@ -17,12 +17,10 @@ propagates.
 
 from __future__ import annotations
 
-import codecs
 import enum
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import BinaryIO, Callable, Literal
 
 from pvlun.sandbox import give
 
-from . import errors, formats, transfer_watch
+from . import archive, errors, formats, transfer_watch
 from .errors import ImportFailed
 from .formats import ImageNode
 from .sources.base import PeekStream, Source, read_head
@@ -38,6 +36,7 @@ from .qemu_convert import Stalled, convert_into, zero_target
 from .streams import CountingReader, DecompressingReader, write_sparse
 
 DISK_IMG = "disk.img"
+MAX_LAYERS = 4  # compression and tar layers around an image (a .tar.gz is two)
 DEFAULT_FS_OVERHEAD = 0.055  # CDI's default filesystem overhead
 ALIGN = 1 << 20
 
@@ -167,7 +166,7 @@ class _Import:
             return
         if os.path.lexists(self.disk_path):
             os.unlink(self.disk_path)
-        self.fd = os.open(self.disk_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o660)
+        self.fd = os.open(self.disk_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
         self.created_disk = True
         os.ftruncate(self.fd, self.capacity)
 
@@ -215,17 +214,20 @@ class _Import:
         size = self.size_hint
         self.counter = CountingReader(raw, self.source.checksum, lambda n: size and self.progress(n / size))
         stream: BinaryIO = self.counter  # type: ignore[assignment]
-        fmt = "raw"
-        for _ in range(4):
+        while True:
             head = read_head(stream, formats.HEAD_SIZE)
             stream = PeekStream(head, stream)  # type: ignore[arg-type, assignment]
             fmt = formats.detect(head)
+            layer = fmt in formats.COMPRESSIONS or (fmt == "tar" and self.target.content_type == "kubevirt")
+            if not layer:
+                break
+            if len(self.layers) == MAX_LAYERS:
+                raise ImportFailed(errors.INVALID_IMAGE, f"the image is wrapped in more than {MAX_LAYERS} layers of "
+                                                         f"compression or tar ({', '.join(self.layers)}, {fmt}, ...)")
             if fmt in formats.COMPRESSIONS:
                 stream = DecompressingReader(fmt, stream)  # type: ignore[assignment]
-            elif fmt == "tar" and self.target.content_type == "kubevirt":
-                stream = self._first_file_in_tar(stream)
             else:
-                break
+                stream = archive.first_disk(stream, self.open_streams)
             self.layers.append(fmt)
         self.format = fmt
         if self.target.content_type == "archive":
@@ -307,46 +309,18 @@ class _Import:
         self.format = "vhd"
         return True
 
-    def _first_file_in_tar(self, stream: BinaryIO) -> BinaryIO:
-        """The disk inside a tar: the first member whose content is a disk image. Text files
-        beside it (an OVA's .ovf descriptor and .mf manifest, certificates) are passed over;
-        in an archive of several disks (a multi-disk OVA) the first one is taken."""
-        skipped = []
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
-            self.open_streams.append(tar)
-            for member in tar:
-                if not member.isfile() or member.size == 0:
-                    continue
-                f = _TarMember(tar.extractfile(member))  # type: ignore[arg-type]
-                head = read_head(f, formats.HEAD_SIZE)  # type: ignore[arg-type]
-                if formats.detect(head) == "raw" and _is_text(head):
-                    skipped.append(member.name)
-                    continue
-                return PeekStream(head, f)  # type: ignore[arg-type, return-value]
-        except tarfile.TarError as exc:
-            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
-        found = f" (only text files: {', '.join(skipped[:5])})" if skipped else ""
-        raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive holds no disk image{found}")
-
     def _unpack(self, stream: BinaryIO) -> None:
-        """contentType archive: unpack into the volume, bounded by its size, refusing unsafe members."""
+        """contentType archive: unpacked (sandboxed, bounded by the volume's size) into a fresh
+        directory inside the volume, then moved into place."""
         self.touched = True
         self.unpack_dir = tempfile.mkdtemp(prefix=".pvlun-unpack-", dir=self.target.path)
-        total = 0
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    total += max(member.size, 0)
-                    if total > self.capacity:
-                        raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the archive unpacks to more than the volume's {self.capacity} bytes")
-                    tar.extract(member, self.unpack_dir, filter="data")
-        except tarfile.FilterError as exc:
-            raise ImportFailed(errors.INVALID_IMAGE, f"the archive holds an unsafe entry: {exc}") from None
-        except tarfile.TarError as exc:
-            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
+        archive.unpack(stream, self.unpack_dir, self._size_bound("tar"))
         for name in os.listdir(self.unpack_dir):
-            os.replace(os.path.join(self.unpack_dir, name), os.path.join(self.target.path, name))
+            try:
+                os.replace(os.path.join(self.unpack_dir, name), os.path.join(self.target.path, name))
+            except OSError as exc:
+                raise ImportFailed(errors.INVALID_IMAGE, f"cannot put {name!r} of the archive in the volume: "
+                                                         f"{exc.strerror}") from None
         os.rmdir(self.unpack_dir)
         self.unpack_dir = None
 
@@ -391,31 +365,3 @@ class _Import:
             pass
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-class _TarMember:
-    """The disk file inside a tar; tar errors become ImportFailed."""
-
-    def __init__(self, fileobj: BinaryIO):
-        self._f = fileobj
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._f.read(n)
-        except tarfile.TarError as exc:
-            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive is corrupt: {exc}") from None
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _is_text(head: bytes) -> bool:
-    """A descriptor or manifest, not a disk: no NUL byte and valid UTF-8 (a disk's first
-    sectors always hold NULs; an OVF or a .mf never does)."""
-    if b"\0" in head:
-        return False
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # the head may cut a character
-    except UnicodeDecodeError:
-        return False
-    return True

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import tarfile
 import zlib
 from typing import BinaryIO, Callable
 
@@ -24,6 +25,9 @@ BLOCK = 64 * 1024
 CHUNK = 4 << 20
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
+# what Python's tarfile raises on a hostile stream: its own errors, and plain ValueErrors from
+# headers it parses without checking (a GNU sparse map or size that is no number)
+TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, EOFError)
 
 
 class DecompressingReader:

@@ -19,6 +19,7 @@ import zstandard
 from .. import errors
 from ..errors import ImportFailed
 from ..formats import HEAD_SIZE
+from ..streams import TAR_ERRORS
 from .base import PeekStream, SourceInfo, read_head
 from .httpclient import CABundle, ResponseStream, check_status, make_session, request_errors
 
@@ -29,6 +30,8 @@ MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ])
 _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_LAYER_ERRORS = (*TAR_ERRORS, zstandard.ZstdError)
 
 
 def parse_reference(url: str) -> tuple[str, str, str]:
@@ -79,7 +82,10 @@ class _DiskMemberStream:
         self._done = False
 
     def read(self, n: int = -1) -> bytes:
-        data = self._member.read(n)
+        try:
+            data = self._member.read(n)
+        except _LAYER_ERRORS as exc:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the layer holding the disk is not a valid tar: {exc}") from None
         if not data and not self._done:
             self._done = True
             self._blob.drain()
@@ -156,20 +162,34 @@ class RegistrySource:
             raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the registry's manifest is not JSON")
         return body
 
-    def _manifest(self) -> dict:
+    def _manifest(self) -> list[str]:
+        """The digests of the image's layers, bottom first (every field checked: the registry is hostile)."""
         resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
         manifest = self._json(resp)
         mtype = manifest.get("mediaType") or resp.headers.get("Content-Type", "")
         if mtype in _INDEX_TYPES or "manifests" in manifest:
-            entries = manifest.get("manifests") or []
-            chosen = next((m for m in entries if (m.get("platform") or {}).get("architecture") == "amd64"
-                           and (m.get("platform") or {}).get("os", "linux") == "linux"), entries[0] if entries else None)
+            entries = [m for m in self._list(manifest, "manifests") if isinstance(m, dict)]
+            chosen = next((m for m in entries if _platform(m) == ("linux", "amd64")), entries[0] if entries else None)
             if chosen is None:
                 raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the image index lists no manifests")
-            manifest = self._json(self._get(f"{self._base}/manifests/{chosen['digest']}", accept=MANIFEST_TYPES))
-        if not manifest.get("layers"):
+            manifest = self._json(self._get(f"{self._base}/manifests/{self._digest(chosen)}", accept=MANIFEST_TYPES))
+        layers = [self._digest(layer) for layer in self._list(manifest, "layers")]
+        if not layers:
             raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest has no layers")
-        return manifest
+        return layers
+
+    def _list(self, manifest: dict, key: str) -> list:
+        value = manifest.get(key) or []
+        if not isinstance(value, list):
+            raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest's {key} is not a list")
+        return value
+
+    def _digest(self, entry: object) -> str:
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest names no sha256 digest "
+                                                      f"where it must")
+        return digest
 
     def _open_layer(self, digest: str) -> tuple[tarfile.TarFile, _BlobReader]:
         resp = self._get(f"{self._base}/blobs/{digest}", stream=True)
@@ -182,14 +202,13 @@ class RegistrySource:
             stream = raw  # type: ignore[assignment]
         try:
             return tarfile.open(fileobj=stream, mode="r|*"), blob
-        except tarfile.TarError:
+        except _LAYER_ERRORS:
             raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a tar archive") from None
 
     # -- Source interface --------------------------------------------------------------
     def info(self) -> SourceInfo:
-        layers = self._manifest()["layers"]
-        for layer in reversed(layers):
-            tar, blob = self._open_layer(layer["digest"])
+        for digest in reversed(self._manifest()):
+            tar, blob = self._open_layer(digest)
             try:
                 for member in tar:
                     name = member.name.lstrip("./").lstrip("/")
@@ -200,8 +219,8 @@ class RegistrySource:
                         self._pending = PeekStream(head, stream)  # type: ignore[arg-type]
                         return SourceInfo(head, member.size, None, errors.scrub(self.url))
                 blob.drain()
-            except tarfile.TarError as exc:
-                raise ImportFailed(errors.INVALID_IMAGE, f"layer {layer['digest'][:19]}… is not a valid tar: {exc}") from None
+            except _LAYER_ERRORS as exc:
+                raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a valid tar: {exc}") from None
             finally:
                 if self._pending is None:
                     tar.close()
@@ -220,3 +239,10 @@ class RegistrySource:
             self._pending = None
         self._session.close()
         self._ca.close()
+
+
+def _platform(entry: dict) -> tuple[object, object]:
+    """(os, architecture) of an image index entry (os defaults to linux)."""
+    platform = entry.get("platform")
+    platform = platform if isinstance(platform, dict) else {}
+    return platform.get("os", "linux"), platform.get("architecture")
