@@ -40,6 +40,14 @@ class ImportFailed(Exception):
         super().__init__(f"{reason}: {self.message}")
 
 
+class DeclaredTooLarge(ImportFailed):
+    """The source declares more bytes than the target can hold: refused before a byte past its
+    head was read or anything written (an upload may be sent again, smaller)."""
+
+    def __init__(self, message: str):
+        super().__init__(IMAGE_TOO_LARGE, message)
+
+
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]*@")
 _SECRET_QUERY = re.compile(
     r"(?i)(?P<key>[?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|password|awsaccesskeyid|"

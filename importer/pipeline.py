@@ -170,10 +170,11 @@ class _Import:
         self.created_disk = True
         os.ftruncate(self.fd, self.capacity)
 
-    def _too_large(self, size: int | None = None, what: str = "virtual size") -> ImportFailed:
+    def _too_large(self, size: int | None = None, what: str = "virtual size", *, declared: bool = False) -> ImportFailed:
         where = "the volume's usable space after filesystem overhead" if self.target.mode == "Filesystem" else "the volume"
         what = f"{what} {size} bytes" if size else "the image"
-        return ImportFailed(errors.IMAGE_TOO_LARGE, f"{what} is larger than {where} ({self.capacity} bytes)")
+        message = f"{what} is larger than {where} ({self.capacity} bytes)"
+        return errors.DeclaredTooLarge(message) if declared else ImportFailed(errors.IMAGE_TOO_LARGE, message)
 
     def _size_bound(self, fmt: str) -> int:
         """The most bytes a source in this format may hold for this target: raw data is the disk
@@ -188,7 +189,7 @@ class _Import:
         self.size_hint = info.size
         fmt = formats.detect(info.head)
         if info.size is not None and info.size > self._size_bound(fmt):  # before a byte is written
-            raise self._too_large(info.size, f"the {fmt} source of")
+            raise self._too_large(info.size, f"the {fmt} source of", declared=True)
         direct = info.direct
         if (fmt in formats.IMAGE_FORMATS and direct is not None and not self.source.checksum
                 and self.target.content_type == "kubevirt"):

@@ -8,12 +8,14 @@ volume, as a restarted import does, so no byte of it is left for the next one.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import tempfile
 
 from importer import reconcile as dv
-from importer.upload_server import UploadServer, issue_token
+from importer.upload_server import KEY_BYTES, UploadServer, issue_token
 from pvlun import kubelet
 from pvlun.context import Context
 
@@ -26,15 +28,40 @@ def upload_dir(data_dir: str) -> str:
 
 
 def token_key(data_dir: str) -> bytes:
-    """The HMAC key, made on first use; only root (the daemon and the CLI) can read it."""
+    """The HMAC key, made on first use; only root (the daemon and the CLI) can read it.
+
+    Written whole or not at all (a temporary file, fsync, rename): a crash must not leave an
+    empty key, which would sign tokens anyone can make. A key shorter than KEY_BYTES (a file
+    cut short before this was so) is replaced by a new one; tokens signed with it stop working."""
     path = os.path.join(upload_dir(data_dir), "token.key")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= KEY_BYTES:
+            return key
+        log.warning("the upload token key in %s holds %d bytes; making a new one", path, len(key))
+    except FileNotFoundError:
+        pass
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    fd, tmp = tempfile.mkstemp(prefix=".token.key-", dir=folder)  # 0600
+    try:
         with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-    with open(path, "rb") as f:
-        return f.read()
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return key
 
 
 def mint_token(data_dir: str, namespace: str, name: str, ttl: float = TOKEN_TTL) -> str:

@@ -10,6 +10,8 @@ the DataVolume should get ready for upload again: it can be sent again).
 `resolve` may acquire the target (attach a volume): it is called only once the body's
 first byte has arrived, and `release(dv_key)` follows it on every path. A readiness probe
 (GET) or a request that is no upload only asks `check(dv_key)`, which acquires nothing.
+A body whose Content-Length the volume cannot hold is refused (413) before any byte is
+written, without an outcome: the DataVolume stays ready for an upload that fits.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .sources.upload import UploadSource
 log = logging.getLogger("pvlun.upload")
 UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
 LINGER_SECONDS = 2.0
+KEY_BYTES = 32  # the least a signing key may hold (an empty key would let anyone sign)
 
 
 class InvalidToken(ValueError):
@@ -55,8 +58,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _usable(secret_key: bytes) -> bytes:
+    if len(secret_key) < KEY_BYTES:
+        raise ValueError(f"an upload signing key must hold at least {KEY_BYTES} bytes")
+    return secret_key
+
+
 def issue_token(secret_key: bytes, dv_key: str, ttl: float = 300) -> str:
     """A token that lets its bearer upload into DataVolume `dv_key` ("namespace/name") for `ttl` s."""
+    _usable(secret_key)
     payload = _b64(json.dumps({"dv": dv_key, "op": "upload", "exp": time.time() + ttl}, separators=(",", ":")).encode())
     sig = _b64(hmac.new(secret_key, payload.encode(), hashlib.sha256).digest())
     return f"{payload}.{sig}"
@@ -66,7 +76,7 @@ def verify_token(secret_key: bytes, token: str) -> str:
     """Return the DataVolume key the token names, or raise InvalidToken."""
     payload, _, sig = token.partition(".")
     try:
-        expected = hmac.new(secret_key, payload.encode(), hashlib.sha256).digest()
+        expected = hmac.new(_usable(secret_key), payload.encode(), hashlib.sha256).digest()
         if not sig or not hmac.compare_digest(expected, _unb64(sig)):
             raise InvalidToken("bad signature")
         claims = json.loads(_unb64(payload))
@@ -132,7 +142,7 @@ class UploadServer(ThreadingHTTPServer):
         self.cert_file, key_file = ensure_certificate(cert_dir)
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.load_cert_chain(self.cert_file, key_file)
-        self.secret_key = secret_key
+        self.secret_key = _usable(secret_key)
         self.resolve, self.on_done, self.on_interrupted = resolve, on_done, on_interrupted
         self.check = check or (lambda dv_key: None)
         self.release = release or (lambda dv_key: None)
@@ -287,6 +297,10 @@ class _UploadHandler(BaseHTTPRequestHandler):
         report = (lambda p: srv.progress(dv_key, p)) if srv.progress else (lambda p: None)
         try:
             import_into(UploadSource(self.rfile, length), target, progress=report, scratch_dir=srv.scratch_dir)  # type: ignore[arg-type]
+        except errors.DeclaredTooLarge as exc:  # nothing written: the DataVolume waits for one that fits
+            log.info("upload into %s refused: %s", dv_key, exc.message)
+            self._reply(413, f"{exc}; the DataVolume is still ready for an upload that fits")
+            return self._linger()
         except ImportFailed as exc:
             if exc.reason == errors.UPLOAD_INTERRUPTED:
                 log.info("upload into %s interrupted: %s", dv_key, exc.message)

@@ -176,6 +176,34 @@ def test_upload_cut_off_halfway_is_upload_ready_again_on_a_fresh_volume_and_can_
     assert same_prefix(raw, instance.lun_path("cut"))
 
 
+def test_upload_larger_than_its_volume_is_refused_with_413_and_the_datavolume_stays_upload_ready(instance, tmp_path):
+    import socket
+    import ssl
+
+    from importer.upload_gateway import endpoint, mint_token
+
+    instance.apply(dv("too-big", "    upload: {}", size="16Mi"))
+    instance.wait(lambda: (instance.get("DataVolume", "too-big").get("status") or {}).get("phase") == "UploadReady",
+                  what="UploadReady")
+    lun = instance.lun_path("too-big")
+    url, ca = endpoint(instance.data_dir)
+    host, port = url.removeprefix("https://").split(":")
+    tls = ssl.create_default_context(cafile=ca)
+    with socket.create_connection((host, int(port))) as raw_sock, tls.wrap_socket(raw_sock, server_hostname=host) as s:
+        s.sendall((f"PUT /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Authorization: Bearer {mint_token(instance.data_dir, 'default', 'too-big')}\r\n"
+                   f"Content-Length: {1 << 30}\r\n\r\n").encode() + os.urandom(64 * 1024))
+        answer = b"".join(iter(lambda: s.recv(4096), b"")).decode()
+    assert answer.startswith("HTTP/1.1 413") and "ImageTooLarge" in answer and str(1 << 30) in answer
+    status = instance.get("DataVolume", "too-big")["status"]
+    assert status["phase"] == "UploadReady" and status.get("restartCount", 0) == 0
+    assert instance.lun_path("too-big") == lun and instance.get("PersistentVolumeClaim", "too-big") is not None
+    image = tmp_path / "fits.raw"
+    image.write_bytes(os.urandom(MiB) + bytes(3 * MiB))
+    assert "complete" in instance.cli("image-upload", "--dv", "too-big", "--image-path", str(image)).stdout
+    assert same_prefix(str(image), lun)
+
+
 def test_names_that_could_reach_a_path_are_refused(instance):
     for bad in ("../../etc", "UPPER", "a/b", "-dash"):
         out = instance.apply(dv(bad, "    blank: {}"), check=False)

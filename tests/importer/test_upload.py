@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import http.client
+import json
 import os
 import ssl
+import stat
 import time
 
 import pytest
@@ -22,7 +27,7 @@ def test_token_round_trip_and_refusals():
     token = issue_token(KEY, "default/dv1", ttl=60)
     assert verify_token(KEY, token) == "default/dv1"
     with pytest.raises(InvalidToken):
-        verify_token(b"other key", token)
+        verify_token(b"another key of thirty-two bytes!", token)
     with pytest.raises(InvalidToken):
         verify_token(KEY, issue_token(KEY, "default/dv1", ttl=-1))
     with pytest.raises(InvalidToken):
@@ -47,7 +52,8 @@ def test_upload_refuses_bad_tokens_and_untrusting_clients(upload, images, tmp_pa
     srv, control = upload
     control.targets["default/x"] = Target(str(block_target(tmp_path)), 16 * MiB)
     with pytest.raises(ImportFailed) as info:
-        upload_image(srv.url, issue_token(b"forged", "default/x"), str(images.path("raw")), ca_file=srv.cert_file)
+        upload_image(srv.url, issue_token(b"forged".ljust(32, b"!"), "default/x"), str(images.path("raw")),
+                     ca_file=srv.cert_file)
     assert info.value.reason == errors.UNAUTHORIZED
     with pytest.raises(ImportFailed) as info:
         upload_image(srv.url, issue_token(KEY, "default/x", ttl=-5), str(images.path("raw")), ca_file=srv.cert_file)
@@ -99,3 +105,57 @@ def test_certificate_is_generated_once(upload, tmp_path):
 
     assert ensure_certificate(os.path.dirname(srv.cert_file))[0] == srv.cert_file
     assert os.path.getmtime(srv.cert_file) == before
+
+
+def _signed_with(key: bytes, dv_key: str) -> str:
+    """A token as an attacker would sign it, with a key of their choosing (the empty key)."""
+    b64 = lambda data: base64.urlsafe_b64encode(data).rstrip(b"=").decode()  # noqa: E731
+    payload = b64(json.dumps({"dv": dv_key, "op": "upload", "exp": time.time() + 60}).encode())
+    return f"{payload}.{b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())}"
+
+
+@pytest.mark.parametrize("left", [b"", b"short key"])
+def test_signing_key_cut_short_by_a_crash_is_replaced_and_never_signs(left, tmp_path):
+    from importer.upload_gateway import token_key
+
+    key_file = tmp_path / "upload" / "token.key"
+    key_file.parent.mkdir()
+    key_file.write_bytes(left)  # what a crash while the key was first written could leave
+    key = token_key(str(tmp_path))
+    assert len(key) >= 32 and key_file.read_bytes() == key and token_key(str(tmp_path)) == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and os.listdir(key_file.parent) == ["token.key"]
+    with pytest.raises(InvalidToken):
+        verify_token(key, _signed_with(left, "default/any"))
+    for unusable in (b"", left):  # a short key is refused wherever one is used
+        with pytest.raises(ValueError):
+            issue_token(unusable, "default/any")
+        with pytest.raises(InvalidToken):
+            verify_token(unusable, _signed_with(unusable, "default/any"))
+
+
+def test_upload_larger_than_the_volume_is_refused_with_413_and_a_fitting_one_then_lands(upload, images, tmp_path):
+    """A Content-Length the volume cannot hold: 413 with the reason, no outcome reported (the
+    DataVolume stays UploadReady), the volume untouched; the right image then goes in."""
+    srv, control = upload
+    lun = block_target(tmp_path, 4 * MiB)
+    key = "default/retry-after-413"
+    control.targets[key] = Target(str(lun), 4 * MiB)
+    data = images.path("raw").read_bytes()  # 6 MiB of disk: more than the 4 MiB volume
+    conn = http.client.HTTPSConnection(*srv.server_address[:2], context=ssl.create_default_context(cafile=srv.cert_file))
+    conn.putrequest("PUT", "/v1beta1/upload")
+    conn.putheader("Authorization", f"Bearer {issue_token(KEY, key)}")
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders()
+    conn.send(data[:1 << 20])
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    conn.close()
+    assert resp.status == 413 and body.startswith(errors.IMAGE_TOO_LARGE) and str(len(data)) in body, body
+    assert "still ready" in body
+    assert not [e for e in control.events if e[1] == key], "no outcome: the DataVolume stays UploadReady"
+    assert_zero(lun)
+    small = tmp_path / "small.raw"
+    small.write_bytes(data[:4 * MiB])
+    upload_image(srv.url, issue_token(KEY, key), str(small), ca_file=srv.cert_file)
+    assert control.events[-1] == ("done", key, True, "")
+    assert_disk(lun, small, 4 * MiB)
