@@ -33,6 +33,7 @@ from .errors import ImportFailed
 from .formats import ImageNode
 from .sources.base import PeekStream, Source, read_head
 from .qemu_convert import Stalled, convert_into, zero_target
+from .scratch import IMAGE_PREFIX
 from .streams import CountingReader, DecompressingReader, write_sparse
 
 DISK_IMG = "disk.img"
@@ -251,7 +252,7 @@ class _Import:
         self.method = "scratch"
         self.progress_span = (0.0, 50.0)
         formats.precheck_header(fmt, head)
-        self.scratch = tempfile.mkdtemp(prefix="pvlun-scratch-", dir=self.scratch_root)
+        self.scratch = tempfile.mkdtemp(prefix=IMAGE_PREFIX, dir=self.scratch_root)
         path = os.path.join(self.scratch, "image")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

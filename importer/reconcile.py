@@ -10,7 +10,6 @@ spec changes.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from pvlun import kubelet
@@ -286,13 +285,13 @@ def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) ->
     from importer import errors
     from importer.errors import ImportFailed
     from importer.pipeline import import_into
+    from importer.scratch import scratch_dir
     from importer.sources import from_spec
 
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     secret, configmap = _lookups(ctx, ns)
-    scratch = os.path.join(ctx.data_dir, "scratch")
-    os.makedirs(scratch, exist_ok=True)
+    scratch = scratch_dir(ctx.data_dir)
     for attempt in range(1, STALL_ATTEMPTS + 1):
         source = from_spec(source_spec, secret=secret, configmap=configmap,
                            allow_file=bool(ctx.services.get("allow_file")))

@@ -15,6 +15,7 @@ import secrets
 import tempfile
 
 from importer import reconcile as dv
+from importer.scratch import scratch_dir
 from importer.upload_server import KEY_BYTES, UploadServer, issue_token
 from pvlun import kubelet
 from pvlun.context import Context
@@ -82,8 +83,7 @@ class UploadGateway:
     def __init__(self, ctx: Context, address: tuple[str, int] = ("127.0.0.1", 0)):
         self.ctx = ctx
         self.attached: dict[str, kubelet.Attachment] = {}
-        scratch = os.path.join(ctx.data_dir, "scratch")
-        os.makedirs(scratch, exist_ok=True)
+        scratch = scratch_dir(ctx.data_dir)
         try:
             self.server = UploadServer(
                 cert_dir=os.path.join(upload_dir(ctx.data_dir), "tls"), secret_key=token_key(ctx.data_dir),

@@ -12,6 +12,7 @@
   again from scratch on a fresh volume, with restartCount + 1 (CDI restarts its importer
   or upload pod the same way). An upload was under way when its volume was attached.
 - Migrations in flight are Failed.
+- Scratch copies and nbdkit directories of imports cut off mid-way are removed.
 
 Repair never stops the daemon: an object that cannot be repaired gets a warning event
 and the others are repaired all the same.
@@ -53,8 +54,10 @@ def _stop_orphan(pid: int) -> None:
 
 
 def recover(ctx: Context) -> dict[str, int]:
+    from importer.scratch import clean_scratch
+
     counts = {"qemu": 0, "attachments": 0, "foreign": 0, "vmis": 0, "datavolumes": 0, "migrations": 0,
-              "failed": 0}
+              "failed": 0, "scratch": clean_scratch(ctx.data_dir)}
     store = ctx.store
     for vmi in store.list("VirtualMachineInstance"):
         _guarded(ctx, counts, vmi, lambda: _recover_vmi(ctx, vmi, counts))

@@ -33,6 +33,7 @@ from typing import Iterator
 from pvlun.sandbox import TOOLS_ONLY, Sandbox, prepare_dir
 
 from .. import errors, transfer_watch
+from ..scratch import NBD_PREFIX
 from .base import DirectRead
 
 
@@ -59,7 +60,7 @@ class NbdExport(DirectRead):
         if self._proc is not None:
             return self.spec
         # a private (0700) dir of the sandbox user's for the socket and the cache; unix socket paths must be short
-        self._dir = prepare_dir(workdir if len(workdir) < 60 else None, "pvlun-nbd-")
+        self._dir = prepare_dir(workdir if len(workdir) < 60 else None, NBD_PREFIX)
         sock = os.path.join(self._dir, "nbd.sock")
         self._pin = os.path.join(self._dir, "pinning")
         open(self._pin, "x").close()
