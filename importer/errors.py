@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from pvlun.user_text import one_line, tool_lines
+
 # Reasons (CDI-like). Callers may switch on these.
 INVALID_SOURCE = "InvalidSource"          # malformed spec, unsupported scheme or source kind
 NOT_SUPPORTED = "NotSupported"            # pvc/snapshot until the cloner lands
@@ -76,9 +78,5 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def tool_text(stderr: str, limit: int = 600) -> str:
-    """Shorten a tool's error output to what a person needs: first lines plus the summary."""
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    if len(lines) > 6:
-        lines = lines[:3] + [f"... ({len(lines) - 5} more lines) ..."] + lines[-2:]
-    text = "; ".join(lines)
-    return scrub(text[:limit] + ("..." if len(text) > limit else ""))
+    """A tool's error output as pvlun.user_text shortens it, on one line, without credentials."""
+    return scrub(one_line(tool_lines(stderr), limit))

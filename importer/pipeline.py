@@ -18,6 +18,7 @@ propagates.
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import shutil
 import stat
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Literal
 
 from pvlun.sandbox import give
+from pvlun.user_text import user_text
 
 from . import archive, errors, formats, transfer_watch
 from .errors import ImportFailed
@@ -36,6 +38,7 @@ from .qemu_convert import Stalled, convert_into, zero_target
 from .scratch import IMAGE_PREFIX
 from .streams import CountingReader, DecompressingReader, write_sparse
 
+log = logging.getLogger("pvlun.import")
 DISK_IMG = "disk.img"
 MAX_LAYERS = 4  # compression and tar layers around an image (a .tar.gz is two)
 DEFAULT_FS_OVERHEAD = 0.055  # CDI's default filesystem overhead
@@ -128,8 +131,9 @@ class _Import:
             self._discard()
             if isinstance(exc, ImportFailed):
                 raise
-            if isinstance(exc, Exception):
-                raise ImportFailed(errors.INTERNAL, f"{phase.value}: {type(exc).__name__}: {exc}") from None
+            if isinstance(exc, Exception):  # a bug, or the host failing us: never the input's doing
+                log.error("import failed in phase %s", phase.value, exc_info=exc)
+                raise ImportFailed(errors.INTERNAL, f"{phase.value} failed: {user_text(exc)}") from None
             raise
         finally:
             self._release()

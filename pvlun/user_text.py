@@ -53,7 +53,8 @@ def shown_text(text: str, limit: int = LIMIT) -> str:
     return one_line(hide_paths(text), limit)
 
 
-def _tool_lines(stderr: str) -> str:
+def tool_lines(stderr: str) -> str:
+    """A tool's error output, shortened to what a person needs: its first lines and its last."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     if len(lines) > 4:
         lines = lines[:2] + [f"({len(lines) - 3} more lines)"] + lines[-1:]
@@ -70,7 +71,7 @@ def user_text(exc: BaseException, limit: int = LIMIT) -> str:
     elif isinstance(exc, CommandError):
         tool = exc.argv[0].rsplit("/", 1)[-1] if exc.argv else "command"
         what = "timed out" if exc.returncode is None else f"exited {exc.returncode}"
-        text = f"{tool} {what}" + (f": {_tool_lines(exc.stderr)}" if exc.stderr else "")
+        text = f"{tool} {what}" + (f": {tool_lines(exc.stderr)}" if exc.stderr else "")
     else:
         text = str(exc) if not isinstance(exc, KeyError) or not exc.args else f"missing {exc.args[0]!r}"
         if isinstance(exc, _INTERNAL):
