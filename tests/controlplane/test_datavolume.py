@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 MiB = 1 << 20
 
@@ -202,6 +203,28 @@ def test_upload_larger_than_its_volume_is_refused_with_413_and_the_datavolume_st
     image.write_bytes(os.urandom(MiB) + bytes(3 * MiB))
     assert "complete" in instance.cli("image-upload", "--dv", "too-big", "--image-path", str(image)).stdout
     assert same_prefix(str(image), lun)
+
+
+def test_archive_datavolume_with_a_link_chain_out_of_its_volume_fails_and_writes_nothing_outside(instance, web,
+                                                                                                  tmp_path):
+    """CVE-2025-4517's link chain in a contentType archive tar: Failed with the reason, nothing
+    created outside the volume (the chain climbs to / from wherever the volume is mounted)."""
+    import tarfile
+
+    from hostile_tar import link_chain_escape, tar_entries
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    chain, escape = link_chain_escape()
+    tar_entries(Path(web.root) / "escape.tar", chain + [(f"{escape}{outside}/pwned.txt", tarfile.REGTYPE, "pwned")])
+    manifest = dv("escape", f"    http:\n      url: {web.url}/escape.tar", size="32Mi", mode="Filesystem")
+    manifest = manifest.replace("spec:\n", "spec:\n  contentType: archive\n")
+    out = instance.apply(manifest, "--wait", check=False)
+    assert out.returncode == 1
+    running = next(c for c in instance.get("DataVolume", "escape")["status"]["conditions"] if c["type"] == "Running")
+    assert running["reason"] == "InvalidImage" and "archive" in running["message"], running
+    assert "Traceback" not in running["message"] and "Errno" not in running["message"]
+    assert list(outside.iterdir()) == []
 
 
 def test_names_that_could_reach_a_path_are_refused(instance):

@@ -24,7 +24,7 @@ from importer import errors
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 
-from hostile_support import link_chain_escape, tar_entries
+from hostile_tar import link_chain_escape, tar_entries
 from importer_support import MiB, run_import
 
 REG, DIR, SYM, LNK, CHR, FIFO = (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE,
