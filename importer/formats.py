@@ -26,6 +26,12 @@ HEAD_SIZE = 64 * 1024  # enough for every magic we look at (ISO's CD001 sits at 
 
 COMPRESSIONS = ("gzip", "xz", "zstd")
 IMAGE_FORMATS = ("qcow2", "vmdk", "vdi", "vhd", "vhdx")  # need qemu-img convert
+# read by qemu in place when the source allows it (sources.nbd pins what the checks read). VMDK
+# goes through scratch: a local copy nobody can change under the conversion, and faster too —
+# its stream-optimized grains are unaligned reads that the pinning cache fetches twice
+# (measured from nginx: 2100 MiB virtual, 512 MiB data: 2.0-2.5 s via scratch, 2.6-3.3 s in place
+# unpinned, 5.5-6.1 s in place pinned).
+IN_PLACE_FORMATS = ("qcow2", "vdi", "vhd", "vhdx")
 RAW_FORMATS = ("raw", "iso")  # streamed as they are
 QEMU_LIMITS = Limits(address_space=1 << 30, cpu_seconds=30)  # CDI's limits for qemu-img info
 

@@ -6,9 +6,11 @@ from phase to function. The pipeline never knows a source by name; it looks at w
 
 - raw (and iso), possibly gz/xz/zstd-compressed or in a tar: streamed into the target,
   zero blocks skipped, stopped at the target's size;
-- qcow2/vmdk/vdi/vhd/vhdx that qemu can read in place (HTTP with ranges through nbdkit's
-  curl plugin, a local file): `qemu-img convert` straight from the source, no scratch copy;
-- other images: downloaded to scratch (checksummed), inspected, checked, converted.
+- qcow2/vdi/vhd/vhdx that qemu can read in place (HTTP with ranges through nbdkit's curl
+  plugin, a local file through its file plugin): `qemu-img convert` straight from the source,
+  no scratch copy, the blocks the checks read pinned for the conversion (see sources.nbd);
+- other images (and every VMDK): downloaded to scratch (checksummed), inspected, checked,
+  converted.
 
 The target must read as zeros when the import starts (a fresh volume): zero blocks are
 skipped, not written. On any failure what was written is discarded before ImportFailed
@@ -196,7 +198,7 @@ class _Import:
         if info.size is not None and info.size > self._size_bound(fmt):  # before a byte is written
             raise self._too_large(info.size, f"the {fmt} source of", declared=True)
         direct = info.direct
-        if (fmt in formats.IMAGE_FORMATS and direct is not None and not self.source.checksum
+        if (fmt in formats.IN_PLACE_FORMATS and direct is not None and not self.source.checksum
                 and self.target.content_type == "kubevirt"):
             self.format, self.method = fmt, "direct"
             formats.precheck_header(fmt, info.head)

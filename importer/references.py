@@ -68,9 +68,6 @@ def refuse_failed_open(stderr: str, spec: str, own: str) -> None:
     """
     text = stderr.strip().removeprefix("qemu-img: ")
     text = text.removeprefix(f"Could not open '{spec}': ")
-    if text.startswith("Cannot use relative paths with VMDK descriptor file"):  # an extent, read in place
-        raise ImportFailed(errors.BACKING_FILE, f"the VMDK names extent files by relative paths; upload a monolithic "
-                                                f"VMDK ({_SELF_CONTAINED})")
     if text.startswith("Could not open '"):
         name = text[len("Could not open '"):].rpartition("': ")[0]
         if name == own:

@@ -1,10 +1,11 @@
 """Sources that change under the importer, and `file://` read as the sandbox user (issue 7,
 hardening).
 
-- A range server (nginx) that answers the checks (`qemu-img info`, `check`) with a clean
-  monolithicSparse VMDK and the conversion with its same-length twin, whose descriptor names
-  a host file the conversion's sandbox holds (`/usr/bin/qemu-img`): the volume holds the
-  clean image, never the named file. The same for a `file://` image rewritten in place, or
+- A range server (nginx) that answers the checks (`qemu-img info`, `check`) with a clean image
+  and the conversion with its same-length twin, which names a host file the conversion's
+  sandbox holds (`/usr/bin/qemu-img`) as its qcow2 data file or as a VMDK flat extent: the
+  volume holds the clean image, never the named file (qcow2 in place, its checked blocks
+  pinned; VMDK from a local copy). The same for a `file://` image rewritten in place, or
   replaced by a link to the twin, between the checks and the conversion.
 - `file://` is opened once, as the sandbox user: a file in a directory that user cannot enter
   is refused (test_hostile_images), and a path swapped for a link to a root-only file after
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,27 +27,45 @@ from importer.errors import ImportFailed
 from importer.pipeline import Target
 from importer.sources import FileSource
 
-from hostile_support import checks_off, vmdk_embedded, vmdk_patched  # noqa: F401  (checks_off is a fixture)
+from hostile_support import checks_off, qcow2_data_file, vmdk_embedded, vmdk_patched  # noqa: F401  (a fixture)
 from importer_support import MiB, assert_disk, assert_zero, block_target, published, qemu_img, run_import
 
 NAMED = "/usr/bin/qemu-img"  # a host file every qemu-img sandbox holds
 
 
-@pytest.fixture
-def clean_and_twin(tmp_path) -> tuple[bytes, bytes, Path]:
-    """A clean monolithicSparse VMDK (random data), its same-length twin whose descriptor reads
-    NAMED as a flat extent, and the raw disk the clean one holds."""
+@dataclass(frozen=True)
+class Twins:
+    fmt: str
+    clean: bytes  # the image the checks see
+    twin: bytes   # what the source holds by the conversion: names NAMED, as a data file or an extent
+    raw: Path     # the disk the clean image holds
+
+
+@pytest.fixture(params=["qcow2", "vmdk"])
+def twins(request, tmp_path) -> Twins:
+    """A clean image (random data) and its same-length twin, which reads NAMED as its data: a
+    qcow2 whose header names an external data file (a layout of its own: the clean image's data
+    clusters are not where the clean one has them), or the clean monolithicSparse VMDK with a
+    descriptor naming a flat extent (only its metadata differs)."""
+    fmt = request.param
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(MiB) + bytes(MiB))
-    clean = tmp_path / "clean.vmdk"
-    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", str(raw), str(clean))
-    twin = vmdk_patched(clean.read_bytes(), "monolithicFlat", [f'RW 2048 FLAT "{NAMED}" 0'])
+    clean = tmp_path / f"clean.{fmt}"
+    qemu_img("convert", "-f", "raw", "-O", fmt, *(["-o", "subformat=monolithicSparse"] if fmt == "vmdk" else []),
+             str(raw), str(clean))
+    if fmt == "vmdk":
+        twin = vmdk_patched(clean.read_bytes(), "monolithicFlat", [f'RW 2048 FLAT "{NAMED}" 0'])
+    else:  # a qcow2 of its own layout, padded to the same length
+        qcow2_data_file(tmp_path / "twin.qcow2", NAMED, tmp_path)
+        twin = (tmp_path / "twin.qcow2").read_bytes()
+        assert len(twin) <= clean.stat().st_size
+        twin = twin.ljust(clean.stat().st_size, b"\0")
     control = tmp_path / "twin.raw"  # the twin converted outside any sandbox: it really reads NAMED
-    (tmp_path / "twin.vmdk").write_bytes(twin)
-    subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(tmp_path / "twin.vmdk"), str(control)],
+    (tmp_path / "twin.img").write_bytes(twin)
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(tmp_path / "twin.img"), str(control)],
                    check=True, capture_output=True)
     assert control.read_bytes()[:MiB] == Path(NAMED).read_bytes()[:MiB]
-    return clean.read_bytes(), twin, raw
+    return Twins(fmt, clean.read_bytes(), twin, raw)
 
 
 def swap_after_the_checks(monkeypatch, swap) -> list[str]:
@@ -67,41 +87,47 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def assert_holds_the_clean_image(lun: Path, raw: Path) -> None:
-    assert_disk(lun, raw, 16 * MiB)
-    assert b"\x7fELF" not in lun.read_bytes(), "the named host file reached the volume"
+def assert_holds_the_checked_image(lun: Path, twins: Twins) -> None:
+    """Never a byte of NAMED; the clean image exactly when the twin keeps its data (VMDK): a
+    qcow2 twin's clusters lie elsewhere, and data is whatever the source serves, as for any image."""
+    data = lun.read_bytes()
+    assert b"\x7fELF" not in data and Path(NAMED).read_bytes()[64 * 1024:128 * 1024] not in data, \
+        "the named host file reached the volume"
+    if twins.fmt == "vmdk":
+        assert_disk(lun, twins.raw, 16 * MiB)
+
+
+METHOD = {"qcow2": "direct", "vmdk": "scratch"}  # VMDK is always converted from a local copy
 
 
 def test_range_server_swapping_the_image_after_the_checks_gets_the_checked_one_converted(
-        clean_and_twin, nginx, images, monkeypatch, tmp_path, scratch):
-    clean, twin, raw = clean_and_twin
-    served = images.dir / "swapping.vmdk.bin"
-    served.write_bytes(clean)
-    staged = images.dir / "swapping-twin.part"
-    staged.write_bytes(twin)
+        twins, nginx, images, monkeypatch, tmp_path, scratch):
+    served = images.dir / f"swapping-{twins.fmt}.bin"
+    served.write_bytes(twins.clean)
+    staged = images.dir / f"swapping-{twins.fmt}-twin.part"
+    staged.write_bytes(twins.twin)
     done = swap_after_the_checks(monkeypatch, lambda: os.replace(staged, served))
     lun = block_target(tmp_path)
     result, _ = run_import({"http": {"url": f"{nginx.url}/img/{served.name}"}}, Target(str(lun), 16 * MiB), scratch)
-    assert done == ["vmdk"] and served.read_bytes() == twin, "the server swapped between the checks and the convert"
-    assert result.method == "direct" and result.format == "vmdk"
-    assert_holds_the_clean_image(lun, raw)
+    assert done == [twins.fmt] and served.read_bytes() == twins.twin, "the server swapped between the checks and the convert"
+    assert result.method == METHOD[twins.fmt] and result.format == twins.fmt
+    assert_holds_the_checked_image(lun, twins)
 
 
 @pytest.mark.parametrize("how", ["rewritten-in-place", "replaced-by-a-link"])
-def test_file_swapped_after_the_checks_gets_the_checked_one_converted(how, clean_and_twin, public, monkeypatch,
-                                                                     tmp_path, scratch):
-    clean, twin, raw = clean_and_twin
-    path = public / f"swapping-{how}.vmdk"
-    path.write_bytes(clean)
+def test_file_swapped_after_the_checks_gets_the_checked_one_converted(how, twins, public, monkeypatch, tmp_path,
+                                                                     scratch):
+    path = public / f"swapping-{how}.{twins.fmt}"
+    path.write_bytes(twins.clean)
     os.chmod(path, 0o644)
-    other = public / f"twin-{how}.vmdk"
-    other.write_bytes(twin)
+    other = public / f"twin-{how}.{twins.fmt}"
+    other.write_bytes(twins.twin)
     os.chmod(other, 0o644)
 
     def swap() -> None:
         if how == "rewritten-in-place":
             with open(path, "r+b") as f:
-                f.write(twin)
+                f.write(twins.twin)
         else:
             os.unlink(path)
             os.symlink(other, path)
@@ -109,9 +135,9 @@ def test_file_swapped_after_the_checks_gets_the_checked_one_converted(how, clean
     done = swap_after_the_checks(monkeypatch, swap)
     lun = block_target(tmp_path)
     result, _ = run_import({"http": {"url": f"file://{path}"}}, Target(str(lun), 16 * MiB), scratch, allow_file=True)
-    assert done == ["vmdk"] and path.read_bytes() == twin
-    assert result.method == "direct"
-    assert_holds_the_clean_image(lun, raw)
+    assert done == [twins.fmt] and path.read_bytes() == twins.twin
+    assert result.method == METHOD[twins.fmt]
+    assert_holds_the_checked_image(lun, twins)
 
 
 def test_file_source_streams_the_file_it_opened_not_what_its_path_names_later(public, tmp_path):

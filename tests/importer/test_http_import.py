@@ -18,10 +18,15 @@ SCRATCH_KINDS = ["qcow2.gz", "qcow2.xz", "qcow2.zst", "qcow2.tar", "qcow2.tar.gz
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
 def test_image_from_range_server_converts_in_place_without_scratch(kind, nginx, images, tmp_path, scratch):
+    """In place, except VMDK: its metadata names files at every open, so it is converted from a
+    local copy nobody can change (and that is faster than its unaligned reads in place)."""
     lun = block_target(tmp_path)
     result, progress = run_import({"http": {"url": f"{nginx.url}/img/{kind}.bin"}}, Target(str(lun), 16 * MiB), scratch)
     assert result.format == kind and os.listdir(scratch) == []
-    assert result.method == "direct" and result.bytes_transferred == 0
+    if kind == "vmdk":
+        assert result.method == "scratch" and result.bytes_transferred == os.path.getsize(images.path(kind))
+    else:
+        assert result.method == "direct" and result.bytes_transferred == 0
     assert_disk(lun, images.expected[kind], 16 * MiB)
     assert progress[-1] == 100.0 and progress == sorted(progress)
 
