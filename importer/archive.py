@@ -23,7 +23,6 @@ import re
 import stat
 import subprocess
 import tarfile
-import tempfile
 from typing import BinaryIO, Iterator
 
 from pvlun.sandbox import TOOLS_ONLY, Sandbox, give
@@ -96,22 +95,10 @@ def unpack(stream: BinaryIO, directory: str, limit: int) -> None:
     On failure the directory holds what was unpacked so far, for the caller to remove."""
     give(directory)  # the sandbox user writes it
     argv = ["tar", "--extract", "--file=-", f"--directory={directory}", "--no-same-owner", "--no-same-permissions"]
-    watch = transfer_watch.current()
-    with tempfile.TemporaryFile() as err, Sandbox(writable=[directory], system=TOOLS_ONLY) as box:
-        proc = subprocess.Popen(box.wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
-        unwatch = watch.on_abort(proc.kill) if watch is not None else (lambda: None)
-        try:
-            _feed(stream, proc, limit)
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            unwatch()
-        if watch is not None:
-            watch.check()  # killed by a cancellation
-        if rc != 0:
+    with Sandbox(writable=[directory], system=TOOLS_ONLY) as box, \
+            transfer_watch.watched_process(box.wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as (proc, err):
+        _feed(stream, proc, limit)
+        if proc.wait() != 0:
             err.seek(0)
             raise ImportFailed(errors.INVALID_IMAGE, _tar_problem(err.read().decode(errors="replace")))
     root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

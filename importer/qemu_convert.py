@@ -16,7 +16,6 @@ import re
 import select
 import stat
 import subprocess
-import tempfile
 import time
 from typing import Callable
 
@@ -40,11 +39,9 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], *,
     `describe` turns its stderr into the failure's message."""
     watch = transfer_watch.current()
     stall = transfer_watch.stall_seconds()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        unwatch = watch.on_abort(proc.kill) if watch is not None else (lambda: None)
-        try:
-            assert proc.stdout is not None
+    with transfer_watch.watched_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (proc, err):
+        assert proc.stdout is not None
+        with proc.stdout:
             fd = proc.stdout.fileno()
             last = time.monotonic()
             while True:
@@ -62,18 +59,7 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], *,
                 found = _PROGRESS.findall(chunk)
                 if found:
                     progress(float(found[-1]) / 100.0)
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            unwatch()
-            if proc.stdout is not None:
-                proc.stdout.close()
-        if watch is not None:
-            watch.check()  # killed by a cancellation
-        if rc != 0:
+        if proc.wait() != 0:
             err.seek(0)
             text = err.read().decode(errors="replace")
             reason = errors.TRANSFER_FAILED if "curl" in text.lower() or "http" in text.lower() else errors.INVALID_IMAGE
@@ -88,7 +74,7 @@ def convert_into(node: ImageNode, disk_path: str, progress: Callable[[float], No
         # fsync has little left to do (measured on a loop device: 0.9 s instead of 1.2-2.2 s)
         argv += ["-t", "none"]
     argv += [*node.object_args(), "-O", "raw", node.spec, disk_path]
-    block = stat.S_ISBLK(os.stat(disk_path).st_mode)
+    block = stat.S_ISBLK(os.stat(disk_path, follow_symlinks=False).st_mode)  # a link is no disk: lent() refuses it
     handed = {"devices": [disk_path]} if block else {"writable": [disk_path]}
     with (contextlib.nullcontext() if block else lent(disk_path)), node.sandbox(**handed) as box:
         run_with_progress(box.wrap(argv), progress, describe=lambda text: node.tool_text(text.replace(disk_path, "<volume>")))
@@ -97,7 +83,7 @@ def convert_into(node: ImageNode, disk_path: str, progress: Callable[[float], No
 def _direct_io_works(path: str) -> bool:
     """Can the target be written with O_DIRECT (a block device, most local filesystems)?"""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW))
         return True
     except OSError:
         return False

@@ -19,10 +19,12 @@ import contextvars
 import itertools
 import logging
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 import weakref
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator, Sequence
 
 from . import errors
 from .errors import ImportFailed
@@ -42,6 +44,30 @@ def current() -> TransferWatch | None:
 def stall_seconds() -> float:
     watch = current()
     return watch.stall if watch else DEFAULT_STALL_SECONDS
+
+
+@contextlib.contextmanager
+def watched_process(argv: Sequence[str], **popen) -> Iterator[tuple[subprocess.Popen, IO[bytes]]]:
+    """A long-running tool (qemu-img convert, tar) under the running import's watch: yields the
+    process and the file its stderr goes to. A cancelled import kills it; so does an error in
+    the caller's loop; a cancellation is what is reported when it ended one, also when the
+    tool's own failure surfaced first."""
+    watch = current()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stderr=err, **popen)
+        unwatch = watch.on_abort(proc.kill) if watch is not None else (lambda: None)
+        try:
+            yield proc, err
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            if watch is not None:
+                watch.check()
+            raise
+        finally:
+            unwatch()
+        if watch is not None:
+            watch.check()
 
 
 class TransferWatch:

@@ -15,9 +15,11 @@ offsets and the same size (the truncate filter fixes it to the size the checks s
 conversion's open reads only blocks the checks read, and sees exactly what was checked.
 Only data blocks come fresh from the source, and data is what any image may hold anyway.
 
-The cache holds the blocks the checks read (headers, tables, descriptors: measured at a few
-MiB for a 2 GiB qcow2) in an unlinked file in the export's own directory; with no
-`cache-max-size` nothing is evicted, and a failed cache write fails the read.
+The cache holds the 64 KiB blocks the checks read (headers, tables: measured 512 KiB for a
+qcow2 of 2100 MiB virtual and 512 MiB data, the same after the conversion) in an unlinked file
+in the export's own directory; with no `cache-max-size` nothing is evicted, and a failed cache
+write fails the read. Measured on bench_import's qcow2 from nginx, 7 runs interleaved: 0.70 s
+median pinned against 0.72 s before (noise); a VDI of the same data 0.78 s against 0.61 s.
 """
 
 from __future__ import annotations

@@ -39,6 +39,29 @@ spec:
 """
 
 
+def upload_ready(inst, name: str) -> None:
+    inst.wait(lambda: (inst.get("DataVolume", name).get("status") or {}).get("phase") == "UploadReady",
+              what=f"{name} UploadReady")
+
+
+def start_upload(inst, name: str, length: int, first: bytes):
+    """An upload by hand into DataVolume `name`: headers declaring `length` bytes and the body's
+    first bytes, on a TLS connection left open (the caller sends more, reads the answer, or drops it)."""
+    import socket
+    import ssl
+
+    from importer.upload_gateway import endpoint, mint_token
+
+    url, ca = endpoint(inst.data_dir)
+    host, port = url.removeprefix("https://").split(":")
+    conn = ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection((host, int(port))),
+                                                             server_hostname=host)
+    conn.sendall((f"PUT /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
+                  f"Authorization: Bearer {mint_token(inst.data_dir, 'default', name)}\r\n"
+                  f"Content-Length: {length}\r\n\r\n").encode() + first)
+    return conn
+
+
 def same_prefix(raw: str, lun: str) -> bool:
     size = os.path.getsize(raw)
     with open(raw, "rb") as a, open(lun, "rb") as b:
@@ -178,23 +201,11 @@ def test_upload_cut_off_halfway_is_upload_ready_again_on_a_fresh_volume_and_can_
 
 
 def test_upload_larger_than_its_volume_is_refused_with_413_and_the_datavolume_stays_upload_ready(instance, tmp_path):
-    import socket
-    import ssl
-
-    from importer.upload_gateway import endpoint, mint_token
-
     instance.apply(dv("too-big", "    upload: {}", size="16Mi"))
-    instance.wait(lambda: (instance.get("DataVolume", "too-big").get("status") or {}).get("phase") == "UploadReady",
-                  what="UploadReady")
+    upload_ready(instance, "too-big")
     lun = instance.lun_path("too-big")
-    url, ca = endpoint(instance.data_dir)
-    host, port = url.removeprefix("https://").split(":")
-    tls = ssl.create_default_context(cafile=ca)
-    with socket.create_connection((host, int(port))) as raw_sock, tls.wrap_socket(raw_sock, server_hostname=host) as s:
-        s.sendall((f"PUT /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
-                   f"Authorization: Bearer {mint_token(instance.data_dir, 'default', 'too-big')}\r\n"
-                   f"Content-Length: {1 << 30}\r\n\r\n").encode() + os.urandom(64 * 1024))
-        answer = b"".join(iter(lambda: s.recv(4096), b"")).decode()
+    with start_upload(instance, "too-big", 1 << 30, os.urandom(64 * 1024)) as conn:
+        answer = b"".join(iter(lambda: conn.recv(4096), b"")).decode()
     assert answer.startswith("HTTP/1.1 413") and "ImageTooLarge" in answer and str(1 << 30) in answer
     status = instance.get("DataVolume", "too-big")["status"]
     assert status["phase"] == "UploadReady" and status.get("restartCount", 0) == 0

@@ -12,7 +12,7 @@ import ssl
 import subprocess
 
 from guest_output import MARKER, alive
-from test_datavolume import dv
+from test_datavolume import dv, start_upload, upload_ready
 from test_restart import kill9
 
 MiB = 1 << 20
@@ -76,8 +76,6 @@ def test_upload_cut_off_by_a_daemon_kill_starts_over_on_a_fresh_volume_that_read
 def test_scratch_copy_of_a_qcow2_upload_cut_off_by_a_daemon_kill_is_removed_at_the_next_start(serve, tmp_path):
     """A qcow2 upload is downloaded to scratch before it is converted: killed mid-way, the daemon
     cannot remove the copy; the next start does, and leaves what is not pvlun's alone."""
-    from importer.upload_gateway import endpoint, mint_token
-
     data_dir = str(tmp_path / "scratchy")
     os.makedirs(data_dir)
     first = serve(data_dir=data_dir)
@@ -85,19 +83,12 @@ def test_scratch_copy_of_a_qcow2_upload_cut_off_by_a_daemon_kill_is_removed_at_t
     with open(os.path.join(scratch, "operator-notes"), "w") as f:
         f.write("not pvlun's\n")
     first.apply(dv("scratchy", "    upload: {}", size="64Mi"))
-    first.wait(lambda: (first.get("DataVolume", "scratchy").get("status") or {}).get("phase") == "UploadReady",
-               what="UploadReady")
+    upload_ready(first, "scratchy")
     raw, image = tmp_path / "disk.raw", tmp_path / "disk.qcow2"
     raw.write_bytes(os.urandom(24 * MiB))
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True)
     body = image.read_bytes()
-    url, ca = endpoint(data_dir)
-    host, port = url.removeprefix("https://").split(":")
-    tls = ssl.create_default_context(cafile=ca)
-    conn = tls.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
-    conn.sendall((f"PUT /v1beta1/upload HTTP/1.1\r\nHost: {host}\r\n"
-                  f"Authorization: Bearer {mint_token(data_dir, 'default', 'scratchy')}\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:16 * MiB])
+    conn = start_upload(first, "scratchy", len(body), body[:16 * MiB])
 
     def copies() -> list[str]:
         return [name for name in os.listdir(scratch) if name.startswith("pvlun-scratch-")]
