@@ -26,29 +26,16 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive_number(what: str) -> Callable[[str], float]:
-    """An argparse type: a positive, finite number; `what` names it in the error."""
+def positive_number(what: str, whole: bool = False) -> Callable[[str], float]:
+    """An argparse type: a positive, finite number (with `whole`, an integer of at least 1);
+    `what` names it in the error."""
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if whole else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a {'whole ' if whole else ''}number") from None
         if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{what} must be positive, not {text}")
-        return value
-
-    return parse
-
-
-def at_least_one(what: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least 1; `what` names it in the error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be at least 1, not {value}")
+            raise argparse.ArgumentTypeError(f"{what} must be {'at least 1' if whole else 'positive'}, not {text}")
         return value
 
     return parse
@@ -124,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", type=node_id_arg, default=socket.gethostname())
     data_dir_arg(serve)
     serve.add_argument("--mode", choices=["all", "controller", "node"], default="all")
-    serve.add_argument("--nodes", type=at_least_one("the number of nodes"), default=2,
+    serve.add_argument("--nodes", type=positive_number("the number of nodes", whole=True), default=2,
                        help="present this host as N nodes: NODE-ID, NODE-ID-2, ... (embedded mode; default 2)")
     serve.add_argument("--pool", help="use this directory as the LUN pool")
     serve.add_argument("--pool-size", type=parse_size, default=None,
@@ -132,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 90%% of the data dir's filesystem, at most 256Gi; the image is sparse)")
     serve.add_argument("--overcommit", type=positive_number("the overcommit ratio"), default=1.0, metavar="RATIO",
                        help="let the volumes' sizes add up to RATIO x the pool size (default %(default)s)")
-    serve.add_argument("--max-volumes-per-node", type=at_least_one("the volumes per node"), default=256)
+    serve.add_argument("--max-volumes-per-node", type=positive_number("the volumes per node", whole=True), default=256)
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")
     serve.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")

@@ -268,11 +268,15 @@ class SQLiteStore:
 
     def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
         """Set some status fields, keeping the others as they are now."""
+        return self._set_fields(kind, name, namespace, "status", fields)
+
+    def _set_fields(self, kind: str, name: str, namespace: str, part: str, fields: dict[str, Any]) -> Obj | None:
+        """Set some fields of the object's `part` (status, spec) atomically, keeping the rest."""
         def change(obj: Obj) -> bool:
-            status = obj.setdefault("status", {})
-            if all(status.get(k) == v for k, v in fields.items()):
+            target = obj.setdefault(part, {})
+            if all(target.get(k) == v for k, v in fields.items()):
                 return False
-            status.update(fields)
+            target.update(fields)
             return True
 
         return self._mutate(kind, name, namespace, change)
@@ -287,14 +291,7 @@ class SQLiteStore:
     def patch_spec(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
         """Set some spec fields atomically (a controller's own fields: a claim's volumeName),
         keeping whatever else was written meanwhile."""
-        def change(obj: Obj) -> bool:
-            spec = obj.setdefault("spec", {})
-            if all(spec.get(k) == v for k, v in fields.items()):
-                return False
-            spec.update(fields)
-            return True
-
-        return self._mutate(kind, name, namespace, change)
+        return self._set_fields(kind, name, namespace, "spec", fields)
 
     def annotate(self, kind: str, name: str, namespace: str, **annotations: str | None) -> Obj | None:
         """Set (or, with None, remove) annotations atomically."""
