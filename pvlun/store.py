@@ -13,8 +13,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 Obj = dict[str, Any]
 
@@ -148,9 +149,7 @@ class SQLiteStore:
 
     def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None:
         with self._lock:
-            row = self._db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
-                                   (kind, self._ns(kind, namespace), name)).fetchone()
-        return json.loads(row[0]) if row else None
+            return self._read(kind, name, namespace)
 
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]:
         sql, args = "SELECT body FROM objects WHERE kind=?", [kind]
@@ -171,15 +170,24 @@ class SQLiteStore:
             (obj["kind"], namespace_of(obj), meta["name"], json.dumps(obj), version))
         return obj
 
-    def _write(self, obj: Obj) -> Obj:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE under the lock; COMMIT after the body (unless it ended the
+        transaction itself), ROLLBACK when it raises."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._put(obj)
-                self._db.execute("COMMIT")
+                yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
+    def _write(self, obj: Obj) -> Obj:
+        with self._transaction():
+            self._put(obj)
         return obj
 
     def _read(self, kind: str, name: str, namespace: str) -> Obj | None:
@@ -199,36 +207,30 @@ class SQLiteStore:
         meta = obj.setdefault("metadata", {})
         if obj["kind"] not in CLUSTER_SCOPED:
             meta.setdefault("namespace", "default")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                old = self._read(obj["kind"], meta["name"], meta.get("namespace", ""))
-                if merge is not None:
-                    obj = merge(copy.deepcopy(old) if old else None, obj)
-                    meta = obj["metadata"]
-                    if obj == old:
-                        self._db.execute("ROLLBACK")
-                        return obj
-                if old:
-                    old_meta = old["metadata"]
-                    meta["uid"] = old_meta["uid"]
-                    meta["creationTimestamp"] = old_meta["creationTimestamp"]
-                    if "status" in old and "status" not in obj:
-                        obj["status"] = old["status"]
-                    if old_meta.get("finalizers") and "finalizers" not in meta:
-                        meta["finalizers"] = old_meta["finalizers"]
-                    if old_meta.get("deletionTimestamp"):
-                        meta["deletionTimestamp"] = old_meta["deletionTimestamp"]
-                    meta["generation"] = old_meta.get("generation", 1) + (old.get("spec") != obj.get("spec"))
-                else:
-                    meta["uid"] = str(uuid.uuid4())
-                    meta["creationTimestamp"] = now()
-                    meta["generation"] = 1
-                self._put(obj)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            old = self._read(obj["kind"], meta["name"], meta.get("namespace", ""))
+            if merge is not None:
+                obj = merge(copy.deepcopy(old) if old else None, obj)
+                meta = obj["metadata"]
+                if obj == old:
+                    self._db.execute("ROLLBACK")
+                    return obj
+            if old:
+                old_meta = old["metadata"]
+                meta["uid"] = old_meta["uid"]
+                meta["creationTimestamp"] = old_meta["creationTimestamp"]
+                if "status" in old and "status" not in obj:
+                    obj["status"] = old["status"]
+                if old_meta.get("finalizers") and "finalizers" not in meta:
+                    meta["finalizers"] = old_meta["finalizers"]
+                if old_meta.get("deletionTimestamp"):
+                    meta["deletionTimestamp"] = old_meta["deletionTimestamp"]
+                meta["generation"] = old_meta.get("generation", 1) + (old.get("spec") != obj.get("spec"))
+            else:
+                meta["uid"] = str(uuid.uuid4())
+                meta["creationTimestamp"] = now()
+                meta["generation"] = 1
+            self._put(obj)
         return obj
 
     def _mutate(self, kind: str, name: str, namespace: str, change: Callable[[Obj], bool]) -> Obj | None:
