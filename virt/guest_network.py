@@ -36,6 +36,16 @@ PREFIX_LENGTH = 24
 LOG_FILE = "passt.log"
 
 
+def choose_host_ports(vm: VmSpec) -> dict[tuple[str, int], int]:
+    """A currently free port of the host's 127.0.0.1 for each forwarded (protocol, guest port)."""
+    out = {}
+    for port in (p for iface in vm.interfaces for p in iface.ports):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            out[(port.protocol, port.port)] = s.getsockname()[1]
+    return out
+
+
 def build_passt_argv(iface: Interface, fd: int, host_ports: Mapping[tuple[str, int], int], log: str) -> list[str]:
     """passt for one interface (pure): the guest's end of `fd`, its forwarded ports, its log."""
     uid, gid = sandbox_ids()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Callable, Mapping
 from pvlun.sandbox import Sandbox, open_no_follow
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
-from virt.guest_network import GuestNetwork
+from virt.guest_network import GuestNetwork, choose_host_ports
 from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
 from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
@@ -68,13 +67,6 @@ def find_ovmf(secure_boot: bool) -> tuple[str, str]:
         if Path(code).exists() and Path(vars_).exists():
             return code, vars_
     raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VmLauncher:
@@ -147,7 +139,7 @@ class VmLauncher:
             raise LaunchError(f"cannot run {self.qemu_binary}: not found")
         self.accel = self.accel or choose_accel()
         if self.host_ports is None:
-            self.host_ports = {(p.protocol, p.port): free_port() for i in self.vm.interfaces for p in i.ports}
+            self.host_ports = choose_host_ports(self.vm)
         self._set_phase(Phase.SCHEDULING, "starting QEMU")
         inherited = Inherited()  # what QEMU gets open; closed here once it has them
         try:
