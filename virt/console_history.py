@@ -90,6 +90,7 @@ class ConsoleFollower:
             return
         self.started = True
         self.history.append(b"")  # `pvlun logs` of a VM that runs: what there is, even nothing yet
+        self._save()  # where the history stands, for the follower after a crash (before any copy)
 
         def follow() -> None:
             while not done.wait(0.2):
@@ -120,7 +121,7 @@ class ConsoleFollower:
             self._save()
 
     def _save(self) -> None:
-        if self.offset == self._saved:
+        if self.offset == self._saved and self._saved is not None:
             return
         partial = self.run_dir / (OFFSET_FILE + ".part")
         fd = open_no_follow(str(partial), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
