@@ -168,7 +168,7 @@ def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | Non
     try:
         host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}",
                            node)
-    except (CommandError, kubelet.NotReady) as exc:
+    except (CommandError, kubelet.NotReady, OSError) as exc:  # OSError: a disk.img that is a link, a FIFO
         fail(ctx, dv, "CloneFailed", user_text(exc))
         return
     _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
