@@ -3,8 +3,8 @@
 A DataVolume gets a claim (same name, owned by it); once bound, the volume is attached on
 a node as kubelet would, filled by the pipeline, and detached. Clones go through CSI
 (CreateVolume with a volume or snapshot source). A failed import deletes the claim, so no
-half-written volume remains; the DataVolume keeps phase Failed and the reason until its
-spec changes.
+half-written volume remains; the DataVolume keeps phase Failed and the reason (its spec
+never changes, as in CDI: delete it and create it again to retry).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     status = _status(dv)
-    if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get("generation", 1):
-        return
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return  # for good: a DataVolume's spec never changes (admission refuses it, as CDI's webhook does)
     if ctx.jobs.running("dv:" + key_of(dv)):
         return
     try:
@@ -89,9 +89,6 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
     except ValueError as exc:
         fail(ctx, dv, "InvalidSpec", str(exc))
         return
-    if status.get("phase") in ("Succeeded", "Failed"):  # the spec changed: start over
-        status = {}
-        dv["status"] = {}
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
@@ -170,7 +167,7 @@ def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | Non
     try:
         host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}",
                            node)
-    except (CommandError, kubelet.NotReady) as exc:
+    except (CommandError, kubelet.NotReady, OSError) as exc:  # OSError: a disk.img that is a link, a FIFO
         fail(ctx, dv, "CloneFailed", user_text(exc))
         return
     _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,

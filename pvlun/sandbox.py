@@ -83,8 +83,8 @@ def lent(path: str) -> Iterator[None]:
 
 def _restamp(path: str, uid: int, gid: int, mode: int | None = None) -> os.stat_result:
     """Owner (and mode) of the file itself, through a descriptor opened without following a
-    link; returns what it was."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    link (open_no_follow: a regular file only); returns what it was."""
+    fd = open_no_follow(path)
     try:
         before = os.fstat(fd)
         os.fchown(fd, uid, gid)
@@ -93,6 +93,53 @@ def _restamp(path: str, uid: int, gid: int, mode: int | None = None) -> os.stat_
         return before
     finally:
         os.close(fd)
+
+
+class UnsafeFile(OSError):
+    """A path root was to open inside a volume or a run directory is not the plain file it must
+    be: a symbolic link (which would send root anywhere on the host), a FIFO (which would block
+    it), a socket or a device."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def open_no_follow(path: str, flags: int = os.O_RDONLY, *, mode: int = 0o600, devices: bool = False) -> int:
+    """Open what `path` names itself, never through a symbolic link in its last component, and
+    only if it is a regular file (or, with `devices`, a block device: pvlun's own published
+    ones). For files inside a volume (a pod or a guest writes there) and in directories something
+    unprivileged could have written: root then works on a descriptor, never on the path again.
+    Returns a blocking, close-on-exec descriptor; UnsafeFile names what was found instead."""
+    name = os.path.basename(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(errno.ELOOP, f"{name} is a symbolic link; only a regular file is used") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
+            raise UnsafeFile(errno.EINVAL, f"{name} is {_kind(st.st_mode)}; only a regular file is used")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def fd_path(fd: int) -> str:
+    """A path naming the file open as `fd` in this process, for a tool root runs outside a
+    sandbox (it opens that very file again, whatever has been renamed or linked since)."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 _OPENER = """import os, socket, sys

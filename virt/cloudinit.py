@@ -34,6 +34,7 @@ def build_nocloud_seed(path: str | os.PathLike, vm: VmSpec, volume: Volume) -> P
             Path(tmp, "network-config").write_text(volume.network_data)
             files.append("network-config")
         partial = path.with_name(path.name + ".part")
+        partial.unlink(missing_ok=True)  # genisoimage would write through whatever is there
         run(["genisoimage", "-quiet", "-output", str(partial), "-volid", "cidata", "-joliet", "-rock",
              *[str(Path(tmp, f)) for f in files]])
         partial.replace(path)

@@ -24,7 +24,7 @@ from pvlun.command import run
 from virt.bootsector import tick_boot_sector
 
 TICK_DISK_SIZE = 1 << 20
-LINUX_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
+LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
 BUSYBOX = "/bin/busybox"
 
 
@@ -106,6 +106,7 @@ else
   cd /mnt && tar -xf "$data" "$file" 2>/dev/null; sum=$(sha256sum "/mnt/$file" | cut -d' ' -f1)
 fi
 echo "PVLUN-SHA256 ${sum:-none} $file"
+if [ "$after" = script ]; then sh "/mnt/$file"; fi
 echo "$marker"
 if [ "$after" = poweroff ]; then sync; poweroff -f; fi
 while true; do sleep 3600; done
@@ -144,7 +145,7 @@ def build_linux_disk(
     The guest mounts /dev/`data_device` (ext4, other fs, or a raw tar), prints
     "PVLUN-SHA256 <hex> <file>" and then `marker` on ttyS0; `after` is "idle" or "poweroff".
     """
-    if after not in ("idle", "poweroff"):
+    if after not in ("idle", "poweroff", "script"):
         raise ValueError('after must be "idle" or "poweroff"')
     for word in (marker, data_device, check_file):
         if not word or any(c.isspace() for c in word):

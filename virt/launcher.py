@@ -7,20 +7,19 @@ reported through `on_phase`. QEMU's stderr goes to `<run_dir>/qemu.stderr`, whos
 what a failed start reports.
 
 QEMU runs in a sandbox (pvlun/sandbox.py) as the unprivileged sandbox user: a mount
-namespace holding /usr, its run directory (serial log, sockets, firmware variables, local
-disks), the volumes it was handed (writable files, private nodes of the published block
-devices; read-only files are inherited open instead) and /dev/kvm when KVM is used — nothing
-else of the host. It keeps the host's network
-namespace: user-mode networking, host port forwards and migrations use loopback. The sandbox
-does not die with the thread that started it (QEMU outlives a daemon crash, as a pod would).
+namespace holding /usr, the private device nodes of its published block devices and /dev/kvm
+when KVM is used, and a network namespace of its own. Everything else it inherits open from
+root (virt/run_dir.py): its volume files, serial log, firmware variables, QMP and console
+sockets, and one socket per network interface, whose other end is passt
+(virt/guest_network.py). Live migration hands both QEMUs the ends of one socket pair. The
+sandbox does not die with the thread that started it (QEMU outlives a daemon crash, as a pod
+would).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,12 +27,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pvlun.sandbox import Sandbox, give
+from pvlun.sandbox import Sandbox, open_no_follow
 from virt.accel import choose_accel, kvm_devices
-from virt.console_history import ConsoleFollower, ConsoleHistory
+from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
+from virt.guest_network import GuestNetwork, choose_host_ports
 from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
-from virt.qemu_sandbox import exit_code, kill_tree, open_read_only, qemu_pid, qemu_sandbox, socket_path
+from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
+from virt.run_dir import copy_into, listen_unix, open_file, prepare_run_dir, remove_sockets, socket_path
 from virt.spec import VmSpec
 
 OVMF_CANDIDATES = {
@@ -68,13 +69,6 @@ def find_ovmf(secure_boot: bool) -> tuple[str, str]:
     raise LaunchError("efi firmware requested but OVMF is not installed (Debian package ovmf)")
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class VmLauncher:
     """One QEMU process. Not thread-safe for concurrent commands from many callers."""
 
@@ -107,7 +101,7 @@ class VmLauncher:
         self.extra_args = extra_args
         self.history = history
         self.qmp_path = socket_path(self.run_dir, "qmp.sock")
-        self.serial_log = str(self.run_dir / "serial.log")
+        self.serial_log = str(self.run_dir / SERIAL_LOG)
         self.console_path = socket_path(self.run_dir, "console.sock") if console else None
         self.stderr_path = self.run_dir / "qemu.stderr"
         self.phase = Phase.SCHEDULING
@@ -117,7 +111,7 @@ class VmLauncher:
         self.qemu_pid: int | None = None  # QEMU itself, as the host sees it
         self.qmp: QmpSession | None = None
         self._sandbox: Sandbox | None = None
-        self._lending = contextlib.ExitStack()  # files lent to the sandbox user while QEMU runs
+        self._network: GuestNetwork | None = None
         self._stopping = False
         self._shutdown_reason = ""
         self._lock = threading.Lock()
@@ -143,61 +137,48 @@ class VmLauncher:
         if binary is None:
             self._set_phase(Phase.FAILED, f"{self.qemu_binary} not found")
             raise LaunchError(f"cannot run {self.qemu_binary}: not found")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        give(str(self.run_dir))
-        for name, sock in (("qmp.sock", self.qmp_path), ("console.sock", self.console_path)):
-            if sock:
-                Path(sock).unlink(missing_ok=True)
-                link = self.run_dir / name
-                if str(link) != sock:  # a findable name in run_dir for the short socket
-                    Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    give(str(Path(sock).parent))
-                    link.unlink(missing_ok=True)
-                    link.symlink_to(sock)
         self.accel = self.accel or choose_accel()
-        ovmf_code = ovmf_vars = None
-        if self.vm.firmware == "efi":
-            ovmf_code, template = find_ovmf(self.vm.secure_boot)
-            ovmf_vars = str(self.run_dir / "OVMF_VARS.fd")
-            if not Path(ovmf_vars).exists():
-                shutil.copyfile(template, ovmf_vars)
-            give(ovmf_vars)
         if self.host_ports is None:
-            self.host_ports = {(p.protocol, p.port): free_port() for i in self.vm.interfaces for p in i.ports}
-        if os.path.exists(self.serial_log):
-            give(self.serial_log)
-        if self.history is not None:
-            offset = os.path.getsize(self.serial_log) if os.path.exists(self.serial_log) else 0
-            self._follower = ConsoleFollower(self.history, self.serial_log, offset)
+            self.host_ports = choose_host_ports(self.vm)
         self._set_phase(Phase.SCHEDULING, "starting QEMU")
-        disks: dict[str, DiskAttachment] = {}
+        inherited = Inherited()  # what QEMU gets open; closed here once it has them
         try:
-            disks = open_read_only(self.vm, self.disks)
+            prepare_run_dir(self.run_dir)
+            if self.history is not None:
+                self._follower = ConsoleFollower(self.history, self.run_dir)
+            serial = inherited.keep(open_file(self.serial_log, os.O_WRONLY | os.O_APPEND), self.serial_log)
+            stderr = inherited.keep(open_file(self.stderr_path, os.O_WRONLY | os.O_TRUNC))
+            ovmf_code, ovmf_vars = self._firmware(inherited)
+            qmp = inherited.keep(listen_unix(self.qmp_path, self.run_dir).detach())
+            console = inherited.keep(listen_unix(self.console_path, self.run_dir).detach()) if self.console_path \
+                else None
+            disks = open_file_volumes(self.vm, self.disks, inherited)
+            self._network = GuestNetwork(self.vm, self.run_dir, self.host_ports)
+            nets = {name: inherited.keep(fd) for name, fd in self._network.start().items()}
             self.argv = build_qemu_argv(
-                self.vm, disks, accel=self.accel, qmp_path=self.qmp_path, serial_log=self.serial_log,
-                incoming=self.incoming, console_socket=self.console_path, host_ports=self.host_ports,
-                ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, qemu_binary=self.qemu_binary, extra_args=self.extra_args,
+                self.vm, disks, accel=self.accel, qmp_fd=qmp, serial_fd=serial, console_fd=console, net_fds=nets,
+                incoming=self.incoming, ovmf_code=ovmf_code, ovmf_vars_fd=ovmf_vars, labels=inherited.labels,
+                qemu_binary=self.qemu_binary, extra_args=self.extra_args,
                 start_paused=not self.incoming)  # the guest runs once its pid is known (below)
-            sockets = [s for s in (self.qmp_path, self.console_path) if s]
-            self._sandbox = qemu_sandbox(disks, self.run_dir, sockets, binary, [ovmf_code] if ovmf_code else [],
-                                         kvm_devices() if self.accel == "kvm" else [], self._lending)
-            with open(self.stderr_path, "wb") as err:
-                self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=err,
-                                             stderr=err, start_new_session=True,
-                                             pass_fds=[a.fd for a in disks.values() if a.fd is not None])
+            self._sandbox = qemu_sandbox(disks, binary, [ovmf_code] if ovmf_code else [],
+                                         kvm_devices() if self.accel == "kvm" else [])
+            self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=stderr,
+                                         stderr=stderr, start_new_session=True, pass_fds=inherited.fds)
         except OSError as exc:
             self._close_sandbox()
+            self._remove_sockets()
             self._set_phase(Phase.FAILED, str(exc))
             raise LaunchError(f"cannot start QEMU: {exc}") from None
         finally:
-            for att in disks.values():
-                if att.fd is not None:
-                    os.close(att.fd)
+            inherited.close()
         self.qmp = QmpSession(self.qmp_path, self._on_event, name=self.vm.name)
         try:
             self.qmp.connect(timeout, alive=lambda: self.proc.poll() is None)
             self._sandbox.close()  # its namespace holds the private device nodes now: none stays on the host
             self.qemu_pid = qemu_pid(self.proc, self.qemu_binary)
+            network_failure = self._network.failure()
+            if network_failure:
+                raise QmpError(network_failure)
             if not self.incoming:
                 self.qmp.execute("cont")
             status = self.qmp.execute("query-status")["status"]
@@ -216,10 +197,22 @@ class VmLauncher:
         else:
             self._set_phase(Phase.RUNNING, status)
 
+    def _firmware(self, inherited: Inherited) -> tuple[str | None, int | None]:
+        """OVMF's code (read in /usr) and the guest's own variables, kept in the run directory
+        across its runs (a copy of the template, made whole or not at all)."""
+        if self.vm.firmware != "efi":
+            return None, None
+        code, template = find_ovmf(self.vm.secure_boot)
+        path = str(self.run_dir / "OVMF_VARS.fd")
+        if not os.path.lexists(path):
+            copy_into(template, path)
+        return code, inherited.keep(open_no_follow(path, os.O_RDWR), path)
+
     def _close_sandbox(self) -> None:
         if self._sandbox is not None:
             self._sandbox.close()
-        self._lending.close()
+        if self._network is not None:
+            self._network.stop()
 
     def _abort_start(self) -> None:
         if self.proc:
@@ -232,22 +225,16 @@ class VmLauncher:
         self._exited.set()
 
     def _remove_sockets(self) -> None:
-        """QEMU leaves its sockets behind when killed; a dead socket must not linger (nor the
-        short socket directory made for it)."""
-        for sock in (self.qmp_path, self.console_path):
-            if sock:
-                Path(sock).unlink(missing_ok=True)
-                if Path(sock).parent != self.run_dir:
-                    try:
-                        Path(sock).parent.rmdir()
-                    except OSError:
-                        pass  # the other socket is still there, or it is gone already
+        """A dead QEMU's sockets must not linger (nor the socket directory made for them)."""
+        remove_sockets([s for s in (self.qmp_path, self.console_path) if s], self.run_dir)
 
     def stderr_text(self) -> str:
         try:
-            return self.stderr_path.read_text(errors="replace").strip()
+            fd = open_no_follow(str(self.stderr_path))
         except OSError:
             return ""
+        with os.fdopen(fd, "rb") as f:
+            return f.read(64 << 10).decode(errors="replace").strip()
 
     def _watch_exit(self) -> None:
         assert self.proc is not None
@@ -310,6 +297,12 @@ class VmLauncher:
         if self.qmp is None:
             raise QmpError("QEMU is not started")
         return self.qmp.execute(command, arguments, timeout)
+
+    def hand_fd(self, name: str, fd: int) -> None:
+        """Give QEMU an open descriptor as `name` (QMP getfd): a migration stream's socket."""
+        if self.qmp is None:
+            raise QmpError("QEMU is not started")
+        self.qmp.send_fd(fd, name)
 
     def pause(self) -> None:
         self.execute("stop")
@@ -395,7 +388,7 @@ class VmLauncher:
         return False
 
     def status(self) -> dict:
-        """A VMI-status-like summary."""
+        """A VMI-status-like summary (no host paths: a person reads it; the run directory is
+        where the code finds the rest)."""
         return {"phase": self.phase.value, "reason": self.reason, "node": self.node, "pid": self.pid,
-                "accel": self.accel, "qmp": self.qmp_path, "serialLog": self.serial_log,
-                "hostPorts": {f"{p}/{n}": h for (p, n), h in (self.host_ports or {}).items()}}
+                "accel": self.accel, "hostPorts": {f"{p}/{n}": h for (p, n), h in (self.host_ports or {}).items()}}

@@ -1,7 +1,11 @@
-"""Live migration between two launchers over a loopback TCP port.
+"""Live migration between two launchers over a socket pair.
+
+Both QEMUs run on this host, each without network: the daemon makes a unix socket pair and
+hands one end to each over QMP (`getfd`), so the stream goes from QEMU to QEMU and nothing
+else — no port a guest or a local user could reach, no path in either sandbox.
 
 Sequence (KubeVirt's phases in brackets): pre hooks [PreparingTarget] → target QEMU
-started with `-incoming defer` → `migrate-incoming` on 127.0.0.1:PORT [TargetReady] →
+started with `-incoming defer` → `migrate-incoming` on its end of the pair [TargetReady] →
 downtime limit and bandwidth set on the source → `migrate` [Running] → `query-migrate`
 polled into the status → completed: the source QEMU quits, post hooks [Succeeded].
 Anything failing (a pre hook, the target dying mid-way, a timeout, QEMU reporting
@@ -11,17 +15,19 @@ runs the failed hooks [Failed].
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from virt.hooks import HookContext, HookError, MigrationHooks
-from virt.launcher import LaunchError, Phase, VmLauncher, free_port
+from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.qmp_session import QmpError
 
 DEFAULT_DOWNTIME_LIMIT_MS = 300  # QEMU's own default
-DEFAULT_BANDWIDTH = 10 << 30  # bytes/s: loopback is not the bottleneck, don't throttle it
+DEFAULT_BANDWIDTH = 10 << 30  # bytes/s: a local socket is not the bottleneck, don't throttle it
+STREAM = "migration"  # the name both QEMUs know their end of the socket pair by
 
 
 class MigrationFailed(RuntimeError):
@@ -41,7 +47,6 @@ class MigrationStatus:
     downtime_ms: int | None = None
     setup_time_ms: int | None = None
     total_time_ms: int | None = None
-    target_port: int | None = None
     error: str | None = None
     started: float = 0.0
     ended: float | None = None
@@ -52,7 +57,7 @@ class MigrationStatus:
                 "qemuStatus": self.qemu_status, "dataTotal": self.data_total, "dataRemaining": self.data_remaining,
                 "dataTransferred": self.data_transferred, "expectedDowntimeMs": self.expected_downtime_ms,
                 "downtimeMs": self.downtime_ms, "setupTimeMs": self.setup_time_ms, "totalTimeMs": self.total_time_ms,
-                "targetPort": self.target_port, "error": self.error, "startTimestamp": self.started,
+                "error": self.error, "startTimestamp": self.started,
                 "endTimestamp": self.ended}
 
 
@@ -75,7 +80,6 @@ def migrate(
     hooks: MigrationHooks | None = None,
     source_node: str | None = None,
     target_node: str | None = None,
-    port: int | None = None,
     downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
     max_bandwidth: int = DEFAULT_BANDWIDTH,
     timeout: float = 300,
@@ -123,11 +127,14 @@ def migrate(
         if target_launcher.incoming != "defer":
             raise MigrationFailed('the target launcher must be created with incoming="defer"')
         target_launcher.start()
-        status.target_port = port or free_port()
-        uri = f"tcp:127.0.0.1:{status.target_port}"
         for side in (target_launcher, source):
             side.execute("migrate-set-capabilities",
                          {"capabilities": [{"capability": "events", "state": True}]})
+        outgoing, incoming = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with outgoing, incoming:  # each QEMU holds its own copy once handed over
+            target_launcher.hand_fd(STREAM, incoming.fileno())
+            source.hand_fd(STREAM, outgoing.fileno())
+        uri = f"fd:{STREAM}"
         target_launcher.execute("migrate-incoming", {"uri": uri})
         set_phase("TargetReady")
         source.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth})

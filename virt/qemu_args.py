@@ -16,6 +16,7 @@ spec already matched a strict pattern (virt/spec_fields.py). QEMU also runs with
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import stat
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from pvlun.sandbox import open_no_follow
 from virt.spec import Disk, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -73,14 +75,19 @@ class DiskAttachment:
 
     @classmethod
     def for_path(cls, path: str, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
-        """Inspect `path`: block device or file, and whether O_DIRECT works on it."""
-        mode = os.stat(path).st_mode
-        direct = True
+        """Inspect `path` — a block device or a regular file, never through a link (a disk.img
+        in a volume is the volume owner's to replace) — and whether O_DIRECT works on it."""
+        fd = open_no_follow(path, devices=True)
         try:
-            os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
-            direct = False
-        return cls(str(path), readonly, stat.S_ISBLK(mode), direct, throttle)
+            block = stat.S_ISBLK(os.fstat(fd).st_mode)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                direct = True
+            except OSError:
+                direct = False
+        finally:
+            os.close(fd)
+        return cls(str(path), readonly, block, direct, throttle)
 
 
 def _esc(value: str) -> str:
@@ -119,6 +126,12 @@ def mac_address(vm: VmSpec, interface: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
+def _fdset(fd: int, label: str | None) -> list[str]:
+    """Hand QEMU an inherited descriptor as fd set `fd` (QEMU opens it as /dev/fdset/FD);
+    `label` (the host path it stands for) shows in `ps` and lets start-up repair know the QEMU."""
+    return ["-add-fd", _keyval(None, {"fd": int(fd), "set": int(fd), **({"opaque": label} if label else {})})]
+
+
 def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str], str]:
     """Arguments for one volume's block graph; returns (argv, top node name)."""
     readonly = att.readonly or disk.readonly
@@ -133,7 +146,7 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     }
     if att.direct_io:
         proto["aio"] = "native"
-    args = [] if att.fd is None else ["-add-fd", _keyval(None, {"fd": int(att.fd), "set": int(att.fd)})]
+    args = [] if att.fd is None else _fdset(att.fd, att.path)
     args += _blockdev(proto)
     args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
     top = fmt
@@ -147,28 +160,50 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     return args, top
 
 
+def guest_device_names(vm: VmSpec) -> dict[str, str]:
+    """Each disk's name in the guest as KubeVirt's volumeStatus.target gives it: virtio disks
+    vda, vdb, …; sata and scsi ones sda, sdb, … (one sequence for both), in spec order."""
+    counters = {"vd": 0, "sd": 0}
+    out = {}
+    for disk in vm.disks:
+        prefix = "vd" if disk.bus == "virtio" else "sd"
+        n, suffix = counters[prefix], ""
+        counters[prefix] += 1
+        while True:  # vda … vdz, vdaa …, as Linux names them
+            suffix = chr(ord("a") + n % 26) + suffix
+            n = n // 26 - 1
+            if n < 0:
+                break
+        out[disk.name] = prefix + suffix
+    return out
+
+
 def build_qemu_argv(
     vm: VmSpec,
     disks: Mapping[str, DiskAttachment],
     *,
     accel: str,
-    qmp_path: str,
-    serial_log: str,
+    qmp_fd: int,
+    serial_fd: int,
     incoming: str | None = None,
-    console_socket: str | None = None,
-    host_ports: Mapping[tuple[str, int], int] | None = None,
+    console_fd: int | None = None,
+    net_fds: Mapping[str, int] | None = None,
     ovmf_code: str | None = None,
-    ovmf_vars: str | None = None,
+    ovmf_vars_fd: int | None = None,
+    labels: Mapping[int, str] | None = None,
     qemu_binary: str = QEMU_BINARY,
     extra_args: Sequence[str] = (),
     start_paused: bool = False,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
-    `host_ports` maps (protocol, guest port) of masquerade interface ports to host ports on
-    127.0.0.1. `incoming` is "defer" for a migration target. With `console_socket` the serial
-    console is an interactive unix socket that also logs to `serial_log`. `start_paused` (-S)
-    holds the guest until QMP `cont`.
+    QEMU opens no host path but its firmware code in /usr: it inherits every other file and
+    socket. `qmp_fd` (and `console_fd`, for an interactive serial console) are listening unix
+    sockets; `serial_fd` the serial log, open for appending (so it can be cut short from
+    outside); `ovmf_vars_fd` the firmware variables; `net_fds` a connected stream socket per
+    interface, whose other end is the guest's network (virt/guest_network.py). `labels` names
+    the host file behind a descriptor, for `ps`. `incoming` is "defer" for a migration target;
+    `start_paused` (-S) holds the guest until QMP `cont`.
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
@@ -178,13 +213,16 @@ def build_qemu_argv(
     if missing:
         raise ValueError(f"no attachment for volume(s) {', '.join(missing)}")
     machine: dict[str, object] = {}
+    labels = labels or {}
     argv = [qemu_binary, "-name", _keyval(None, {"guest": f"{vm.namespace}/{vm.name}", "debug-threads": True}),
             "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", SECCOMP, "-accel", accel]
     if vm.firmware == "efi":
-        if not ovmf_code or not ovmf_vars:
-            raise ValueError("efi firmware needs ovmf_code and ovmf_vars")
+        if not ovmf_code or ovmf_vars_fd is None:
+            raise ValueError("efi firmware needs ovmf_code and ovmf_vars_fd")
         argv += _blockdev({"driver": "file", "filename": ovmf_code, "node-name": "pflash0", "read-only": True})
-        argv += _blockdev({"driver": "file", "filename": ovmf_vars, "node-name": "pflash1", "read-only": False})
+        argv += _fdset(ovmf_vars_fd, labels.get(ovmf_vars_fd))
+        argv += _blockdev({"driver": "file", "filename": f"/dev/fdset/{ovmf_vars_fd}", "node-name": "pflash1",
+                           "read-only": False})
         machine.update({"pflash0": "pflash0", "pflash1": "pflash1"})
         if vm.secure_boot:
             machine["smm"] = True
@@ -195,13 +233,16 @@ def build_qemu_argv(
     argv += ["-smp", _keyval(str(vm.vcpus), {"sockets": vm.sockets, "cores": vm.cores, "threads": vm.threads}),
              "-m", f"{-(-vm.memory // MIB)}M",
              "-rtc", "base=utc",
-             "-qmp", "unix:" + _keyval(qmp_path, {"server": True, "wait": False})]
+             "-chardev", _keyval("socket", {"id": "qmp", "fd": int(qmp_fd), "server": True, "wait": False}),
+             "-mon", "chardev=qmp,mode=control"]
     if vm.uuid:
         argv += ["-uuid", vm.uuid]
     if vm.serial:
         argv += ["-smbios", _keyval("type=1", {"serial": vm.serial})]
-    if console_socket:
-        argv += ["-chardev", _keyval("socket", {"id": "serial0", "path": console_socket, "server": True, "wait": False,
+    argv += _fdset(serial_fd, labels.get(serial_fd))
+    serial_log = f"/dev/fdset/{serial_fd}"
+    if console_fd is not None:
+        argv += ["-chardev", _keyval("socket", {"id": "serial0", "fd": int(console_fd), "server": True, "wait": False,
                                                 "logfile": serial_log, "logappend": True})]
     else:
         argv += ["-chardev", _keyval("file", {"id": "serial0", "path": serial_log, "append": True})]
@@ -233,16 +274,9 @@ def build_qemu_argv(
         argv += ["-device", _keyval(head, dev)]
 
     for iface in vm.interfaces:
-        net: dict[str, object] = {"id": f"net-{iface.name}", "net": "10.0.2.0/24", "host": "10.0.2.1",
-                                  "dhcpstart": "10.0.2.2"}
-        if vm.hostname:
-            net["hostname"] = vm.hostname
-        forwards = []
-        for port in iface.ports:
-            host = (host_ports or {}).get((port.protocol, port.port))
-            if host is None:
-                raise ValueError(f"no host port for {port.protocol} {port.port} of interface {iface.name}")
-            forwards.append(_keyval(None, {"hostfwd": f"{port.protocol.lower()}:127.0.0.1:{int(host)}-:{port.port}"}))
+        fd = (net_fds or {}).get(iface.name)
+        if fd is None:
+            raise ValueError(f"no network socket for interface {iface.name}")
         model = {"virtio": "virtio-net-pci"}.get(iface.model, iface.model)
         dev: dict[str, object] = {"netdev": f"net-{iface.name}", "id": f"ua-{iface.name}",
                                   "mac": iface.mac or mac_address(vm, iface.name)}
@@ -250,7 +284,9 @@ def build_qemu_argv(
             dev["bootindex"] = iface.boot_order
         else:
             dev["romfile"] = ""
-        argv += ["-netdev", ",".join([_keyval("user", net), *forwards]), "-device", _keyval(model, dev)]
+        argv += ["-netdev", _keyval("stream", {"id": f"net-{iface.name}", "server": False, "addr.type": "fd",
+                                               "addr.str": int(fd)}),
+                 "-device", _keyval(model, dev)]
 
     if any(d.boot_order for d in vm.disks) or any(i.boot_order for i in vm.interfaces):
         argv += ["-boot", "strict=on"]

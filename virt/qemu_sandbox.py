@@ -8,68 +8,65 @@ ends the whole tree, and the exit status bwrap reports is turned back into QEMU'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import os
 import signal
 import subprocess
-import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Mapping
 
-from pvlun.sandbox import Sandbox, give, lent, processes_below
+from pvlun.sandbox import Sandbox, UnsafeFile, open_no_follow, processes_below
 from virt.qemu_args import DiskAttachment
 from virt.spec import VmSpec
 
 
-def qemu_sandbox(disks: Mapping[str, DiskAttachment], run_dir: Path, sockets: list[str], binary: str,
-                 firmware: list[str], devices: list[str], lending: contextlib.ExitStack) -> Sandbox:
-    """What one QEMU may reach: its run dir (serial log, sockets, firmware variables, local
-    disks), its other socket dirs, its volumes, firmware outside /usr, and `devices` (/dev/kvm).
-    Writable file volumes are bound: its own (cloud-init, emptyDisk) handed to the sandbox user,
-    others (a Filesystem claim's disk.img) lent until `lending` closes, when QEMU is gone;
-    read-only ones are not in it at all (QEMU inherits them open: `open_read_only`); block
-    volumes become private device nodes."""
-    writable = [str(run_dir)] + sorted({str(Path(s).parent) for s in sockets if not inside(s, run_dir)})
+def qemu_sandbox(disks: Mapping[str, DiskAttachment], binary: str, firmware: list[str],
+                 devices: list[str]) -> Sandbox:
+    """What one QEMU may reach by path: /usr (its binary and firmware code; either elsewhere is
+    bound read-only), its published block devices as private nodes, and `devices` (/dev/kvm).
+    No network, no run directory, no volume file: those it inherits open (`open_file_volumes`,
+    virt/run_dir.py)."""
     read_only = [p for p in [binary, *firmware] if not os.path.realpath(p).startswith("/usr/")]
-    devices = list(devices)
-    for att in disks.values():
-        if att.block:
-            devices.append(att.path)
-        elif att.fd is None and inside(att.path, run_dir):
-            give(att.path)
-        elif att.fd is None:
-            lending.enter_context(lent(att.path))
-            writable.append(att.path)
-    return Sandbox(read_only=read_only, writable=writable, devices=devices, network=True, die_with_parent=False)
+    devices = list(devices) + [att.path for att in disks.values() if att.block]
+    return Sandbox(read_only=read_only, devices=devices, network=False, die_with_parent=False)
 
 
-def open_read_only(vm: VmSpec, disks: Mapping[str, DiskAttachment]) -> dict[str, DiskAttachment]:
-    """The attachments with every read-only file volume opened here, for QEMU to inherit: it
-    then reads a file the sandbox user may not (a read-only mount's root-owned disk.img)
-    and can never write it. The caller passes the descriptors on and closes them."""
+@dataclass
+class Inherited:
+    """The descriptors one QEMU inherits, and the host file each stands for (for `ps`)."""
+
+    fds: list[int] = field(default_factory=list)
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def keep(self, fd: int, label: str | None = None) -> int:
+        self.fds.append(fd)
+        if label:
+            self.labels[fd] = label
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def open_file_volumes(vm: VmSpec, disks: Mapping[str, DiskAttachment], inherited: Inherited) -> dict[str, DiskAttachment]:
+    """The attachments with every file volume opened here, for QEMU to inherit (-add-fd): a
+    volume's disk.img (its owner may have made it a link to a host file: never followed, only
+    a regular file is used), a cloud-init seed, an emptyDisk. Opened read-only when the volume
+    or the disk is, so QEMU can never write it; root's 0600 files need no handing over."""
     readonly = {d.name for d in vm.disks if d.readonly}
     out = dict(disks)
     for name, att in disks.items():
-        if not att.block and (att.readonly or name in readonly):
-            fd = os.open(att.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if att.direct_io else 0))
-            out[name] = dataclasses.replace(att, fd=fd)
+        if att.block:
+            continue
+        flags = os.O_RDONLY if att.readonly or name in readonly else os.O_RDWR
+        try:
+            fd = open_no_follow(att.path, flags | (os.O_DIRECT if att.direct_io else 0))
+        except UnsafeFile as exc:
+            raise UnsafeFile(exc.errno, f"volume {name}: {exc}") from None
+        out[name] = dataclasses.replace(att, fd=inherited.keep(fd))
     return out
-
-
-def socket_path(run_dir: Path, name: str) -> str:
-    """run_dir/name, or a short stand-in when that is too long for a unix socket (108 bytes):
-    in a directory of this run dir's own, so a sandbox is handed its sockets and no others."""
-    path = str(run_dir / name)
-    if len(path.encode()) < 100:
-        return path
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "pvlun-sockets", digest, name)
-
-
-def inside(path: str, directory: Path) -> bool:
-    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
 
 
 def qemu_pid(proc: subprocess.Popen, argv0: str) -> int | None:

@@ -85,6 +85,24 @@ class QmpSession:
         except Exception as exc:  # disconnects surface as protocol/state errors
             raise QmpError(f"{command}: {exc or type(exc).__name__}") from None
 
+    def send_fd(self, fd: int, name: str, timeout: float = 30) -> None:
+        """Pass an open descriptor to QEMU (SCM_RIGHTS on the QMP socket), known there as `name`."""
+        if not self.connected:
+            raise QmpError("QMP is not connected")
+
+        async def getfd() -> None:
+            self._client.send_fd_scm(fd)  # in the loop's thread: between, not inside, other writes
+            await self._client.execute("getfd", {"fdname": name})
+
+        try:
+            self._submit(getfd(), timeout)
+        except ExecuteError as exc:
+            raise QmpError(f"getfd: {exc}") from None
+        except QmpError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a disconnect surfaces as a protocol/state error
+            raise QmpError(f"getfd: {exc or type(exc).__name__}") from None
+
     def close(self) -> None:
         """Disconnect and stop the loop thread (safe to call more than once)."""
         if self._loop.is_closed():

@@ -23,7 +23,7 @@ from pvlun.context import Context
 from pvlun.store import Obj, remove_finalizer, set_condition
 from pvlun.user_text import user_text
 from virt.launcher import LaunchError, Phase
-from virt.qemu_args import node_name
+from virt.qemu_args import guest_device_names, node_name
 from virt.runtime import CSI_SOURCES, VmRuntime, owner
 from virt.spec import DEFAULT_GRACE_SECONDS, SpecError, parse_virtual_machine
 
@@ -210,12 +210,14 @@ def _vmi(ctx: Context, key: str) -> Obj:
 
 
 def volume_status(running) -> list[dict]:
-    """KubeVirt's VMI volumeStatus, with the size and I/O limits as QEMU itself reports them."""
+    """KubeVirt's VMI volumeStatus: the guest's device name as `target`, the size and I/O limits
+    as QEMU itself reports them (of the file it holds open: never of what a link names)."""
     nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
     sizes = {n.get("node-name"): n["image"]["virtual-size"] for n in nodes}
+    targets = guest_device_names(running.spec)
     out = []
     for name, attachment in running.attachments.items():
-        entry = {"name": name, "target": running.launcher.disks[name].path, "volumeId": attachment.volume_id,
+        entry = {"name": name, "target": targets.get(name, ""), "volumeId": attachment.volume_id,
                  "size": sizes.get(node_name("fmt", name), 0)}
         if running.launcher.disks[name].throttle is not None:
             limits = running.launcher.throttle_limits(name)

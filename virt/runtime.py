@@ -14,9 +14,10 @@ import grpc
 from csi.proto import csi_pb2 as pb
 from pvlun import kubelet
 from pvlun.context import Context
+from pvlun.sandbox import UnsafeFile
 from pvlun.store import set_condition
 from pvlun.user_text import shown_text, user_text
-from virt.console_history import ConsoleHistory, history_file
+from virt.console_history import ConsoleHistory, catch_up, history_file
 from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
@@ -76,12 +77,15 @@ def attach_volumes(ctx: Context, spec: VmSpec, key: str, node: str) -> tuple[dic
                                readonly=volume.readonly, access_mode=mode)
             attached[volume.name] = a
             path = a.path if a.block else os.path.join(a.path, DISK_IMG)
-            disks[volume.name] = DiskAttachment.for_path(path, readonly=volume.readonly,
-                                                         throttle=throttle_of(ctx, a.volume_id))
+            try:
+                disks[volume.name] = DiskAttachment.for_path(path, readonly=volume.readonly,
+                                                             throttle=throttle_of(ctx, a.volume_id))
+            except UnsafeFile as exc:  # a Filesystem claim's disk.img is its owner's to replace
+                raise UnsafeFile(exc.errno, f"volume {volume.name} (claim {volume.claim_name}): {exc}") from None
+        disks.update(local_attachments(spec, run_dir(ctx, key, node)))
     except BaseException:
         detach_volumes(ctx, attached, key)
         raise
-    disks.update(local_attachments(spec, run_dir(ctx, key, node)))
     return disks, attached
 
 
@@ -114,7 +118,12 @@ class VmRuntime:
         with self.lock:
             if key not in self.histories:
                 ns, name = key.split("/", 1)
-                self.histories[key] = ConsoleHistory(history_file(self.ctx.data_dir, ns, name))
+                history = ConsoleHistory(history_file(self.ctx.data_dir, ns, name))
+                vm_dir = os.path.join(self.ctx.data_dir, "vms", ns, name)
+                for node in sorted(os.listdir(vm_dir)) if os.path.isdir(vm_dir) else []:
+                    if os.path.isdir(os.path.join(vm_dir, node)):  # what QEMUs wrote while no daemon copied
+                        catch_up(history, os.path.join(vm_dir, node))
+                self.histories[key] = history
             return self.histories[key]
 
     def forget(self, key: str) -> None:
@@ -133,7 +142,11 @@ class VmRuntime:
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""
         set_vmi_status(self.ctx, key, phase="Scheduled", nodeName=node)
-        disks, attached = attach_volumes(self.ctx, spec, key, node)
+        try:
+            disks, attached = attach_volumes(self.ctx, spec, key, node)
+        except (OSError, ValueError) as exc:  # a volume QEMU may not have (a linked disk.img), a disk too big
+            self._exited(key, "Failed", user_text(exc))
+            raise
         launcher = self.launcher(spec, key, node, disks)
         with self.lock:
             self.running[key] = Running(key, spec, node, launcher, attached)

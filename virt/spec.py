@@ -32,6 +32,7 @@ VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "em
 MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 PROTOCOLS = ("TCP", "UDP")
 DEFAULT_GRACE_SECONDS = 180
+EMPTY_DISK_MAX = 256 << 30  # an emptyDisk is a file in the data dir, outside the pool's accounting
 __all__ = ["SpecError"]  # re-exported: callers catch it from here
 
 
@@ -186,8 +187,9 @@ def _parse_volume(raw: Any, path: str) -> Volume:
             capacity = parse_quantity(body["capacity"])
         except ValueError as exc:
             raise SpecError(f"{where}.capacity", str(exc)) from None
-        if capacity < 512:
-            raise SpecError(f"{where}.capacity", "must be at least 512 bytes")
+        if not 512 <= capacity <= EMPTY_DISK_MAX:
+            raise SpecError(f"{where}.capacity", f"must be from 512 bytes to {EMPTY_DISK_MAX >> 30}Gi "
+                            "(a larger local disk belongs in a DataVolume)")
         return Volume(name, source, capacity=capacity)
     # cloudInitNoCloud
     if "secretRef" in body or "networkDataSecretRef" in body:

@@ -1,7 +1,8 @@
 """`pvlun serve` killed with -9 in the middle of an upload and while a VM runs, then started
 again on the same data dir: the upload starts over on a fresh volume that reads as zeros (the
 next upload holds exactly its own bytes), the orphaned QEMU is gone, attachments agree with the
-driver's publications, and the VM runs again as its runStrategy says."""
+driver's publications, and the VM runs again as its runStrategy says, its console history holding
+all the orphan printed before it was stopped."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import time
 
-from guest_output import MARKER, alive
+from guest_output import MARKER, alive, ticks
 from test_datavolume import dv, start_upload, upload_ready
 from test_restart import kill9
 
@@ -107,20 +109,26 @@ def test_scratch_copy_of_a_qcow2_upload_cut_off_by_a_daemon_kill_is_removed_at_t
         assert f.read() == "not pvlun's\n"
 
 
-def test_vm_after_a_daemon_kill_runs_once_again_with_its_attachments_consistent(serve, tmp_path, tick_image,
-                                                                                tick_vm_yaml):
+def test_vm_after_a_daemon_kill_runs_again_with_consistent_attachments_and_a_whole_console_history(
+        serve, tmp_path, tick_image, tick_vm_yaml):
     data_dir = str(tmp_path / "vm")
     os.makedirs(data_dir)
     first = serve("--nodes", "2", "--accel", "tcg", data_dir=data_dir)
     first.apply(tick_vm_yaml("phoenix", tick_image), "--wait")
     first.wait(lambda: MARKER in first.all_serial_logs("phoenix"), 30, "first boot")
     old_pid = first.qemu_pid("phoenix")
+    node = first.vmi_status("phoenix")["nodeName"]
     lun = first.lun_path("phoenix-root")
     kill9(first)
     assert alive(old_pid)  # QEMU outlives the daemon, as a pod would outlive a controller crash
+    time.sleep(1.5)  # it goes on printing while no daemon copies its console
     second = serve("--nodes", "2", "--accel", "tcg", data_dir=data_dir)
     second.wait(lambda: not alive(old_pid), 15, "the orphaned QEMU stopped")
     second.wait(lambda: second.all_serial_logs("phoenix").count(MARKER) == 2, 30, "the VM booted again (Always)")
+    # the console history has all the first run printed, also what it printed while no daemon ran
+    last = ticks(second.serial_log("phoenix", node).split(MARKER)[1])[-1]
+    history = second.cli("logs", "vm/phoenix").stdout.split(MARKER)
+    assert ticks(history[1])[-1] == last and len(history) == 3, history[1][-200:]
     new_pid = second.qemu_pid("phoenix")
     assert new_pid != old_pid and alive(new_pid)
     second.wait_printable("phoenix", "Running", 15)

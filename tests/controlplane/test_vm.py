@@ -4,6 +4,7 @@ guests booted from imported DataVolumes, their lifecycle, restart policies and r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -59,6 +60,18 @@ def test_vm_boots_from_imported_datavolume_template_through_csi(vms, tick_image,
     assert attachment["spec"]["targetPath"] in argv and "/pool/" not in argv
     table = vms.cli("get", "vm").stdout
     assert re.search(r"boot\s+Running\s+True", table), table
+
+
+def test_vmi_status_shows_no_host_path_and_names_the_guest_device(vms, tick_image, tick_vm_yaml):
+    boot(vms, tick_vm_yaml("shown", tick_image), "shown")
+    status = vms.wait(lambda: vms.vmi_status("shown").get("volumeStatus") and vms.vmi_status("shown"), 15,
+                      "volumeStatus")
+    assert [(v["name"], v["target"]) for v in status["volumeStatus"]] == [("root", "vda")]  # as KubeVirt names it
+    assert status["volumeStatus"][0]["size"] == 8 << 20
+    shown = json.dumps(status)
+    assert vms.data_dir not in shown and os.path.realpath(vms.data_dir) not in shown
+    assert set(status["launcher"]) == {"phase", "reason", "node", "pid", "accel", "hostPorts"}
+    vms.cli("vm", "stop", "shown", "--wait")
 
 
 def test_linux_guest_reads_file_on_second_disk_then_powers_off_and_stays_off(vms, web):

@@ -162,9 +162,9 @@ def test_hostile_volume_qos_values_never_reach_a_throttle_group(value):
 
 FLAGS = {"-name", "-nodefaults", "-no-user-config", "-display", "-sandbox", "-accel", "-machine", "-cpu", "-smp",
          "-m", "-rtc", "-qmp", "-uuid", "-smbios", "-chardev", "-serial", "-device", "-blockdev", "-object",
-         "-netdev", "-boot", "-incoming", "-global", "-S", "-add-fd"}
+         "-netdev", "-boot", "-incoming", "-global", "-S", "-add-fd", "-mon"}
 # one keyval part: a key and a value of harmless characters (a spec value never needs escaping)
-PART = re.compile(r"[a-z][a-z0-9-]*(=[A-Za-z0-9_.:/+-]*)?|[A-Za-z0-9_.:/+-]+")
+PART = re.compile(r"[a-z][a-z0-9.-]*(=[A-Za-z0-9_.:/+-]*)?|[A-Za-z0-9_.:/+-]+")
 
 
 def random_name(rng: random.Random, limit: int) -> str:
@@ -205,9 +205,8 @@ def keyval_parts(element: str) -> list[str]:
 
 def argv_for(spec, paths: dict[str, str]) -> list[str]:
     disks = {d.name: DiskAttachment(paths[d.name], throttle=Throttle(7, 1)) for d in spec.disks}
-    ports = {(p.protocol, p.port): 40000 + i for i, p in enumerate(spec.interfaces[0].ports)}
-    return build_qemu_argv(spec, disks, accel="tcg", qmp_path="/run/vm/qmp.sock", serial_log="/run/vm/serial.log",
-                           console_socket="/run/vm/console.sock", host_ports=ports)
+    return build_qemu_argv(spec, disks, accel="tcg", qmp_fd=3, serial_fd=4, console_fd=5,
+                           net_fds={i.name: 6 + n for n, i in enumerate(spec.interfaces)})
 
 
 @pytest.mark.parametrize("seed", range(20))  # fixed seeds: the same ids on every xdist worker, reproducible failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -139,7 +140,9 @@ def test_cloud_init_and_empty_disk_volumes_are_attached(launchers, manifest, tic
     vm.start()
     assert vm.wait_for_serial("PVLUN-BOOT", timeout=15)
     nodes = {n["node-name"]: n for n in vm.execute("query-named-block-nodes")}
-    assert nodes["file-cidata"]["file"].endswith("cidata.iso") and nodes["file-scratch"]["file"].endswith("scratch.empty.img")
+    assert nodes["file-cidata"]["file"].startswith("/dev/fdset/") and nodes["file-scratch"]["file"].startswith("/dev/fdset/")
+    held = {os.path.realpath(f"/proc/{vm.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{vm.pid}/fd")}
+    assert {str(seed), str(run / "scratch.empty.img")} <= held  # inherited open, not opened by path
 
 
 def test_interactive_console_socket_logs_and_long_run_dirs_work(launchers, make_tick_vm, tick_copy, tmp_path):
