@@ -83,6 +83,21 @@ def check_volume_mode(pvc: Obj, content: Obj, snapshot: str) -> None:
             f"snapshot's content: pvlun annotate volumesnapshotcontent {name} {ALLOW_MODE_CHANGE}=true")
 
 
+def check_clone_mode(pvc: Obj, source: Obj, name: str) -> None:
+    """A claim clones only a claim of its own volume mode, as the external-provisioner
+    refuses it: a CSI clone copies the bytes as they are, so a Block volume a guest wrote
+    would be mounted (or formatted over) on the host as a filesystem, and a filesystem's
+    raw blocks handed to a guest. A DataVolume with a pvc source copies across modes
+    (host-assisted: a blank claim and a conversion), never through this."""
+    source_mode = source["spec"].get("volumeMode") or "Filesystem"
+    mode = pvc["spec"].get("volumeMode") or "Filesystem"
+    if source_mode != mode:
+        raise ValueError(
+            f"claim {name} is a {source_mode} volume: a clone of it must be volumeMode {source_mode}, not {mode} "
+            "(a clone copies the bytes as they are). Ask for volumeMode " + source_mode + ", or clone it with a "
+            "DataVolume (source: pvc), which copies the disk across volume modes")
+
+
 def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | None, int]:
     """The CSI content source of a claim's dataSource, and the source's size (0 if none)."""
     source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource")
@@ -91,6 +106,8 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     ns = source.get("namespace") or pvc["metadata"]["namespace"]
     if source.get("kind") == "PersistentVolumeClaim":
         src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
+        if src:
+            check_clone_mode(pvc, src, f"{ns}/{source['name']}")
         if not src or not claim_populated(ctx, src):
             raise WaitingForSource(f"waiting for source claim {ns}/{source['name']} to be bound and populated")
         pv = ctx.store.get("PersistentVolume", src["spec"]["volumeName"])
