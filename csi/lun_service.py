@@ -286,6 +286,7 @@ class LunService:
     def create_snapshot(self, name: str, volume_id: str, parameters: dict[str, str]) -> Snapshot:
         v.check_name(name)
         v.require(volume_id, "source_volume_id")
+        v.check_map(parameters, "parameters")
         with self.locks.hold("snapshot-name:" + name):
             existing = self.catalog.snapshot_by_name(name)
             if existing and existing.group_id:  # cannot happen: members live in their own namespace
@@ -358,6 +359,8 @@ class LunService:
     def create_group(self, name: str, volume_ids: list[str], parameters: dict[str, str]) -> tuple[GroupSnapshot, list[Snapshot]]:
         v.check_name(name)
         v.require(volume_ids, "source_volume_ids")
+        v.check_count(volume_ids, "source_volume_ids", v.MAX_GROUP_VOLUMES)
+        v.check_map(parameters, "parameters")
         if len(set(volume_ids)) != len(volume_ids):
             raise invalid("source_volume_ids lists a volume twice")
         with self.locks.hold("group-name:" + name):
