@@ -19,6 +19,7 @@ from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
+from pvlun.instance_lock import InstanceLocks
 from pvlun.user_text import private_root
 
 log = logging.getLogger("pvlun.serve")
@@ -76,10 +77,13 @@ class Daemon:
         self.ctx = None
         self.loop = None
         self.metrics_server = None
-        # split deployments share a data dir: the controller and node plugins each keep their own
-        self.pid_file = os.path.join(self.data_dir, "serve.pid" if opts.mode == "all" else f"serve-{opts.mode}.pid")
+        # split deployments share a data dir: the controller and each node plugin keep their own
+        self.role = serve_record.role(opts.mode, opts.node_id)
+        self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
+        self.locks = InstanceLocks()
 
     def start(self) -> None:
+        self._lock()  # a second daemon on this instance stops here, having touched nothing
         try:
             self._start()
         except BaseException:
@@ -96,6 +100,22 @@ class Daemon:
             return node_endpoint(self.data_dir, self.opts.node_id)
         return default_endpoint(self.data_dir)
 
+    def _lock(self) -> None:
+        """Take this daemon's roles (pvlun/instance_lock.py); InstanceBusy if one is taken."""
+        opts = self.opts
+        with_controller = opts.mode in ("all", "controller")
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        try:
+            if with_controller:
+                self.locks.role(self.data_dir, "controller")
+            for node_id in opts.node_ids() if opts.mode in ("all", "node") else []:
+                self.locks.role(self.data_dir, f"node-{node_id}")
+            if with_controller:  # the pool's own directory, before anything is mounted on it
+                self.locks.pool(private_dir(os.path.abspath(opts.pool or os.path.join(self.data_dir, "pool"))))
+        except BaseException:
+            self.locks.release()
+            raise
+
     def _start(self) -> None:
         private_dir(self.data_dir)  # 0700, also when it existed (a hostPath is made 0755)
         opts = self.opts
@@ -107,6 +127,7 @@ class Daemon:
         with_node = opts.mode in ("all", "node")
         if with_controller:
             pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
+            self.locks.pool(pool)  # an image pool's mounted root too: no --pool may name it
             backend = FileBackend(pool)
             self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit)
             repaired = self.luns.repair()
@@ -120,7 +141,7 @@ class Daemon:
         for node_id in node_ids[1:]:
             nodes[node_id] = node_endpoint(self.data_dir, node_id)
             self.servers.append(build_server(nodes[node_id], self._services(False, node_id)))
-        serve_record.write(self.data_dir, opts.mode, self.endpoint() if with_controller else "", nodes)
+        serve_record.write(self.data_dir, self.role, self.endpoint() if with_controller else "", nodes)
         if opts.mode == "all" and opts.controllers:
             self._start_control_plane(node_ids)
         with open(self.pid_file, "w") as f:
@@ -184,13 +205,15 @@ class Daemon:
         failed, so neither a stop nor a failed start leaves the pool mounted behind."""
         steps: list = self._control_plane_stops() if self.ctx is not None else []
         steps += [lambda server=server: server.stop(grace=5).wait(10) for server in self.servers]
-        steps += [lambda: serve_record.remove(self.data_dir, self.opts.mode), self._remove_pid_file]
+        steps += [lambda: serve_record.remove(self.data_dir, self.role), self._remove_pid_file]
         if self.ctx is not None:
             steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
         if self.catalog is not None:
             steps.append(self.catalog.close)
+        steps.append(lambda: self.locks.release(pools_only=True))  # an open pool directory keeps it mounted
         if self.opts.mode in ("all", "controller") and not self.opts.pool:
             steps.append(lambda: release_pool(self.data_dir))
+        steps.append(self.locks.release)  # last: another daemon may start now
         for step in steps:
             try:
                 step()
