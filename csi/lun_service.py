@@ -17,6 +17,7 @@ from csi.catalog import (CREATING, DELETING, READY, Catalog, GroupSnapshot, Publ
                          member_name)
 from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition, shown
 from csi.locks import KeyedLocks
+from csi.pool_image import PoolBacking
 from csi.validation import Capability
 
 log = logging.getLogger("pvlun.csi")
@@ -28,12 +29,15 @@ def new_id(prefix: str) -> str:
 
 class LunService:
     def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256,
-                 overcommit: float = 1.0):
+                 overcommit: float = 1.0, backing: PoolBacking | None = None):
         self.catalog = catalog
         self.backend = backend
         self.locks = KeyedLocks()
         self.max_volumes_per_node = max_volumes_per_node
-        self.ledger = Capacity(catalog, backend.space, overcommit)  # what is provisioned, what is usable
+        # what is provisioned, what is usable: on the host space behind the pool, if we know it
+        measure = (lambda: backing.adjust(backend.space())) if backing else backend.space
+        grow = backing.grow if backing is not None and backing.image else None
+        self.ledger = Capacity(catalog, measure, overcommit, grow)
 
     # ---- crash repair -------------------------------------------------------------
     def repair(self) -> dict[str, int]:

@@ -15,7 +15,7 @@ from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
 from csi.lun_service import LunService
-from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, private_dir, release_pool
+from csi.pool import DEFAULT_POOL_SIZE, pool_backing, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
@@ -129,7 +129,8 @@ class Daemon:
             pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
             self.locks.pool(pool)  # an image pool's mounted root too: no --pool may name it
             backend = FileBackend(pool)
-            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit)
+            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit,
+                                   pool_backing(self.data_dir, pool, opts.pool_size))
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
         node_ids = opts.node_ids() if with_node else []

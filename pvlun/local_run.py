@@ -76,6 +76,28 @@ class DirectoryServer(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
+def small_ext4(image: str, size: int) -> Iterator[str]:
+    """A small real ext4 filesystem, loop-mounted: a host whose disk fills in seconds (tests
+    of a pool on a host without room). Unmounted (lazily, if something still holds it) and
+    deleted on leaving."""
+    mount_point = image + ".mnt"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    try:
+        run(["mkfs.ext4", "-q", image], timeout=120)
+        os.mkdir(mount_point)
+        run(["mount", "-o", "loop", image, mount_point], timeout=60)
+        yield mount_point
+    finally:
+        if os.path.isdir(mount_point) and is_mountpoint(mount_point):
+            if run(["umount", mount_point], check=False, timeout=60).returncode != 0:
+                run(["umount", "--lazy", mount_point], check=False, timeout=60)
+        if os.path.isdir(mount_point) and not is_mountpoint(mount_point):
+            os.rmdir(mount_point)
+        os.unlink(image)
+
+
+@contextmanager
 def small_xfs_pool(image: str, size: int) -> Iterator[str]:
     """A small real XFS filesystem with reflinks, loop-mounted: a pool for `pvlun serve
     --pool` that fills in seconds (tests of what happens when a pool is full). mkfs.xfs
