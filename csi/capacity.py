@@ -133,7 +133,7 @@ class Capacity:
     def check_room(self, grow: int, asked: str, volume: bool = True) -> None:
         """Refuse `grow` more provisioned bytes unless the pool can keep the promise, growing
         the pool first if it must; a volume also no larger than the free bytes of the moment
-        (a snapshot takes none now). Call with `lock` held."""
+        and what the pool may grow by (a snapshot takes none now). Call with `lock` held."""
         space = self.space()
         provisioned, limit = self.provisioned(), self.limit(space)
         if provisioned + grow > limit:
@@ -146,17 +146,17 @@ class Capacity:
                 f"is left and {asked}. Delete volumes or snapshots you no longer need, or give the pool more space")
         # usable bytes that keep every promise (the limit above says the pool can have them)
         need = min(math.ceil((provisioned + grow) / self.overcommit), space.capacity)
-        space = self._grown(space, need, grow if volume else 0)
+        space = self._grown(space, need)
         if need > space.usable:
             raise exhausted(f"the pool could not grow to hold {human(need)} ({human(space.usable)} now{space.note}) "
                             f"and {asked}")
-        if volume and grow > space.free:
-            raise exhausted(f"the pool has {human(space.free)} free now{space.note} and {asked}")
+        if volume and grow > space.free + space.growable:
+            raise exhausted(f"the pool has {human(space.free + space.growable)} free now{space.note} and {asked}")
 
-    def _grown(self, space: PoolSpace, usable: int, free: int) -> PoolSpace:
-        """Grow the pool until it has `usable` usable and `free` free bytes, or it cannot."""
+    def _grown(self, space: PoolSpace, usable: int) -> PoolSpace:
+        """Grow the pool until it has `usable` usable bytes, or it cannot."""
         for _ in range(3):  # XFS's metadata takes a little more or less than estimated
-            short = max(usable - space.usable, free - space.free)
+            short = usable - space.usable
             if short <= 0 or self._grow is None or space.growable <= 0:
                 break
             self._grow(short)
@@ -172,7 +172,7 @@ class Capacity:
         with self.lock:
             space = self.space(fresh=True)
             if space.growable > 0 and space.held > space.usable * KEEP_AHEAD_AT:
-                self._grown(space, math.ceil(space.held / KEEP_AHEAD_TO), 0)
+                self._grown(space, math.ceil(space.held / KEEP_AHEAD_TO))
 
     def check_real_use(self, what: str) -> None:
         """Past overcommit 1.0, refuse a new snapshot or clone while the pool is nearly full

@@ -77,6 +77,7 @@ class Daemon:
         self.ctx = None
         self.loop = None
         self.metrics_server = None
+        self.pool_watch = None
         # split deployments share a data dir: the controller and each node plugin keep their own
         self.role = serve_record.role(opts.mode, opts.node_id)
         self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
@@ -133,6 +134,9 @@ class Daemon:
                                    pool_backing(self.data_dir, pool, opts.pool_size))
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
+            from pvlun.pool_watch import PoolWatch
+
+            self.pool_watch = PoolWatch(self.luns.pool_usage, self.luns.ledger.keep_ahead)
         node_ids = opts.node_ids() if with_node else []
         for node_id in node_ids:
             self.catalog.register_node(node_id)
@@ -145,6 +149,8 @@ class Daemon:
         serve_record.write(self.data_dir, self.role, self.endpoint() if with_controller else "", nodes)
         if opts.mode == "all" and opts.controllers:
             self._start_control_plane(node_ids)
+        if self.pool_watch is not None and opts.overcommit > 1:  # at 1 every promise is backed: nothing to watch
+            self.pool_watch.run(self.ctx)
         with open(self.pid_file, "w") as f:
             f.write(str(os.getpid()))
         log.info("serving %s (mode %s, nodes %s)", self.endpoint(), opts.mode, node_ids)
@@ -163,10 +169,11 @@ class Daemon:
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
-        if self.luns is not None:
-            from pvlun.pool_watch import PoolWatch
+        if self.pool_watch is not None:
+            from pvlun.provisioner import ensure_default_storage_class
 
-            self.ctx.services["pool_watch"] = PoolWatch(self.luns.pool_usage)
+            self.ctx.services["pool_watch"] = self.pool_watch
+            ensure_default_storage_class(self.ctx)  # where the pool's warnings go
         from pvlun.recovery import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
@@ -204,7 +211,8 @@ class Daemon:
     def stop(self) -> None:
         """Stop what was started, newest first; every step runs even when one before it
         failed, so neither a stop nor a failed start leaves the pool mounted behind."""
-        steps: list = self._control_plane_stops() if self.ctx is not None else []
+        steps: list = [self.pool_watch.stop] if self.pool_watch is not None else []
+        steps += self._control_plane_stops() if self.ctx is not None else []
         steps += [lambda server=server: server.stop(grace=5).wait(10) for server in self.servers]
         steps += [lambda: serve_record.remove(self.data_dir, self.role), self._remove_pid_file]
         if self.ctx is not None:

@@ -10,7 +10,6 @@ from csi.proto import csi_pb2 as pb
 from pvlun import DRIVER_NAME
 from pvlun.context import Context
 from pvlun.csi_client import capability
-from pvlun.pool_watch import check_pool_use
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, remove_finalizer, set_condition
 from pvlun.user_text import user_text
@@ -28,13 +27,22 @@ def default_storage_class() -> Obj:
             "allowVolumeExpansion": True, "parameters": {}}
 
 
+def ensure_default_storage_class(ctx: Context) -> None:
+    """Store the built-in default class unless a class of that name exists, as a cluster's
+    default class is installed: the pool's warnings go on it, and `pvlun get sc` shows it."""
+    if ctx.store.get("StorageClass", DEFAULT_CLASS) is None:
+        ctx.store.apply(default_storage_class())
+
+
 def storage_class_for(ctx: Context, pvc: Obj) -> Obj | None:
     name = pvc["spec"].get("storageClassName")
     if name:
         return ctx.store.get("StorageClass", name)
-    for sc in ctx.store.list("StorageClass"):
-        if sc.get("metadata", {}).get("annotations", {}).get(DEFAULT_ANNOTATION) == "true":
-            return sc
+    defaults = [sc for sc in ctx.store.list("StorageClass")
+                if sc.get("metadata", {}).get("annotations", {}).get(DEFAULT_ANNOTATION) == "true"]
+    if defaults:  # several: the newest, as Kubernetes chooses (a user's beats the built-in one)
+        return max(defaults, key=lambda sc: (sc["metadata"].get("creationTimestamp") or "",
+                                             sc["metadata"]["name"] != DEFAULT_CLASS))
     return default_storage_class()
 
 
@@ -209,7 +217,6 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
     ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
-    check_pool_use(ctx, sc["metadata"]["name"], ctx.store.get("PersistentVolume", pv_name, ""))
 
 
 def _attributes(ctx: Context, name: str | None) -> dict[str, str]:

@@ -12,7 +12,6 @@ import grpc
 from csi.proto import csi_pb2 as pb
 from pvlun import DRIVER_NAME
 from pvlun.context import Context
-from pvlun.pool_watch import check_pool_use
 from pvlun.provisioner import claim_populated
 from pvlun.store import Obj, remove_finalizer
 from pvlun.user_text import user_text
@@ -96,4 +95,3 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
         "readyToUse": created.ready_to_use, "snapshotHandle": created.snapshot_id,
         "restoreSize": str(created.size_bytes), "boundVolumeSnapshotContentName": content_name(snap)})
     ctx.store.add_event(snap, "Normal", "SnapshotCreated", f"snapshot {created.snapshot_id} of claim {claim}")
-    check_pool_use(ctx, pvc["spec"].get("storageClassName", ""), pv)
