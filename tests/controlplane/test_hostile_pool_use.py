@@ -9,6 +9,7 @@ provisioned afterwards, on that claim's volume."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import urllib.request
 
@@ -102,3 +103,37 @@ def test_use_no_api_call_announces_warns_within_seconds_on_every_class_once_per_
         assert thin.cli("describe", "sc", storage_class).stdout.count("PoolNearlyFull") == 2
     time.sleep(CHECK_EVERY + 0.5)  # a look of the pool watch
     assert len(warnings(thin)) == 2
+
+
+def snapshot(name: str, claim_name: str) -> str:
+    return f"""apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: {name}
+spec:
+  source:
+    persistentVolumeClaimName: {claim_name}
+"""
+
+
+def test_a_snapshot_refused_on_a_full_pool_is_retried_and_succeeds_once_there_is_room(thin):
+    """RESOURCE_EXHAUSTED above 95% used to fail a VolumeSnapshot for good; it is retried
+    with backoff (the error in its status and an event meanwhile), as external-snapshotter does."""
+    thin.apply(STORAGE_CLASS)
+    now = pool_metrics(thin)
+    need = max(MiB, int(now["pvlun_pool_usable_bytes"] * 0.97 - now["pvlun_pool_used_bytes"]))
+    thin.apply(claim("full", f"{need // MiB + 1}Mi"), "--wait")
+    fill(thin, "full", 0, need)
+    assert pool_metrics(thin)["pvlun_pool_used_ratio"] > 0.95
+    thin.apply(snapshot("late", "full"))
+    error = thin.wait(lambda: ((thin.get("VolumeSnapshot", "late").get("status") or {}).get("error") or {}).get("message"),
+                      30, "the snapshot refused")
+    assert error.startswith("RESOURCE_EXHAUSTED: ") and "above 95%" in error, error
+    events = [e for e in thin.store.events(thin.get("VolumeSnapshot", "late")) if e["reason"] == "SnapshotCreationFailed"]
+    assert events and "trying again" in events[0]["message"]
+
+    lun = os.path.join(thin.pool, "volumes", os.path.basename(thin.lun_path("full")))  # the guest discards its data
+    subprocess.run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(need), lun], check=True)
+    status = thin.wait(lambda: (thin.get("VolumeSnapshot", "late").get("status") or {}).get("readyToUse")
+                       and thin.get("VolumeSnapshot", "late")["status"], 90, "the retried snapshot ready")
+    assert status.get("error") is None and status["snapshotHandle"].startswith("snap-")
