@@ -143,7 +143,16 @@ class LoopDevice:
 
 def loop_devices_for(lun_file: str) -> list[LoopDevice]:
     """Loop devices whose backing file is lun_file (losetup matches by inode, too)."""
-    text = output(["losetup", "--list", "--json", "--associated", lun_file,
+    return _loop_devices(["--associated", lun_file])
+
+
+def all_loop_devices() -> list[LoopDevice]:
+    """Every attached loop device of the host (whole-file ones: partial views are never ours)."""
+    return _loop_devices([])
+
+
+def _loop_devices(select: list[str]) -> list[LoopDevice]:
+    text = output(["losetup", "--list", "--json", *select,
                    "--output", "NAME,BACK-FILE,RO,AUTOCLEAR,DIO,OFFSET,SIZELIMIT"])
     if not text.strip():
         return []
@@ -298,21 +307,23 @@ def _node_location(device: str, table: list[Mount]) -> tuple[int, int, str] | No
     return major, minor, best.root.rstrip("/") + rel
 
 
-def device_in_use(device: str) -> bool:
-    """Is the device mounted anywhere, as a filesystem or as a bind of its node?"""
+def mounts_using(device: str) -> list[Mount]:
+    """Every mount of the device, as a filesystem (and binds of it) or as a bind of its
+    node (a block volume's staging and publish paths), in mount order."""
     table = mounts()
     try:
         rdev = os.stat(device).st_rdev
     except OSError:
-        return False
+        return []
     number = (os.major(rdev), os.minor(rdev))
     node = _node_location(device, table)
-    for m in table:
-        if (m.major, m.minor) == number or m.source == device:
-            return True
-        if node and (m.major, m.minor, m.root) == node:
-            return True
-    return False
+    return [m for m in table if (m.major, m.minor) == number or m.source == device
+            or (node and (m.major, m.minor, m.root) == node)]
+
+
+def device_in_use(device: str) -> bool:
+    """Is the device mounted anywhere, as a filesystem or as a bind of its node?"""
+    return bool(mounts_using(device))
 
 
 def device_busy(device: str) -> bool:

@@ -140,6 +140,8 @@ class Daemon:
         node_ids = opts.node_ids() if with_node else []
         for node_id in node_ids:
             self.catalog.register_node(node_id)
+        if with_node and not (opts.mode == "all" and opts.controllers):
+            self._release_unexplained()  # with a control plane: once its repair undid the attachments
         first = node_ids[0] if node_ids else None
         self.servers.append(build_server(self.endpoint(), self._services(with_controller, first)))
         nodes = {first: self.endpoint()} if first else {}
@@ -177,6 +179,7 @@ class Daemon:
         from pvlun.recovery import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
+        self._release_unexplained()
         from importer.upload_gateway import UploadGateway
 
         upload = UploadGateway(self.ctx, _address(self.opts.upload_address))
@@ -193,6 +196,20 @@ class Daemon:
                 f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
         self.loop = run_loop(self.ctx)
 
+    def _volumes_dir(self) -> str:
+        """Where the pool's LUN files are, as the node side reaches them."""
+        if self.luns is not None:
+            return self.luns.backend.volumes_dir
+        return os.path.join(os.path.abspath(self.opts.pool or os.path.join(self.data_dir, "pool")), "volumes")
+
+    def _release_unexplained(self) -> None:
+        """Node side start-up repair (csi/node_repair.py): loop devices and mounts of our LUNs
+        that no publication in the catalog explains, left by a stage a crash cut off."""
+        from csi.node_repair import release_unexplained
+
+        log.info("node start-up repair: %s",
+                 release_unexplained([self._volumes_dir()], self.catalog.published_volumes()))
+
     def _services(self, with_controller: bool, node_id: str | None) -> list:
         from csi.node import NodeService
 
@@ -202,9 +219,7 @@ class Daemon:
             adds.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(self.luns), s))
             adds.append(lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.luns), s))
         if node_id:
-            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[
-                self.luns.backend.volumes_dir if self.luns is not None
-                else os.path.join(os.path.abspath(self.opts.pool or os.path.join(self.data_dir, "pool")), "volumes")])
+            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[self._volumes_dir()])
             adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         return adds
 
