@@ -132,6 +132,16 @@ def unmount(path: str) -> None:
 # ---------------------------------------------------------------- loop devices
 
 
+DELETED = " (deleted)"  # what the kernel appends to a loop device's backing file once it is unlinked
+
+
+def deleted_backing(backing: str) -> tuple[str, bool]:
+    """(the backing file's path, whether it was deleted) from what the kernel shows."""
+    if backing.endswith(DELETED):
+        return backing[: -len(DELETED)], True
+    return backing, False
+
+
 @dataclass(frozen=True)
 class LoopDevice:
     path: str  # /dev/loopN
@@ -235,8 +245,9 @@ def lun_gone(device: str) -> str | None:
     if backing is None:
         return f"LUN is gone: {device} is no longer attached to its file"
     # the file's name only: callers never see the daemon's pool directories
-    if backing.endswith(" (deleted)"):
-        return f"LUN is gone: its file {os.path.basename(backing[: -len(' (deleted)')])} was deleted"
+    path, deleted = deleted_backing(backing)
+    if deleted:
+        return f"LUN is gone: its file {os.path.basename(path)} was deleted"
     if not os.path.exists(backing):
         return f"LUN is gone: its file {os.path.basename(backing)} is missing"
     return None
@@ -245,7 +256,7 @@ def lun_gone(device: str) -> str | None:
 def backing_file_is(device: str, lun_file: str) -> bool:
     """Does this loop device read exactly lun_file (same inode)?"""
     backing = loop_backing_file(device)
-    if backing is None or backing.endswith(" (deleted)"):
+    if backing is None or deleted_backing(backing)[1]:
         return False
     try:
         a, b = os.stat(backing), os.stat(lun_file)

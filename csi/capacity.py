@@ -8,7 +8,8 @@ it does not change when volumes are written — only when something else takes s
 
 A pool that is a loop-mounted image on the data dir's filesystem grows as provisioning needs
 it, on space it really takes from the host (csi/pool_image.py): its usable space counts what
-it may still grow by, and a new volume or snapshot first grows it far enough.
+it may still grow by, and a new volume or snapshot first grows it to back every provisioned
+byte, as far as it may (past overcommit 1, only what is provisioned beyond that is thin).
 
 *Provisioned* is the sum of every volume's size and every snapshot's size: a reflink
 snapshot or clone costs nothing when it is taken but up to its size once its source is
@@ -34,7 +35,6 @@ RESERVE_FRACTION = 100  # 1% of the filesystem ...
 RESERVE_MIN = 4 * MiB  # ... and never less than this, for metadata of files that fill up
 REFUSE_SNAPSHOTS_ABOVE = 0.95  # real use past which overcommitted pools take no new snapshots or clones
 MEASURE_EVERY = 2.0  # seconds a measurement of the pool is reused
-KEEP_AHEAD_AT, KEEP_AHEAD_TO = 0.75, 0.6  # an overcommitted pool image grows at this real use, to this
 
 
 def human(size: int) -> str:
@@ -144,9 +144,10 @@ class Capacity:
                 f"not enough room in the pool: {human(provisioned)} is provisioned to {_count(volumes, 'volume')} "
                 f"and {_count(snapshots, 'snapshot')}, of {of}{space.note}; {human(max(0, limit - provisioned))} "
                 f"is left and {asked}. Delete volumes or snapshots you no longer need, or give the pool more space")
-        # usable bytes that keep every promise (the limit above says the pool can have them)
+        # usable bytes that keep every promise (the limit above says the pool can have them);
+        # a pool that grows backs every provisioned byte while it may (thin only beyond that)
         need = min(math.ceil((provisioned + grow) / self.overcommit), space.capacity)
-        space = self._grown(space, need)
+        space = self._grown(space, min(provisioned + grow, space.capacity))
         if need > space.usable:
             raise exhausted(f"the pool could not grow to hold {human(need)} ({human(space.usable)} now{space.note}) "
                             f"and {asked}")
@@ -164,15 +165,16 @@ class Capacity:
         return space
 
     def keep_ahead(self) -> None:
-        """Past overcommit 1, grow the pool before its real use fills it (as LVM's thin pool
-        autoextend does), while the host has room: at KEEP_AHEAD_AT of what it holds now,
-        to KEEP_AHEAD_TO. At overcommit 1 every promise is already backed."""
+        """Past overcommit 1, what is provisioned beyond what the pool could grow to is thin;
+        when the host has room again (something else freed space), grow the pool to back
+        more of it. At overcommit 1 every promise is already backed."""
         if self.overcommit <= 1 or self._grow is None:
             return
         with self.lock:
             space = self.space(fresh=True)
-            if space.growable > 0 and space.held > space.usable * KEEP_AHEAD_AT:
-                self._grown(space, math.ceil(space.held / KEEP_AHEAD_TO))
+            want = min(self.provisioned(), space.capacity)
+            if space.growable > 0 and want > space.usable:
+                self._grown(space, want)
 
     def check_real_use(self, what: str) -> None:
         """Past overcommit 1.0, refuse a new snapshot or clone while the pool is nearly full

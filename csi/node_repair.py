@@ -26,13 +26,11 @@ from pvlun.command import CommandError
 log = logging.getLogger(__name__)
 
 _LUN_NAME = re.compile(r"(vol-[0-9a-f]{32})\.img")
-_DELETED = " (deleted)"
 
 
 def _volume_of(backing: str, volumes_dirs: Collection[str]) -> str | None:
     """The volume ID whose LUN file (in one of volumes_dirs, deleted or not) backs a device."""
-    path = backing[: -len(_DELETED)] if backing.endswith(_DELETED) else backing
-    head, name = os.path.split(path)
+    head, name = os.path.split(attach.deleted_backing(backing)[0])
     found = _LUN_NAME.fullmatch(name)
     return found.group(1) if found and head in volumes_dirs else None
 
@@ -45,7 +43,7 @@ def release_unexplained(volumes_dirs: Sequence[str], published: Collection[str])
     counts = {"devices": 0, "mounts": 0, "failed": 0}
     for device in attach.all_loop_devices():
         volume_id = _volume_of(device.backing_file, dirs)
-        if volume_id is None or (volume_id in published and not device.backing_file.endswith(_DELETED)):
+        if volume_id is None or (volume_id in published and not attach.deleted_backing(device.backing_file)[1]):
             continue
         try:
             for mount in reversed(attach.mounts_using(device.path)):

@@ -120,10 +120,11 @@ class PoolBacking:
         image_growth = max(0, min(self.max_size - st.st_size, room)) // MiB * MiB
         growable = image_growth - image_growth // GROWTH_OVERHEAD - image_growth // RESERVE_FRACTION
         note = ""
-        if image_growth < self.max_size - st.st_size:
-            note = (f"; the pool may grow by {human(image_growth)} more (up to {human(self.max_size)}), as its "
-                    f"host filesystem has {human(max(0, room + reserve))} free and keeps {human(reserve)} for the "
-                    "catalog and scratch copies")
+        if unfillable or image_growth < self.max_size - st.st_size:
+            have = (f"may grow by {human(image_growth)} more (up to {human(self.max_size)})" if not unfillable else
+                    f"image has {human(holes)} of holes the host could not fill")
+            note = (f"; the pool {have}, as its host filesystem has {human(max(0, room + reserve))} free and keeps "
+                    f"{human(reserve)} for the catalog and scratch copies")
         return replace(space, free=max(0, space.free - unfillable), growable=max(0, growable), note=note)
 
     def grow(self, usable: int) -> None:

@@ -7,9 +7,10 @@ absolute path, NUL, the empty string) is refused here and never joined into a pa
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
-from csi.errors import invalid, out_of_range, shown
+from csi.errors import aborted, invalid, out_of_range, shown
 
 VOLUME_ID = re.compile(r"vol-[0-9a-f]{32}")
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{32}")
@@ -56,8 +57,27 @@ class Capability:
         return cls(d["access_type"], d["mode"], d.get("fs_type", ""), tuple(d.get("mount_flags", ())))
 
 
+def new_id(prefix: str) -> str:
+    """A fresh volume, snapshot or group ID (vol-, snap-, grp- and 32 hex digits)."""
+    return f"{prefix}-{secrets.token_hex(16)}"
+
+
 def is_id(pattern: re.Pattern[str], value: str) -> bool:
     return bool(value) and pattern.fullmatch(value) is not None
+
+
+def page(fetch, max_entries: int, token: str, pattern: re.Pattern[str], **filters):
+    """One page of a List call: `fetch(start=, limit=, **filters)` from the item whose ID is
+    `token` (one we gave out, else ABORTED); returns the items and the next token ("" at the end)."""
+    if max_entries < 0:
+        raise invalid("max_entries must not be negative")
+    if token and not is_id(pattern, token):
+        raise aborted(f"starting_token {shown(token)} is not one this driver gave out")
+    limit = max_entries + 1 if max_entries else -1
+    items = fetch(start=token, limit=limit, **filters)
+    if max_entries and len(items) > max_entries:
+        return items[:max_entries], items[max_entries].id
+    return items, ""
 
 
 def require(value: object, what: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from csi.backends.file import FileBackend
 from csi.catalog import Catalog
 from csi.controller import ControllerService
+from csi.errors import private_root
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
 from csi.lun_service import LunService
@@ -20,7 +21,6 @@ from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
 from pvlun.instance_lock import InstanceLocks
-from pvlun.user_text import private_root
 
 log = logging.getLogger("pvlun.serve")
 

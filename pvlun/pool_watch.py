@@ -5,7 +5,8 @@ Real use is bytes the LUNs hold / usable bytes of the pool (csi/capacity.py). Wi
 `--overcommit 1.0` every volume fits by construction, so only overcommitted pools warn; past
 95% the driver itself refuses new snapshots and clones. Use grows with writes no API call
 announces (a guest, an upload), so the pool is looked at every few seconds, not after
-provisioning: `run` also grows an overcommitted pool image ahead of its use (Capacity.keep_ahead).
+provisioning. `run` also grows an overcommitted pool image to back more of what is provisioned
+once the host has room again (Capacity.keep_ahead).
 
 The events are the control plane's (the driver does not know Kubernetes objects). They go on
 the StorageClasses of the pool — every class of this driver, since they share the one pool —
@@ -58,8 +59,8 @@ class PoolWatch:
         return (level, usage) if level > previous else None
 
     def run(self, ctx: Context | None) -> threading.Thread:
-        """Look at the pool every CHECK_EVERY seconds until `stop`: keep an overcommitted
-        pool image ahead of its use and, with a control plane, warn on crossings."""
+        """Look at the pool every CHECK_EVERY seconds until `stop`: grow an overcommitted
+        pool image when the host has room again and, with a control plane, warn on crossings."""
         def loop() -> None:
             while not self._stop.wait(CHECK_EVERY):
                 try:

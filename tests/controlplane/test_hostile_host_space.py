@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 
 import pytest
 from test_datavolume import dv
@@ -53,20 +54,27 @@ def fill_host(directory: str) -> str:
 
 
 @pytest.fixture
-def daemon_on_small_host(small_host):
-    """`pvlun serve --pool-size 8Gi` (16 times the host) on it; stopped before it goes."""
-    data_dir = os.path.join(small_host, "data")
-    os.makedirs(data_dir)
-    inst = start_instance(data_dir, "--nodes", "1")
-    inst.host = small_host
+def serve_on_small_host(small_host):
+    """start(*flags): `pvlun serve --pool-size 8Gi` (16 times the host) on it; stopped before it goes."""
+    started = []
+
+    def start(*flags: str):
+        data_dir = os.path.join(small_host, "data")
+        os.makedirs(data_dir)
+        inst = start_instance(data_dir, "--nodes", "1", *flags)
+        inst.host = small_host
+        started.append(inst)
+        return inst
+
     try:
-        yield inst
+        yield start
     finally:
-        stop_instance(inst)
+        for inst in started:
+            stop_instance(inst)
 
 
-def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_it_back(daemon_on_small_host):
-    inst = daemon_on_small_host
+def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_it_back(serve_on_small_host):
+    inst = serve_on_small_host()
     data_dir, small_host = inst.data_dir, inst.host
     image = os.path.join(data_dir, "pool.img")
     st = os.stat(image)
@@ -120,3 +128,47 @@ def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_
         log = f.read()
     assert inst.proc.returncode == 0 and "database or disk is full" not in log, log[-3000:]
     assert "pool stays mounted" not in log, log[-3000:]
+
+
+def test_a_sparse_pool_image_of_an_older_pvlun_counts_only_the_free_space_the_host_can_fill(small_host):
+    """An image made sparse (as pvlun made them before) is measured as it is: its free space
+    counts only as far as the host could fill the holes under it, less the host's reserve."""
+    from csi.capacity import PoolSpace
+    from csi.pool_image import PoolBacking, host_room
+
+    image = os.path.join(small_host, "pool.img")
+    with open(image, "wb") as f:
+        f.truncate(4096 * MiB)  # a 4 GiB image on a 512 MiB host: all holes
+    room, reserve = host_room(small_host)
+    assert 256 * MiB < room < 512 * MiB and reserve == 64 * MiB
+    claimed = PoolSpace(free=3900 * MiB, held=0, filesystem=4000 * MiB)  # what its XFS would say
+    backing = PoolBacking(small_host, image, os.path.join(small_host, "pool"), 4096 * MiB)
+    real = backing.adjust(claimed)
+    assert real.free == room and real.growable == 0
+    assert real.usable < room  # no promise beyond what the host can give
+    assert "host filesystem has" in real.note
+
+
+def test_overcommitted_a_pool_the_host_limited_grows_once_the_host_has_room_again(serve_on_small_host):
+    """Past overcommit 1, volumes adding up to more than the host can back are thin; once
+    something else frees host space, the pool watch grows the image (on real blocks) to back
+    more of them."""
+    from pvlun.pool_watch import CHECK_EVERY
+
+    inst = serve_on_small_host("--overcommit", "4")
+    image = os.path.join(inst.data_dir, "pool.img")
+    junk = os.path.join(inst.host, "junk")
+    with open(junk, "wb") as f:  # something else holds 96 MiB of the host for now
+        f.write(b"\xa5" * 96 * MiB)
+        os.fsync(f.fileno())
+    inst.apply(dv("thin-a", "    blank: {}", size="200Mi") + "---\n" + dv("thin-b", "    blank: {}", size="200Mi"),
+               "--wait")
+    assert phase(inst, "thin-a")["phase"] == phase(inst, "thin-b")["phase"] == "Succeeded"
+    limited = os.stat(image).st_size
+    assert limited < 400 * MiB
+    time.sleep(CHECK_EVERY + 0.5)
+    assert os.stat(image).st_size == limited  # the host has no room: nothing grows
+    os.unlink(junk)
+    inst.wait(lambda: os.stat(image).st_size > limited, 4 * CHECK_EVERY, "the image grown again")
+    st = os.stat(image)
+    assert st.st_blocks * 512 >= st.st_size
