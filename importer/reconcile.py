@@ -3,8 +3,8 @@
 A DataVolume gets a claim (same name, owned by it); once bound, the volume is attached on
 a node as kubelet would, filled by the pipeline, and detached. Clones go through CSI
 (CreateVolume with a volume or snapshot source). A failed import deletes the claim, so no
-half-written volume remains; the DataVolume keeps phase Failed and the reason until its
-spec changes.
+half-written volume remains; the DataVolume keeps phase Failed and the reason (its spec
+never changes, as in CDI: delete it and create it again to retry).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     status = _status(dv)
-    if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get("generation", 1):
-        return
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return  # for good: a DataVolume's spec never changes (admission refuses it, as CDI's webhook does)
     if ctx.jobs.running("dv:" + key_of(dv)):
         return
     try:
@@ -90,9 +90,6 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
     except ValueError as exc:
         fail(ctx, dv, "InvalidSpec", str(exc))
         return
-    if status.get("phase") in ("Succeeded", "Failed"):  # the spec changed: start over
-        status = {}
-        dv["status"] = {}
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):

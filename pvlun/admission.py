@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from pvlun.manifest_yaml import ManifestError, load_all
 from pvlun.object_types import conform
+from pvlun.quantity import parse_quantity
 from pvlun.user_text import one_line, quoted
 
 KINDS = {
@@ -82,26 +83,67 @@ class Refused(ValueError):
     """An object `apply` will not store; the message names the document and field."""
 
 
+# Every kind the embedded store holds: what `apply` takes, and what the controllers make.
+STORED_KINDS = (*KINDS, "PersistentVolume", "VirtualMachineInstance", "VolumeAttachment", "VolumeSnapshotContent")
+
+
 def kind_of(name: str) -> str:
     return ALIASES.get(name.lower(), name)
+
+
+def known_kind(name: str) -> str:
+    """The kind a CLI argument names (kubectl's short names too); Refused for any other."""
+    kind = kind_of(name)
+    if kind not in STORED_KINDS:
+        raise Refused(f"the server doesn't have a resource type {quoted(name)} (pvlun has: "
+                      f"{', '.join(sorted(k.lower() for k in STORED_KINDS))})")
+    return kind
+
+
+def _positive_size(request: object, field: str) -> None:
+    """A size given must be more than nothing (the API server's rule: "0" would get a default size)."""
+    if request is not None and parse_quantity(request) == 0:
+        raise ValueError(f"{field}: must be greater than zero")
+
+
+def _same_object(ref_name: object, ref_namespace: object, obj: dict) -> bool:
+    meta = obj.get("metadata") or {}
+    return ref_name == meta.get("name") and (ref_namespace or None) in (None, meta.get("namespace") or None)
 
 
 def _check_pvc(obj: dict) -> None:
     """What the field types (object_types) cannot say: which fields go together."""
     spec = obj.get("spec") or {}
     sources = [(f, spec[f]) for f in ("dataSource", "dataSourceRef") if spec.get(f)]
-    if (spec.get("resources") or {}).get("requests", {}).get("storage") is None and not sources:
+    request = (spec.get("resources") or {}).get("requests", {}).get("storage")
+    if request is None and not sources:
         raise ValueError("spec.resources.requests.storage is required")
+    _positive_size(request, "spec.resources.requests.storage")
     for field, source in sources:
         for key in ("kind", "name"):
             if not source.get(key):
                 raise ValueError(f"spec.{field}.{key} is required")
+        if source.get("kind") == "PersistentVolumeClaim" and _same_object(source["name"], source.get("namespace"), obj):
+            raise ValueError(f"spec.{field}.name: a claim cannot be cloned from itself")
+
+
+# What each DataVolume source needs to be anything at all (else it waits or fails forever).
+SOURCE_REQUIRED = {"http": "url", "registry": "url", "s3": "url", "pvc": "name", "snapshot": "name"}
 
 
 def _check_dv(obj: dict) -> None:
     from importer.dv_spec import validate
 
-    validate(obj)
+    kind, source, _size, _mode, _access, _class = validate(obj)
+    spec = obj.get("spec") or {}
+    field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    _positive_size(((spec.get("storage") or spec.get("pvc") or {}).get("resources") or {}).get("requests", {})
+                   .get("storage"), f"{field}.resources.requests.storage")
+    required = SOURCE_REQUIRED.get(kind)
+    if required and not source.get(required):
+        raise ValueError(f"spec.source.{kind}.{required} is required")
+    if kind == "pvc" and _same_object(source["name"], source.get("namespace"), obj):
+        raise ValueError("spec.source.pvc.name: a DataVolume cannot be cloned from itself (its claim is the target)")
 
 
 def _check_vm(obj: dict) -> None:
@@ -202,3 +244,19 @@ def admit(doc: object, where: str) -> dict[str, Any]:
     if len(body) > MAX_OBJECT_BYTES:
         raise Refused(f"{label} is {len(body)} bytes long; one object may have at most {MAX_OBJECT_BYTES} bytes")
     return json.loads(body)
+
+
+def admit_update(old: dict | None, new: dict) -> dict:
+    """What `pvlun apply` stores for an admitted object (store.apply's merge, run in its
+    transaction): kubectl's merge into what exists, the update rules, and the kind's checks
+    on the result; Refused names the field."""
+    from pvlun.object_update import applied
+
+    label = f"{new['kind']} {quoted(new['metadata']['name'])}"
+    try:
+        merged = applied(old, new)
+        if old is not None:
+            CHECKS.get(new["kind"], lambda o: None)(merged)
+    except (ValueError, TypeError) as exc:
+        raise Refused(one_line(f"{label} is invalid: {exc}")) from None
+    return merged

@@ -26,18 +26,30 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive_number(what: str) -> Callable[[str], float]:
-    """An argparse type: a positive, finite number; `what` names it in the error."""
+def positive_number(what: str, whole: bool = False) -> Callable[[str], float]:
+    """An argparse type: a positive, finite number (with `whole`, an integer of at least 1);
+    `what` names it in the error."""
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if whole else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a {'whole ' if whole else ''}number") from None
         if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{what} must be positive, not {text}")
+            raise argparse.ArgumentTypeError(f"{what} must be {'at least 1' if whole else 'positive'}, not {text}")
         return value
 
     return parse
+
+
+def node_id_arg(text: str) -> str:
+    """A CSI node ID as the driver takes it (csi/validation.py NODE_ID)."""
+    from csi.validation import NODE_ID
+
+    if not NODE_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a valid node ID (letters, digits, '.', '_' and '-', starting with a letter "
+            f"or digit, at most 128 characters)")
+    return text
 
 
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +62,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from csi.server import setup_logging
     from pvlun.daemon import Daemon, ServeOptions
 
+    from csi.validation import NODE_ID
+
+    longest = f"{args.node_id}-{args.nodes}" if args.mode == "all" and args.nodes > 1 else args.node_id
+    if not NODE_ID.fullmatch(longest):  # the embedded nodes are NODE-ID, NODE-ID-2, ...
+        print(f"pvlun serve: --node-id is too long for --nodes {args.nodes}: node {longest[:40]!r}... would be "
+              f"{len(longest)} characters (at most 128)", file=sys.stderr)
+        return 1
     setup_logging()
     opts = ServeOptions(data_dir=args.data_dir, endpoint=args.endpoint or "", node_id=args.node_id,
                         mode=args.mode, nodes=args.nodes, pool=args.pool, pool_size=args.pool_size or 0,
@@ -73,8 +92,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return quickstart(args)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line (what is wrong, and where help is), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pvlun", description="Disks for virtual machines on Kubernetes.")
+    parser = OneLineParser(prog="pvlun", description="Disks for virtual machines on Kubernetes.")
     parser.add_argument("--version", action="version", version=f"pvlun {__version__}")
     parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
                         help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
@@ -82,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the CSI driver (and the embedded controllers)")
     serve.add_argument("--endpoint", help="unix:///PATH or tcp://HOST:PORT (default unix://DATA_DIR/csi.sock)")
-    serve.add_argument("--node-id", default=socket.gethostname())
+    serve.add_argument("--node-id", type=node_id_arg, default=socket.gethostname())
     data_dir_arg(serve)
     serve.add_argument("--mode", choices=["all", "controller", "node"], default="all")
-    serve.add_argument("--nodes", type=int, default=2,
+    serve.add_argument("--nodes", type=positive_number("the number of nodes", whole=True), default=2,
                        help="present this host as N nodes: NODE-ID, NODE-ID-2, ... (embedded mode; default 2)")
     serve.add_argument("--pool", help="use this directory as the LUN pool")
     serve.add_argument("--pool-size", type=parse_size, default=None,
@@ -93,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 90%% of the data dir's filesystem, at most 256Gi; the image is sparse)")
     serve.add_argument("--overcommit", type=positive_number("the overcommit ratio"), default=1.0, metavar="RATIO",
                        help="let the volumes' sizes add up to RATIO x the pool size (default %(default)s)")
-    serve.add_argument("--max-volumes-per-node", type=int, default=256)
+    serve.add_argument("--max-volumes-per-node", type=positive_number("the volumes per node", whole=True), default=256)
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")
     serve.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")
@@ -122,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pvlun.admission import Refused
     from pvlun.objects_cli import NoDaemon
 
     parser = build_parser()
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc).replace("metadata.namespace", "--namespace"))
     try:
         return args.func(args) or 0
-    except NoDaemon as exc:
+    except (NoDaemon, Refused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -41,10 +41,12 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     kind's controller."""
     from importer.reconcile import reconcile_datavolume
     from pvlun.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
+    from pvlun.kubelet import reconcile_attachment
     from pvlun.provisioner import reconcile_pvc
     from pvlun.snapshotter import reconcile_volume_snapshot
 
     table: list[tuple[str, Reconciler]] = [(kind, collect_if_orphaned) for kind in COLLECTED] + [
+        ("VolumeAttachment", reconcile_attachment),
         ("DataVolume", reconcile_datavolume),
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),
@@ -113,8 +115,10 @@ class ControlLoop:
         self.relist()
         next_resync = time.monotonic() + RESYNC_SECONDS
         while not stopping.is_set():
-            store.wait_for_change(version, timeout=0.5)
             try:
+                store.wait_for_change(version, timeout=0.5)
+                if stopping.is_set():
+                    return
                 version, changed = store.changes_since(version)
                 if changed is None:
                     self.relist()
@@ -127,6 +131,8 @@ class ControlLoop:
                         everything = list(self.index.objects)
                     self._enqueue(everything)
             except Exception:  # the watcher must outlive one bad read
+                if stopping.is_set():
+                    return
                 log.exception("watching the store")
                 stopping.wait(1.0)
 
@@ -137,6 +143,9 @@ class ControlLoop:
                 return
             try:
                 self.reconcile(k)
+            except Exception:  # recording the failure failed too: the worker stays
+                if not self.ctx.stopping.is_set():
+                    log.exception("reconcile %s", k)
             finally:
                 self.queue.done(k)
 
@@ -173,6 +182,16 @@ class ControlLoop:
     def _stop_when_stopping(self) -> None:
         self.ctx.stopping.wait()
         self.queue.shut_down()
+
+    def join(self, timeout: float) -> bool:
+        """Stop handing out keys and wait up to `timeout` seconds for the watcher and the
+        workers to finish what they hold (a daemon stopping: the store closes after this).
+        True when they all ended."""
+        self.queue.shut_down()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
 
 def run_loop(ctx: Context) -> ControlLoop:

@@ -71,6 +71,8 @@ class Daemon:
         self.opts = opts
         self.data_dir = os.path.abspath(opts.data_dir)
         self.stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_called = False
         self.servers = []
         self.catalog: Catalog | None = None
         self.luns: LunService | None = None
@@ -225,7 +227,15 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop what was started, newest first; every step runs even when one before it
-        failed, so neither a stop nor a failed start leaves the pool mounted behind."""
+        failed, so neither a stop nor a failed start leaves the pool mounted behind. Only
+        the first call stops (a second SIGTERM waits for it): the store closes once, after
+        the threads that use it ended."""
+        with self._stop_lock:
+            first = not self._stop_called
+            self._stop_called = True
+        if not first:
+            self.stopped.wait()
+            return
         steps: list = [self.pool_watch.stop] if self.pool_watch is not None else []
         steps += self._control_plane_stops() if self.ctx is not None else []
         steps += [lambda server=server: server.stop(grace=5).wait(10) for server in self.servers]
@@ -246,17 +256,25 @@ class Daemon:
         self.stopped.set()
 
     def _control_plane_stops(self) -> list:
+        """The reconcile loop first (no new work), then the jobs it started (running imports
+        give their volumes back), VMs, the upload and metrics servers; the store stays open
+        until they all ended (`stop` closes it last)."""
         ctx = self.ctx
-        steps = [ctx.stopping.set, lambda: ctx.jobs.join_all(10)]  # running imports give their volumes back
+        steps = [ctx.stopping.set]
+        if self.loop is not None:
+            steps.append(self._join_loop)
+        steps.append(lambda: ctx.jobs.join_all(10))
         if "vms" in ctx.services:
             steps.append(lambda: ctx.services["vms"].stop_all(grace=10))
         if "upload" in ctx.services:
             steps.append(ctx.services["upload"].stop)
         if self.metrics_server is not None:
             steps.append(self.metrics_server.shutdown)
-        if self.loop is not None:
-            steps.append(lambda: self.loop.join(10))
         return steps
+
+    def _join_loop(self) -> None:
+        if not self.loop.join(10):
+            log.warning("a reconcile still runs after 10 s; stopping without it")
 
     def _remove_pid_file(self) -> None:
         try:
@@ -266,6 +284,9 @@ class Daemon:
 
     def run_until_signal(self) -> None:
         def on_signal(signum, frame):
+            if self._stop_called:
+                log.info("signal %d: already stopping", signum)
+                return
             log.info("signal %d: stopping", signum)
             threading.Thread(target=self.stop, daemon=True).start()
 
@@ -273,3 +294,6 @@ class Daemon:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         self.stopped.wait()
+        # stopped: a later signal has nothing to stop (and must not kill the exit half-way)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ import grpc
 
 from csi.proto import csi_pb2 as pb
 from pvlun.csi_client import CsiClient, capability
-from pvlun.store import ObjectStore
+from pvlun.store import ObjectStore, now
+from pvlun.user_text import user_text
 
 log = logging.getLogger("pvlun.kubelet")
 
@@ -28,6 +30,8 @@ class NodeFull(Exception):
 
 
 NAME_MAX = 255  # bytes in one path component (Linux)
+FINALIZER = "external-attacher/csi-pvlun-dev"  # a VolumeAttachment goes only once it is detached
+FIELDS = ("volumeId", "nodeName", "owner", "stagingPath", "targetPath")  # what detaching one needs
 
 
 @dataclass
@@ -82,8 +86,13 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     name = _name(volume_id, node_id, owner)
-    existed = store.get("VolumeAttachment", name, "") is not None
-    store.apply({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
+    record = store.get("VolumeAttachment", name, "")
+    if record is not None and record["metadata"].get("deletionTimestamp"):
+        detach(store, csi, volume_id, node_id, owner)  # a detach left unfinished goes first (kubelet waits for it)
+        record = None
+    existed = record is not None
+    store.apply({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+                 "metadata": {"name": name, "finalizers": [FINALIZER]},
                  "spec": {"attacher": "csi.pvlun.dev", "nodeName": node_id,
                           "source": {"persistentVolumeName": pv["metadata"]["name"]},
                           "owner": owner, "stagingPath": staging, "targetPath": target, "volumeId": volume_id}})
@@ -111,46 +120,116 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
 def _undo(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str) -> None:
     try:
         detach(store, csi, volume_id, node_id, owner)
-    except Exception as exc:  # the node or controller is unreachable: the record must go all the same
+    except Exception as exc:  # its record stays, marked detaching: the attacher retries it (reconcile_attachment)
         log.warning("undoing the attachment of %s on %s: %s", volume_id, node_id, exc)
-        store.delete("VolumeAttachment", _name(volume_id, node_id, owner), "")
 
 
 def detach(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str,
            via: str | None = None) -> None:
-    """Undo `attach`; unstage and controller-unpublish only when no other owner on the node uses it.
-    `via` names the node plugin to call when `node_id` is one this daemon no longer serves (a
-    renamed host: every embedded node is this host, so another of its plugins can undo it)."""
+    """Undo `attach`: NodeUnpublish, then — when no other owner on the node still uses the
+    volume — NodeUnstage and ControllerUnpublish, as kubelet and the external-attacher do.
+
+    The record is marked first (deletionTimestamp: detaching) and removed only when every
+    step succeeded, so a step that fails (a staging mount kept busy) or a crash in between
+    leaves it for `reconcile_attachment` and start-up repair to finish: a publication never
+    outlives its record, and the claim stays protected until it is really detached.
+    `via` names the node plugin to call when `node_id` is one this daemon no longer serves
+    (a renamed host: every embedded node is this host, so another of its plugins can undo it)."""
     name = _name(volume_id, node_id, owner)
+    _begin(name, wait=True)
+    try:
+        _detach(store, csi, name, via)
+    finally:
+        _end(name)
+
+
+def reconcile_attachment(ctx, att: dict) -> float | None:
+    """The external-attacher's part: a VolumeAttachment being deleted (a detach that failed
+    or was cut off, or `pvlun delete volumeattachment`) is detached; an error raises, and
+    the controllers' queue tries again with backoff. One this process is detaching now is
+    looked at again a moment later."""
+    meta, spec = att["metadata"], att.get("spec") or {}
+    if not meta.get("deletionTimestamp"):
+        return None
+    if not all(isinstance(spec.get(k), str) and spec.get(k) for k in FIELDS):
+        ctx.store.patch_metadata("VolumeAttachment", meta["name"], "", finalizers=[])
+        ctx.store.delete("VolumeAttachment", meta["name"], "")  # it names nothing that could be undone
+        return None
+    if not _begin(meta["name"], wait=False):
+        return 1.0
+    try:
+        _detach(ctx.store, ctx.csi, meta["name"], None if spec["nodeName"] in ctx.node_ids else ctx.node_id)
+    finally:
+        _end(meta["name"])
+    return None
+
+
+_busy: set[str] = set()  # the attachments this process is detaching now
+_busy_changed = threading.Condition()
+
+
+def _begin(name: str, wait: bool) -> bool:
+    """Detach one attachment at a time in this process: a late second detach must never
+    unstage what an attach made after the first one finished."""
+    with _busy_changed:
+        while name in _busy:
+            if not wait:
+                return False
+            _busy_changed.wait()
+        _busy.add(name)
+        return True
+
+
+def _end(name: str) -> None:
+    with _busy_changed:
+        _busy.discard(name)
+        _busy_changed.notify_all()
+
+
+def _detach(store: ObjectStore, csi: CsiClient, name: str, via: str | None) -> None:
     record = store.get("VolumeAttachment", name, "")
     if record is None:
         return
-    staging, target = record["spec"]["stagingPath"], record["spec"]["targetPath"]
+    if not record["metadata"].get("deletionTimestamp"):
+        store.patch_metadata("VolumeAttachment", name, "", deletionTimestamp=now())
+    spec = record["spec"]
+    volume_id, node_id = spec["volumeId"], spec["nodeName"]
     node = csi.node(via or node_id)
-    _retried(node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target))
+    try:
+        _retried(node.NodeUnpublishVolume,
+                 pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=spec["targetPath"]))
+        store.merge_status("VolumeAttachment", name, "", detachStage="NodeUnpublished")
+        others = [a for a in store.list("VolumeAttachment") if a["metadata"]["name"] != name
+                  and (a.get("spec") or {}).get("volumeId") == volume_id and a["spec"].get("nodeName") == node_id
+                  and (a.get("status") or {}).get("detachStage") is None]
+        if not others:
+            _retried(node.NodeUnstageVolume,
+                     pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=spec["stagingPath"]))
+            _retried(csi.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
+                volume_id=volume_id, node_id=node_id))
+    except Exception as exc:
+        store.merge_status("VolumeAttachment", name, "", detachError={"time": now(), "message": user_text(exc)})
+        raise
+    store.patch_metadata("VolumeAttachment", name, "", finalizers=[])
     store.delete("VolumeAttachment", name, "")
-    others = [a for a in store.list("VolumeAttachment")
-              if a["spec"].get("volumeId") == volume_id and a["spec"].get("nodeName") == node_id]
-    if not others:
-        _retried(node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging))
-        _retried(csi.controller.ControllerUnpublishVolume, pb.ControllerUnpublishVolumeRequest(
-            volume_id=volume_id, node_id=node_id))
 
 
 RETRY_DELAYS = (0.1, 0.3, 1.0, 2.0)  # a mount can be busy for a moment (a tool started elsewhere still holds it)
-FINAL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def _retried(method, request):
-    """A detach step, retried a few times as kubelet would: undoing must not give up at once."""
-    for delay in RETRY_DELAYS:
+    """A detach step, retried a few times as kubelet would: undoing must not give up at once.
+    NOT_FOUND is done: there is nothing of the volume's left to undo there."""
+    for delay in RETRY_DELAYS + (None,):
         try:
             return method(request)
         except grpc.RpcError as exc:
-            if exc.code() in FINAL:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            if exc.code() in FINAL or delay is None:
                 raise
             time.sleep(delay)
-    return method(request)
 
 
 def attachments_of(store: ObjectStore, owner: str) -> list[dict]:

@@ -25,6 +25,7 @@ from pvlun.user_text import one_line
 MAX_INPUT = 8 << 20  # bytes of one manifest, and the expanded weight of all its documents
 MAX_DEPTH = 64  # nesting levels; Kubernetes objects need about a dozen
 MAX_NODES = 250_000  # values in one manifest (about 12,000 DataVolumes); each costs some 300 bytes here
+MAX_INT_DIGITS = 100  # no Kubernetes number needs more (int64 has 19 digits)
 NODE_WEIGHT = 4  # what a node weighs besides its text, in bytes (so `[[],[],...]` weighs too)
 
 
@@ -119,7 +120,17 @@ class _ManifestLoader(Composer, _Parser, SafeConstructor, Resolver):
         return super().construct_mapping(node, deep=deep)
 
 
+def _bounded_int(constructor, node):
+    """An integer of at most MAX_INT_DIGITS characters (Python refuses to read past 4,300
+    digits, naming its own setting rather than the document)."""
+    if len(node.value) > MAX_INT_DIGITS:
+        raise ManifestError(f"{_where(node.start_mark)}: a number of {len(node.value):,} characters "
+                            f"(at most {MAX_INT_DIGITS} are read)")
+    return SafeConstructor.construct_yaml_int(constructor, node)
+
+
 _ManifestLoader.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_yaml_str)
+_ManifestLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 for _tag in ("binary", "set", "omap", "pairs"):
     _ManifestLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
 

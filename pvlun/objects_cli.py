@@ -12,9 +12,11 @@ from datetime import datetime, timezone
 
 import yaml
 
-from pvlun.admission import Refused, kind_of, load_documents
+from pvlun.admission import Refused, admit_update, known_kind, load_documents
+from pvlun.data_sources import cycle_message, find_cycle
 from pvlun.manifest_yaml import ManifestError, read_manifest
 from pvlun.store import CLUSTER_SCOPED, SQLiteStore
+from pvlun.user_text import quoted
 
 
 class NoDaemon(RuntimeError):
@@ -124,6 +126,19 @@ def check_references(store: SQLiteStore, docs: list[dict], default_ns: str) -> N
                               f"in namespace {ns} (create it, or add it to spec.dataVolumeTemplates)")
 
 
+def check_update_rules(store: SQLiteStore, docs: list[dict]) -> None:
+    """Every document checked against what exists before anything is stored: a refused
+    update (an immutable field, a cycle of sources) leaves the whole manifest unapplied."""
+    found = find_cycle(docs, lambda kind, name, ns: store.get(kind, name, ns))
+    if found is not None:
+        doc, chain = found
+        raise Refused(f"{doc['kind']} {quoted(doc['metadata']['name'])} is invalid: {cycle_message(doc, chain)}")
+    for doc in docs:
+        old = store.get(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default"))
+        if old is not None:
+            admit_update(old, doc)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     try:
         docs = load_documents(read_manifest(args.filename))
@@ -131,18 +146,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     store = open_store(args.data_dir)
-    try:
-        check_references(store, docs, args.namespace or "default")
-    except Refused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     for doc in docs:
         if args.namespace and doc["kind"] not in CLUSTER_SCOPED:
             doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
-        old = store.get(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default"))
-        store.apply(doc)
-        verb = "configured" if old else "created"
-        print(f"{doc['kind'].lower()}/{doc['metadata']['name']} {verb}")
+    try:
+        check_references(store, docs, args.namespace or "default")
+        check_update_rules(store, docs)
+        for doc in docs:
+            old = store.get(doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default"))
+            new = store.apply(doc, merge=admit_update)  # checked again, in the write's transaction
+            verb = "created" if old is None else "unchanged" if new == old else "configured"
+            print(f"{doc['kind'].lower()}/{doc['metadata']['name']} {verb}")
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.wait:
         return wait_for(store, docs, args.timeout)
     return 0
@@ -219,7 +236,7 @@ def _report(store: SQLiteStore, obj: dict, ok: bool, phase: str) -> None:
 
 def cmd_get(args: argparse.Namespace) -> int:
     store = open_store(args.data_dir, need_daemon=False)
-    kind = kind_of(args.kind)
+    kind = known_kind(args.kind)
     ns = None if args.all_namespaces else args.namespace
     if args.name:
         obj = store.get(kind, args.name, ns or "default")
@@ -241,7 +258,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     store = open_store(args.data_dir)
-    kind = kind_of(args.kind)
+    kind = known_kind(args.kind)
     if not store.delete(kind, args.name, args.namespace):
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
         return 1
@@ -251,7 +268,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     store = open_store(args.data_dir, need_daemon=False)
-    kind = kind_of(args.kind)
+    kind = known_kind(args.kind)
     obj = store.get(kind, args.name, args.namespace)
     if obj is None:
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
@@ -299,7 +316,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             return 1
         changes[key] = None if remove else value
     store = open_store(args.data_dir)
-    kind = kind_of(args.kind)
+    kind = known_kind(args.kind)
     if store.annotate(kind, args.name, args.namespace, **changes) is None:
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
         return 1

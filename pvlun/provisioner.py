@@ -207,10 +207,9 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
                          "volumeAttributes": dict(volume.volume_context)}},
     })
     ctx.store.update_status("PersistentVolume", pv_name, "", {"phase": "Bound"})
-    current = ctx.store.get("PersistentVolumeClaim", meta["name"], meta["namespace"])
-    current["spec"]["volumeName"] = pv_name
-    current["spec"]["storageClassName"] = sc["metadata"]["name"]
-    ctx.store.apply(current)
+    # only the fields it owns: a `pvlun apply` of the claim meanwhile is not undone
+    ctx.store.patch_spec("PersistentVolumeClaim", meta["name"], meta["namespace"], volumeName=pv_name,
+                         storageClassName=sc["metadata"]["name"])
     status = {"phase": "Bound", "accessModes": access_modes, "capacity": {"storage": str(volume.capacity_bytes)}}
     if vac_name:
         status["currentVolumeAttributesClassName"] = vac_name

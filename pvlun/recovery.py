@@ -6,6 +6,8 @@
 - Every VolumeAttachment is undone through CSI (kubelet's reconstruction, simplified). One
   naming a node this daemon does not serve now (a renamed host, another --node-id) is
   dropped with a warning event, its node side undone through a node this daemon serves.
+  One whose detach fails stays, marked detaching, until the attacher finishes it: a
+  publication never outlives its record. A malformed one (no volume) is dropped.
 - Running VMIs end as Failed ("the daemon restarted"); the VM controller restarts them
   as their runStrategy says.
 - Imports, uploads and clones cut off mid-way lose their half-written claim and start
@@ -104,24 +106,29 @@ def _recover_vmi(ctx: Context, vmi: dict, counts: dict[str, int]) -> None:
 
 
 def _recover_attachment(ctx: Context, att: dict, counts: dict[str, int]) -> None:
+    spec = att.get("spec") or {}
+    if not all(isinstance(spec.get(k), str) and spec.get(k) for k in kubelet.FIELDS):
+        ctx.store.patch_metadata("VolumeAttachment", att["metadata"]["name"], "", finalizers=[])
+        ctx.store.delete("VolumeAttachment", att["metadata"]["name"], "")  # it names nothing that could be undone
+        ctx.store.add_event(att, "Warning", "RepairFailed", "malformed: it names no volume, node or owner; dropped")
+        counts["failed"] += 1
+        return
+    volume_id, node_id, owner = spec["volumeId"], spec["nodeName"], spec["owner"]
+    via = None
+    if node_id not in ctx.node_ids:
+        via = ctx.node_id
+        message = (f"node {node_id!r} is not served by this pvlun serve (its nodes: {', '.join(ctx.node_ids)}); "
+                   f"the attachment of volume {volume_id} for {owner} is dropped")
+        log.warning("%s", message)
+        ctx.store.add_event(att, "Warning", "NodeNotServed", message)
+        counts["foreign"] += 1
     try:
-        spec = att["spec"]
-        volume_id, node_id, owner = spec["volumeId"], spec["nodeName"], spec["owner"]
-        via = None
-        if node_id not in ctx.node_ids:
-            via = ctx.node_id
-            message = (f"node {node_id!r} is not served by this pvlun serve (its nodes: {', '.join(ctx.node_ids)}); "
-                       f"the attachment of volume {volume_id} for {owner} is dropped")
-            log.warning("%s", message)
-            ctx.store.add_event(att, "Warning", "NodeNotServed", message)
-            counts["foreign"] += 1
-        try:
-            kubelet.detach(ctx.store, ctx.csi, volume_id, node_id, owner, via=via)
-        except grpc.RpcError as exc:
-            log.warning("cannot detach %s from %s: %s", volume_id, node_id, exc.details())
-        counts["attachments"] += 1
-    finally:
-        ctx.store.delete("VolumeAttachment", att["metadata"]["name"], "")  # it must not hold its claim forever
+        kubelet.detach(ctx.store, ctx.csi, volume_id, node_id, owner, via=via)
+    except grpc.RpcError as exc:
+        # the record stays, marked detaching, and keeps its claim until the detach is finished:
+        # the attacher (kubelet.reconcile_attachment) tries again with backoff
+        log.warning("cannot detach %s from %s yet: %s", volume_id, node_id, exc.details())
+    counts["attachments"] += 1
 
 
 def _recover_datavolume(ctx: Context, dv: dict, uploading: set[str], counts: dict[str, int]) -> None:

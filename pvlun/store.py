@@ -13,8 +13,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 Obj = dict[str, Any]
 
@@ -59,10 +60,11 @@ def now() -> str:
 class ObjectStore(Protocol):
     def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None: ...
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]: ...
-    def apply(self, obj: Obj) -> Obj: ...
+    def apply(self, obj: Obj, merge: Callable[[Obj | None, Obj], Obj] | None = None) -> Obj: ...
     def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None: ...
     def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
     def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
+    def patch_spec(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
     def annotate(self, kind: str, name: str, namespace: str, **annotations: str | None) -> Obj | None: ...
     def delete(self, kind: str, name: str, namespace: str = "default") -> bool: ...
     def add_event(self, obj: Obj, type_: str, reason: str, message: str) -> None: ...
@@ -147,9 +149,7 @@ class SQLiteStore:
 
     def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None:
         with self._lock:
-            row = self._db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
-                                   (kind, self._ns(kind, namespace), name)).fetchone()
-        return json.loads(row[0]) if row else None
+            return self._read(kind, name, namespace)
 
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]:
         sql, args = "SELECT body FROM objects WHERE kind=?", [kind]
@@ -160,30 +160,61 @@ class SQLiteStore:
             rows = self._db.execute(sql + " ORDER BY namespace, name", args).fetchall()
         return [json.loads(r[0]) for r in rows]
 
-    def _write(self, obj: Obj) -> Obj:
+    def _put(self, obj: Obj) -> Obj:
+        """Store the object as its next version (inside the caller's transaction)."""
         meta = obj["metadata"]
+        version = self._bump(obj["kind"], namespace_of(obj), meta["name"])
+        meta["resourceVersion"] = str(version)
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects (kind, namespace, name, body, version) VALUES (?,?,?,?,?)",
+            (obj["kind"], namespace_of(obj), meta["name"], json.dumps(obj), version))
+        return obj
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE under the lock; COMMIT after the body (unless it ended the
+        transaction itself), ROLLBACK when it raises."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                version = self._bump(obj["kind"], namespace_of(obj), meta["name"])
-                meta["resourceVersion"] = str(version)
-                self._db.execute(
-                    "INSERT OR REPLACE INTO objects (kind, namespace, name, body, version) VALUES (?,?,?,?,?)",
-                    (obj["kind"], namespace_of(obj), meta["name"], json.dumps(obj), version))
-                self._db.execute("COMMIT")
+                yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
+    def _write(self, obj: Obj) -> Obj:
+        with self._transaction():
+            self._put(obj)
         return obj
 
-    def apply(self, obj: Obj) -> Obj:
-        """Create, or replace spec/metadata of, an object (status is kept), like kubectl apply."""
+    def _read(self, kind: str, name: str, namespace: str) -> Obj | None:
+        row = self._db.execute("SELECT body FROM objects WHERE kind=? AND namespace=? AND name=?",
+                               (kind, self._ns(kind, namespace), name)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def apply(self, obj: Obj, merge: Callable[[Obj | None, Obj], Obj] | None = None) -> Obj:
+        """Create or update an object; its status and what the server set are kept.
+
+        Without `merge` the given spec replaces the stored one (an update: controllers write
+        their own objects so). With it, `merge(stored or None, obj)` says what to store, read
+        and written in one transaction, so a controller's write in between is never lost
+        (`pvlun apply`: kubectl's merge and the API server's update rules); it may raise to
+        refuse, and an update that changes nothing is not written."""
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         if obj["kind"] not in CLUSTER_SCOPED:
             meta.setdefault("namespace", "default")
-        with self._lock:
-            old = self.get(obj["kind"], meta["name"], meta.get("namespace", ""))
+        with self._transaction():
+            old = self._read(obj["kind"], meta["name"], meta.get("namespace", ""))
+            if merge is not None:
+                obj = merge(copy.deepcopy(old) if old else None, obj)
+                meta = obj["metadata"]
+                if obj == old:
+                    self._db.execute("ROLLBACK")
+                    return obj
             if old:
                 old_meta = old["metadata"]
                 meta["uid"] = old_meta["uid"]
@@ -199,7 +230,8 @@ class SQLiteStore:
                 meta["uid"] = str(uuid.uuid4())
                 meta["creationTimestamp"] = now()
                 meta["generation"] = 1
-            return self._write(obj)
+            self._put(obj)
+        return obj
 
     def _mutate(self, kind: str, name: str, namespace: str, change: Callable[[Obj], bool]) -> Obj | None:
         """Read, change and write one object in a single transaction, so writers in other
@@ -238,11 +270,15 @@ class SQLiteStore:
 
     def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
         """Set some status fields, keeping the others as they are now."""
+        return self._set_fields(kind, name, namespace, "status", fields)
+
+    def _set_fields(self, kind: str, name: str, namespace: str, part: str, fields: dict[str, Any]) -> Obj | None:
+        """Set some fields of the object's `part` (status, spec) atomically, keeping the rest."""
         def change(obj: Obj) -> bool:
-            status = obj.setdefault("status", {})
-            if all(status.get(k) == v for k, v in fields.items()):
+            target = obj.setdefault(part, {})
+            if all(target.get(k) == v for k, v in fields.items()):
                 return False
-            status.update(fields)
+            target.update(fields)
             return True
 
         return self._mutate(kind, name, namespace, change)
@@ -253,6 +289,11 @@ class SQLiteStore:
             return True
 
         return self._mutate(kind, name, namespace, change)
+
+    def patch_spec(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None:
+        """Set some spec fields atomically (a controller's own fields: a claim's volumeName),
+        keeping whatever else was written meanwhile."""
+        return self._set_fields(kind, name, namespace, "spec", fields)
 
     def annotate(self, kind: str, name: str, namespace: str, **annotations: str | None) -> Obj | None:
         """Set (or, with None, remove) annotations atomically."""
@@ -308,12 +349,16 @@ class SQLiteStore:
                 raise
 
     def events(self, obj: Obj) -> list[Obj]:
-        """The object's events, oldest last seen first; `time` is when each was last seen."""
+        """The object's events, oldest last seen first; `time` is when each was last seen.
+        Matched by uid (kubectl describe's involvedObject.uid): a deleted namesake's events,
+        written after it went, are not this object's."""
+        sql = "SELECT type, reason, message, time, first_time, count FROM events WHERE kind=? AND namespace=? AND name=?"
+        args = [obj["kind"], namespace_of(obj), obj["metadata"]["name"]]
+        if obj["metadata"].get("uid"):
+            sql += " AND uid=?"
+            args.append(obj["metadata"]["uid"])
         with self._lock:
-            rows = self._db.execute(
-                "SELECT type, reason, message, time, first_time, count FROM events WHERE kind=? AND namespace=? "
-                "AND name=? ORDER BY time, seq",
-                (obj["kind"], namespace_of(obj), obj["metadata"]["name"])).fetchall()
+            rows = self._db.execute(sql + " ORDER BY time, seq", args).fetchall()
         return [{"type": t, "reason": r, "message": m, "time": ts, "firstTime": first or ts, "count": count}
                 for t, r, m, ts, first, count in rows]
 

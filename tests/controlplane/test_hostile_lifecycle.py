@@ -5,10 +5,12 @@ was mounted, a clean stop and its WAL, upload readiness probes, and the split se
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -161,3 +163,44 @@ def test_split_serve_modes_open_no_upload_endpoint_and_are_found_from_the_data_d
     with open(os.path.join(instance.data_dir, "upload", "url")) as f:  # mode all: the part that imports has one
         upload_port = int(f.read().rsplit(":", 1)[1])
     assert upload_port in tcp_listeners(instance.proc.pid)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--node-id", "bad/id"], "argument --node-id: 'bad/id' is not a valid node ID"),
+    (["--node-id", "-leading-dash"], "argument --node-id"),
+    (["--node-id", "n" * 128, "--nodes", "2"], "--node-id is too long for --nodes 2"),
+    (["--nodes", "0"], "argument --nodes: the number of nodes must be at least 1, not 0"),
+    (["--nodes", "-1"], "argument --nodes: the number of nodes must be at least 1, not -1"),
+    (["--max-volumes-per-node", "0"], "argument --max-volumes-per-node: the volumes per node must be at least 1"),
+    (["--max-volumes-per-node", "many"], "argument --max-volumes-per-node: 'many' is not a whole number"),
+], ids=["slash", "dash", "too-long-with-nodes", "nodes-0", "nodes-negative", "volumes-0", "volumes-word"])
+def test_serve_refuses_bad_options_in_one_line_before_it_starts(tmp_path, flags, fragment):
+    data_dir = str(tmp_path / "never")
+    proc = subprocess.run([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir, *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode in (1, 2), proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("pvlun serve: ") and fragment in line, line
+    assert not os.path.exists(data_dir)  # nothing was started, not even the data dir made
+
+
+def test_a_sigterm_stop_is_clean_and_a_second_sigterm_is_harmless(serve, tmp_path):
+    data_dir = str(tmp_path / "stops")
+    os.makedirs(data_dir)
+    inst = serve(data_dir=data_dir)
+    inst.apply("".join(dv(f"s{i}", "    blank: {}", size="8Mi") + "---\n" for i in range(3)), "--wait")
+    inst.apply(dv("s-late", "    blank: {}", size="8Mi"))  # the controllers have work in hand at the stop
+    inst.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    inst.proc.send_signal(signal.SIGTERM)  # a second one while the first stop runs
+    assert inst.proc.wait(60) == 0
+    with open(os.path.join(data_dir, "serve.log")) as f:
+        log = f.read()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert log.count("signal 15: stopping") == 1
+    assert not mounted(os.path.join(data_dir, "pool"))
+    assert loop_devices(os.path.join(data_dir, "pool.img")) == ""
+    wal = os.path.join(data_dir, "catalog.db-wal")
+    assert not os.path.exists(wal) or os.path.getsize(wal) == 0
+    again = serve(data_dir=data_dir)  # and it starts again on what it left
+    assert {o["metadata"]["name"] for o in again.store.list("DataVolume")} >= {"s0", "s1", "s2", "s-late"}

@@ -32,6 +32,11 @@ def dv(storage: str = "{resources: {requests: {storage: 1Mi}}}", name: str = "di
             f"spec: {{source: {{blank: {{}}}}, storage: {storage}}}\n")
 
 
+def source_dv(source: str, name: str = "src") -> str:
+    return (f"apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {{name: {name}}}\n"
+            f"spec: {{source: {{{source}}}, storage: {{resources: {{requests: {{storage: 1Mi}}}}}}}}\n")
+
+
 def vm(name: str, template_storage: str = "{resources: {requests: {storage: 1Mi}}}") -> str:
     return f"""apiVersion: kubevirt.io/v1
 kind: VirtualMachine
@@ -97,6 +102,25 @@ CASES = [
     ("namespace of 64 characters", dv(extra=", namespace: " + "n" * 64), "metadata.namespace is 64 characters"),
     ("VirtualMachine name of 64 characters", vm("v" * 64), "64 characters long; at most 63"),
     ("name with capitals", dv(name="Disk_1"), "is not a valid name"),
+    ("pvc source without a name", source_dv("pvc: {}"), "spec.source.pvc.name is required"),
+    ("snapshot source with an empty name", source_dv("snapshot: {name: ''}"), "spec.source.snapshot.name is required"),
+    ("http source without a url", source_dv("http: {}"), "spec.source.http.url is required"),
+    ("registry source without a url", source_dv("registry: {secretRef: s}"), "spec.source.registry.url is required"),
+    ("DataVolume cloning itself", source_dv("pvc: {name: self}", name="self"), "cannot be cloned from itself"),
+    ("VM template cloning itself", vm("selfish").replace("blank: {}", "pvc: {name: selfish-root}"),
+     "spec.dataVolumeTemplates[0].spec.source.pvc.name: a DataVolume cannot be cloned from itself"),
+    ("claim cloning itself", pvc("{dataSource: {kind: PersistentVolumeClaim, name: claim}}"),
+     "spec.dataSource.name: a claim cannot be cloned from itself"),
+    ("claims naming each other", pvc("{dataSource: {kind: PersistentVolumeClaim, name: b}}", name="a") + "---\n"
+     + pvc("{dataSource: {kind: PersistentVolumeClaim, name: a}}", name="b"),
+     "(claim default/a → claim default/b → claim default/a)"),
+    ("claim of size 0", pvc("{resources: {requests: {storage: '0'}}}"),
+     "spec.resources.requests.storage: must be greater than zero"),
+    ("DataVolume of size 0", dv("{resources: {requests: {storage: 0Gi}}}"),
+     "spec.storage.resources.requests.storage: must be greater than zero"),
+    ("5,000-digit integer", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: fine}\n---\n"
+     "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: big}\nx: " + "7" * 5000 + "\n",
+     "document 2: line 8, column 4: a number of 5,000 characters"),
 ]
 
 
@@ -147,3 +171,12 @@ def test_longest_admitted_names_import_without_file_name_too_long(instance):
     machine = "m" * 63
     instance.apply(vm(machine))  # a VirtualMachine name at its limit is admitted
     assert instance.get("VirtualMachine", machine) is not None
+
+
+@pytest.mark.parametrize("verb", [["get"], ["describe", "x"], ["delete", "x"], ["annotate", "x", "a=b"]])
+def test_an_unknown_kind_is_exit_1_naming_the_kinds_pvlun_has(instance, verb):
+    proc = instance.cli(verb[0], "foo", *verb[1:], check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: the server doesn't have a resource type 'foo'")
+    assert "datavolume" in line and "persistentvolumeclaim" in line and "volumeattachment" in line
