@@ -132,6 +132,16 @@ def unmount(path: str) -> None:
 # ---------------------------------------------------------------- loop devices
 
 
+DELETED = " (deleted)"  # what the kernel appends to a loop device's backing file once it is unlinked
+
+
+def deleted_backing(backing: str) -> tuple[str, bool]:
+    """(the backing file's path, whether it was deleted) from what the kernel shows."""
+    if backing.endswith(DELETED):
+        return backing[: -len(DELETED)], True
+    return backing, False
+
+
 @dataclass(frozen=True)
 class LoopDevice:
     path: str  # /dev/loopN
@@ -143,7 +153,16 @@ class LoopDevice:
 
 def loop_devices_for(lun_file: str) -> list[LoopDevice]:
     """Loop devices whose backing file is lun_file (losetup matches by inode, too)."""
-    text = output(["losetup", "--list", "--json", "--associated", lun_file,
+    return _loop_devices(["--associated", lun_file])
+
+
+def all_loop_devices() -> list[LoopDevice]:
+    """Every attached loop device of the host (whole-file ones: partial views are never ours)."""
+    return _loop_devices([])
+
+
+def _loop_devices(select: list[str]) -> list[LoopDevice]:
+    text = output(["losetup", "--list", "--json", *select,
                    "--output", "NAME,BACK-FILE,RO,AUTOCLEAR,DIO,OFFSET,SIZELIMIT"])
     if not text.strip():
         return []
@@ -226,8 +245,9 @@ def lun_gone(device: str) -> str | None:
     if backing is None:
         return f"LUN is gone: {device} is no longer attached to its file"
     # the file's name only: callers never see the daemon's pool directories
-    if backing.endswith(" (deleted)"):
-        return f"LUN is gone: its file {os.path.basename(backing[: -len(' (deleted)')])} was deleted"
+    path, deleted = deleted_backing(backing)
+    if deleted:
+        return f"LUN is gone: its file {os.path.basename(path)} was deleted"
     if not os.path.exists(backing):
         return f"LUN is gone: its file {os.path.basename(backing)} is missing"
     return None
@@ -236,7 +256,7 @@ def lun_gone(device: str) -> str | None:
 def backing_file_is(device: str, lun_file: str) -> bool:
     """Does this loop device read exactly lun_file (same inode)?"""
     backing = loop_backing_file(device)
-    if backing is None or backing.endswith(" (deleted)"):
+    if backing is None or deleted_backing(backing)[1]:
         return False
     try:
         a, b = os.stat(backing), os.stat(lun_file)
@@ -298,21 +318,23 @@ def _node_location(device: str, table: list[Mount]) -> tuple[int, int, str] | No
     return major, minor, best.root.rstrip("/") + rel
 
 
-def device_in_use(device: str) -> bool:
-    """Is the device mounted anywhere, as a filesystem or as a bind of its node?"""
+def mounts_using(device: str) -> list[Mount]:
+    """Every mount of the device, as a filesystem (and binds of it) or as a bind of its
+    node (a block volume's staging and publish paths), in mount order."""
     table = mounts()
     try:
         rdev = os.stat(device).st_rdev
     except OSError:
-        return False
+        return []
     number = (os.major(rdev), os.minor(rdev))
     node = _node_location(device, table)
-    for m in table:
-        if (m.major, m.minor) == number or m.source == device:
-            return True
-        if node and (m.major, m.minor, m.root) == node:
-            return True
-    return False
+    return [m for m in table if (m.major, m.minor) == number or m.source == device
+            or (node and (m.major, m.minor, m.root) == node)]
+
+
+def device_in_use(device: str) -> bool:
+    """Is the device mounted anywhere, as a filesystem or as a bind of its node?"""
+    return bool(mounts_using(device))
 
 
 def device_busy(device: str) -> bool:

@@ -6,6 +6,11 @@ that fill up (block maps, copy-on-write remapping). It comes from the filesystem
 (statvfs: after its own metadata, log and reserved blocks), not from the image size, and
 it does not change when volumes are written — only when something else takes space.
 
+A pool that is a loop-mounted image on the data dir's filesystem grows as provisioning needs
+it, on space it really takes from the host (csi/pool_image.py): its usable space counts what
+it may still grow by, and a new volume or snapshot first grows it to back every provisioned
+byte, as far as it may (past overcommit 1, only what is provisioned beyond that is thin).
+
 *Provisioned* is the sum of every volume's size and every snapshot's size: a reflink
 snapshot or clone costs nothing when it is taken but up to its size once its source is
 rewritten. At `--overcommit 1.0` (the default) provisioned may not exceed usable, so every
@@ -16,6 +21,7 @@ above 95%, refuses new snapshots and clones, which would only make the pool fill
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -49,20 +55,28 @@ def _count(n: int, thing: str) -> str:
 class PoolSpace:
     """What the pool's filesystem says, as `FileBackend.space()` measures it."""
 
-    free: int  # bytes new data may take now (statvfs f_bavail)
+    free: int  # bytes new data may take now (statvfs f_bavail, as far as the host backs it)
     held: int  # bytes the LUN files hold (shared extents once)
     filesystem: int  # the filesystem's size (statvfs f_blocks)
+    growable: int = 0  # usable bytes the pool may still add by growing (an image on the host)
+    note: str = ""  # what limits the growth, for a refusal to say
 
     @property
     def usable(self) -> int:
+        """What the LUN files could hold in the pool as it is now."""
         return max(0, self.free + self.held - max(RESERVE_MIN, self.filesystem // RESERVE_FRACTION))
+
+    @property
+    def capacity(self) -> int:
+        """What they could hold once the pool has grown as far as it may."""
+        return self.usable + self.growable
 
 
 @dataclass(frozen=True)
 class PoolUsage:
     """The pool as the control plane and /metrics see it."""
 
-    usable: int
+    usable: int  # what the LUNs could hold, the pool grown as far as it may
     used: int  # bytes held by LUN files
     provisioned: int  # volume sizes + snapshot sizes
     overcommit: float
@@ -78,11 +92,13 @@ class Capacity:
     so concurrent creates never promise the same bytes twice; LUN files are removed with
     it held too, so a measurement never counts a file's bytes both as held and as free."""
 
-    def __init__(self, catalog: Catalog, measure: Callable[[], PoolSpace], overcommit: float = 1.0):
+    def __init__(self, catalog: Catalog, measure: Callable[[], PoolSpace], overcommit: float = 1.0,
+                 grow: Callable[[int], None] | None = None):
         if not overcommit > 0 or overcommit == float("inf"):
             raise ValueError(f"the overcommit ratio must be a positive number, not {overcommit}")
         self.catalog = catalog
         self._measure = measure
+        self._grow = grow  # grow(usable bytes): make the pool hold at least that much more
         self.overcommit = overcommit
         self.lock = threading.RLock()
         self._provisioned: int | None = None  # loaded from the catalog once
@@ -112,24 +128,53 @@ class Capacity:
             self._provisioned += delta
 
     def limit(self, space: PoolSpace) -> int:
-        return int(space.usable * self.overcommit)
+        return int(space.capacity * self.overcommit)
 
     def check_room(self, grow: int, asked: str, volume: bool = True) -> None:
-        """Refuse `grow` more provisioned bytes unless the pool can keep the promise; a
-        volume also no larger than the free bytes of the moment (a snapshot takes none now).
-        Call with `lock` held."""
+        """Refuse `grow` more provisioned bytes unless the pool can keep the promise, growing
+        the pool first if it must; a volume also no larger than the free bytes of the moment
+        and what the pool may grow by (a snapshot takes none now). Call with `lock` held."""
         space = self.space()
         provisioned, limit = self.provisioned(), self.limit(space)
         if provisioned + grow > limit:
             volumes, snapshots = self.catalog.count_volumes(), self.catalog.count_snapshots()
             of = f"{human(limit)} usable" if self.overcommit == 1 else \
-                f"{human(limit)} ({human(space.usable)} usable x overcommit {self.overcommit:g})"
+                f"{human(limit)} ({human(space.capacity)} usable x overcommit {self.overcommit:g})"
             raise exhausted(
                 f"not enough room in the pool: {human(provisioned)} is provisioned to {_count(volumes, 'volume')} "
-                f"and {_count(snapshots, 'snapshot')}, of {of}; {human(max(0, limit - provisioned))} is left and "
-                f"{asked}. Delete volumes or snapshots you no longer need, or give the pool more space")
-        if volume and grow > space.free:
-            raise exhausted(f"the pool has {human(space.free)} free now and {asked}")
+                f"and {_count(snapshots, 'snapshot')}, of {of}{space.note}; {human(max(0, limit - provisioned))} "
+                f"is left and {asked}. Delete volumes or snapshots you no longer need, or give the pool more space")
+        # usable bytes that keep every promise (the limit above says the pool can have them);
+        # a pool that grows backs every provisioned byte while it may (thin only beyond that)
+        need = min(math.ceil((provisioned + grow) / self.overcommit), space.capacity)
+        space = self._grown(space, min(provisioned + grow, space.capacity))
+        if need > space.usable:
+            raise exhausted(f"the pool could not grow to hold {human(need)} ({human(space.usable)} now{space.note}) "
+                            f"and {asked}")
+        if volume and grow > space.free + space.growable:
+            raise exhausted(f"the pool has {human(space.free + space.growable)} free now{space.note} and {asked}")
+
+    def _grown(self, space: PoolSpace, usable: int) -> PoolSpace:
+        """Grow the pool until it has `usable` usable bytes, or it cannot."""
+        for _ in range(3):  # XFS's metadata takes a little more or less than estimated
+            short = usable - space.usable
+            if short <= 0 or self._grow is None or space.growable <= 0:
+                break
+            self._grow(short)
+            space = self.space(fresh=True)
+        return space
+
+    def keep_ahead(self) -> None:
+        """Past overcommit 1, what is provisioned beyond what the pool could grow to is thin;
+        when the host has room again (something else freed space), grow the pool to back
+        more of it. At overcommit 1 every promise is already backed."""
+        if self.overcommit <= 1 or self._grow is None:
+            return
+        with self.lock:
+            space = self.space(fresh=True)
+            want = min(self.provisioned(), space.capacity)
+            if space.growable > 0 and want > space.usable:
+                self._grown(space, want)
 
     def check_real_use(self, what: str) -> None:
         """Past overcommit 1.0, refuse a new snapshot or clone while the pool is nearly full
@@ -137,10 +182,10 @@ class Capacity:
         if self.overcommit <= 1:
             return
         space = self.space(fresh=True)
-        ratio = space.held / space.usable if space.usable else 1.0
+        ratio = space.held / space.capacity if space.capacity else 1.0
         if ratio > REFUSE_SNAPSHOTS_ABOVE:
             raise exhausted(
-                f"the pool is {ratio:.0%} full ({human(space.held)} of {human(space.usable)} usable hold data) and "
+                f"the pool is {ratio:.0%} full ({human(space.held)} of {human(space.capacity)} usable hold data) and "
                 f"overcommitted x{self.overcommit:g}: no new {what} above {REFUSE_SNAPSHOTS_ABOVE:.0%}, "
                 "or the volumes could not be written. Free space first (delete snapshots or volumes)")
 
@@ -149,8 +194,8 @@ class Capacity:
         what the provisioning limit leaves."""
         with self.lock:
             space = self.space()
-            return max(0, min(space.free, self.limit(space) - self.provisioned()))
+            return max(0, min(space.free + space.growable, self.limit(space) - self.provisioned()))
 
     def usage(self, fresh: bool = False) -> PoolUsage:
         space = self.space(fresh)
-        return PoolUsage(space.usable, space.held, self.provisioned(), self.overcommit)
+        return PoolUsage(space.capacity, space.held, self.provisioned(), self.overcommit)

@@ -294,6 +294,10 @@ class Catalog:
     def unpublish(self, volume_id: str, node_id: str) -> None:
         self._exec("DELETE FROM publications WHERE volume_id = ? AND node_id = ?", (volume_id, node_id))
 
+    def published_volumes(self) -> set[str]:
+        """Every volume published on some node (what the node side may have staged)."""
+        return {r[0] for r in self._query("SELECT DISTINCT volume_id FROM publications")}
+
     def count_on_node(self, node_id: str) -> int:
         return self._query("SELECT COUNT(*) FROM publications WHERE node_id = ?", (node_id,))[0][0]
 

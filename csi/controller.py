@@ -9,7 +9,7 @@ from csi.errors import CsiError, exhausted, invalid
 from csi.lun_service import LunService
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
-from csi.validation import check_capability, require
+from csi.validation import MAX_CAPABILITIES, check_capability, check_count, require
 
 _RPC = pb.ControllerServiceCapability.RPC.Type
 CAPABILITIES = [
@@ -33,6 +33,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request, context):
         require(request.name, "name")
         require(request.volume_capabilities, "volume_capabilities")
+        check_count(request.volume_capabilities, "volume_capabilities", MAX_CAPABILITIES)
         caps = [convert.capability(c, f"volume_capabilities[{i}]") for i, c in enumerate(request.volume_capabilities)]
         kind, source_id = "", ""
         if request.HasField("volume_content_source"):
@@ -79,6 +80,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.volume_capabilities, "volume_capabilities")
+        check_count(request.volume_capabilities, "volume_capabilities", MAX_CAPABILITIES)
         caps = [convert.capability(c) for c in request.volume_capabilities]
         vol = self.luns.get_volume(request.volume_id)
         stored_types = {c["access_type"] for c in vol.capabilities}

@@ -1,4 +1,5 @@
-"""The driver core: volumes, snapshots, group snapshots and publications.
+"""The driver core: volumes and publications here, snapshots and group snapshots in
+csi/snapshot_ops.py (a mixin of the same core).
 
 Every change follows one order — catalog row `creating`, backend bytes, row `ready`
 (and `deleting`, bytes removed, row removed) — so `repair()` can tell, after a crash,
@@ -8,32 +9,31 @@ exactly what to finish or undo. Methods raise CsiError; the gRPC layer stays thi
 from __future__ import annotations
 
 import logging
-import secrets as _secrets
 
 from csi import validation as v
 from csi.backends.base import Backend
 from csi.capacity import Capacity, PoolUsage, human
-from csi.catalog import (CREATING, DELETING, READY, Catalog, GroupSnapshot, Publication, Snapshot, Volume,
-                         member_name)
-from csi.errors import aborted, already_exists, exhausted, invalid, not_found, out_of_range, precondition, shown
+from csi.catalog import CREATING, DELETING, READY, Catalog, Publication, Volume
+from csi.errors import already_exists, exhausted, invalid, not_found, out_of_range, precondition, shown
 from csi.locks import KeyedLocks
+from csi.pool_image import PoolBacking
+from csi.snapshot_ops import SnapshotOps
 from csi.validation import Capability
 
 log = logging.getLogger("pvlun.csi")
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{_secrets.token_hex(16)}"
-
-
-class LunService:
+class LunService(SnapshotOps):
     def __init__(self, catalog: Catalog, backend: Backend, max_volumes_per_node: int = 256,
-                 overcommit: float = 1.0):
+                 overcommit: float = 1.0, backing: PoolBacking | None = None):
         self.catalog = catalog
         self.backend = backend
         self.locks = KeyedLocks()
         self.max_volumes_per_node = max_volumes_per_node
-        self.ledger = Capacity(catalog, backend.space, overcommit)  # what is provisioned, what is usable
+        # what is provisioned, what is usable: on the host space behind the pool, if we know it
+        measure = (lambda: backing.adjust(backend.space())) if backing else backend.space
+        grow = backing.grow if backing is not None and backing.image else None
+        self.ledger = Capacity(catalog, measure, overcommit, grow)
 
     # ---- crash repair -------------------------------------------------------------
     def repair(self) -> dict[str, int]:
@@ -103,7 +103,7 @@ class LunService:
                     if source_kind:
                         self.ledger.check_real_use("clones or restores")
                     self.ledger.check_room(size, f"{human(size)} was asked for")
-                    volume = Volume(new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
+                    volume = Volume(v.new_id("vol"), name, size, CREATING, [c.as_dict() for c in capabilities],
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
                     self.ledger.account(size)
@@ -216,19 +216,7 @@ class LunService:
             return volume
 
     def list_volumes(self, max_entries: int, token: str) -> tuple[list[Volume], str]:
-        return self._page(self.catalog.volumes, max_entries, token, v.VOLUME_ID)
-
-    @staticmethod
-    def _page(fetch, max_entries: int, token: str, pattern, **filters):
-        if max_entries < 0:
-            raise invalid("max_entries must not be negative")
-        if token and not v.is_id(pattern, token):
-            raise aborted(f"starting_token {shown(token)} is not one this driver gave out")
-        limit = max_entries + 1 if max_entries else -1
-        items = fetch(start=token, limit=limit, **filters)
-        if max_entries and len(items) > max_entries:
-            return items[:max_entries], items[max_entries].id
-        return items, ""
+        return v.page(self.catalog.volumes, max_entries, token, v.VOLUME_ID)
 
     def volume_healthy(self, volume_id: str) -> tuple[bool, str]:
         if self.backend.volume_exists(volume_id):
@@ -281,144 +269,6 @@ class LunService:
 
     def published_nodes(self, volume_id: str) -> list[str]:
         return [p.node_id for p in self.catalog.publications(volume_id)]
-
-    # ---- snapshots ---------------------------------------------------------
-    def create_snapshot(self, name: str, volume_id: str, parameters: dict[str, str]) -> Snapshot:
-        v.check_name(name)
-        v.require(volume_id, "source_volume_id")
-        with self.locks.hold("snapshot-name:" + name):
-            existing = self.catalog.snapshot_by_name(name)
-            if existing and existing.group_id:  # cannot happen: members live in their own namespace
-                raise already_exists(f"snapshot name {shown(name)} is taken by a member of group snapshot {existing.group_id}")
-            if existing:
-                if existing.volume_id != volume_id:
-                    raise already_exists(f"snapshot {shown(name)} already exists for another volume ({existing.volume_id})")
-                if existing.state != READY:
-                    raise precondition(f"snapshot {shown(name)} is being created or deleted; retry")
-                return existing
-            with self.locks.hold(volume_id):
-                volume = self.get_volume(volume_id)
-                snap = Snapshot(new_id("snap"), name, volume_id, volume.size, CREATING, "", dict(parameters))
-                self._reserve_snapshots([snap], f"the snapshot needs {human(volume.size)}")
-                try:
-                    self.backend.create_snapshot(snap.id, volume_id)
-                except BaseException:
-                    self._drop_snapshot(snap)
-                    raise
-            self.catalog.update_snapshot(snap.id, state=READY)
-            snap.state = READY
-            return snap
-
-    def get_snapshot(self, snapshot_id: str) -> Snapshot:
-        v.require(snapshot_id, "snapshot_id")
-        snap = self.catalog.snapshot(snapshot_id) if v.is_id(v.SNAPSHOT_ID, snapshot_id) else None
-        if not snap or snap.state != READY:
-            raise not_found(f"snapshot {shown(snapshot_id)} does not exist")
-        return snap
-
-    def delete_snapshot(self, snapshot_id: str) -> None:
-        v.require(snapshot_id, "snapshot_id")
-        if not v.is_id(v.SNAPSHOT_ID, snapshot_id):
-            return
-        with self.locks.hold(snapshot_id):
-            snap = self.catalog.snapshot(snapshot_id)
-            if not snap:
-                return
-            if snap.group_id and self.catalog.group(snap.group_id):
-                raise precondition(f"snapshot {snapshot_id} belongs to group snapshot {snap.group_id}; delete the group")
-            self._drop_snapshot(snap)
-
-    def _reserve_snapshots(self, snaps: list[Snapshot], asked: str) -> None:
-        """Add `creating` rows for new snapshots if the pool can hold them: each may come to
-        hold its volume's size once the volume is rewritten."""
-        with self.ledger.lock:
-            self.ledger.check_real_use("snapshots")
-            self.ledger.check_room(sum(s.size for s in snaps), asked, volume=False)
-            for snap in snaps:
-                self.catalog.add_snapshot(snap)
-                self.ledger.account(snap.size)
-
-    def _drop_snapshot(self, snap: Snapshot) -> None:
-        self.catalog.update_snapshot(snap.id, state=DELETING)
-        with self.ledger.lock:
-            self.backend.delete_snapshot(snap.id)
-            self.catalog.remove_snapshot(snap.id)
-            self.ledger.account(-snap.size)
-
-    def list_snapshots(self, max_entries: int, token: str, snapshot_id: str, volume_id: str) -> tuple[list[Snapshot], str]:
-        if snapshot_id:
-            snap = self.catalog.snapshot(snapshot_id) if v.is_id(v.SNAPSHOT_ID, snapshot_id) else None
-            ok = snap and snap.state == READY and (not volume_id or snap.volume_id == volume_id)
-            return ([snap] if ok else []), ""
-        if volume_id and not v.is_id(v.VOLUME_ID, volume_id):
-            return [], ""
-        return self._page(self.catalog.snapshots, max_entries, token, v.SNAPSHOT_ID, volume_id=volume_id)
-
-    # ---- group snapshots -----------------------------------------------------
-    def create_group(self, name: str, volume_ids: list[str], parameters: dict[str, str]) -> tuple[GroupSnapshot, list[Snapshot]]:
-        v.check_name(name)
-        v.require(volume_ids, "source_volume_ids")
-        if len(set(volume_ids)) != len(volume_ids):
-            raise invalid("source_volume_ids lists a volume twice")
-        with self.locks.hold("group-name:" + name):
-            existing = self.catalog.group_by_name(name)
-            if existing:
-                if sorted(existing.volume_ids) != sorted(volume_ids):
-                    raise already_exists(f"group snapshot {shown(name)} already exists for other volumes")
-                return existing, self.catalog.snapshots(group_id=existing.id)
-            with self.locks.hold(*volume_ids):
-                volumes = [self.get_volume(i) for i in volume_ids]
-                group = GroupSnapshot(new_id("grp"), name, CREATING, list(volume_ids), dict(parameters))
-                snaps = [Snapshot(new_id("snap"), member_name(name, vol.id), vol.id, vol.size, CREATING, group.id, dict(parameters))
-                         for vol in volumes]
-                self.catalog.add_group(group)
-                try:
-                    self._reserve_snapshots(snaps, f"the group snapshot needs {human(sum(s.size for s in snaps))}")
-                except BaseException:
-                    self.catalog.remove_group(group.id)
-                    raise
-                try:
-                    self.backend.create_snapshots([(s.id, s.volume_id) for s in snaps])
-                except BaseException:
-                    for snap in snaps:
-                        self._drop_snapshot(snap)
-                    self.catalog.remove_group(group.id)
-                    raise
-            for snap in snaps:
-                self.catalog.update_snapshot(snap.id, state=READY)
-                snap.state = READY
-            self.catalog.update_group(group.id, state=READY)
-            group.state = READY
-            return group, snaps
-
-    def get_group(self, group_id: str, snapshot_ids: list[str]) -> tuple[GroupSnapshot, list[Snapshot]]:
-        v.require(group_id, "group_snapshot_id")
-        group = self.catalog.group(group_id) if v.is_id(v.GROUP_ID, group_id) else None
-        if not group or group.state != READY:
-            raise not_found(f"group snapshot {shown(group_id)} does not exist")
-        snaps = self.catalog.snapshots(group_id=group_id)
-        self._check_members(group_id, snaps, snapshot_ids)
-        return group, snaps
-
-    @staticmethod
-    def _check_members(group_id: str, snaps: list[Snapshot], snapshot_ids: list[str]) -> None:
-        if snapshot_ids and sorted(snapshot_ids) != sorted(s.id for s in snaps):
-            raise invalid(f"snapshot_ids do not match the members of group snapshot {group_id}")
-
-    def delete_group(self, group_id: str, snapshot_ids: list[str]) -> None:
-        v.require(group_id, "group_snapshot_id")
-        if not v.is_id(v.GROUP_ID, group_id):
-            return
-        with self.locks.hold(group_id):
-            group = self.catalog.group(group_id)
-            if not group:
-                return
-            snaps = self.catalog.snapshots(group_id=group_id, state=None)
-            self._check_members(group_id, snaps, snapshot_ids)
-            self.catalog.update_group(group_id, state=DELETING)
-            for snap in snaps:
-                self._drop_snapshot(snap)
-            self.catalog.remove_group(group_id)
 
     # ---- capacity (csi/capacity.py) ---------------------------------------------------
     def available_capacity(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from csi import attach, staging
+from csi import attach, node_volume, staging
 from csi.errors import CsiError, invalid, public_message, shown
 from csi.convert import TOPOLOGY_HOST_KEY
 from csi.filesystems import DeviceNotBlank
@@ -167,7 +167,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_path, "volume_path")
         check_volume_id(request.volume_id)
         path = check_volume_path(request.volume_path, request.volume_id)
-        stats = staging.volume_stats(request.volume_id, path, self._luns(request.volume_id))
+        stats = node_volume.volume_stats(request.volume_id, path, self._luns(request.volume_id))
         if stats.block:
             usage = [csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=stats.size)]
         else:
@@ -194,7 +194,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if cr.required_bytes < 0 or cr.limit_bytes < 0:
             raise invalid("capacity_range must not be negative")
         with self._lock(request.volume_id):
-            size = staging.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes,
+            size = node_volume.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes,
                                   self._luns(request.volume_id))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 

@@ -1,6 +1,7 @@
 """Where the LUN pool lives. On a filesystem without reflinks, and as root, pvlun makes
 an XFS image with reflink=1 and mounts it as the pool, so snapshots and clones take
-constant time whatever the volume size. The data dir, the pool (directory, image and the
+constant time whatever the volume size. The image holds real host space and grows with what
+is provisioned (csi/pool_image.py). The data dir, the pool (directory, image and the
 image's mounted root) are private to the daemon's user: 0700 directories, a 0600 image,
 also when they existed before (deploy/ makes the data dir as a hostPath, mode 0755)."""
 
@@ -11,6 +12,7 @@ import os
 
 from csi.backends.copy import can_reflink
 from csi.backends.file import DIR_MODE, FILE_MODE, make_private
+from csi.pool_image import PoolBacking, allocate, fit_filesystem, host_room, initial_size
 from pvlun.command import CommandError, run
 
 log = logging.getLogger("pvlun.pool")
@@ -20,10 +22,10 @@ DEFAULT_POOL_SIZE = 0  # 0: choose with default_pool_size() when the image is ma
 
 
 def default_pool_size(data_dir: str) -> int:
-    """The pool image size when none is given: 90% of the size of the data dir's filesystem,
-    at most 256 GiB, rounded down to GiB. The image is sparse, so this is what volumes may be
-    provisioned up to (thinly, like the LUN files themselves), not what is taken now; tying it
-    to the free space of the moment would make a nearly full host refuse every volume."""
+    """The most the pool image may grow to when no --pool-size is given: 90% of the size of
+    the data dir's filesystem, at most 256 GiB, rounded down to GiB. The image starts small
+    and grows on the host's free space as volumes are provisioned (csi/pool_image.py), so a
+    nearly full host still provisions what it really has room for."""
     st = os.statvfs(data_dir)
     total = st.f_blocks * st.f_frsize
     return max(GiB, min(MAX_DEFAULT_POOL_SIZE, total * 9 // 10) // GiB * GiB)
@@ -64,23 +66,38 @@ def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None =
     return root
 
 
-def _mount_xfs_image(image: str, root: str, size: int) -> None:
-    if not os.path.exists(image):
+def _mount_xfs_image(image: str, root: str, max_size: int) -> None:
+    made = not os.path.exists(image)
+    if made:
         if os.path.lexists(image + ".new"):
             os.unlink(image + ".new")  # left by a start-up that died in mkfs
-        fd = os.open(image + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        run(["mkfs.xfs", "-q", "-m", "reflink=1", image + ".new"], timeout=120)
+        size = initial_size(max_size, *host_room(os.path.dirname(image)))
+        os.close(os.open(image + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         FILE_MODE))
+        allocate(image + ".new", 0, size)  # real blocks: what the pool promises, the host has
+        # -K: no discard, which on an image file would punch the allocation out again; two
+        # allocation groups to start with, as growing adds more of the same size
+        run(["mkfs.xfs", "-q", "-K", "-m", "reflink=1", "-d", "agcount=2", image + ".new"], timeout=120)
         os.replace(image + ".new", image)
     run(["mount", "-o", "loop", image, root], timeout=60)  # autoclear: umount frees the loop device
     # direct I/O on the pool's own loop device: the LUNs' data is not cached a second time
     # in the host page cache, and a LUN's flush does not have to write back everybody's
     for line in run(["losetup", "-j", image], timeout=60).stdout.decode().splitlines():
         run(["losetup", "--direct-io=on", line.split(":", 1)[0]], timeout=60)
+    if not made:
+        fit_filesystem(image, root)  # a growth a crash cut short between fallocate and xfs_growfs
     log.info("pool: XFS reflink image %s mounted on %s", image, root)
+
+
+def pool_backing(data_dir: str, root: str, pool_size: int | None = DEFAULT_POOL_SIZE) -> PoolBacking:
+    """What stands behind the pool at `root` on the host: our image (grown up to `pool_size`,
+    default_pool_size() when 0), a directory on the data dir's own filesystem, or one elsewhere."""
+    image = os.path.join(data_dir, "pool.img")
+    if os.path.realpath(root) == os.path.realpath(os.path.join(data_dir, "pool")) and os.path.exists(image) \
+            and is_mountpoint(root):
+        max_size = max(pool_size or default_pool_size(data_dir), os.stat(image).st_size)
+        return PoolBacking(data_dir, image, root, max_size)
+    return PoolBacking(data_dir, shares_host=os.stat(root).st_dev == os.stat(data_dir).st_dev)
 
 
 def release_pool(data_dir: str) -> None:

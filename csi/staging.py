@@ -1,4 +1,5 @@
-"""Stage, publish and inspect volumes on this host, deriving the state from the system.
+"""Stage and publish volumes on this host, deriving the state from the system (their stats
+and growth: csi/node_volume.py).
 
 Layout (see notes/PLAN.md):
 - block staging: the LUN's loop device bind-mounted onto the file STAGING/lun;
@@ -19,33 +20,28 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 
 from csi import attach, filesystems, node_paths
 from csi.errors import CsiError, not_found, shown
 from csi.validation_node import Access
-from pvlun.command import CommandError
 
 log = logging.getLogger(__name__)
 
 BLOCK_NODE = "lun"  # the file under STAGING that a block volume's device is bound onto
-_EXT_SLACK = 4 << 20
+EXT_SLACK = 4 << 20
 
 
 def _error(code: grpc.StatusCode, message: str) -> CsiError:
     return CsiError(code, message)
 
 
-def _block_node(staging: str) -> str:
+def block_node(staging: str) -> str:
     return os.path.join(staging, BLOCK_NODE)
 
 
-_DELETED = " (deleted)"
-
-
-def _holds_volume(device: str | None, luns: Sequence[str]) -> bool:
+def holds_volume(device: str | None, luns: Sequence[str]) -> bool:
     """Is this device the volume's LUN: a loop device whose backing file is one of `luns`
     (the volume's LUN file in each pool volumes dir, real paths)? Anything else - another
     block device, a tmpfs or overlay (no device), a loop device on any other file - is not
@@ -57,8 +53,9 @@ def _holds_volume(device: str | None, luns: Sequence[str]) -> bool:
         return False
     if backing in luns:
         return True
-    if backing.endswith(_DELETED) and not os.path.lexists(backing):
-        return backing[: -len(_DELETED)] in luns  # the LUN was deleted while attached
+    path, deleted = attach.deleted_backing(backing)
+    if deleted and not os.path.lexists(backing):
+        return path in luns  # the LUN was deleted while attached
     return any(attach.backing_file_is(device, lun) for lun in luns)  # same inode, another name
 
 
@@ -72,7 +69,7 @@ def _release(device: str | None) -> None:
 
 def staged(staging: str) -> tuple[str | None, bool] | None:
     """(device, is_block) of what is staged at `staging`, None when nothing is."""
-    node = _block_node(staging)
+    node = block_node(staging)
     if attach.mount_at(node):
         return attach.device_of(node), True
     if attach.mount_at(staging):
@@ -96,15 +93,15 @@ def stage(volume_id: str, lun: str, staging: str, access: Access) -> None:
     device = attach.find_or_attach_loop(lun)
     try:
         if access.block:
-            node = _block_node(staging)
+            node = block_node(staging)
             if not os.path.lexists(node):
                 node_paths.create_file(node)
             attach.bind_mount(device, node)
         else:
             _mount_filesystem(device, staging, access)
     except BaseException:
-        if access.block and not attach.mount_at(_block_node(staging)):
-            _remove(_block_node(staging))
+        if access.block and not attach.mount_at(block_node(staging)):
+            _remove(block_node(staging))
         _release(device)
         raise
     log.info("staged %s (%s) at %s", volume_id, device, staging)
@@ -155,7 +152,7 @@ def _mount_filesystem(device: str, staging: str, access: Access) -> None:
         # The LUN grew while it was not staged (offline expansion): grow the filesystem now,
         # before mounting, which needs no CAP_SYS_RESOURCE. A leftover too small for a
         # block group is never used by resize2fs, hence the slack.
-        if filesystems.ext_filesystem_size(device) + _EXT_SLACK < attach.device_size(device):
+        if filesystems.ext_filesystem_size(device) + EXT_SLACK < attach.device_size(device):
             log.info("growing the %s filesystem of %s offline", fstype, device)
             filesystems.grow_unmounted_ext(device)
     options = hardened(access.mount_flags)
@@ -171,7 +168,7 @@ def _mount_filesystem(device: str, staging: str, access: Access) -> None:
 def unstage(volume_id: str, staging: str, luns: Sequence[str]) -> None:
     """Unmount what stages volume_id at `staging` (only mounts of its own LUN's loop device)
     and detach the device. Something else mounted there: NOT_FOUND, and nothing is touched."""
-    node = _block_node(staging)
+    node = block_node(staging)
     devices: list[str] = []
     ours = True
     for path in (node, staging):
@@ -193,7 +190,7 @@ def _unmount_ours(volume_id: str, path: str, luns: Sequence[str], devices: list[
     devices); False when a mount there is not ours (left mounted)."""
     while attach.mount_at(path):
         device = attach.device_of(path)
-        if device is None or not _holds_volume(device, luns):
+        if device is None or not holds_volume(device, luns):
             log.warning("not unmounting %s: it is not volume %s (device %s)", path, volume_id, device)
             return False
         attach.unmount(path)
@@ -242,7 +239,7 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
     if block != access.block:
         have = "block" if block else "mount"
         raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{volume_id} is staged for {have} access at {shown(staging)}")
-    if not _holds_volume(device, luns):
+    if not holds_volume(device, luns):
         raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"{shown(staging)} stages another volume, not {volume_id}")
     if attach.mount_at(target):
         _check_published_matches(volume_id, device, target, access, read_only)
@@ -253,10 +250,10 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
         if not access.block:
             attach.bind_mount(staging, target, read_only, hardened(access.mount_flags))
         elif read_only:
-            ro_device = attach.find_or_attach_loop(_lun_of(device, volume_id), read_only=True)
+            ro_device = attach.find_or_attach_loop(lun_of(device, volume_id), read_only=True)
             attach.bind_mount(ro_device, target, read_only=True)
         else:
-            attach.bind_mount(_block_node(staging), target)
+            attach.bind_mount(block_node(staging), target)
     except BaseException:
         if created and not attach.mount_at(target):
             _remove(target)
@@ -265,7 +262,7 @@ def publish(volume_id: str, staging: str, target: str, access: Access, read_only
     log.info("published %s at %s%s", volume_id, target, " (read-only)" if read_only else "")
 
 
-def _lun_of(device: str, volume_id: str) -> str:
+def lun_of(device: str, volume_id: str) -> str:
     problem = attach.lun_gone(device)
     backing = attach.loop_backing_file(device)
     if problem or backing is None:
@@ -301,7 +298,7 @@ def _check_published_matches(volume_id: str, staged_device: str, target: str,
         have = "block" if block else "mount"
         raise _error(conflict, f"{volume_id} is already published at {shown(target)} with {have} access")
     if block:
-        same = device == staged_device or attach.backing_file_is(device, _lun_of(staged_device, volume_id))
+        same = device == staged_device or attach.backing_file_is(device, lun_of(staged_device, volume_id))
         published_ro = attach.device_read_only(device)
     else:
         same = device == staged_device
@@ -326,132 +323,3 @@ def unpublish(volume_id: str, target: str, luns: Sequence[str]) -> None:
         _release(device)  # frees a read-only publish's own loop device; staged ones stay in use
     if not devices and not ours:
         raise not_found(f"{shown(target)} holds something else, not volume {volume_id}: left alone")
-
-
-# ---------------------------------------------------------------- stats / expand
-
-
-@dataclass(frozen=True)
-class VolumeAt:
-    device: str
-    block: bool
-    mount_point: str  # "" for block
-
-
-def volume_at(volume_id: str, path: str, luns: Sequence[str]) -> VolumeAt:
-    """The volume staged or published at path; NOT_FOUND unless it is volume_id's."""
-    missing = not_found(f"volume {volume_id} is not staged or published at {shown(path)}")
-    try:
-        st = os.stat(path)
-    except OSError:
-        raise missing from None
-    if stat.S_ISBLK(st.st_mode) and attach.mount_at(path):
-        found = VolumeAt(attach.device_of(path) or "", True, "")
-    elif stat.S_ISDIR(st.st_mode) and attach.mount_at(path):
-        found = VolumeAt(attach.device_of(path) or "", False, path)
-    elif stat.S_ISDIR(st.st_mode) and attach.mount_at(_block_node(path)):
-        found = VolumeAt(attach.device_of(_block_node(path)) or "", True, "")  # block staging path
-    else:
-        raise missing
-    if not _holds_volume(found.device, luns):
-        raise missing
-    return found
-
-
-@dataclass(frozen=True)
-class Stats:
-    block: bool
-    size: int
-    usage: filesystems.Usage | None
-    problem: str | None  # why the volume is abnormal; None when healthy
-
-
-def volume_stats(volume_id: str, path: str, luns: Sequence[str]) -> Stats:
-    vol = volume_at(volume_id, path, luns)
-    problem = attach.lun_gone(vol.device)
-    if vol.block:
-        return Stats(True, attach.device_size(vol.device), None, problem)
-    return Stats(False, 0, filesystems.filesystem_usage(vol.mount_point), problem)
-
-
-def expand(volume_id: str, path: str, required_bytes: int, limit_bytes: int,
-           luns: Sequence[str]) -> int:
-    """Make every loop device of the LUN see its grown file, then grow the filesystem."""
-    vol = volume_at(volume_id, path, luns)
-    lun = _lun_of(vol.device, volume_id)
-    for loop in attach.loop_devices_for(lun):
-        attach.refresh_loop(loop.path)
-    size = attach.device_size(vol.device)
-    if required_bytes and size < required_bytes:
-        raise _error(grpc.StatusCode.OUT_OF_RANGE,
-                     f"the LUN of {volume_id} is {size} bytes, less than the {required_bytes} required: "
-                     "expand it with ControllerExpandVolume first")
-    if limit_bytes and size > limit_bytes:
-        raise _error(grpc.StatusCode.OUT_OF_RANGE,
-                     f"the LUN of {volume_id} is {size} bytes, more than the limit of {limit_bytes}")
-    if vol.block:
-        return size
-    fstype = attach.mount_at(vol.mount_point).fstype
-    # Grow through a writable mount: the path asked about may be a read-only publish.
-    writable = next((m.mount_point for m in attach.mounts_of(vol.device) if not m.read_only), None)
-    if writable is None:
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION,
-                     f"the filesystem of {volume_id} is mounted read-only only: it cannot grow")
-    if not fstype.startswith("ext"):
-        filesystems.grow_filesystem(vol.device, writable, fstype)
-    elif filesystems.ext_filesystem_size(vol.device) + _EXT_SLACK < size:
-        log.info("growing the %s filesystem of %s to %d bytes", fstype, volume_id, size)
-        if filesystems.can_grow_mounted_ext():
-            filesystems.grow_filesystem(vol.device, writable, fstype)
-        else:
-            _grow_ext_unmounted(volume_id, vol.device, fstype)
-    return size
-
-
-def _grow_ext_unmounted(volume_id: str, device: str, fstype: str) -> None:
-    """Without CAP_SYS_RESOURCE a mounted ext filesystem cannot grow: unmount every mount
-    of it here, grow it offline, mount everything back as it was. Refused with
-    FAILED_PRECONDITION while anything keeps it busy (open files, another namespace)."""
-    table = attach.mounts_of(device)
-    base = next((m for m in table if m.root == "/"), None)
-    if base is None:
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION, f"no mount of the whole filesystem of {volume_id}")
-    unmounted: list[attach.Mount] = []
-    busy = None
-    try:
-        for m in reversed(table):  # binds first, the filesystem mount last
-            try:
-                attach.unmount(m.mount_point)
-            except CommandError as exc:
-                busy = exc.stderr or str(exc)
-                break
-            unmounted.insert(0, m)
-        if busy is None and attach.device_busy(device):
-            busy = "it is mounted in another mount namespace"
-        if busy is None:
-            filesystems.grow_unmounted_ext(device)
-    finally:
-        _mount_again(device, base, unmounted)
-    if busy:
-        raise _error(grpc.StatusCode.FAILED_PRECONDITION,
-                     f"cannot grow the {fstype} filesystem of {volume_id}: growing it while mounted needs "
-                     f"CAP_SYS_RESOURCE, which the driver lacks, and it is in use ({busy})")
-
-
-def _mount_again(device: str, base: attach.Mount, unmounted: list[attach.Mount]) -> None:
-    """Restore mounts taken down by _grow_ext_unmounted, in their original order."""
-    failures = []
-    for m in unmounted:
-        per_mount = sorted(m.options & (attach.PER_MOUNT_OPTIONS - {"rw"}))
-        try:
-            if m.mount_id == base.mount_id:
-                fs_options = [o for o in m.super_options if o not in ("rw", "ro", "seclabel")]
-                attach.mount(device, m.mount_point, m.fstype, per_mount + fs_options)
-            else:
-                source = base.mount_point + (m.root if m.root != "/" else "")
-                attach.bind_mount(source, m.mount_point, m.read_only, per_mount)
-        except CommandError as exc:
-            log.error("could not mount %s again at %s: %s", device, m.mount_point, exc)
-            failures.append(f"{m.mount_point}: {exc}")
-    if failures:
-        raise _error(grpc.StatusCode.INTERNAL, "mounting again after growing failed: " + "; ".join(failures))

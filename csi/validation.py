@@ -7,9 +7,10 @@ absolute path, NUL, the empty string) is refused here and never joined into a pa
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
-from csi.errors import invalid, out_of_range, shown
+from csi.errors import aborted, invalid, out_of_range, shown
 
 VOLUME_ID = re.compile(r"vol-[0-9a-f]{32}")
 SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{32}")
@@ -56,8 +57,27 @@ class Capability:
         return cls(d["access_type"], d["mode"], d.get("fs_type", ""), tuple(d.get("mount_flags", ())))
 
 
+def new_id(prefix: str) -> str:
+    """A fresh volume, snapshot or group ID (vol-, snap-, grp- and 32 hex digits)."""
+    return f"{prefix}-{secrets.token_hex(16)}"
+
+
 def is_id(pattern: re.Pattern[str], value: str) -> bool:
     return bool(value) and pattern.fullmatch(value) is not None
+
+
+def page(fetch, max_entries: int, token: str, pattern: re.Pattern[str], **filters):
+    """One page of a List call: `fetch(start=, limit=, **filters)` from the item whose ID is
+    `token` (one we gave out, else ABORTED); returns the items and the next token ("" at the end)."""
+    if max_entries < 0:
+        raise invalid("max_entries must not be negative")
+    if token and not is_id(pattern, token):
+        raise aborted(f"starting_token {shown(token)} is not one this driver gave out")
+    limit = max_entries + 1 if max_entries else -1
+    items = fetch(start=token, limit=limit, **filters)
+    if max_entries and len(items) > max_entries:
+        return items[:max_entries], items[max_entries].id
+    return items, ""
 
 
 def require(value: object, what: str) -> None:
@@ -103,12 +123,39 @@ DANGEROUS_MOUNT_FLAGS = frozenset({
     "logdev", "rtdev", "journal_dev", "journal_path", "device",
 })
 MAX_MOUNT_FLAG = 256
+MAX_MOUNT_FLAGS = 64  # flags of one capability: a StorageClass's mountOptions are a handful
+MAX_MOUNT_OPTIONS = 3072  # characters of them joined: mount(2) takes its options in one page
+# What a CreateVolume/CreateSnapshot map (StorageClass or VolumeSnapshotClass parameters) may
+# hold: Kubernetes' qualified-name keys, values of a sensible length, a bounded count.
+MAX_PARAMETERS = 64
+MAX_PARAMETER_KEY = 317  # a DNS subdomain prefix (253), "/", a name (63)
+MAX_PARAMETER_VALUE = 1024
+MAX_CAPABILITIES = 32  # two access types x the access modes, with room to spare
+MAX_GROUP_VOLUMES = 1024
+
+
+def check_count(items, what: str, limit: int) -> None:
+    """A repeated field of a request holds at most `limit` entries."""
+    if len(items) > limit:
+        raise invalid(f"{what} holds {len(items)} entries; at most {limit} are accepted")
+
+
+def check_map(values: dict[str, str], what: str) -> None:
+    """A map of a request (parameters): bounded in count, key and value length."""
+    check_count(values, what, MAX_PARAMETERS)
+    for key, value in values.items():
+        if len(key) > MAX_PARAMETER_KEY:
+            raise invalid(f"{what} key {shown(key)} is longer than {MAX_PARAMETER_KEY} characters")
+        if len(value) > MAX_PARAMETER_VALUE:
+            raise invalid(f"{what} {shown(key)} has a value of {len(value)} characters; "
+                          f"at most {MAX_PARAMETER_VALUE} are accepted")
 
 
 def check_mount_flags(entries) -> tuple[str, ...]:
     """The mount flags of a VolumeCapability (a StorageClass's mountOptions), split on
     commas; malformed or dangerous ones are INVALID_ARGUMENT. `suid` and `dev` are
     allowed: they are how a StorageClass asks for a mount without nosuid / nodev."""
+    check_count(entries, "mount_flags", MAX_MOUNT_FLAGS)
     flags: list[str] = []
     for entry in entries:
         for flag in entry.split(","):
@@ -126,10 +173,15 @@ def check_mount_flags(entries) -> tuple[str, ...]:
             if flag == "errors=panic":
                 raise invalid("mount flag errors=panic is not allowed: a damaged volume would stop the host")
             flags.append(flag)
+    check_count(flags, "mount_flags", MAX_MOUNT_FLAGS)
+    if len(",".join(flags)) > MAX_MOUNT_OPTIONS:
+        raise invalid(f"mount_flags add up to {len(','.join(flags))} characters; at most {MAX_MOUNT_OPTIONS} "
+                      "are accepted")
     return tuple(flags)
 
 
 def check_parameters(parameters: dict[str, str]) -> None:
+    check_map(parameters, "parameters")
     for key in parameters:
         if key not in PARAMETER_KEYS and not key.startswith(PARAMETER_PREFIXES):
             raise invalid(f"unknown StorageClass parameter {shown(key)} (known: {', '.join(sorted(PARAMETER_KEYS))})")

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from csi.backends.file import FileBackend
 from csi.catalog import Catalog
 from csi.controller import ControllerService
+from csi.errors import private_root
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
 from csi.lun_service import LunService
-from csi.pool import DEFAULT_POOL_SIZE, prepare_pool, private_dir, release_pool
+from csi.pool import DEFAULT_POOL_SIZE, pool_backing, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server
 from pvlun import serve_record
-from pvlun.user_text import private_root
+from pvlun.instance_lock import InstanceLocks
 
 log = logging.getLogger("pvlun.serve")
 
@@ -78,10 +79,14 @@ class Daemon:
         self.ctx = None
         self.loop = None
         self.metrics_server = None
-        # split deployments share a data dir: the controller and node plugins each keep their own
-        self.pid_file = os.path.join(self.data_dir, "serve.pid" if opts.mode == "all" else f"serve-{opts.mode}.pid")
+        self.pool_watch = None
+        # split deployments share a data dir: the controller and each node plugin keep their own
+        self.role = serve_record.role(opts.mode, opts.node_id)
+        self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
+        self.locks = InstanceLocks()
 
     def start(self) -> None:
+        self._lock()  # a second daemon on this instance stops here, having touched nothing
         try:
             self._start()
         except BaseException:
@@ -98,6 +103,22 @@ class Daemon:
             return node_endpoint(self.data_dir, self.opts.node_id)
         return default_endpoint(self.data_dir)
 
+    def _lock(self) -> None:
+        """Take this daemon's roles (pvlun/instance_lock.py); InstanceBusy if one is taken."""
+        opts = self.opts
+        with_controller = opts.mode in ("all", "controller")
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        try:
+            if with_controller:
+                self.locks.role(self.data_dir, "controller")
+            for node_id in opts.node_ids() if opts.mode in ("all", "node") else []:
+                self.locks.role(self.data_dir, f"node-{node_id}")
+            if with_controller:  # the pool's own directory, before anything is mounted on it
+                self.locks.pool(private_dir(os.path.abspath(opts.pool or os.path.join(self.data_dir, "pool"))))
+        except BaseException:
+            self.locks.release()
+            raise
+
     def _start(self) -> None:
         private_dir(self.data_dir)  # 0700, also when it existed (a hostPath is made 0755)
         opts = self.opts
@@ -109,22 +130,31 @@ class Daemon:
         with_node = opts.mode in ("all", "node")
         if with_controller:
             pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
+            self.locks.pool(pool)  # an image pool's mounted root too: no --pool may name it
             backend = FileBackend(pool)
-            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit)
+            self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit,
+                                   pool_backing(self.data_dir, pool, opts.pool_size))
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
+            from pvlun.pool_watch import PoolWatch
+
+            self.pool_watch = PoolWatch(self.luns.pool_usage, self.luns.ledger.keep_ahead)
         node_ids = opts.node_ids() if with_node else []
         for node_id in node_ids:
             self.catalog.register_node(node_id)
+        if with_node and not (opts.mode == "all" and opts.controllers):
+            self._release_unexplained()  # with a control plane: once its repair undid the attachments
         first = node_ids[0] if node_ids else None
         self.servers.append(build_server(self.endpoint(), self._services(with_controller, first)))
         nodes = {first: self.endpoint()} if first else {}
         for node_id in node_ids[1:]:
             nodes[node_id] = node_endpoint(self.data_dir, node_id)
             self.servers.append(build_server(nodes[node_id], self._services(False, node_id)))
-        serve_record.write(self.data_dir, opts.mode, self.endpoint() if with_controller else "", nodes)
+        serve_record.write(self.data_dir, self.role, self.endpoint() if with_controller else "", nodes)
         if opts.mode == "all" and opts.controllers:
             self._start_control_plane(node_ids)
+        if self.pool_watch is not None and opts.overcommit > 1:  # at 1 every promise is backed: nothing to watch
+            self.pool_watch.run(self.ctx)
         with open(self.pid_file, "w") as f:
             f.write(str(os.getpid()))
         log.info("serving %s (mode %s, nodes %s)", self.endpoint(), opts.mode, node_ids)
@@ -143,13 +173,15 @@ class Daemon:
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
-        if self.luns is not None:
-            from pvlun.pool_watch import PoolWatch
+        if self.pool_watch is not None:
+            from pvlun.provisioner import ensure_default_storage_class
 
-            self.ctx.services["pool_watch"] = PoolWatch(self.luns.pool_usage)
+            self.ctx.services["pool_watch"] = self.pool_watch
+            ensure_default_storage_class(self.ctx)  # where the pool's warnings go
         from pvlun.recovery import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
+        self._release_unexplained()
         from importer.upload_gateway import UploadGateway
 
         upload = UploadGateway(self.ctx, _address(self.opts.upload_address))
@@ -166,6 +198,20 @@ class Daemon:
                 f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
         self.loop = run_loop(self.ctx)
 
+    def _volumes_dir(self) -> str:
+        """Where the pool's LUN files are, as the node side reaches them."""
+        if self.luns is not None:
+            return self.luns.backend.volumes_dir
+        return os.path.join(os.path.abspath(self.opts.pool or os.path.join(self.data_dir, "pool")), "volumes")
+
+    def _release_unexplained(self) -> None:
+        """Node side start-up repair (csi/node_repair.py): loop devices and mounts of our LUNs
+        that no publication in the catalog explains, left by a stage a crash cut off."""
+        from csi.node_repair import release_unexplained
+
+        log.info("node start-up repair: %s",
+                 release_unexplained([self._volumes_dir()], self.catalog.published_volumes()))
+
     def _services(self, with_controller: bool, node_id: str | None) -> list:
         from csi.node import NodeService
 
@@ -175,9 +221,7 @@ class Daemon:
             adds.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(self.luns), s))
             adds.append(lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.luns), s))
         if node_id:
-            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[
-                self.luns.backend.volumes_dir if self.luns is not None
-                else os.path.join(os.path.abspath(self.opts.pool or os.path.join(self.data_dir, "pool")), "volumes")])
+            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[self._volumes_dir()])
             adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         return adds
 
@@ -192,15 +236,18 @@ class Daemon:
         if not first:
             self.stopped.wait()
             return
-        steps: list = self._control_plane_stops() if self.ctx is not None else []
+        steps: list = [self.pool_watch.stop] if self.pool_watch is not None else []
+        steps += self._control_plane_stops() if self.ctx is not None else []
         steps += [lambda server=server: server.stop(grace=5).wait(10) for server in self.servers]
-        steps += [lambda: serve_record.remove(self.data_dir, self.opts.mode), self._remove_pid_file]
+        steps += [lambda: serve_record.remove(self.data_dir, self.role), self._remove_pid_file]
         if self.ctx is not None:
             steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
         if self.catalog is not None:
             steps.append(self.catalog.close)
+        steps.append(lambda: self.locks.release(pools_only=True))  # an open pool directory keeps it mounted
         if self.opts.mode in ("all", "controller") and not self.opts.pool:
             steps.append(lambda: release_pool(self.data_dir))
+        steps.append(self.locks.release)  # last: another daemon may start now
         for step in steps:
             try:
                 step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from csi.pool import is_mountpoint
+from pvlun import serve_record
 from pvlun.command import run
 
 
@@ -23,7 +25,8 @@ def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: fl
                              "--pool-size", pool_size, *extra], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     mode = extra[extra.index("--mode") + 1] if "--mode" in extra else "all"
-    pid_file = os.path.join(data_dir, "serve.pid" if mode == "all" else f"serve-{mode}.pid")
+    node_id = extra[extra.index("--node-id") + 1] if "--node-id" in extra else socket.gethostname()
+    pid_file = os.path.join(data_dir, serve_record.file_name(serve_record.role(mode, node_id), ".pid"))
     deadline = time.monotonic() + timeout
     while not os.path.exists(pid_file):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -70,6 +73,28 @@ class DirectoryServer(http.server.ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+@contextmanager
+def small_ext4(image: str, size: int) -> Iterator[str]:
+    """A small real ext4 filesystem, loop-mounted: a host whose disk fills in seconds (tests
+    of a pool on a host without room). Unmounted (lazily, if something still holds it) and
+    deleted on leaving."""
+    mount_point = image + ".mnt"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    try:
+        run(["mkfs.ext4", "-q", image], timeout=120)
+        os.mkdir(mount_point)
+        run(["mount", "-o", "loop", image, mount_point], timeout=60)
+        yield mount_point
+    finally:
+        if os.path.isdir(mount_point) and is_mountpoint(mount_point):
+            if run(["umount", mount_point], check=False, timeout=60).returncode != 0:
+                run(["umount", "--lazy", mount_point], check=False, timeout=60)
+        if os.path.isdir(mount_point) and not is_mountpoint(mount_point):
+            os.rmdir(mount_point)
+        os.unlink(image)
 
 
 @contextmanager

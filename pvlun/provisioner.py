@@ -10,7 +10,6 @@ from csi.proto import csi_pb2 as pb
 from pvlun import DRIVER_NAME
 from pvlun.context import Context
 from pvlun.csi_client import capability
-from pvlun.pool_watch import check_pool_use
 from pvlun.quantity import parse_quantity
 from pvlun.store import Obj, remove_finalizer, set_condition
 from pvlun.user_text import user_text
@@ -28,13 +27,22 @@ def default_storage_class() -> Obj:
             "allowVolumeExpansion": True, "parameters": {}}
 
 
+def ensure_default_storage_class(ctx: Context) -> None:
+    """Store the built-in default class unless a class of that name exists, as a cluster's
+    default class is installed: the pool's warnings go on it, and `pvlun get sc` shows it."""
+    if ctx.store.get("StorageClass", DEFAULT_CLASS) is None:
+        ctx.store.apply(default_storage_class())
+
+
 def storage_class_for(ctx: Context, pvc: Obj) -> Obj | None:
     name = pvc["spec"].get("storageClassName")
     if name:
         return ctx.store.get("StorageClass", name)
-    for sc in ctx.store.list("StorageClass"):
-        if sc.get("metadata", {}).get("annotations", {}).get(DEFAULT_ANNOTATION) == "true":
-            return sc
+    defaults = [sc for sc in ctx.store.list("StorageClass")
+                if sc.get("metadata", {}).get("annotations", {}).get(DEFAULT_ANNOTATION) == "true"]
+    if defaults:  # several: the newest, as Kubernetes chooses (a user's beats the built-in one)
+        return max(defaults, key=lambda sc: (sc["metadata"].get("creationTimestamp") or "",
+                                             sc["metadata"]["name"] != DEFAULT_CLASS))
     return default_storage_class()
 
 
@@ -83,6 +91,21 @@ def check_volume_mode(pvc: Obj, content: Obj, snapshot: str) -> None:
             f"snapshot's content: pvlun annotate volumesnapshotcontent {name} {ALLOW_MODE_CHANGE}=true")
 
 
+def check_clone_mode(pvc: Obj, source: Obj, name: str) -> None:
+    """A claim clones only a claim of its own volume mode, as the external-provisioner
+    refuses it: a CSI clone copies the bytes as they are, so a Block volume a guest wrote
+    would be mounted (or formatted over) on the host as a filesystem, and a filesystem's
+    raw blocks handed to a guest. A DataVolume with a pvc source copies across modes
+    (host-assisted: a blank claim and a conversion), never through this."""
+    source_mode = source["spec"].get("volumeMode") or "Filesystem"
+    mode = pvc["spec"].get("volumeMode") or "Filesystem"
+    if source_mode != mode:
+        raise ValueError(
+            f"claim {name} is a {source_mode} volume: a clone of it must be volumeMode {source_mode}, not {mode} "
+            "(a clone copies the bytes as they are). Ask for volumeMode " + source_mode + ", or clone it with a "
+            "DataVolume (source: pvc), which copies the disk across volume modes")
+
+
 def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | None, int]:
     """The CSI content source of a claim's dataSource, and the source's size (0 if none)."""
     source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource")
@@ -91,6 +114,8 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     ns = source.get("namespace") or pvc["metadata"]["namespace"]
     if source.get("kind") == "PersistentVolumeClaim":
         src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
+        if src:
+            check_clone_mode(pvc, src, f"{ns}/{source['name']}")
         if not src or not claim_populated(ctx, src):
             raise WaitingForSource(f"waiting for source claim {ns}/{source['name']} to be bound and populated")
         pv = ctx.store.get("PersistentVolume", src["spec"]["volumeName"])
@@ -191,7 +216,6 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
     ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
-    check_pool_use(ctx, sc["metadata"]["name"], ctx.store.get("PersistentVolume", pv_name, ""))
 
 
 def _attributes(ctx: Context, name: str | None) -> dict[str, str]:

@@ -3,22 +3,34 @@ a claim becomes a CSI snapshot and a VolumeSnapshotContent (`snapcontent-<uid>`,
 scoped) that records it: the snapshotHandle, the size, and the source's volume mode, which
 the provisioner checks before a restore (users allow a change of mode with an annotation on
 the content, as in Kubernetes). The VolumeSnapshot's status repeats the handle for
-`pvlun get`. Deleting the snapshot deletes both (deletionPolicy Delete)."""
+`pvlun get`. Deleting the snapshot deletes both (deletionPolicy Delete).
+
+A failed CreateSnapshot (RESOURCE_EXHAUSTED on a full pool, UNAVAILABLE while the driver
+stops) is retried with exponential backoff, as external-snapshotter's rate-limited queue does;
+its error stays in the status, and a Warning event says it, until a try succeeds."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 
 from csi.proto import csi_pb2 as pb
 from pvlun import DRIVER_NAME
 from pvlun.context import Context
-from pvlun.pool_watch import check_pool_use
 from pvlun.provisioner import claim_populated
-from pvlun.store import Obj, remove_finalizer
+from pvlun.store import Obj, now, remove_finalizer
 from pvlun.user_text import user_text
 
 FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
 CONTENT_KIND = "VolumeSnapshotContent"
+RETRY_FIRST, RETRY_MAX = 1.0, 300.0  # seconds before the first retry of a failed snapshot; the longest wait
+
+
+def _retries(ctx: Context) -> dict[str, tuple[int, float]]:
+    """Snapshot uid → (failed tries, monotonic time of the next try). In memory: a restart
+    tries again at once, as a restarted external-snapshotter does."""
+    return ctx.services.setdefault("snapshot_retries", {})
 
 
 def content_name(snap: Obj) -> str:
@@ -49,11 +61,12 @@ def _volume_mode(pvc: Obj | None) -> str | None:
     return ((pvc or {}).get("spec") or {}).get("volumeMode") or ("Filesystem" if pvc else None)
 
 
-def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
+def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> float | None:
     meta = snap["metadata"]
     ns = meta.get("namespace", "default")
     status = snap.get("status") or {}
     if meta.get("deletionTimestamp"):
+        _retries(ctx).pop(meta["uid"], None)
         handle = status.get("snapshotHandle")
         if handle:
             try:
@@ -72,8 +85,9 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
             _record_content(ctx, snap, status["snapshotHandle"], int(status.get("restoreSize") or 0),
                             ((pv or {}).get("spec") or {}).get("csi", {}).get("volumeHandle", ""), _volume_mode(pvc))
         return
-    if status.get("error"):
-        return
+    failed, due = _retries(ctx).get(meta["uid"], (0, 0.0))
+    if time.monotonic() < due:
+        return due - time.monotonic()  # backing off: look again when the next try is due
     pvc = ctx.store.get("PersistentVolumeClaim", claim, ns) if claim else None
     if not pvc or not claim_populated(ctx, pvc):
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
@@ -87,13 +101,17 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> None:
         created = ctx.csi.controller.CreateSnapshot(pb.CreateSnapshotRequest(
             name=f"snapshot-{meta['uid']}", source_volume_id=volume_handle)).snapshot
     except grpc.RpcError as exc:
+        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(failed, 16))
+        _retries(ctx)[meta["uid"]] = (failed + 1, time.monotonic() + delay)
+        text = user_text(exc)
         ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
-            "readyToUse": False, "error": {"message": user_text(exc)}})
-        return
+            "readyToUse": False, "error": {"message": text, "time": now()}})
+        ctx.store.add_event(snap, "Warning", "SnapshotCreationFailed", f"{text} (trying again in {delay:g} s)")
+        return delay
+    _retries(ctx).pop(meta["uid"], None)
     # the content first: a ready snapshot always has one for the provisioner to check
     _record_content(ctx, snap, created.snapshot_id, created.size_bytes, volume_handle, _volume_mode(pvc))
     ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
         "readyToUse": created.ready_to_use, "snapshotHandle": created.snapshot_id,
         "restoreSize": str(created.size_bytes), "boundVolumeSnapshotContentName": content_name(snap)})
     ctx.store.add_event(snap, "Normal", "SnapshotCreated", f"snapshot {created.snapshot_id} of claim {claim}")
-    check_pool_use(ctx, pvc["spec"].get("storageClassName", ""), pv)

@@ -7,45 +7,21 @@ CLI's last-resort error line, go through `user_text`.
 
 from __future__ import annotations
 
-import os
 import re
 
 import grpc
 
+from csi.errors import cut, hide_paths
+from csi.errors import shown as quoted
 from pvlun.command import CommandError
 
 LIMIT = 400  # characters of one message
-_PRIVATE_ROOTS: set[str] = set()  # the daemon's own directories (its data dir, its pool)
-_PATH_REST = r"(?=[/\s'\"`:;,()<>\[\]]|$)(?:/[^\s'\"`:;,()<>\[\]]*)?"  # the root itself or a path below it
 _INTERNAL = (AttributeError, TypeError, KeyError, IndexError, NameError, AssertionError, RecursionError)
 
 
 def one_line(text: str, limit: int = LIMIT) -> str:
     """Whitespace and control characters folded to single spaces, cut at `limit`."""
-    text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
-
-
-def quoted(value: object, limit: int = 60) -> str:
-    """A value as a message may quote it: its repr, one line, never a whole input."""
-    return one_line(repr(value), limit)
-
-
-def private_root(path: str) -> None:
-    """A directory of the daemon's: no message shows a path inside it (the daemon registers
-    its data dir and pool at start; a person's own paths, `/dev/vda` in a mount flag, stay)."""
-    for p in (path, os.path.realpath(path)):
-        if p.rstrip("/"):
-            _PRIVATE_ROOTS.add(p.rstrip("/"))
-
-
-def hide_paths(text: str) -> str:
-    """`/var/lib/pvlun/nodes/n1/staging/vol-1` → `…/vol-1`, for the registered roots."""
-    for root in sorted(_PRIVATE_ROOTS, key=len, reverse=True):
-        if root in text:
-            text = re.sub(re.escape(root) + _PATH_REST,
-                          lambda m: "…/" + os.path.basename(m.group(0).rstrip("/")), text)
-    return text
+    return cut(" ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split()), limit)
 
 
 def shown_text(text: str, limit: int = LIMIT) -> str:

@@ -6,6 +6,8 @@
   snapshotter records the content as external-snapshotter does (sourceVolumeMode,
   snapshotHandle); the provisioner refuses the mismatched restore with ProvisioningFailed
   saying what to do; `pvlun annotate` allows it.
+- A plain claim clone (dataSource: PersistentVolumeClaim) keeps its source's volume mode, as
+  the external-provisioner insists; a DataVolume clone still copies across modes.
 - A StorageClass's mountOptions reach the volume's mounts (nosuid,nodev kept unless it
   asks suid/dev); dangerous ones fail provisioning with the driver's reason.
 """
@@ -22,12 +24,17 @@ MiB = 1 << 20
 ALLOW = "snapshot.storage.kubernetes.io/allow-volume-mode-change"
 
 
-def claim(name: str, mode: str, snapshot: str | None = None) -> str:
+def claim(name: str, mode: str, snapshot: str | None = None, clone_of: str | None = None) -> str:
     source = f"""  dataSource:
     apiGroup: snapshot.storage.k8s.io
     kind: VolumeSnapshot
     name: {snapshot}
 """ if snapshot else ""
+    if clone_of:
+        source = f"""  dataSource:
+    kind: PersistentVolumeClaim
+    name: {clone_of}
+"""
     return f"""apiVersion: v1
 kind: PersistentVolumeClaim
 metadata:
@@ -109,6 +116,58 @@ def test_restoring_a_snapshot_into_another_volume_mode_needs_the_annotation(inst
     instance.cli("delete", "volumesnapshot", snap)
     instance.wait(lambda: instance.get("VolumeSnapshotContent", content_name, "") is None,
                   what="the content deleted with its snapshot")
+    instance.cli("delete", "pvc", src)
+
+
+@pytest.mark.parametrize("source_mode, other_mode", [("Block", "Filesystem"), ("Filesystem", "Block")])
+def test_cloning_a_claim_into_another_volume_mode_is_provisioning_failed(instance, source_mode, other_mode):
+    tag = source_mode.lower()
+    src = f"clone-src-{tag}"
+    instance.apply(claim(src, source_mode), "--wait")
+    marker = f"PVLUN-GUEST-{tag}".encode()  # what a guest (or a filesystem) wrote
+    with open(instance.lun_path(src), "r+b") as f:
+        f.write(marker)
+
+    other = f"clone-other-{tag}"
+    instance.apply(claim(other, other_mode, clone_of=src))
+    refused = instance.wait(lambda: condition(instance, other).get("reason") == "ProvisioningFailed"
+                            and condition(instance, other), what="the clone refused")
+    assert f"claim default/{src} is a {source_mode} volume" in refused["message"]
+    assert f"must be volumeMode {source_mode}, not {other_mode}" in refused["message"]
+    assert phase(instance, other) == "Pending" and not instance.get("PersistentVolumeClaim", other)["spec"].get("volumeName")
+    assert not [pv for pv in instance.store.list("PersistentVolume") if pv["spec"]["claimRef"]["name"] == other]
+    assert "ProvisioningFailed" in instance.cli("describe", "pvc", other).stdout
+
+    same = f"clone-same-{tag}"  # the same mode clones, bytes and all
+    instance.apply(claim(same, source_mode, clone_of=src), "--wait")
+    with open(instance.lun_path(same), "rb") as f:
+        assert f.read(len(marker)) == marker
+
+    for name in (other, same):
+        instance.cli("delete", "pvc", name)
+    instance.cli("delete", "pvc", src)
+
+
+def test_a_datavolume_still_clones_a_block_claim_into_a_filesystem_volume(instance):
+    """A DataVolume with a pvc source of another volume mode copies the disk across
+    (host-assisted: a blank claim of its own mode, no CSI content source)."""
+    src, dv = "guest-disk", "guest-disk-file"
+    instance.apply(claim(src, "Block"), "--wait")
+    marker = b"PVLUN-GUEST-DISK"
+    with open(instance.lun_path(src), "r+b") as f:
+        f.write(marker)
+    instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata: {{name: {dv}}}
+spec:
+  source: {{pvc: {{name: {src}}}}}
+  storage: {{volumeMode: Filesystem, resources: {{requests: {{storage: 64Mi}}}}}}
+""")
+    done = instance.wait(lambda: (instance.get("DataVolume", dv).get("status") or {}).get("phase")
+                         in ("Succeeded", "Failed") and instance.get("DataVolume", dv), 120, "the DataVolume clone")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert "host-assisted" in instance.cli("describe", "dv", dv).stdout
+    instance.cli("delete", "dv", dv)
     instance.cli("delete", "pvc", src)
 
 

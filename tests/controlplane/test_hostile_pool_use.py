@@ -1,18 +1,22 @@
 """Hostile: an overcommitted pool filling up is told before writes fail. With `--overcommit
-3` on a small real XFS pool, the first provisioning or snapshot after real use passes 80%,
-and again 90%, leaves one Warning event on the StorageClass (not one per claim), which
-`pvlun describe` shows; the daemon's /metrics has the same numbers."""
+3` on a small real XFS pool, bytes written into the volumes (as a guest or an upload writes
+them: no API call announces them) take real use past 80% and 90%; within seconds each
+crossing leaves one Warning event on every StorageClass of the pool — the built-in default
+class included, which is a stored object — and `pvlun describe` shows them; the daemon's
+/metrics has the same numbers. It used to warn only when something unrelated was
+provisioned afterwards, on that claim's volume."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from csi.capacity import MEASURE_EVERY
 from pvlun.local_run import small_xfs_pool, stop_daemon
+from pvlun.pool_watch import CHECK_EVERY
 
 MiB = 1 << 20
 
@@ -55,11 +59,16 @@ def fill(inst, name: str, offset: int, size: int) -> None:
         f.seek(offset)
         f.write(os.urandom(size))
         os.fsync(f.fileno())
-    time.sleep(MEASURE_EVERY + 0.1)  # the control plane's check may reuse a measurement this old
 
 
-def warnings(inst) -> list[dict]:
-    return [e for e in inst.store.events(inst.get("StorageClass", "thin")) if e["reason"] == "PoolNearlyFull"]
+def warnings(inst, storage_class: str = "thin") -> list[dict]:
+    return [e for e in inst.store.events(inst.get("StorageClass", storage_class)) if e["reason"] == "PoolNearlyFull"]
+
+
+def warned(inst, count: int, what: str) -> list[dict]:
+    """Wait (a few looks of the pool watch) until both classes carry `count` warnings."""
+    return inst.wait(lambda: len(warnings(inst)) == count and len(warnings(inst, "pvlun")) == count
+                     and warnings(inst), 4 * CHECK_EVERY, what)
 
 
 def pool_metrics(inst) -> dict[str, float]:
@@ -70,35 +79,61 @@ def pool_metrics(inst) -> dict[str, float]:
     return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("pvlun_pool_")}
 
 
-def test_warnings_at_80_and_90_percent_real_use_once_per_crossing(thin):
+def test_use_no_api_call_announces_warns_within_seconds_on_every_class_once_per_crossing(thin):
     thin.apply(STORAGE_CLASS)
+    assert "pvlun" in thin.cli("get", "sc").stdout  # the built-in default class is an object
     thin.apply(claim("a", "30Mi") + "---\n" + claim("b", "30Mi"), "--wait")
+    time.sleep(CHECK_EVERY + 0.5)  # a look of the pool watch
     assert warnings(thin) == []  # provisioned far past the pool, but nothing written: no warning
     usable = pool_metrics(thin)["pvlun_pool_usable_bytes"]
 
     fill(thin, "a", 0, 30 * MiB)
     fill(thin, "b", 0, int(usable * 0.82) - 30 * MiB)
-    thin.apply(claim("c", "1Mi"), "--wait")
-    first = warnings(thin)
-    assert len(first) == 1 and first[0]["type"] == "Warning" and "past 80%" in first[0]["message"]
+    first = warned(thin, 1, "the 80% warning, with no API call after the writes")
+    assert first[0]["type"] == "Warning" and "past 80%" in first[0]["message"]
     assert "overcommit x3" in first[0]["message"]
-    thin.apply(claim("d", "1Mi"), "--wait")
+    time.sleep(CHECK_EVERY + 0.5)  # a look of the pool watch
     assert len(warnings(thin)) == 1  # still past 80% only: said once
 
     fill(thin, "b", int(usable * 0.82) - 30 * MiB, int(usable * 0.1))
-    thin.apply("""apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata:
-  name: a-snap
-spec:
-  source:
-    persistentVolumeClaimName: a
-""")
-    thin.wait(lambda: len(warnings(thin)) == 2, what="the 90% warning after the snapshot")
-    assert "past 90%" in warnings(thin)[1]["message"]
+    assert "past 90%" in warned(thin, 2, "the 90% warning")[1]["message"]
     ratio = pool_metrics(thin)["pvlun_pool_used_ratio"]
     assert 0.9 < ratio < 0.95
-    described = thin.cli("describe", "sc", "thin").stdout
-    assert described.count("PoolNearlyFull") == 2
-    thin.apply(claim("e", "1Mi"), "--wait")
+    for storage_class in ("thin", "pvlun"):
+        assert thin.cli("describe", "sc", storage_class).stdout.count("PoolNearlyFull") == 2
+    time.sleep(CHECK_EVERY + 0.5)  # a look of the pool watch
     assert len(warnings(thin)) == 2
+
+
+def snapshot(name: str, claim_name: str) -> str:
+    return f"""apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: {name}
+spec:
+  source:
+    persistentVolumeClaimName: {claim_name}
+"""
+
+
+def test_a_snapshot_refused_on_a_full_pool_is_retried_and_succeeds_once_there_is_room(thin):
+    """RESOURCE_EXHAUSTED above 95% used to fail a VolumeSnapshot for good; it is retried
+    with backoff (the error in its status and an event meanwhile), as external-snapshotter does."""
+    thin.apply(STORAGE_CLASS)
+    now = pool_metrics(thin)
+    need = max(MiB, int(now["pvlun_pool_usable_bytes"] * 0.97 - now["pvlun_pool_used_bytes"]))
+    thin.apply(claim("full", f"{need // MiB + 1}Mi"), "--wait")
+    fill(thin, "full", 0, need)
+    assert pool_metrics(thin)["pvlun_pool_used_ratio"] > 0.95
+    thin.apply(snapshot("late", "full"))
+    error = thin.wait(lambda: ((thin.get("VolumeSnapshot", "late").get("status") or {}).get("error") or {}).get("message"),
+                      30, "the snapshot refused")
+    assert error.startswith("RESOURCE_EXHAUSTED: ") and "above 95%" in error, error
+    events = [e for e in thin.store.events(thin.get("VolumeSnapshot", "late")) if e["reason"] == "SnapshotCreationFailed"]
+    assert events and "trying again" in events[0]["message"]
+
+    lun = os.path.join(thin.pool, "volumes", os.path.basename(thin.lun_path("full")))  # the guest discards its data
+    subprocess.run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(need), lun], check=True)
+    status = thin.wait(lambda: (thin.get("VolumeSnapshot", "late").get("status") or {}).get("readyToUse")
+                       and thin.get("VolumeSnapshot", "late")["status"], 90, "the retried snapshot ready")
+    assert status.get("error") is None and status["snapshotHandle"].startswith("snap-")

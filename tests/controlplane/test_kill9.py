@@ -139,3 +139,69 @@ def test_vm_after_a_daemon_kill_runs_again_with_consistent_attachments_and_a_who
     second.cli("vm", "stop", "phoenix", "--wait")
     assert second.attachments("phoenix") == [] and publications(data_dir) == set()
     second.wait(lambda: loop_devices(lun) == [], 10, "the volume's loop device detached")
+
+
+def loop_backings() -> dict[str, str]:
+    """/dev/loopN → its backing file as the kernel shows it (read from sysfs: fast enough to
+    catch a device between its attach and its mount)."""
+    found = {}
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                found["/dev/" + name] = f.read().strip()
+        except OSError:
+            continue
+    return found
+
+
+def test_a_stage_cut_off_by_a_daemon_kill_leaves_no_loop_device_or_mount_behind(serve, tmp_path):
+    """kill -9 while a 4Gi blank Filesystem volume is being staged (its loop device attached,
+    mkfs running, no mount yet): the import is redone after the restart, and start-up repair
+    releases the device, which no NodeUnstageVolume finds and whose LUN file is deleted with
+    the restarted import's claim. A stage left mounted is undone too."""
+    import signal
+    import time
+
+    data_dir = str(tmp_path / "stage")
+    os.makedirs(data_dir)
+    first = serve("--nodes", "1", data_dir=data_dir)
+    first.apply(dv("formatting", "    blank: {}", size="4Gi", mode="Filesystem"))
+    lun = first.wait(lambda: (first.get("PersistentVolumeClaim", "formatting") or {}).get("spec", {}).get("volumeName")
+                     and first.lun_path("formatting"), 30, "the claim bound")
+    old_volume = os.path.basename(lun).removesuffix(".img")
+    deadline = time.monotonic() + 30
+    while not any(old_volume in backing for backing in loop_backings().values()):
+        assert time.monotonic() < deadline, "the volume was never attached"
+        time.sleep(0.002)
+    first.proc.send_signal(signal.SIGSTOP)  # frozen between the attach and the mount
+    kill9(first)
+
+    # and a stage that got as far as its mount, of a volume published nowhere (a crash after
+    # ControllerUnpublish's record went, before the node's unmount): made by hand
+    first.store.close()
+    leftover = os.path.join(data_dir, "pool", "volumes", "vol-" + "e" * 32 + ".img")
+    with open(leftover, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", leftover], check=True)
+    staging = os.path.join(data_dir, "nodes", "leftover-staging")
+    os.makedirs(staging)
+    device = subprocess.run(["losetup", "--find", "--show", leftover], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    subprocess.run(["mount", device, staging], check=True)
+
+    second = serve("--nodes", "1", data_dir=data_dir)
+    second.wait(lambda: (second.get("DataVolume", "formatting").get("status") or {}).get("phase") == "Succeeded",
+                120, "the import redone")
+    assert second.get("DataVolume", "formatting")["status"].get("restartCount") == 1
+    assert old_volume not in second.lun_path("formatting")
+    assert not [dev for dev, backing in loop_backings().items() if old_volume in backing or leftover in backing]
+    assert not os.path.ismount(staging)
+    with open(os.path.join(data_dir, "serve.log")) as f:
+        assert "released" in f.read()
+    from pvlun.local_run import stop_daemon
+
+    stop_daemon(second.proc, data_dir)
+    with open(os.path.join(data_dir, "serve.log")) as f:
+        log = f.read()
+    assert "pool stays mounted" not in log, log[-2000:]
+    assert [b for b in loop_backings().values() if data_dir in b] == []

@@ -180,7 +180,7 @@ class Driver:
             raise
 
 
-def start_driver(data_dir: Path, *extra: str) -> Driver:
+def start_driver(data_dir: Path, *extra: str, pool_size: int | None = POOL_SIZE) -> Driver:
     data_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = data_dir.parent / f"{data_dir.name}.stderr"
     sock = data_dir / "csi.sock"
@@ -188,7 +188,7 @@ def start_driver(data_dir: Path, *extra: str) -> Driver:
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             [PVLUN, "serve", "--data-dir", str(data_dir), "--node-id", NODE_ID, "--nodes", "2",
-             "--pool-size", str(POOL_SIZE), *extra],
+             *(["--pool-size", str(pool_size)] if pool_size else []), *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 60
     while not (sock.exists() and second.exists()):
@@ -231,9 +231,9 @@ def driver(tmp_path_factory, request):
 
 
 @contextmanager
-def running_driver(data_dir: Path, *args: str):
+def running_driver(data_dir: Path, *args: str, pool_size: int | None = POOL_SIZE):
     """A `pvlun serve` of a test's own; stopped cleanly, leaving no mount or loop device."""
-    drv = start_driver(data_dir, *args)
+    drv = start_driver(data_dir, *args, pool_size=pool_size)
     try:
         yield drv
     finally:

@@ -17,7 +17,8 @@ import pytest
 from csi.backends.file import FileBackend
 from csi.catalog import CREATING, DELETING, READY, Catalog, GroupSnapshot, Snapshot, Volume
 from csi.errors import CsiError
-from csi.lun_service import LunService, new_id
+from csi.lun_service import LunService
+from csi.validation import new_id
 from csi.validation import Capability
 
 MiB = 1 << 20

@@ -3,7 +3,9 @@ and secret keys, paths with NUL and newlines, over real gRPC to every RPC that t
 each gets the right code (INVALID_ARGUMENT / NOT_FOUND, or OK where the spec makes an
 unknown ID a no-op) and a short message holding at most 64 characters of the input, no
 daemon host path and no Python repr — a whole 100 KB echo used to turn every such call into
-RESOURCE_EXHAUSTED, the reply's header being too large. GET_SNAPSHOT is advertised."""
+RESOURCE_EXHAUSTED, the reply's header being too large. Counts and lengths are bounded too:
+100,000 mount flags or a 100 KB parameter value are INVALID_ARGUMENT when asked for, not
+stored to fail later ("Argument list too long"). GET_SNAPSHOT is advertised."""
 
 from __future__ import annotations
 
@@ -175,6 +177,55 @@ def test_a_hostile_request_gets_the_right_code_and_a_short_message(driver, res, 
     assert not any(echoes(message, v) for v in values), message
     assert str(driver.data_dir) not in message and "/pool/" not in message and "Error(" not in message
     assert not any(len(record["volume"]) > 200 for record in driver.calls()[-3:])  # nor in the call log
+
+
+def bounded_cases() -> list[tuple[str, str, Callable[[Ids], Any], str]]:
+    """(service, method, request from the real IDs, what the refusal names): each request
+    holds one field far beyond its bound, built of harmless entries."""
+    many_flags = mount_cap(flags=tuple(["noatime"] * 100_000))
+    comma_flags = mount_cap(flags=(",".join(["noatime"] * 100_000),))
+    long_flags = mount_cap(flags=tuple(f"uid={i:0200d}" for i in range(60)))
+    c, g, n = "controller", "group", "node"
+
+    def create(**fields) -> pb.CreateVolumeRequest:
+        fields.setdefault("volume_capabilities", [mount_cap()])
+        return pb.CreateVolumeRequest(name=unique(), capacity_range=pb.CapacityRange(required_bytes=SMALL), **fields)
+
+    return [
+        (c, "CreateVolume", lambda ids: create(volume_capabilities=[many_flags]), "mount_flags holds 100000 entries"),
+        (c, "CreateVolume", lambda ids: create(volume_capabilities=[comma_flags]), "mount_flags holds 100000 entries"),
+        (c, "CreateVolume", lambda ids: create(volume_capabilities=[long_flags]), "mount_flags add up to"),
+        (c, "CreateVolume", lambda ids: create(parameters={"pvlun.dev/note": "x" * 100_000}),
+         "has a value of 100000 characters"),
+        (c, "CreateVolume", lambda ids: create(parameters={f"pvlun.dev/k{i}": "1" for i in range(10_000)}),
+         "parameters holds 10000 entries"),
+        (c, "CreateVolume", lambda ids: create(volume_capabilities=[mount_cap()] * 10_000),
+         "volume_capabilities holds 10000 entries"),
+        (c, "ValidateVolumeCapabilities", lambda ids: pb.ValidateVolumeCapabilitiesRequest(
+            volume_id=ids.volume, volume_capabilities=[block_cap()] * 10_000), "volume_capabilities holds"),
+        (c, "CreateSnapshot", lambda ids: pb.CreateSnapshotRequest(
+            name=unique(), source_volume_id=ids.volume, parameters={"note": "x" * 100_000}), "has a value of"),
+        (g, "CreateVolumeGroupSnapshot", lambda ids: pb.CreateVolumeGroupSnapshotRequest(
+            name=unique(), source_volume_ids=[f"vol-{i:032x}" for i in range(5_000)]), "source_volume_ids holds"),
+        (n, "NodeStageVolume", lambda ids: pb.NodeStageVolumeRequest(
+            volume_id=ids.volume, staging_target_path="/tmp/pvlun-bounded", volume_capability=many_flags,
+            publish_context=ids.context), "mount_flags holds 100000 entries"),
+    ]
+
+
+BOUNDED = bounded_cases()
+
+
+@pytest.mark.parametrize("service, method, build, said", BOUNDED,
+                         ids=[f"{m}-{i}" for i, (_, m, _, _) in enumerate(BOUNDED)])
+def test_counts_and_lengths_beyond_their_bounds_are_invalid_argument(driver, res, service, method, build, said):
+    ids = Ids(res)
+    stub = {"controller": driver.controller, "group": driver.group, "node": driver.node}[service]
+    before = {v.volume.volume_id for v in driver.controller.ListVolumes(pb.ListVolumesRequest()).entries}
+    message = assert_code(Code.INVALID_ARGUMENT, getattr(stub, method), build(ids))
+    assert said in message and len(message) <= 400, message[:500]
+    after = {v.volume.volume_id for v in driver.controller.ListVolumes(pb.ListVolumesRequest()).entries}
+    assert after == before  # nothing made to fail later
 
 
 def test_a_missing_lun_is_named_without_the_pool_path(driver, res):
