@@ -33,9 +33,10 @@ from pvlun.command import output, run
 log = logging.getLogger("pvlun.pool")
 MiB, GiB = 1 << 20, 1 << 30
 MIN_IMAGE = 320 * MiB  # mkfs.xfs makes nothing smaller than 300 MB (its log alone takes 64 MiB)
-MAX_INITIAL = 4 * GiB
+MAX_INITIAL = 1 * GiB  # every byte of the image is the host's at once: start small, grow on demand
 INITIAL_FRACTION = 64  # a new image is 1/64 of its maximum (within the bounds above)
 GROW_ALIGN = 64 * MiB  # the image grows by multiples of this
+GROW_STEP_FRACTION = 4  # and by at least a quarter of its size
 GROWTH_OVERHEAD = 128  # of the bytes an image grows by, 1/128 goes to XFS's own metadata
 HOST_RESERVE_MIN, HOST_RESERVE_MAX = 64 * MiB, 1 * GiB  # kept free on the host: 1% within these
 
@@ -134,6 +135,7 @@ class PoolBacking:
         size = os.stat(self.image).st_size
         room, _ = host_room(self.data_dir)
         want = math.ceil(usable * (1 + 1 / GROWTH_OVERHEAD + 1 / RESERVE_FRACTION)) + MiB
+        want = max(want, size // GROW_STEP_FRACTION)  # grow in steps that grow with the pool: few xfs_growfs
         by = min(-(-want // GROW_ALIGN) * GROW_ALIGN, self.max_size - size, room) // MiB * MiB
         if by <= 0:
             return

@@ -165,15 +165,16 @@ def test_a_stage_cut_off_by_a_daemon_kill_leaves_no_loop_device_or_mount_behind(
     data_dir = str(tmp_path / "stage")
     os.makedirs(data_dir)
     first = serve("--nodes", "1", data_dir=data_dir)
+    volumes = os.path.join(os.path.realpath(data_dir), "pool", "volumes") + "/"
     first.apply(dv("formatting", "    blank: {}", size="4Gi", mode="Filesystem"))
-    lun = first.wait(lambda: (first.get("PersistentVolumeClaim", "formatting") or {}).get("spec", {}).get("volumeName")
-                     and first.lun_path("formatting"), 30, "the claim bound")
-    old_volume = os.path.basename(lun).removesuffix(".img")
+    # watched from the apply on (not from the claim's binding, which a slow poll may see only
+    # after the whole blank import is done): the first LUN attached is the import's
     deadline = time.monotonic() + 30
-    while not any(old_volume in backing for backing in loop_backings().values()):
+    while not (attached := [b for b in loop_backings().values() if b.startswith(volumes)]):
         assert time.monotonic() < deadline, "the volume was never attached"
         time.sleep(0.002)
     first.proc.send_signal(signal.SIGSTOP)  # frozen between the attach and the mount
+    old_volume = os.path.basename(attached[0]).split(".img")[0]
     kill9(first)
 
     # and a stage that got as far as its mount, of a volume published nowhere (a crash after
