@@ -1,5 +1,6 @@
-"""What every test folder shares: the disk is shared with other work on this machine, so the
-pool images the daemons made (sparse, but gigabytes once written) go when the session ends."""
+"""What every test folder shares: the disk is shared with other work on this machine, and a
+pool image holds real host blocks for what was provisioned in it, so the images of stopped
+daemons go as soon as their test module ends."""
 
 from __future__ import annotations
 
@@ -9,16 +10,28 @@ import subprocess
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
-def remove_pool_images(tmp_path_factory):
-    """After the session, delete every pool image under this worker's temporary root. A pool
-    still mounted (a test that failed before it stopped its daemon) is unmounted lazily first."""
-    yield
-    root = str(tmp_path_factory.getbasetemp())
+def _remove_pool_images(root: str, *, unmount: bool) -> None:
+    """Delete the pool images under `root`. One still mounted belongs to a daemon that still
+    runs (kept) — or, at the end of the session, to one a failed test left behind (unmounted
+    lazily, then deleted)."""
     for parent, _dirs, files in os.walk(root):
-        for name in files:
-            if name == "pool.img":
-                pool = os.path.join(parent, "pool")
-                if os.path.ismount(pool):
-                    subprocess.run(["umount", "-l", pool], check=False, capture_output=True)
-                os.unlink(os.path.join(parent, name))
+        if "pool.img" not in files:
+            continue
+        pool = os.path.join(parent, "pool")
+        if os.path.ismount(pool):
+            if not unmount:
+                continue
+            subprocess.run(["umount", "-l", pool], check=False, capture_output=True)
+        os.unlink(os.path.join(parent, "pool.img"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_pool_images_of_the_module(tmp_path_factory):
+    yield
+    _remove_pool_images(str(tmp_path_factory.getbasetemp()), unmount=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_pool_images_of_the_session(tmp_path_factory):
+    yield
+    _remove_pool_images(str(tmp_path_factory.getbasetemp()), unmount=True)
