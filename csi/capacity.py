@@ -9,7 +9,9 @@ it does not change when volumes are written — only when something else takes s
 A pool that is a loop-mounted image on the data dir's filesystem grows as provisioning needs
 it, on space it really takes from the host (csi/pool_image.py): its usable space counts what
 it may still grow by, and a new volume or snapshot first grows it to back every provisioned
-byte, as far as it may (past overcommit 1, only what is provisioned beyond that is thin).
+byte. Past overcommit 1 the image is sparse at its whole size instead (thin for real: the
+host gives blocks as LUNs are written), and its usable space counts only the holes the host
+could fill now.
 
 *Provisioned* is the sum of every volume's size and every snapshot's size: a reflink
 snapshot or clone costs nothing when it is taken but up to its size once its source is
@@ -145,7 +147,7 @@ class Capacity:
                 f"and {_count(snapshots, 'snapshot')}, of {of}{space.note}; {human(max(0, limit - provisioned))} "
                 f"is left and {asked}. Delete volumes or snapshots you no longer need, or give the pool more space")
         # usable bytes that keep every promise (the limit above says the pool can have them);
-        # a pool that grows backs every provisioned byte while it may (thin only beyond that)
+        # a pool that grows (a thick image) backs every provisioned byte
         need = min(math.ceil((provisioned + grow) / self.overcommit), space.capacity)
         space = self._grown(space, min(provisioned + grow, space.capacity))
         if need > space.usable:
@@ -163,18 +165,6 @@ class Capacity:
             self._grow(short)
             space = self.space(fresh=True)
         return space
-
-    def keep_ahead(self) -> None:
-        """Past overcommit 1, what is provisioned beyond what the pool could grow to is thin;
-        when the host has room again (something else freed space), grow the pool to back
-        more of it. At overcommit 1 every promise is already backed."""
-        if self.overcommit <= 1 or self._grow is None:
-            return
-        with self.lock:
-            space = self.space(fresh=True)
-            want = min(self.provisioned(), space.capacity)
-            if space.growable > 0 and want > space.usable:
-                self._grown(space, want)
 
     def check_real_use(self, what: str) -> None:
         """Past overcommit 1.0, refuse a new snapshot or clone while the pool is nearly full

@@ -45,9 +45,11 @@ def is_mountpoint(path: str) -> bool:
 
 
 def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None = DEFAULT_POOL_SIZE,
-                 make_xfs: bool = True) -> str:
+                 make_xfs: bool = True, thin: bool = False) -> str:
     """Return the pool directory, making and mounting a reflink XFS image if that helps
-    (`pool_size` 0 or None: default_pool_size())."""
+    (`pool_size` 0 or None: default_pool_size()). `thin` (overcommit past 1): the image is
+    sparse at its whole size, its blocks taken from the host as LUNs are written; else it
+    holds real blocks and grows as provisioning needs them."""
     if pool:
         return private_dir(os.path.abspath(pool))
     root = private_dir(os.path.join(data_dir, "pool"))
@@ -58,7 +60,7 @@ def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None =
         return private_dir(root)
     if os.path.exists(image) or (make_xfs and os.geteuid() == 0 and not can_reflink(root)):
         try:
-            _mount_xfs_image(image, root, pool_size or default_pool_size(data_dir))
+            _mount_xfs_image(image, root, pool_size or default_pool_size(data_dir), thin)
         except CommandError as exc:
             log.warning("cannot make a reflink XFS pool (%s); using plain copies in %s", exc, root)
         else:
@@ -66,7 +68,7 @@ def prepare_pool(data_dir: str, pool: str | None = None, pool_size: int | None =
     return root
 
 
-def _mount_xfs_image(image: str, root: str, max_size: int) -> None:
+def _mount_xfs_image(image: str, root: str, max_size: int, thin: bool) -> None:
     made = not os.path.exists(image)
     if made:
         if os.path.lexists(image + ".new"):
@@ -74,7 +76,10 @@ def _mount_xfs_image(image: str, root: str, max_size: int) -> None:
         size = initial_size(max_size, *host_room(os.path.dirname(image)))
         os.close(os.open(image + ".new", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          FILE_MODE))
-        allocate(image + ".new", 0, size)  # real blocks: what the pool promises, the host has
+        if thin:
+            os.truncate(image + ".new", max(size, max_size))  # sparse: thin provisioning was asked for
+        else:
+            allocate(image + ".new", 0, size)  # real blocks: what the pool promises, the host has
         # -K: no discard, which on an image file would punch the allocation out again; two
         # allocation groups to start with, as growing adds more of the same size
         run(["mkfs.xfs", "-q", "-K", "-m", "reflink=1", "-d", "agcount=2", image + ".new"], timeout=120)
@@ -85,17 +90,22 @@ def _mount_xfs_image(image: str, root: str, max_size: int) -> None:
     for line in run(["losetup", "-j", image], timeout=60).stdout.decode().splitlines():
         run(["losetup", "--direct-io=on", line.split(":", 1)[0]], timeout=60)
     if not made:
+        if thin and os.stat(image).st_size < max_size:
+            os.truncate(image, max_size)  # a pool made thick, now overcommitted: the rest is thin
         fit_filesystem(image, root)  # a growth a crash cut short between fallocate and xfs_growfs
     log.info("pool: XFS reflink image %s mounted on %s", image, root)
 
 
-def pool_backing(data_dir: str, root: str, pool_size: int | None = DEFAULT_POOL_SIZE) -> PoolBacking:
+def pool_backing(data_dir: str, root: str, pool_size: int | None = DEFAULT_POOL_SIZE,
+                 thin: bool = False) -> PoolBacking:
     """What stands behind the pool at `root` on the host: our image (grown up to `pool_size`,
-    default_pool_size() when 0), a directory on the data dir's own filesystem, or one elsewhere."""
+    default_pool_size() when 0; a thin one is already as large as it gets), a directory on the
+    data dir's own filesystem, or one elsewhere."""
     image = os.path.join(data_dir, "pool.img")
     if os.path.realpath(root) == os.path.realpath(os.path.join(data_dir, "pool")) and os.path.exists(image) \
             and is_mountpoint(root):
-        max_size = max(pool_size or default_pool_size(data_dir), os.stat(image).st_size)
+        size = os.stat(image).st_size
+        max_size = size if thin else max(pool_size or default_pool_size(data_dir), size)
         return PoolBacking(data_dir, image, root, max_size)
     return PoolBacking(data_dir, shares_host=os.stat(root).st_dev == os.stat(data_dir).st_dev)
 

@@ -129,16 +129,17 @@ class Daemon:
         with_controller = opts.mode in ("all", "controller")
         with_node = opts.mode in ("all", "node")
         if with_controller:
-            pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size)
+            thin = opts.overcommit > 1  # past 1 the user chose thin provisioning: a sparse pool image
+            pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size, thin=thin)
             self.locks.pool(pool)  # an image pool's mounted root too: no --pool may name it
             backend = FileBackend(pool)
             self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit,
-                                   pool_backing(self.data_dir, pool, opts.pool_size))
+                                   pool_backing(self.data_dir, pool, opts.pool_size, thin))
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
             from pvlun.pool_watch import PoolWatch
 
-            self.pool_watch = PoolWatch(self.luns.pool_usage, self.luns.ledger.keep_ahead)
+            self.pool_watch = PoolWatch(self.luns.pool_usage)
         node_ids = opts.node_ids() if with_node else []
         for node_id in node_ids:
             self.catalog.register_node(node_id)

@@ -5,8 +5,7 @@ Real use is bytes the LUNs hold / usable bytes of the pool (csi/capacity.py). Wi
 `--overcommit 1.0` every volume fits by construction, so only overcommitted pools warn; past
 95% the driver itself refuses new snapshots and clones. Use grows with writes no API call
 announces (a guest, an upload), so the pool is looked at every few seconds, not after
-provisioning. `run` also grows an overcommitted pool image to back more of what is provisioned
-once the host has room again (Capacity.keep_ahead).
+provisioning.
 
 The events are the control plane's (the driver does not know Kubernetes objects). They go on
 the StorageClasses of the pool — every class of this driver, since they share the one pool —
@@ -35,9 +34,8 @@ class PoolWatch:
     """Remembers the highest threshold warned about, so each crossing warns once (falling
     below a threshold re-arms it)."""
 
-    def __init__(self, usage: Callable[..., PoolUsage], keep_ahead: Callable[[], None] | None = None):
+    def __init__(self, usage: Callable[..., PoolUsage]):
         self.usage = usage  # usage(fresh=False): a measurement at most a few seconds old
-        self.keep_ahead = keep_ahead
         self._warned = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,13 +57,11 @@ class PoolWatch:
         return (level, usage) if level > previous else None
 
     def run(self, ctx: Context | None) -> threading.Thread:
-        """Look at the pool every CHECK_EVERY seconds until `stop`: grow an overcommitted
-        pool image when the host has room again and, with a control plane, warn on crossings."""
+        """Look at the pool every CHECK_EVERY seconds until `stop` and, with a control plane,
+        warn on crossings."""
         def loop() -> None:
             while not self._stop.wait(CHECK_EVERY):
                 try:
-                    if self.keep_ahead is not None:
-                        self.keep_ahead()
                     if ctx is not None:
                         check_pool_use(ctx, self)
                 except Exception:  # a failed look must not end the watching
