@@ -24,17 +24,29 @@ calls = logging.getLogger("pvlun.calls")
 _VOLUME_FIELDS = ("volume_id", "source_volume_id", "snapshot_id", "group_snapshot_id", "name")
 
 
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def _socket_path(path: str) -> str:
+    """The path, if the kernel can bind a socket there (else a ValueError a person can act on)."""
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise ValueError(f"socket {path[:60]}... is {size} bytes long; a Unix socket path may have at most "
+                         f"{UNIX_PATH_MAX} (choose a shorter --data-dir or --endpoint)")
+    return path
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, str]:
     """('unix', path) or ('tcp', 'host:port') for a CSI endpoint URL."""
     if endpoint.startswith("unix://"):
         path = endpoint[len("unix://"):]
         if not path.startswith("/"):
             raise ValueError(f"endpoint {endpoint!r}: a unix socket path must be absolute (unix:///path)")
-        return "unix", path
+        return "unix", _socket_path(path)
     if endpoint.startswith("tcp://"):
         return "tcp", endpoint[len("tcp://"):]
     if endpoint.startswith("/"):
-        return "unix", endpoint
+        return "unix", _socket_path(endpoint)
     raise ValueError(f"endpoint {endpoint!r}: use unix:///PATH or tcp://HOST:PORT")
 
 

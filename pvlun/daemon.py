@@ -18,7 +18,7 @@ from csi.identity import IdentityService
 from csi.lun_service import LunService
 from csi.pool import DEFAULT_POOL_SIZE, pool_backing, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
-from csi.server import build_server
+from csi.server import build_server, parse_endpoint
 from pvlun import serve_record
 from pvlun.instance_lock import InstanceLocks
 
@@ -107,6 +107,9 @@ class Daemon:
         """Take this daemon's roles (pvlun/instance_lock.py); InstanceBusy if one is taken."""
         opts = self.opts
         with_controller = opts.mode in ("all", "controller")
+        for node_id in opts.node_ids()[1:]:  # a socket that cannot be bound fails before anything is taken
+            parse_endpoint(node_endpoint(self.data_dir, node_id))
+        parse_endpoint(self.endpoint())
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         try:
             if with_controller:

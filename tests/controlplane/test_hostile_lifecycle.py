@@ -204,3 +204,14 @@ def test_a_sigterm_stop_is_clean_and_a_second_sigterm_is_harmless(serve, tmp_pat
     assert not os.path.exists(wal) or os.path.getsize(wal) == 0
     again = serve(data_dir=data_dir)  # and it starts again on what it left
     assert {o["metadata"]["name"] for o in again.store.list("DataVolume")} >= {"s0", "s1", "s2", "s-late"}
+
+
+def test_a_socket_path_longer_than_the_kernel_allows_is_refused_before_the_pool_is_taken(tmp_path):
+    data_dir = tmp_path / ("d" * 60) / "data"
+    proc = subprocess.run([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", str(data_dir), "--pool-size", "2Gi",
+                           "--nodes", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pvlun serve: socket ") and "a Unix socket path may have at most 107" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (data_dir / "pool.img").exists()

@@ -9,6 +9,8 @@ pool in test_hostile_capacity.py, and on a small host in tests/controlplane/test
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,10 +178,14 @@ def test_serve_without_pool_size_makes_a_small_allocated_image_that_may_grow_to_
     it may grow to."""
     from pvlun.local_run import small_ext4
 
-    with small_ext4(str(tmp_path / "host.img"), 4 * GiB) as host:
-        expected = default_pool_size(host)
-        assert expected == 3 * GiB
-        with running_driver(Path(host) / "d", pool_size=None) as drv:
-            st = (Path(host) / "d" / "pool.img").stat()
-            assert st.st_size == 320 * MiB and st.st_blocks * 512 >= st.st_size
-            assert expected * 0.94 < capacity(drv) < expected  # less XFS's log (64 MiB) and metadata
+    short = Path(tempfile.mkdtemp(prefix="pv-", dir="/tmp"))  # socket paths have 107 bytes at most
+    try:
+        with small_ext4(str(short / "host.img"), 4 * GiB) as host:
+            expected = default_pool_size(host)
+            assert expected == 3 * GiB
+            with running_driver(Path(host) / "d", pool_size=None) as drv:
+                st = (Path(host) / "d" / "pool.img").stat()
+                assert st.st_size == 320 * MiB and st.st_blocks * 512 >= st.st_size
+                assert expected * 0.94 < capacity(drv) < expected  # less XFS's log (64 MiB) and metadata
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
