@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from manifests import snapshot
 from pvlun import kubelet
 from pvlun.csi_client import CsiClient
 
@@ -46,17 +47,6 @@ spec:
     requests:
       storage: 16Mi
 {source}"""
-
-
-def snapshot(name: str, claim_name: str) -> str:
-    return f"""apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata:
-  name: {name}
-spec:
-  source:
-    persistentVolumeClaimName: {claim_name}
-"""
 
 
 def condition(instance, claim_name: str) -> dict:

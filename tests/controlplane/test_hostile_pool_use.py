@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from manifests import snapshot
 from pvlun.local_run import small_xfs_pool, stop_daemon
 from pvlun.pool_watch import CHECK_EVERY
 
@@ -103,17 +104,6 @@ def test_use_no_api_call_announces_warns_within_seconds_on_every_class_once_per_
         assert thin.cli("describe", "sc", storage_class).stdout.count("PoolNearlyFull") == 2
     time.sleep(CHECK_EVERY + 0.5)  # a look of the pool watch
     assert len(warnings(thin)) == 2
-
-
-def snapshot(name: str, claim_name: str) -> str:
-    return f"""apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata:
-  name: {name}
-spec:
-  source:
-    persistentVolumeClaimName: {claim_name}
-"""
 
 
 def test_a_snapshot_refused_on_a_full_pool_is_retried_and_succeeds_once_there_is_room(thin):
