@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from csi.proto import csi_pb2 as pb
-from pvlun.csi_client import CsiClient, capability
+from controlplane.csi_client import CsiClient, capability
 from pvlun.local_run import start_daemon, stop_daemon
 
 Row = tuple[str, str, str]

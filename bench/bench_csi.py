@@ -25,7 +25,7 @@ import grpc
 from csi.pool import is_mountpoint
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as rpc
-from pvlun.command import run as run_command
+from host.command import run as run_command
 
 MiB, GiB = 1 << 20, 1 << 30
 NODE = "bench-node"

@@ -16,7 +16,7 @@ from virt.guest_images import build_data_disk, build_linux_disk, build_tick_disk
 from virt.launcher import VmLauncher
 from virt.migration import migrate
 from virt.qemu_args import DiskAttachment, Throttle
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 
 def _vm(name: str, memory: str, volumes: list[str]):

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from pvlun.command import run
+from host.command import run
 from pvlun.local_run import start_daemon, stop_daemon
 
 REGISTRY_USER, REGISTRY_PASSWORD = "bench", "bench-Pa55"
@@ -84,7 +84,7 @@ class PvlunServe:
 
     def lun_path(self, dv_name: str, namespace: str = "default") -> str:
         """The LUN file of the DataVolume's claim (the file backend: pool/volumes/<id>.img)."""
-        from pvlun.store import SQLiteStore
+        from controlplane.store import SQLiteStore
 
         store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
         pvc = store.get("PersistentVolumeClaim", dv_name, namespace)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 
-from pvlun import kubelet
-from pvlun.command import run
-from pvlun.context import Context
-from pvlun.sandbox import UnsafeFile, fd_path, open_no_follow
+from controlplane import kubelet
+from host.command import run
+from controlplane.context import Context
+from host.sandbox import UnsafeFile, fd_path, open_no_follow
 
 CSI_CLONE = "csi-clone"
 HOST_ASSISTED = "host-assisted"

@@ -3,7 +3,7 @@
 The node service keeps no state of its own: everything it needs to know (what is staged
 or published where, which LUN file a device reads) is derived here from the system —
 /proc/self/mountinfo, sysfs and losetup. Every external tool runs through
-`pvlun.command.run`, so a failure carries the tool's own stderr. Making, probing and
+`host.command.run`, so a failure carries the tool's own stderr. Making, probing and
 growing filesystems lives in csi/filesystems.py.
 """
 
@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 
 from csi.node_paths import pinned
-from pvlun.command import CommandError, output, run
+from host.command import CommandError, output, run
 
 # Options that apply to one mount point (and so to a bind mount) rather than to the
 # filesystem: these are the ones a publish bind mount can honour.

@@ -47,7 +47,7 @@ def aborted(message: str) -> CsiError:
 
 # ---- what a caller may see of its own input and of the host ---------------------------
 # The one place for bounding and hiding: the driver's status messages use it, and so does
-# the control plane's user_text (pvlun/user_text.py) for everything a person reads.
+# the control plane's user_text (controlplane/user_text.py) for everything a person reads.
 
 SHOWN_CHARS = 64  # a value from a request appears in a message at most this long
 MAX_MESSAGE = 1024  # no status message is longer (gRPC carries it in a header of ~8 KiB)

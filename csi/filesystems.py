@@ -1,6 +1,6 @@
 """Filesystems on LUN devices: probe, make (only on a blank device), grow, measure.
 
-Every tool runs through `pvlun.command.run`; a failure carries the tool's stderr.
+Every tool runs through `host.command.run`; a failure carries the tool's stderr.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pvlun.command import CommandError, output, run
+from host.command import CommandError, output, run
 
 SUPPORTED_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs")
 DEFAULT_FILESYSTEM = "ext4"

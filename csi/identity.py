@@ -6,7 +6,7 @@ from google.protobuf.wrappers_pb2 import BoolValue
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
-from pvlun import DRIVER_NAME, __version__
+from csi import DRIVER_NAME, __version__
 
 _SERVICE = pb.PluginCapability.Service.Type
 _EXPANSION = pb.PluginCapability.VolumeExpansion.Type

@@ -27,7 +27,7 @@ from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.validation_node import (
     check_capability, check_path, check_volume_id, check_volume_path, lun_files, lun_path, require,
 )
-from pvlun.command import CommandError
+from host.command import CommandError
 
 log = logging.getLogger(__name__)
 

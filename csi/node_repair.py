@@ -21,7 +21,7 @@ import re
 from collections.abc import Collection, Sequence
 
 from csi import attach
-from pvlun.command import CommandError
+from host.command import CommandError
 
 log = logging.getLogger(__name__)
 

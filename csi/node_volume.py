@@ -16,7 +16,7 @@ import grpc
 from csi import attach, filesystems
 from csi.errors import CsiError, not_found, shown
 from csi.staging import EXT_SLACK, block_node, holds_volume, lun_of
-from pvlun.command import CommandError
+from host.command import CommandError
 
 log = logging.getLogger(__name__)
 

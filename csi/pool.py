@@ -13,7 +13,7 @@ import os
 from csi.backends.copy import can_reflink
 from csi.backends.file import DIR_MODE, FILE_MODE, make_private
 from csi.pool_image import PoolBacking, allocate, fit_filesystem, host_room, initial_size
-from pvlun.command import CommandError, run
+from host.command import CommandError, run
 
 log = logging.getLogger("pvlun.pool")
 GiB = 1 << 30

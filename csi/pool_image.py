@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, replace
 
 from csi.capacity import RESERVE_FRACTION, PoolSpace, human
-from pvlun.command import output, run
+from host.command import output, run
 
 log = logging.getLogger("pvlun.pool")
 MiB, GiB = 1 << 20, 1 << 30

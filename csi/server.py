@@ -16,7 +16,7 @@ from typing import Any, Callable
 import grpc
 
 from csi.errors import CsiError, public_message, shown
-from pvlun.command import CommandError
+from host.command import CommandError
 
 log = logging.getLogger("pvlun.csi")
 calls = logging.getLogger("pvlun.calls")

@@ -25,7 +25,7 @@ import subprocess
 import tarfile
 from typing import BinaryIO, Iterator
 
-from pvlun.sandbox import TOOLS_ONLY, Sandbox, give
+from host.sandbox import TOOLS_ONLY, Sandbox, give
 
 from . import errors, formats, transfer_watch
 from .errors import ImportFailed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from pvlun.user_text import one_line, tool_lines
+from controlplane.user_text import one_line, tool_lines
 
 # Reasons (CDI-like). Callers may switch on these.
 INVALID_SOURCE = "InvalidSource"          # malformed spec, unsupported scheme or source kind
@@ -78,5 +78,5 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def tool_text(stderr: str, limit: int = 600) -> str:
-    """A tool's error output as pvlun.user_text shortens it, on one line, without credentials."""
+    """A tool's error output as controlplane.user_text shortens it, on one line, without credentials."""
     return scrub(one_line(tool_lines(stderr), limit))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pvlun.command import CommandError, run
-from pvlun.sandbox import UnsafeFile, fd_path, open_no_follow
+from host.command import CommandError, run
+from host.sandbox import UnsafeFile, fd_path, open_no_follow
 
 from . import errors
 from .errors import ImportFailed

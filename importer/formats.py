@@ -16,8 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from pvlun.command import CommandError, Limits, run
-from pvlun.sandbox import TOOLS_ONLY, Sandbox
+from host.command import CommandError, Limits, run
+from host.sandbox import TOOLS_ONLY, Sandbox
 
 from . import errors, references
 from .errors import ImportFailed

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Literal
 
-from pvlun.sandbox import give
-from pvlun.user_text import user_text
+from host.sandbox import give
+from controlplane.user_text import user_text
 
 from . import archive, errors, formats, transfer_watch
 from .errors import ImportFailed

@@ -1,6 +1,6 @@
 """Running `qemu-img convert` with progress, and making a Block target read as zeros again.
 
-qemu-img convert is long-running, so it is started with Popen (not pvlun.command.run) and
+qemu-img convert is long-running, so it is started with Popen (not host.command.run) and
 its `-p` output is read as it goes; a convert that goes silent for the import's stall
 timeout (`transfer_watch`) is reported as stalled, and a cancelled import kills it.
 It runs sandboxed like every qemu-img on untrusted data: it sees the image's node and the
@@ -19,8 +19,8 @@ import subprocess
 import time
 from typing import Callable
 
-from pvlun.command import CommandError, run
-from pvlun.sandbox import lent
+from host.command import CommandError, run
+from host.sandbox import lent
 
 from . import errors, transfer_watch
 from .errors import ImportFailed

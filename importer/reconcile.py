@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-from pvlun import kubelet
-from pvlun.context import Context
-from importer.dv_spec import FILESYSTEM_OVERHEAD, claim_spec, validate
-from pvlun.quantity import parse_quantity
-from pvlun.store import Obj, set_condition
-from pvlun.user_text import shown_text, user_text
+from controlplane import kubelet
+from controlplane.context import Context
+from controlplane.dv_spec import FILESYSTEM_OVERHEAD, claim_spec, validate
+from controlplane.quantity import parse_quantity
+from controlplane.store import Obj, set_condition
+from controlplane.user_text import shown_text, user_text
 
 log = logging.getLogger("pvlun.importer")
 
@@ -36,8 +36,8 @@ def _save(ctx: Context, dv: Obj, status: Obj) -> None:
     ctx.store.update_status(KIND, dv["metadata"]["name"], dv["metadata"].get("namespace", "default"), status)
 
 
-def _phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, str] | None = None,
-           ready: bool | None = None, progress: str | None = None, event: tuple[str, str, str] | None = None) -> Obj:
+def set_phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, str] | None = None,
+              ready: bool | None = None, progress: str | None = None, event: tuple[str, str, str] | None = None) -> Obj:
     status = _status(dv)
     status["phase"] = phase
     status.setdefault("restartCount", 0)
@@ -67,7 +67,7 @@ def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     if any(c["type"] == "Bound" for c in status.get("conditions", [])):
         set_condition(status, "Bound", False, "ClaimDeleted", "the claim was deleted with the failed import's data")
         dv["status"] = status
-    _phase(ctx, dv, "Failed", running=(False, reason, message), ready=False,
+    set_phase(ctx, dv, "Failed", running=(False, reason, message), ready=False,
            event=("Warning", reason, message))
     status = _status(dv)
     set_condition(status, "Ready", False, reason, message)
@@ -111,7 +111,7 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
             "spec": claim_spec(claim_kind, source, size, mode, access, sc,
                                (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
         })
-        status = _phase(ctx, dv, scheduled, progress="N/A", ready=False)
+        status = set_phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
         return
@@ -127,7 +127,7 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
         _save(ctx, dv, status)
         dv["status"] = status
     if strategy == "host-assisted":
-        from pvlun.provisioner import claim_populated
+        from controlplane.provisioner import claim_populated
 
         src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
         if src is not None and claim_populated(ctx, src):
@@ -135,12 +135,12 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
                                    f"clone/{key_of(dv)}", volumes=2)
         return
     if kind in ("pvc", "snapshot"):
-        _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
+        set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
                event=("Normal", "CloneSucceeded", f"{kind} cloned into claim {meta['name']} by the CSI driver"))
         return
     if kind == "upload":
         if status.get("phase") != "UploadReady":
-            _phase(ctx, dv, "UploadReady", running=(True, "Pod Running", ""), ready=False,
+            set_phase(ctx, dv, "UploadReady", running=(True, "Pod Running", ""), ready=False,
                    event=("Normal", "UploadReady", "upload endpoint ready; send the image with pvlun image-upload"))
         return
     ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_import(ctx, dv, kind, source, mode, node),
@@ -159,18 +159,18 @@ def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -
 def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | None = None) -> None:
     """Source and target differ in volume mode: copy the disk across on a node."""
     from cloner import host_assisted_copy
-    from pvlun.command import CommandError
+    from host.command import CommandError
 
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
-    _phase(ctx, dv, "CloneInProgress", running=(True, "Pod Running", "host-assisted clone"), progress="0.00%")
+    set_phase(ctx, dv, "CloneInProgress", running=(True, "Pod Running", "host-assisted clone"), progress="0.00%")
     try:
         host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}",
                            node)
     except (CommandError, kubelet.NotReady, OSError) as exc:  # OSError: a disk.img that is a link, a FIFO
         fail(ctx, dv, "CloneFailed", user_text(exc))
         return
-    _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
+    set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
            event=("Normal", "CloneSucceeded", "host-assisted clone (volume modes differ) into claim " + meta["name"]))
 
 
@@ -245,7 +245,7 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, n
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     owner = f"import/{ns}/{meta['name']}"
-    _phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
+    set_phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
     attachment = None
     watch = TransferWatch(float(ctx.services.get("stall_seconds") or DEFAULT_STALL_SECONDS), _cancelled(ctx, dv))
     try:
@@ -273,7 +273,7 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, n
         fail(ctx, dv, "InternalError", user_text(exc))
         return
     _detach(ctx, attachment, owner)
-    _phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", "Import Complete"), ready=True,
+    set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", "Import Complete"), ready=True,
            event=("Normal", "ImportSucceeded", "Successfully imported into claim " + meta["name"]))
 
 

@@ -17,8 +17,8 @@ import tempfile
 from importer import reconcile as dv
 from importer.scratch import scratch_dir
 from importer.upload_server import KEY_BYTES, UploadServer, issue_token
-from pvlun import kubelet
-from pvlun.context import Context
+from controlplane import kubelet
+from controlplane.context import Context
 
 log = logging.getLogger("pvlun.upload")
 TOKEN_TTL = 300
@@ -142,7 +142,7 @@ class UploadGateway:
     def on_done(self, key: str, ok: bool, message: str) -> None:
         obj = self._dv(key)
         if ok:
-            dv._phase(self.ctx, obj, "Succeeded", progress="100.0%", running=(False, "Completed", "Upload Complete"),
+            dv.set_phase(self.ctx, obj, "Succeeded", progress="100.0%", running=(False, "Completed", "Upload Complete"),
                       ready=True, event=("Normal", "UploadSucceeded", "Upload Successful"))
         else:
             reason, _, text = message.partition(": ")

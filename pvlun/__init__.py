@@ -1,4 +1,5 @@
 """pvlun: disks for virtual machines on Kubernetes."""
 
-__version__ = "0.1.0"
-DRIVER_NAME = "csi.pvlun.dev"
+from csi import DRIVER_NAME, __version__
+
+__all__ = ["DRIVER_NAME", "__version__"]

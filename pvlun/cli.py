@@ -18,7 +18,7 @@ DEFAULT_DATA_DIR = "/var/lib/pvlun"
 
 def parse_size(text: str) -> int:
     """A Kubernetes quantity (10Gi, 512Mi, 1G) for argparse."""
-    from pvlun.quantity import parse_quantity
+    from controlplane.quantity import parse_quantity
 
     try:
         return parse_quantity(text)
@@ -148,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pvlun.admission import Refused
+    from controlplane.admission import Refused
     from pvlun.objects_cli import NoDaemon
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "namespace", None):
-        from pvlun.admission import check_name
+        from controlplane.admission import check_name
 
         try:
             check_name("x", args.namespace)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, a person reads one line, not a traceback
-        from pvlun.user_text import user_text
+        from controlplane.user_text import user_text
 
         print(f"error: {user_text(exc)}", file=sys.stderr)
         return 1

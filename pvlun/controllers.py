@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Callable
 
-from pvlun.context import Context
-from pvlun.object_links import LinkIndex, key_of
-from pvlun.store import Key, Obj
-from pvlun.user_text import user_text
-from pvlun.work_queue import WorkQueue
+from controlplane.context import Context
+from controlplane.object_links import LinkIndex, key_of
+from controlplane.store import Key, Obj
+from controlplane.user_text import user_text
+from controlplane.work_queue import WorkQueue
 
 log = logging.getLogger("pvlun.controllers")
 
@@ -40,10 +40,10 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     at a time: the garbage collector first (an orphan is deleted, not worked on), then the
     kind's controller."""
     from importer.reconcile import reconcile_datavolume
-    from pvlun.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
-    from pvlun.kubelet import reconcile_attachment
-    from pvlun.provisioner import reconcile_pvc
-    from pvlun.snapshotter import reconcile_volume_snapshot
+    from controlplane.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
+    from controlplane.kubelet import reconcile_attachment
+    from controlplane.provisioner import reconcile_pvc
+    from controlplane.snapshotter import reconcile_volume_snapshot
 
     table: list[tuple[str, Reconciler]] = [(kind, collect_if_orphaned) for kind in COLLECTED] + [
         ("VolumeAttachment", reconcile_attachment),
@@ -198,3 +198,19 @@ def run_loop(ctx: Context) -> ControlLoop:
     loop = ControlLoop(ctx, reconcilers())
     loop.start()
     return loop
+
+
+def recover(ctx: Context) -> dict[str, int]:
+    """Start-up repair, each part its own objects, in the order that keeps a VM from running
+    twice and tells an upload under way: QEMU and VMIs, attachments, imports, migrations."""
+    from controlplane.recovery import recover_attachments
+    from importer.recovery import recover_imports
+    from virt.recovery import recover_migrations, recover_vmis
+
+    counts = dict.fromkeys(("qemu", "attachments", "foreign", "vmis", "datavolumes", "migrations", "failed",
+                            "scratch"), 0)
+    recover_vmis(ctx, counts)
+    owners = recover_attachments(ctx, counts)
+    recover_imports(ctx, counts, owners)
+    recover_migrations(ctx, counts)
+    return counts

@@ -19,7 +19,8 @@ from csi.lun_service import LunService
 from csi.pool import DEFAULT_POOL_SIZE, pool_backing, prepare_pool, private_dir, release_pool
 from csi.proto import csi_pb2_grpc
 from csi.server import build_server, parse_endpoint
-from pvlun import serve_record
+from controlplane import serve_record
+from controlplane.serve_record import default_endpoint, node_endpoint
 from pvlun.instance_lock import InstanceLocks
 
 log = logging.getLogger("pvlun.serve")
@@ -54,14 +55,6 @@ class ServeOptions:
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host or "127.0.0.1", int(port or 0)
-
-
-def node_endpoint(data_dir: str, node_id: str) -> str:
-    return f"unix://{os.path.join(data_dir, 'nodes', node_id, 'csi.sock')}"
-
-
-def default_endpoint(data_dir: str) -> str:
-    return f"unix://{os.path.join(os.path.abspath(data_dir), 'csi.sock')}"
 
 
 class Daemon:
@@ -140,7 +133,7 @@ class Daemon:
                                    pool_backing(self.data_dir, pool, opts.pool_size, thin))
             repaired = self.luns.repair()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
-            from pvlun.pool_watch import PoolWatch
+            from controlplane.pool_watch import PoolWatch
 
             self.pool_watch = PoolWatch(self.luns.pool_usage)
         node_ids = opts.node_ids() if with_node else []
@@ -165,10 +158,10 @@ class Daemon:
 
     def _start_control_plane(self, node_ids: list[str]) -> None:
         """The embedded Kubernetes: object store, reconcile loop, talking CSI over our own socket."""
-        from pvlun.context import Context
+        from controlplane.context import Context
         from pvlun.controllers import run_loop
-        from pvlun.csi_client import CsiClient
-        from pvlun.store import SQLiteStore
+        from controlplane.csi_client import CsiClient
+        from controlplane.store import SQLiteStore
 
         store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
         csi = CsiClient(self.data_dir, node_ids, self.endpoint())
@@ -178,11 +171,11 @@ class Daemon:
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
         if self.pool_watch is not None:
-            from pvlun.provisioner import ensure_default_storage_class
+            from controlplane.provisioner import ensure_default_storage_class
 
             self.ctx.services["pool_watch"] = self.pool_watch
             ensure_default_storage_class(self.ctx)  # where the pool's warnings go
-        from pvlun.recovery import recover
+        from pvlun.controllers import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
         self._release_unexplained()

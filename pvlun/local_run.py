@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from csi.pool import is_mountpoint
-from pvlun import serve_record
-from pvlun.command import run
+from controlplane import serve_record
+from host.command import run
 
 
 def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: float = 60) -> subprocess.Popen:

@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 
 import yaml
 
-from pvlun.admission import Refused, admit_update, known_kind, load_documents
-from pvlun.data_sources import cycle_message, find_cycle
-from pvlun.manifest_yaml import ManifestError, read_manifest
-from pvlun.store import CLUSTER_SCOPED, SQLiteStore
-from pvlun.user_text import quoted
+from controlplane.admission import Refused, admit_update, known_kind, load_documents
+from controlplane.data_sources import cycle_message, find_cycle
+from controlplane.manifest_yaml import ManifestError, read_manifest
+from controlplane.store import CLUSTER_SCOPED, SQLiteStore
+from controlplane.user_text import quoted
 
 
 class NoDaemon(RuntimeError):

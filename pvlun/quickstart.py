@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from csi.proto import csi_pb2 as pb
-from pvlun.csi_client import CsiClient, capability
+from controlplane.csi_client import CsiClient, capability
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 
 MiB = 1 << 20
@@ -196,7 +196,7 @@ spec:
         steps.run("pvlun apply --wait (http qcow2 DataVolume)", apply)
 
     def verify() -> str:
-        from pvlun.store import SQLiteStore
+        from controlplane.store import SQLiteStore
 
         store = SQLiteStore(os.path.join(data_dir, "catalog.db"))
         pvc = store.get("PersistentVolumeClaim", "quickstart-disk", "default")

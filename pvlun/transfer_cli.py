@@ -100,8 +100,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from importer.errors import ImportFailed
     from importer.export import export_volume
-    from pvlun import kubelet
-    from pvlun.csi_client import CsiClient
+    from controlplane import kubelet
+    from controlplane.csi_client import CsiClient
 
     if args.kind not in ("pvc", "persistentvolumeclaim"):
         print("error: only pvc exports are supported (pvlun export pvc NAME -o FILE)", file=sys.stderr)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pvlun.command import CommandError, run
-from pvlun.sandbox import TOOLS_ONLY, Sandbox, give, lent, open_as_sandbox_user, prepare_dir, sandbox_ids
+from host.command import CommandError, run
+from host.sandbox import TOOLS_ONLY, Sandbox, give, lent, open_as_sandbox_user, prepare_dir, sandbox_ids
 
 
 def _sh(box: Sandbox, script: str) -> subprocess.CompletedProcess[bytes]:

@@ -5,7 +5,7 @@ for seconds or forever. So we boot the tick guest (virt/bootsector.py) with -acc
 wait for its marker on the serial port for a few seconds. The answer is cached in the
 process and in a small file keyed by the host boot id, so a fleet of VMs pays the probe once
 per boot. `PVLUN_ACCEL=kvm|tcg` or the `override` argument skip the probe. The probe QEMU
-runs in the same sandbox as every QEMU (pvlun/sandbox.py), handed only its disk, its log
+runs in the same sandbox as every QEMU (host/sandbox.py), handed only its disk, its log
 directory and /dev/kvm.
 """
 
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pvlun.sandbox import Sandbox, give, prepare_dir
+from host.sandbox import Sandbox, give, prepare_dir
 from virt.guest_images import build_tick_disk
 from virt.qemu_args import QEMU_BINARY, SECCOMP
 

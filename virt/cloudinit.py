@@ -12,8 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from pvlun.command import run
-from virt.spec import Volume, VmSpec
+from host.command import run
+from controlplane.vm_spec import Volume, VmSpec
 
 
 def meta_data(vm: VmSpec) -> str:

@@ -20,7 +20,7 @@ import os
 import threading
 from pathlib import Path
 
-from pvlun.sandbox import open_no_follow
+from host.sandbox import open_no_follow
 
 DEFAULT_LIMIT = 4 << 20
 HISTORY_FILE = "console.log"

@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from pvlun.command import run
+from host.command import run
 from virt.bootsector import tick_boot_sector
 
 TICK_DISK_SIZE = 1 << 20

@@ -26,8 +26,8 @@ import subprocess
 from pathlib import Path
 from typing import Mapping
 
-from pvlun.sandbox import open_no_follow, sandbox_ids
-from virt.spec import Interface, VmSpec
+from host.sandbox import open_no_follow, sandbox_ids
+from controlplane.vm_spec import Interface, VmSpec
 
 PASST = "passt"
 GUEST_ADDRESS = "10.0.2.2"

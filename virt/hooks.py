@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
-from pvlun.command import CommandError, run
-from pvlun.user_text import user_text
-from virt.spec import VmSpec
+from host.command import CommandError, run
+from controlplane.user_text import user_text
+from controlplane.vm_spec import VmSpec
 
 EVENTS = ("pre", "post", "failed")
 

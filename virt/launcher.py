@@ -6,7 +6,7 @@ the process exit into a phase — Scheduling, Running, Paused, Migrating, Succee
 reported through `on_phase`. QEMU's stderr goes to `<run_dir>/qemu.stderr`, whose text is
 what a failed start reports.
 
-QEMU runs in a sandbox (pvlun/sandbox.py) as the unprivileged sandbox user: a mount
+QEMU runs in a sandbox (host/sandbox.py) as the unprivileged sandbox user: a mount
 namespace holding /usr, the private device nodes of its published block devices and /dev/kvm
 when KVM is used, and a network namespace of its own. Everything else it inherits open from
 root (virt/run_dir.py): its volume files, serial log, firmware variables, QMP and console
@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pvlun.sandbox import Sandbox, open_no_follow
+from host.sandbox import Sandbox, open_no_follow
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
 from virt.guest_network import GuestNetwork, choose_host_ports
@@ -35,7 +35,7 @@ from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_arg
 from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
 from virt.run_dir import copy_into, listen_unix, open_file, prepare_run_dir, remove_sockets, socket_path
-from virt.spec import VmSpec
+from controlplane.vm_spec import VmSpec
 
 OVMF_CANDIDATES = {
     False: [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),

@@ -8,14 +8,14 @@ import logging
 import shlex
 import threading
 
-from pvlun.context import Context
-from pvlun.store import Obj, remove_finalizer
-from pvlun.user_text import user_text
+from controlplane.context import Context
+from controlplane.store import Obj, remove_finalizer
+from controlplane.user_text import user_text
 from virt.hooks import HookContext, MigrationHooks
 from virt.launcher import VmLauncher
 from virt.migration import MigrationStatus, migrate
 from virt.runtime import CSI_SOURCES, attach_volumes, detach_volumes, set_vmi_status
-from virt.spec import SpecError, parse_migration
+from controlplane.vm_spec import SpecError, parse_migration
 
 log = logging.getLogger("pvlun.virt")
 NODE_SELECTOR_KEY = "kubernetes.io/hostname"

@@ -14,7 +14,7 @@ from pathlib import Path
 from virt.cloudinit import build_nocloud_seed
 from virt.qemu_args import DiskAttachment
 from virt.run_dir import create_atomically, prepare_run_dir
-from virt.spec import SpecError, VmSpec
+from controlplane.vm_spec import SpecError, VmSpec
 
 LOCAL_SOURCES = ("cloudInitNoCloud", "emptyDisk")
 

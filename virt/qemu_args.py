@@ -10,7 +10,7 @@ throttle group `tg-<volume>` whose limits can be changed live over QMP.
 
 Safe by construction: block nodes are JSON (`-blockdev`), every other option is built by
 `_keyval`, which escapes every value (QEMU doubles commas), and every value that came from a
-spec already matched a strict pattern (virt/spec_fields.py). QEMU also runs with `-sandbox`
+spec already matched a strict pattern (controlplane/vm_spec_fields.py). QEMU also runs with `-sandbox`
 (seccomp): no exec, no privilege changes, no obsolete or resource-control syscalls.
 """
 
@@ -24,8 +24,8 @@ import stat
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from pvlun.sandbox import open_no_follow
-from virt.spec import Disk, VmSpec
+from host.sandbox import open_no_follow
+from controlplane.vm_spec import Disk, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIB = 1 << 20

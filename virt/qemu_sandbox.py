@@ -1,6 +1,6 @@
 """QEMU as a sandboxed process: what its sandbox holds, which pid is QEMU, how it ends.
 
-The launcher runs `bwrap … setpriv … qemu-system-x86_64 …` (pvlun/sandbox.py). Three
+The launcher runs `bwrap … setpriv … qemu-system-x86_64 …` (host/sandbox.py). Three
 processes then stand for one QEMU: bwrap, the sandbox's init and QEMU itself. The VMI status
 names QEMU's own pid (what a person or a test kills, what start-up repair looks for), a kill
 ends the whole tree, and the exit status bwrap reports is turned back into QEMU's.
@@ -15,9 +15,9 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from pvlun.sandbox import Sandbox, UnsafeFile, open_no_follow, processes_below
+from host.sandbox import Sandbox, UnsafeFile, open_no_follow, processes_below
 from virt.qemu_args import DiskAttachment
-from virt.spec import VmSpec
+from controlplane.vm_spec import VmSpec
 
 
 def qemu_sandbox(disks: Mapping[str, DiskAttachment], binary: str, firmware: list[str],

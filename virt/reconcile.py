@@ -18,14 +18,14 @@ import os
 import shutil
 import time
 
-from pvlun import kubelet
-from pvlun.context import Context
-from pvlun.store import Obj, remove_finalizer, set_condition
-from pvlun.user_text import user_text
+from controlplane import kubelet
+from controlplane.context import Context
+from controlplane.store import Obj, remove_finalizer, set_condition
+from controlplane.user_text import user_text
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import guest_device_names, node_name
 from virt.runtime import CSI_SOURCES, VmRuntime, owner
-from virt.spec import DEFAULT_GRACE_SECONDS, SpecError, parse_virtual_machine
+from controlplane.vm_spec import DEFAULT_GRACE_SECONDS, SpecError, parse_virtual_machine
 
 log = logging.getLogger("pvlun.virt")
 REQUEST = "pvlun.dev/state-change-request"

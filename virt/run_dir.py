@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from pvlun.sandbox import open_no_follow
+from host.sandbox import open_no_follow
 
 SOCKET_ROOT = "/run/pvlun/vm-sockets"
 _SOCKET_MAX = 100  # bytes of a unix socket path, with room to spare (sun_path holds 108)

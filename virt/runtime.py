@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 import grpc
 
 from csi.proto import csi_pb2 as pb
-from pvlun import kubelet
-from pvlun.context import Context
-from pvlun.sandbox import UnsafeFile
-from pvlun.store import set_condition
-from pvlun.user_text import shown_text, user_text
+from controlplane import kubelet
+from controlplane.context import Context
+from host.sandbox import UnsafeFile
+from controlplane.store import set_condition
+from controlplane.user_text import shown_text, user_text
 from virt.console_history import ConsoleHistory, catch_up, history_file
 from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
-from virt.spec import VmSpec
+from controlplane.vm_spec import VmSpec
 
 log = logging.getLogger("pvlun.virt")
 CSI_SOURCES = ("dataVolume", "persistentVolumeClaim")

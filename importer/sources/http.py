@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterator
 
 import requests
 
-from pvlun.sandbox import open_as_sandbox_user
+from host.sandbox import open_as_sandbox_user
 
 from .. import errors
 from ..formats import HEAD_SIZE

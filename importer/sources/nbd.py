@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Iterator
 
-from pvlun.sandbox import TOOLS_ONLY, Sandbox, prepare_dir
+from host.sandbox import TOOLS_ONLY, Sandbox, prepare_dir
 
 from .. import errors, transfer_watch
 from ..scratch import NBD_PREFIX

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
-from pvlun.store import SQLiteStore
+from controlplane.store import SQLiteStore
 from virt.guest_images import tick_vm_manifest
 
 

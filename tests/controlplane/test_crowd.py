@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from pvlun.store import SQLiteStore
+from controlplane.store import SQLiteStore
 
 CROWD = 300  # bench/bench_crowd.py applies 1,000; this keeps `make test` fast
 SLOTS_PER_NODE = 3  # fewer than the job pool's workers: work must wait for a slot

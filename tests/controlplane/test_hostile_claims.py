@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from manifests import snapshot
-from pvlun import kubelet
-from pvlun.csi_client import CsiClient
+from controlplane import kubelet
+from controlplane.csi_client import CsiClient
 
 MiB = 1 << 20
 ALLOW = "snapshot.storage.kubernetes.io/allow-volume-mode-change"

@@ -20,8 +20,8 @@ from test_datavolume import dv
 
 from conftest import start_instance, stop_instance
 from csi.proto import csi_pb2 as pb
-from pvlun import kubelet
-from pvlun.csi_client import CsiClient
+from controlplane import kubelet
+from controlplane.csi_client import CsiClient
 from pvlun.local_run import small_ext4
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ import pytest
 from hostile_http import HostileServer
 from test_datavolume import dv
 
-from pvlun.sandbox import processes_below
+from host.sandbox import processes_below
 
 MiB = 1 << 20
 

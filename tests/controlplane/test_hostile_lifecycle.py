@@ -53,8 +53,8 @@ def upload_attachments(inst, name: str) -> list[dict]:
 
 
 def test_start_up_repair_drops_attachments_on_a_node_no_longer_served_and_malformed_ones(serve, tmp_path):
-    from pvlun import kubelet
-    from pvlun.csi_client import CsiClient
+    from controlplane import kubelet
+    from controlplane.csi_client import CsiClient
 
     data_dir = str(tmp_path / "renamed")
     os.makedirs(data_dir)
@@ -147,7 +147,7 @@ def test_upload_readiness_probes_and_requests_that_are_no_upload_attach_nothing(
 
 def test_split_serve_modes_open_no_upload_endpoint_and_are_found_from_the_data_dir(serve, instance, tmp_path):
     from csi.proto import csi_pb2 as pb
-    from pvlun.csi_client import CsiClient
+    from controlplane.csi_client import CsiClient
 
     data_dir = str(tmp_path / "split")
     os.makedirs(data_dir)

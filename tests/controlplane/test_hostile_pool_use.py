@@ -17,7 +17,7 @@ import pytest
 
 from manifests import snapshot
 from pvlun.local_run import small_xfs_pool, stop_daemon
-from pvlun.pool_watch import CHECK_EVERY
+from controlplane.pool_watch import CHECK_EVERY
 
 MiB = 1 << 20
 

@@ -15,8 +15,8 @@ import sys
 
 from test_datavolume import dv
 
-from pvlun import kubelet
-from pvlun.csi_client import CsiClient
+from controlplane import kubelet
+from controlplane.csi_client import CsiClient
 
 
 def second_serve(data_dir: str, *extra: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from test_datavolume import dv, make_qcow2
 from test_hostile_claims import claim, snapshot
 from test_hostile_yaml import assert_one_line_refusal
 
-from pvlun.object_update import LAST_APPLIED
+from controlplane.object_update import LAST_APPLIED
 
 
 def refused(inst, manifest: str, fragment: str) -> None:

@@ -10,8 +10,8 @@ import sys
 import grpc
 
 from csi.proto import csi_pb2 as pb
-from pvlun.csi_client import CsiClient
-from pvlun.user_text import LIMIT, user_text
+from controlplane.csi_client import CsiClient
+from controlplane.user_text import LIMIT, user_text
 
 
 def assert_readable(text: str, data_dir: str) -> None:

@@ -28,7 +28,7 @@ from csi.catalog import READY
 from csi.pool import is_mountpoint
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as rpc
-from pvlun.command import run
+from host.command import run
 
 MiB = 1 << 20
 ROUNDS_PER_POOL = 12

@@ -23,7 +23,7 @@ from csi import attach, filesystems
 from csi.node import NodeService
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
-from pvlun.command import output, run
+from host.command import output, run
 
 MiB = 1 << 20
 Mode = pb.VolumeCapability.AccessMode.Mode

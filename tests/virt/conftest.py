@@ -11,7 +11,7 @@ import pytest
 from virt.guest_images import build_data_disk, build_linux_disk, build_tick_disk
 from virt.launcher import VmLauncher
 from virt.qemu_args import DiskAttachment, Throttle
-from virt.spec import VmSpec, parse_virtual_machine
+from controlplane.vm_spec import VmSpec, parse_virtual_machine
 
 PAYLOAD = os.urandom(200_000)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import yaml
 
-from pvlun.admission import Refused, load_documents
+from controlplane.admission import Refused, load_documents
 from virt.local_volumes import local_attachments
-from virt.spec import SpecError, parse_virtual_machine
+from controlplane.vm_spec import SpecError, parse_virtual_machine
 
 FIELD = "spec.template.spec.volumes[1].emptyDisk.capacity"
 

@@ -16,7 +16,7 @@ import pytest
 from virt.guest_images import build_data_disk, build_linux_disk
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import DiskAttachment
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 DHCP_SCRIPT = """#!/bin/sh
 [ "$1" = bound ] || exit 0

@@ -14,9 +14,9 @@ import uuid
 
 import pytest
 
-from pvlun.admission import Refused, load_documents
+from controlplane.admission import Refused, load_documents
 from virt.qemu_args import DiskAttachment, Throttle, build_qemu_argv
-from virt.spec import SpecError, parse_virtual_machine
+from controlplane.vm_spec import SpecError, parse_virtual_machine
 
 DOMAIN = "spec.template.spec.domain"
 TEMPLATE = "spec.template.spec"

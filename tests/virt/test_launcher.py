@@ -12,7 +12,7 @@ import pytest
 from virt.launcher import LaunchError, Phase
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 
 def ticks(text: str) -> list[int]:

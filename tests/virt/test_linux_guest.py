@@ -6,7 +6,7 @@ import re
 
 from virt.launcher import Phase
 from virt.qemu_args import DiskAttachment, Throttle
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 
 def test_linux_guest_prints_checksum_of_file_on_second_disk(launchers, manifest, linux_disks, payload_sha256,

@@ -8,7 +8,7 @@ import pytest
 
 from virt.guest_network import build_passt_argv
 from virt.qemu_args import DiskAttachment, Throttle, build_qemu_argv, guest_device_names, mac_address
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 
 def vm(disks, volumes, interfaces=(), networks=(), **domain):

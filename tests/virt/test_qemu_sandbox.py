@@ -7,9 +7,9 @@ import os
 import re
 import subprocess
 
-from pvlun.sandbox import Sandbox, sandbox_ids
+from host.sandbox import Sandbox, sandbox_ids
 from virt.qemu_args import DiskAttachment, Throttle, SECCOMP
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 
 def alive(pid: int) -> bool:

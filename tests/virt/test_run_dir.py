@@ -19,7 +19,7 @@ from pathlib import Path
 from virt.console_history import ConsoleHistory
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 VICTIM = b"VICTIM: root's own file\n"

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
-from pvlun.quantity import parse_quantity
-from virt.spec import (SpecError, parse_migration, parse_object, parse_virtual_machine,
+from controlplane.quantity import parse_quantity
+from controlplane.vm_spec import (SpecError, parse_migration, parse_object, parse_virtual_machine,
                        parse_virtual_machine_instance)
 
 FULL = {

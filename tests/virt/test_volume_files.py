@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from pvlun.sandbox import UnsafeFile
+from host.sandbox import UnsafeFile
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import DiskAttachment
-from virt.spec import parse_virtual_machine
+from controlplane.vm_spec import parse_virtual_machine
 
 CANARY = b"root-only canary\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, DecimalException
 
-from pvlun.user_text import quoted
+from controlplane.user_text import quoted
 
 _SUFFIXES = {
     "": 1,

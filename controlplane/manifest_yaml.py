@@ -20,7 +20,7 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.events import AliasEvent, ScalarEvent
 from yaml.resolver import Resolver
 
-from pvlun.user_text import one_line
+from controlplane.user_text import one_line
 
 MAX_INPUT = 8 << 20  # bytes of one manifest, and the expanded weight of all its documents
 MAX_DEPTH = 64  # nesting levels; Kubernetes objects need about a dozen

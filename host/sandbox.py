@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
-from pvlun.command import Limits
+from host.command import Limits
 
 SANDBOX_USER = "nobody"
 _SYSTEM_RO = ("/usr",)

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from pvlun.kubelet import NodeFull
-from pvlun.store import ObjectStore
+from controlplane.kubelet import NodeFull
+from controlplane.store import ObjectStore
 
 
 class NoFreeSlot(LookupError):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import grpc
 
 from csi.proto import csi_pb2 as pb
-from pvlun import DRIVER_NAME
-from pvlun.context import Context
-from pvlun.csi_client import capability
-from pvlun.quantity import parse_quantity
-from pvlun.store import Obj, remove_finalizer, set_condition
-from pvlun.user_text import user_text
+from csi import DRIVER_NAME
+from controlplane.context import Context
+from controlplane.csi_client import capability
+from controlplane.quantity import parse_quantity
+from controlplane.store import Obj, remove_finalizer, set_condition
+from controlplane.user_text import user_text
 
 FINALIZER = "pvlun.dev/provisioner"
 DEFAULT_CLASS = "pvlun"

@@ -13,7 +13,7 @@ import grpc
 
 from csi.errors import cut, hide_paths
 from csi.errors import shown as quoted
-from pvlun.command import CommandError
+from host.command import CommandError
 
 LIMIT = 400  # characters of one message
 _INTERNAL = (AttributeError, TypeError, KeyError, IndexError, NameError, AssertionError, RecursionError)

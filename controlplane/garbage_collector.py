@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pvlun.admission import KINDS as APPLIED_KINDS
-from pvlun.context import Context
-from pvlun.store import CLUSTER_SCOPED, Obj, namespace_of
+from controlplane.admission import KINDS as APPLIED_KINDS
+from controlplane.context import Context
+from controlplane.store import CLUSTER_SCOPED, Obj, namespace_of
 
 log = logging.getLogger("pvlun.gc")
 # every kind the embedded store holds: what `apply` takes, and what the controllers make

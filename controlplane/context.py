@@ -10,10 +10,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pvlun.csi_client import CsiClient
-from pvlun.kubelet import NodeFull
-from pvlun.node_slots import NodeSlots
-from pvlun.store import ObjectStore
+from controlplane.csi_client import CsiClient
+from controlplane.kubelet import NodeFull
+from controlplane.node_slots import NodeSlots
+from controlplane.store import ObjectStore
 
 log = logging.getLogger("pvlun.controllers")
 

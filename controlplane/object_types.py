@@ -14,8 +14,8 @@ import binascii
 import re
 from typing import Any
 
-from pvlun.quantity import parse_quantity
-from pvlun.user_text import quoted
+from controlplane.quantity import parse_quantity
+from controlplane.user_text import quoted
 
 ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
 SERVER_SET = ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",

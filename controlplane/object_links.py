@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from pvlun.store import CLUSTER_SCOPED, Key, Obj, namespace_of
+from controlplane.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 
 # Kinds nobody reconciles whose changes matter one step further: a VolumeAttachment names a
 # PersistentVolume, whose claim waits for its attachments to go; a restore waits on the

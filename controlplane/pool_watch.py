@@ -21,8 +21,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from csi.capacity import PoolUsage, human
-from pvlun import DRIVER_NAME
-from pvlun.context import Context
+from csi import DRIVER_NAME
+from controlplane.context import Context
 
 log = logging.getLogger("pvlun.pool")
 WARN_AT = (0.80, 0.90)

@@ -11,18 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pvlun.quantity import parse_quantity
-from virt.spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
-from virt.spec_fields import SUBDOMAIN as _SUBDOMAIN
-from virt.spec_fields import base64_text as _b64
-from virt.spec_fields import boolean as _bool
-from virt.spec_fields import integer as _int
-from virt.spec_fields import items as _list
-from virt.spec_fields import mac_address, machine_type, matching, one_of
-from virt.spec_fields import mapping as _map
-from virt.spec_fields import name as _name
-from virt.spec_fields import shown
-from virt.spec_fields import text as _text
+from controlplane.quantity import parse_quantity
+from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
+from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
+from controlplane.vm_spec_fields import base64_text as _b64
+from controlplane.vm_spec_fields import boolean as _bool
+from controlplane.vm_spec_fields import integer as _int
+from controlplane.vm_spec_fields import items as _list
+from controlplane.vm_spec_fields import mac_address, machine_type, matching, one_of
+from controlplane.vm_spec_fields import mapping as _map
+from controlplane.vm_spec_fields import name as _name
+from controlplane.vm_spec_fields import shown
+from controlplane.vm_spec_fields import text as _text
 
 API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import grpc
 
 from csi.proto import csi_pb2 as pb
-from pvlun.csi_client import CsiClient, capability
-from pvlun.store import ObjectStore, now
-from pvlun.user_text import user_text
+from controlplane.csi_client import CsiClient, capability
+from controlplane.store import ObjectStore, now
+from controlplane.user_text import user_text
 
 log = logging.getLogger("pvlun.kubelet")
 

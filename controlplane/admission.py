@@ -7,10 +7,10 @@ import json
 import re
 from typing import Any, Callable
 
-from pvlun.manifest_yaml import ManifestError, load_all
-from pvlun.object_types import conform
-from pvlun.quantity import parse_quantity
-from pvlun.user_text import one_line, quoted
+from controlplane.manifest_yaml import ManifestError, load_all
+from controlplane.object_types import conform
+from controlplane.quantity import parse_quantity
+from controlplane.user_text import one_line, quoted
 
 KINDS = {
     "StorageClass": "storage.k8s.io/v1",
@@ -132,7 +132,7 @@ SOURCE_REQUIRED = {"http": "url", "registry": "url", "s3": "url", "pvc": "name",
 
 
 def _check_dv(obj: dict) -> None:
-    from importer.dv_spec import validate
+    from controlplane.dv_spec import validate
 
     kind, source, _size, _mode, _access, _class = validate(obj)
     spec = obj.get("spec") or {}
@@ -147,7 +147,7 @@ def _check_dv(obj: dict) -> None:
 
 
 def _check_vm(obj: dict) -> None:
-    from virt.spec import parse_virtual_machine
+    from controlplane.vm_spec import parse_virtual_machine
 
     parse_virtual_machine(obj)
     for i, template in enumerate((obj.get("spec") or {}).get("dataVolumeTemplates") or []):
@@ -160,7 +160,7 @@ def _check_vm(obj: dict) -> None:
 
 
 def _check_migration(obj: dict) -> None:
-    from virt.spec import parse_migration
+    from controlplane.vm_spec import parse_migration
 
     parse_migration(obj)
 
@@ -250,7 +250,7 @@ def admit_update(old: dict | None, new: dict) -> dict:
     """What `pvlun apply` stores for an admitted object (store.apply's merge, run in its
     transaction): kubectl's merge into what exists, the update rules, and the kind's checks
     on the result; Refused names the field."""
-    from pvlun.object_update import applied
+    from controlplane.object_update import applied
 
     label = f"{new['kind']} {quoted(new['metadata']['name'])}"
     try:

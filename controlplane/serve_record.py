@@ -20,6 +20,16 @@ class ServeRecord:
     nodes: dict[str, str] = field(default_factory=dict)  # node ID → endpoint of its Node service, first node first
 
 
+def node_endpoint(data_dir: str, node_id: str) -> str:
+    """Where a node plugin of the daemon on data_dir listens, unless --endpoint said otherwise."""
+    return f"unix://{os.path.join(data_dir, 'nodes', node_id, 'csi.sock')}"
+
+
+def default_endpoint(data_dir: str) -> str:
+    """Where the daemon on data_dir serves its controller (and first node), by default."""
+    return f"unix://{os.path.join(os.path.abspath(data_dir), 'csi.sock')}"
+
+
 def role(mode: str, node_id: str) -> str:
     """What one daemon is on its data dir: "all", "controller" or "node-NODE_ID" (node
     plugins of several node IDs may share a data dir)."""

@@ -21,7 +21,7 @@ import copy
 import json
 from typing import Any, Callable
 
-from pvlun.quantity import parse_quantity
+from controlplane.quantity import parse_quantity
 
 Obj = dict[str, Any]
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"

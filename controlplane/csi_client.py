@@ -7,8 +7,8 @@ import grpc
 
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
-from pvlun import serve_record
-from pvlun.daemon import default_endpoint, node_endpoint
+from controlplane import serve_record
+from controlplane.serve_record import default_endpoint, node_endpoint
 
 MODES = pb.VolumeCapability.AccessMode.Mode
 ACCESS_MODES = {  # Kubernetes accessModes → CSI access mode

@@ -16,11 +16,11 @@ import time
 import grpc
 
 from csi.proto import csi_pb2 as pb
-from pvlun import DRIVER_NAME
-from pvlun.context import Context
-from pvlun.provisioner import claim_populated
-from pvlun.store import Obj, now, remove_finalizer
-from pvlun.user_text import user_text
+from csi import DRIVER_NAME
+from controlplane.context import Context
+from controlplane.provisioner import claim_populated
+from controlplane.store import Obj, now, remove_finalizer
+from controlplane.user_text import user_text
 
 FINALIZER = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
 CONTENT_KIND = "VolumeSnapshotContent"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from pvlun.quantity import parse_quantity
-from pvlun.store import Obj
+from controlplane.quantity import parse_quantity
+from controlplane.store import Obj
 
 FILESYSTEM_OVERHEAD = 0.055  # CDI's default share of a filesystem volume kept for the filesystem
 SMALL_FS_SLACK_MIB = 16  # ext4's journal and tables take more than 5.5% of a small volume

@@ -1,0 +1,1 @@
+"""How pvlun touches the host: the one command runner, sandboxes, loop devices, mounts."""
