@@ -165,16 +165,27 @@ class Jobs:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Cluster mode: work that needs a node runs in Pods Kubernetes places (importer and
+    launcher Pods of this image); the CSI sidecars and the kubelet drive the driver."""
+    image: str
+    namespace: str  # the controller's own (its Lease, its Events about itself)
+    kvm: bool = False  # launcher Pods ask for /dev/kvm (devices.kubevirt.io/kvm)
+    pull_policy: str = "IfNotPresent"
+
+
 @dataclass
 class Context:
     store: ObjectStore
-    csi: CsiClient
+    csi: CsiClient | None  # None in cluster mode: the sidecars call the driver
     data_dir: str
     node_ids: list[str]
     jobs: Jobs = field(default_factory=Jobs)
     stopping: threading.Event = field(default_factory=threading.Event)
     services: dict = field(default_factory=dict)  # optional parts: upload server, VM runtime, ...
     max_volumes_per_node: int = 256
+    cluster: Cluster | None = None
     slots: NodeSlots = field(init=False)
 
     def __post_init__(self) -> None:

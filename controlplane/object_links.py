@@ -91,6 +91,13 @@ def links(obj: Obj) -> set[Key]:
     elif kind == "VirtualMachineInstanceMigration":
         vmi = spec.get("vmiName")
         out += [key("VirtualMachineInstance", ns, vmi), key("VirtualMachine", ns, vmi)]
+    elif kind == "Pod":  # an importer Pod is its claim's (so its DataVolume's), a launcher its VMI's (so its VM's)
+        for ref in _list(meta.get("ownerReferences")):
+            ref = _dict(ref)
+            if ref.get("kind") == "PersistentVolumeClaim":
+                out += _claim(ns, ref.get("name"))
+            elif ref.get("kind") == "VirtualMachineInstance":
+                out.append(key("VirtualMachine", ns, ref.get("name")))
     elif kind == "VolumeAttachment":
         out.append(key("PersistentVolume", "", _dict(spec.get("source")).get("persistentVolumeName")))
         parts = str(spec.get("owner", "")).split("/")

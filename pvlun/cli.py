@@ -53,9 +53,23 @@ def node_id_arg(text: str) -> str:
 
 
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
-    """--data-dir, accepted before or after the subcommand (the later one wins)."""
+    """--data-dir and --kubeconfig, accepted before or after the subcommand (the later one wins)."""
     parser.add_argument("--data-dir", default=argparse.SUPPRESS,
                         help="instance directory (env PVLUN_DATA_DIR; default /var/lib/pvlun)")
+    if parser.prog.split()[-1] != "serve":
+        parser.add_argument("--kubeconfig", default=argparse.SUPPRESS,
+                            help="act on this cluster instead of an embedded instance (env KUBECONFIG, "
+                                 "unless --data-dir or PVLUN_DATA_DIR names an instance)")
+
+
+def cluster_config(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """The kubeconfig the command acts on: --kubeconfig, else $KUBECONFIG unless an embedded
+    instance was named (--data-dir, PVLUN_DATA_DIR): a user's KUBECONFIG never turns a
+    command meant for the local instance into one on a cluster."""
+    if getattr(args, "kubeconfig", None):
+        return args.kubeconfig
+    named = any(a == "--data-dir" or a.startswith("--data-dir=") for a in argv) or "PVLUN_DATA_DIR" in os.environ
+    return None if named else (os.environ.get("KUBECONFIG") or None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -104,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pvlun {__version__}")
     parser.add_argument("--data-dir", default=os.environ.get("PVLUN_DATA_DIR", DEFAULT_DATA_DIR),
                         help="instance directory (env PVLUN_DATA_DIR; default %(default)s)")
+    parser.add_argument("--kubeconfig", default=None, help="act on this cluster (env KUBECONFIG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the CSI driver (and the embedded controllers)")
@@ -142,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vm_commands(sub, data_dir_arg)
 
+    from pvlun.controller_cli import add_commands as add_controller_commands
+
+    add_controller_commands(sub)
+
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)
     return parser
@@ -152,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     from pvlun.objects_cli import NoDaemon
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.command != "controller":
+        args.kubeconfig = cluster_config(args, argv)
     if getattr(args, "namespace", None):
         from controlplane.admission import check_name
 

@@ -15,7 +15,7 @@ import yaml
 from controlplane.admission import Refused, admit_update, known_kind, load_documents
 from controlplane.data_sources import cycle_message, find_cycle
 from controlplane.manifest_yaml import ManifestError, read_manifest
-from controlplane.store import CLUSTER_SCOPED, SQLiteStore
+from controlplane.store import CLUSTER_SCOPED, ObjectStore, SQLiteStore
 from controlplane.user_text import quoted
 
 
@@ -33,7 +33,13 @@ def daemon_running(data_dir: str) -> bool:
         return False
 
 
-def open_store(data_dir: str, need_daemon: bool = True) -> SQLiteStore:
+def open_store(data_dir: str, need_daemon: bool = True, kubeconfig: str | None = None) -> ObjectStore:
+    """The objects' store: a cluster's API when a kubeconfig is given, else the embedded
+    instance's catalog (which a running `pvlun serve` reconciles)."""
+    if kubeconfig:
+        from controlplane.kube_store import KubeStore
+
+        return KubeStore.from_kubeconfig(kubeconfig)
     data_dir = os.path.abspath(data_dir)
     if need_daemon and not daemon_running(data_dir):
         raise NoDaemon(f"no pvlun serve is running for data dir {data_dir}; "
@@ -42,6 +48,12 @@ def open_store(data_dir: str, need_daemon: bool = True) -> SQLiteStore:
         raise NoDaemon(f"{data_dir} is not a pvlun instance (no catalog.db); "
                        f"start one with: pvlun serve --data-dir {data_dir}")
     return SQLiteStore(os.path.join(data_dir, "catalog.db"))
+
+
+def embedded_only(args: argparse.Namespace, what: str, instead: str) -> None:
+    """Commands that read the embedded instance's files refuse a cluster with what to run."""
+    if getattr(args, "kubeconfig", None):
+        raise NoDaemon(f"pvlun {what} works on an embedded instance only; on a cluster use {instead}")
 
 
 def _age(obj: dict) -> str:
@@ -104,7 +116,7 @@ def print_table(kind: str, objs: list[dict], out=sys.stdout) -> None:
         print("   ".join(r[k].ljust(widths[k]) for k in r).rstrip(), file=out)
 
 
-def check_references(store: SQLiteStore, docs: list[dict], default_ns: str) -> None:
+def check_references(store: ObjectStore, docs: list[dict], default_ns: str) -> None:
     """A VirtualMachine may only name DataVolumes that exist, come in the same apply, or
     are in its own dataVolumeTemplates; otherwise the field is named and nothing is stored."""
     def ns_of(doc: dict) -> str:
@@ -126,7 +138,7 @@ def check_references(store: SQLiteStore, docs: list[dict], default_ns: str) -> N
                               f"in namespace {ns} (create it, or add it to spec.dataVolumeTemplates)")
 
 
-def check_update_rules(store: SQLiteStore, docs: list[dict]) -> None:
+def check_update_rules(store: ObjectStore, docs: list[dict]) -> None:
     """Every document checked against what exists before anything is stored: a refused
     update (an immutable field, a cycle of sources) leaves the whole manifest unapplied."""
     found = find_cycle(docs, lambda kind, name, ns: store.get(kind, name, ns))
@@ -145,7 +157,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except (Refused, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     for doc in docs:
         if args.namespace and doc["kind"] not in CLUSTER_SCOPED:
             doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
@@ -165,7 +177,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def wait_for(store: SQLiteStore, docs: list[dict], timeout: float) -> int:
+def wait_for(store: ObjectStore, docs: list[dict], timeout: float) -> int:
     """Wait until every DataVolume and VirtualMachine applied is done; show DataVolume progress.
     Only objects the store says changed are read again (a crowd of 1,000 costs no more per turn)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -224,7 +236,7 @@ def _done(obj: dict) -> tuple[bool, bool, str, float]:
     return phase == "Bound", True, phase, 100.0 if phase == "Bound" else 0.0
 
 
-def _report(store: SQLiteStore, obj: dict, ok: bool, phase: str) -> None:
+def _report(store: ObjectStore, obj: dict, ok: bool, phase: str) -> None:
     name = f"{obj['kind'].lower()}/{obj['metadata']['name']}"
     if ok:
         print(f"{name} {phase}")
@@ -235,7 +247,7 @@ def _report(store: SQLiteStore, obj: dict, ok: bool, phase: str) -> None:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, need_daemon=False)
+    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
     kind = known_kind(args.kind)
     ns = None if args.all_namespaces else args.namespace
     if args.name:
@@ -257,7 +269,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     kind = known_kind(args.kind)
     if not store.delete(kind, args.name, args.namespace):
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
@@ -267,7 +279,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, need_daemon=False)
+    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
     kind = known_kind(args.kind)
     obj = store.get(kind, args.name, args.namespace)
     if obj is None:
@@ -315,7 +327,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             print(f"error: {item[:80]!r} is not KEY=VALUE or KEY- with a valid annotation key", file=sys.stderr)
             return 1
         changes[key] = None if remove else value
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     kind = known_kind(args.kind)
     if store.annotate(kind, args.name, args.namespace, **changes) is None:
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)

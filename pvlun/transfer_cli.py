@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from pvlun.objects_cli import open_store
+from pvlun.objects_cli import embedded_only, open_store
 
 
 def _bar(description: str):
@@ -20,10 +20,11 @@ def _bar(description: str):
 def cmd_image_upload(args: argparse.Namespace) -> int:
     """Upload into a DataVolume (made first when --size is given); a DataVolume this command
     made is deleted again when the upload fails, so a failed command leaves nothing behind."""
+    embedded_only(args, "image-upload", "virtctl image-upload through CDI's upload proxy")
     if not os.path.isfile(args.image_path):
         print(f"error: {args.image_path} is not a file", file=sys.stderr)
         return 1
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     ns, name = args.namespace, args.dv
     created = False
     if store.get("DataVolume", name, ns) is None:
@@ -106,6 +107,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.kind not in ("pvc", "persistentvolumeclaim"):
         print("error: only pvc exports are supported (pvlun export pvc NAME -o FILE)", file=sys.stderr)
         return 1
+    embedded_only(args, "export", "a VirtualMachineExport (virtctl vmexport)")
     data_dir = os.path.abspath(args.data_dir)
     store = open_store(data_dir)
     try:

@@ -12,7 +12,7 @@ import termios
 import time
 import tty
 
-from pvlun.objects_cli import open_store
+from pvlun.objects_cli import embedded_only, open_store
 from virt.console_history import history_file
 
 REQUEST = "pvlun.dev/state-change-request"
@@ -26,7 +26,7 @@ def _vm_or_fail(store, name: str, ns: str) -> dict | None:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     if _vm_or_fail(store, args.name, args.namespace) is None:
         return 1
     if args.action == "migrate":
@@ -123,7 +123,8 @@ def _current_run_dir(store, data_dir: str, name: str, ns: str) -> str | None:
 def cmd_logs(args: argparse.Namespace) -> int:
     """The guest's serial console history (KubeVirt's guest-console-log), across its
     restarts and migrations: kept per VM by whichever launcher ran it (virt/console_history.py)."""
-    store = open_store(args.data_dir, need_daemon=False)
+    embedded_only(args, "logs", "kubectl logs on the VM's virt-launcher Pod (its serial console is the Pod's output)")
+    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
     if store.get("VirtualMachine", args.target, args.namespace) is None:
         print(f'Error: VirtualMachine "{args.namespace}/{args.target}" not found', file=sys.stderr)
         return 1
@@ -139,7 +140,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     """An interactive serial console; Ctrl-] leaves it (as virtctl console)."""
-    store = open_store(args.data_dir)
+    embedded_only(args, "console", "kubectl attach -it on the VM's virt-launcher Pod")
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     run_dir = _current_run_dir(store, os.path.abspath(args.data_dir), args.target, args.namespace)
     if run_dir is None:
         print(f"error: VM {args.target} has no running instance", file=sys.stderr)

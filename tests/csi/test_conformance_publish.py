@@ -53,10 +53,11 @@ def test_publish_unknown_or_malformed_volume_is_not_found(driver, volume_id):
                 publish_req(volume_id, "fake-node-id-0123456789"))
 
 
-def test_publish_to_unknown_node_is_not_found(driver, res):
+def test_publish_to_unknown_node_is_not_found_and_says_the_file_backend_is_single_node(driver, res):
     vol = res.volume()
-    assert_code(Code.NOT_FOUND, driver.controller.ControllerPublishVolume,
-                publish_req(vol.volume_id, "fake-node-id-0123456789"))
+    message = assert_code(Code.NOT_FOUND, driver.controller.ControllerPublishVolume,
+                          publish_req(vol.volume_id, "fake-node-id-0123456789"))
+    assert "the file backend is single-node" in message
     assert status_of(driver, vol.volume_id) == ([], [])
 
 
