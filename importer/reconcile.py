@@ -76,7 +76,7 @@ def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     ctx.store.delete("PersistentVolumeClaim", dv["metadata"]["name"], ns)
 
 
-def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
+def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     status = _status(dv)
@@ -115,6 +115,14 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> None:
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
         return
+    if ctx.cluster is not None:  # the work runs in Pods Kubernetes places
+        from importer.import_pods import reconcile_in_pods
+
+        if strategy == "host-assisted":
+            fail(ctx, dv, "CloneNotSupported", "a clone across volume modes (Block and Filesystem) needs the "
+                 "host-assisted copy, which runs only in embedded mode (pvlun serve) for now")
+            return None
+        return reconcile_in_pods(ctx, dv, pvc, kind)
     if pvc.get("status", {}).get("phase") != "Bound":
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
         if cond and cond.get("reason") == "ProvisioningFailed":

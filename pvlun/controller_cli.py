@@ -90,11 +90,11 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from controlplane.context import Cluster, Context
+    from controlplane.control_loop import ControlLoop
     from controlplane.kube_store import KubeStore
     from controlplane.leader import LeaderElector
     from csi.server import setup_logging
-    from pvlun.controllers import cluster_reconcilers, CLUSTER_WATCHED
-    from controlplane.control_loop import ControlLoop
+    from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
 
     if not args.image:
         raise ValueError("--image (or PVLUN_IMAGE) is required: importer and launcher Pods run it")

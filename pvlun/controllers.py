@@ -30,6 +30,20 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     return table + list(virt_reconcilers)
 
 
+# On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
+# VMs, Pods for their importers and launchers).
+CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod")
+
+
+def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
+    """On a cluster the CSI sidecars provision, snapshot and attach, and Kubernetes' garbage
+    collector follows ownerReferences: what is left is CDI's and KubeVirt's controllers."""
+    from importer.reconcile import reconcile_datavolume
+    from virt.reconcile import CLUSTER_RECONCILERS
+
+    return [("DataVolume", reconcile_datavolume)] + list(CLUSTER_RECONCILERS)
+
+
 def run_loop(ctx: Context) -> ControlLoop:
     loop = ControlLoop(ctx, reconcilers())
     loop.start()

@@ -53,7 +53,7 @@ def _vm_status(ctx: Context, vm: Obj, printable: str, ready: bool = False, messa
     ctx.store.update_status("VirtualMachine", name, ns, status)
 
 
-def _ensure_data_volumes(ctx: Context, vm: Obj, templates) -> None:
+def ensure_data_volumes(ctx: Context, vm: Obj, templates) -> None:
     ns = vm["metadata"].get("namespace", "default")
     for template in templates:
         name = template["metadata"]["name"]
@@ -67,7 +67,7 @@ def _ensure_data_volumes(ctx: Context, vm: Obj, templates) -> None:
             ctx.store.apply(dv)
 
 
-def _volumes_ready(ctx: Context, vm: Obj, spec) -> tuple[str, str] | None:
+def volumes_ready(ctx: Context, vm: Obj, spec) -> tuple[str, str] | None:
     """None when every volume can be attached; else (printableStatus, message)."""
     ns = spec.namespace
     for volume in spec.volumes:
@@ -105,24 +105,47 @@ def _created(vm: Obj) -> float:
     return float((vm.get("status") or {}).get("startRequestedAt", 0))
 
 
+def requested(vm: Obj) -> str | None:
+    return (vm["metadata"].get("annotations") or {}).get(REQUEST) or None
+
+
+def apply_start_stop(ctx: Context, vm: Obj, parsed, request: str) -> dict:
+    """virtctl's start/stop: start turns Halted into Always, stop turns Always and
+    RerunOnFailure into Halted; RerunOnFailure is otherwise kept (started again through
+    startRequestedAt), Manual always is. The spec changes to write."""
+    ns, name = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"]
+    strategy = parsed.run_strategy
+    new = {"start": "Always", "stop": "Halted"}[request]
+    changes = {"start": ("Halted",), "stop": ("Always", "RerunOnFailure")}[request]
+    ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
+                           startRequestedAt=time.time() if request == "start" else _created(vm))
+    if strategy != new and (strategy in changes or "running" in (vm.get("spec") or {})):
+        return {"runStrategy": new}
+    return {}
+
+
+def finish_request(ctx: Context, vm: Obj, request: str, spec_changes: dict) -> None:
+    """Write the request's spec changes and clear it (as KubeVirt's subresources would)."""
+    ns, name = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"]
+    if spec_changes:
+        current = ctx.store.get("VirtualMachine", name, ns)
+        current["spec"].pop("running", None)
+        current["spec"].update(spec_changes)
+        ctx.store.apply(current)
+    ctx.store.annotate("VirtualMachine", name, ns, **{REQUEST: None})
+    ctx.store.add_event(vm, "Normal", f"{request.capitalize()}Requested", f"{request} requested")
+
+
 def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
-    """Apply one state-change request and clear it (as KubeVirt's subresources would)."""
-    request = (vm["metadata"].get("annotations") or {}).get(REQUEST)
+    """Apply one state-change request and clear it."""
+    request = requested(vm)
     if not request:
         return
     ns, name, key = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"], key_of(vm)
     running = rt.get(key)
-    strategy = parsed.run_strategy
     spec_changes = {}
     if request in ("start", "stop"):
-        # virtctl: start turns Halted into Always, stop turns Always and RerunOnFailure into Halted;
-        # RerunOnFailure is otherwise kept (started again through startRequestedAt), Manual always is
-        new = {"start": "Always", "stop": "Halted"}[request]
-        changes = {"start": ("Halted",), "stop": ("Always", "RerunOnFailure")}[request]
-        if strategy != new and (strategy in changes or "running" in (vm.get("spec") or {})):
-            spec_changes["runStrategy"] = new
-        ctx.store.merge_status("VirtualMachine", name, ns, manualRunning=request == "start",
-                               startRequestedAt=time.time() if request == "start" else _created(vm))
+        spec_changes = apply_start_stop(ctx, vm, parsed, request)
     elif request == "restart" and running:
         def restart() -> None:
             rt.stop(key, grace=min(parsed.template.termination_grace_period, 30))
@@ -134,16 +157,10 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
         running.launcher.pause()
     elif request == "unpause" and running:
         running.launcher.unpause()
-    if spec_changes:
-        current = ctx.store.get("VirtualMachine", name, ns)
-        current["spec"].pop("running", None)
-        current["spec"].update(spec_changes)
-        ctx.store.apply(current)
-    ctx.store.annotate("VirtualMachine", name, ns, **{REQUEST: None})
-    ctx.store.add_event(vm, "Normal", f"{request.capitalize()}Requested", f"{request} requested")
+    finish_request(ctx, vm, request, spec_changes)
 
 
-def _ensure_vmi(ctx: Context, vm: Obj) -> None:
+def ensure_vmi(ctx: Context, vm: Obj) -> None:
     meta = vm["metadata"]
     ns = meta.get("namespace", "default")
     template = (vm.get("spec") or {}).get("template") or {}
@@ -252,17 +269,22 @@ def _delete_vm(ctx: Context, vm: Obj, rt: VmRuntime) -> None:
 
 
 def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
+    meta = vm["metadata"]
+    if not meta.get("deletionTimestamp") and FINALIZER not in meta.get("finalizers", []):  # before anything runs
+        vm = ctx.store.patch_metadata("VirtualMachine", meta["name"], meta.get("namespace", "default"),
+                                      finalizers=meta.get("finalizers", []) + [FINALIZER])
+        if vm is None:
+            return  # deleted meanwhile
+        meta = vm["metadata"]
+    if ctx.cluster is not None:  # KubeVirt's way: a VMI, and a launcher Pod Kubernetes places
+        from virt.launch_pods import reconcile_vm_in_pods
+
+        return reconcile_vm_in_pods(ctx, vm)
     rt = runtime(ctx)
     key = key_of(vm)
-    meta = vm["metadata"]
     if meta.get("deletionTimestamp"):
         _delete_vm(ctx, vm, rt)
         return
-    if FINALIZER not in meta.get("finalizers", []):  # before anything of it runs
-        vm = ctx.store.patch_metadata("VirtualMachine", meta["name"], meta.get("namespace", "default"),
-                                      finalizers=meta.get("finalizers", []) + [FINALIZER])
-        if vm is None or vm["metadata"].get("deletionTimestamp"):
-            return  # deleted meanwhile
     try:
         parsed = parse_virtual_machine(vm)
     except SpecError as exc:
@@ -271,7 +293,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
     _handle_request(ctx, vm, parsed, rt)
     vm = ctx.store.get("VirtualMachine", vm["metadata"]["name"], vm["metadata"].get("namespace", "default")) or vm
     parsed = parse_virtual_machine(vm)
-    _ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
+    ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
     running = rt.get(key)
     want = _want_running(vm, parsed.run_strategy, rt.last_exit.get(key))
     busy = ctx.jobs.running("vm:" + key)
@@ -301,7 +323,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
             ctx.store.delete("VirtualMachineInstance", vm["metadata"]["name"], vm["metadata"].get("namespace", "default"))
         _vm_status(ctx, vm, "Stopped")
         return
-    waiting = _volumes_ready(ctx, vm, parsed.template)
+    waiting = volumes_ready(ctx, vm, parsed.template)
     if waiting:
         _vm_status(ctx, vm, waiting[0], message=waiting[1])
         return
@@ -312,7 +334,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
             _vm_status(ctx, vm, "CrashLoopBackOff", message=rt.last_exit.get(key, ("", ""))[1])
             return backoff - (time.time() - recent[-1])  # seconds until the loop looks again
     _vm_status(ctx, vm, "Starting")
-    _ensure_vmi(ctx, vm)
+    ensure_vmi(ctx, vm)
 
     def start(node: str) -> None:
         try:
@@ -327,7 +349,11 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
                            volumes=sum(v.source in CSI_SOURCES for v in parsed.template.volumes))
 
 
-def reconcile_migration(ctx: Context, mig: Obj) -> None:
+def reconcile_migration(ctx: Context, mig: Obj) -> float | None:
+    if ctx.cluster is not None:
+        from virt.launch_pods import reconcile_migration_in_pods
+
+        return reconcile_migration_in_pods(ctx, mig)
     from virt.live_migration import cancel_migration, start_migration
 
     if mig["metadata"].get("deletionTimestamp"):
@@ -342,7 +368,17 @@ def reconcile_migration(ctx: Context, mig: Obj) -> None:
     start_migration(ctx, mig)
 
 
+def reconcile_vmi(ctx: Context, vmi: Obj) -> float | None:
+    """On a cluster a VMI gets its launcher Pod (embedded, the VM's start runs QEMU itself)."""
+    if ctx.cluster is None:
+        return None
+    from virt.launch_pods import reconcile_vmi_in_pods
+
+    return reconcile_vmi_in_pods(ctx, vmi)
+
+
 RECONCILERS = [
     ("VirtualMachine", reconcile_vm),
     ("VirtualMachineInstanceMigration", reconcile_migration),
 ]
+CLUSTER_RECONCILERS = RECONCILERS + [("VirtualMachineInstance", reconcile_vmi)]

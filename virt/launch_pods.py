@@ -1,0 +1,195 @@
+"""Cluster mode: VirtualMachines as KubeVirt's virt-controller runs them — a VM makes and
+removes its VirtualMachineInstance as its runStrategy says, a VMI gets one launcher Pod
+(virt/pods.py; `pvlun launch` inside) whose status it mirrors, and a migration gets a target
+launcher Pod on another node. Kubernetes places the Pods and the kubelet attaches the claims
+through the CSI driver; the Pods' own ownerReferences let Kubernetes' garbage collector remove
+them with their VMI.
+
+The VM reconcile (virt/reconcile.py) hands over here when the Context is a cluster's; the
+VM's fields mean the same in both modes (controlplane/vm_spec.py parses them)."""
+
+from __future__ import annotations
+
+import time
+
+from controlplane.context import Context
+from controlplane.store import Obj, remove_finalizer, set_condition
+from controlplane.user_text import user_text
+from controlplane.vm_spec import SpecError, parse_virtual_machine
+from virt.pods import launcher_pod, launcher_status, migration_target_pod
+from virt.reconcile import (FINALIZER, apply_start_stop, ensure_data_volumes, ensure_vmi, finish_request, requested,
+                            volumes_ready)
+
+FINISHED = ("Succeeded", "Failed")
+
+
+def _ns(obj: Obj) -> str:
+    return obj["metadata"].get("namespace", "default")
+
+
+def _vm_status(ctx: Context, vm: Obj, printable: str, ready: bool = False, message: str = "", **extra) -> None:
+    status = dict(vm.get("status") or {})
+    created = ctx.store.get("VirtualMachineInstance", vm["metadata"]["name"], _ns(vm)) is not None
+    status.update(printableStatus=printable, ready=ready, created=created, **extra)
+    set_condition(status, "Ready", ready, printable, message)
+    if status != vm.get("status"):
+        ctx.store.update_status("VirtualMachine", vm["metadata"]["name"], _ns(vm), status)
+
+
+def _want_running(vm: Obj, strategy: str) -> bool:
+    """As embedded (virt/reconcile.py): a run that ended since the last start request counts
+    for Manual (ended) and RerunOnFailure (ended well)."""
+    status = vm.get("status") or {}
+    ended_since_start = float(status.get("lastRunEndedAt") or 0) >= float(status.get("startRequestedAt") or 0) > 0 \
+        or (float(status.get("lastRunEndedAt") or 0) > 0 and not status.get("startRequestedAt"))
+    if strategy == "Always":
+        return True
+    if strategy == "Halted":
+        return False
+    if strategy == "RerunOnFailure":
+        return not (ended_since_start and status.get("lastRunEnded") == "Succeeded")
+    return bool(status.get("manualRunning")) and not ended_since_start
+
+
+def _handle_request(ctx: Context, vm: Obj, parsed) -> None:
+    """start/stop as embedded; restart ends the VMI (its runStrategy makes a new one); pause
+    and unpause need the launcher's QMP, which the controller does not reach yet."""
+    request = requested(vm)
+    if not request:
+        return
+    spec_changes = {}
+    if request in ("start", "stop"):
+        spec_changes = apply_start_stop(ctx, vm, parsed, request)
+    elif request == "restart":
+        ctx.store.delete("VirtualMachineInstance", vm["metadata"]["name"], _ns(vm))
+        ctx.store.merge_status("VirtualMachine", vm["metadata"]["name"], _ns(vm), startRequestedAt=time.time())
+    else:
+        ctx.store.add_event(vm, "Warning", "RequestNotSupported", f"{request} is not available on a cluster yet")
+    finish_request(ctx, vm, request, spec_changes)
+
+
+def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
+    """The VM's VMI as its runStrategy wants it; the VM's status from its VMI's."""
+    meta, ns = vm["metadata"], _ns(vm)
+    vmi = ctx.store.get("VirtualMachineInstance", meta["name"], ns)
+    if meta.get("deletionTimestamp"):
+        if vmi is not None:
+            ctx.store.delete("VirtualMachineInstance", meta["name"], ns)  # its Pod goes with it (ownerReferences)
+            return None
+        remove_finalizer(ctx.store, vm, FINALIZER)
+        return None
+    try:
+        parsed = parse_virtual_machine(vm)
+    except SpecError as exc:
+        _vm_status(ctx, vm, "ErrorUnschedulable", message=user_text(exc))
+        return None
+    _handle_request(ctx, vm, parsed)
+    vm = ctx.store.get("VirtualMachine", meta["name"], ns) or vm
+    parsed = parse_virtual_machine(vm)
+    ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
+    phase = ((vmi or {}).get("status") or {}).get("phase")
+    if vmi is not None and phase in FINISHED:
+        ctx.store.delete("VirtualMachineInstance", meta["name"], ns)  # a new run gets a new VMI (and Pod)
+        _vm_status(ctx, vm, "Stopped" if phase == "Succeeded" else "CrashLoopBackOff",
+                   lastRunEnded=phase, lastRunEndedAt=time.time())
+        return None
+    if not _want_running(vm, parsed.run_strategy):
+        if vmi is not None:
+            ctx.store.delete("VirtualMachineInstance", meta["name"], ns)
+            _vm_status(ctx, vm, "Stopping")
+        else:
+            _vm_status(ctx, vm, "Stopped")
+        return None
+    if vmi is None:
+        waiting = volumes_ready(ctx, vm, parsed.template)
+        if waiting:
+            _vm_status(ctx, vm, waiting[0], message=waiting[1])
+            return None
+        ensure_vmi(ctx, vm)
+        _vm_status(ctx, vm, "Starting")
+        return None
+    printable = {"Running": "Running", "Scheduled": "Starting", "Scheduling": "Starting"}.get(phase or "", "Starting")
+    _vm_status(ctx, vm, printable, ready=printable == "Running")
+    return None
+
+
+def _claims(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
+    """Volume name → its claim; else ({}, what is missing)."""
+    claims = {}
+    for volume in (vmi.get("spec") or {}).get("volumes") or []:
+        if not isinstance(volume, dict):
+            continue
+        name = (volume.get("persistentVolumeClaim") or {}).get("claimName") or (volume.get("dataVolume") or {}).get("name")
+        if not name:
+            continue
+        pvc = ctx.store.get("PersistentVolumeClaim", name, _ns(vmi))
+        if pvc is None:
+            return {}, f"PersistentVolumeClaim {name} does not exist"
+        claims[volume.get("name", name)] = pvc
+    return claims, ""
+
+
+def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
+    """A VMI's launcher Pod, made once; the VMI's status mirrors the Pod's."""
+    assert ctx.cluster is not None
+    meta, ns = vmi["metadata"], _ns(vmi)
+    status = vmi.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED:
+        return None
+    claims, missing = _claims(ctx, vmi)
+    if missing:
+        ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Pending", reason=missing)
+        return None
+    try:
+        spec = launcher_pod(vmi, claims, ctx.cluster.image, namespace=ns, kvm=ctx.cluster.kvm)
+    except ValueError as exc:
+        ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Failed", reason=user_text(exc))
+        ctx.store.add_event(vmi, "Warning", "FailedCreate", user_text(exc))
+        return None
+    pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
+    if pod is None:
+        ctx.store.apply(spec)
+        ctx.store.add_event(vmi, "Normal", "SuccessfulCreate", f"Created virtual machine pod {spec['metadata']['name']}")
+        ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Scheduling")
+        return None
+    fields = launcher_status(pod)
+    if any(status.get(k) != v for k, v in fields.items()):
+        ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, **fields)
+    return None
+
+
+def reconcile_migration_in_pods(ctx: Context, mig: Obj) -> float | None:
+    """KubeVirt's migration controller, first half: a target launcher Pod on another node
+    (anti-affinity to the source), the migration's phase from it. The QMP migration between
+    the two Pods is the launchers' (`pvlun launch-migrate` in the source Pod)."""
+    assert ctx.cluster is not None
+    meta, ns = mig["metadata"], _ns(mig)
+    status = mig.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED:
+        return None
+    vmi_name = (mig.get("spec") or {}).get("vmiName", "")
+    vmi = ctx.store.get("VirtualMachineInstance", vmi_name, ns)
+    if vmi is None or (vmi.get("status") or {}).get("phase") != "Running":
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed",
+                               error=f"VirtualMachineInstance {vmi_name} is not running")
+        return None
+    claims, missing = _claims(ctx, vmi)
+    if missing:
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed", error=missing)
+        return None
+    source_node = (vmi.get("status") or {}).get("nodeName", "")
+    spec = migration_target_pod(vmi, mig, claims, ctx.cluster.image, namespace=ns, source_node=source_node,
+                                kvm=ctx.cluster.kvm)
+    pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
+    if pod is None:
+        ctx.store.apply(spec)
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Scheduling")
+        return None
+    target = launcher_status(pod)
+    if target.get("phase") == "Running" and status.get("phase") != "PreparingTarget":
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="PreparingTarget",
+                               targetPod=pod["metadata"]["name"], targetNode=target.get("nodeName", ""))
+    elif target.get("phase") == "Failed":
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed",
+                               error=f"target pod failed: {target.get('reason', '')}")
+    return None
