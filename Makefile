@@ -11,7 +11,7 @@ DEB_PACKAGES := qemu-utils qemu-system-x86 qemu-block-extra xfsprogs e2fsprogs b
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PY := $(VENV)/.py-stamp
 
-.PHONY: all deps quickstart test bench proto clean
+.PHONY: all deps quickstart test bench proto crds clean
 
 all: test
 
@@ -42,6 +42,9 @@ bench: deps
 
 proto: deps
 	$(PY) -m csi.proto.generate
+
+crds: deps
+	$(PY) deploy/crds.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,10 +20,24 @@ KINDS = {
     "DataVolume": "cdi.kubevirt.io/v1beta1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
     "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
-    "VolumeAttributesClass": "storage.k8s.io/v1beta1",
+    "VolumeAttributesClass": "storage.k8s.io/v1",
     "VirtualMachine": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
 }
+# Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
+# Kubernetes 1.34), accepted so existing YAML applies unchanged; objects are kept as they came.
+OLDER_VERSIONS = {
+    "VolumeAttributesClass": ("storage.k8s.io/v1beta1",),
+    "VirtualMachine": ("kubevirt.io/v1alpha3",),
+    "VirtualMachineInstanceMigration": ("kubevirt.io/v1alpha3",),
+}
+
+
+def served_versions(kind: str) -> tuple[str, ...]:
+    """The apiVersions `apply` takes a kind in, the current one first."""
+    return (KINDS[kind], *OLDER_VERSIONS.get(kind, ()))
+
+
 # Short names as kubectl knows them.
 ALIASES = {
     "sc": "StorageClass", "storageclass": "StorageClass", "storageclasses": "StorageClass",
@@ -229,6 +243,11 @@ def admit(doc: object, where: str) -> dict[str, Any]:
         raise Refused(f"{where}: not a Kubernetes object (no kind)")
     if kind not in KINDS:
         raise Refused(f"{where}: kind {quoted(kind)} is not one pvlun serves ({', '.join(sorted(KINDS))})")
+    versions = served_versions(kind)
+    if doc.get("apiVersion") not in versions:  # as kubectl answers it, naming what would do
+        what = "apiVersion not set" if doc.get("apiVersion") is None else \
+            f"no matches for kind {quoted(kind)} in version {quoted(doc.get('apiVersion'))}"
+        raise Refused(f"{where}: {what} (pvlun serves {kind} as {' or '.join(versions)})")
     meta = doc.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     label = f"{kind} {quoted(name)}" if isinstance(name, str) and name else f"{where} ({kind})"
