@@ -22,6 +22,7 @@ import copy
 import logging
 import random
 import threading
+import time
 from collections import deque
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -111,6 +112,7 @@ class Informer:
         self._gone: dict[tuple[str, str], str] = {}  # deleted by this store: resourceVersion it had
         self._lock = threading.Lock()
         self._rv = ""
+        self._listed_at = 0.0
         self._stop = threading.Event()
         self._stream: WatchStream | None = None
         self._thread: threading.Thread | None = None
@@ -183,6 +185,9 @@ class Informer:
             except Expired:
                 log.info("%s: resourceVersion %s is gone, listing again", self.info.plural, self._rv)
                 must_list = True
+                if time.monotonic() - self._listed_at < 1.0:  # a fresh list's version gone at once: do not spin
+                    self._stop.wait(backoff)
+                    backoff = min(MAX_BACKOFF, backoff * 2)
             except Exception as exc:  # the connection or the server: wait, then go on where it stopped
                 if self._stop.is_set():
                     return
@@ -210,6 +215,7 @@ class Informer:
         else:
             self.served, rv = True, str((page.get("metadata") or {}).get("resourceVersion") or "")
         self.lists += 1
+        self._listed_at = time.monotonic()
         self._replace(items, rv)
         self.synced.set()
 

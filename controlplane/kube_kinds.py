@@ -106,4 +106,4 @@ def checked_name(name: str) -> str:
 def namespace_for(info: KubeKind, namespace: str | None) -> str:
     """The namespace part of a store key: "" for cluster-scoped kinds, else the namespace
     ("default" when none is given, as SQLiteStore has it)."""
-    return (namespace or "default") if info.namespaced else ""
+    return checked_namespace(namespace or "default") if info.namespaced else ""

@@ -225,8 +225,9 @@ class KubeStore:
         return self._informer(kind)
 
     def _scoped(self, info: KubeKind, namespace: str | None) -> bool:
-        """Whether the cache holds this namespace's objects of the kind."""
-        return not info.namespaced or self.watch_namespace is None or namespace == self.watch_namespace
+        """Whether the cache holds this namespace's objects of the kind (all namespaces, None,
+        mean the watched one on a store that watches one)."""
+        return not info.namespaced or self.watch_namespace in (None, namespace) or namespace is None
 
     # ---- reads
     def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None:
@@ -308,7 +309,14 @@ class KubeStore:
         status = obj.get("status")
         body = copy.deepcopy(obj)
         body["metadata"].pop("resourceVersion", None)
-        created = self._write(info, "POST", info.path(ns), body, f"{info.kind} {ns}/{name} already exists")
+        try:
+            created = self._write(info, "POST", info.path(ns), body, f"{info.kind} {ns}/{name} already exists")
+        except ApiError as exc:
+            if exc.code == 404 and "could not find the requested resource" in exc.message:
+                raise ApiError(404, "NotServed", f"cannot create {info.kind} {ns}/{name}: the API server does not "
+                               f"serve {info.plural} in {info.api_version} (is its CustomResourceDefinition "
+                               "installed?)") from None
+            raise
         if status is not None and info.status and created.get("status") != status:
             created = self._put_status(info, ns, name, created, status) or created
         return created
@@ -318,7 +326,7 @@ class KubeStore:
         unless the object gives them; the resourceVersion guards the write."""
         meta, old_meta = obj["metadata"], stored["metadata"]
         for field in SERVER_META + ("resourceVersion",):
-            if field in old_meta and field not in meta:
+            if field in old_meta and meta.get(field) in (None, ""):
                 meta[field] = old_meta[field]
         if old_meta.get("finalizers") and "finalizers" not in meta:
             meta["finalizers"] = old_meta["finalizers"]

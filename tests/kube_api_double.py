@@ -48,9 +48,10 @@ class KubeApiDouble:
         self.bookmark_every = bookmark_every
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.gone_as_http = False
-        self._compacted = 0  # watches from a version at or below this are answered 410
+        self._compacted = 0  # watches from a version below this (etcd's compacted revision) are answered 410
         self._drops = 0  # bumped by drop_watches: streams started before end
         self._unserved: set[str] = set()
+        self._open: dict[str, int] = {}  # plural → watch streams open now
         self._admit = threading.Event()
         self._admit.set()
         self._pages: dict[str, list[Obj]] = {}
@@ -64,7 +65,8 @@ class KubeApiDouble:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="kube-api-double", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="kube-api-double",
+                                        daemon=True)
 
     @property
     def url(self) -> str:
@@ -120,6 +122,11 @@ class KubeApiDouble:
     def watches(self, plural: str) -> int:
         """How many watch requests of the resource were made."""
         return sum(1 for m, p, q in self.requests if p.endswith("/" + plural) and q.get("watch") in ("1", "true"))
+
+    def open_watches(self, plural: str) -> int:
+        """How many watch streams of the resource are open (sending) now."""
+        with self.storage.cond:
+            return self._open.get(plural, 0)
 
     def lists(self, plural: str) -> int:
         return sum(1 for m, p, q in self.requests if m == "GET" and p.endswith("/" + plural)
@@ -187,7 +194,7 @@ class KubeApiDouble:
         self._admit.wait()
         with storage.cond:
             drops = self._drops
-            if since not in ("", "0") and int(since) <= self._compacted:
+            if since not in ("", "0") and int(since) < self._compacted:
                 gone = ApiStatus(410, "Expired", f"too old resource version: {since} ({self._compacted + 1})")
                 if self.gone_as_http:
                     raise gone
@@ -201,6 +208,17 @@ class KubeApiDouble:
             else:
                 position, pending = int(since), []
         handler.start_stream()
+        with storage.cond:
+            self._open[res.plural] = self._open.get(res.plural, 0) + 1
+        try:
+            self._stream(handler, res, ns, pending, position, drops, deadline, bookmarks, labels, fields)
+        finally:
+            with storage.cond:
+                self._open[res.plural] -= 1
+
+    def _stream(self, handler: "_Handler", res: Resource, ns: str | None, pending: list[tuple[str, Obj]],
+                position: int, drops: int, deadline: float, bookmarks: bool, labels: str, fields: str) -> None:
+        storage = self.storage
         last_sent = time.monotonic()
         while True:
             for kind, obj in pending:
@@ -241,6 +259,7 @@ def _shut(conn: socket.socket) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart (delayed ACKs)
     api: KubeApiDouble
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the tests read `requests`
