@@ -1,6 +1,8 @@
-"""events.k8s.io/v1 Events for the store's add_event, as client-go's event recorder writes
+"""events.k8s.io/v1 Events for KubeStore's add_event, as client-go's event recorder writes
 them: the same event again (same object, type, reason, note, reporter) is one Event whose
-`series.count` grows, not a new Event each time.
+`series.count` grows, not a new Event each time. An earlier occurrence is found by name
+(the recorder's cache, as client-go's) or, after a restart or when another instance wrote
+it, by listing the object's Events (field selector regarding.uid, as kubectl describe).
 
 The API server's rules for v1 Events shape this: on creation `eventTime`, `action`,
 `reason`, `reportingController` and `reportingInstance` are required, the deprecated
@@ -11,13 +13,19 @@ Events live in the "default" namespace.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
-from controlplane.kube_kinds import KubeKind
+from controlplane.kube_informer import Transport
+from controlplane.kube_kinds import ApiError, KubeKind, kind_info
 
 Obj = dict[str, Any]
+log = logging.getLogger("pvlun.kube")
+KNOWN = 4096  # events the recorder remembers by name (client-go's LRU size)
 REASON_LIMIT, ACTION_LIMIT, NOTE_LIMIT, INSTANCE_LIMIT = 128, 128, 1024, 128
 
 
@@ -98,3 +106,66 @@ def shown(event: Obj) -> Obj:
     last = (event.get("series") or {}).get("lastObservedTime") or event.get("deprecatedLastTimestamp") or first
     return {"type": event.get("type", ""), "reason": event.get("reason", ""), "message": event.get("note", ""),
             "time": _seconds(last), "firstTime": _seconds(first), "count": count(event)}
+
+
+class EventRecorder:
+    """Writes and reads one reporter's Events through the API (not the informer cache: Events
+    are many and read only by `describe`)."""
+
+    def __init__(self, api: Transport, controller: str, instance: str):
+        self.api, self.controller, self.instance = api, controller, instance
+        self.kind = kind_info("Event")
+        self._lock = threading.Lock()
+        self._names: OrderedDict[tuple, tuple[str, str]] = OrderedDict()
+
+    def record(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """Best effort, as client-go's recorder: a failure is logged, never raised into a reconcile."""
+        info = kind_info(obj.get("kind"))
+        wanted = new_event(info, obj, type_, reason, message, self.controller, self.instance)
+        ns, ref = wanted["metadata"]["namespace"], wanted["regarding"]
+        key = (ns, ref.get("uid") or (ref["kind"], ref.get("namespace"), ref["name"]), type_, wanted["reason"],
+               wanted["note"])
+        try:
+            with self._lock:
+                for _ in range(3):
+                    existing = self._earlier(key, wanted)
+                    try:
+                        if existing is None:
+                            saved = self.api.request("POST", self.kind.path(ns), body=wanted)
+                        else:
+                            saved = self.api.request("PUT", self.kind.path(ns, existing["metadata"]["name"]),
+                                                     body=counted_again(existing))
+                    except ApiError as exc:
+                        if exc.code in (404, 409):  # gone, or counted by someone else meanwhile: again
+                            self._names.pop(key, None)
+                            continue
+                        raise
+                    self._names[key] = (ns, saved["metadata"]["name"])
+                    self._names.move_to_end(key)
+                    while len(self._names) > KNOWN:
+                        self._names.popitem(last=False)
+                    return
+        except (ApiError, ValueError) as exc:
+            log.warning("event %s %s on %s %s not recorded: %s", type_, reason, info.kind, ref.get("name"), exc)
+
+    def _earlier(self, key: tuple, wanted: Obj) -> Obj | None:
+        known = self._names.get(key)
+        if known is not None:
+            try:
+                return self.api.request("GET", self.kind.path(*known))
+            except ApiError as exc:
+                if exc.code != 404:
+                    raise
+        return next((e for e in self._of(key[0], wanted["regarding"]) if same_event(e, wanted)), None)
+
+    def _of(self, ns: str, ref: Obj) -> list[Obj]:
+        terms = [f"regarding.uid={ref['uid']}"] if ref.get("uid") else \
+            [f"regarding.name={ref['name']}", f"regarding.kind={ref['kind']}"]
+        found = self.api.request("GET", self.kind.path(ns), {"fieldSelector": ",".join(terms)}).get("items") or []
+        return [e for e in found if regards(e, ref)]
+
+    def events(self, obj: Obj) -> list[Obj]:
+        """The object's Events, oldest last seen first, as SQLiteStore's events shows them."""
+        info = kind_info(obj.get("kind"))
+        return sorted((shown(e) for e in self._of(event_namespace(info, obj), regarding(info, obj))),
+                      key=lambda e: e["time"])

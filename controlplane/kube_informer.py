@@ -107,6 +107,7 @@ class Informer:
         self.synced = threading.Event()
         self.served = True
         self.error = ""  # the last failure, for whoever waits on the sync
+        self.refused = False  # the last failure was 401/403: waiting will not help
         self.lists = 0  # lists made (the first, then one per 410 or failure)
         self._cache: dict[tuple[str, str], Obj] = {}
         self._gone: dict[tuple[str, str], str] = {}  # deleted by this store: resourceVersion it had
@@ -192,6 +193,7 @@ class Informer:
                 if self._stop.is_set():
                     return
                 self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ApiError) else str(exc)
+                self.refused = isinstance(exc, ApiError) and exc.code in (401, 403)
                 log.warning("%s: %s (again in %.1f s)", self.info.plural, self.error, backoff)
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)

@@ -243,7 +243,8 @@ class ApiStorage:
     def _check_body(self, res: Resource, ns: str, body: Any) -> Obj:
         if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
             raise ApiStatus(400, "BadRequest", "the body is not an object")
-        if body.get("kind") != res.kind or body.get("apiVersion") != res.api_version:
+        body = dict(body, apiVersion=body.get("apiVersion") or res.api_version, kind=body.get("kind") or res.kind)
+        if body["kind"] != res.kind or body["apiVersion"] != res.api_version:  # left out: the URL's, as decoded
             raise ApiStatus(400, "BadRequest", f"the body is {body.get('apiVersion')}/{body.get('kind')}, "
                             f"the URL {res.api_version}/{res.kind}")
         given = (body.get("metadata") or {}).get("namespace")
