@@ -251,3 +251,14 @@ def test_names_that_would_reach_another_path_are_refused(kube_store):
         kube_store.get("ConfigMap", "x", "../kube-system")
     with pytest.raises(ValueError, match="not one pvlun keeps"):
         kube_store.list("Deployment")
+
+
+def test_every_kind_lives_where_the_store_and_the_server_say():
+    from kube_api_storage import SERVED
+
+    from controlplane.kube_kinds import KINDS
+    from controlplane.store import CLUSTER_SCOPED
+
+    served = {r.kind: (r.group, r.version, r.plural, r.namespaced, r.status) for r in SERVED.values()}
+    assert {k: (i.group, i.version, i.plural, i.namespaced, i.status) for k, i in KINDS.items()} == served
+    assert {k for k, i in KINDS.items() if not i.namespaced} == CLUSTER_SCOPED
