@@ -79,7 +79,7 @@ class ApiStore:
         """Start the informers of `kinds` now and wait for their first lists (others start on
         their first read)."""
         for kind in kinds:
-            self._informer(kind)
+            self.informer(kind)
 
     def stop(self) -> None:
         with self._lock:
@@ -88,7 +88,8 @@ class ApiStore:
         for informer in informers:
             informer.stop()
 
-    def _informer(self, kind: str) -> Informer:
+    def informer(self, kind: str) -> Informer:
+        """The kind's informer, started (now, if it was not) and synced."""
         info = kind_info(kind)
         with self._lock:
             if self._stopped:
@@ -105,10 +106,6 @@ class ApiStore:
                                f"{informer.error or 'no answer from the API server'}")
         return informer
 
-    def informer(self, kind: str) -> Informer:
-        """The kind's informer, started and synced (its `lists` counts relists)."""
-        return self._informer(kind)
-
     def _scoped(self, info: KubeKind, namespace: str | None) -> bool:
         """Whether the cache holds this namespace's objects of the kind (all namespaces, None,
         mean the watched one on a store that watches one)."""
@@ -121,7 +118,7 @@ class ApiStore:
         checked_name(name)
         if not self._scoped(info, ns):
             return self._fetch(info, ns, name)
-        return self._informer(kind).get(ns, name)
+        return self.informer(kind).get(ns, name)
 
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]:
         info = kind_info(kind)
@@ -129,7 +126,7 @@ class ApiStore:
         if not self._scoped(info, ns):
             items = self.api.request("GET", info.path(ns)).get("items") or []
             return [dict(o, apiVersion=info.api_version, kind=info.kind) for o in items]
-        return self._informer(kind).list(ns)
+        return self.informer(kind).list(ns)
 
     def _fetch(self, info: KubeKind, ns: str, name: str) -> Obj | None:
         try:
@@ -140,7 +137,7 @@ class ApiStore:
             raise
 
     def _cached(self, info: KubeKind, ns: str, name: str) -> Obj | None:
-        return self._informer(info.kind).get(ns, name) if self._scoped(info, ns) else self._fetch(info, ns, name)
+        return self.informer(info.kind).get(ns, name) if self._scoped(info, ns) else self._fetch(info, ns, name)
 
     # ---- writes
     def _settle(self, info: KubeKind, obj: Obj) -> Obj:
