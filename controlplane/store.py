@@ -50,7 +50,13 @@ Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-
 
 # Kinds that live outside namespaces, as in Kubernetes.
 CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeSnapshotContent", "VolumeAttachment",
-                  "VolumeAttributesClass"}
+                  "VolumeAttributesClass", "Node", "Namespace"}
+
+
+class Conflict(Exception):
+    """A write lost a race: the object changed since the version it was based on (HTTP 409
+    on a Kubernetes API). Nothing was written; read the object again and retry (a controller
+    requeues the key)."""
 
 
 class Conflict(Exception):

@@ -35,3 +35,7 @@ def remove_pool_images_of_the_module(tmp_path_factory):
 def remove_pool_images_of_the_session(tmp_path_factory):
     yield
     _remove_pool_images(str(tmp_path_factory.getbasetemp()), unmount=True)
+
+
+# The Kubernetes API server test double and KubeStores on it (cluster mode's tests).
+from kube_fixtures import kube_api_double, kube_kubeconfig, kube_store, make_kube_store  # noqa: E402,F401
