@@ -93,10 +93,13 @@ class ControlLoop:
     def watch(self) -> None:
         store, stopping = self.ctx.store, self.ctx.stopping
         version = store.version()
-        self.relist()
+        listed = False
         next_resync = time.monotonic() + RESYNC_SECONDS
         while not stopping.is_set():
             try:
+                if not listed:  # a first list that fails (an API server away) is tried again
+                    self.relist()
+                    listed = True
                 store.wait_for_change(version, timeout=0.5)
                 if stopping.is_set():
                     return

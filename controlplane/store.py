@@ -59,11 +59,6 @@ class Conflict(Exception):
     requeues the key)."""
 
 
-class Conflict(Exception):
-    """A write lost a race: the object changed since it was read (HTTP 409 on a cluster). The
-    control loop reconciles the object again from what is there now; nothing is overwritten."""
-
-
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

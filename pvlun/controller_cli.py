@@ -105,12 +105,13 @@ def cmd_controller(args: argparse.Namespace) -> int:
     health = Health()
     health_server = health.serve(args.health_address)
     metrics_server, _ = start_http_server(args.metrics_address[1], addr=args.metrics_address[0])
-    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context)
-    store.start()
-    health.synced.set()
+    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace)
+    reconcilers = cluster_reconcilers()
+    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED) + ["Lease"]))
+    health.synced.set()  # every informer listed: a kind it may not read has stopped the start already
     ctx = Context(store=store, csi=None, data_dir="", node_ids=[], stopping=stopping,
                   cluster=Cluster(image=args.image, namespace=args.controller_namespace, kvm=args.kvm))
-    loop = ControlLoop(ctx, cluster_reconcilers(), watched=CLUSTER_WATCHED)
+    loop = ControlLoop(ctx, reconcilers, watched=CLUSTER_WATCHED)
 
     def lost() -> None:
         health.failed.set()
