@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pvlun.vm_cli import add_commands as add_vm_commands
 
     add_vm_commands(sub, data_dir_arg)
+    from pvlun.launch_cli import add_commands as add_launch_commands
+
+    add_launch_commands(sub)
 
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)

@@ -79,17 +79,17 @@ CPU_PER_VCPU_MILLI = 100  # KubeVirt's default cpuAllocationRatio of 10
 
 # What the compute container may do, and why: QEMU runs in pvlun's bubblewrap sandbox
 # (host/sandbox.py) as `nobody`, which root in the container builds. bwrap as root needs
-# SYS_ADMIN (mount, pid, ipc, uts and net namespaces, pivot_root), SYS_CHROOT (its final
-# chroot), NET_ADMIN (the loopback of QEMU's empty network namespace) and SETPCAP (dropping
-# capabilities from the bounding set, as setpriv does too); SETUID and SETGID switch to
-# `nobody` (setpriv, passt's --runas); MKNOD and CHOWN make the sandbox's private device nodes
-# of the claims' block devices and /dev/kvm; KILL stops QEMU, which runs as another user.
-# Nothing else: no DAC_OVERRIDE (the launcher opens only root's files: what the importer
-# wrote, its own run directory), no NET_RAW, no privileged mode. bwrap's mounts need an
-# unconfined AppArmor profile (the runtime's default one denies mount); seccomp stays the
-# runtime's default, which allows those calls to a holder of SYS_ADMIN.
-LAUNCHER_CAPABILITIES = ("CHOWN", "KILL", "MKNOD", "NET_ADMIN", "SETGID", "SETPCAP", "SETUID", "SYS_ADMIN",
-                         "SYS_CHROOT")
+# SYS_ADMIN (mount, pid, ipc, uts and net namespaces) and NET_ADMIN (the loopback of QEMU's
+# empty network namespace); SETUID and SETGID switch to `nobody` (setpriv, passt's --runas);
+# SETPCAP empties QEMU's capability bounding set (without it QEMU keeps the container's);
+# MKNOD and CHOWN make the sandbox's private device nodes of the claims' block devices and of
+# /dev/kvm; KILL ends QEMU, which runs as another user, when it does not quit. Nothing else: no
+# DAC_OVERRIDE (the launcher opens only root's files: what the importer wrote, its own run
+# directory), no privileged mode. tests/virt/test_launch_cli.py runs `pvlun launch` with exactly
+# this bounding set. bwrap's mounts need an unconfined AppArmor profile (the runtime's default
+# one denies mount); seccomp stays the runtime's default, which allows those calls to a holder
+# of SYS_ADMIN.
+LAUNCHER_CAPABILITIES = ("CHOWN", "KILL", "MKNOD", "NET_ADMIN", "SETGID", "SETPCAP", "SETUID", "SYS_ADMIN")
 _CPU = re.compile(r"[0-9]{1,6}m|[0-9]{1,4}(\.[0-9]{1,3})?")
 _UID = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")  # a label value: uids are labels here
 _IMAGE = re.compile(r"[^\s]{1,512}")
@@ -264,7 +264,9 @@ def _render(vmi: dict, claims: Mapping[str, dict], image: str, namespace: str, s
                   {"name": "ephemeral-disks", "mountPath": EPHEMERAL_DIR},
                   {"name": "pvlun-vmi", "mountPath": VMI_DIR, "readOnly": True}]
     container: dict[str, Any] = {"name": CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-                                 "command": ["pvlun"], "args": args}
+                                 "command": ["pvlun"], "args": args,
+                                 "env": [{"name": "NODE_NAME",  # for the launcher's reports
+                                          "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]}
     if incoming is not None:
         port, token_secret = incoming
         args += ["--incoming", str(port)]

@@ -10,6 +10,7 @@ import kubernetes.client
 import pytest
 
 from controlplane.vm_spec import SpecError
+from pvlun.cli import build_parser
 from virt.pods import MAX_VMI_BYTES, launcher_pod, migration_target_pod
 
 UID = "6f1a8a5e-1c47-4a3e-9a3b-0d6a1c2b3e4f"
@@ -67,12 +68,13 @@ def expected_block_pod(obj: dict) -> dict:
                 "args": ["launch", "--vmi-file", "/var/run/pvlun/vmi/vmi.json",
                          "--run-dir", "/var/run/kubevirt-private/vm",
                          "--disk-dir", "/var/run/kubevirt-ephemeral-disks/disk-data", "--accel", "tcg"],
+                "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
                 # 64Mi guest + 96Mi fixed + 8Mi per vCPU + 128Mi TCG + 1/512 of the guest for page tables
                 "resources": {"requests": {"cpu": "100m", "memory": "297Mi", "ephemeral-storage": "50M"}},
                 "securityContext": {
                     "privileged": False, "runAsUser": 0, "runAsNonRoot": False,
                     "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "KILL", "MKNOD", "NET_ADMIN", "SETGID",
-                                                              "SETPCAP", "SETUID", "SYS_ADMIN", "SYS_CHROOT"]},
+                                                              "SETPCAP", "SETUID", "SYS_ADMIN"]},
                     "appArmorProfile": {"type": "Unconfined"}, "seccompProfile": {"type": "RuntimeDefault"}},
                 "volumeMounts": [{"name": "private", "mountPath": "/var/run/kubevirt-private"},
                                  {"name": "ephemeral-disks", "mountPath": "/var/run/kubevirt-ephemeral-disks"},
@@ -116,6 +118,9 @@ def test_block_claim_vmi_renders_the_whole_launcher_pod():
     pod = launcher_pod(obj, {"tick": BLOCK}, IMAGE, namespace="default")
     assert pod == expected_block_pod(obj)
     assert_valid_pod(pod)
+    args = build_parser().parse_args(pod["spec"]["containers"][0]["args"])  # what `pvlun` makes of the argv
+    assert (args.func.__name__, args.vmi_file, args.accel, args.incoming) == (
+        "cmd_launch", "/var/run/pvlun/vmi/vmi.json", "tcg", None)
     assert launcher_pod(obj, {"tick": BLOCK}, IMAGE, namespace="default") == pod  # pure: the same Pod again
 
 
@@ -210,6 +215,8 @@ def test_migration_target_pod_waits_for_the_stream_off_the_source_node():
             {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["node-a"]}]}]}}}
     assert pod == want
     assert_valid_pod(pod)
+    args = build_parser().parse_args(compute["args"])
+    assert (args.incoming, args.token_file) == (49152, "/var/run/pvlun/migration/token")
     source = launcher_pod(obj, {"tick": BLOCK}, IMAGE, namespace="default")
     assert pod["metadata"]["name"] != source["metadata"]["name"]
 
@@ -264,7 +271,7 @@ def test_spec_strings_never_reach_the_container_argv():
     assert argv == ["pvlun", "launch", "--vmi-file", "/var/run/pvlun/vmi/vmi.json", "--run-dir",
                     "/var/run/kubevirt-private/vm", "--disk-dir", "/var/run/kubevirt-ephemeral-disks/disk-data",
                     "--accel", "tcg"]
-    assert "env" not in compute
+    assert compute["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     assert json.loads(pod["metadata"]["annotations"]["pvlun.dev/vmi"])["spec"] == obj["spec"]  # the only way in
 
 
