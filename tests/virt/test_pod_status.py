@@ -27,7 +27,8 @@ def test_a_pod_not_yet_placed_is_scheduling_with_the_schedulers_reason():
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
          "message": "0/3 nodes are available: 3 Insufficient devices.kubevirt.io/kvm."}])
     assert launcher_status(unschedulable) == {
-        "phase": "Scheduling", "reason": "Unschedulable: 0/3 nodes are available: 3 Insufficient devices.kubevirt.io/kvm."}
+        "phase": "Scheduling",
+        "reason": "Unschedulable: 0/3 nodes are available: 3 Insufficient devices.kubevirt.io/kvm."}
 
 
 def test_a_placed_pod_whose_launcher_does_not_run_yet_is_scheduled():
