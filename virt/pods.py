@@ -220,7 +220,10 @@ def _vmi_annotation(vmi: dict, name: str, namespace: str, uid: str) -> str:
             "metadata": {"name": name, "namespace": namespace, "uid": uid,
                          **({"labels": meta["labels"]} if isinstance(meta.get("labels"), dict) else {})},
             "spec": vmi["spec"]}
-    text = json.dumps(body, separators=(",", ":"), sort_keys=True)
+    try:  # first: what is copied into the Pod below (affinity, tolerations) is then plain, shallow JSON
+        text = json.dumps(body, separators=(",", ":"), sort_keys=True)
+    except (RecursionError, TypeError, ValueError):
+        raise SpecError("spec", "is not plain JSON, or is nested too deeply") from None
     if len(text.encode()) > MAX_VMI_BYTES:
         raise ValueError(f"the VMI is {len(text.encode())} bytes as JSON; a launcher Pod carries at most "
                          f"{MAX_VMI_BYTES}")

@@ -287,7 +287,11 @@ def test_a_volume_name_that_is_not_a_free_dns_label_is_refused(name, field):
 
 def test_refusals_say_what_to_fix():
     claims = {"tick": BLOCK}
-    hostile_machine, too_large = vmi(), vmi()
+    hostile_machine, too_large, too_deep = vmi(), vmi(), vmi()
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    too_deep["spec"]["affinity"] = deep
     hostile_machine["spec"]["domain"]["machine"] = {"type": "q35,kernel=/etc/shadow"}
     too_large["spec"]["tolerations"] = [{"key": "k" * 1000}] * (MAX_VMI_BYTES // 1000 + 1)
     cases = [
@@ -300,6 +304,7 @@ def test_refusals_say_what_to_fix():
         (hostile_machine, SpecError, "spec.domain.machine.type: 'q35,kernel=/etc/shadow' is not a machine type"),
         (vmi(subdomain="a.b"), SpecError, "spec.subdomain"),
         (too_large, ValueError, "a launcher Pod carries at most"),
+        (too_deep, SpecError, "spec: is not plain JSON, or is nested too deeply"),
         ("not a vmi", SpecError, "must be an object"),
     ]
     for obj, error, message in cases:
