@@ -157,7 +157,7 @@ def test_a_guest_that_powers_off_ends_launch_with_0(launches, tmp_path):
     assert launch.events()[-1] == {**launch.events()[-1], "phase": "Succeeded", "reason": "guest-shutdown", "code": 0}
 
 
-def test_launch_finds_a_block_claim_where_the_pod_puts_it(launches, pod_block_device, tmp_path):
+def test_launch_finds_a_block_claim_where_the_pod_puts_it(pod_block_device, launches, tmp_path):
     volume, loop = pod_block_device
     launch = launches("vm", *launch_args(tmp_path, "run", vmi_file(tmp_path / "vmi.json", volume)))  # no --volume
     assert launch.wait_for("tick 2"), launch.stderr()
@@ -169,7 +169,7 @@ def test_launch_finds_a_block_claim_where_the_pod_puts_it(launches, pod_block_de
     assert launch.proc.returncode == 0
 
 
-def test_launch_runs_with_only_the_launcher_pods_capabilities(launches, pod_block_device, tmp_path):
+def test_launch_runs_with_only_the_launcher_pods_capabilities(pod_block_device, launches, tmp_path):
     """The compute container's bounding set (virt/pods.py) is enough for a Block claim, and
     QEMU inside it still ends up with no capability at all; without SYS_ADMIN nothing starts."""
     volume, _ = pod_block_device
