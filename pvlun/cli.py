@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pvlun.vm_cli import add_commands as add_vm_commands
 
     add_vm_commands(sub, data_dir_arg)
+    from pvlun.launch_cli import add_commands as add_launch_commands
+
+    add_launch_commands(sub)
 
     from pvlun.controller_cli import add_commands as add_controller_commands
 

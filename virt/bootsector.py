@@ -70,13 +70,16 @@ class _Assembler:
         return bytes(out)
 
 
-def tick_boot_sector(marker: str = "PVLUN-BOOT", ticks_per_line: int = 3) -> bytes:
-    """Return the 512-byte boot sector printing `marker` then a tick counter on COM1."""
+def tick_boot_sector(marker: str = "PVLUN-BOOT", ticks_per_line: int = 3, poweroff_after: int = 0) -> bytes:
+    """Return the 512-byte boot sector printing `marker` then a tick counter on COM1; with
+    `poweroff_after` N, the guest powers itself off (ACPI S5 on q35) after "tick N"."""
     text = marker.encode("ascii")
     if b"\0" in text or not 1 <= len(text) <= 200:
         raise ValueError("marker must be 1-200 printable ASCII characters")
     if not 1 <= ticks_per_line <= 127:
         raise ValueError("ticks_per_line must be within 1..127")
+    if not 0 <= poweroff_after <= 0xFFFF:
+        raise ValueError("poweroff_after must be within 0..65535")
     a = _Assembler(ORIGIN)
     # Flat real-mode segments, stack below the boot sector, interrupts on (BIOS timer).
     a.raw(0xFA, 0x31, 0xC0, 0x8E, 0xD8, 0x8E, 0xC0, 0x8E, 0xD0, 0xBC, 0x00, 0x7C, 0xFB)
@@ -100,6 +103,13 @@ def tick_boot_sector(marker: str = "PVLUN-BOOT", ticks_per_line: int = 3) -> byt
     a.call("print_dec")
     a.addr16(b"\xBE", "crlf")
     a.call("puts")
+    if poweroff_after:
+        a.addr16(b"\xA1", "counter")  # mov ax, [counter]
+        a.raw(0x3D, poweroff_after & 0xFF, poweroff_after >> 8)  # cmp ax, n
+        a.rel8(0x75, "wait_start")  # jne
+        # ICH9 PM1a_CNT (PMBASE 0x600 + 4): SLP_EN with SLP_TYP 0, QEMU's S5
+        a.raw(0xBA, 0x04, 0x06, 0xB8, 0x00, 0x20, 0xEF)  # mov dx, 0x604 ; mov ax, 0x2000 ; out dx, ax
+        a.label("wait_start")
     # Wait `ticks_per_line` BIOS ticks (18.2 Hz counter at 0040:006C), halting in between.
     a.raw(0x8B, 0x1E, 0x6C, 0x04)  # mov bx, [0x46C]
     a.label("wait")

@@ -28,11 +28,13 @@ LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_gener
 BUSYBOX = "/bin/busybox"
 
 
-def build_tick_disk(path: str | os.PathLike, marker: str = "PVLUN-BOOT", *, size: int = TICK_DISK_SIZE) -> Path:
-    """Write a raw disk whose boot sector prints `marker` and then "tick N" lines on COM1."""
+def build_tick_disk(path: str | os.PathLike, marker: str = "PVLUN-BOOT", *, size: int = TICK_DISK_SIZE,
+                    poweroff_after: int = 0) -> Path:
+    """Write a raw disk whose boot sector prints `marker` and then "tick N" lines on COM1
+    (and powers the guest off after "tick `poweroff_after`", when given)."""
     path = Path(path)
     with open(path, "wb") as f:
-        f.write(tick_boot_sector(marker))
+        f.write(tick_boot_sector(marker, poweroff_after=poweroff_after))
         f.truncate(max(size, 512))
     return path
 

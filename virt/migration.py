@@ -11,6 +11,9 @@ polled into the status → completed: the source QEMU quits, post hooks [Succeed
 Anything failing (a pre hook, the target dying mid-way, a timeout, QEMU reporting
 failed/cancelled) cancels the migration, keeps or resumes the source, kills the target and
 runs the failed hooks [Failed].
+
+The stream steps (`accept_stream`, `start_sending`, `follow_sending`) take any connected
+socket: between launcher Pods it is TCP over the pod network (virt/pod_migration.py).
 """
 
 from __future__ import annotations
@@ -127,36 +130,22 @@ def migrate(
         if target_launcher.incoming != "defer":
             raise MigrationFailed('the target launcher must be created with incoming="defer"')
         target_launcher.start()
-        for side in (target_launcher, source):
-            side.execute("migrate-set-capabilities",
-                         {"capabilities": [{"capability": "events", "state": True}]})
         outgoing, incoming = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with outgoing, incoming:  # each QEMU holds its own copy once handed over
-            target_launcher.hand_fd(STREAM, incoming.fileno())
-            source.hand_fd(STREAM, outgoing.fileno())
-        uri = f"fd:{STREAM}"
-        target_launcher.execute("migrate-incoming", {"uri": uri})
-        set_phase("TargetReady")
-        source.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth})
-        source.execute("migrate", {"uri": uri})
+            accept_stream(target_launcher, incoming.fileno())
+            set_phase("TargetReady")
+            start_sending(source, outgoing.fileno(), downtime_limit_ms=downtime_limit_ms, max_bandwidth=max_bandwidth)
         set_phase("Running")
-        deadline = time.monotonic() + timeout
-        while True:
-            check_cancel()
-            info = source.execute("query-migrate")
-            _update(status, info)
-            progress(status)
-            if status.qemu_status == "completed":
-                break
-            if status.qemu_status in ("failed", "cancelled"):
-                raise MigrationFailed(info.get("error-desc") or f"migration {status.qemu_status}")
-            if not target_launcher.running():
-                raise MigrationFailed(f"target QEMU exited {target_launcher.returncode}: "
-                                      f"{target_launcher.stderr_text() or 'no error text'}")
-            if time.monotonic() > deadline:
-                raise MigrationFailed(f"migration did not complete within {timeout}s")
-            time.sleep(poll_interval)
-        _wait_target_running(target_launcher, timeout=30)
+
+        def target_gone() -> str | None:
+            if target_launcher.running():
+                return None
+            said = target_launcher.stderr_text() or "no error text"
+            return f"target QEMU exited {target_launcher.returncode}: {said}"
+
+        follow_sending(source, status, target_gone=target_gone, timeout=timeout, poll_interval=poll_interval,
+                       progress=progress, cancel=cancel)
+        wait_target_running(target_launcher, timeout=30)
         source.mark_migrated()
         target_launcher.take_over_console()  # after the source's last console bytes
         status.ended = time.time()
@@ -168,7 +157,7 @@ def migrate(
         return status
     except (MigrationFailed, HookError, LaunchError, QmpError) as exc:
         status.error = str(exc)
-        _recover_source(source, was_paused)
+        recover_source(source, was_paused)
         if target_launcher is not None and target_launcher.proc is not None:
             target_launcher.kill()
         status.ended = time.time()
@@ -177,7 +166,49 @@ def migrate(
         return status
 
 
-def _wait_target_running(target: VmLauncher, timeout: float) -> None:
+def accept_stream(target: VmLauncher, fd: int) -> None:
+    """Make a target QEMU (started with incoming="defer") take the migration stream from the
+    connected socket `fd` (handed over QMP; the caller closes its own copy)."""
+    target.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    target.hand_fd(STREAM, fd)
+    target.execute("migrate-incoming", {"uri": f"fd:{STREAM}"})
+
+
+def start_sending(source: VmLauncher, fd: int, *, downtime_limit_ms: int = DEFAULT_DOWNTIME_LIMIT_MS,
+                  max_bandwidth: int = DEFAULT_BANDWIDTH) -> None:
+    """Start migrating the source QEMU into the connected socket `fd` (handed over QMP; the
+    caller closes its own copy before following, so a dead peer fails the stream)."""
+    source.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    source.hand_fd(STREAM, fd)
+    source.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth})
+    source.execute("migrate", {"uri": f"fd:{STREAM}"})
+
+
+def follow_sending(source: VmLauncher, status: MigrationStatus, *, target_gone: Callable[[], str | None],
+                   timeout: float, poll_interval: float, progress: Callable[[MigrationStatus], None],
+                   cancel: threading.Event) -> None:
+    """Poll the source's `query-migrate` into `status` until QEMU says completed; MigrationFailed
+    when it fails, the target is gone (`target_gone` says why), `cancel` is set or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cancel.is_set():
+            raise MigrationFailed("migration cancelled")
+        info = source.execute("query-migrate")
+        _update(status, info)
+        progress(status)
+        if status.qemu_status == "completed":
+            return
+        if status.qemu_status in ("failed", "cancelled"):
+            raise MigrationFailed(info.get("error-desc") or f"migration {status.qemu_status}")
+        gone = target_gone()
+        if gone:
+            raise MigrationFailed(gone)
+        if time.monotonic() > deadline:
+            raise MigrationFailed(f"migration did not complete within {timeout}s")
+        time.sleep(poll_interval)
+
+
+def wait_target_running(target: VmLauncher, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = target.execute("query-status")["status"]
@@ -189,7 +220,7 @@ def _wait_target_running(target: VmLauncher, timeout: float) -> None:
     raise MigrationFailed("target did not take over after the migration completed")
 
 
-def _recover_source(source: VmLauncher, was_paused: bool) -> None:
+def recover_source(source: VmLauncher, was_paused: bool) -> None:
     """Cancel an in-flight migration and make sure the source guest runs again."""
     if not source.running():
         return
