@@ -16,7 +16,8 @@ from controlplane.context import Context
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from controlplane.vm_spec import SpecError, parse_virtual_machine
-from virt.pods import launcher_pod, launcher_status, migration_target_pod
+from virt.pod_status import launcher_status
+from virt.pods import launcher_pod, migration_target_pod
 from virt.reconcile import (FINALIZER, apply_start_stop, ensure_data_volumes, ensure_vmi, finish_request, requested,
                             volumes_ready)
 
@@ -114,7 +115,7 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
 
 
 def _claims(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
-    """Volume name → its claim; else ({}, what is missing)."""
+    """Claim name → the claim, for every claim the VMI's volumes name; else ({}, what is missing)."""
     claims = {}
     for volume in (vmi.get("spec") or {}).get("volumes") or []:
         if not isinstance(volume, dict):
@@ -125,7 +126,7 @@ def _claims(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
         pvc = ctx.store.get("PersistentVolumeClaim", name, _ns(vmi))
         if pvc is None:
             return {}, f"PersistentVolumeClaim {name} does not exist"
-        claims[volume.get("name", name)] = pvc
+        claims[name] = pvc
     return claims, ""
 
 
@@ -142,7 +143,7 @@ def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
         return None
     try:
         spec = launcher_pod(vmi, claims, ctx.cluster.image, namespace=ns, kvm=ctx.cluster.kvm)
-    except ValueError as exc:
+    except (ValueError, SpecError) as exc:
         ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Failed", reason=user_text(exc))
         ctx.store.add_event(vmi, "Warning", "FailedCreate", user_text(exc))
         return None
@@ -178,8 +179,12 @@ def reconcile_migration_in_pods(ctx: Context, mig: Obj) -> float | None:
         ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed", error=missing)
         return None
     source_node = (vmi.get("status") or {}).get("nodeName", "")
-    spec = migration_target_pod(vmi, mig, claims, ctx.cluster.image, namespace=ns, source_node=source_node,
-                                kvm=ctx.cluster.kvm)
+    try:
+        spec = migration_target_pod(vmi, mig, claims, ctx.cluster.image, namespace=ns, source_node=source_node,
+                                    kvm=ctx.cluster.kvm)
+    except (ValueError, SpecError) as exc:
+        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed", error=user_text(exc))
+        return None
     pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
     if pod is None:
         ctx.store.apply(spec)

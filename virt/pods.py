@@ -337,7 +337,7 @@ def _check_annotations(pod: dict) -> dict:
 
 
 def launcher_pod(vmi: dict, claims: Mapping[str, dict], image: str, *, namespace: str,
-                 service_account: str = "pvlun-launcher", kvm: bool = False) -> dict:
+                 service_account: str = "default", kvm: bool = False) -> dict:
     """The launcher Pod of `vmi` (a VirtualMachineInstance as the API server returns it, with
     its uid). `claims`: the PVCs its dataVolume/persistentVolumeClaim volumes name, by claim
     name (their volumeMode decides device or mount). `kvm`: the node has /dev/kvm (the caller
@@ -347,7 +347,7 @@ def launcher_pod(vmi: dict, claims: Mapping[str, dict], image: str, *, namespace
 
 
 def migration_target_pod(vmi: dict, migration: dict, claims: Mapping[str, dict], image: str, *,
-                         source_node: str, namespace: str, service_account: str = "pvlun-launcher",
+                         source_node: str, namespace: str, service_account: str = "default",
                          kvm: bool = False, port: int = MIGRATION_PORT, token_secret: str | None = None) -> dict:
     """The Pod a VirtualMachineInstanceMigration's target QEMU runs in: the VMI's launcher Pod,
     waiting for the migration stream on `port` (with the shared token of Secret

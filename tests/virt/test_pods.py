@@ -59,7 +59,7 @@ def expected_block_pod(obj: dict) -> dict:
             "hostname": "tick",
             "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 35,
-            "serviceAccountName": "pvlun-launcher",
+            "serviceAccountName": "default",
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "containers": [{
