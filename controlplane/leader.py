@@ -78,8 +78,9 @@ class LeaderElector:
         return True
 
     def run(self, stopping: threading.Event, on_started: Callable[[], None], on_stopped: Callable[[], None]) -> None:
-        """Campaign until leading, call on_started, renew; on_stopped when leadership is lost
-        (the caller exits, as client-go's users do: a fresh process campaigns again)."""
+        """Campaign until leading, call on_started, renew until `stopping`; on_stopped when
+        leadership is lost instead (the caller exits, as client-go's users do: a fresh process
+        campaigns again)."""
         while not stopping.is_set():
             if self._attempt():
                 break
@@ -96,6 +97,8 @@ class LeaderElector:
                 log.error("%s could not renew Lease %s/%s for %.0f s: no longer leading",
                           self.identity, self.namespace, self.name, self.renew_deadline)
                 break
+        else:  # asked to stop: the caller releases the Lease
+            return
         self.leading.clear()
         on_stopped()
 

@@ -15,6 +15,8 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from controlplane.leader import LEASE_SECONDS, RENEW_DEADLINE, RETRY_SECONDS
+
 log = logging.getLogger("pvlun.controller")
 
 DEFAULT_NAMESPACE = "pvlun"
@@ -26,6 +28,16 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not HOST:PORT (or :PORT)")
     return host or "0.0.0.0", int(port)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 < s < 3600)")
+    return value
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kvm", action="store_true", help="launcher Pods ask for /dev/kvm (devices.kubevirt.io/kvm)")
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                    help="campaign for the Lease before reconciling (default on)")
+    for flag, default, what in (("lease-duration", LEASE_SECONDS, "a standby waits this long after the last renewal"),
+                                ("renew-deadline", RENEW_DEADLINE, "the leader gives up when it could not renew this long"),
+                                ("retry-period", RETRY_SECONDS, "between tries")):
+        p.add_argument(f"--leader-elect-{flag}", type=_seconds, default=default, metavar="SECONDS",
+                       help=f"{what} (default %(default)s)")
     p.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
                    help="this replica's name in the Lease (env POD_NAME; default the host name)")
     p.add_argument("--metrics-address", default=":8080", type=lambda t: _host_port(t, "--metrics-address"),
@@ -120,7 +137,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
     elector = None
     try:
         if args.leader_elect:
-            elector = LeaderElector(store, LEASE_NAME, args.controller_namespace, args.identity)
+            elector = LeaderElector(store, LEASE_NAME, args.controller_namespace, args.identity,
+                                    lease_seconds=args.leader_elect_lease_duration,
+                                    renew_deadline=args.leader_elect_renew_deadline,
+                                    retry_seconds=args.leader_elect_retry_period)
             elector.run(stopping, lambda: loop.start(args.workers), lost)
         else:
             loop.start(args.workers)

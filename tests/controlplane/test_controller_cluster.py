@@ -1,0 +1,134 @@
+"""Cluster mode end to end, on the Kubernetes API server TEST DOUBLE (tests/kube_api_double.py;
+no API server can run here): the same reconcile functions as embedded mode, on a KubeStore,
+make what CDI and KubeVirt make — a DataVolume's claim and importer Pod, a VM's VMI and
+launcher Pod, a migration's target Pod — and follow the Pods' status, which the test writes
+as the kubelet would (a simulated importer, a simulated launcher)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from controlplane.context import Cluster, Context
+from controlplane.control_loop import ControlLoop
+from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from virt.guest_images import tick_vm_manifest
+from virt.reconcile import FINALIZER
+
+IMAGE = "localhost/pvlun:0.1.0"
+NS = "vms"
+
+
+def wait_until(what, timeout: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
+
+
+@pytest.fixture
+def cluster(kube_api_double, make_kube_store):
+    """A controller (its own KubeStore, informers started, the loop running) and a user's store."""
+    store = make_kube_store()
+    reconcilers = cluster_reconcilers()
+    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
+    ctx = Context(store=store, csi=None, data_dir="", node_ids=[], cluster=Cluster(image=IMAGE, namespace="pvlun-system"))
+    loop = ControlLoop(ctx, reconcilers, watched=CLUSTER_WATCHED)
+    loop.start(workers=2)
+    user = make_kube_store()
+    user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    yield user
+    ctx.stopping.set()
+    loop.join(5)
+
+
+def pods(store) -> list[dict]:
+    return store.list("Pod", NS)
+
+
+def set_pod_status(double, pod: dict, status: dict) -> None:
+    """What the kubelet would write."""
+    meta = pod["metadata"]
+    body = dict(pod, status=status)
+    code, answer = double.call("PUT", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body)
+    assert code == 200, answer
+
+
+def set_claim_bound(double, store, name: str) -> None:
+    pvc = store.get("PersistentVolumeClaim", name, NS)
+    body = dict(pvc, status={"phase": "Bound", "capacity": {"storage": "8Mi"}})
+    code, answer = double.call("PUT", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{name}/status", body)
+    assert code == 200, answer
+
+
+def test_a_vm_gets_its_vmi_and_a_launcher_pod_and_runs_when_the_pod_does(cluster, kube_api_double):
+    store = cluster
+    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
+    template = vm["spec"].pop("dataVolumeTemplates")[0]  # a claim made beforehand, as users also do
+    vm["metadata"]["namespace"] = NS
+    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
+    volume.pop("dataVolume")
+    volume["persistentVolumeClaim"] = {"claimName": template["metadata"]["name"]}
+    store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": template["metadata"]["name"], "namespace": NS},
+                 "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
+                          "resources": {"requests": {"storage": "8Mi"}}}})
+    set_claim_bound(kube_api_double, store, template["metadata"]["name"])
+    store.apply(vm)
+
+    pod = wait_until(lambda: next(iter(pods(store)), None))
+    vmi = store.get("VirtualMachineInstance", "tick", NS)
+    assert vmi["metadata"]["ownerReferences"][0]["kind"] == "VirtualMachine"
+    assert pod["metadata"]["name"].startswith("virt-launcher-tick-")
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == vmi["metadata"]["uid"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == IMAGE and (container["command"] + container.get("args", []))[:2] == ["pvlun", "launch"]
+    assert container["volumeDevices"][0]["devicePath"].startswith("/dev/pvlun/")
+    assert FINALIZER in store.get("VirtualMachine", "tick", NS)["metadata"]["finalizers"]  # deletion waits for the VMI
+    assert wait_until(lambda: (store.get("VirtualMachineInstance", "tick", NS).get("status") or {}).get("phase")
+                      == "Scheduling")
+
+    code, _ = kube_api_double.call("PATCH", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}",
+                                   {"spec": {"nodeName": "node-a"}}, "application/merge-patch+json")
+    assert code == 200
+    pod = store.get("Pod", pod["metadata"]["name"], NS) or pod  # the scheduler's binding first
+    set_pod_status(kube_api_double, pod, {"phase": "Running", "podIP": "10.244.1.7", "hostIP": "198.18.0.2",
+                                          "conditions": [{"type": "Ready", "status": "True"}],
+                                          "containerStatuses": [{"name": "compute", "ready": True, "restartCount": 0,
+                                                                 "state": {"running": {}}}]})
+    vmi = wait_until(lambda: (lambda v: v if (v.get("status") or {}).get("phase") == "Running" else None)(
+        store.get("VirtualMachineInstance", "tick", NS)))
+    assert vmi["status"]["nodeName"] == "node-a"
+    assert vmi["status"]["interfaces"][0]["ipAddress"] == "10.244.1.7"
+    assert wait_until(lambda: (store.get("VirtualMachine", "tick", NS).get("status") or {}).get("printableStatus")
+                      == "Running")
+    assert store.get("VirtualMachine", "tick", NS)["status"]["ready"] is True
+
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                 "metadata": {"name": "move", "namespace": NS}, "spec": {"vmiName": "tick"}})
+    target = wait_until(lambda: next((p for p in pods(store) if p["metadata"]["name"] != pod["metadata"]["name"]), None))
+    terms = json.dumps(target["spec"]["affinity"])
+    assert "node-a" in terms  # kept off the source node
+    assert wait_until(lambda: (store.get("VirtualMachineInstanceMigration", "move", NS).get("status") or {})
+                      .get("phase") == "Scheduling")
+
+    store.delete("VirtualMachine", "tick", NS)
+    assert wait_until(lambda: store.get("VirtualMachine", "tick", NS) is None)
+    assert store.get("VirtualMachineInstance", "tick", NS) is None
+
+
+def test_a_halted_vm_has_no_vmi_and_a_start_request_makes_one(cluster, kube_api_double):
+    store = cluster
+    vm = yaml.safe_load(tick_vm_manifest("idle", "http://images.example/tick.qcow2", strategy="Halted"))
+    vm["metadata"]["namespace"] = NS
+    store.apply(vm)
+    assert wait_until(lambda: (store.get("VirtualMachine", "idle", NS).get("status") or {}).get("printableStatus")
+                      == "Stopped")
+    assert store.get("VirtualMachineInstance", "idle", NS) is None
+    assert store.get("DataVolume", "idle-root", NS) is not None  # its template's DataVolume, made at once
