@@ -47,6 +47,20 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     return kind, source[kind] or {}, size, mode, storage.get("accessModes") or ["ReadWriteOnce"], storage.get("storageClassName")
 
 
+def disk_size(dv: Obj, claim_bytes: int, block: bool) -> tuple[int, float]:
+    """(bytes, filesystem overhead) of the disk a DataVolume's claim of `claim_bytes` holds. A
+    Block claim is the disk. With spec.storage a Filesystem claim was made larger for the
+    overhead (claim_spec), so its disk.img gets the size asked for; with spec.pvc, CDI's
+    overhead comes off the claim's size."""
+    spec = dv.get("spec") or {}
+    if block:
+        return claim_bytes, FILESYSTEM_OVERHEAD
+    requested = ((spec.get("storage") or {}).get("resources") or {}).get("requests", {}).get("storage")
+    if spec.get("storage") is not None and requested:
+        return parse_quantity(requested), 0.0
+    return claim_bytes, FILESYSTEM_OVERHEAD
+
+
 def claim_spec(kind: str, source: dict, size: int, mode: str, access: list[str], sc: str | None,
                use_storage_api: bool, dv_ns: str, attributes_class: str | None = None) -> dict:
     """The claim a DataVolume needs. With spec.storage, a Filesystem claim is made larger

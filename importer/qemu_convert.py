@@ -89,8 +89,9 @@ def _direct_io_works(path: str) -> bool:
         return False
 
 
-def zero_target(path: str, size: int) -> None:
-    """Make a Block target read as zeros again: punch the file, or zero-out the device."""
+def zero_target(path: str, size: int, *, check: bool = False) -> None:
+    """Make a Block target read as zeros again: punch the file, or zero-out the device. Best
+    effort after a failure; with `check`, what could not be zeroed raises."""
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISBLK(mode):
@@ -98,4 +99,5 @@ def zero_target(path: str, size: int) -> None:
         else:
             run(["fallocate", "--punch-hole", "--offset", "0", "--length", str(size), path])
     except (CommandError, OSError):
-        pass
+        if check:
+            raise

@@ -14,8 +14,7 @@ import time
 
 from controlplane import kubelet
 from controlplane.context import Context
-from controlplane.dv_spec import FILESYSTEM_OVERHEAD, claim_spec, validate
-from controlplane.quantity import parse_quantity
+from controlplane.dv_spec import claim_spec, disk_size, validate
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import shown_text, user_text
 
@@ -206,12 +205,8 @@ def target_for(attachment: kubelet.Attachment, pvc: Obj, dv: Obj):
     from importer.pipeline import Target
 
     spec = dv.get("spec") or {}
-    size = int(pvc.get("status", {}).get("capacity", {}).get("storage", "0"))
-    overhead = FILESYSTEM_OVERHEAD
-    if not attachment.block and spec.get("storage") is not None:
-        # spec.storage: the claim was made larger for the overhead, so the disk gets the size asked for
-        requested = (spec["storage"].get("resources") or {}).get("requests", {}).get("storage")
-        size, overhead = (parse_quantity(requested), 0.0) if requested else (size, overhead)
+    capacity = int(pvc.get("status", {}).get("capacity", {}).get("storage", "0"))
+    size, overhead = disk_size(dv, capacity, attachment.block)
     return Target(path=attachment.path, size=size, mode="Block" if attachment.block else "Filesystem",
                   content_type=spec.get("contentType", "kubevirt"), preallocation=bool(spec.get("preallocation")),
                   filesystem_overhead=overhead)

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_controller_commands(sub)
 
+    from pvlun.import_cli import add_commands as add_import_commands
+
+    add_import_commands(sub)
+
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)
     return parser
