@@ -28,6 +28,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from csi.attach import device_size
+
 from . import errors
 from .errors import ImportFailed
 from .pipeline import DEFAULT_FS_OVERHEAD, DISK_IMG, ImportResult, Target, import_into
@@ -84,19 +86,11 @@ def target_at(path: str, size: int | None = None, *, content_type: str = "kubevi
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise ImportFailed(INVALID_TARGET, f"the target {path} is no block device or file (a Filesystem volume's "
                                            f"disk is DIR/{DISK_IMG})")
-    actual = _device_size(path) if stat.S_ISBLK(st.st_mode) else st.st_size
+    actual = device_size(path) if stat.S_ISBLK(st.st_mode) else st.st_size
     if size is not None and size > actual:
         raise ImportFailed(INVALID_TARGET, f"the target {path} holds {actual} bytes, less than --size {size}")
     return Target(path=path, size=size if size is not None else actual, mode="Block",
                   content_type=content_type, preallocation=preallocation)  # type: ignore[arg-type]
-
-
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def pod_lookups(source: dict, *, cert_dir: str, headers_dir: str,

@@ -21,7 +21,7 @@ tests/importer/test_import_cli.py runs it with exactly this set):
   NET_ADMIN   bwrap: the loopback of a tool's own network namespace
   SETUID, SETGID   setpriv: becoming `nobody`
   CHOWN, FOWNER    handing scratch files and disk.img to `nobody` and taking them back
-  DAC_OVERRIDE     (Filesystem) reopening disk.img while `nobody` owns it
+  DAC_OVERRIDE     working in what `nobody` owns meanwhile (nbdkit's directory, disk.img)
   MKNOD            (Block) a private device node of the volume for the sandbox
 No privileged mode, no host namespaces or paths; seccomp RuntimeDefault (it allows these calls
 once CAP_SYS_ADMIN is held); AppArmor Unconfined, because the runtimes' default profile forbids
@@ -29,7 +29,10 @@ mount(2), which bwrap needs; a read-only root filesystem (/tmp is an emptyDir); 
 account token (the pod never calls the API). allowPrivilegeEscalation stays unset: the API
 server refuses `false` together with SYS_ADMIN, and the tools get no_new_privs from setpriv.
 bwrap mounts /proc, which works in pods without user namespaces (the default); with
-`hostUsers: false` it would need `procMount: Unmasked`.
+`hostUsers: false` it would need `procMount: Unmasked`. SYS_ADMIN, NET_ADMIN and an unconfined
+AppArmor profile are beyond Pod Security's `baseline`: the DataVolume's namespace must allow
+`privileged` pods, or the controller's ServiceAccount be exempt in the PodSecurity admission
+configuration (CDI's pods pass `restricted` because CDI runs qemu-img unsandboxed in the pod).
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ METRICS_PORT, UPLOAD_PORT = 8080, 8443
 DATAVOLUME_LABEL = "pvlun.dev/datavolume"
 QEMU_GID = 107  # CDI's fsGroup: KubeVirt's QEMU reads disk.img as this group
 DEFAULT_RESOURCES = {"limits": {"cpu": "750m", "memory": "600M"}, "requests": {"cpu": "100m", "memory": "60M"}}  # CDI's
-SANDBOX_CAPABILITIES = ("CHOWN", "FOWNER", "NET_ADMIN", "SETGID", "SETUID", "SYS_ADMIN")
-MODE_CAPABILITIES = {"Filesystem": ("DAC_OVERRIDE",), "Block": ("MKNOD",)}
+SANDBOX_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_ADMIN", "SETGID", "SETUID", "SYS_ADMIN")
+MODE_CAPABILITIES = {"Filesystem": (), "Block": ("MKNOD",)}
 # annotations CDI carries from a DataVolume to its pods, with CDI's defaults
 POD_ANNOTATIONS = {"k8s.v1.cni.cncf.io/networks": "", "v1.multus-cni.io/default-network": "",
                    "sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}

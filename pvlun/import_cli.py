@@ -85,7 +85,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from importer.pod_result import termination_message
 
     os.umask(0o007)  # disk.img is its fsGroup's to write too (CDI: KubeVirt's QEMU runs as that group)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_NoTraceback("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     if args.upload_address and not args.datavolume:
         print("error: --upload-address needs --datavolume NAMESPACE/NAME (the DataVolume tokens name)", file=sys.stderr)
         return 2
@@ -101,12 +103,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     except ImportFailed as exc:
         return _fail(log_path, exc.reason, exc.message, termination_message)
     except Exception as exc:  # noqa: BLE001 - a person reads one line, never a traceback
-        logging.getLogger("pvlun.import").debug("import failed", exc_info=True)
         return _fail(log_path, INTERNAL, user_text(exc), termination_message)
     print(f"import complete: {result}", flush=True)
     _write(log_path, termination_message("Succeeded", "", "Import Complete", progress="100.0%",
                                          preallocation_applied=preallocated))
     return 0
+
+
+class _NoTraceback(logging.Formatter):
+    """Log lines without tracebacks: the pod's log is read by people (and by kubelet, as the
+    termination message when the JSON could not be written)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_info, record.exc_text = None, None
+        return super().format(record)
 
 
 def _run(args: argparse.Namespace, progress, stop: threading.Event) -> str:

@@ -26,7 +26,7 @@ PROFILES = {"seccompProfile": {"type": "RuntimeDefault"}, "appArmorProfile": {"t
 FILESYSTEM_CONTEXT = {**RESTRICTIONS, "capabilities": {"drop": ["ALL"], "add": [
     "CHOWN", "DAC_OVERRIDE", "FOWNER", "NET_ADMIN", "SETGID", "SETUID", "SYS_ADMIN"]}, **PROFILES}
 BLOCK_CONTEXT = {**RESTRICTIONS, "capabilities": {"drop": ["ALL"], "add": [
-    "CHOWN", "FOWNER", "MKNOD", "NET_ADMIN", "SETGID", "SETUID", "SYS_ADMIN"]}, **PROFILES}
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "MKNOD", "NET_ADMIN", "SETGID", "SETUID", "SYS_ADMIN"]}, **PROFILES}
 DEFAULT_ANNOTATIONS = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
 SOURCE_VOLUME = {"name": "pvlun-import-source", "downwardAPI": {"items": [
     {"path": "source.json", "fieldRef": {"fieldPath": "metadata.annotations['pvlun.dev/import-source']"}}]}}
