@@ -321,3 +321,14 @@ def test_objects_a_pod_cannot_be_made_from_are_refused():
         upload_pod(datavolume("x", source, storage), good_pvc, IMAGE)
     with pytest.raises(ValueError, match="placement.tolerations"):
         importer_pod(datavolume("x", source, storage), good_pvc, IMAGE, placement={"tolerations": {"key": "x"}})
+
+
+def test_bounded_names_are_cdis_fnv1a_shortening():
+    from controlplane.names import bounded_name, fnv1a_32, service_name
+
+    assert (fnv1a_32(""), fnv1a_32("a"), fnv1a_32("foobar")) == ("811c9dc5", "e40c292c", "bf9cf968")  # FNV-1a test vectors
+    assert bounded_name("importer-short") == "importer-short"
+    long = "importer-" + "x" * 250 + ".y"
+    assert bounded_name(long) == "importer-" + "x" * 235 + "-" + fnv1a_32(long)
+    assert bounded_name("a" * 60 + "." + "b" * 10, 63) == "a" * 54 + "-" + fnv1a_32("a" * 60 + "." + "b" * 10)
+    assert service_name("cdi-upload-a.b") == "cdi-upload-a-b"
