@@ -4,7 +4,7 @@ The DataVolume reconcile (importer/reconcile.py) makes the claim in both modes; 
 cluster it then hands over here. The importer Pod (importer/pods.py) is the claim's first
 consumer — a WaitForFirstConsumer class binds it where the Pod lands — so it is made
 without waiting for Bound. The Pod reports back through its status (phase, restarts, a JSON
-termination message: importer/pods.py's `import_result`); that is all the controller reads
+termination message: importer/pod_result.py's `import_result`); that is all the controller reads
 of it, bounded, as anything a Pod writes is untrusted. A finished Pod is deleted; its claim
 stays with the data (Succeeded) or goes with it (Failed: no half-written volume).
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from controlplane.context import Context
 from controlplane.store import Obj
-from importer.pods import import_result, importer_pod, upload_pod, upload_service
+from importer.pod_result import import_result
+from importer.pods import importer_pod, upload_pod, upload_service
 from importer.reconcile import fail, set_phase
 
 

@@ -53,14 +53,14 @@ class ImportPodResult:
     Succeeded (exit 0 and the termination message says so), Failed (the latest attempt failed:
     the container is terminated or waits to restart, or the pod itself failed). With
     restartPolicy OnFailure kubelet restarts a Failed container; the controller decides when
-    `restart_count` is enough (CDI gives up after a few) or `pod_failed` says nothing will.
+    `restarts` is enough (CDI gives up after a few) or `pod_failed` says nothing will.
     """
 
     phase: str
     reason: str = ""
     message: str = ""
     progress: str = ""            # "100.0%" once Succeeded (while running: progress_from_metrics)
-    restart_count: int = 0
+    restarts: int = 0
     exit_code: int | None = None
     pod_failed: bool = False      # the pod's own phase is Failed (evicted, deadline): no restart comes
     preallocation_applied: bool = False
@@ -85,21 +85,21 @@ def import_result(pod: object) -> ImportPodResult | None:
     if terminated:
         result = _terminated(terminated, restarts)
         if pod_failed and result.phase != "Succeeded":
-            return ImportPodResult("Failed", result.reason, result.message, restart_count=restarts,
+            return ImportPodResult("Failed", result.reason, result.message, restarts=restarts,
                                    exit_code=result.exit_code, pod_failed=True)
         return result
     if pod_failed:
         return ImportPodResult("Failed", _reason(status.get("reason")), _text(status.get("message")),
-                               restart_count=restarts, pod_failed=True)
+                               restarts=restarts, pod_failed=True)
     if state.get("running") is not None:
         failed = _terminated(last, restarts) if last else None
         return ImportPodResult("Running", failed.reason if failed else "", failed.message if failed else "",
-                               restart_count=restarts, exit_code=None)
+                               restarts=restarts, exit_code=None)
     if last:  # waiting to be restarted after a failure (CrashLoopBackOff)
         return _terminated(last, restarts)
     waiting = _dict(state.get("waiting"))
     return ImportPodResult("Pending", _reason(waiting.get("reason"), ""), _text(waiting.get("message")),
-                           restart_count=restarts)
+                           restarts=restarts)
 
 
 def _terminated(term: dict, restarts: int) -> ImportPodResult:
@@ -109,16 +109,16 @@ def _terminated(term: dict, restarts: int) -> ImportPodResult:
         progress = said.get("progress") if isinstance(said.get("progress"), str) else ""
         return ImportPodResult("Succeeded", "", _text(said.get("message")),
                                progress=progress if re.fullmatch(r"\d{1,3}(\.\d{1,2})?%", progress) else "100.0%",
-                               restart_count=restarts, exit_code=0,
+                               restarts=restarts, exit_code=0,
                                preallocation_applied=said.get("preallocationApplied") is True)
     if code == 0:
         return ImportPodResult("Failed", _FALLBACK_REASON, "the importer exited without reporting a result",
-                               restart_count=restarts, exit_code=0)
+                               restarts=restarts, exit_code=0)
     reason = _reason(said.get("reason"), _reason(term.get("reason")))
     message = _text(said.get("message")) if said else _text(term.get("message"))
     if not message:
         message = f"the importer exited with code {code}" if code is not None else "the importer failed"
-    return ImportPodResult("Failed", reason, message, restart_count=restarts, exit_code=code)
+    return ImportPodResult("Failed", reason, message, restarts=restarts, exit_code=code)
 
 
 def _parse(message: object) -> dict:

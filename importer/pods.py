@@ -48,7 +48,7 @@ from controlplane.quantity import parse_quantity
 
 from .pod_result import IMPORTER_CONTAINER, UPLOAD_CONTAINER
 
-IMPORTER_SERVICE_ACCOUNT = "pvlun-importer"
+SERVICE_ACCOUNT = "default"  # the namespace's own, without a token: the pods never call the API
 # CDI's volume names and paths
 DATA_VOLUME, SCRATCH_VOLUME, CERT_VOLUME = "cdi-data-vol", "cdi-scratch-vol", "cdi-cert-vol"
 HEADERS_VOLUME = "cdi-secret-extra-headers-vol-{}"
@@ -74,7 +74,7 @@ POD_ANNOTATIONS = {"k8s.v1.cni.cncf.io/networks": "", "v1.multus-cni.io/default-
 
 
 def importer_pod(dv: dict, pvc: dict, image: str, *, namespace: str | None = None,
-                 service_account: str = IMPORTER_SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent",
+                 service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent",
                  scratch_claim: str | None = None, placement: dict | None = None,
                  resources: dict | None = None) -> dict:
     """The importer pod filling `pvc` for DataVolume `dv` (an http, registry, s3 or blank source).
@@ -103,7 +103,7 @@ def importer_pod(dv: dict, pvc: dict, image: str, *, namespace: str | None = Non
 
 
 def upload_pod(dv: dict, pvc: dict, image: str, *, secret_name: str | None = None, namespace: str | None = None,
-               service_account: str = IMPORTER_SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent",
+               service_account: str = SERVICE_ACCOUNT, pull_policy: str = "IfNotPresent",
                scratch_claim: str | None = None, placement: dict | None = None,
                resources: dict | None = None) -> dict:
     """The upload pod of DataVolume `dv` (spec.source.upload): `pvlun import` serving one HTTPS
@@ -147,8 +147,9 @@ def upload_secret(dv: dict, pvc: dict, *, token_key: bytes, tls_cert: bytes, tls
                   namespace: str | None = None) -> dict:
     """The Secret the upload pod reads: `token.key` (the HMAC key upload tokens are signed with,
     at least 32 random bytes: importer/upload_server.py), `tls.crt` and `tls.key` (its serving
-    certificate, for `upload_host(pvc)`). The caller makes the key and certificate; a client
-    that may read the Secret mints tokens with `issue_token(key, "<namespace>/<dv name>")`."""
+    certificate, for `upload_host(pvc)`). The caller makes them, e.g. `secrets.token_bytes(32)`
+    and `upload_server.certificate_pem((upload_host(pvc),))`; a client that may read the Secret
+    mints tokens with `issue_token(key, "<namespace>/<dv name>")`."""
     from .upload_server import KEY_BYTES
 
     if len(token_key) < KEY_BYTES:
@@ -305,6 +306,7 @@ def _pod(dv: dict, pvc: dict, ns: str, *, name: str, app: str, container: str, i
          service_account: str, args: list[str], env: list[dict], volumes: list[dict], mounts: list[dict],
          scratch_claim: str | None, placement: dict | None, resources: dict | None) -> dict:
     mode = _volume_mode(pvc)
+    _check_ref(service_account, "the ServiceAccount")
     scratch = ({"persistentVolumeClaim": {"claimName": _check_ref(scratch_claim, "the scratch claim")}}
                if scratch_claim else {"emptyDir": {}})
     main = {

@@ -89,12 +89,9 @@ def verify_token(secret_key: bytes, token: str) -> str:
     return claims["dv"]
 
 
-def ensure_certificate(cert_dir: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")) -> tuple[str, str]:
-    """A self-signed serving certificate in cert_dir (tls.crt/tls.key), made once; clients trust tls.crt."""
-    cert_path, key_path = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        return cert_path, key_path
-    os.makedirs(cert_dir, exist_ok=True)
+def certificate_pem(hosts: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """A fresh self-signed serving certificate for `hosts` (IP addresses or DNS names), valid a
+    year: (certificate PEM, private key PEM). Clients trust the certificate itself."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pvlun-upload")])
     sans: list[x509.GeneralName] = []
@@ -112,11 +109,22 @@ def ensure_certificate(cert_dir: str, hosts: tuple[str, ...] = ("127.0.0.1", "lo
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def ensure_certificate(cert_dir: str, hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")) -> tuple[str, str]:
+    """A self-signed serving certificate in cert_dir (tls.crt/tls.key), made once; clients trust tls.crt."""
+    cert_path, key_path = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+    os.makedirs(cert_dir, exist_ok=True)
+    cert, key = certificate_pem(hosts)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(key)
     with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(cert)
     return cert_path, key_path
 
 

@@ -36,7 +36,7 @@ def test_succeeded_import():
 def test_failed_attempt_gives_the_importers_reason_and_restarts():
     message = termination_message("Failed", "BackingFileRefused", "the image names a backing file: /etc/shadow")
     result = import_result(pod(state=terminated(1, message, reason="Error"), restarts=2))
-    assert (result.phase, result.reason, result.restart_count, result.exit_code) == ("Failed", "BackingFileRefused", 2, 1)
+    assert (result.phase, result.reason, result.restarts, result.exit_code) == ("Failed", "BackingFileRefused", 2, 1)
     assert result.message == "the image names a backing file: /etc/shadow"
     # CrashLoopBackOff: waiting to be restarted, the last attempt's outcome is what counts
     waiting = pod(state={"waiting": {"reason": "CrashLoopBackOff"}}, last=terminated(1, message, "Error"), restarts=3)
@@ -44,7 +44,7 @@ def test_failed_attempt_gives_the_importers_reason_and_restarts():
     # running again after a failure: Running, with what went wrong before
     again = import_result(pod(state={"running": {"startedAt": "2025-01-01T00:00:00Z"}}, last=terminated(1, message),
                               restarts=1))
-    assert (again.phase, again.reason, again.restart_count) == ("Running", "BackingFileRefused", 1)
+    assert (again.phase, again.reason, again.restarts) == ("Running", "BackingFileRefused", 1)
 
 
 def test_pending_running_and_nothing_yet():
@@ -81,7 +81,7 @@ def test_exit_0_without_our_result_is_not_success():
 ])
 def test_garbage_termination_messages_give_one_bounded_line(message):
     result = import_result(pod(state=terminated(1, message, reason="Error"), restarts="many"))
-    assert result.phase == "Failed" and result.restart_count == 0
+    assert result.phase == "Failed" and result.restarts == 0
     assert result.reason in ("Error", "NotFound")
     assert len(result.message) <= 400 and "\n" not in result.message and "\x1b" not in result.message
     assert "\x00" not in result.message

@@ -9,10 +9,12 @@ import json
 import re
 
 import pytest
+from cryptography import x509
 from kubernetes.client import ApiClient
 
 from controlplane.dv_spec import claim_spec
 from importer.pods import importer_pod, scratch_claim_name, upload_host, upload_pod, upload_secret, upload_service
+from importer.upload_server import certificate_pem
 from pvlun.cli import build_parser
 
 IMAGE = "localhost/pvlun:0.1.0"
@@ -31,7 +33,7 @@ DEFAULT_ANNOTATIONS = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": 
 SOURCE_VOLUME = {"name": "pvlun-import-source", "downwardAPI": {"items": [
     {"path": "source.json", "fieldRef": {"fieldPath": "metadata.annotations['pvlun.dev/import-source']"}}]}}
 SOURCE_MOUNT = {"name": "pvlun-import-source", "mountPath": "/etc/pvlun/import", "readOnly": True}
-POD_SPEC = {"restartPolicy": "OnFailure", "serviceAccountName": "pvlun-importer",
+POD_SPEC = {"restartPolicy": "OnFailure", "serviceAccountName": "default",
             "automountServiceAccountToken": False, "enableServiceLinks": False}
 PORT_METRICS = {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}
 TERMINATION = {"terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "FallbackToLogsOnError"}
@@ -229,6 +231,10 @@ def test_upload_pod_service_and_secret():
     valid(service, "V1Service")
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert upload_host(pvc) == "cdi-upload-up.vms.svc"
+
+    cert, cert_key = certificate_pem((upload_host(pvc),))
+    names = x509.load_pem_x509_certificate(cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert names.value.get_values_for_type(x509.DNSName) == ["cdi-upload-up.vms.svc"] and b"PRIVATE KEY" in cert_key
 
     key = bytes(range(32))
     secret = upload_secret(dv, pvc, token_key=key, tls_cert=b"CERT", tls_key=b"KEY")
