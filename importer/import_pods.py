@@ -9,14 +9,15 @@ of it, bounded, as anything a Pod writes is untrusted. A finished Pod is deleted
 stays with the data (Succeeded) or goes with it (Failed: no half-written volume).
 
 Clones from a claim or snapshot are the CSI sidecars' (the claim's dataSource): done when
-the claim is Bound. An upload gets CDI's upload Pod and Service."""
+the claim is Bound. Uploads are refused for now (nothing outside the cluster can reach an
+upload Pod yet)."""
 
 from __future__ import annotations
 
 from controlplane.context import Context
 from controlplane.store import Obj
 from importer.pod_result import import_result
-from importer.pods import importer_pod, upload_pod, upload_service
+from importer.pods import importer_pod
 from importer.reconcile import fail, set_phase
 
 
@@ -46,7 +47,8 @@ def reconcile_in_pods(ctx: Context, dv: Obj, pvc: Obj, kind: str) -> float | Non
                       event=("Normal", "CloneSucceeded", f"{kind} cloned into claim {meta['name']} by the CSI driver"))
         return None
     if kind == "upload":
-        return _upload(ctx, dv, pvc, ns)
+        _upload(ctx, dv)
+        return None
     return _import(ctx, dv, pvc, ns)
 
 
@@ -59,44 +61,43 @@ def _import(ctx: Context, dv: Obj, pvc: Obj, ns: str) -> float | None:
             set_phase(ctx, dv, "ImportScheduled", progress="N/A", ready=False,
                       event=("Normal", "ImportScheduled", f"Import into {pvc['metadata']['name']} scheduled"))
         return None
-    return _follow(ctx, dv, pod, ns, "Import")
+    return _follow(ctx, dv, pod, ns)
 
 
-def _upload(ctx: Context, dv: Obj, pvc: Obj, ns: str) -> float | None:
-    spec = upload_pod(dv, pvc, ctx.cluster.image, namespace=ns)
-    service = upload_service(dv, pvc, namespace=ns)
-    if ctx.store.get("Service", service["metadata"]["name"], ns) is None:
-        ctx.store.apply(service)
-    pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
-    if pod is None:
-        ctx.store.apply(spec)
-        if (dv.get("status") or {}).get("phase") != "UploadScheduled":
-            set_phase(ctx, dv, "UploadScheduled", progress="N/A", ready=False,
-                      event=("Normal", "UploadScheduled", f"Upload into {pvc['metadata']['name']} scheduled"))
-        return None
-    return _follow(ctx, dv, pod, ns, "Upload")
+def _upload(ctx: Context, dv: Obj) -> None:
+    """Uploads need a client that reaches the upload Pod (CDI's upload proxy, or `pvlun
+    image-upload` with the Pod's token key); neither talks to a cluster yet, so a Pod nobody
+    could feed is not made: the DataVolume says so at once."""
+    fail(ctx, dv, "UploadNotSupported", "uploads into a cluster are not available yet: import the image from "
+         "http, registry or s3, or upload it with pvlun serve (embedded mode)")
 
 
-def _follow(ctx: Context, dv: Obj, pod: Obj, ns: str, what: str) -> float | None:
+RESTART_LIMIT = 3  # failed attempts (the kubelet restarts the container) before the DataVolume is Failed
+
+
+def _follow(ctx: Context, dv: Obj, pod: Obj, ns: str) -> float | None:
     """The DataVolume's phase from its Pod's; a finished Pod is deleted."""
     result = import_result(pod)
-    status = dv.get("status") or {}
-    if result is None:  # not started yet (Pending): stays scheduled
+    if result is None or result.phase == "Pending":  # not started yet: stays scheduled
         return None
+    original = dv.get("status") or {}
     restarts = result.restarts
-    if restarts != status.get("restartCount", 0):
-        ctx.store.merge_status("DataVolume", dv["metadata"]["name"], ns, restartCount=restarts)
+    status = dict(dv.get("status") or {}, restartCount=restarts)  # CDI's count of failed attempts
+    dv = dict(dv, status=status)
     if result.phase == "Succeeded":
         set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
-                  event=("Normal", f"{what}Succeeded", f"Successfully {what.lower()}ed into {dv['metadata']['name']}"))
+                  event=("Normal", "ImportSucceeded", f"Successfully imported into {dv['metadata']['name']}"))
         ctx.store.delete("Pod", pod["metadata"]["name"], ns)
         return None
-    if result.phase == "Failed":
-        fail(ctx, dv, result.reason or f"{what}Failed", result.message or f"the {what.lower()} Pod failed")
+    if result.phase == "Failed" and (result.pod_failed or restarts >= RESTART_LIMIT):
+        fail(ctx, dv, result.reason or "ImportFailed", result.message or "the importer Pod failed")
         ctx.store.delete("Pod", pod["metadata"]["name"], ns)
         return None
-    phase = "UploadReady" if what == "Upload" else "ImportInProgress"
     progress = result.progress or status.get("progress") or "N/A"
-    if status.get("phase") != phase or status.get("progress") != progress:
-        set_phase(ctx, dv, phase, progress=progress, running=(True, "Pod Running", ""), ready=False)
+    running = (True, "Pod Running", "") if result.phase == "Running" else \
+        (False, result.reason or "Error", result.message)  # the kubelet restarts it (restartPolicy OnFailure)
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Running"), {})
+    if status.get("phase") != "ImportInProgress" or status.get("progress") != progress or \
+            cond.get("reason") != running[1] or status != original:
+        set_phase(ctx, dv, "ImportInProgress", progress=progress, running=running, ready=False)
     return None

@@ -132,3 +132,85 @@ def test_a_halted_vm_has_no_vmi_and_a_start_request_makes_one(cluster, kube_api_
                       == "Stopped")
     assert store.get("VirtualMachineInstance", "idle", NS) is None
     assert store.get("DataVolume", "idle-root", NS) is not None  # its template's DataVolume, made at once
+
+
+def cdi_http_datavolume(name: str, url: str, block: bool = False) -> dict:
+    """CDI's documented http DataVolume (spec.storage, the size and nothing else)."""
+    storage: dict = {"resources": {"requests": {"storage": "64Mi"}}}
+    if block:
+        storage["volumeMode"] = "Block"
+    return {"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": name, "namespace": NS},
+            "spec": {"source": {"http": {"url": url}}, "storage": storage}}
+
+
+def importer_container(state: dict, restarts: int = 0, last: dict | None = None) -> dict:
+    entry = {"name": "importer", "ready": "running" in state, "restartCount": restarts, "state": state}
+    if last:
+        entry["lastState"] = {"terminated": last}
+    return {"phase": "Running" if "running" in state else "Pending", "containerStatuses": [entry]}
+
+
+def dv_status(store, name: str) -> dict:
+    return (store.get("DataVolume", name, NS) or {}).get("status") or {}
+
+
+def test_a_datavolume_gets_its_claim_and_an_importer_pod_and_succeeds_with_it(cluster, kube_api_double):
+    store = cluster
+    store.apply(cdi_http_datavolume("fedora", "http://images.example/fedora.qcow2?a=1&b=$(reboot)", block=True))
+    pod = wait_until(lambda: store.get("Pod", "importer-fedora", NS))
+    pvc = store.get("PersistentVolumeClaim", "fedora", NS)
+    assert pvc["metadata"]["ownerReferences"][0]["kind"] == "DataVolume" and pvc["spec"]["volumeMode"] == "Block"
+    assert pod["metadata"]["ownerReferences"][0] == {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                                      "name": "fedora", "uid": pvc["metadata"]["uid"],
+                                                      "controller": True, "blockOwnerDeletion": True}
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == IMAGE and "import" in container["command"] + container.get("args", [])
+    assert container["volumeDevices"] == [{"name": "cdi-data-vol", "devicePath": "/dev/cdi-block-volume"}]
+    assert "reboot" not in json.dumps(container.get("args", []) + container["command"])  # the URL is no argv
+    assert wait_until(lambda: dv_status(store, "fedora").get("phase") == "ImportScheduled")
+
+    set_pod_status(kube_api_double, pod, importer_container({"running": {}}))
+    assert wait_until(lambda: dv_status(store, "fedora").get("phase") == "ImportInProgress")
+    # the first attempt fails (a server away for a moment): the kubelet restarts it, the DataVolume counts it
+    set_pod_status(kube_api_double, store.get("Pod", "importer-fedora", NS), importer_container(
+        {"running": {}}, restarts=1,
+        last={"exitCode": 1, "message": json.dumps({"phase": "Failed", "reason": "TransferFailed",
+                                                      "message": "GET: connection refused"})}))
+    assert wait_until(lambda: dv_status(store, "fedora").get("restartCount") == 1)
+    assert dv_status(store, "fedora")["phase"] == "ImportInProgress"
+    set_pod_status(kube_api_double, store.get("Pod", "importer-fedora", NS), importer_container(
+        {"terminated": {"exitCode": 0, "message": json.dumps({"phase": "Succeeded", "message": "Import Complete"})}},
+        restarts=1))
+    assert wait_until(lambda: dv_status(store, "fedora").get("phase") == "Succeeded")
+    status = dv_status(store, "fedora")
+    assert status["progress"] == "100.0%" and status["restartCount"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+    assert wait_until(lambda: store.get("Pod", "importer-fedora", NS) is None)  # a finished importer goes
+    assert store.get("PersistentVolumeClaim", "fedora", NS) is not None  # its claim stays, with the data
+
+
+def test_an_import_that_keeps_failing_ends_failed_with_the_reason_and_no_claim(cluster, kube_api_double):
+    store = cluster
+    store.apply(cdi_http_datavolume("broken", "http://images.example/backing.qcow2"))
+    pod = wait_until(lambda: store.get("Pod", "importer-broken", NS))
+    assert pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/data"
+    said = json.dumps({"phase": "Failed", "reason": "InvalidImage",
+                       "message": "the image names another file (a backing file): refused"})
+    set_pod_status(kube_api_double, pod, importer_container({"waiting": {"reason": "CrashLoopBackOff"}}, restarts=3,
+                                                            last={"exitCode": 1, "message": said}))
+    assert wait_until(lambda: dv_status(store, "broken").get("phase") == "Failed")
+    running = {c["type"]: c for c in dv_status(store, "broken")["conditions"]}["Running"]
+    assert running["reason"] == "InvalidImage" and "backing file" in running["message"]
+    assert wait_until(lambda: store.get("PersistentVolumeClaim", "broken", NS) is None)  # no half-written volume
+    assert wait_until(lambda: store.get("Pod", "importer-broken", NS) is None)
+
+
+def test_an_upload_into_a_cluster_is_refused_with_what_to_do(cluster):
+    store = cluster
+    store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                 "metadata": {"name": "up", "namespace": NS},
+                 "spec": {"source": {"upload": {}}, "storage": {"resources": {"requests": {"storage": "64Mi"}}}}})
+    assert wait_until(lambda: dv_status(store, "up").get("phase") == "Failed")
+    running = {c["type"]: c for c in dv_status(store, "up")["conditions"]}["Running"]
+    assert running["reason"] == "UploadNotSupported" and "embedded mode" in running["message"]
+    assert store.get("Pod", "cdi-upload-up", NS) is None
