@@ -15,6 +15,7 @@ import urllib3
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient, Configuration
 
+from csi import __version__
 from controlplane.kube_api_store import ApiStore
 from controlplane.kube_kinds import ApiError, Obj
 from controlplane.store import Conflict
@@ -104,6 +105,9 @@ def _in_cluster() -> bool:
 
 
 
+USER_AGENT = f"pvlun/{__version__}"
+
+
 class KubeStore(ApiStore):
     """The ObjectStore on a Kubernetes API (see ApiStore). `namespace` is where an object
     that names none goes (as kubectl's context namespace); `watch_namespace` limits the
@@ -132,7 +136,9 @@ class KubeStore(ApiStore):
         except kube_config.ConfigException as exc:
             raise KubeConfigError(f"cannot use the Kubernetes configuration: {one_line(str(exc), 300)}") from None
         configuration.connection_pool_maxsize = 64  # a watch per kind holds a connection
-        return cls(ApiClient(configuration), namespace, **options)
+        client = ApiClient(configuration)
+        client.user_agent = USER_AGENT  # audit logs (and tests) tell pvlun's calls apart
+        return cls(client, namespace, **options)
 
     def stop(self) -> None:
         super().stop()

@@ -124,7 +124,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     metrics_server, _ = start_http_server(args.metrics_address[1], addr=args.metrics_address[0])
     store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace)
     reconcilers = cluster_reconcilers()
-    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED) + ["Lease"]))
+    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     health.synced.set()  # every informer listed: a kind it may not read has stopped the start already
     ctx = Context(store=store, csi=None, data_dir="", node_ids=[], stopping=stopping,
                   cluster=Cluster(image=args.image, namespace=args.controller_namespace, kvm=args.kvm))
@@ -135,9 +135,15 @@ def cmd_controller(args: argparse.Namespace) -> int:
         stopping.set()
 
     elector = None
+    stores = [store]
     try:
         if args.leader_elect:
-            elector = LeaderElector(store, LEASE_NAME, args.controller_namespace, args.identity,
+            # its own store, watching Leases of the controller's namespace only (its Role's reach;
+            # cluster-wide it would cache every node's heartbeat Lease)
+            lease_store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace,
+                                                    watch_namespace=args.controller_namespace)
+            stores.append(lease_store)
+            elector = LeaderElector(lease_store, LEASE_NAME, args.controller_namespace, args.identity,
                                     lease_seconds=args.leader_elect_lease_duration,
                                     renew_deadline=args.leader_elect_renew_deadline,
                                     retry_seconds=args.leader_elect_retry_period)
@@ -150,7 +156,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
         loop.join(10)
         if elector is not None:
             elector.release()
-        store.stop()
+        for each in stores:
+            each.stop()
         health_server.shutdown()
         metrics_server.shutdown()
     if health.failed.is_set():
