@@ -214,3 +214,32 @@ def test_an_upload_into_a_cluster_is_refused_with_what_to_do(cluster):
     running = {c["type"]: c for c in dv_status(store, "up")["conditions"]}["Running"]
     assert running["reason"] == "UploadNotSupported" and "embedded mode" in running["message"]
     assert store.get("Pod", "cdi-upload-up", NS) is None
+
+
+def test_a_clone_from_another_namespace_is_refused_on_a_cluster_before_any_claim_is_made(cluster):
+    """A claim's dataSource has no namespace field: the API server would drop it and clone a namesake."""
+    store = cluster
+    store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                 "metadata": {"name": "copy", "namespace": NS},
+                 "spec": {"source": {"pvc": {"name": "golden", "namespace": "os-images"}},
+                          "storage": {"resources": {"requests": {"storage": "64Mi"}}}}})
+    assert wait_until(lambda: dv_status(store, "copy").get("phase") == "Failed")
+    running = {c["type"]: c for c in dv_status(store, "copy")["conditions"]}["Running"]
+    assert running["reason"] == "CrossNamespaceClone" and "os-images" in running["message"]
+    assert store.get("PersistentVolumeClaim", "copy", NS) is None
+
+
+def test_a_pod_someone_else_made_under_the_importers_name_is_neither_believed_nor_deleted(cluster, kube_api_double):
+    store = cluster
+    impostor = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "importer-target", "namespace": NS},
+                "spec": {"containers": [{"name": "importer", "image": "busybox"}]}}
+    assert kube_api_double.call("POST", f"/api/v1/namespaces/{NS}/pods", impostor)[0] == 201
+    said = json.dumps({"phase": "Succeeded", "message": "Import Complete"})
+    set_pod_status(kube_api_double, store.get("Pod", "importer-target", NS) or impostor,
+                   importer_container({"terminated": {"exitCode": 0, "message": said}}))
+    store.apply(cdi_http_datavolume("target", "http://images.example/fedora.qcow2"))
+    assert wait_until(lambda: any(e["reason"] == "ImporterPodNameTaken"
+                                  for e in store.events(store.get("DataVolume", "target", NS))))
+    time.sleep(0.5)
+    assert dv_status(store, "target").get("phase") != "Succeeded"
+    assert store.get("Pod", "importer-target", NS)["spec"]["containers"][0]["image"] == "busybox"
