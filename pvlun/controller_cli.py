@@ -111,7 +111,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controlplane.kube_store import KubeStore
     from controlplane.leader import LeaderElector
     from csi.server import setup_logging
-    from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+    from pvlun.controllers import CLUSTER_SELECTORS, CLUSTER_WATCHED, cluster_reconcilers
 
     if not args.image:
         raise ValueError("--image (or PVLUN_IMAGE) is required: importer and launcher Pods run it")
@@ -122,7 +122,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
     health = Health()
     health_server = health.serve(args.health_address)
     metrics_server, _ = start_http_server(args.metrics_address[1], addr=args.metrics_address[0])
-    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace)
+    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace,
+                                      selectors=CLUSTER_SELECTORS)
     reconcilers = cluster_reconcilers()
     store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     health.synced.set()  # every informer listed: a kind it may not read has stopped the start already
