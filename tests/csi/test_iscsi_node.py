@@ -283,3 +283,23 @@ def test_repair_keeps_published_volumes_and_releases_the_rest(tgtd, node, tmp_pa
         f.write("ok")
     unpublish_unstage(node, vid_kept, staged_kept, None)
     assert_nothing_left(node, vid_kept)
+
+
+def test_a_dead_daemon_is_abnormal_and_released_by_repair(tgtd, node, tmp_path):
+    lun = make_lun(tgtd, tmp_path)
+    vid = new_volume_id()
+    staging = stage(node, vid, context(tgtd, lun), block_cap())
+    other = make_lun(tgtd, tmp_path)
+    with pytest.raises(grpc.RpcError) as err:  # the same volume from another LUN: refused
+        stage(node, vid, context(tgtd, other), block_cap())
+    assert err.value.code() == Code.ALREADY_EXISTS
+    (pid,) = daemons_of(node)
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 5
+    while node.initiator.pid(vid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    condition = stats(node, vid, staging).volume_condition
+    assert condition.abnormal and "not running" in condition.message
+    again = UserspaceInitiator(node.initiator.state_dir, node.initiator.initiator_name)
+    assert again.repair(published={vid}) == {"kept": 0, "released": 1, "failed": 0}
+    assert_nothing_left(node, vid)
