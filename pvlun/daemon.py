@@ -44,6 +44,7 @@ class ServeOptions:
     stall_seconds: float = 120.0  # an import that receives no byte this long is stalled
     accel: str | None = None
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
+    migration_network: str = ""  # CIDR: live migrations stream over this host's address in it
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ... (embedded mode only: a split
@@ -77,6 +78,7 @@ class Daemon:
         self.role = serve_record.role(opts.mode, opts.node_id)
         self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
         self.locks = InstanceLocks()
+        self.migration_address: str | None = None
 
     def start(self) -> None:
         self._lock()  # a second daemon on this instance stops here, having touched nothing
@@ -121,6 +123,12 @@ class Daemon:
         for root in (self.data_dir, opts.pool):  # no status or event shows a path inside them
             if root:
                 private_root(root)
+        if opts.migration_network:  # before anything is made: a node without an address there fails at once
+            from host.addresses import local_address_in, parse_network
+
+            self.migration_address = local_address_in(parse_network(opts.migration_network))
+            log.info("live migrations stream over %s (migration network %s)", self.migration_address,
+                     opts.migration_network)
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
         with_controller = opts.mode in ("all", "controller")
         with_node = opts.mode in ("all", "node")
@@ -170,6 +178,7 @@ class Daemon:
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
+        self.ctx.services["migration_address"] = self.migration_address
         if self.pool_watch is not None:
             from controlplane.provisioner import ensure_default_storage_class
 
