@@ -19,6 +19,10 @@ A host "loses its network" when its switch port goes down (`link_down`): its own
 keeps its address and routes, as a node whose cable is pulled, and TCP sessions resume when
 the port comes back (`link_up`).
 
+Commands run in a host with only its network namespace entered (`Host.prefix`, nsenter):
+files, mounts, loop devices and unix sockets are the machine's, as on one host, so a node
+plugin's CSI socket and its mounts are reached from anywhere; only the network is the host's.
+
 Everything a run made goes in `teardown` (also on an exception in the `with` block): the
 processes in its namespaces (by `ip netns pids`, so a grandchild is found too), then the
 namespaces, which takes their veths along. Namespaces whose run's process died (a killed
@@ -67,8 +71,11 @@ class Host:
 
     @property
     def prefix(self) -> list[str]:
-        """The argv prefix that runs a command in this host."""
-        return ["ip", "netns", "exec", self.namespace]
+        """The argv prefix that runs a command in this host: only its network namespace is
+        entered. (`ip netns exec` would also give the command a mount namespace of its own, and
+        then a node plugin's loop mounts and a controller's pool mount would be seen by no one
+        else; a real node's kubelet and its CSI plugin share them.)"""
+        return ["nsenter", f"--net=/run/netns/{self.namespace}", "--"]
 
 
 def _ip(namespace: str, *args: str) -> None:
@@ -200,7 +207,7 @@ class Hosts:
             self._made.append(namespace)
             _ip(namespace, "link", "set", "lo", "up")
             # no IPv6: no link-local chatter on the wires, no address outside 198.18.0.0/15
-            command.run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w",
+            command.run(["nsenter", f"--net=/run/netns/{namespace}", "--", "sysctl", "-q", "-w",
                          "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"], timeout=10)
         migration = [h for h in self.hosts.values() if h.migration_address]
         for bridge, members in (("br0", list(self.hosts.values())), ("br1", migration)):

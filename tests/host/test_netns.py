@@ -91,6 +91,13 @@ def test_a_host_reaches_nothing_outside_its_run(hosts):
             assert ipaddress.ip_address(info["local"]) not in BENCHMARK_RANGE, link["ifname"]
 
 
+def test_a_host_has_its_own_network_but_the_machines_files_and_mounts(hosts):
+    ours = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "mnt")}
+    theirs = hosts.run_in("nodeA", ["sh", "-c", "readlink /proc/self/ns/net /proc/self/ns/mnt"]).stdout.split()
+    assert theirs[0].decode() != ours["net"] and theirs[1].decode() == ours["mnt"]
+    assert os.stat(f"/run/netns/{hosts['nodeA'].namespace}").st_ino == int(theirs[0].decode()[5:-1])
+
+
 def test_link_down_cuts_a_host_off_and_link_up_brings_it_back(hosts):
     storage = hosts["storage"].address
     hosts.link_down("nodeA")
