@@ -81,6 +81,12 @@ class Daemon:
         self.migration_address: str | None = None
 
     def start(self) -> None:
+        if self.opts.migration_network:  # before anything is touched: a host with no address there stops here
+            from host.addresses import local_address_in, parse_network
+
+            self.migration_address = local_address_in(parse_network(self.opts.migration_network))
+            log.info("live migrations stream over %s (migration network %s)", self.migration_address,
+                     self.opts.migration_network)
         self._lock()  # a second daemon on this instance stops here, having touched nothing
         try:
             self._start()
@@ -123,12 +129,6 @@ class Daemon:
         for root in (self.data_dir, opts.pool):  # no status or event shows a path inside them
             if root:
                 private_root(root)
-        if opts.migration_network:  # before anything is made: a node without an address there fails at once
-            from host.addresses import local_address_in, parse_network
-
-            self.migration_address = local_address_in(parse_network(opts.migration_network))
-            log.info("live migrations stream over %s (migration network %s)", self.migration_address,
-                     opts.migration_network)
         self.catalog = Catalog(os.path.join(self.data_dir, "catalog.db"))
         with_controller = opts.mode in ("all", "controller")
         with_node = opts.mode in ("all", "node")

@@ -138,3 +138,27 @@ def test_an_embedded_migration_whose_stream_cannot_be_made_fails_and_the_source_
                      target_node="node-b", stream_pair=tcp_stream_pair("198.19.0.1"))  # not ours
     assert status.phase == "Failed" and status.error.startswith("no migration stream: ")
     assert source.running() and source.wait_for_serial("tick 4", timeout=15)
+
+
+def test_serve_streams_migrations_over_its_address_in_the_migration_network(hosts, tmp_path):
+    """Embedded mode in node A's namespace finds its mig0 address; in the root namespace, which
+    has none in the range, it refuses to start in one line; a bad CIDR is refused by the parser."""
+    from pvlun.local_run import start_daemon, stop_daemon
+
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    proc = start_daemon(str(data_dir), "--migration-network", CIDR, "--nodes", "1", pool_size="1Gi",
+                        prefix=hosts["nodeA"].prefix)
+    try:
+        log = (data_dir / "serve.log").read_text()
+        assert f"live migrations stream over {hosts['nodeA'].migration_address} (migration network {CIDR})" in log
+    finally:
+        assert stop_daemon(proc, str(data_dir)) == 0
+    for network, said in ((CIDR, f"pvlun serve: no address of this host is in the migration network {CIDR}"),
+                          ("198.19.0.1/24", "argument --migration-network: '198.19.0.1/24' is not a network")):
+        refused = subprocess.run([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", str(tmp_path / "no"),
+                                  "--migration-network", network], capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+        [line] = refused.stderr.splitlines()
+        assert refused.returncode in (1, 2) and said in line, refused.stderr
+        assert not (tmp_path / "no").exists()  # nothing was made
