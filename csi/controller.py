@@ -50,7 +50,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self._check_topology(request.accessibility_requirements)
         rng = request.capacity_range
         vol = self.luns.create_volume(request.name, rng.required_bytes, rng.limit_bytes, caps,
-                                      dict(request.parameters), dict(request.mutable_parameters), kind, source_id)
+                                      dict(request.parameters), dict(request.mutable_parameters), kind, source_id,
+                                      secrets=dict(request.secrets))
         return pb.CreateVolumeResponse(volume=convert.volume_msg(vol, self.host))
 
     def _check_topology(self, requirements: pb.TopologyRequirement) -> None:
@@ -116,7 +117,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if request.HasField("accessible_topology") and not convert.reachable_from(
                 dict(request.accessible_topology.segments), self.host):
             return pb.GetCapacityResponse(available_capacity=0)
-        return pb.GetCapacityResponse(available_capacity=self.luns.available_capacity())
+        try:
+            available = self.luns.available_capacity(dict(request.parameters))
+        except CsiError:  # parameters no volume could be made with
+            available = 0
+        return pb.GetCapacityResponse(available_capacity=available)
 
     def ControllerGetVolume(self, request, context):
         vol = self.luns.get_volume(request.volume_id)
