@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from host.command import CommandError, output
 
 MAX_LUNS_PER_TARGET = 509  # disk LUNs 1..509 (see above); the default lunsPerTarget
 MAX_LUN_NUMBER = 1023
+MAX_CONTROL_PORT = 32767  # tgtd -C refuses more
 SOCKET_DIR = "/var/run/tgtd"
 
 # RFC 3720 3.2.6.3.1: iqn.YYYY-MM.reversed.domain[:anything], at most 223 bytes; we allow
@@ -152,7 +152,7 @@ class Tgtadm:
     own words, or TgtError before anything runs when a value is not acceptable."""
 
     def __init__(self, control_port: int, timeout: float = 30):
-        self.control_port = int(_number(control_port, 1, 65535, "control port"))
+        self.control_port = int(_number(control_port, 1, MAX_CONTROL_PORT, "control port"))
         self.timeout = timeout
 
     def _run(self, *args: str) -> str:
@@ -218,6 +218,10 @@ class Tgtadm:
         check_chap(user, "x" * 12)
         self._run("--mode", "account", "--op", "bind", "--tid", _number(tid, 1, 1 << 30, "tid"), "--user", user)
 
+    def shutdown(self) -> None:
+        """End tgtd (its targets and sessions with it)."""
+        self._run("--mode", "system", "--op", "delete")
+
     def ready(self) -> bool:
         try:
             self._run("--mode", "target", "--op", "show")
@@ -251,7 +255,7 @@ class TgtDaemon:
 
     def __init__(self, portal: str, control_port: int, log_path: str, io_threads: int = 4):
         self.portal = check_portal(portal)
-        self.control_port = int(_number(control_port, 1, 65535, "control port"))
+        self.control_port = int(_number(control_port, 1, MAX_CONTROL_PORT, "control port"))
         self.log_path = log_path
         self.io_threads = int(_number(io_threads, 1, 128, "I/O threads"))
         self.proc: subprocess.Popen | None = None
@@ -296,14 +300,22 @@ class TgtDaemon:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 3.0) -> None:
+        """tgtd ignores SIGTERM; it ends when told so over its control port (`tgtadm --op
+        delete --mode system`), else it is killed. Its socket files go with it."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace)
+        if proc.poll() is None:
+            try:
+                self.admin.shutdown()
+                proc.wait(grace)
+            except (CommandError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait(grace)
+        for name in (f"socket.{self.control_port}", f"socket.{self.control_port}.lock"):
+            try:
+                os.unlink(os.path.join(SOCKET_DIR, name))
+            except FileNotFoundError:
+                pass
 
