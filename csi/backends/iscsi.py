@@ -74,7 +74,12 @@ class IscsiBackend:
 
     # ---- tgtd's life ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start tgtd, export what the tables hold, and watch tgtd from now on."""
+        """Start tgtd, export what the tables hold, and watch tgtd from now on. Call after
+        LunService.repair: rows of volumes the catalog no longer has are dropped first."""
+        for export in self.table.exports():
+            if self.catalog.volume(export.volume_id) is None:
+                log.info("dropping the export of %s: the catalog has no such volume", export.volume_id)
+                self.table.remove(export.volume_id)
         self.tgtd.start()
         self.reexport()
         self._watcher = threading.Thread(target=self._watch, name="tgtd-watch", daemon=True)
@@ -157,8 +162,7 @@ class IscsiBackend:
         """Give a new volume its LUN; returns a warning when its group is near its limit."""
         spec = group_spec(parameters)
         user, secret = chap_from(secrets)
-        if not self.tgtd.alive():
-            raise unavailable("the iSCSI target (tgtd) is not running; it is being restarted, retry")
+        self._check_running()
         with self.lock:
             if user:
                 known = {e.chap_user: e.chap_secret for e in self.table.exports() if e.chap_user}
@@ -190,6 +194,10 @@ class IscsiBackend:
                 log.warning("%s", warning)
             return warning
 
+    def _check_running(self) -> None:
+        if not self.tgtd.alive():
+            raise unavailable("the iSCSI target (tgtd) is not running; pvlun is starting it again, retry")
+
     def _unexport(self, export: Export) -> None:
         """Take the LUN off its target (if tgtd runs: start-up repair deletes before it
         starts, and a restarted tgtd re-exports only what the table still holds)."""
@@ -210,6 +218,7 @@ class IscsiBackend:
         self.file.expand_volume(volume_id, size)
         export = self.table.export(volume_id)
         if export is not None:
+            self._check_running()  # the file has grown; a restarted tgtd opens it at its new size
             with self.lock:
                 self.admin.reopen_lun(export.tid, export.lun, self.file.volume_path(volume_id))
 
@@ -219,6 +228,7 @@ class IscsiBackend:
         export = self.table.export(volume_id)
         if export is None:
             return self.file.publish_context(volume_id, node_id)
+        self._check_running()
         initiator = initiator_for_node(node_id)
         with self.lock:
             if initiator not in self._acl(export.tid, self.admin.show()):
@@ -236,6 +246,8 @@ class IscsiBackend:
         if export is None:
             return
         with self.lock:
+            if not self.tgtd.alive():  # a restarted tgtd lets in only the nodes still published
+                return
             siblings = [e.volume_id for e in self.table.exports() if e.tid == export.tid]
             if any(p.node_id == node_id for v in siblings for p in self.catalog.publications(v)):
                 return
