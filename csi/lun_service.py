@@ -114,9 +114,9 @@ class LunService(SnapshotOps):
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
                     self.ledger.account(size)
-                self._fill(volume, source_kind, source_id)
-                if export:
-                    self._export(volume, secrets or {})
+                warning = self._fill(volume, source_kind, source_id, (secrets or {}) if export else None)
+            if warning:
+                self.on_warning(warning)
             self.catalog.update_volume(volume.id, state=READY)
             volume.state = READY
             return volume
@@ -134,7 +134,9 @@ class LunService(SnapshotOps):
             return vol.size
         return 0
 
-    def _fill(self, volume: Volume, kind: str, source_id: str) -> None:
+    def _fill(self, volume: Volume, kind: str, source_id: str, export_secrets: dict[str, str] | None) -> str:
+        """Make the LUN's bytes and, with `export_secrets`, its export; undone on failure.
+        Returns the exporter's warning (a LUN group near its limit), or ""."""
         try:
             if kind == "snapshot":
                 self.backend.restore_volume(volume.id, source_id, volume.size)
@@ -142,6 +144,9 @@ class LunService(SnapshotOps):
                 self.backend.clone_volume(volume.id, source_id, volume.size)
             else:
                 self.backend.create_volume(volume.id, volume.size)
+            if export_secrets is not None:
+                return self.exporter.export(volume.id, volume.parameters, export_secrets)
+            return ""
         except BaseException:
             with self.ledger.lock:
                 self.backend.delete_volume(volume.id)
@@ -161,18 +166,6 @@ class LunService(SnapshotOps):
             return False
         group_spec(parameters)
         return True
-
-    def _export(self, volume: Volume, secrets: dict[str, str]) -> None:
-        try:
-            warning = self.exporter.export(volume.id, volume.parameters, secrets)
-        except BaseException:
-            with self.ledger.lock:
-                self.backend.delete_volume(volume.id)
-                self.catalog.remove_volume(volume.id)
-                self.ledger.account(-volume.size)
-            raise
-        if warning:
-            self.on_warning(warning)
 
     def _same_volume(self, existing: Volume, required: int, limit: int, capabilities: list[Capability],
                      parameters: dict[str, str], source_kind: str, source_id: str) -> Volume:
