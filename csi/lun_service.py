@@ -94,7 +94,7 @@ class LunService(SnapshotOps):
         for cap in capabilities:
             v.check_capability(cap)
         v.check_parameters(parameters)
-        export = self._wants_export(parameters)
+        export = self.wants_export(parameters)
         mutable = {**v.check_mutable(parameters, allow_other=True), **v.check_mutable(mutable)}
         with self.locks.hold("volume-name:" + name):
             existing = self.catalog.volume_by_name(name)
@@ -154,7 +154,7 @@ class LunService(SnapshotOps):
                 self.ledger.account(-volume.size)
             raise
 
-    def _wants_export(self, parameters: dict[str, str]) -> bool:
+    def wants_export(self, parameters: dict[str, str]) -> bool:
         """Whether a volume of these parameters is exported (backend iscsi); refuses, before
         anything is made, a backend this driver does not run or a malformed group."""
         if self.exporter is None:
@@ -257,8 +257,7 @@ class LunService(SnapshotOps):
         v.check_capability(cap)
         with self.locks.hold(volume_id):
             volume = self.get_volume(volume_id)
-            remote = self.exporter is not None and self.exporter.exported(volume_id)
-            if not remote and not self.catalog.node_known(node_id):
+            if not self.exported(volume_id) and not self.catalog.node_known(node_id):
                 raise not_found(f"node {shown(node_id)} is not known to this driver (no node plugin registered it): "
                                 f"the {self.backend.name} backend is single-node, it serves only node plugins "
                                 "on the host that holds its pool")
@@ -296,6 +295,10 @@ class LunService(SnapshotOps):
                 self.catalog.unpublish(volume_id, node)
                 if self.exporter is not None:
                     self.exporter.unpublish(volume_id, node)
+
+    def exported(self, volume_id: str) -> bool:
+        """Whether nodes of other hosts reach the volume (an iSCSI LUN)."""
+        return self.exporter is not None and self.exporter.exported(volume_id)
 
     def published_nodes(self, volume_id: str) -> list[str]:
         return [p.node_id for p in self.catalog.publications(volume_id)]

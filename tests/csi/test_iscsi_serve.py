@@ -24,8 +24,11 @@ def test_serve_with_the_iscsi_backend(tmp_path):
         vol = drv.controller.CreateVolume(pb.CreateVolumeRequest(
             name="pv-1", volume_capabilities=[block_cap("MULTI_NODE_MULTI_WRITER")],
             capacity_range=pb.CapacityRange(required_bytes=8 << 20),
-            parameters={"targetGroup": "gold"},
+            parameters={"targetGroup": "gold"},  # requisite another host: iSCSI reaches it
+            accessibility_requirements=pb.TopologyRequirement(requisite=[pb.Topology(
+                segments={"topology.csi.pvlun.dev/host": "elsewhere"})]),
             secrets={"node.session.auth.username": "gold", "node.session.auth.password": SECRET})).volume
+        assert list(vol.accessible_topology) == []  # every node reaches it over the network
         ctx = dict(drv.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
             volume_id=vol.volume_id, node_id="worker-7", volume_capability=block_cap("MULTI_NODE_MULTI_WRITER"),
         )).publish_context)
