@@ -35,7 +35,7 @@ quickstart: deps
 	$(VENV)/bin/pvlun quickstart
 
 test: deps
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --basetemp=/tmp/pvlun-tests tests  # short: Unix socket paths have at most 107 bytes
 
 bench: deps
 	$(PY) -m bench

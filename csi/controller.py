@@ -46,12 +46,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             else:
                 raise invalid("volume_content_source must name a snapshot or a volume")
             require(source_id, f"volume_content_source.{kind} id")
-        if request.HasField("accessibility_requirements"):
+        if request.HasField("accessibility_requirements") and not self.luns.wants_export(dict(request.parameters)):
             self._check_topology(request.accessibility_requirements)
         rng = request.capacity_range
         vol = self.luns.create_volume(request.name, rng.required_bytes, rng.limit_bytes, caps,
-                                      dict(request.parameters), dict(request.mutable_parameters), kind, source_id)
-        return pb.CreateVolumeResponse(volume=convert.volume_msg(vol, self.host))
+                                      dict(request.parameters), dict(request.mutable_parameters), kind, source_id,
+                                      secrets=dict(request.secrets))
+        return pb.CreateVolumeResponse(volume=convert.volume_msg(vol, self._host_of(vol.id)))
+
+    def _host_of(self, volume_id: str) -> str:
+        """The host a volume is reachable from: this one, or "" for an exported (iSCSI)
+        volume, which every node reaches over the network (no accessible_topology)."""
+        return "" if self.luns.exported(volume_id) else self.host
 
     def _check_topology(self, requirements: pb.TopologyRequirement) -> None:
         """Volumes live on this host: some requisite segment must admit it (preferred is advisory)."""
@@ -104,7 +110,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             status = pb.ListVolumesResponse.VolumeStatus(
                 published_node_ids=self.luns.published_nodes(vol.id),
                 volume_condition=convert.condition(*self.luns.volume_healthy(vol.id)))
-            entries.append(pb.ListVolumesResponse.Entry(volume=convert.volume_msg(vol, self.host), status=status))
+            entries.append(pb.ListVolumesResponse.Entry(volume=convert.volume_msg(vol, self._host_of(vol.id)), status=status))
         return pb.ListVolumesResponse(entries=entries, next_token=token)
 
     def GetCapacity(self, request, context):
@@ -116,14 +122,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if request.HasField("accessible_topology") and not convert.reachable_from(
                 dict(request.accessible_topology.segments), self.host):
             return pb.GetCapacityResponse(available_capacity=0)
-        return pb.GetCapacityResponse(available_capacity=self.luns.available_capacity())
+        try:
+            available = self.luns.available_capacity(dict(request.parameters))
+        except CsiError:  # parameters no volume could be made with
+            available = 0
+        return pb.GetCapacityResponse(available_capacity=available)
 
     def ControllerGetVolume(self, request, context):
         vol = self.luns.get_volume(request.volume_id)
         status = pb.ControllerGetVolumeResponse.VolumeStatus(
             published_node_ids=self.luns.published_nodes(vol.id),
             volume_condition=convert.condition(*self.luns.volume_healthy(vol.id)))
-        return pb.ControllerGetVolumeResponse(volume=convert.volume_msg(vol, self.host), status=status)
+        return pb.ControllerGetVolumeResponse(volume=convert.volume_msg(vol, self._host_of(vol.id)), status=status)
 
     def ControllerExpandVolume(self, request, context):
         require(request.volume_id, "volume_id")

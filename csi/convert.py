@@ -54,7 +54,7 @@ def volume_msg(vol: Volume, host: str) -> pb.Volume:
         volume_id=vol.id,
         capacity_bytes=vol.size,
         volume_context={"sizeBytes": str(vol.size), **vol.mutable},  # keys per notes/PLAN.md
-        accessible_topology=[pb.Topology(segments={TOPOLOGY_HOST_KEY: host})],
+        accessible_topology=[pb.Topology(segments={TOPOLOGY_HOST_KEY: host})] if host else [],
     )
     if vol.source_kind == "snapshot":
         msg.content_source.snapshot.snapshot_id = vol.source_id

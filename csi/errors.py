@@ -45,6 +45,10 @@ def aborted(message: str) -> CsiError:
     return CsiError(grpc.StatusCode.ABORTED, message)
 
 
+def unavailable(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.UNAVAILABLE, message)
+
+
 # ---- what a caller may see of its own input and of the host ---------------------------
 # The one place for bounding and hiding: the driver's status messages use it, and so does
 # the control plane's user_text (controlplane/user_text.py) for everything a person reads.

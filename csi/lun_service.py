@@ -9,11 +9,13 @@ exactly what to finish or undo. Methods raise CsiError; the gRPC layer stays thi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from csi import validation as v
-from csi.backends.base import Backend
+from csi.backends.base import Backend, Exporter
 from csi.capacity import Capacity, PoolUsage, human
 from csi.catalog import CREATING, DELETING, READY, Catalog, Publication, Volume
+from csi.lun_slots import backend_of, group_spec
 from csi.errors import already_exists, exhausted, invalid, not_found, out_of_range, precondition, shown
 from csi.locks import KeyedLocks
 from csi.pool_image import PoolBacking
@@ -34,6 +36,9 @@ class LunService(SnapshotOps):
         measure = (lambda: backing.adjust(backend.space())) if backing else backend.space
         grow = backing.grow if backing is not None and backing.image else None
         self.ledger = Capacity(catalog, measure, overcommit, grow)
+        self.exporter = backend if isinstance(backend, Exporter) else None
+        # told of a create that brought a LUN group near its limit (the control plane makes it an event)
+        self.on_warning: Callable[[str], None] = lambda message: None
 
     # ---- crash repair -------------------------------------------------------------
     def repair(self) -> dict[str, int]:
@@ -82,12 +87,14 @@ class LunService(SnapshotOps):
     def create_volume(
         self, name: str, required: int, limit: int, capabilities: list[Capability],
         parameters: dict[str, str], mutable: dict[str, str], source_kind: str = "", source_id: str = "",
+        secrets: dict[str, str] | None = None,
     ) -> Volume:
         v.check_name(name)
         v.require(capabilities, "volume_capabilities")
         for cap in capabilities:
             v.check_capability(cap)
         v.check_parameters(parameters)
+        export = self.wants_export(parameters)
         mutable = {**v.check_mutable(parameters, allow_other=True), **v.check_mutable(mutable)}
         with self.locks.hold("volume-name:" + name):
             existing = self.catalog.volume_by_name(name)
@@ -107,7 +114,9 @@ class LunService(SnapshotOps):
                                     dict(parameters), mutable, source_kind, source_id)
                     self.catalog.add_volume(volume)
                     self.ledger.account(size)
-                self._fill(volume, source_kind, source_id)
+                warning = self._fill(volume, source_kind, source_id, (secrets or {}) if export else None)
+            if warning:
+                self.on_warning(warning)
             self.catalog.update_volume(volume.id, state=READY)
             volume.state = READY
             return volume
@@ -125,7 +134,9 @@ class LunService(SnapshotOps):
             return vol.size
         return 0
 
-    def _fill(self, volume: Volume, kind: str, source_id: str) -> None:
+    def _fill(self, volume: Volume, kind: str, source_id: str, export_secrets: dict[str, str] | None) -> str:
+        """Make the LUN's bytes and, with `export_secrets`, its export; undone on failure.
+        Returns the exporter's warning (a LUN group near its limit), or ""."""
         try:
             if kind == "snapshot":
                 self.backend.restore_volume(volume.id, source_id, volume.size)
@@ -133,12 +144,28 @@ class LunService(SnapshotOps):
                 self.backend.clone_volume(volume.id, source_id, volume.size)
             else:
                 self.backend.create_volume(volume.id, volume.size)
+            if export_secrets is not None:
+                return self.exporter.export(volume.id, volume.parameters, export_secrets)
+            return ""
         except BaseException:
             with self.ledger.lock:
                 self.backend.delete_volume(volume.id)
                 self.catalog.remove_volume(volume.id)
                 self.ledger.account(-volume.size)
             raise
+
+    def wants_export(self, parameters: dict[str, str]) -> bool:
+        """Whether a volume of these parameters is exported (backend iscsi); refuses, before
+        anything is made, a backend this driver does not run or a malformed group."""
+        if self.exporter is None:
+            if backend_of(parameters, "file") != "file":
+                raise precondition("this driver runs only the file backend; start pvlun serve with "
+                                   "--backend iscsi (or --iscsi-portal) for StorageClasses with backend: iscsi")
+            return False
+        if not self.exporter.wants(parameters):
+            return False
+        group_spec(parameters)
+        return True
 
     def _same_volume(self, existing: Volume, required: int, limit: int, capabilities: list[Capability],
                      parameters: dict[str, str], source_kind: str, source_id: str) -> Volume:
@@ -230,7 +257,7 @@ class LunService(SnapshotOps):
         v.check_capability(cap)
         with self.locks.hold(volume_id):
             volume = self.get_volume(volume_id)
-            if not self.catalog.node_known(node_id):
+            if not self.exported(volume_id) and not self.catalog.node_known(node_id):
                 raise not_found(f"node {shown(node_id)} is not known to this driver (no node plugin registered it): "
                                 f"the {self.backend.name} backend is single-node, it serves only node plugins "
                                 "on the host that holds its pool")
@@ -263,18 +290,26 @@ class LunService(SnapshotOps):
         if not v.is_id(v.VOLUME_ID, volume_id):
             return
         with self.locks.hold(volume_id):
-            if node_id:
-                self.catalog.unpublish(volume_id, node_id)
-            else:
-                for p in self.catalog.publications(volume_id):
-                    self.catalog.unpublish(volume_id, p.node_id)
+            nodes = [node_id] if node_id else [p.node_id for p in self.catalog.publications(volume_id)]
+            for node in nodes:
+                self.catalog.unpublish(volume_id, node)
+                if self.exporter is not None:
+                    self.exporter.unpublish(volume_id, node)
+
+    def exported(self, volume_id: str) -> bool:
+        """Whether nodes of other hosts reach the volume (an iSCSI LUN)."""
+        return self.exporter is not None and self.exporter.exported(volume_id)
 
     def published_nodes(self, volume_id: str) -> list[str]:
         return [p.node_id for p in self.catalog.publications(volume_id)]
 
     # ---- capacity (csi/capacity.py) ---------------------------------------------------
-    def available_capacity(self) -> int:
-        """What GetCapacity reports: what a new volume may still take."""
+    def available_capacity(self, parameters: dict[str, str] | None = None) -> int:
+        """What GetCapacity reports: what a new volume may still take (0 when the volume's
+        LUN group has no slot left)."""
+        if self.exporter is not None and parameters is not None and self.exporter.wants(parameters):
+            if self.exporter.free_slots(parameters) == 0:
+                return 0
         return self.ledger.available()
 
     def pool_usage(self, fresh: bool = False) -> PoolUsage:

@@ -36,6 +36,8 @@ MUTABLE_MAX = {"maxIOPS": QEMU_LIMIT, "maxMBps": QEMU_LIMIT // MiB}
 _DIGITS = re.compile(r"[0-9]+")
 # StorageClass parameters we understand; the external-provisioner adds csi.storage.k8s.io/*.
 PARAMETER_KEYS = {"fsType", "csi.storage.k8s.io/fstype"} | MUTABLE_KEYS
+# the iscsi backend's (csi/lun_slots.py): backend, targetGroup, lunsPerTarget, maxTargets
+PARAMETER_KEYS |= {"backend", "targetGroup", "lunsPerTarget", "maxTargets"}
 PARAMETER_PREFIXES = ("csi.storage.k8s.io/", "pvlun.dev/")
 
 

@@ -102,7 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         metrics_address=args.metrics_address, accel=args.accel,
                         stall_seconds=args.import_stall_timeout,
                         migration_hooks=[tuple(h.split("=", 1)) for h in args.migration_hook],
-                        migration_network=args.migration_network or "")
+                        migration_network=args.migration_network or "",
+                        backend=args.backend, iscsi_portal=args.iscsi_portal,
+                        iscsi_control_port=args.iscsi_control_port)
     try:
         Daemon(opts).run_until_signal()
     except (OSError, ValueError) as exc:
@@ -159,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
     serve.add_argument("--import-stall-timeout", type=positive_number("the stall timeout"), default=120.0, metavar="SECONDS",
                        help="an import that receives no byte this long is retried, then Failed (default %(default)s)")
+    serve.add_argument("--backend", choices=["file", "iscsi"], default="file",
+                       help="the backend of volumes whose StorageClass names none (default %(default)s)")
+    serve.add_argument("--iscsi-portal", default="", metavar="ADDRESS:PORT",
+                       help="run pvlun's tgtd listening here (default 127.0.0.1:3260 with --backend iscsi; "
+                            "given alone, StorageClasses may still choose backend: iscsi)")
+    serve.add_argument("--iscsi-control-port", type=positive_number("the control port", whole=True), default=3261,
+                       help="tgtd's management port (its socket /var/run/tgtd/socket.PORT; never a system tgtd's)")
     serve.set_defaults(func=cmd_serve)
 
     from pvlun.objects_cli import add_commands
@@ -181,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pvlun.import_cli import add_commands as add_import_commands
 
     add_import_commands(sub)
+
+    from pvlun.luns import add_commands as add_lun_commands
+
+    add_lun_commands(sub, data_dir_arg)
 
     quick = sub.add_parser("quickstart", help="a guided run of the main job on a temporary instance")
     quick.set_defaults(func=cmd_quickstart)

@@ -24,6 +24,7 @@ from controlplane.serve_record import default_endpoint, node_endpoint
 from pvlun.instance_lock import InstanceLocks
 
 log = logging.getLogger("pvlun.serve")
+DEFAULT_PORTAL = "127.0.0.1:3260"
 
 
 @dataclass
@@ -45,6 +46,12 @@ class ServeOptions:
     accel: str | None = None
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
     migration_network: str = ""  # CIDR: live migrations stream over this host's address in it
+    backend: str = "file"  # of volumes whose StorageClass names none: file | iscsi
+    iscsi_portal: str = ""  # where pvlun's tgtd listens (DEFAULT_PORTAL with backend iscsi)
+    iscsi_control_port: int = 3261
+
+    def iscsi(self) -> bool:
+        return self.backend == "iscsi" or bool(self.iscsi_portal)
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ... (embedded mode only: a split
@@ -74,6 +81,7 @@ class Daemon:
         self.loop = None
         self.metrics_server = None
         self.pool_watch = None
+        self.iscsi = None  # the iscsi backend (its tgtd), when it runs
         # split deployments share a data dir: the controller and each node plugin keep their own
         self.role = serve_record.role(opts.mode, opts.node_id)
         self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
@@ -137,9 +145,13 @@ class Daemon:
             pool = prepare_pool(self.data_dir, opts.pool, opts.pool_size, thin=thin)
             self.locks.pool(pool)  # an image pool's mounted root too: no --pool may name it
             backend = FileBackend(pool)
+            if opts.iscsi():
+                backend = self.iscsi = self._iscsi_backend(backend)
             self.luns = LunService(self.catalog, backend, opts.max_volumes_per_node, opts.overcommit,
                                    pool_backing(self.data_dir, pool, opts.pool_size, thin))
             repaired = self.luns.repair()
+            if self.iscsi is not None:  # after repair: only what the catalog keeps comes back
+                self.iscsi.start()
             log.info("pool %s (reflinks: %s); start-up repair: %s", pool, backend.reflinks, repaired)
             from controlplane.pool_watch import PoolWatch
 
@@ -164,6 +176,14 @@ class Daemon:
             f.write(str(os.getpid()))
         log.info("serving %s (mode %s, nodes %s)", self.endpoint(), opts.mode, node_ids)
 
+    def _iscsi_backend(self, file_backend):
+        from csi.backends.iscsi import IscsiBackend
+        from host.tgt import TgtDaemon
+
+        tgtd = TgtDaemon(self.opts.iscsi_portal or DEFAULT_PORTAL, self.opts.iscsi_control_port,
+                         os.path.join(self.data_dir, "tgtd.log"))
+        return IscsiBackend(file_backend, self.catalog, tgtd, default=self.opts.backend)
+
     def _start_control_plane(self, node_ids: list[str]) -> None:
         """The embedded Kubernetes: object store, reconcile loop, talking CSI over our own socket."""
         from controlplane.context import Context
@@ -184,6 +204,12 @@ class Daemon:
 
             self.ctx.services["pool_watch"] = self.pool_watch
             ensure_default_storage_class(self.ctx)  # where the pool's warnings go
+        if self.luns is not None:
+            from controlplane.pool_watch import pool_classes
+
+            ctx = self.ctx  # a LUN group near its limit: a Warning on the driver's StorageClasses
+            self.luns.on_warning = lambda message: [ctx.store.add_event(sc, "Warning", "LunsNearLimit", message)
+                                                    for sc in pool_classes(ctx)]
         from pvlun.controllers import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
@@ -200,6 +226,11 @@ class Daemon:
             self.metrics_server, _ = start_http_server(port, addr=host)
             if self.luns is not None:
                 self.ctx.services["pool_watch"].expose()
+            if self.iscsi is not None:
+                from prometheus_client.core import REGISTRY
+                from pvlun.luns import LunCollector
+
+                REGISTRY.register(LunCollector(self.iscsi.accounting))
             with open(os.path.join(self.data_dir, "metrics.url"), "w") as f:
                 f.write(f"http://{host}:{self.metrics_server.server_address[1]}/metrics")
         self.loop = run_loop(self.ctx)
@@ -248,6 +279,8 @@ class Daemon:
         steps += [lambda: serve_record.remove(self.data_dir, self.role), self._remove_pid_file]
         if self.ctx is not None:
             steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
+        if self.iscsi is not None:
+            steps.append(self.iscsi.stop)  # tgtd ends with pvlun: the next start re-exports
         if self.catalog is not None:
             steps.append(self.catalog.close)
         steps.append(lambda: self.locks.release(pools_only=True))  # an open pool directory keeps it mounted
