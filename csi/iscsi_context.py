@@ -36,7 +36,6 @@ CHAP_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 CHAP_SECRET = re.compile(r"[A-Za-z0-9!#%&()*+./:;<>?@\[\]^_{|}~-]{12,255}")
 MAX_LUN = 1023
 # The node's initiator name when the host has none configured: this prefix and the node ID.
-DEFAULT_INITIATOR_PREFIX = "iqn.2024-01.dev.pvlun:"
 
 
 @dataclass(frozen=True)
@@ -115,9 +114,10 @@ def chap_from(lun: IscsiLun, secrets: Mapping[str, str]) -> Chap | None:
 
 
 def initiator_name(node_id: str) -> str:
-    """The userspace initiator's name for a node: iqn.2024-01.dev.pvlun:<node ID, lowercased,
-    other characters as '-'>. Made from the node ID alone, so the controller puts the same
-    name in the target's ACL without sharing anything with the node (several nodes of one
-    host each have their own, which a host-wide /etc/iscsi/initiatorname.iscsi could not give)."""
-    name = re.sub(r"[^a-z0-9.:_-]", "-", node_id.lower()).strip("-.:_") or "node"
-    return check_iqn(DEFAULT_INITIATOR_PREFIX + name[:150], "initiator name")
+    """The userspace initiator's name for a node: the one the controller puts in the target's
+    ACL (csi/lun_slots.py), made from the node ID alone, so nothing is shared with the node
+    (several nodes of one host each have their own, which a host-wide
+    /etc/iscsi/initiatorname.iscsi could not give)."""
+    from csi.lun_slots import initiator_for_node
+
+    return check_iqn(initiator_for_node(node_id), "initiator name")

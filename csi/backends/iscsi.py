@@ -233,7 +233,8 @@ class IscsiBackend:
         with self.lock:
             if initiator not in self._acl(export.tid, self.admin.show()):
                 self.admin.bind_initiator(export.tid, initiator)
-        context = {"portal": self.tgtd.portal, "targetIQN": target_iqn(export.group, export.index),
+        context = {"backend": "iscsi", "portal": self.tgtd.portal,
+                   "targetIQN": target_iqn(export.group, export.index),
                    "lun": str(export.lun), "initiatorName": initiator}
         if export.chap_user:
             context["chapUser"] = export.chap_user  # the secret reaches the node as its node-stage secret

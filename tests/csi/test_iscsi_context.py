@@ -62,10 +62,11 @@ def test_chap_comes_from_the_node_stage_secret_and_is_never_shown():
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "short pw" not in message
 
 
-def test_initiator_name_is_made_from_the_node_id():
-    assert initiator_name("Node-A") == "iqn.2024-01.dev.pvlun:node-a"
-    assert initiator_name("worker/1 eu") == "iqn.2024-01.dev.pvlun:worker-1-eu"
-    assert initiator_name("x" * 300).startswith("iqn.2024-01.dev.pvlun:x")
+def test_initiator_name_is_made_from_the_node_id_as_the_controller_makes_it():
+    from csi.lun_slots import initiator_for_node
+
+    assert initiator_name("Node-A") == "iqn.2026-12.dev.pvlun:node.node-a" == initiator_for_node("Node-A")
+    assert initiator_name("worker_1.eu") == "iqn.2026-12.dev.pvlun:node.worker_1.eu"
 
 
 def test_daemon_argv_holds_no_password_and_only_checked_values():
@@ -76,7 +77,7 @@ def test_daemon_argv_holds_no_password_and_only_checked_values():
     assert "twelve-chars-or-more" not in " ".join(argv)
     blockdev = json.loads(argv[argv.index("--blockdev") + 1])
     assert blockdev | {} == {"driver": "iscsi", "node-name": "lun", "transport": "tcp", "portal": lun.portal,
-                             "target": lun.target, "lun": 12, "initiator-name": "iqn.2024-01.dev.pvlun:n1",
+                             "target": lun.target, "lun": 12, "initiator-name": "iqn.2026-12.dev.pvlun:node.n1",
                              "timeout": 0, "user": "alice", "password-secret": "chap"}
     secret = json.loads(argv[argv.index("--object") + 1])
     assert secret == {"qom-type": "secret", "id": "chap", "file": f"/run/pvlun/iscsi/{VOL}/secret"}
