@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from controlplane import serve_record
 from controlplane.serve_record import default_endpoint, node_endpoint
 from pvlun.instance_lock import InstanceLocks
 
+ISCSI_STATE_ROOT = "/run/pvlun/iscsi"
 log = logging.getLogger("pvlun.serve")
 DEFAULT_PORTAL = "127.0.0.1:3260"
 
@@ -82,6 +84,7 @@ class Daemon:
         self.metrics_server = None
         self.pool_watch = None
         self.iscsi = None  # the iscsi backend (its tgtd), when it runs
+        self.initiators: dict = {}  # node ID → its userspace iSCSI initiator (csi/iscsi_userspace.py)
         # split deployments share a data dir: the controller and each node plugin keep their own
         self.role = serve_record.role(opts.mode, opts.node_id)
         self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
@@ -246,8 +249,21 @@ class Daemon:
         that no publication in the catalog explains, left by a stage a crash cut off."""
         from csi.node_repair import release_unexplained
 
-        log.info("node start-up repair: %s",
-                 release_unexplained([self._volumes_dir()], self.catalog.published_volumes()))
+        published = self.catalog.published_volumes()
+        log.info("node start-up repair: %s", release_unexplained([self._volumes_dir()], published))
+        for node_id in self.opts.node_ids():
+            log.info("node %s iSCSI start-up repair: %s", node_id, self._initiator(node_id).repair(published))
+
+    def _initiator(self, node_id: str):
+        """The node's userspace iSCSI initiator; its state (a storage daemon's QMP socket per
+        volume) under /run, whose short path leaves room in the 107 bytes of a socket path."""
+        from csi.iscsi_context import initiator_name
+        from csi.iscsi_userspace import UserspaceInitiator
+
+        if node_id not in self.initiators:
+            tag = hashlib.sha256(f"{os.path.abspath(self.data_dir)}\0{node_id}".encode()).hexdigest()[:16]
+            self.initiators[node_id] = UserspaceInitiator(os.path.join(ISCSI_STATE_ROOT, tag), initiator_name(node_id))
+        return self.initiators[node_id]
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:
         from csi.node import NodeService
@@ -258,7 +274,8 @@ class Daemon:
             adds.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(self.luns), s))
             adds.append(lambda s: csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.luns), s))
         if node_id:
-            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[self._volumes_dir()])
+            node = NodeService(node_id, self.opts.max_volumes_per_node, pool_volumes_dirs=[self._volumes_dir()],
+                               iscsi=self._initiator(node_id))
             adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         return adds
 

@@ -53,3 +53,43 @@ def test_serve_with_the_iscsi_backend(tmp_path):
         assert Tgtadm(control).show()[1].luns == {}
     assert control_port_free(control)  # tgtd ended with pvlun
     assert SECRET not in drv.stderr_path.read_text() and SECRET not in (data / "tgtd.log").read_text()
+
+
+def test_a_node_stages_an_iscsi_volume_through_the_target_and_its_bytes_reach_the_lun_file(tmp_path):
+    """The whole path on one machine: the controller exports the LUN on pvlun's tgtd, the node
+    plugin of the same daemon logs in with its own initiator name (its ACL entry), stages the
+    volume through qemu-storage-daemon's FUSE export behind a loop device, and what is written
+    to the published device is in the pool's LUN file."""
+    from csi_support import NODE_ID, read_at, write_at
+
+    portal, control = f"127.0.0.1:{free_port()}", free_control_port()
+    data = tmp_path / "d"
+    payload = b"pvlun-over-iscsi" * 256
+    with running_driver(data, "--backend", "iscsi", "--iscsi-portal", portal,
+                        "--iscsi-control-port", str(control)) as drv:
+        cap = block_cap("MULTI_NODE_MULTI_WRITER")
+        vol = drv.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="pv-e2e", volume_capabilities=[cap], capacity_range=pb.CapacityRange(required_bytes=16 << 20))).volume
+        ctx = dict(drv.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=NODE_ID, volume_capability=cap)).publish_context)
+        assert ctx["backend"] == "iscsi" and ctx["portal"] == portal
+        staging, target = tmp_path / "staging", tmp_path / "publish" / "dev"
+        staging.mkdir()
+        target.parent.mkdir()
+        drv.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                                           staging_target_path=str(staging), volume_capability=cap))
+        drv.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=str(staging),
+            target_path=str(target), volume_capability=cap))
+        write_at(str(target), 1 << 20, payload)
+        lun_file = next((data / "pool" / "volumes").glob(f"{vol.volume_id}*.img"))
+        assert read_at(str(lun_file), 1 << 20, len(payload)) == payload
+        drv.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(target)))
+        drv.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vol.volume_id,
+                                                               staging_target_path=str(staging)))
+        drv.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=NODE_ID))
+        assert Tgtadm(control).show()[1].acl == []
+        drv.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert control_port_free(control)
+    assert subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{vol.volume_id}"], capture_output=True).returncode == 1
