@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,10 +36,18 @@ FIELDS = ("volumeId", "nodeName", "owner", "stagingPath", "targetPath")  # what 
 
 @dataclass
 class Attachment:
-    path: str  # a block device file (Block) or a mounted directory (Filesystem)
+    path: str  # a block device file (Block) or a mounted directory (Filesystem); "" when not staged
     volume_id: str
     node_id: str
     block: bool
+    publish_context: dict = field(default_factory=dict)  # ControllerPublish's answer
+    staged: bool = True  # False: published to the node only, its user (QEMU) opens the LUN itself
+
+
+# On a VolumeAttachment whose volume was published to the node but neither staged nor published
+# there (a QEMU that opens the iSCSI LUN itself): detaching it has no NodeUnpublish to do.
+UNSTAGED_ANNOTATION = "pvlun.dev/node-publish"
+QEMU_DIRECT_KEY = "qemuDirect"  # publish_context: the controller allows an iSCSI user to log in itself
 
 
 def _name(volume_id: str, node_id: str, owner: str) -> str:
@@ -74,8 +82,10 @@ def paths(data_dir: str, node_id: str, volume_id: str, owner: str) -> tuple[str,
 
 
 def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namespace: str, node_id: str,
-           owner: str, readonly: bool = False, access_mode: str = "") -> Attachment:
-    """Make the claim's volume usable on `node_id` for `owner` (a VM, an import)."""
+           owner: str, readonly: bool = False, access_mode: str = "", direct_ok: bool = False) -> Attachment:
+    """Make the claim's volume usable on `node_id` for `owner` (a VM, an import). With
+    `direct_ok` (a QEMU, which can open an iSCSI LUN itself) a block volume whose publish_context
+    says `qemuDirect: "true"` is only published to the node: no NodeStage/NodePublish."""
     pvc, pv = claim_volume(store, claim, namespace)
     spec = pv["spec"]
     volume_id = spec["csi"]["volumeHandle"]
@@ -101,6 +111,10 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
             volume_id=volume_id, node_id=node_id, volume_capability=cap, readonly=readonly,
             volume_context=spec["csi"].get("volumeAttributes", {})))
         context = dict(published.publish_context)
+        if direct_ok and block and context.get(QEMU_DIRECT_KEY) == "true":
+            store.annotate("VolumeAttachment", name, "", **{UNSTAGED_ANNOTATION: "skipped"})
+            store.update_status("VolumeAttachment", name, "", {"attached": True, "attachmentMetadata": context})
+            return Attachment("", volume_id, node_id, block, context, staged=False)
         node = csi.node(node_id)
         node.NodeStageVolume(pb.NodeStageVolumeRequest(
             volume_id=volume_id, publish_context=context, staging_target_path=staging, volume_capability=cap))
@@ -114,7 +128,7 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
             raise NodeFull(f"node {node_id} is at its volume limit") from None
         raise
     store.update_status("VolumeAttachment", name, "", {"attached": True, "attachmentMetadata": context})
-    return Attachment(target, volume_id, node_id, block)
+    return Attachment(target, volume_id, node_id, block, context)
 
 
 def _undo(store: ObjectStore, csi: CsiClient, volume_id: str, node_id: str, owner: str) -> None:
@@ -195,9 +209,11 @@ def _detach(store: ObjectStore, csi: CsiClient, name: str, via: str | None) -> N
     spec = record["spec"]
     volume_id, node_id = spec["volumeId"], spec["nodeName"]
     node = csi.node(via or node_id)
+    unstaged = (record["metadata"].get("annotations") or {}).get(UNSTAGED_ANNOTATION) == "skipped"
     try:
-        _retried(node.NodeUnpublishVolume,
-                 pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=spec["targetPath"]))
+        if not unstaged:
+            _retried(node.NodeUnpublishVolume,
+                     pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=spec["targetPath"]))
         store.merge_status("VolumeAttachment", name, "", detachStage="NodeUnpublished")
         others = [a for a in store.list("VolumeAttachment") if a["metadata"]["name"] != name
                   and (a.get("spec") or {}).get("volumeId") == volume_id and a["spec"].get("nodeName") == node_id

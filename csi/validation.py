@@ -38,6 +38,9 @@ _DIGITS = re.compile(r"[0-9]+")
 PARAMETER_KEYS = {"fsType", "csi.storage.k8s.io/fstype"} | MUTABLE_KEYS
 # the iscsi backend's (csi/lun_slots.py): backend, targetGroup, lunsPerTarget, maxTargets
 PARAMETER_KEYS |= {"backend", "targetGroup", "lunsPerTarget", "maxTargets"}
+# "true": an iscsi volume's publish_context lets QEMU open the LUN itself (virt/iscsi_direct.py)
+QEMU_DIRECT_KEY = "qemuDirect"
+PARAMETER_KEYS |= {QEMU_DIRECT_KEY}
 PARAMETER_PREFIXES = ("csi.storage.k8s.io/", "pvlun.dev/")
 
 
@@ -187,6 +190,9 @@ def check_parameters(parameters: dict[str, str]) -> None:
     for key in parameters:
         if key not in PARAMETER_KEYS and not key.startswith(PARAMETER_PREFIXES):
             raise invalid(f"unknown StorageClass parameter {shown(key)} (known: {', '.join(sorted(PARAMETER_KEYS))})")
+    if parameters.get(QEMU_DIRECT_KEY, "false") not in ("true", "false"):
+        raise invalid(f"StorageClass parameter {QEMU_DIRECT_KEY} must be \"true\" or \"false\", "
+                      f"not {shown(parameters[QEMU_DIRECT_KEY])}")
     check_mutable(parameters, allow_other=True)
 
 

@@ -8,7 +8,8 @@ what a failed start reports.
 
 QEMU runs in a sandbox (host/sandbox.py) as the unprivileged sandbox user: a mount
 namespace holding /usr, the private device nodes of its published block devices and /dev/kvm
-when KVM is used, and a network namespace of its own. Everything else it inherits open from
+when KVM is used, and a network namespace of its own (the host's only when it opens an iSCSI
+LUN itself, virt/iscsi_direct.py). Everything else it inherits open from
 root (virt/run_dir.py): its volume files, serial log, firmware variables, QMP and console
 sockets, and one socket per network interface, whose other end is passt
 (virt/guest_network.py). Live migration hands both QEMUs the ends of one socket pair. The
@@ -152,7 +153,7 @@ class VmLauncher:
             qmp = inherited.keep(listen_unix(self.qmp_path, self.run_dir).detach())
             console = inherited.keep(listen_unix(self.console_path, self.run_dir).detach()) if self.console_path \
                 else None
-            disks = open_file_volumes(self.vm, self.disks, inherited)
+            disks = open_file_volumes(self.vm, self.disks, inherited, self.run_dir)
             self._network = GuestNetwork(self.vm, self.run_dir, self.host_ports)
             nets = {name: inherited.keep(fd) for name, fd in self._network.start().items()}
             self.argv = build_qemu_argv(

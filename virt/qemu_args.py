@@ -5,7 +5,8 @@ volume is and whether it is a block device; `DiskAttachment.for_path` is the one
 helper that finds that out for a path.
 
 Per volume the block graph is: protocol node (`host_device` for a published block device,
-`file` for a regular file) → `raw` format node → optional `throttle` node bound to a
+`file` for a regular file, `iscsi` for a LUN QEMU logs in to itself, virt/iscsi_direct.py)
+→ `raw` format node → optional `throttle` node bound to a
 throttle group `tg-<volume>` whose limits can be changed live over QMP.
 
 Safe by construction: block nodes are JSON (`-blockdev`), every other option is built by
@@ -26,6 +27,7 @@ from typing import Mapping, Sequence
 
 from host.sandbox import open_no_follow
 from controlplane.vm_spec import Disk, VmSpec
+from virt.iscsi_direct import BLOCK_DEVICE, FILE, ISCSI_DIRECT, IscsiDisk
 
 QEMU_BINARY = "qemu-system-x86_64"
 MIB = 1 << 20
@@ -72,6 +74,16 @@ class DiskAttachment:
     direct_io: bool = True  # cache.direct=on, aio=native
     throttle: Throttle | None = None  # None = no throttle layer (limits then cannot be set live)
     fd: int | None = None  # QEMU inherits the file open as this descriptor (-add-fd) instead of opening `path`
+    iscsi: IscsiDisk | None = None  # QEMU logs in to this LUN itself (`path` is its iscsi:// URL)
+
+    @classmethod
+    def for_iscsi(cls, disk: IscsiDisk, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
+        return cls(disk.url, readonly, block=False, direct_io=True, throttle=throttle, iscsi=disk)
+
+    @property
+    def access(self) -> str:
+        """How QEMU reaches the volume, as the VMI's volumeStatus[].access shows it."""
+        return ISCSI_DIRECT if self.iscsi else BLOCK_DEVICE if self.block else FILE
 
     @classmethod
     def for_path(cls, path: str, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
@@ -136,6 +148,11 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     """Arguments for one volume's block graph; returns (argv, top node name)."""
     readonly = att.readonly or disk.readonly
     file, fmt = node_name("file", disk.name), node_name("fmt", disk.name)
+    if att.iscsi is not None:
+        args, proto = _iscsi_node(disk, att.iscsi)
+        proto.update({"node-name": file, "read-only": readonly, "discard": "unmap",
+                      "cache": {"direct": True, "no-flush": False}})
+        return _format_nodes(disk, att, args + _blockdev(proto), file, fmt, readonly)
     proto: dict = {
         "driver": "host_device" if att.block else "file",
         "filename": att.path if att.fd is None else f"/dev/fdset/{att.fd}",
@@ -147,7 +164,27 @@ def _volume_nodes(vm: VmSpec, disk: Disk, att: DiskAttachment) -> tuple[list[str
     if att.direct_io:
         proto["aio"] = "native"
     args = [] if att.fd is None else _fdset(att.fd, att.path)
-    args += _blockdev(proto)
+    return _format_nodes(disk, att, args + _blockdev(proto), file, fmt, readonly)
+
+
+def _iscsi_node(disk: Disk, lun: IscsiDisk) -> tuple[list[str], dict]:
+    """QEMU's own iSCSI initiator for a LUN (libiscsi). A CHAP password is a `secret` object
+    read from the inherited file `secret_fd`, never a value on the argv."""
+    proto: dict = {"driver": "iscsi", "transport": "tcp", "portal": lun.lun.portal, "target": lun.lun.target,
+                   "lun": lun.lun.lun, "initiator-name": lun.initiator}
+    if lun.chap is None:
+        return [], proto
+    if lun.secret_fd is None:
+        raise ValueError(f"volume {disk.name}: CHAP needs the password file's descriptor")
+    secret = f"sec-{disk.name}"
+    proto.update({"user": lun.chap.user, "password-secret": secret})
+    return ["-object", _keyval("secret", {"id": secret, "format": "raw",
+                                          "file": f"/proc/self/fd/{int(lun.secret_fd)}"})], proto
+
+
+def _format_nodes(disk: Disk, att: DiskAttachment, args: list[str], file: str, fmt: str,
+                  readonly: bool) -> tuple[list[str], str]:
+    """The raw format node above a volume's protocol node, and its throttle node if any."""
     args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
     top = fmt
     if att.throttle is not None:

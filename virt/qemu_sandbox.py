@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from host.sandbox import Sandbox, UnsafeFile, open_no_follow, processes_below
+from virt.iscsi_direct import secret_fd
 from virt.qemu_args import DiskAttachment
 from controlplane.vm_spec import VmSpec
 
@@ -24,11 +25,13 @@ def qemu_sandbox(disks: Mapping[str, DiskAttachment], binary: str, firmware: lis
                  devices: list[str]) -> Sandbox:
     """What one QEMU may reach by path: /usr (its binary and firmware code; either elsewhere is
     bound read-only), its published block devices as private nodes, and `devices` (/dev/kvm).
-    No network, no run directory, no volume file: those it inherits open (`open_file_volumes`,
-    virt/run_dir.py)."""
+    No run directory, no volume file: those it inherits open (`open_file_volumes`,
+    virt/run_dir.py). No network either, unless a volume is an iSCSI LUN QEMU logs in to
+    itself (virt/iscsi_direct.py): then it keeps the host's network namespace."""
     read_only = [p for p in [binary, *firmware] if not os.path.realpath(p).startswith("/usr/")]
     devices = list(devices) + [att.path for att in disks.values() if att.block]
-    return Sandbox(read_only=read_only, devices=devices, network=False, die_with_parent=False)
+    network = any(att.iscsi is not None for att in disks.values())
+    return Sandbox(read_only=read_only, devices=devices, network=network, die_with_parent=False)
 
 
 @dataclass
@@ -50,14 +53,21 @@ class Inherited:
         self.fds.clear()
 
 
-def open_file_volumes(vm: VmSpec, disks: Mapping[str, DiskAttachment], inherited: Inherited) -> dict[str, DiskAttachment]:
+def open_file_volumes(vm: VmSpec, disks: Mapping[str, DiskAttachment], inherited: Inherited,
+                      secrets_dir: str | os.PathLike = "/run") -> dict[str, DiskAttachment]:
     """The attachments with every file volume opened here, for QEMU to inherit (-add-fd): a
     volume's disk.img (its owner may have made it a link to a host file: never followed, only
     a regular file is used), a cloud-init seed, an emptyDisk. Opened read-only when the volume
-    or the disk is, so QEMU can never write it; root's 0600 files need no handing over."""
+    or the disk is, so QEMU can never write it; root's 0600 files need no handing over. A
+    direct iSCSI volume's CHAP password becomes an unlinked file in `secrets_dir` (root's)."""
     readonly = {d.name for d in vm.disks if d.readonly}
     out = dict(disks)
     for name, att in disks.items():
+        if att.iscsi is not None:
+            if att.iscsi.chap is not None:  # its password, as a file QEMU inherits
+                fd = inherited.keep(secret_fd(att.iscsi.chap.password, str(secrets_dir)))
+                out[name] = dataclasses.replace(att, iscsi=dataclasses.replace(att.iscsi, secret_fd=fd))
+            continue
         if att.block:
             continue
         flags = os.O_RDONLY if att.readonly or name in readonly else os.O_RDWR

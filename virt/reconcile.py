@@ -228,14 +228,16 @@ def _vmi(ctx: Context, key: str) -> Obj:
 
 def volume_status(running) -> list[dict]:
     """KubeVirt's VMI volumeStatus: the guest's device name as `target`, the size and I/O limits
-    as QEMU itself reports them (of the file it holds open: never of what a link names)."""
+    as QEMU itself reports them (of the file it holds open: never of what a link names), and
+    pvlun's `access`: how QEMU reaches the volume (virt/iscsi_direct.py)."""
     nodes = running.launcher.execute("query-named-block-nodes", {"flat": True})
     sizes = {n.get("node-name"): n["image"]["virtual-size"] for n in nodes}
     targets = guest_device_names(running.spec)
     out = []
     for name, attachment in running.attachments.items():
         entry = {"name": name, "target": targets.get(name, ""), "volumeId": attachment.volume_id,
-                 "size": sizes.get(node_name("fmt", name), 0)}
+                 "size": sizes.get(node_name("fmt", name), 0),
+                 "access": running.launcher.disks[name].access}  # iscsi-direct, block-device or file
         if running.launcher.disks[name].throttle is not None:
             limits = running.launcher.throttle_limits(name)
             entry["ioLimits"] = {"iopsTotal": limits.get("iops-total", 0), "bpsTotal": limits.get("bps-total", 0)}

@@ -19,6 +19,7 @@ from controlplane.store import set_condition
 from controlplane.user_text import shown_text, user_text
 from virt.console_history import ConsoleHistory, catch_up, history_file
 from virt.launcher import LaunchError, Phase, VmLauncher
+from virt.iscsi_direct import direct_disk
 from virt.local_volumes import local_attachments
 from virt.qemu_args import DiskAttachment, Throttle
 from controlplane.vm_spec import VmSpec
@@ -74,8 +75,13 @@ def attach_volumes(ctx: Context, spec: VmSpec, key: str, node: str) -> tuple[dic
                 continue
             mode = _access_mode(ctx, volume.claim_name, spec.namespace)
             a = kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, volume.claim_name, spec.namespace, node, owner(key),
-                               readonly=volume.readonly, access_mode=mode)
+                               readonly=volume.readonly, access_mode=mode, direct_ok=True)
             attached[volume.name] = a
+            if not a.staged:  # QEMU logs in to the LUN itself (virt/iscsi_direct.py)
+                disks[volume.name] = DiskAttachment.for_iscsi(direct_disk(a.publish_context, node),
+                                                              readonly=volume.readonly,
+                                                              throttle=throttle_of(ctx, a.volume_id))
+                continue
             path = a.path if a.block else os.path.join(a.path, DISK_IMG)
             try:
                 disks[volume.name] = DiskAttachment.for_path(path, readonly=volume.readonly,

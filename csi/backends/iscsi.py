@@ -28,6 +28,7 @@ from csi.iscsi_exports import Export, ExportTable, accounting
 from csi.lun_slots import backend_of, free_slots, group_spec, initiator_for_node, near_limit, place, target_iqn
 from host.command import CommandError
 from host.tgt import TgtDaemon, TgtError, check_chap
+from csi.validation import QEMU_DIRECT_KEY
 
 log = logging.getLogger("pvlun.iscsi")
 
@@ -238,6 +239,9 @@ class IscsiBackend:
                    "lun": str(export.lun), "initiatorName": initiator}
         if export.chap_user:
             context["chapUser"] = export.chap_user  # the secret reaches the node as its node-stage secret
+        volume = self.catalog.volume(volume_id)
+        if volume is not None and volume.parameters.get(QEMU_DIRECT_KEY) == "true":
+            context[QEMU_DIRECT_KEY] = "true"  # the StorageClass lets QEMU log in itself (virt/iscsi_direct.py)
         return context
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
