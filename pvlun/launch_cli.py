@@ -71,7 +71,8 @@ def add_commands(sub) -> None:
                         "(default %(default)s)")
     launch.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")
     launch.add_argument("--volume", action="append", type=_volume, default=[], metavar="NAME=PATH",
-                        help="the claim of volume NAME is at PATH (default: /dev/pvlun/NAME, else "
+                        help="the claim of volume NAME is at PATH, or is the iSCSI LUN iscsi://HOST:PORT/IQN/LUN that QEMU "
+                        "logs in to itself as the initiator of node $NODE_NAME (default: /dev/pvlun/NAME, else "
                         "/var/run/kubevirt-private/vmi-disks/NAME/disk.img)")
     launch.add_argument("--incoming", type=_port, metavar="PORT",
                         help=f"a migration target: wait for the stream on PORT (KubeVirt's is {MIGRATION_PORT})")

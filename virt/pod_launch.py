@@ -32,6 +32,7 @@ from host.sandbox import UnsafeFile
 from controlplane.vm_spec import VmSpec
 from virt.console_history import ConsoleHistory
 from virt.launcher import LaunchError, Phase, VmLauncher
+from virt.iscsi_direct import parse_url
 from virt.local_volumes import local_attachments
 from virt.migration import MigrationFailed
 from virt.pod_migration import ControlServer, listen, receive, wait_resumed
@@ -69,8 +70,9 @@ def read_vmi(path: str) -> VmSpec:
     return vmi_spec(obj)
 
 
-def pod_attachments(spec: VmSpec, overrides: dict[str, str], disk_dir: str) -> dict[str, DiskAttachment]:
-    """Every volume's attachment: the claims where the Pod has them (or `overrides`), and the
+def pod_attachments(spec: VmSpec, overrides: dict[str, str], disk_dir: str, node: str = "") -> dict[str, DiskAttachment]:
+    """Every volume's attachment: the claims where the Pod has them (or `overrides`: a path, or
+    an `iscsi://HOST:PORT/IQN/LUN` QEMU logs in to itself as `node`'s initiator), and the
     cloud-init seeds and emptyDisks made in `disk_dir`."""
     claims = {v.name: v for v in spec.volumes if v.source in CSI_SOURCES}
     unknown = sorted(set(overrides) - set(claims))
@@ -79,6 +81,10 @@ def pod_attachments(spec: VmSpec, overrides: dict[str, str], disk_dir: str) -> d
                          "of that name")
     disks: dict[str, DiskAttachment] = {}
     for name, volume in claims.items():
+        if (overrides.get(name) or "").startswith("iscsi://"):
+            disks[name] = DiskAttachment.for_iscsi(parse_url(overrides[name], node), readonly=volume.readonly,
+                                                   throttle=Throttle())
+            continue
         path = overrides.get(name) or (volume_path(name, True) if os.path.lexists(volume_path(name, True))
                                        else volume_path(name, False))
         try:  # an unlimited throttle group: its limits can be set live
@@ -120,14 +126,14 @@ def run_launch(options: LaunchOptions, out: BinaryIO | None = None, err: TextIO 
     out = out or sys.stdout.buffer
     log = _logger(err or sys.stderr)
     spec = read_vmi(options.vmi_file)
-    disks = pod_attachments(spec, options.volumes, options.disk_dir)
+    node = os.environ.get("NODE_NAME") or socket.gethostname()  # the Pod's node (downward API)
+    disks = pod_attachments(spec, options.volumes, options.disk_dir, node)
     incoming = options.incoming_port is not None
     network = parse_network(options.migration_network) if options.migration_network else None
     if network is not None and options.listen_address:
         raise ValueError("give --listen-address or --migration-network, not both")
     address = local_address_in(network) if network is not None else options.listen_address
     server = listen(options.incoming_port, address) if incoming else None
-    node = os.environ.get("NODE_NAME") or socket.gethostname()  # the Pod's node (downward API), for reports
     launcher = VmLauncher(spec, disks, options.run_dir, accel=options.accel, incoming="defer" if incoming else None,
                           node=node, history=StreamConsole(out),
                           on_phase=lambda _l, phase, reason: log("phase", phase=phase.value, reason=reason))
