@@ -20,6 +20,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from host.command import CommandError, output
 
@@ -253,8 +254,10 @@ class TgtDaemon:
     """One tgtd process of ours: started in the foreground (so it is our child and its death
     is seen at once), its output to a log file; `stop` ends only this process."""
 
-    def __init__(self, portal: str, control_port: int, log_path: str, io_threads: int = 4):
+    def __init__(self, portal: str, control_port: int, log_path: str, io_threads: int = 4,
+                 prefix: Sequence[str] = ()):
         self.portal = check_portal(portal)
+        self.prefix = list(prefix)  # e.g. a host's nsenter (host/netns.py): its control socket is a file all reach
         self.control_port = int(_number(control_port, 1, MAX_CONTROL_PORT, "control port"))
         self.log_path = log_path
         self.io_threads = int(_number(io_threads, 1, 128, "I/O threads"))
@@ -263,7 +266,7 @@ class TgtDaemon:
         self.starts = 0
 
     def argv(self) -> list[str]:
-        return ["tgtd", "-f", "-C", str(self.control_port), "-t", str(self.io_threads),
+        return [*self.prefix, "tgtd", "-f", "-C", str(self.control_port), "-t", str(self.io_threads),
                 "--iscsi", f"portal={self.portal}"]
 
     def start(self, wait: float = 10.0) -> None:

@@ -26,17 +26,6 @@ CIDR = str(MIGRATION_NETWORK)
 PORT = 3260
 
 
-class HostTgtd(TgtDaemon):
-    """tgtd in one host's network namespace (its control socket is a file: reached from anywhere)."""
-
-    def __init__(self, prefix: list[str], *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prefix = prefix
-
-    def argv(self) -> list[str]:
-        return [*self.prefix, *super().argv()]
-
-
 def logged_in(control_port: int) -> list[str]:
     """The initiator names of the target's sessions (tgtadm's I_T nexus lines)."""
     text = output(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--mode", "target", "--op", "show"])
@@ -54,8 +43,8 @@ def tick_target(hosts, tick_disk, tmp_path):
     """tgtd on the storage host exporting a copy of the tick disk as LUN 1, both nodes in its ACL."""
     lun_file = tmp_path / "tick-lun.img"
     lun_file.write_bytes(tick_disk.read_bytes())
-    tgtd = HostTgtd(hosts["storage"].prefix, f"{hosts['storage'].address}:{PORT}", free_control_port(),
-                    str(tmp_path / "tgtd.log"), io_threads=2)
+    tgtd = TgtDaemon(f"{hosts['storage'].address}:{PORT}", free_control_port(), str(tmp_path / "tgtd.log"),
+                     io_threads=2, prefix=hosts["storage"].prefix)
     tgtd.start()
     try:
         iqn = target_iqn("default", 1)
