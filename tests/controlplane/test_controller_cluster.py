@@ -54,10 +54,16 @@ def pods(store) -> list[dict]:
 
 
 def set_pod_status(double, pod: dict, status: dict) -> None:
-    """What the kubelet would write."""
+    """What the kubelet would write: over the Pod as the API server has it now (the controller
+    may have written it since the test last read it)."""
     meta = pod["metadata"]
-    body = dict(pod, status=status)
-    code, answer = double.call("PUT", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body)
+    path = f"/api/v1/namespaces/{meta.get('namespace', NS)}/pods/{meta['name']}"
+    for _ in range(20):
+        code, current = double.call("GET", path)
+        assert code == 200, current
+        code, answer = double.call("PUT", path + "/status", dict(current, status=status))
+        if code != 409:
+            break
     assert code == 200, answer
 
 
