@@ -83,11 +83,17 @@ def listen(port: int, address: str = "") -> socket.socket:
     return socket.create_server((address or "0.0.0.0", port), family=family)
 
 
+class _Silent(ConnectionError):
+    """The peer closed without sending a byte (a TCP probe)."""
+
+
 def _read_line(conn: socket.socket, limit: int) -> bytes:
     """One line, byte by byte: nothing after the newline is taken from QEMU's stream."""
     line = b""
     while not line.endswith(b"\n"):
         byte = conn.recv(1)
+        if not byte and not line:
+            raise _Silent("closed before a byte")
         if not byte or len(line) >= limit:
             raise ConnectionError("no header line")
         line += byte
@@ -113,6 +119,8 @@ def receive(target: VmLauncher, server: socket.socket, token: str | None, *, tim
                 try:
                     conn.settimeout(10)
                     line = _read_line(conn, len(expected) + 1)
+                except _Silent:
+                    continue  # connected and closed: the kubelet's startup probe
                 except OSError as exc:
                     log(f"migration connection from {peer[0]} refused: {exc}")
                     continue
@@ -168,7 +176,8 @@ def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: s
 
 class ControlServer:
     """The source launcher's order socket: `{"command": "migrate", "to": "HOST:PORT",
-    "token": ...}` → the migration's status. One order at a time."""
+    "token": ...}` → the migration's status, one migration at a time; `{"command": "cancel"}`
+    aborts the one in flight (the source runs on) → `{"cancelled": true|false}`."""
 
     def __init__(self, launcher: VmLauncher, run_dir: str | os.PathLike, node: str = ""):
         self.launcher = launcher
@@ -176,6 +185,7 @@ class ControlServer:
         self.node = node
         self.path = socket_path(self.run_dir, CONTROL_SOCKET)
         self.busy = threading.Lock()
+        self._cancel = threading.Event()  # of the migration in flight (replaced by each one)
         self._server: socket.socket | None = None
 
     def start(self) -> None:
@@ -208,12 +218,18 @@ class ControlServer:
             try:
                 conn.settimeout(10)
                 request = json.loads(_read_line(conn, _LINE_MAX))
-                host, port, token = _migrate_order(request)
-                held = self.busy.acquire(blocking=False)
-                if not held:
-                    raise ValueError("a migration is already running")
-                reply = {**send(self.launcher, host, port, token, node=self.node).as_dict(),
-                         "targetNode": "", "targetAddress": f"{host}:{port}"}  # the controller knows the node
+                if isinstance(request, dict) and request.get("command") == "cancel":
+                    running = self.busy.locked() and not self._cancel.is_set()
+                    self._cancel.set()
+                    reply = {"cancelled": running}
+                else:
+                    host, port, token = _migrate_order(request)
+                    held = self.busy.acquire(blocking=False)
+                    if not held:
+                        raise ValueError("a migration is already running")
+                    self._cancel = threading.Event()
+                    reply = {**send(self.launcher, host, port, token, node=self.node, cancel=self._cancel).as_dict(),
+                             "targetNode": "", "targetAddress": f"{host}:{port}"}  # the controller knows the node
             except (OSError, ValueError) as exc:
                 reply = {"phase": "Failed", "error": user_text(exc)}
             try:
@@ -228,7 +244,7 @@ class ControlServer:
 def _migrate_order(request: object) -> tuple[str, int, str | None]:
     """(host, port, token) of a `migrate` order; ValueError for anything else."""
     if not isinstance(request, dict) or request.get("command") != "migrate":
-        raise ValueError("unknown command (migrate)")
+        raise ValueError("unknown command (migrate, cancel)")
     host, port = parse_address(str(request.get("to", ""))[:300])
     token = request.get("token")
     if token is not None and (not isinstance(token, str) or not TOKEN.fullmatch(token)):
@@ -236,10 +252,8 @@ def _migrate_order(request: object) -> tuple[str, int, str | None]:
     return host, port, token
 
 
-def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = None,
-                      timeout: float = MIGRATION_TIMEOUT + 60) -> dict:
-    """Tell the launcher of `run_dir` to migrate to `to` (HOST:PORT); its status when done."""
-    parse_address(to)
+def _order(run_dir: str | os.PathLike, request: dict, timeout: float) -> dict:
+    """One order to the launcher of `run_dir`, its reply."""
     path = socket_path(Path(run_dir), CONTROL_SOCKET)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
@@ -247,8 +261,20 @@ def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = N
             conn.connect(path)
         except OSError as exc:
             raise ConnectionError(f"no launcher in {run_dir}: {exc.strerror or exc}") from None
-        conn.sendall(json.dumps({"command": "migrate", "to": to, "token": token}).encode() + b"\n")
+        conn.sendall(json.dumps(request).encode() + b"\n")
         reply = json.loads(_read_line(conn, 1 << 16))
     if not isinstance(reply, dict):
         raise ValueError("the launcher's reply is not an object")
     return reply
+
+
+def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = None,
+                      timeout: float = MIGRATION_TIMEOUT + 60) -> dict:
+    """Tell the launcher of `run_dir` to migrate to `to` (HOST:PORT); its status when done."""
+    parse_address(to)
+    return _order(run_dir, {"command": "migrate", "to": to, "token": token}, timeout)
+
+
+def request_cancel(run_dir: str | os.PathLike, timeout: float = 10.0) -> bool:
+    """Abort the migration the launcher of `run_dir` is sending; False when none runs."""
+    return _order(run_dir, {"command": "cancel"}, timeout).get("cancelled") is True

@@ -56,6 +56,7 @@ VMI_FILE = VMI_DIR + "/vmi.json"
 TOKEN_DIR = "/var/run/pvlun/migration"
 TOKEN_FILE = TOKEN_DIR + "/token"
 MIGRATION_PORT = 49152  # KubeVirt's direct migration port
+TARGET_LISTEN_SECONDS = 300  # a migration target that does not listen by then is restarted (so fails: restartPolicy Never)
 _NOT_COPIED = ("kubectl.kubernetes.io", "kubevirt.io/storage-observed-api-version",
                "kubevirt.io/latest-observed-api-version")  # VMI annotations KubeVirt keeps off the Pod
 RESERVED_VOLUMES = ("private", "ephemeral-disks", "pvlun-vmi", "pvlun-migration")
@@ -274,6 +275,11 @@ def _render(vmi: dict, claims: Mapping[str, dict], image: str, namespace: str, s
         port, token_secret = incoming
         args += ["--incoming", str(port)]
         container["ports"] = [{"name": "migration", "containerPort": port, "protocol": "TCP"}]
+        # Ready once the launcher listens (the kubelet's one successful connect; the launcher
+        # passes over a connection that sends nothing), so the controller starts the stream
+        # only then; never probed again, so the Pod stays Ready as the VMI's launcher after.
+        container["startupProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1, "timeoutSeconds": 1,
+                                     "failureThreshold": TARGET_LISTEN_SECONDS}
         if token_secret is not None:
             args += ["--token-file", TOKEN_FILE]
             pod_volumes.append({"name": "pvlun-migration", "secret": {"secretName": token_secret,

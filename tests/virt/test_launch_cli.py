@@ -283,3 +283,36 @@ def test_unreadable_vmi_files_are_one_line(tmp_path):
                                "--accel", "tcg", *args], capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
         assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and said in done.stderr, done.stderr
+
+
+def test_a_migration_in_flight_is_cancelled_and_the_source_runs_on(launches, disk, tmp_path):
+    """`launch-migrate --cancel` (what the controller runs when a migration is deleted): the
+    source QEMU aborts the stream to a target that takes nothing, and runs on."""
+    source = launches("source", *launch_args(tmp_path, "src", vmi_file(tmp_path / "vmi.json"), "--volume",
+                                             f"root={disk}"))
+    assert source.wait_for("tick 2"), source.stderr()
+    idle = socket.create_server(("127.0.0.1", 0))  # accepts, never reads: the stream stalls
+    cli = [sys.executable, "-m", "pvlun.cli", "launch-migrate", "--run-dir", str(tmp_path / "src")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nothing = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+    assert (nothing.returncode, json.loads(nothing.stdout)) == (1, {"cancelled": False})
+    with idle:
+        migrating = subprocess.Popen(cli + ["--to", f"127.0.0.1:{idle.getsockname()[1]}"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        try:
+            conn, _ = idle.accept()
+            with conn:
+                time.sleep(1.0)
+                assert migrating.poll() is None  # stalled, not finished
+                cancel = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env,
+                                        timeout=30)
+                assert (cancel.returncode, json.loads(cancel.stdout)) == (0, {"cancelled": True}), cancel.stderr
+                out, err = migrating.communicate(timeout=30)
+        finally:
+            if migrating.poll() is None:
+                migrating.kill()
+                migrating.wait()
+    result = json.loads(out)
+    assert migrating.returncode == 1 and result["phase"] == "Failed" and "cancelled" in result["error"], err
+    now = ticks(source.stdout())[-1]
+    assert source.wait_for(f"tick {now + 2}") and source.proc.poll() is None
