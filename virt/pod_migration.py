@@ -9,7 +9,9 @@ pair (virt/migration.py's `accept_stream` / `start_sending` / `follow_sending`).
 
 Before any byte reaches QEMU, the target reads one line from the connection: HEADER, then the
 shared token (a Secret both sides were given) or `-`. A connection with the wrong line is closed
-and the target waits on; a port scanner or a stranger on the pod network never feeds QEMU.
+and the target waits on; a port scanner or a stranger on the pod network never feeds QEMU. The
+right line is answered with ACCEPTED before the target's QEMU takes the socket, so the source
+starts its QEMU only on a target that took it, and a refusal is said as one (a wrong token).
 The source turns on QEMU's `return-path`, so it completes only once the target has loaded the
 state; then it quits, and the target runs the guest. The stream itself is not encrypted (as
 KubeVirt with TLS disabled): the pod network must be trusted with guest memory.
@@ -38,7 +40,9 @@ from virt.migration import MigrationFailed, MigrationStatus, accept_stream, foll
 from virt.qmp_session import QmpError
 from virt.run_dir import listen_unix, remove_sockets, socket_path
 
-HEADER = b"PVLUN-MIGRATION/1 "
+HEADER = b"PVLUN-MIGRATION/2 "
+ACCEPTED = b"PVLUN-MIGRATION/2 OK\n"
+ACCEPT_TIMEOUT = 60.0  # seconds the source waits for ACCEPTED: the target accepts once its QEMU started
 CONTROL_SOCKET = "launcher.sock"
 TOKEN = re.compile(r"[A-Za-z0-9+/=_.-]{16,256}")
 _HOST = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
@@ -127,6 +131,11 @@ def receive(target: VmLauncher, server: socket.socket, token: str | None, *, tim
                 if not hmac.compare_digest(line, expected):
                     log(f"migration connection from {peer[0]} refused: wrong header or token")
                     continue
+                try:
+                    conn.sendall(ACCEPTED)
+                except OSError as exc:
+                    log(f"migration connection from {peer[0]} lost: {exc}")
+                    continue
                 conn.settimeout(None)
                 accept_stream(target, conn.fileno())
                 log(f"migration stream from {peer[0]} accepted")
@@ -146,6 +155,28 @@ def wait_resumed(target: VmLauncher) -> bool:
     return False
 
 
+def _await_accepted(conn: socket.socket, where: str, cancel: threading.Event) -> None:
+    """Wait for the target's ACCEPTED (it starts its QEMU first), byte by byte so that none of
+    QEMU's return path is taken; MigrationFailed when it refuses, takes too long or a cancel comes."""
+    answer, deadline = b"", time.monotonic() + ACCEPT_TIMEOUT
+    conn.settimeout(0.25)
+    while not answer.endswith(b"\n") and len(answer) < len(ACCEPTED):
+        if cancel.is_set():
+            raise MigrationFailed("migration cancelled")
+        if time.monotonic() > deadline:
+            raise MigrationFailed(f"the target at {where} did not take the stream within {ACCEPT_TIMEOUT:g} s")
+        try:
+            byte = conn.recv(1)
+        except socket.timeout:
+            continue
+        if not byte:
+            break
+        answer += byte
+    if answer != ACCEPTED:
+        raise MigrationFailed(f"the target at {where} refused the stream (a wrong migration token, or not a "
+                              "pvlun migration target)")
+
+
 def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: str = "",
          timeout: float = MIGRATION_TIMEOUT, cancel: threading.Event | None = None) -> MigrationStatus:
     """Migrate the running source QEMU to the target launcher at host:port. Succeeded: the
@@ -158,6 +189,7 @@ def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: s
         status.phase = "Running"
         with socket.create_connection((host, port), timeout=10) as conn:
             conn.sendall(HEADER + (token or "-").encode() + b"\n")
+            _await_accepted(conn, f"{host}:{port}", cancel or threading.Event())
             conn.settimeout(None)
             source.execute("migrate-set-capabilities",
                            {"capabilities": [{"capability": "return-path", "state": True}]})

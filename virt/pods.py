@@ -31,6 +31,7 @@ import re
 from typing import Any, Mapping
 
 from controlplane.admission import check_name
+from controlplane.object_links import MIGRATION_JOB
 from controlplane.quantity import parse_quantity
 from controlplane.vm_spec import SpecError, VmSpec, parse_virtual_machine_instance
 from controlplane.vm_spec_fields import items, mapping, matching
@@ -38,7 +39,8 @@ from controlplane.vm_spec_fields import NAME
 
 CONTAINER = "compute"
 APP_LABEL, CREATED_BY_LABEL, VM_NAME_LABEL = "kubevirt.io", "kubevirt.io/created-by", "vm.kubevirt.io/name"
-MIGRATION_JOB_LABEL, MIGRATION_JOB_ANNOTATION = "kubevirt.io/migrationJobUID", "kubevirt.io/migrationJobName"
+MIGRATION_JOB_LABEL = "kubevirt.io/migrationJobUID"
+MIGRATION_JOB_ANNOTATION = MIGRATION_JOB  # kubevirt.io/migrationJobName: its change reaches the migration
 DOMAIN_ANNOTATION, DEFAULT_CONTAINER_ANNOTATION = "kubevirt.io/domain", "kubectl.kubernetes.io/default-container"
 VMI_ANNOTATION = "pvlun.dev/vmi"
 HOSTNAME_KEY = "kubernetes.io/hostname"

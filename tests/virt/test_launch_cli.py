@@ -20,6 +20,7 @@ import pytest
 
 from host.sandbox import processes_below
 from virt.guest_images import build_tick_disk
+from virt.pod_migration import ACCEPTED, HEADER
 from virt.pods import BLOCK_DIR, LAUNCHER_CAPABILITIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +211,7 @@ def test_migration_between_two_launch_processes_over_tcp_keeps_the_guest_ticking
     while not any(e.get("phase") == "Migrating" for e in target.events()) and time.monotonic() < deadline:
         time.sleep(0.05)
     with socket.create_connection(("127.0.0.1", port)) as stranger:  # a wrong token never reaches QEMU
-        stranger.sendall(b"PVLUN-MIGRATION/1 " + b"x" * 43 + b"\n" + os.urandom(4096))
+        stranger.sendall(HEADER + b"x" * 43 + b"\n" + os.urandom(4096))
         try:
             closed = stranger.recv(1) == b""
         except ConnectionResetError:  # closed on us with our bytes unread
@@ -291,7 +292,7 @@ def test_a_migration_in_flight_is_cancelled_and_the_source_runs_on(launches, dis
     source = launches("source", *launch_args(tmp_path, "src", vmi_file(tmp_path / "vmi.json"), "--volume",
                                              f"root={disk}"))
     assert source.wait_for("tick 2"), source.stderr()
-    idle = socket.create_server(("127.0.0.1", 0))  # accepts, never reads: the stream stalls
+    idle = socket.create_server(("127.0.0.1", 0))  # takes the stream, never reads it: the stream stalls
     cli = [sys.executable, "-m", "pvlun.cli", "launch-migrate", "--run-dir", str(tmp_path / "src")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     nothing = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
@@ -302,6 +303,7 @@ def test_a_migration_in_flight_is_cancelled_and_the_source_runs_on(launches, dis
         try:
             conn, _ = idle.accept()
             with conn:
+                conn.sendall(ACCEPTED)  # then nothing is read
                 time.sleep(1.0)
                 assert migrating.poll() is None  # stalled, not finished
                 cancel = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env,

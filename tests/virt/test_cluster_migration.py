@@ -1,0 +1,218 @@
+"""Live migration in cluster mode end to end, with real QEMU (TCG, the tick guest): the
+controller's loop on a KubeStore against the Kubernetes API server TEST DOUBLE, the test playing
+the scheduler and the kubelet with real `pvlun launch` processes (launcher_kubelet.py), and the
+double's pods/exec running `pvlun launch-migrate` for the source Pod. A migration moves the
+guest to the target Pod over TCP and the VMI follows it; a target that expects another token
+fails the migration and the guest stays where it was."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+
+import pytest
+import yaml
+
+from controlplane.context import Cluster, Context
+from controlplane.control_loop import ControlLoop
+from launcher_kubelet import LauncherKubelet
+from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from virt.guest_images import tick_vm_manifest
+from virt.migration_status import PHASES
+
+NS = "vms"
+IMAGE = "localhost/pvlun:0.1.0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, timeout: float = 20.0, said=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what} {said()}")
+
+
+def finished(store, kubelet, name: str) -> dict:
+    """The migration's status once it ended (else what the migration and the launchers said)."""
+    def ended() -> dict | None:
+        status = status_of(store, "VirtualMachineInstanceMigration", name)
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    return wait_until(ended, 30.0, lambda: json.dumps(status_of(store, "VirtualMachineInstanceMigration", name)) + "".join(
+        f"\n{pod}: {p.stderr()[-2000:]}" for pod, p in kubelet.processes.items()))
+
+
+@pytest.fixture
+def disk(tick_disk, tmp_path):
+    copy = tmp_path / "root.img"  # one Block claim, ReadWriteMany: both nodes reach the same bytes
+    copy.write_bytes(tick_disk.read_bytes())
+    return copy
+
+
+@pytest.fixture
+def cluster(kube_api_double, make_kube_store, disk, tmp_path, caplog):
+    """The controller (its loop, pods/exec, hooks that leave a file each), the kubelet, a user's store."""
+    caplog.set_level(logging.DEBUG, logger="pvlun")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    store = make_kube_store()
+    reconcilers = cluster_reconcilers()
+    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
+    ctx = Context(store=store, csi=None, data_dir="", node_ids=[],
+                  cluster=Cluster(image=IMAGE, namespace="pvlun-system", migration_port=free_port()),
+                  services={"pod_exec": store.exec, "migration_hooks": [
+                      ("pre", f"touch {hooks}/pre-{{vm}}-{{source}}-{{target}}"),
+                      ("post", f"touch {hooks}/post-{{namespace}}-{{vm}}-{{target}}"),
+                      ("failed", f"{sys.executable} -c 'import sys; open(sys.argv[1], \"wb\").write(sys.stdin.buffer.read())' "
+                                 f"{hooks}/failed-{{vm}}")]})
+    loop = ControlLoop(ctx, reconcilers, watched=CLUSTER_WATCHED)
+    loop.start(workers=2)
+    kubelet = LauncherKubelet(kube_api_double, NS, tmp_path / "pods", disk).start()
+    user = make_kube_store()
+    user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    try:
+        yield user, kubelet, hooks
+    finally:
+        ctx.stopping.set()
+        loop.join(5)
+        ctx.jobs.join_all(5)
+        kubelet.stop()
+
+
+def run_tick_vm(double, store, kubelet) -> tuple[dict, str]:
+    """The tick VM on a bound Block RWX claim, running in its launcher Pod: (its VMI, the Pod's name)."""
+    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
+    vm["spec"].pop("dataVolumeTemplates")
+    vm["metadata"]["namespace"] = NS
+    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
+    volume["persistentVolumeClaim"] = {"claimName": volume.pop("dataVolume")["name"]}
+    claim = store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "metadata": {"name": volume["persistentVolumeClaim"]["claimName"], "namespace": NS},
+                         "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
+                                  "resources": {"requests": {"storage": "8Mi"}}}})
+    code, body = double.call("PUT", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim['metadata']['name']}/status",
+                             dict(claim, status={"phase": "Bound", "capacity": {"storage": "8Mi"}}))
+    assert code == 200, body
+    store.apply(vm)
+    vmi = wait_until(lambda: (lambda v: v if (v.get("status") or {}).get("phase") == "Running" else None)(
+        store.get("VirtualMachineInstance", "tick", NS) or {}))
+    source = next(iter(kubelet.processes))
+    kubelet.wait_for_ticks(source, 3)
+    return vmi, source
+
+
+def status_of(store, kind: str, name: str) -> dict:
+    return (store.get(kind, name, NS) or {}).get("status") or {}
+
+
+def migrate(store, name: str) -> None:
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                 "metadata": {"name": name, "namespace": NS}, "spec": {"vmiName": "tick"}})
+
+
+def test_a_migration_moves_the_guest_to_the_target_pod_and_the_vmi_follows_it(cluster, kube_api_double, caplog):
+    store, kubelet, hooks = cluster
+    vmi, source = run_tick_vm(kube_api_double, store, kubelet)
+    assert vmi["status"]["nodeName"] == "node-a"
+    migrate(store, "move")
+
+    mig = finished(store, kubelet, "move")
+    assert mig["phase"] == "Succeeded", mig
+    target = next(name for name in kubelet.processes if name != source)
+    state = mig["migrationState"]
+    assert state["completed"] is True and state["failed"] is False and state["mode"] == "PreCopy"
+    assert (state["sourceNode"], state["targetNode"], state["sourcePod"], state["targetPod"]) == (
+        "node-a", "node-b", source, target)
+    assert state["startTimestamp"] <= state["endTimestamp"] and state["targetNodeAddress"] == "127.0.0.1"
+    seen = [t["phase"] for t in mig["phaseTransitionTimestamps"]]
+    assert seen[0] == "Scheduling" and seen[-3:] == ["TargetReady", "Running", "Succeeded"]
+    assert seen == sorted(seen, key=PHASES.index)  # in KubeVirt's order (a quick kubelet may skip one)
+    assert mig["totalTimeMs"] > 0 and 0 <= mig["downtimeMs"] < 5000
+
+    vmi = store.get("VirtualMachineInstance", "tick", NS)
+    target_pod = store.get("Pod", target, NS)
+    assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == "node-b"
+    assert vmi["status"]["activePods"] == {target_pod["metadata"]["uid"]: "node-b"}
+    assert vmi["status"]["migrationState"] == state
+    assert wait_until(lambda: store.get("Pod", source, NS) is None)  # the finished source Pod is deleted
+    assert kubelet.processes[source].proc.wait(15) == 0  # its launcher ended once the target had the guest
+    last = kubelet.ticks(source)[-1]
+    carried_on = kubelet.wait_for_ticks(target, 3)
+    assert carried_on[:3] == [last + 1, last + 2, last + 3]  # the same guest counting on, no reboot
+    assert "PVLUN-BOOT" not in kubelet.processes[target].stdout()
+    time.sleep(1.0)  # the source Pod's end and deletion have been seen: the VMI still runs, on the target
+    assert status_of(store, "VirtualMachineInstance", "tick")["phase"] == "Running"
+    assert status_of(store, "VirtualMachine", "tick")["printableStatus"] == "Running"
+    assert kubelet.processes[target].proc.poll() is None
+
+    assert sorted(p.name for p in hooks.iterdir()) == ["post-vms-tick-node-b", "pre-tick-node-a-node-b"]
+    token = kubelet.tokens[0]
+    code, _ = kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{mig_uid(store)}")
+    assert code == 404  # the token's Secret goes with the stream
+    said = json.dumps([store.get("VirtualMachineInstanceMigration", "move", NS),
+                       store.get("VirtualMachineInstance", "tick", NS), kube_api_double.execs,
+                       kube_api_double.requests, kube_api_double.call("GET", "/apis/events.k8s.io/v1/events")])
+    assert token not in said and token not in caplog.text  # nor in an argv, a status, an event or a log
+
+
+def mig_uid(store, name: str = "move") -> str:
+    return store.get("VirtualMachineInstanceMigration", name, NS)["metadata"]["uid"]
+
+
+def test_a_target_that_expects_another_token_fails_the_migration_and_the_guest_stays(cluster, kube_api_double):
+    store, kubelet, hooks = cluster
+    vmi, source = run_tick_vm(kube_api_double, store, kubelet)
+    kubelet.wrong_token = "x" * 43  # as long as a real one (secrets.token_urlsafe(32))
+    migrate(store, "refused")
+    mig = finished(store, kubelet, "refused")
+    assert mig["phase"] == "Failed" and "refused the stream (a wrong migration token" in mig["error"], mig
+    assert mig["migrationState"]["failed"] is True and mig["migrationState"]["failureReason"] == mig["error"]
+    target = next(name for name in kubelet.processes if name != source)
+    assert wait_until(lambda: store.get("Pod", target, NS) is None)  # the target Pod goes
+    assert any("wrong header or token" in e.get("message", "") for e in kubelet.events(target)), (mig, kubelet.events(target))
+    vmi = store.get("VirtualMachineInstance", "tick", NS)
+    assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == "node-a"
+    assert list(vmi["status"]["activePods"].values()) == ["node-a"]
+    now = kubelet.ticks(source)[-1]
+    assert kubelet.wait_for_ticks(source, now + 2)[-1] >= now + 2  # the source runs on
+    assert kubelet.processes[source].proc.poll() is None
+    failed = json.loads((hooks / "failed-tick").read_text())  # the failed hook got the migration's state
+    assert failed["event"] == "failed" and failed["error"] == mig["error"] and failed["targetNode"] == "node-b"
+    assert not (hooks / "post-vms-tick-node-b").exists()
+
+
+def test_deleting_a_migration_in_flight_aborts_it_and_the_guest_stays(cluster, kube_api_double):
+    """KubeVirt's abort: the stream (to a target that takes it and never reads) is cancelled in
+    the source, which runs on; the target Pod and the token go, then the migration itself."""
+    store, kubelet, hooks = cluster
+    _, source = run_tick_vm(kube_api_double, store, kubelet)
+    kubelet.stall_targets = True
+    migrate(store, "stuck")
+    wait_until(lambda: any(e.get("phase") == "Migrating" for e in kubelet.events(source)))
+    assert status_of(store, "VirtualMachineInstanceMigration", "stuck")["phase"] == "Running"
+    uid = mig_uid(store, "stuck")
+    target = next(name for name in kubelet.processes if name != source)
+    store.delete("VirtualMachineInstanceMigration", "stuck", NS)
+    assert wait_until(lambda: store.get("VirtualMachineInstanceMigration", "stuck", NS) is None)
+    assert store.get("Pod", target, NS) is None
+    assert kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{uid}")[0] == 404
+    vmi = store.get("VirtualMachineInstance", "tick", NS)
+    state = vmi["status"]["migrationState"]
+    assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == "node-a"
+    assert (state["failed"], state["abortRequested"], state["abortStatus"]) == (True, True, "Succeeded")
+    assert "migration cancelled" in state["failureReason"]
+    assert {"phase": "Running", "reason": "migration ended, running"}.items() <= kubelet.events(source)[-1].items()
+    now = kubelet.ticks(source)[-1]
+    assert kubelet.wait_for_ticks(source, now + 2)[-1] >= now + 2 and kubelet.processes[source].poll() is None
+    assert json.loads((hooks / "failed-tick").read_text())["error"] == state["failureReason"]
