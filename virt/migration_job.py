@@ -138,12 +138,12 @@ def stream(ctx: Context, ns: str, source: str, address: str, token: str, cancel:
 
 
 def settle(ctx: Context, ns: str, state: dict, why: str) -> dict:
-    """Where the guest is when the stream's end was not seen: abort what may still run, then
-    wait for the source launcher — ended (the guest moved; its QEMU quits only then) while the
-    target runs: Succeeded; still running, or the target gone: Failed with `why`."""
+    """Where the guest is when the stream's end was not seen: a stream the source still sent is
+    aborted (Failed); else wait for the source launcher — ended (the guest moved; its QEMU quits
+    only then) while the target runs: Succeeded; still running, or the target gone: Failed."""
     source, target = state.get("sourcePod", ""), state.get("targetPod", "")
-    if source:
-        abort(ctx, ns, source)
+    if source and abort(ctx, ns, source):
+        return {"phase": "Failed", "error": f"{why} (aborted: the guest stays on the source)"}
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         src = ctx.store.get("Pod", source, ns) if source else None

@@ -31,6 +31,7 @@ from virt.pods import MIGRATION_JOB_LABEL, MIGRATION_PORT, migration_target_pod,
 
 VMIM, VMI = "VirtualMachineInstanceMigration", "VirtualMachineInstance"
 TOKEN_KEY = "token"
+PENDING_RECHECK = 2.0  # seconds between looks of a migration waiting for another of its VMI
 
 
 def _ns(obj: Obj) -> str:
@@ -162,7 +163,7 @@ def reconcile_migration_in_pods(ctx: Context, mig: Obj) -> float | None:
     if not _first_in_line(ctx, mig) or ctx.jobs.running(key):
         if phase != "Pending":
             set_phase(ctx, mig, "Pending")
-        return None  # the one before it ends: its change (or its job's end) brings this one back
+        return PENDING_RECHECK  # the end of the one before it changes nothing this one links to
     return _prepare_target(ctx, mig, vmi, phase)
 
 

@@ -1,0 +1,256 @@
+"""The migration controller's phases and cleanup in cluster mode, on the Kubernetes API server
+TEST DOUBLE with the Pods' status written by hand, as a kubelet would (no QEMU here; the real
+stream is tests/virt/test_cluster_migration.py): the token Secret and the target Pod, the
+phases as the target Pod goes, a target that fails, one migration of a VMI at a time, a
+deletion before the stream, a migration a restarted controller lost sight of, refusals."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+import yaml
+
+from controlplane.context import Cluster, Context
+from controlplane.control_loop import ControlLoop
+from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from virt import migration_job
+from virt.guest_images import tick_vm_manifest
+from virt.pods import TOKEN_DIR
+
+NS = "vms"
+IMAGE = "localhost/pvlun:0.1.0"
+VMIM = "VirtualMachineInstanceMigration"
+
+
+def wait_until(what, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
+
+
+class Controller:
+    """`pvlun controller`'s loop in-process; `restart()` is a new process on the same API."""
+
+    def __init__(self, make_store):
+        self.make_store = make_store
+        self.ctx = self.loop = None
+        self.start()
+
+    def start(self) -> None:
+        store = self.make_store()
+        reconcilers = cluster_reconcilers()
+        store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
+        self.ctx = Context(store=store, csi=None, data_dir="", node_ids=[], services={"pod_exec": store.exec},
+                           cluster=Cluster(image=IMAGE, namespace="pvlun-system"))
+        self.loop = ControlLoop(self.ctx, reconcilers, watched=CLUSTER_WATCHED)
+        self.loop.start(workers=2)
+
+    def stop(self) -> None:
+        self.ctx.stopping.set()
+        self.loop.join(5)
+        self.ctx.jobs.join_all(5)
+        self.ctx.store.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def cluster(kube_api_double, make_kube_store):
+    controller = Controller(make_kube_store)
+    user = make_kube_store()
+    user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    try:
+        yield user, controller
+    finally:
+        controller.stop()
+
+
+def put_status(double, kind_path: str, obj: dict, status: dict) -> dict:
+    code, body = double.call("PUT", f"{kind_path}/{obj['metadata']['name']}/status", dict(obj, status=status))
+    assert code == 200, body
+    return body
+
+
+PODS = f"/api/v1/namespaces/{NS}/pods"
+
+
+def bind(double, name: str, node: str) -> dict:
+    """The scheduler's part: the Pod on a node (the Pod as it is now)."""
+    code, pod = double.call("PATCH", f"{PODS}/{name}", {"spec": {"nodeName": node}}, "application/merge-patch+json")
+    assert code == 200, pod
+    return pod
+
+
+def running(ready: bool = True, ip: str = "10.244.1.7") -> dict:
+    return {"phase": "Running", "podIP": ip,
+            "containerStatuses": [{"name": "compute", "ready": ready, "restartCount": 0, "state": {"running": {}}}]}
+
+
+def pods(store, migration: bool | None = None) -> list[dict]:
+    return [p for p in store.list("Pod", NS)
+            if migration is None or ("kubevirt.io/migrationJobUID" in p["metadata"]["labels"]) == migration]
+
+
+def running_vmi(double, store, access: str = "ReadWriteMany") -> dict:
+    """The tick VM's VMI, Running on node-a in its launcher Pod (the kubelet's status written by hand)."""
+    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2", access=access))
+    vm["spec"].pop("dataVolumeTemplates")
+    vm["metadata"]["namespace"] = NS
+    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
+    volume["persistentVolumeClaim"] = {"claimName": volume.pop("dataVolume")["name"]}
+    claim = store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "metadata": {"name": volume["persistentVolumeClaim"]["claimName"], "namespace": NS},
+                         "spec": {"accessModes": [access], "volumeMode": "Block",
+                                  "resources": {"requests": {"storage": "8Mi"}}}})
+    put_status(double, f"/api/v1/namespaces/{NS}/persistentvolumeclaims", claim,
+               {"phase": "Bound", "capacity": {"storage": "8Mi"}})
+    store.apply(vm)
+    pod = wait_until(lambda: next(iter(pods(store)), None))
+    put_status(double, PODS, bind(double, pod["metadata"]["name"], "node-a"), running())
+    return wait_until(lambda: (lambda v: v if (v.get("status") or {}).get("phase") == "Running" else None)(
+        store.get("VirtualMachineInstance", "tick", NS) or {}))
+
+
+def migrate(store, name: str) -> dict:
+    return store.apply({"apiVersion": "kubevirt.io/v1", "kind": VMIM, "metadata": {"name": name, "namespace": NS},
+                        "spec": {"vmiName": "tick"}})
+
+
+def phase(store, name: str) -> str | None:
+    return ((store.get(VMIM, name, NS) or {}).get("status") or {}).get("phase")
+
+
+def secret(double, mig: dict) -> tuple[int, dict]:
+    return double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{mig['metadata']['uid']}")
+
+
+def test_the_target_pod_mounts_the_token_and_the_phases_follow_it_until_it_fails(cluster, kube_api_double):
+    store, _ = cluster
+    vmi = running_vmi(kube_api_double, store)
+    mig = migrate(store, "move")
+    target = wait_until(lambda: next(iter(pods(store, migration=True)), None))
+    assert wait_until(lambda: phase(store, "move") == "Scheduling")
+    code, token = secret(kube_api_double, mig)
+    assert code == 200 and token["immutable"] is True and len(base64.b64decode(token["data"]["token"])) >= 32
+    assert token["metadata"]["ownerReferences"][0] == {"apiVersion": "kubevirt.io/v1", "kind": VMIM, "name": "move",
+                                                       "uid": mig["metadata"]["uid"], "controller": True}
+    assert {"name": "pvlun-migration", "secret": {"secretName": token["metadata"]["name"], "defaultMode": 0o400}} in \
+        target["spec"]["volumes"]
+    compute = target["spec"]["containers"][0]
+    assert compute["args"][compute["args"].index("--token-file") + 1].startswith(TOKEN_DIR)
+    assert store.get(VMIM, "move", NS)["metadata"]["finalizers"] == ["pvlun.dev/migration"]
+
+    put_status(kube_api_double, PODS, bind(kube_api_double, target["metadata"]["name"], "node-b"),
+               {"phase": "Pending", "containerStatuses": [{"name": "compute", "ready": False,
+                                                           "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+    assert wait_until(lambda: phase(store, "move") == "Scheduled")
+    put_status(kube_api_double, PODS, store.get("Pod", target["metadata"]["name"], NS) or target, running(ready=False))
+    assert wait_until(lambda: phase(store, "move") == "PreparingTarget")  # runs, its launcher not listening yet
+    status = store.get(VMIM, "move", NS)["status"]
+    assert (status["targetPod"], status["targetNode"]) == (target["metadata"]["name"], "node-b")
+    current = kube_api_double.call("GET", f"{PODS}/{target['metadata']['name']}")[1]
+    put_status(kube_api_double, PODS, current, {"phase": "Failed", "containerStatuses": [
+        {"name": "compute", "ready": False, "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                                     "message": "pvlun launch: QEMU failed"}}}]})
+    assert wait_until(lambda: phase(store, "move") == "Failed")
+    assert "ended: Error: pvlun launch: QEMU failed" in store.get(VMIM, "move", NS)["status"]["error"]
+    assert wait_until(lambda: not pods(store, migration=True))  # the target Pod goes, and the token
+    assert secret(kube_api_double, mig)[0] == 404
+    after = store.get("VirtualMachineInstance", "tick", NS)["status"]
+    assert (after["phase"], after["nodeName"], after["activePods"]) == ("Running", "node-a", vmi["status"]["activePods"])
+    assert "migrationState" not in after  # no stream ever started
+
+
+def test_one_migration_of_a_vmi_at_a_time_the_next_waits_pending(cluster, kube_api_double):
+    store, _ = cluster
+    running_vmi(kube_api_double, store)
+    migrate(store, "first")
+    assert wait_until(lambda: phase(store, "first") == "Scheduling")
+    time.sleep(1.1)  # creationTimestamp has whole seconds
+    migrate(store, "second")
+    assert wait_until(lambda: phase(store, "second") == "Pending")
+    assert len(pods(store, migration=True)) == 1
+    store.delete(VMIM, "first", NS)  # before its stream: its Pod and token go, then it does
+    assert wait_until(lambda: store.get(VMIM, "first", NS) is None)
+    assert wait_until(lambda: phase(store, "second") == "Scheduling")
+    [target] = pods(store, migration=True)
+    assert target["metadata"]["annotations"]["kubevirt.io/migrationJobName"] == "second"
+    assert [s["metadata"]["name"] for s in kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets")[1]["items"]
+            ] == [f"pvlun-migration-{store.get(VMIM, 'second', NS)['metadata']['uid']}"]
+
+
+def test_a_restarted_controller_fails_a_migration_whose_token_it_lost(cluster, kube_api_double):
+    store, controller = cluster
+    running_vmi(kube_api_double, store)
+    mig = migrate(store, "move")
+    assert wait_until(lambda: phase(store, "move") == "Scheduling")
+    controller.restart()  # the token lived in the old process only
+    assert wait_until(lambda: phase(store, "move") == "Failed")
+    assert "token was lost" in store.get(VMIM, "move", NS)["status"]["error"]
+    assert wait_until(lambda: not pods(store, migration=True)) and secret(kube_api_double, mig)[0] == 404
+
+
+@pytest.mark.parametrize("source_ended, outcome", [(True, "Succeeded"), (False, "Failed")])
+def test_a_stream_a_restarted_controller_lost_is_settled_from_the_pods(cluster, kube_api_double, monkeypatch,
+                                                                      source_ended, outcome):
+    """The source launcher ended while the target runs: the guest moved. Still running: it stayed."""
+    monkeypatch.setattr(migration_job, "SETTLE_SECONDS", 1.0)
+    store, controller = cluster
+    vmi = running_vmi(kube_api_double, store)
+    [source] = pods(store)
+    controller.stop()  # the controller that ran the stream is gone; the Pods are where it left them
+    mig = migrate(store, "move")
+    target = store.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "virt-launcher-tick-target", "namespace": NS, "labels": {
+            "kubevirt.io/created-by": vmi["metadata"]["uid"], "kubevirt.io/migrationJobUID": mig["metadata"]["uid"]},
+        "annotations": {"kubevirt.io/migrationJobName": "move"}},
+        "spec": {"nodeName": "node-b", "containers": [{"name": "compute", "image": IMAGE}]}})
+    target = put_status(kube_api_double, PODS, target, running(ip="10.244.2.8"))
+    state = {"migrationUid": mig["metadata"]["uid"], "startTimestamp": "2024-01-01T00:00:00Z", "mode": "PreCopy",
+             "sourceNode": "node-a", "sourcePod": source["metadata"]["name"], "targetNode": "node-b",
+             "targetPod": target["metadata"]["name"], "completed": False, "failed": False}
+    put_status(kube_api_double, f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations",
+               store.get(VMIM, "move", NS) or mig, {"phase": "Running", "migrationState": state})
+    code, current = kube_api_double.call("GET", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/tick")
+    put_status(kube_api_double, f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances", current,
+               dict(current["status"], migrationState=state))
+    if source_ended:
+        current = kube_api_double.call("GET", f"{PODS}/{source['metadata']['name']}")[1]
+        put_status(kube_api_double, PODS, current, {"phase": "Succeeded", "containerStatuses": [
+            {"name": "compute", "ready": False, "state": {"terminated": {"exitCode": 0}}}]})
+    controller.start()
+    assert wait_until(lambda: phase(store, "move") == outcome)
+    after = store.get("VirtualMachineInstance", "tick", NS)["status"]
+    assert after["phase"] == "Running" and after["nodeName"] == ("node-b" if source_ended else "node-a")
+    assert after["migrationState"]["completed"] is source_ended and after["migrationState"]["failed"] is not source_ended
+    if source_ended:
+        assert after["activePods"] == {target["metadata"]["uid"]: "node-b"}
+        assert wait_until(lambda: store.get("Pod", source["metadata"]["name"], NS) is None)
+    else:
+        assert "lost the migration's stream" in store.get(VMIM, "move", NS)["status"]["error"]
+        assert wait_until(lambda: store.get("Pod", target["metadata"]["name"], NS) is None)
+        assert store.get("Pod", source["metadata"]["name"], NS) is not None
+
+
+def test_what_cannot_migrate_is_refused_with_the_reason(cluster, kube_api_double):
+    store, _ = cluster
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": VMIM, "metadata": {"name": "nothing", "namespace": NS},
+                 "spec": {"vmiName": "absent"}})
+    assert wait_until(lambda: phase(store, "nothing") == "Failed")
+    assert store.get(VMIM, "nothing", NS)["status"]["error"] == "VirtualMachineInstance absent is not running"
+    running_vmi(kube_api_double, store, access="ReadWriteOnce")
+    migrate(store, "rwo")
+    assert wait_until(lambda: phase(store, "rwo") == "Failed")
+    assert "is not shared: live migration needs volumeMode Block with accessModes ReadWriteMany" in \
+        store.get(VMIM, "rwo", NS)["status"]["error"]
+    assert not pods(store, migration=True)
+    assert json.dumps(kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets")[1]["items"]) == "[]"
