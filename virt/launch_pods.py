@@ -16,6 +16,7 @@ from controlplane.context import Context
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from controlplane.vm_spec import SpecError, parse_virtual_machine
+from virt.migration_job import job_key
 from virt.migration_status import in_flight
 from virt.pod_status import launcher_status
 from virt.pods import CREATED_BY_LABEL, launcher_pod
@@ -176,7 +177,7 @@ def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
     meta, ns = vmi["metadata"], _ns(vmi)
     status = vmi.get("status") or {}
     if meta.get("deletionTimestamp") or status.get("phase") in FINISHED \
-            or ctx.jobs.running(f"migration:{ns}/{meta['name']}"):
+            or ctx.jobs.running(job_key(ns, meta["name"])):
         return None
     if status.get("activePods"):
         pod = active_pod(ctx, vmi)

@@ -7,29 +7,19 @@ as the kubelet would (a simulated importer, a simulated launcher)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
 
 from controlplane.context import Cluster, Context
 from controlplane.control_loop import ControlLoop
+from kube_fixtures import wait_until
 from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
 from virt.guest_images import tick_vm_manifest
 from virt.reconcile import FINALIZER
 
 IMAGE = "localhost/pvlun:0.1.0"
 NS = "vms"
-
-
-def wait_until(what, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
 
 
 @pytest.fixture

@@ -12,57 +12,16 @@ run directory."""
 from __future__ import annotations
 
 import base64
-import json
-import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from host.sandbox import processes_below
+from launch_process import ROOT, Launch, ticks
 from pvlun.cli import build_parser
 from virt.pod_migration import ACCEPTED, HEADER
 from virt.pods import MIGRATION_JOB_LABEL, RUN_DIR, TOKEN_FILE, VMI_ANNOTATION
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Process:
-    """One `pvlun launch` of a Pod; stdout and stderr in files."""
-
-    def __init__(self, workdir: Path, argv: list[str], node: str):
-        self.out, self.err = workdir / "stdout", workdir / "stderr"
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", *argv], stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT), "NODE_NAME": node})
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def stdout(self) -> str:
-        return self.out.read_bytes().decode(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                for pid in reversed(processes_below(self.proc.pid)):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.proc.kill()
-                self.proc.wait()
 
 
 class StalledTarget:
@@ -87,6 +46,10 @@ class StalledTarget:
             if line.startswith(HEADER):
                 conn.sendall(ACCEPTED)
 
+    @property
+    def proc(self) -> "StalledTarget":
+        return self  # never ends by itself
+
     def poll(self) -> int | None:
         return None
 
@@ -95,6 +58,9 @@ class StalledTarget:
 
     def stderr(self) -> str:
         return ""
+
+    def events(self) -> list[dict]:
+        return []
 
     def stop(self) -> None:
         self.server.close()
@@ -107,7 +73,7 @@ class LauncherKubelet:
                  target_node: str = "node-b"):
         self.double, self.ns, self.workdir, self.disk = double, namespace, workdir, disk
         self.nodes = (source_node, target_node)
-        self.processes: dict[str, Process | StalledTarget] = {}  # pod name → its launcher
+        self.processes: dict[str, Launch | StalledTarget] = {}  # pod name → its launcher
         self.ports: dict[str, int] = {}  # target pod name → where it listens
         self.ready: set[str] = set()
         self.ended: set[str] = set()
@@ -192,7 +158,7 @@ class LauncherKubelet:
                      "--token-file", str(workdir / "token")]
             self.ports[meta["name"]] = args.incoming
         self.processes[meta["name"]] = StalledTarget(args.incoming) if args.incoming and self.stall_targets \
-            else Process(workdir, argv, node)
+            else Launch(workdir, "launch", argv, env={"NODE_NAME": node})
         self._put_status(pod, self._running(ready=not args.incoming))
         if not args.incoming:
             self.ready.add(meta["name"])
@@ -207,7 +173,7 @@ class LauncherKubelet:
     def _follow(self, pod: dict) -> None:
         name = pod["metadata"]["name"]
         process = self.processes[name]
-        code = process.poll()
+        code = process.proc.poll()
         if code is not None:
             self.ended.add(name)
             self._put_status(pod, {"phase": "Succeeded" if code == 0 else "Failed", "podIP": "127.0.0.1",
@@ -227,11 +193,11 @@ class LauncherKubelet:
             return False
 
     def events(self, pod: str) -> list[dict]:
-        return [json.loads(line) for line in self.processes[pod].stderr().splitlines() if line.startswith("{")]
+        return self.processes[pod].events()
 
     def ticks(self, pod: str) -> list[int]:
         """The tick guest's count on the Pod's console."""
-        return [int(n) for n in re.findall(r"tick (\d+)\r\n", self.processes[pod].stdout())]
+        return ticks(self.processes[pod].stdout())
 
     def wait_for_ticks(self, pod: str, at_least: int, timeout: float = 20.0) -> list[int]:
         deadline = time.monotonic() + timeout

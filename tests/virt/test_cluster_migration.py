@@ -9,47 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 import time
 
 import pytest
-import yaml
 
-from controlplane.context import Cluster, Context
-from controlplane.control_loop import ControlLoop
+from cluster_vms import (NS, VMIM, apply_tick_vm, migrate, running_vmi, start_controller, status_of, stop_controller,
+                         token_secret)
+from kube_fixtures import wait_until
+from launch_process import free_port
 from launcher_kubelet import LauncherKubelet
-from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
-from virt.guest_images import tick_vm_manifest
 from virt.migration_status import PHASES
-
-NS = "vms"
-IMAGE = "localhost/pvlun:0.1.0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(what, timeout: float = 20.0, said=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what} {said()}")
-
 
 def finished(store, kubelet, name: str) -> dict:
     """The migration's status once it ended (else what the migration and the launchers said)."""
     def ended() -> dict | None:
-        status = status_of(store, "VirtualMachineInstanceMigration", name)
+        status = status_of(store, VMIM, name)
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    return wait_until(ended, 30.0, lambda: json.dumps(status_of(store, "VirtualMachineInstanceMigration", name)) + "".join(
+    return wait_until(ended, 30.0, lambda: json.dumps(status_of(store, VMIM, name)) + "".join(
         f"\n{pod}: {p.stderr()[-2000:]}" for pod, p in kubelet.processes.items()))
 
 
@@ -67,58 +45,28 @@ def cluster(kube_api_double, make_kube_store, disk, tmp_path, caplog):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     store = make_kube_store()
-    reconcilers = cluster_reconcilers()
-    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
-    ctx = Context(store=store, csi=None, data_dir="", node_ids=[],
-                  cluster=Cluster(image=IMAGE, namespace="pvlun-system", migration_port=free_port()),
-                  services={"pod_exec": store.exec, "migration_hooks": [
-                      ("pre", f"touch {hooks}/pre-{{vm}}-{{source}}-{{target}}"),
-                      ("post", f"touch {hooks}/post-{{namespace}}-{{vm}}-{{target}}"),
-                      ("failed", f"{sys.executable} -c 'import sys; open(sys.argv[1], \"wb\").write(sys.stdin.buffer.read())' "
-                                 f"{hooks}/failed-{{vm}}")]})
-    loop = ControlLoop(ctx, reconcilers, watched=CLUSTER_WATCHED)
-    loop.start(workers=2)
+    ctx, loop = start_controller(store, migration_port=free_port(), migration_hooks=[
+        ("pre", f"touch {hooks}/pre-{{vm}}-{{source}}-{{target}}"),
+        ("post", f"touch {hooks}/post-{{namespace}}-{{vm}}-{{target}}"),
+        ("failed", f"{sys.executable} -c 'import sys; open(sys.argv[1], \"wb\").write(sys.stdin.buffer.read())' "
+                   f"{hooks}/failed-{{vm}}")])
     kubelet = LauncherKubelet(kube_api_double, NS, tmp_path / "pods", disk).start()
     user = make_kube_store()
     user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     try:
         yield user, kubelet, hooks
     finally:
-        ctx.stopping.set()
-        loop.join(5)
-        ctx.jobs.join_all(5)
+        stop_controller(ctx, loop)
         kubelet.stop()
 
 
 def run_tick_vm(double, store, kubelet) -> tuple[dict, str]:
-    """The tick VM on a bound Block RWX claim, running in its launcher Pod: (its VMI, the Pod's name)."""
-    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
-    vm["spec"].pop("dataVolumeTemplates")
-    vm["metadata"]["namespace"] = NS
-    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
-    volume["persistentVolumeClaim"] = {"claimName": volume.pop("dataVolume")["name"]}
-    claim = store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                         "metadata": {"name": volume["persistentVolumeClaim"]["claimName"], "namespace": NS},
-                         "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
-                                  "resources": {"requests": {"storage": "8Mi"}}}})
-    code, body = double.call("PUT", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim['metadata']['name']}/status",
-                             dict(claim, status={"phase": "Bound", "capacity": {"storage": "8Mi"}}))
-    assert code == 200, body
-    store.apply(vm)
-    vmi = wait_until(lambda: (lambda v: v if (v.get("status") or {}).get("phase") == "Running" else None)(
-        store.get("VirtualMachineInstance", "tick", NS) or {}))
+    """The tick VM running in its launcher Pod, ticking: (its VMI, the Pod's name)."""
+    apply_tick_vm(double, store)
+    vmi = wait_until(lambda: running_vmi(store), 20.0)
     source = next(iter(kubelet.processes))
     kubelet.wait_for_ticks(source, 3)
     return vmi, source
-
-
-def status_of(store, kind: str, name: str) -> dict:
-    return (store.get(kind, name, NS) or {}).get("status") or {}
-
-
-def migrate(store, name: str) -> None:
-    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
-                 "metadata": {"name": name, "namespace": NS}, "spec": {"vmiName": "tick"}})
 
 
 def test_a_migration_moves_the_guest_to_the_target_pod_and_the_vmi_follows_it(cluster, kube_api_double, caplog):
@@ -158,16 +106,11 @@ def test_a_migration_moves_the_guest_to_the_target_pod_and_the_vmi_follows_it(cl
 
     assert sorted(p.name for p in hooks.iterdir()) == ["post-vms-tick-node-b", "pre-tick-node-a-node-b"]
     token = kubelet.tokens[0]
-    code, _ = kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{mig_uid(store)}")
-    assert code == 404  # the token's Secret goes with the stream
-    said = json.dumps([store.get("VirtualMachineInstanceMigration", "move", NS),
+    assert token_secret(kube_api_double, store.get(VMIM, "move", NS))[0] == 404  # it goes with the stream
+    said = json.dumps([store.get(VMIM, "move", NS),
                        store.get("VirtualMachineInstance", "tick", NS), kube_api_double.execs,
                        kube_api_double.requests, kube_api_double.call("GET", "/apis/events.k8s.io/v1/events")])
     assert token not in said and token not in caplog.text  # nor in an argv, a status, an event or a log
-
-
-def mig_uid(store, name: str = "move") -> str:
-    return store.get("VirtualMachineInstanceMigration", name, NS)["metadata"]["uid"]
 
 
 def test_a_target_that_expects_another_token_fails_the_migration_and_the_guest_stays(cluster, kube_api_double):
@@ -200,13 +143,13 @@ def test_deleting_a_migration_in_flight_aborts_it_and_the_guest_stays(cluster, k
     kubelet.stall_targets = True
     migrate(store, "stuck")
     wait_until(lambda: any(e.get("phase") == "Migrating" for e in kubelet.events(source)))
-    assert status_of(store, "VirtualMachineInstanceMigration", "stuck")["phase"] == "Running"
-    uid = mig_uid(store, "stuck")
+    assert status_of(store, VMIM, "stuck")["phase"] == "Running"
+    mig = store.get(VMIM, "stuck", NS)
     target = next(name for name in kubelet.processes if name != source)
-    store.delete("VirtualMachineInstanceMigration", "stuck", NS)
-    assert wait_until(lambda: store.get("VirtualMachineInstanceMigration", "stuck", NS) is None)
+    store.delete(VMIM, "stuck", NS)
+    assert wait_until(lambda: store.get(VMIM, "stuck", NS) is None)
     assert store.get("Pod", target, NS) is None
-    assert kube_api_double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{uid}")[0] == 404
+    assert token_secret(kube_api_double, mig)[0] == 404
     vmi = store.get("VirtualMachineInstance", "tick", NS)
     state = vmi["status"]["migrationState"]
     assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == "node-a"
@@ -214,5 +157,5 @@ def test_deleting_a_migration_in_flight_aborts_it_and_the_guest_stays(cluster, k
     assert "migration cancelled" in state["failureReason"]
     assert {"phase": "Running", "reason": "migration ended, running"}.items() <= kubelet.events(source)[-1].items()
     now = kubelet.ticks(source)[-1]
-    assert kubelet.wait_for_ticks(source, now + 2)[-1] >= now + 2 and kubelet.processes[source].poll() is None
+    assert kubelet.wait_for_ticks(source, now + 2)[-1] >= now + 2 and kubelet.processes[source].proc.poll() is None
     assert json.loads((hooks / "failed-tick").read_text())["error"] == state["failureReason"]

@@ -11,52 +11,27 @@ import json
 import time
 
 import pytest
-import yaml
 
-from controlplane.context import Cluster, Context
-from controlplane.control_loop import ControlLoop
-from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from cluster_vms import (IMAGE, NS, VMIM, apply_tick_vm, migrate, running_vmi, start_controller, status_of,
+                         stop_controller, token_secret)
+from kube_fixtures import wait_until
 from virt import migration_job
-from virt.guest_images import tick_vm_manifest
 from virt.pods import TOKEN_DIR
-
-NS = "vms"
-IMAGE = "localhost/pvlun:0.1.0"
-VMIM = "VirtualMachineInstanceMigration"
-
-
-def wait_until(what, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
-
 
 class Controller:
     """`pvlun controller`'s loop in-process; `restart()` is a new process on the same API."""
 
     def __init__(self, make_store):
         self.make_store = make_store
-        self.ctx = self.loop = None
         self.start()
 
     def start(self) -> None:
-        store = self.make_store()
-        reconcilers = cluster_reconcilers()
-        store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
-        self.ctx = Context(store=store, csi=None, data_dir="", node_ids=[], services={"pod_exec": store.exec},
-                           cluster=Cluster(image=IMAGE, namespace="pvlun-system"))
-        self.loop = ControlLoop(self.ctx, reconcilers, watched=CLUSTER_WATCHED)
-        self.loop.start(workers=2)
+        self.store = self.make_store()
+        self.ctx, self.loop = start_controller(self.store)
 
     def stop(self) -> None:
-        self.ctx.stopping.set()
-        self.loop.join(5)
-        self.ctx.jobs.join_all(5)
-        self.ctx.store.stop()
+        stop_controller(self.ctx, self.loop)
+        self.store.stop()
 
     def restart(self) -> None:
         self.stop()
@@ -100,46 +75,25 @@ def pods(store, migration: bool | None = None) -> list[dict]:
             if migration is None or ("kubevirt.io/migrationJobUID" in p["metadata"]["labels"]) == migration]
 
 
-def running_vmi(double, store, access: str = "ReadWriteMany") -> dict:
+def vmi_on_node_a(double, store, access: str = "ReadWriteMany") -> dict:
     """The tick VM's VMI, Running on node-a in its launcher Pod (the kubelet's status written by hand)."""
-    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2", access=access))
-    vm["spec"].pop("dataVolumeTemplates")
-    vm["metadata"]["namespace"] = NS
-    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
-    volume["persistentVolumeClaim"] = {"claimName": volume.pop("dataVolume")["name"]}
-    claim = store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                         "metadata": {"name": volume["persistentVolumeClaim"]["claimName"], "namespace": NS},
-                         "spec": {"accessModes": [access], "volumeMode": "Block",
-                                  "resources": {"requests": {"storage": "8Mi"}}}})
-    put_status(double, f"/api/v1/namespaces/{NS}/persistentvolumeclaims", claim,
-               {"phase": "Bound", "capacity": {"storage": "8Mi"}})
-    store.apply(vm)
+    apply_tick_vm(double, store, access)
     pod = wait_until(lambda: next(iter(pods(store)), None))
     put_status(double, PODS, bind(double, pod["metadata"]["name"], "node-a"), running())
-    return wait_until(lambda: (lambda v: v if (v.get("status") or {}).get("phase") == "Running" else None)(
-        store.get("VirtualMachineInstance", "tick", NS) or {}))
-
-
-def migrate(store, name: str) -> dict:
-    return store.apply({"apiVersion": "kubevirt.io/v1", "kind": VMIM, "metadata": {"name": name, "namespace": NS},
-                        "spec": {"vmiName": "tick"}})
+    return wait_until(lambda: running_vmi(store))
 
 
 def phase(store, name: str) -> str | None:
-    return ((store.get(VMIM, name, NS) or {}).get("status") or {}).get("phase")
-
-
-def secret(double, mig: dict) -> tuple[int, dict]:
-    return double.call("GET", f"/api/v1/namespaces/{NS}/secrets/pvlun-migration-{mig['metadata']['uid']}")
+    return status_of(store, VMIM, name).get("phase")
 
 
 def test_the_target_pod_mounts_the_token_and_the_phases_follow_it_until_it_fails(cluster, kube_api_double):
     store, _ = cluster
-    vmi = running_vmi(kube_api_double, store)
+    vmi = vmi_on_node_a(kube_api_double, store)
     mig = migrate(store, "move")
     target = wait_until(lambda: next(iter(pods(store, migration=True)), None))
     assert wait_until(lambda: phase(store, "move") == "Scheduling")
-    code, token = secret(kube_api_double, mig)
+    code, token = token_secret(kube_api_double, mig)
     assert code == 200 and token["immutable"] is True and len(base64.b64decode(token["data"]["token"])) >= 32
     assert token["metadata"]["ownerReferences"][0] == {"apiVersion": "kubevirt.io/v1", "kind": VMIM, "name": "move",
                                                        "uid": mig["metadata"]["uid"], "controller": True}
@@ -164,7 +118,7 @@ def test_the_target_pod_mounts_the_token_and_the_phases_follow_it_until_it_fails
     assert wait_until(lambda: phase(store, "move") == "Failed")
     assert "ended: Error: pvlun launch: QEMU failed" in store.get(VMIM, "move", NS)["status"]["error"]
     assert wait_until(lambda: not pods(store, migration=True))  # the target Pod goes, and the token
-    assert secret(kube_api_double, mig)[0] == 404
+    assert token_secret(kube_api_double, mig)[0] == 404
     after = store.get("VirtualMachineInstance", "tick", NS)["status"]
     assert (after["phase"], after["nodeName"], after["activePods"]) == ("Running", "node-a", vmi["status"]["activePods"])
     assert "migrationState" not in after  # no stream ever started
@@ -172,7 +126,7 @@ def test_the_target_pod_mounts_the_token_and_the_phases_follow_it_until_it_fails
 
 def test_one_migration_of_a_vmi_at_a_time_the_next_waits_pending(cluster, kube_api_double):
     store, _ = cluster
-    running_vmi(kube_api_double, store)
+    vmi_on_node_a(kube_api_double, store)
     migrate(store, "first")
     assert wait_until(lambda: phase(store, "first") == "Scheduling")
     time.sleep(1.1)  # creationTimestamp has whole seconds
@@ -190,13 +144,13 @@ def test_one_migration_of_a_vmi_at_a_time_the_next_waits_pending(cluster, kube_a
 
 def test_a_restarted_controller_fails_a_migration_whose_token_it_lost(cluster, kube_api_double):
     store, controller = cluster
-    running_vmi(kube_api_double, store)
+    vmi_on_node_a(kube_api_double, store)
     mig = migrate(store, "move")
     assert wait_until(lambda: phase(store, "move") == "Scheduling")
     controller.restart()  # the token lived in the old process only
     assert wait_until(lambda: phase(store, "move") == "Failed")
     assert "token was lost" in store.get(VMIM, "move", NS)["status"]["error"]
-    assert wait_until(lambda: not pods(store, migration=True)) and secret(kube_api_double, mig)[0] == 404
+    assert wait_until(lambda: not pods(store, migration=True)) and token_secret(kube_api_double, mig)[0] == 404
 
 
 @pytest.mark.parametrize("source_ended, outcome", [(True, "Succeeded"), (False, "Failed")])
@@ -205,7 +159,7 @@ def test_a_stream_a_restarted_controller_lost_is_settled_from_the_pods(cluster, 
     """The source launcher ended while the target runs: the guest moved. Still running: it stayed."""
     monkeypatch.setattr(migration_job, "SETTLE_SECONDS", 1.0)
     store, controller = cluster
-    vmi = running_vmi(kube_api_double, store)
+    vmi = vmi_on_node_a(kube_api_double, store)
     [source] = pods(store)
     controller.stop()  # the controller that ran the stream is gone; the Pods are where it left them
     mig = migrate(store, "move")
@@ -247,7 +201,7 @@ def test_what_cannot_migrate_is_refused_with_the_reason(cluster, kube_api_double
                  "spec": {"vmiName": "absent"}})
     assert wait_until(lambda: phase(store, "nothing") == "Failed")
     assert store.get(VMIM, "nothing", NS)["status"]["error"] == "VirtualMachineInstance absent is not running"
-    running_vmi(kube_api_double, store, access="ReadWriteOnce")
+    vmi_on_node_a(kube_api_double, store, access="ReadWriteOnce")
     migrate(store, "rwo")
     assert wait_until(lambda: phase(store, "rwo") == "Failed")
     assert "is not shared: live migration needs volumeMode Block with accessModes ReadWriteMany" in \
