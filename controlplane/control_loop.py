@@ -9,7 +9,7 @@ which reconcilers it runs is the caller's choice (pvlun/controllers.py).
 - A reconcile that raises is retried with a per-key exponential backoff (one counted
   ReconcileError event, not one per try); a reconciler may return a number of seconds
   after which its object is looked at again (a backoff of its own). A write refused for a
-  stale resourceVersion (Conflict) is retried at once, without an event: the object changed.
+  stale resourceVersion (Conflict) is retried with the key's backoff, without an event.
 - Every RESYNC_SECONDS everything is enqueued once, for what no change announces.
 """
 
@@ -143,8 +143,8 @@ class ControlLoop:
                 return
             try:
                 after = fn(self.ctx, obj)
-            except Conflict:  # written meanwhile by someone else: look again at what is there now
-                self.queue.add(k)
+            except Conflict:  # written meanwhile: look again at what is there then, with the key's backoff
+                self.queue.add_rate_limited(k)  # (a cache behind a broken watch stays stale for a while)
                 return
             except Exception as exc:  # one bad object must not stop the others: it backs off
                 delay = self.queue.add_rate_limited(k)

@@ -59,11 +59,13 @@ def _same(current: Obj | None, fields: dict[str, Any]) -> bool:
 class ApiStore:
     """The ObjectStore on a Kubernetes API. `namespace` is where an object that names none
     goes (as kubectl's context namespace); `watch_namespace` limits the informers to one
-    namespace (None: all); `reporter` is the Events' reportingController."""
+    namespace (None: all); `reporter` is the Events' reportingController; `selectors` limits
+    what a kind's informer sees (a controller sees its own Pods, not the cluster's)."""
 
     def __init__(self, api: Transport, namespace: str = "default", *, watch_namespace: str | None = None,
-                 reporter: str = REPORTER, sync_timeout: float = SYNC_TIMEOUT):
+                 reporter: str = REPORTER, sync_timeout: float = SYNC_TIMEOUT, selectors: dict[str, str] | None = None):
         self.api = api
+        self.selectors = dict(selectors or {})  # kind → label selector: what of that kind this store sees
         self.namespace = checked_namespace(namespace)
         self.watch_namespace = checked_namespace(watch_namespace) if watch_namespace is not None else None
         self.reporter, self.sync_timeout = reporter, sync_timeout
@@ -96,7 +98,7 @@ class ApiStore:
                 raise ApiError(0, "Stopped", "the store is stopped")
             informer = self._informers.get(kind)
             if informer is None:
-                informer = Informer(info, self.api, self._changes, self.watch_namespace)
+                informer = Informer(info, self.api, self._changes, self.watch_namespace, self.selectors.get(kind, ""))
                 self._informers[kind] = informer
                 informer.start()
         deadline = time.monotonic() + self.sync_timeout

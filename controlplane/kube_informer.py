@@ -101,8 +101,10 @@ class ChangeLog:
 class Informer:
     """One kind's list+watch loop and cache (all namespaces, or one)."""
 
-    def __init__(self, info: KubeKind, api: Transport, changes: ChangeLog, namespace: str | None = None):
+    def __init__(self, info: KubeKind, api: Transport, changes: ChangeLog, namespace: str | None = None,
+                 label_selector: str = ""):
         self.info, self.api, self.changes = info, api, changes
+        self.label_selector = label_selector  # only these objects of the kind are listed, watched, cached
         self.namespace = namespace if info.namespaced else None
         self.synced = threading.Event()
         self.served = True
@@ -117,6 +119,9 @@ class Informer:
         self._stop = threading.Event()
         self._stream: WatchStream | None = None
         self._thread: threading.Thread | None = None
+
+    def _selector(self) -> dict[str, str]:
+        return {"labelSelector": self.label_selector} if self.label_selector else {}
 
     # ---- reads
     def get(self, namespace: str, name: str) -> Obj | None:
@@ -201,7 +206,7 @@ class Informer:
     def _list(self) -> None:
         path = self.info.path(self.namespace)
         items: list[Obj] = []
-        query: dict[str, Any] = {"limit": PAGE}
+        query: dict[str, Any] = {"limit": PAGE, **self._selector()}
         try:
             while True:
                 page = self.api.request("GET", path, query)
@@ -209,7 +214,7 @@ class Informer:
                 token = (page.get("metadata") or {}).get("continue")
                 if not token:
                     break
-                query = {"limit": PAGE, "continue": token}
+                query = {"limit": PAGE, "continue": token, **self._selector()}
         except ApiError as exc:
             if exc.code != 404:
                 raise
@@ -243,7 +248,7 @@ class Informer:
             self.changes.record((self.info.kind, ns, name))
 
     def _watch(self) -> None:
-        query = {"watch": 1, "allowWatchBookmarks": "true", "resourceVersion": self._rv}
+        query = {"watch": 1, "allowWatchBookmarks": "true", "resourceVersion": self._rv, **self._selector()}
         seconds = random.randint(*WATCH_SECONDS)
         try:
             stream = self.api.watch(self.info.path(self.namespace), query, seconds)

@@ -18,6 +18,7 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.stream import ws_client
 from websocket import WebSocketBadStatusException  # the kubernetes client's websocket library
 
+from csi import __version__
 from controlplane.kube_api_store import ApiStore
 from controlplane.kube_kinds import ApiError, KINDS, Obj, checked_name, checked_namespace
 from controlplane.pod_exec import EXEC_TIMEOUT, BoundedOutput, ExecResult, exit_code
@@ -126,6 +127,9 @@ def _in_cluster() -> bool:
 
 
 
+USER_AGENT = f"pvlun/{__version__}"
+
+
 class KubeStore(ApiStore):
     """The ObjectStore on a Kubernetes API (see ApiStore). `namespace` is where an object
     that names none goes (as kubectl's context namespace); `watch_namespace` limits the
@@ -154,7 +158,9 @@ class KubeStore(ApiStore):
         except kube_config.ConfigException as exc:
             raise KubeConfigError(f"cannot use the Kubernetes configuration: {one_line(str(exc), 300)}") from None
         configuration.connection_pool_maxsize = 64  # a watch per kind holds a connection
-        return cls(ApiClient(configuration), namespace, **options)
+        client = ApiClient(configuration)
+        client.user_agent = USER_AGENT  # audit logs (and tests) tell pvlun's calls apart
+        return cls(client, namespace, **options)
 
     def exec(self, namespace: str, pod: str, container: str, argv: list[str], stdin: bytes | None = None,
              timeout: float = EXEC_TIMEOUT) -> ExecResult:

@@ -2,8 +2,8 @@
 the ObjectStore interface: several `pvlun controller` replicas run, one reconciles.
 
 The holder renews the Lease's renewTime every `retry` seconds; a candidate takes the Lease
-only once renewTime + leaseDurationSeconds has passed (the holder died or lost its API
-server). Every write carries the resourceVersion it read, so two candidates racing for an
+only once it has seen no renewal for leaseDurationSeconds on its own monotonic clock (the
+holder died or lost its API server; the clocks of two machines are never compared). Every write carries the resourceVersion it read, so two candidates racing for an
 expired Lease cannot both win: the store refuses the second write (Conflict). A holder that
 could not renew for `renew_deadline` seconds stops leading before another may take over
 (renew_deadline < lease_duration), so two leaders never overlap."""
@@ -42,14 +42,17 @@ def parse_micro_time(text: object) -> float | None:
 class LeaderElector:
     def __init__(self, store: ObjectStore, name: str, namespace: str, identity: str, *,
                  lease_seconds: float = LEASE_SECONDS, renew_deadline: float = RENEW_DEADLINE,
-                 retry_seconds: float = RETRY_SECONDS, clock: Callable[[], float] = time.time):
+                 retry_seconds: float = RETRY_SECONDS, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         if not renew_deadline < lease_seconds:
             raise ValueError("the renew deadline must be shorter than the lease, or two leaders could overlap")
         self.store, self.name, self.namespace, self.identity = store, name, namespace, identity
         self.lease_seconds, self.renew_deadline, self.retry_seconds = lease_seconds, renew_deadline, retry_seconds
-        self.clock = clock
+        self.clock, self.monotonic = clock, monotonic
         self.leading = threading.Event()
         self._last_renew = 0.0
+        self._observed: tuple = ()
+        self._observed_at = 0.0
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt; True when this candidate holds the Lease afterwards."""
@@ -57,10 +60,15 @@ class LeaderElector:
         lease = self.store.get("Lease", self.name, self.namespace)
         spec = dict((lease or {}).get("spec") or {})
         holder = spec.get("holderIdentity") or ""
-        renewed = parse_micro_time(spec.get("renewTime"))
         duration = spec.get("leaseDurationSeconds") if isinstance(spec.get("leaseDurationSeconds"), int) else 0
-        if lease is not None and holder and holder != self.identity and renewed is not None and renewed + duration > now:
-            return False  # someone else holds a live lease
+        # As client-go: the holder's renewTime is its clock, not ours; what counts is when WE saw
+        # the record change, on our monotonic clock, so clock skew cannot make two leaders.
+        record = (holder, spec.get("renewTime"), (lease or {}).get("metadata", {}).get("resourceVersion"))
+        if record != self._observed:
+            self._observed, self._observed_at = record, self.monotonic()
+        if lease is not None and holder and holder != self.identity and \
+                self._observed_at + duration > self.monotonic():
+            return False  # someone else holds a lease we saw renewed less than its duration ago
         if holder != self.identity:
             spec["acquireTime"] = micro_time(now)
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (1 if holder else 0)
@@ -74,7 +82,7 @@ class LeaderElector:
                              merge=lambda old, new: _guarded_replace(old, new))
         except Conflict:
             return False
-        self._last_renew = now
+        self._last_renew = self.monotonic()
         return True
 
     def run(self, stopping: threading.Event, on_started: Callable[[], None], on_stopped: Callable[[], None]) -> None:
@@ -93,7 +101,7 @@ class LeaderElector:
         while not stopping.wait(self.retry_seconds):
             if self._attempt():
                 continue
-            if self.clock() - self._last_renew >= self.renew_deadline:
+            if self.monotonic() - self._last_renew >= self.renew_deadline:
                 log.error("%s could not renew Lease %s/%s for %.0f s: no longer leading",
                           self.identity, self.namespace, self.name, self.renew_deadline)
                 break

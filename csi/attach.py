@@ -180,8 +180,11 @@ def _flag(value: object) -> bool:
 
 
 def attach_loop(lun_file: str, read_only: bool = False) -> str:
-    """A new loop device on lun_file with direct I/O (no double caching of the LUN)."""
-    argv = ["losetup", "--find", "--show", "--direct-io=on"]
+    """A new loop device on lun_file with direct I/O (no double caching of the LUN), except
+    on a FUSE file (an iSCSI LUN a qemu-storage-daemon exports), which is not cached twice
+    and whose O_DIRECT support is the FUSE server's to give."""
+    fuse = (m := mount_at(lun_file)) is not None and m.fstype.startswith("fuse")
+    argv = ["losetup", "--find", "--show", f"--direct-io={'off' if fuse else 'on'}"]
     if read_only:
         argv.append("--read-only")
     for attempt in range(5):

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import grpc
 
 from csi import attach, node_volume, staging
-from csi.errors import CsiError, invalid, public_message, shown
+from csi.iscsi_context import chap_from, is_iscsi, parse_lun
+from csi.iscsi_userspace import UserspaceInitiator
+from csi.errors import CsiError, invalid, precondition, public_message, shown
 from csi.convert import TOPOLOGY_HOST_KEY
 from csi.filesystems import DeviceNotBlank
 from csi.locks import KeyedLocks
@@ -84,7 +86,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def __init__(self, node_id: str, max_volumes: int = 256,
                  topology_key: str = "topology.csi.pvlun.dev/node",
-                 pool_volumes_dirs: Sequence[str] = ()):
+                 pool_volumes_dirs: Sequence[str] = (), iscsi: UserspaceInitiator | None = None):
         self.node_id = node_id
         self.max_volumes = max_volumes
         self.topology_key = topology_key
@@ -97,13 +99,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # Calls for one volume run one at a time; a retry arriving while a long call (mkfs,
         # resize) still runs gets ABORTED, the spec's "operation pending".
         self._locks = KeyedLocks(wait_seconds=30)
+        # Volumes of the iscsi backend are reached through it (csi/iscsi_userspace.py): their
+        # loop device reads the FUSE file its qemu-storage-daemon exports, not a pool file.
+        self.iscsi = iscsi
 
     def _lock(self, volume_id: str):
         return self._locks.hold(volume_id)
 
     def _luns(self, volume_id: str) -> tuple[str, ...]:
         """Where volume_id's LUN file may be (real paths); volume_id must be validated."""
-        return lun_files(volume_id, self.pool_volumes_dirs)
+        exports = (self.iscsi.export_path(volume_id),) if self.iscsi else ()
+        return lun_files(volume_id, self.pool_volumes_dirs) + exports
 
     @_rpc
     def NodeStageVolume(self, request, context):
@@ -113,11 +119,29 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         access = check_capability(request.volume_capability)
         target = check_path(request.staging_target_path, "staging_target_path")
         check_volume_id(request.volume_id)
+        if is_iscsi(request.publish_context):
+            self._stage_iscsi(request, target, access)
+            return csi_pb2.NodeStageVolumeResponse()
         lun = lun_path(dict(request.publish_context), dict(request.volume_context), request.volume_id,
                        self.pool_volumes_dirs)
         with self._lock(request.volume_id):
             staging.stage(request.volume_id, lun, target, access)
         return csi_pb2.NodeStageVolumeResponse()
+
+    def _stage_iscsi(self, request, target: str, access) -> None:
+        """Log in to the LUN publish_context names (CHAP password from the node-stage
+        secret), then stage the exported file as any LUN file."""
+        lun = parse_lun(request.publish_context)
+        chap = chap_from(lun, request.secrets)
+        if self.iscsi is None:
+            raise precondition(f"node {self.node_id} has no iSCSI initiator: it cannot stage {lun.describe()}")
+        with self._lock(request.volume_id):
+            export = self.iscsi.attach(request.volume_id, lun, chap)
+            try:
+                staging.stage(request.volume_id, export, target, access)
+            except BaseException:
+                self.iscsi.release(request.volume_id)
+                raise
 
     @_rpc
     def NodeUnstageVolume(self, request, context):
@@ -127,6 +151,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         check_volume_id(request.volume_id)
         with self._lock(request.volume_id):
             staging.unstage(request.volume_id, target, self._luns(request.volume_id))
+            if self.iscsi:
+                self.iscsi.release(request.volume_id)  # logs out once no staging here reads it
         return csi_pb2.NodeUnstageVolumeResponse()
 
     @_rpc
@@ -168,6 +194,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         check_volume_id(request.volume_id)
         path = check_volume_path(request.volume_path, request.volume_id)
         stats = node_volume.volume_stats(request.volume_id, path, self._luns(request.volume_id))
+        problem = stats.problem
+        if problem is None and self.iscsi and self.iscsi.attached(request.volume_id):
+            problem = self.iscsi.problem(request.volume_id)
         if stats.block:
             usage = [csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=stats.size)]
         else:
@@ -178,8 +207,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 csi_pb2.VolumeUsage(unit=_Unit.INODES, total=u.total_inodes,
                                     available=u.available_inodes, used=u.used_inodes),
             ]
-        condition = csi_pb2.VolumeCondition(abnormal=stats.problem is not None,
-                                            message=stats.problem or "volume is healthy")
+        condition = csi_pb2.VolumeCondition(abnormal=problem is not None, message=problem or "volume is healthy")
         return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     @_rpc
@@ -194,6 +222,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if cr.required_bytes < 0 or cr.limit_bytes < 0:
             raise invalid("capacity_range must not be negative")
         with self._lock(request.volume_id):
+            if self.iscsi and self.iscsi.attached(request.volume_id):
+                self.iscsi.rescan(request.volume_id)  # the target's LUN grew: read its capacity
             size = node_volume.expand(request.volume_id, path, cr.required_bytes, cr.limit_bytes,
                                   self._luns(request.volume_id))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)

@@ -21,6 +21,14 @@ from importer.pods import importer_pod
 from importer.reconcile import fail, set_phase
 
 
+def controlled_by(obj: Obj, owner: Obj) -> bool:
+    """Is `owner` obj's controller (its controller ownerReference names owner's uid)?"""
+    refs = (obj.get("metadata") or {}).get("ownerReferences")
+    uid = owner["metadata"].get("uid")
+    return bool(uid) and isinstance(refs, list) and any(
+        isinstance(r, dict) and r.get("controller") is True and r.get("uid") == uid for r in refs)
+
+
 def _bound(pvc: Obj) -> bool:
     return (pvc.get("status") or {}).get("phase") == "Bound"
 
@@ -55,6 +63,11 @@ def reconcile_in_pods(ctx: Context, dv: Obj, pvc: Obj, kind: str) -> float | Non
 def _import(ctx: Context, dv: Obj, pvc: Obj, ns: str) -> float | None:
     spec = importer_pod(dv, pvc, ctx.cluster.image, namespace=ns)
     pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
+    if pod is not None and not controlled_by(pod, pvc):
+        # someone else's Pod of that name: its word about the import means nothing, and it is not ours to delete
+        ctx.store.add_event(dv, "Warning", "ImporterPodNameTaken", f"Pod {ns}/{spec['metadata']['name']} exists and "
+                            f"is not controlled by claim {pvc['metadata']['name']}; delete it to let the import run")
+        return 30.0
     if pod is None:
         ctx.store.apply(spec)
         if (dv.get("status") or {}).get("phase") != "ImportScheduled":

@@ -88,6 +88,11 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     except ValueError as exc:
         fail(ctx, dv, "InvalidSpec", str(exc))
         return
+    if ctx.cluster is not None and kind in ("pvc", "snapshot") and (source.get("namespace") or ns) != ns:
+        # a claim's dataSource has no namespace: the API server would drop it and clone a namesake
+        fail(ctx, dv, "CrossNamespaceClone", f"a clone from namespace {source.get('namespace')} into {ns} is not "
+             "available on a cluster yet (it needs the source namespace's grant); clone within one namespace")
+        return None
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):

@@ -62,6 +62,16 @@ def node_id_arg(text: str) -> str:
     return text
 
 
+def network_arg(text: str) -> str:
+    """A CIDR for argparse (host/addresses.py parse_network), kept as its canonical text."""
+    from host.addresses import parse_network
+
+    try:
+        return str(parse_network(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def data_dir_arg(parser: argparse.ArgumentParser) -> None:
     """--data-dir and --kubeconfig, accepted before or after the subcommand (the later one wins)."""
     parser.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -101,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
                         stall_seconds=args.import_stall_timeout,
-                        migration_hooks=list(args.migration_hook))
+                        migration_hooks=list(args.migration_hook),
+                        migration_network=args.migration_network or "")
     try:
         Daemon(opts).run_until_signal()
     except (OSError, ValueError) as exc:
@@ -150,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")
     serve.add_argument("--migration-hook", action="append", default=[], metavar="EVENT=COMMAND", type=migration_hook_arg,
                        help="run COMMAND at a live-migration event (pre, post, failed); {vm}, {source}, {target} expand")
+    serve.add_argument("--migration-network", type=network_arg, default=None, metavar="CIDR",
+                       help="stream live migrations over this host's address in CIDR (a dedicated migration "
+                            "network; default: a local socket pair)")
     serve.add_argument("--upload-address", default="127.0.0.1:0", help="HOST:PORT of the HTTPS upload endpoint")
     serve.add_argument("--metrics-address", default="127.0.0.1:0",
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")

@@ -116,7 +116,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controlplane.kube_store import KubeStore
     from controlplane.leader import LeaderElector
     from csi.server import setup_logging
-    from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+    from pvlun.controllers import CLUSTER_SELECTORS, CLUSTER_WATCHED, cluster_reconcilers
 
     if not args.image:
         raise ValueError("--image (or PVLUN_IMAGE) is required: importer and launcher Pods run it")
@@ -127,9 +127,10 @@ def cmd_controller(args: argparse.Namespace) -> int:
     health = Health()
     health_server = health.serve(args.health_address)
     metrics_server, _ = start_http_server(args.metrics_address[1], addr=args.metrics_address[0])
-    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace)
+    store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace,
+                                      selectors=CLUSTER_SELECTORS)
     reconcilers = cluster_reconcilers()
-    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED) + ["Lease"]))
+    store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     health.synced.set()  # every informer listed: a kind it may not read has stopped the start already
     ctx = Context(store=store, csi=None, data_dir="", node_ids=[], stopping=stopping,
                   cluster=Cluster(image=args.image, namespace=args.controller_namespace, kvm=args.kvm),
@@ -141,9 +142,15 @@ def cmd_controller(args: argparse.Namespace) -> int:
         stopping.set()
 
     elector = None
+    stores = [store]
     try:
         if args.leader_elect:
-            elector = LeaderElector(store, LEASE_NAME, args.controller_namespace, args.identity,
+            # its own store, watching Leases of the controller's namespace only (its Role's reach;
+            # cluster-wide it would cache every node's heartbeat Lease)
+            lease_store = KubeStore.from_kubeconfig(args.kubeconfig, args.context, namespace=args.controller_namespace,
+                                                    watch_namespace=args.controller_namespace)
+            stores.append(lease_store)
+            elector = LeaderElector(lease_store, LEASE_NAME, args.controller_namespace, args.identity,
                                     lease_seconds=args.leader_elect_lease_duration,
                                     renew_deadline=args.leader_elect_renew_deadline,
                                     retry_seconds=args.leader_elect_retry_period)
@@ -156,7 +163,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
         loop.join(10)
         if elector is not None:
             elector.release()
-        store.stop()
+        for each in stores:
+            each.stop()
         health_server.shutdown()
         metrics_server.shutdown()
     if health.failed.is_set():

@@ -33,6 +33,8 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
 # VMs, Pods for their importers and launchers).
 CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod")
+# ... and only the Pods it made (importer and launcher Pods carry this label), not the cluster's
+CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 
 
 def cluster_reconcilers() -> list[tuple[str, Reconciler]]:

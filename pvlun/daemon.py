@@ -44,6 +44,7 @@ class ServeOptions:
     stall_seconds: float = 120.0  # an import that receives no byte this long is stalled
     accel: str | None = None
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
+    migration_network: str = ""  # CIDR: live migrations stream over this host's address in it
 
     def node_ids(self) -> list[str]:
         """This host as N nodes: <node-id>, <node-id>-2, ... (embedded mode only: a split
@@ -77,8 +78,15 @@ class Daemon:
         self.role = serve_record.role(opts.mode, opts.node_id)
         self.pid_file = os.path.join(self.data_dir, serve_record.file_name(self.role, ".pid"))
         self.locks = InstanceLocks()
+        self.migration_address: str | None = None
 
     def start(self) -> None:
+        if self.opts.migration_network:  # before anything is touched: a host with no address there stops here
+            from host.addresses import local_address_in, parse_network
+
+            self.migration_address = local_address_in(parse_network(self.opts.migration_network))
+            log.info("live migrations stream over %s (migration network %s)", self.migration_address,
+                     self.opts.migration_network)
         self._lock()  # a second daemon on this instance stops here, having touched nothing
         try:
             self._start()
@@ -170,6 +178,7 @@ class Daemon:
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
+        self.ctx.services["migration_address"] = self.migration_address
         if self.pool_watch is not None:
             from controlplane.provisioner import ensure_default_storage_class
 

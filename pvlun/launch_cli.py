@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from pvlun.cli import positive_number
+from pvlun.cli import network_arg, positive_number
 from virt.pods import DISK_DIR, MIGRATION_PORT, RUN_DIR
 
 
@@ -44,7 +44,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
                                 accel=args.accel, volumes=dict(args.volume), incoming_port=args.incoming,
                                 listen_address=args.listen_address,
                                 token=read_token(args.token_file) if args.token_file else None,
-                                incoming_timeout=args.incoming_timeout)
+                                incoming_timeout=args.incoming_timeout, migration_network=args.migration_network or "")
         return run_launch(options)
     except (OSError, ValueError, LaunchError) as exc:
         return _fail("launch", exc)
@@ -82,6 +82,9 @@ def add_commands(sub) -> None:
                         help=f"a migration target: wait for the stream on PORT (KubeVirt's is {MIGRATION_PORT})")
     launch.add_argument("--listen-address", default="", help="with --incoming: the address to listen on "
                         "(default: all)")
+    launch.add_argument("--migration-network", type=network_arg, default=None, metavar="CIDR",
+                        help="migrate over this node's address in CIDR: listen there (with --incoming), and "
+                             "connect from there to a target that must be in CIDR")
     launch.add_argument("--token-file", help="with --incoming: the migration's shared token (a Secret's file)")
     launch.add_argument("--incoming-timeout", type=positive_number("the incoming timeout"), default=600.0,
                         metavar="SECONDS", help="with --incoming: give up when no stream came (default %(default)s)")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from csi.pool import is_mountpoint
@@ -18,10 +18,12 @@ from controlplane import serve_record
 from host.command import run
 
 
-def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: float = 60) -> subprocess.Popen:
-    """Start `pvlun serve` on data_dir (log in data_dir/serve.log); return once it serves."""
-    log = open(os.path.join(data_dir, "serve.log"), "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
+def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: float = 60,
+                 prefix: Sequence[str] = (), log_name: str = "serve.log") -> subprocess.Popen:
+    """Start `pvlun serve` on data_dir (log in data_dir/`log_name`), behind `prefix` (a host's,
+    host/netns.py); return once it serves."""
+    log = open(os.path.join(data_dir, log_name), "w")
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "pvlun.cli", "serve", "--data-dir", data_dir,
                              "--pool-size", pool_size, *extra], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     mode = extra[extra.index("--mode") + 1] if "--mode" in extra else "all"
@@ -31,14 +33,15 @@ def start_daemon(data_dir: str, *extra: str, pool_size: str = "8Gi", timeout: fl
     while not os.path.exists(pid_file):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_daemon(proc, data_dir)
-            with open(os.path.join(data_dir, "serve.log")) as f:
+            with open(os.path.join(data_dir, log_name)) as f:
                 raise RuntimeError(f"pvlun serve did not start:\n{f.read()[-4000:]}")
         time.sleep(0.05)
     return proc
 
 
-def stop_daemon(proc: subprocess.Popen, data_dir: str, timeout: float = 60) -> int | None:
-    """SIGTERM, then SIGKILL; a pool the daemon could not unmount is detached lazily."""
+def stop_daemon(proc: subprocess.Popen, data_dir: str, timeout: float = 60, owns_pool: bool = True) -> int | None:
+    """SIGTERM, then SIGKILL; a pool the daemon could not unmount is detached lazily (unless
+    the daemon is a node plugin: the pool is its controller's)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -47,7 +50,7 @@ def stop_daemon(proc: subprocess.Popen, data_dir: str, timeout: float = 60) -> i
             proc.kill()
             proc.wait()
     pool = os.path.join(data_dir, "pool")
-    if os.path.isdir(pool) and is_mountpoint(pool):
+    if owns_pool and os.path.isdir(pool) and is_mountpoint(pool):
         subprocess.run(["umount", "-l", pool], check=False)
     return proc.returncode
 

@@ -33,13 +33,15 @@ def daemon_running(data_dir: str) -> bool:
         return False
 
 
-def open_store(data_dir: str, need_daemon: bool = True, kubeconfig: str | None = None) -> ObjectStore:
-    """The objects' store: a cluster's API when a kubeconfig is given, else the embedded
-    instance's catalog (which a running `pvlun serve` reconciles)."""
+def open_store(data_dir: str, need_daemon: bool = True, kubeconfig: str | None = None,
+               namespace: str | None = None) -> ObjectStore:
+    """The objects' store: a cluster's API when a kubeconfig is given (reading `namespace` only,
+    when one is given: a user with rights in one namespace can list nothing cluster-wide), else
+    the embedded instance's catalog (which a running `pvlun serve` reconciles)."""
     if kubeconfig:
         from controlplane.kube_store import KubeStore
 
-        return KubeStore.from_kubeconfig(kubeconfig)
+        return KubeStore.from_kubeconfig(kubeconfig, namespace=namespace or "default", watch_namespace=namespace)
     data_dir = os.path.abspath(data_dir)
     if need_daemon and not daemon_running(data_dir):
         raise NoDaemon(f"no pvlun serve is running for data dir {data_dir}; "
@@ -247,7 +249,8 @@ def _report(store: ObjectStore, obj: dict, ok: bool, phase: str) -> None:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
+    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig,
+                       namespace=None if args.all_namespaces else args.namespace)
     kind = known_kind(args.kind)
     ns = None if args.all_namespaces else args.namespace
     if args.name:
@@ -269,7 +272,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig,
+                       namespace=args.namespace)
     kind = known_kind(args.kind)
     if not store.delete(kind, args.name, args.namespace):
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
@@ -279,7 +283,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
+    store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig,
+                       namespace=args.namespace)
     kind = known_kind(args.kind)
     obj = store.get(kind, args.name, args.namespace)
     if obj is None:
@@ -327,7 +332,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             print(f"error: {item[:80]!r} is not KEY=VALUE or KEY- with a valid annotation key", file=sys.stderr)
             return 1
         changes[key] = None if remove else value
-    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig,
+                       namespace=args.namespace)
     kind = known_kind(args.kind)
     if store.annotate(kind, args.name, args.namespace, **changes) is None:
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)

@@ -26,7 +26,7 @@ def _vm_or_fail(store, name: str, ns: str) -> dict | None:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig, namespace=args.namespace)
     if _vm_or_fail(store, args.name, args.namespace) is None:
         return 1
     if args.action == "migrate":

@@ -52,6 +52,7 @@ class KubeApiDouble:
         self.token = secrets.token_hex(16)
         self.bookmark_every = bookmark_every
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.agents: list[str] = []  # each request's User-Agent (which client made it)
         self.gone_as_http = False
         self._compacted = 0  # watches from a version below this (etcd's compacted revision) are answered 410
         self._drops = 0  # bumped by drop_watches: streams started before end
@@ -360,6 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.api.requests.append((method, url.path, query))
+        self.api.agents.append(self.headers.get("User-Agent") or "")
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:

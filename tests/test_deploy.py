@@ -325,6 +325,7 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("kubevirt.io", "virtualmachines/finalizers"): {"update"},
     ("kubevirt.io", "virtualmachineinstances/finalizers"): {"update"},
     ("", "persistentvolumeclaims"): WRITE,
+    ("", "persistentvolumeclaims/finalizers"): {"update"},  # importer Pods' blockOwnerDeletion
     ("", "pods"): WRITE,
     ("", "services"): WRITE,
     ("", "pods/exec"): {"get", "create"},

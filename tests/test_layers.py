@@ -41,22 +41,33 @@ def upward(path: Path) -> list[str]:
     return bad
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
 def private_uses(path: Path) -> list[str]:
-    """`from x import _y` and `x._y` where x is a module of ours imported here."""
+    """`from x import _y` (relative imports too) and `x._y` / `x.y._z` where x is a module of
+    ours imported here."""
     tree = ast.parse(path.read_text(), str(path))
+    where = path.relative_to(ROOT)
     bad, aliases = [], set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] in FLOORS:
+        ours = isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] in FLOORS)
+        if ours:
             for a in node.names:
-                if a.name.startswith("_") and not a.name.startswith("__"):
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}")
+                if _private(a.name):
+                    bad.append(f"{where}:{node.lineno} imports {'.' * node.level}{node.module or ''}.{a.name}")
                 aliases.add(a.asname or a.name)
         elif isinstance(node, ast.Import):
             aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in FLOORS}
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in aliases):
-            bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+        if not isinstance(node, ast.Attribute) or not _private(node.attr):
+            continue
+        root = node.value
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        if isinstance(root, ast.Name) and root.id in aliases:
+            bad.append(f"{where}:{node.lineno} uses {ast.unparse(node)}")
     return bad
 
 
@@ -92,5 +103,7 @@ def test_the_walk_sees_a_private_name_used_through_a_module(tmp_path, monkeypatc
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     (tmp_path / "virt").mkdir()
     planted = tmp_path / "virt" / "x.py"
-    planted.write_text("from importer import reconcile as dv\nfrom csi.errors import _cut\n\ndv._phase(1)\n")
-    assert private_uses(planted) == ["virt/x.py:2 imports csi.errors._cut", "virt/x.py:4 uses dv._phase"]
+    planted.write_text("from importer import reconcile as dv\nfrom csi.errors import _cut\nfrom .run_dir import _x\n"
+                       "import importer.reconcile\n\ndv._phase(1)\nimporter.reconcile._save(2)\n")
+    assert private_uses(planted) == ["virt/x.py:2 imports csi.errors._cut", "virt/x.py:3 imports .run_dir._x",
+                                     "virt/x.py:6 uses dv._phase", "virt/x.py:7 uses importer.reconcile._save"]

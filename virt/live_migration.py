@@ -13,7 +13,7 @@ from controlplane.store import Obj, remove_finalizer
 from controlplane.user_text import user_text
 from virt.hooks import HookContext, MigrationHooks
 from virt.launcher import VmLauncher
-from virt.migration import MigrationStatus, migrate
+from virt.migration import MigrationStatus, local_stream_pair, migrate, tcp_stream_pair
 from virt.runtime import CSI_SOURCES, attach_volumes, detach_volumes, set_vmi_status
 from controlplane.vm_spec import SpecError, parse_migration
 
@@ -140,9 +140,11 @@ def run_migration(ctx: Context, mig: Obj, key: str, target: str) -> MigrationSta
         _status(ctx, mig, **fields)
         set_vmi_status(ctx, key, migrationState=fields)
 
+    address = ctx.services.get("migration_address")  # `pvlun serve --migration-network`: ours in it
     try:
         result = migrate(rt.launcher, target_launcher, hooks=hooks, source_node=rt.node, target_node=target,
-                         on_progress=progress, cancel=cancels(ctx).get(key_of(mig)))
+                         on_progress=progress, cancel=cancels(ctx).get(key_of(mig)),
+                         stream_pair=tcp_stream_pair(address) if address else local_stream_pair)
     finally:
         rt.migrating = False
     cancels(ctx).pop(key_of(mig), None)

@@ -13,7 +13,10 @@ failed/cancelled) cancels the migration, keeps or resumes the source, kills the 
 runs the failed hooks [Failed].
 
 The stream steps (`accept_stream`, `start_sending`, `follow_sending`) take any connected
-socket: between launcher Pods it is TCP over the pod network (virt/pod_migration.py).
+socket: between launcher Pods it is TCP over the pod network (virt/pod_migration.py). With a
+dedicated migration network (`pvlun serve --migration-network CIDR`) the pair is a TCP
+connection over this host's address in that network (`tcp_stream_pair`), so the stream
+crosses that network's interface and is counted, shaped and firewalled there.
 """
 
 from __future__ import annotations
@@ -35,6 +38,40 @@ STREAM = "migration"  # the name both QEMUs know their end of the socket pair by
 
 class MigrationFailed(RuntimeError):
     pass
+
+
+StreamPair = Callable[[], tuple[socket.socket, socket.socket]]
+
+
+def local_stream_pair() -> tuple[socket.socket, socket.socket]:
+    """(outgoing, incoming): a unix socket pair, reachable by nothing but the two QEMUs."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+def tcp_stream_pair(address: str, timeout: float = 10) -> StreamPair:
+    """A StreamPair over TCP on `address` (this host's address in the migration network): a
+    listening socket on an ephemeral port that takes only the connection we make ourselves
+    (its peer must be our own socket's address), then closes."""
+    def make() -> tuple[socket.socket, socket.socket]:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.create_server((address, 0), family=family) as server:
+            server.settimeout(timeout)
+            outgoing = socket.create_connection(server.getsockname()[:2], timeout=timeout,
+                                                source_address=(address, 0))
+            try:
+                while True:  # a stranger that raced us to the port is dropped
+                    incoming, peer = server.accept()
+                    if peer[:2] == outgoing.getsockname()[:2]:
+                        break
+                    incoming.close()
+            except BaseException:
+                outgoing.close()
+                raise
+        outgoing.settimeout(None)
+        incoming.settimeout(None)
+        return outgoing, incoming
+
+    return make
 
 
 @dataclass
@@ -89,10 +126,12 @@ def migrate(
     poll_interval: float = 0.05,
     on_progress: Callable[[MigrationStatus], None] | None = None,
     cancel: threading.Event | None = None,
+    stream_pair: StreamPair = local_stream_pair,
 ) -> MigrationStatus:
     """Live-migrate `source` into `target` (a launcher, or a factory called after the pre hooks).
 
-    The target launcher must have been made with incoming="defer" and not yet started.
+    The target launcher must have been made with incoming="defer" and not yet started; the
+    stream goes over the connected sockets `stream_pair()` makes (outgoing, incoming).
     Returns the final status (phase Succeeded or Failed); never leaves two running copies.
     """
     hooks = hooks or MigrationHooks()
@@ -130,7 +169,10 @@ def migrate(
         if target_launcher.incoming != "defer":
             raise MigrationFailed('the target launcher must be created with incoming="defer"')
         target_launcher.start()
-        outgoing, incoming = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            outgoing, incoming = stream_pair()
+        except OSError as exc:
+            raise MigrationFailed(f"no migration stream: {exc.strerror or exc}") from None
         with outgoing, incoming:  # each QEMU holds its own copy once handed over
             accept_stream(target_launcher, incoming.fileno())
             set_phase("TargetReady")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, TextIO
 
+from host.addresses import local_address_in, parse_network
 from host.sandbox import UnsafeFile
 from controlplane.vm_spec import VmSpec
 from virt.console_history import ConsoleHistory
@@ -52,6 +53,7 @@ class LaunchOptions:
     listen_address: str = ""  # "": every address of the Pod
     token: str | None = None  # the migration's shared token
     incoming_timeout: float = INCOMING_TIMEOUT
+    migration_network: str = ""  # CIDR: migrate in (listen) and out (connect) on our address in it
 
 
 def read_vmi(path: str) -> VmSpec:
@@ -120,7 +122,11 @@ def run_launch(options: LaunchOptions, out: BinaryIO | None = None, err: TextIO 
     spec = read_vmi(options.vmi_file)
     disks = pod_attachments(spec, options.volumes, options.disk_dir)
     incoming = options.incoming_port is not None
-    server = listen(options.incoming_port, options.listen_address) if incoming else None
+    network = parse_network(options.migration_network) if options.migration_network else None
+    if network is not None and options.listen_address:
+        raise ValueError("give --listen-address or --migration-network, not both")
+    address = local_address_in(network) if network is not None else options.listen_address
+    server = listen(options.incoming_port, address) if incoming else None
     node = os.environ.get("NODE_NAME") or socket.gethostname()  # the Pod's node (downward API), for reports
     launcher = VmLauncher(spec, disks, options.run_dir, accel=options.accel, incoming="defer" if incoming else None,
                           node=node, history=StreamConsole(out),
@@ -140,7 +146,7 @@ def run_launch(options: LaunchOptions, out: BinaryIO | None = None, err: TextIO 
             launcher.start()
         except LaunchError as exc:
             raise LaunchError(str(exc).splitlines()[0] if str(exc) else "QEMU did not start") from None
-        control = ControlServer(launcher, options.run_dir, node)
+        control = ControlServer(launcher, options.run_dir, node, network)
         control.start()
         if server is not None:
             try:

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from controlplane.user_text import user_text
+from host.addresses import Network, local_address_in
+from host.command import CommandError
 from virt.launcher import Phase, VmLauncher
 from virt.migration import MigrationFailed, MigrationStatus, accept_stream, follow_sending, recover_source, \
     start_sending
@@ -177,17 +179,41 @@ def _await_accepted(conn: socket.socket, where: str, cancel: threading.Event) ->
                               "pvlun migration target)")
 
 
+def check_on_network(host: str, network: Network) -> None:
+    """A migration network takes only a target address inside it (a name could resolve anywhere)."""
+    try:
+        inside = ipaddress.ip_address(host) in network
+    except ValueError:
+        inside = False
+    if not inside:
+        raise MigrationFailed(f"the target {host[:80]} is not an address in the migration network {network}")
+
+
+def our_address_in(network: Network) -> str:
+    """This node's address in the migration network, or MigrationFailed saying there is none."""
+    try:
+        return local_address_in(network)
+    except (ValueError, CommandError) as exc:
+        raise MigrationFailed(str(exc)) from None
+
+
 def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: str = "",
-         timeout: float = MIGRATION_TIMEOUT, cancel: threading.Event | None = None) -> MigrationStatus:
+         timeout: float = MIGRATION_TIMEOUT, cancel: threading.Event | None = None,
+         network: Network | None = None) -> MigrationStatus:
     """Migrate the running source QEMU to the target launcher at host:port. Succeeded: the
-    target has the guest and the source QEMU has quit. Failed: the source runs on."""
+    target has the guest and the source QEMU has quit. Failed: the source runs on. With a
+    migration `network`, the target must be in it and the stream leaves from our address there."""
     status = MigrationStatus(node, "", started=time.time())
     was_paused = source.phase is Phase.PAUSED
     try:
         if not source.running() or source.phase not in (Phase.RUNNING, Phase.PAUSED):
             raise MigrationFailed(f"the source is not running (phase {source.phase.value})")
         status.phase = "Running"
-        with socket.create_connection((host, port), timeout=10) as conn:
+        bind = None
+        if network is not None:
+            check_on_network(host, network)
+            bind = (our_address_in(network), 0)
+        with socket.create_connection((host, port), timeout=10, source_address=bind) as conn:
             conn.sendall(HEADER + (token or "-").encode() + b"\n")
             _await_accepted(conn, f"{host}:{port}", cancel or threading.Event())
             conn.settimeout(None)
@@ -211,8 +237,10 @@ class ControlServer:
     "token": ...}` → the migration's status, one migration at a time; `{"command": "cancel"}`
     aborts the one in flight (the source runs on) → `{"cancelled": true|false}`."""
 
-    def __init__(self, launcher: VmLauncher, run_dir: str | os.PathLike, node: str = ""):
+    def __init__(self, launcher: VmLauncher, run_dir: str | os.PathLike, node: str = "",
+                 network: Network | None = None):
         self.launcher = launcher
+        self.network = network  # the migration network the stream must go over
         self.run_dir = Path(run_dir)
         self.node = node
         self.path = socket_path(self.run_dir, CONTROL_SOCKET)
@@ -260,7 +288,8 @@ class ControlServer:
                     if not held:
                         raise ValueError("a migration is already running")
                     self._cancel = threading.Event()
-                    reply = {**send(self.launcher, host, port, token, node=self.node, cancel=self._cancel).as_dict(),
+                    reply = {**send(self.launcher, host, port, token, node=self.node, cancel=self._cancel,
+                                    network=self.network).as_dict(),
                              "targetNode": "", "targetAddress": f"{host}:{port}"}  # the controller knows the node
             except (OSError, ValueError) as exc:
                 reply = {"phase": "Failed", "error": user_text(exc)}

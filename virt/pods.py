@@ -39,6 +39,7 @@ from controlplane.vm_spec_fields import NAME
 
 CONTAINER = "compute"
 APP_LABEL, CREATED_BY_LABEL, VM_NAME_LABEL = "kubevirt.io", "kubevirt.io/created-by", "vm.kubevirt.io/name"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"  # the controller watches only Pods with its name here
 MIGRATION_JOB_LABEL = "kubevirt.io/migrationJobUID"
 MIGRATION_JOB_ANNOTATION = MIGRATION_JOB  # kubevirt.io/migrationJobName: its change reaches the migration
 DOMAIN_ANNOTATION, DEFAULT_CONTAINER_ANNOTATION = "kubevirt.io/domain", "kubectl.kubernetes.io/default-container"
@@ -258,7 +259,8 @@ def _render(vmi: dict, claims: Mapping[str, dict], image: str, namespace: str, s
     annotations.update({DOMAIN_ANNOTATION: name, DEFAULT_CONTAINER_ANNOTATION: CONTAINER,
                         VMI_ANNOTATION: _vmi_annotation(vmi, name, namespace, uid)})
     labels = {k: v for k, v in (meta.get("labels") or {}).items() if isinstance(k, str) and isinstance(v, str)}
-    labels.update({APP_LABEL: "virt-launcher", CREATED_BY_LABEL: uid, VM_NAME_LABEL: hostname})
+    labels.update({APP_LABEL: "virt-launcher", CREATED_BY_LABEL: uid, VM_NAME_LABEL: hostname,
+                   MANAGED_BY_LABEL: "pvlun-controller"})
 
     args = ["launch", "--vmi-file", VMI_FILE, "--run-dir", RUN_DIR, "--disk-dir", DISK_DIR,
             "--accel", "kvm" if kvm else "tcg"]

@@ -7,6 +7,7 @@ as the kubelet would (a simulated importer, a simulated launcher)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from controlplane.context import Cluster, Context
 from controlplane.control_loop import ControlLoop
 from kube_fixtures import wait_until
-from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from pvlun.controllers import CLUSTER_SELECTORS, CLUSTER_WATCHED, cluster_reconcilers
 from virt.guest_images import tick_vm_manifest
 from virt.reconcile import FINALIZER
 
@@ -25,7 +26,7 @@ NS = "vms"
 @pytest.fixture
 def cluster(kube_api_double, make_kube_store):
     """A controller (its own KubeStore, informers started, the loop running) and a user's store."""
-    store = make_kube_store()
+    store = make_kube_store(selectors=CLUSTER_SELECTORS)
     reconcilers = cluster_reconcilers()
     store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     ctx = Context(store=store, csi=None, data_dir="", node_ids=[], cluster=Cluster(image=IMAGE, namespace="pvlun-system"))
@@ -33,6 +34,7 @@ def cluster(kube_api_double, make_kube_store):
     loop.start(workers=2)
     user = make_kube_store()
     user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    user.controller_store = store  # what the controller sees, for tests that ask
     yield user
     ctx.stopping.set()
     loop.join(5)
@@ -203,3 +205,45 @@ def test_an_upload_into_a_cluster_is_refused_with_what_to_do(cluster):
     running = {c["type"]: c for c in dv_status(store, "up")["conditions"]}["Running"]
     assert running["reason"] == "UploadNotSupported" and "embedded mode" in running["message"]
     assert store.get("Pod", "cdi-upload-up", NS) is None
+
+
+def test_a_clone_from_another_namespace_is_refused_on_a_cluster_before_any_claim_is_made(cluster):
+    """A claim's dataSource has no namespace field: the API server would drop it and clone a namesake."""
+    store = cluster
+    store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                 "metadata": {"name": "copy", "namespace": NS},
+                 "spec": {"source": {"pvc": {"name": "golden", "namespace": "os-images"}},
+                          "storage": {"resources": {"requests": {"storage": "64Mi"}}}}})
+    assert wait_until(lambda: dv_status(store, "copy").get("phase") == "Failed")
+    running = {c["type"]: c for c in dv_status(store, "copy")["conditions"]}["Running"]
+    assert running["reason"] == "CrossNamespaceClone" and "os-images" in running["message"]
+    assert store.get("PersistentVolumeClaim", "copy", NS) is None
+
+
+def test_a_pod_someone_else_made_under_the_importers_name_is_neither_believed_nor_deleted(cluster, kube_api_double):
+    store = cluster
+    impostor = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "importer-target", "namespace": NS, "labels": {
+                    "app.kubernetes.io/managed-by": "pvlun-controller"}},  # our label copied: not our ownerReference
+                "spec": {"containers": [{"name": "importer", "image": "busybox"}]}}
+    assert kube_api_double.call("POST", f"/api/v1/namespaces/{NS}/pods", impostor)[0] == 201
+    said = json.dumps({"phase": "Succeeded", "message": "Import Complete"})
+    set_pod_status(kube_api_double, store.get("Pod", "importer-target", NS) or impostor,
+                   importer_container({"terminated": {"exitCode": 0, "message": said}}))
+    store.apply(cdi_http_datavolume("target", "http://images.example/fedora.qcow2"))
+    assert wait_until(lambda: any(e["reason"] == "ImporterPodNameTaken"
+                                  for e in store.events(store.get("DataVolume", "target", NS))))
+    time.sleep(0.5)
+    assert dv_status(store, "target").get("phase") != "Succeeded"
+    assert store.get("Pod", "importer-target", NS)["spec"]["containers"][0]["image"] == "busybox"
+
+
+def test_the_controller_sees_only_the_pods_it_labels(cluster, kube_api_double):
+    store = cluster
+    other = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": NS},
+             "spec": {"containers": [{"name": "web", "image": "nginx"}]}}
+    assert kube_api_double.call("POST", f"/api/v1/namespaces/{NS}/pods", other)[0] == 201
+    store.apply(cdi_http_datavolume("seen", "http://images.example/fedora.qcow2"))
+    wait_until(lambda: store.get("Pod", "importer-seen", NS))
+    assert store.get("Pod", "web", NS) is not None  # a user's store sees every Pod
+    assert store.controller_store.get("Pod", "web", NS) is None  # the controller's only its own
+    assert store.controller_store.get("Pod", "importer-seen", NS) is not None

@@ -27,19 +27,23 @@ def store(tmp_path):
 
 
 def elector(store, identity: str, clock: Clock) -> LeaderElector:
-    return LeaderElector(store, "pvlun-controller", "pvlun", identity, clock=clock)
+    return LeaderElector(store, "pvlun-controller", "pvlun", identity, clock=clock, monotonic=clock)
 
 
-def test_one_leader_until_its_lease_runs_out(store):
+def test_one_leader_until_it_has_not_been_seen_renewing_for_its_lease(store):
     clock = Clock()
     a, b = elector(store, "a", clock), elector(store, "b", clock)
     assert a.try_acquire_or_renew()
-    assert not b.try_acquire_or_renew()
+    assert not b.try_acquire_or_renew()  # b sees a's lease now
     clock.now += 14
-    assert not b.try_acquire_or_renew()  # 15 s lease, renewed 14 s ago: still a's
+    assert not b.try_acquire_or_renew()  # 15 s lease, seen 14 s ago: still a's
     assert a.try_acquire_or_renew()  # a renews
-    clock.now += 16
-    assert b.try_acquire_or_renew()  # a stopped renewing: b takes over
+    clock.now += 1
+    assert not b.try_acquire_or_renew()  # b sees the renewal: 15 s more from now
+    clock.now += 14
+    assert not b.try_acquire_or_renew()
+    clock.now += 2
+    assert b.try_acquire_or_renew()  # no renewal seen for 16 s: b takes over
     lease = store.get("Lease", "pvlun-controller", "pvlun")
     assert lease["apiVersion"] == "coordination.k8s.io/v1"
     assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
@@ -48,10 +52,25 @@ def test_one_leader_until_its_lease_runs_out(store):
     assert not a.try_acquire_or_renew()
 
 
+def test_the_holders_clock_does_not_count_only_what_the_candidate_saw(store):
+    """A holder whose clock runs 10 minutes behind writes renewTimes long past: a candidate that
+    compared them with its own clock would take a lease that is being renewed."""
+    behind, ours = Clock(), Clock()
+    behind.now -= 600
+    a = LeaderElector(store, "l", "pvlun", "a", clock=behind, monotonic=behind)
+    b = LeaderElector(store, "l", "pvlun", "b", clock=ours, monotonic=ours)
+    for _ in range(10):
+        assert a.try_acquire_or_renew()
+        assert not b.try_acquire_or_renew()
+        behind.now += 2
+        ours.now += 2
+
+
 def test_a_write_over_a_lease_changed_since_it_was_read_loses(store):
     clock = Clock()
     a, b = elector(store, "a", clock), elector(store, "b", clock)
     assert a.try_acquire_or_renew()
+    assert not b.try_acquire_or_renew()
     clock.now += 30
     stale = store.get("Lease", "pvlun-controller", "pvlun")
     assert b.try_acquire_or_renew()  # b wins the expired lease first

@@ -8,16 +8,21 @@ import yaml
 
 from controlplane.context import Cluster, Context
 from controlplane.control_loop import ControlLoop
-from pvlun.controllers import CLUSTER_WATCHED, cluster_reconcilers
+from controlplane.kube_store import USER_AGENT
+from pvlun.controllers import CLUSTER_SELECTORS, CLUSTER_WATCHED, cluster_reconcilers
 from virt.guest_images import tick_vm_manifest
 
 NS = "vms"
 IMAGE = "localhost/pvlun:0.1.0"
 VMIM = "VirtualMachineInstanceMigration"
+CONTROLLER_AGENT = f"{USER_AGENT} (the controller under test)"  # its calls told apart from the test's
 
 
-def start_controller(store, **services) -> tuple[Context, ControlLoop]:
-    """`pvlun controller`'s loop on `store` (its informers started), pods/exec its own."""
+def start_controller(make_store, **services) -> tuple[Context, ControlLoop]:
+    """`pvlun controller`'s loop on a store of its own (seeing only its own Pods, as the
+    controller's does; ctx.store), its informers started, pods/exec through it."""
+    store = make_store(selectors=CLUSTER_SELECTORS)
+    store.client.user_agent = CONTROLLER_AGENT
     reconcilers = cluster_reconcilers()
     store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     migration_port = services.pop("migration_port", None)

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from cluster_vms import (NS, VMIM, apply_tick_vm, migrate, running_vmi, start_controller, status_of, stop_controller,
-                         token_secret)
+from cluster_vms import (CONTROLLER_AGENT, NS, VMIM, apply_tick_vm, migrate, running_vmi, start_controller,
+                         status_of, stop_controller, token_secret)
+from controller_rbac import allowed, classify, rules
 from kube_fixtures import wait_until
 from launch_process import free_port
 from launcher_kubelet import LauncherKubelet
@@ -44,8 +45,7 @@ def cluster(kube_api_double, make_kube_store, disk, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="pvlun")
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    store = make_kube_store()
-    ctx, loop = start_controller(store, migration_port=free_port(), migration_hooks=[
+    ctx, loop = start_controller(make_kube_store, migration_port=free_port(), migration_hooks=[
         ("pre", f"touch {hooks}/pre-{{vm}}-{{source}}-{{target}}"),
         ("post", f"touch {hooks}/post-{{namespace}}-{{vm}}-{{target}}"),
         ("failed", f"{sys.executable} -c 'import sys; open(sys.argv[1], \"wb\").write(sys.stdin.buffer.read())' "
@@ -111,6 +111,11 @@ def test_a_migration_moves_the_guest_to_the_target_pod_and_the_vmi_follows_it(cl
                        store.get("VirtualMachineInstance", "tick", NS), kube_api_double.execs,
                        kube_api_double.requests, kube_api_double.call("GET", "/apis/events.k8s.io/v1/events")])
     assert token not in said and token not in caplog.text  # nor in an argv, a status, an event or a log
+    calls = {classify(*request) for request, agent in zip(kube_api_double.requests, kube_api_double.agents)
+             if agent == CONTROLLER_AGENT or request[1].endswith("/exec")}  # a websocket exec carries no agent
+    assert {("", "secrets", "create", NS), ("", "secrets", "delete", NS), ("", "pods/exec", "get", NS)} <= calls
+    assert not [c for c in calls if c[1] == "secrets" and c[2] in ("get", "list", "watch")]
+    assert sorted(c for c in calls if not allowed(*rules(), *c)) == []  # deploy/full's RBAC allows every call
 
 
 def test_a_target_that_expects_another_token_fails_the_migration_and_the_guest_stays(cluster, kube_api_double):

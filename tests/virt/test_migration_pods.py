@@ -26,12 +26,11 @@ class Controller:
         self.start()
 
     def start(self) -> None:
-        self.store = self.make_store()
-        self.ctx, self.loop = start_controller(self.store)
+        self.ctx, self.loop = start_controller(self.make_store)
 
     def stop(self) -> None:
         stop_controller(self.ctx, self.loop)
-        self.store.stop()
+        self.ctx.store.stop()
 
     def restart(self) -> None:
         self.stop()
@@ -165,7 +164,8 @@ def test_a_stream_a_restarted_controller_lost_is_settled_from_the_pods(cluster, 
     mig = migrate(store, "move")
     target = store.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {
         "name": "virt-launcher-tick-target", "namespace": NS, "labels": {
-            "kubevirt.io/created-by": vmi["metadata"]["uid"], "kubevirt.io/migrationJobUID": mig["metadata"]["uid"]},
+            "kubevirt.io/created-by": vmi["metadata"]["uid"], "kubevirt.io/migrationJobUID": mig["metadata"]["uid"],
+            "app.kubernetes.io/managed-by": "pvlun-controller"},
         "annotations": {"kubevirt.io/migrationJobName": "move"}},
         "spec": {"nodeName": "node-b", "containers": [{"name": "compute", "image": IMAGE}]}})
     target = put_status(kube_api_double, PODS, target, running(ip="10.244.2.8"))

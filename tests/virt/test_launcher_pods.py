@@ -48,6 +48,7 @@ def expected_block_pod(obj: dict) -> dict:
         "metadata": {
             "name": "virt-launcher-tick-xdnsn", "namespace": "default",
             "labels": {"app": "tick", "kubevirt.io": "virt-launcher", "kubevirt.io/created-by": UID,
+                       "app.kubernetes.io/managed-by": "pvlun-controller",
                        "vm.kubevirt.io/name": "tick"},
             "annotations": {"team": "a", "kubevirt.io/domain": "tick",
                             "kubectl.kubernetes.io/default-container": "compute",
