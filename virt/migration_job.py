@@ -19,7 +19,6 @@ shell, run by host/command.py in the controller's container, as virt/hooks.py ru
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from controlplane.vm_spec import SpecError
 from virt.hooks import HookContext, HookError, MigrationHooks
 from virt.live_migration import register_user_hooks
 from virt.migration import MigrationFailed
-from virt.migration_status import ended_state, phase_fields, read_result, vmi_on_target
+from virt.migration_status import ended_state, phase_fields, read_cancel, read_result, vmi_on_target
 from virt.pod_migration import MIGRATION_TIMEOUT
 from virt.pod_status import launch_migrate_cancel_command, launch_migrate_command, launcher_status
 from virt.pods import CONTAINER, vmi_spec
@@ -94,17 +93,6 @@ def abort(ctx: Context, ns: str, source: str) -> bool:
     except (ApiError, MigrationFailed, ValueError) as exc:
         log.warning("migration from %s/%s: cannot ask for an abort: %s", ns, source, exc)
         return False
-
-
-def read_cancel(stdout: bytes) -> bool:
-    """Whether `launch-migrate --cancel` said it stopped a stream."""
-    for line in reversed(stdout[-4096:].splitlines()):
-        try:
-            said = json.loads(line)
-        except ValueError:
-            continue
-        return isinstance(said, dict) and said.get("cancelled") is True
-    return False
 
 
 def stream(ctx: Context, ns: str, source: str, address: str, token: str, cancel: threading.Event) -> dict:

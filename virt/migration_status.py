@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from controlplane.user_text import one_line, shown_text
 from virt.pod_status import launcher_status
@@ -86,15 +86,22 @@ def vmi_on_target(vmi: dict, target_pod: dict, state: dict) -> dict:
             "interfaces": target.get("interfaces") or [], "migrationState": state}
 
 
-def read_result(stdout: bytes) -> dict | None:
-    """The last JSON object line `pvlun launch-migrate` printed, only its known fields, typed
-    and bounded; None when there is none (the command failed before it could say)."""
+def _objects(stdout: bytes) -> Iterator[dict]:
+    """The JSON object lines a launcher printed, last first (of its last RESULT_LIMIT bytes)."""
     for line in reversed(stdout[-RESULT_LIMIT:].splitlines()):
         try:
             said = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(said, dict) or said.get("phase") not in FINISHED:
+        if isinstance(said, dict):
+            yield said
+
+
+def read_result(stdout: bytes) -> dict | None:
+    """The last result `pvlun launch-migrate` printed, only its known fields, typed and
+    bounded; None when there is none (the command failed before it could say)."""
+    for said in _objects(stdout):
+        if said.get("phase") not in FINISHED:
             continue
         out: dict[str, Any] = {"phase": said["phase"]}
         for key in _COUNTS:
@@ -108,3 +115,8 @@ def read_result(stdout: bytes) -> dict | None:
             out["error"] = "the source launcher reported a failure without a reason"
         return out
     return None
+
+
+def read_cancel(stdout: bytes) -> bool:
+    """Whether `launch-migrate --cancel` said it stopped a stream."""
+    return next((said.get("cancelled") is True for said in _objects(stdout)), False)

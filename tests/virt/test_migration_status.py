@@ -11,8 +11,8 @@ import pytest
 
 from pvlun.cli import build_parser
 from virt.hooks import hook_flag
-from virt.migration_status import (ended_state, in_flight, phase_fields, read_result, rfc3339, started_state,
-                                   vmi_on_target)
+from virt.migration_status import (ended_state, in_flight, phase_fields, read_cancel, read_result, rfc3339,
+                                   started_state, vmi_on_target)
 
 T0 = 1_700_000_000.0
 MIG = {"metadata": {"name": "move", "uid": "9b0f3c1e-0000-4000-8000-000000000001"}}
@@ -83,6 +83,13 @@ def test_the_launchers_result_is_the_last_json_line_with_known_fields_typed_and_
     for nothing in (b"", b"pvlun launch-migrate: no launcher in /run\n", line(phase="Running"), b"[1, 2]\n",
                     line(phase="Succeeded")[:-5] + b"\n"):
         assert read_result(nothing) is None
+
+
+def test_a_cancel_counts_only_when_the_launcher_said_it_stopped_a_stream():
+    assert read_cancel(b'{"cancelled":true}\n') is True
+    assert read_cancel(b'{"cancelled":true}\n{"cancelled":false}\n') is False  # the last word counts
+    for nothing in (b"", b'{"cancelled":"yes"}\n', b"cancelled true\n", b'{"cancelled": 1}\n'):
+        assert read_cancel(nothing) is False
 
 
 @pytest.mark.parametrize("flag, parsed", [
