@@ -57,6 +57,13 @@ def put_status(double, kind_path: str, obj: dict, status: dict) -> dict:
 PODS = f"/api/v1/namespaces/{NS}/pods"
 
 
+def now(double, path: str) -> dict:
+    """The object as the API server has it now (a store's cache may lag a write just made)."""
+    code, body = double.call("GET", path)
+    assert code == 200, body
+    return body
+
+
 def bind(double, name: str, node: str) -> dict:
     """The scheduler's part: the Pod on a node (the Pod as it is now)."""
     code, pod = double.call("PATCH", f"{PODS}/{name}", {"spec": {"nodeName": node}}, "application/merge-patch+json")
@@ -106,12 +113,11 @@ def test_the_target_pod_mounts_the_token_and_the_phases_follow_it_until_it_fails
                {"phase": "Pending", "containerStatuses": [{"name": "compute", "ready": False,
                                                            "state": {"waiting": {"reason": "ContainerCreating"}}}]})
     assert wait_until(lambda: phase(store, "move") == "Scheduled")
-    put_status(kube_api_double, PODS, store.get("Pod", target["metadata"]["name"], NS) or target, running(ready=False))
+    put_status(kube_api_double, PODS, now(kube_api_double, f"{PODS}/{target['metadata']['name']}"), running(ready=False))
     assert wait_until(lambda: phase(store, "move") == "PreparingTarget")  # runs, its launcher not listening yet
     status = store.get(VMIM, "move", NS)["status"]
     assert (status["targetPod"], status["targetNode"]) == (target["metadata"]["name"], "node-b")
-    current = kube_api_double.call("GET", f"{PODS}/{target['metadata']['name']}")[1]
-    put_status(kube_api_double, PODS, current, {"phase": "Failed", "containerStatuses": [
+    put_status(kube_api_double, PODS, now(kube_api_double, f"{PODS}/{target['metadata']['name']}"), {"phase": "Failed", "containerStatuses": [
         {"name": "compute", "ready": False, "state": {"terminated": {"exitCode": 1, "reason": "Error",
                                                                      "message": "pvlun launch: QEMU failed"}}}]})
     assert wait_until(lambda: phase(store, "move") == "Failed")
@@ -172,14 +178,15 @@ def test_a_stream_a_restarted_controller_lost_is_settled_from_the_pods(cluster, 
     state = {"migrationUid": mig["metadata"]["uid"], "startTimestamp": "2024-01-01T00:00:00Z", "mode": "PreCopy",
              "sourceNode": "node-a", "sourcePod": source["metadata"]["name"], "targetNode": "node-b",
              "targetPod": target["metadata"]["name"], "completed": False, "failed": False}
-    put_status(kube_api_double, f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations",
-               store.get(VMIM, "move", NS) or mig, {"phase": "Running", "migrationState": state})
-    code, current = kube_api_double.call("GET", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/tick")
-    put_status(kube_api_double, f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances", current,
-               dict(current["status"], migrationState=state))
+    migrations = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations"
+    put_status(kube_api_double, migrations, now(kube_api_double, f"{migrations}/move"),
+               {"phase": "Running", "migrationState": state})
+    vmis = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances"
+    current = now(kube_api_double, f"{vmis}/tick")
+    put_status(kube_api_double, vmis, current, dict(current["status"], migrationState=state))
     if source_ended:
-        current = kube_api_double.call("GET", f"{PODS}/{source['metadata']['name']}")[1]
-        put_status(kube_api_double, PODS, current, {"phase": "Succeeded", "containerStatuses": [
+        put_status(kube_api_double, PODS, now(kube_api_double, f"{PODS}/{source['metadata']['name']}"),
+                   {"phase": "Succeeded", "containerStatuses": [
             {"name": "compute", "ready": False, "state": {"terminated": {"exitCode": 0}}}]})
     controller.start()
     assert wait_until(lambda: phase(store, "move") == outcome)
