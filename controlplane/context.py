@@ -173,6 +173,7 @@ class Cluster:
     namespace: str  # the controller's own (its Lease, its Events about itself)
     kvm: bool = False  # launcher Pods ask for /dev/kvm (devices.kubevirt.io/kvm)
     pull_policy: str = "IfNotPresent"
+    migration_port: int | None = None  # where migration targets listen; None: KubeVirt's (virt/pods.py)
 
 
 @dataclass

@@ -189,6 +189,13 @@ class ApiStore:
             return self._create(info, ns, name, obj)
         return self._update(info, ns, name, obj, stored)
 
+    def create(self, obj: Obj) -> Obj:
+        """Create only — one POST, nothing read, no informer started: Conflict when the object
+        exists. For kinds the controller may create but not read: a Secret (list and watch on
+        secrets would let it read every Secret of the cluster)."""
+        info, ns, name, obj = self._target(obj)
+        return self._create(info, ns, name, obj)
+
     def _create(self, info: KubeKind, ns: str, name: str, obj: Obj) -> Obj:
         status = obj.get("status")
         body = copy.deepcopy(obj)

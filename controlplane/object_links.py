@@ -19,6 +19,7 @@ from controlplane.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 # VolumeSnapshotContent of its snapshot (its annotation may allow a change of volume mode).
 PASS_THROUGH = {"PersistentVolume", "VolumeSnapshotContent"}
 # VolumeAttachment owners (kubelet.attach's `owner`) → the kind of object that made them
+MIGRATION_JOB = "kubevirt.io/migrationJobName"  # the annotation naming a target Pod's migration
 ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine"}
 
 
@@ -98,6 +99,8 @@ def links(obj: Obj) -> set[Key]:
                 out += _claim(ns, ref.get("name"))
             elif ref.get("kind") == "VirtualMachineInstance":
                 out.append(key("VirtualMachine", ns, ref.get("name")))
+        # a migration's target Pod is its migration's too (KubeVirt's kubevirt.io/migrationJobName)
+        out.append(key("VirtualMachineInstanceMigration", ns, _dict(meta.get("annotations")).get(MIGRATION_JOB)))
     elif kind == "VolumeAttachment":
         out.append(key("PersistentVolume", "", _dict(spec.get("source")).get("persistentVolumeName")))
         parts = str(spec.get("owner", "")).split("/")

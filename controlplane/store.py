@@ -67,6 +67,7 @@ class ObjectStore(Protocol):
     def get(self, kind: str, name: str, namespace: str = "default") -> Obj | None: ...
     def list(self, kind: str, namespace: str | None = None) -> list[Obj]: ...
     def apply(self, obj: Obj, merge: Callable[[Obj | None, Obj], Obj] | None = None) -> Obj: ...
+    def create(self, obj: Obj) -> Obj: ...
     def update_status(self, kind: str, name: str, namespace: str, status: Obj) -> Obj | None: ...
     def merge_status(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
     def patch_metadata(self, kind: str, name: str, namespace: str, **fields: Any) -> Obj | None: ...
@@ -238,6 +239,15 @@ class SQLiteStore:
                 meta["generation"] = 1
             self._put(obj)
         return obj
+
+    def create(self, obj: Obj) -> Obj:
+        """Create only: Conflict when the object exists (the API server's AlreadyExists)."""
+        def only_new(old: Obj | None, new: Obj) -> Obj:
+            if old is not None:
+                raise Conflict(f"{new['kind']} {namespace_of(new)}/{new['metadata']['name']} already exists")
+            return new
+
+        return self.apply(obj, merge=only_new)
 
     def _mutate(self, kind: str, name: str, namespace: str, change: Callable[[Obj], bool]) -> Obj | None:
         """Read, change and write one object in a single transaction, so writers in other

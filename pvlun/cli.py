@@ -41,6 +41,16 @@ def positive_number(what: str, whole: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def migration_hook_arg(text: str) -> tuple[str, str]:
+    """An argparse type: `--migration-hook EVENT=COMMAND` (virt/hooks.py checks it)."""
+    from virt.hooks import hook_flag
+
+    try:
+        return hook_flag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def node_id_arg(text: str) -> str:
     """A CSI node ID as the driver takes it (csi/validation.py NODE_ID)."""
     from csi.validation import NODE_ID
@@ -101,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
                         stall_seconds=args.import_stall_timeout,
-                        migration_hooks=[tuple(h.split("=", 1)) for h in args.migration_hook],
+                        migration_hooks=list(args.migration_hook),
                         migration_network=args.migration_network or "",
                         backend=args.backend, iscsi_portal=args.iscsi_portal,
                         iscsi_control_port=args.iscsi_control_port)
@@ -151,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-file-import", action="store_true",
                        help="let DataVolume http sources use file:// URLs (embedded mode)")
     serve.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU acceleration (default: probe KVM, else TCG)")
-    serve.add_argument("--migration-hook", action="append", default=[], metavar="EVENT=COMMAND",
+    serve.add_argument("--migration-hook", action="append", default=[], metavar="EVENT=COMMAND", type=migration_hook_arg,
                        help="run COMMAND at a live-migration event (pre, post, failed); {vm}, {source}, {target} expand")
     serve.add_argument("--migration-network", type=network_arg, default=None, metavar="CIDR",
                        help="stream live migrations over this host's address in CIDR (a dedicated migration "

@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from controlplane.leader import LEASE_SECONDS, RENEW_DEADLINE, RETRY_SECONDS
+from pvlun.cli import migration_hook_arg
 
 log = logging.getLogger("pvlun.controller")
 
@@ -65,6 +66,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--health-address", default=":8081", type=lambda t: _host_port(t, "--health-address"),
                    help="HOST:PORT of /healthz and /readyz (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="reconcile workers (default %(default)s)")
+    p.add_argument("--migration-hook", action="append", default=[], type=migration_hook_arg, metavar="EVENT=COMMAND",
+                   help="run COMMAND (an argv, no shell) in the controller's container at a live-migration event "
+                        "(pre, post, failed); {vm}, {namespace}, {source}, {target} expand to the VMI and its "
+                        "nodes, the migration's state comes as JSON on stdin")
     p.set_defaults(func=cmd_controller)
 
 
@@ -128,7 +133,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
     store.start(dict.fromkeys([kind for kind, _ in reconcilers] + list(CLUSTER_WATCHED)))
     health.synced.set()  # every informer listed: a kind it may not read has stopped the start already
     ctx = Context(store=store, csi=None, data_dir="", node_ids=[], stopping=stopping,
-                  cluster=Cluster(image=args.image, namespace=args.controller_namespace, kvm=args.kvm))
+                  cluster=Cluster(image=args.image, namespace=args.controller_namespace, kvm=args.kvm),
+                  services={"pod_exec": store.exec, "migration_hooks": list(args.migration_hook)})
     loop = ControlLoop(ctx, reconcilers, watched=CLUSTER_WATCHED)
 
     def lost() -> None:

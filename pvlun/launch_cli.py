@@ -51,15 +51,20 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_launch_migrate(args: argparse.Namespace) -> int:
-    from virt.pod_migration import read_token, request_migration
+    from virt.pod_migration import read_token, request_cancel, request_migration
 
+    if bool(args.cancel) == bool(args.to):
+        return _fail("launch-migrate", ValueError("give --to HOST:PORT (migrate) or --cancel (abort), one of them"))
     try:
-        token = read_token(args.token_file) if args.token_file else None
-        result = request_migration(args.run_dir, args.to, token)
+        if args.cancel:
+            result = {"cancelled": request_cancel(args.run_dir)}
+        else:
+            token = read_token(args.token_file) if args.token_file else None
+            result = request_migration(args.run_dir, args.to, token)
     except (OSError, ValueError) as exc:
         return _fail("launch-migrate", exc)
     print(json.dumps(result, separators=(",", ":")), flush=True)
-    return 0 if result.get("phase") == "Succeeded" else 1
+    return 0 if result.get("phase") == "Succeeded" or result.get("cancelled") else 1
 
 
 def add_commands(sub) -> None:
@@ -88,6 +93,8 @@ def add_commands(sub) -> None:
 
     migrate = sub.add_parser("launch-migrate", help="migrate the VMI of a running `pvlun launch` to a target launcher")
     migrate.add_argument("--run-dir", default=RUN_DIR, help="the source launcher's run directory (default %(default)s)")
-    migrate.add_argument("--to", required=True, metavar="HOST:PORT", help="the target launcher's address")
+    migrate.add_argument("--to", metavar="HOST:PORT", help="the target launcher's address")
+    migrate.add_argument("--cancel", action="store_true", help="abort the migration in flight instead (the source "
+                         "runs on); exit 0 when there was one")
     migrate.add_argument("--token-file", help="the migration's shared token ('-': stdin)")
     migrate.set_defaults(func=cmd_launch_migrate)

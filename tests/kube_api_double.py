@@ -17,7 +17,11 @@ Knobs for the cases a real server shows only under load or over time:
 - `holding_watches()`: while in it, new watch requests wait (so changes made meanwhile can
   only reach a client through its next watch, or a relist);
 - `unserve(kind)`: the resource is not served (a CRD not installed): 404 everywhere;
-- `requests`: every request seen, (method, path, query), for asserting what a client did.
+- `requests`: every request seen, (method, path, query), for asserting what a client did;
+- `exec_runner`: how pods/exec (a websocket, kube_ws_exec) runs a command "in" a Pod: the
+  Pod, the container and the argv → a local argv run as a subprocess (None: not found).
+  The Pod must exist, name the container and run on a node (the API server's own checks);
+  `execs` lists every command run, (namespace, pod, container, argv).
 `write_kubeconfig(path)` writes a kubeconfig pointing at it, so a client is built exactly
 as for a real cluster.
 """
@@ -37,6 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 from kube_api_storage import SERVED, ApiStatus, ApiStorage, Obj, Resource, dumps, matches, status_body
+from kube_ws_exec import ExecRunner, ExecSession, accept_key, choose_protocol
 
 BOOKMARK_EVERY = 0.5  # seconds between bookmarks of an idle watch
 
@@ -56,6 +61,8 @@ class KubeApiDouble:
         self._admit = threading.Event()
         self._admit.set()
         self._pages: dict[str, list[Obj]] = {}
+        self.exec_runner: ExecRunner | None = None
+        self.execs: list[tuple[str, str, str, list[str]]] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopping = False
@@ -167,6 +174,47 @@ class KubeApiDouble:
         if sub not in ("", "status") or (sub == "status" and not res.status) or (name and res.namespaced and ns is None):
             raise ApiStatus(404, "NotFound", "the server could not find the requested resource")
         return res, ns if res.namespaced else "", name, sub
+
+    def exec(self, handler: "_Handler", ns: str, name: str, raw_query: str) -> None:
+        """pods/exec: the API server's checks (the Pod, its container, a node, not finished, an
+        upgrade request), then the websocket session."""
+        pod = self.storage.get(SERVED[("", "v1", "pods")], ns, name)
+        query = parse_qs(raw_query)
+        argv = query.get("command") or []
+        names = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or []]
+        container = (query.get("container") or [names[0] if len(names) == 1 else ""])[-1]
+        if not argv:
+            raise ApiStatus(400, "BadRequest", "you must specify at least 1 command")
+        if not container:
+            raise ApiStatus(400, "BadRequest", f"a container name must be specified for pod {name}, "
+                            f"choose one of: [{' '.join(map(str, names))}]")
+        if container not in names:
+            raise ApiStatus(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        phase = (pod.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            raise ApiStatus(400, "BadRequest",
+                            f"cannot exec into a container in a completed pod; current phase is {phase}")
+        if not (pod.get("spec") or {}).get("nodeName"):
+            raise ApiStatus(400, "BadRequest", f"pod {name} does not have a host assigned")
+        if (handler.headers.get("Upgrade") or "").lower() != "websocket" or not handler.headers.get("Sec-WebSocket-Key"):
+            raise ApiStatus(400, "BadRequest", "Upgrade request required")
+        protocol = choose_protocol(handler.headers.get("Sec-WebSocket-Protocol") or "")
+        if protocol is None:
+            raise ApiStatus(400, "BadRequest", "none of the offered subprotocols is supported (v5/v4.channel.k8s.io)")
+        if self.exec_runner is None:
+            raise ApiStatus(500, "InternalError", "TEST DOUBLE: the test gave no exec_runner to run commands in Pods")
+        self.execs.append((ns, name, container, list(argv)))
+        local = self.exec_runner(pod, container, list(argv))
+        handler.send_response(101, "Switching Protocols")
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", accept_key(handler.headers["Sec-WebSocket-Key"]))
+        handler.send_header("Sec-WebSocket-Protocol", protocol)
+        handler.end_headers()
+        handler.wfile.flush()
+        handler.close_connection = True
+        stdin = (query.get("stdin") or ["false"])[-1] in ("true", "1")
+        ExecSession(handler.rfile, handler.wfile, protocol).run(local, list(argv), stdin)
 
     def list(self, res: Resource, ns: str | None, query: dict[str, str]) -> Obj:
         token = query.get("continue")
@@ -331,6 +379,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str, path: str, query: dict[str, str], body: Any) -> None:
         api, storage = self.api, self.api.storage
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 7 and parts[4:7:2] == ["pods", "exec"]:
+            if method not in ("GET", "POST"):  # a websocket exec is a GET; SPDY's a POST
+                raise ApiStatus(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
+            api.exec(self, unquote(parts[3]), unquote(parts[5]), urlsplit(self.path).query)
+            return
         res, ns, name, sub = api.resource(path)
         if method == "GET" and name is None and query.get("watch") in ("1", "true"):
             api.watch(self, res, ns, query)

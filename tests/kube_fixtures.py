@@ -4,11 +4,13 @@ and KubeStores built on it from a kubeconfig, exactly as for a real cluster.
     def test_x(kube_api_double, kube_store): ...      # one store, all namespaces
     def test_y(make_kube_store): a, b = make_kube_store(), make_kube_store(watch_namespace="ns")
 
-Every store made is stopped and the double shut down at the end of the test.
+Every store made is stopped and the double shut down at the end of the test. `wait_until`
+waits for what a controller does (its reads and writes are eventual, as on a cluster).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -48,3 +50,14 @@ def make_kube_store(kube_kubeconfig: str) -> Iterator[Callable[..., KubeStore]]:
 @pytest.fixture
 def kube_store(make_kube_store: Callable[..., KubeStore]) -> KubeStore:
     return make_kube_store()
+
+
+def wait_until(what: Callable[[], Any], timeout: float = 10.0, said: Callable[[], str] = lambda: "") -> Any:
+    """what()'s first true value within `timeout` s; else AssertionError with `said()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what} {said()}")

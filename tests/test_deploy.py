@@ -329,6 +329,7 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("", "pods"): WRITE,
     ("", "services"): WRITE,
     ("", "pods/exec"): {"get", "create"},
+    ("", "secrets"): {"create", "delete"},  # a migration's token: made and deleted, never read
     ("", "persistentvolumes"): READ,
     ("", "nodes"): READ,
     ("storage.k8s.io", "storageclasses"): READ,
@@ -342,7 +343,10 @@ def test_the_controller_may_do_exactly_what_it_manages():
     assert rules_of("full", "ClusterRole", "pvlun-controller") == CONTROLLER_RIGHTS
     lease = rules_of("full", "Role", "pvlun-controller")
     assert lease == {("coordination.k8s.io", "leases"): READ | {"create", "update", "patch"}}
-    assert not [r for r in CONTROLLER_RIGHTS if r[1] in ("secrets", "configmaps", "serviceaccounts")]
+    assert not [r for r in CONTROLLER_RIGHTS if r[1] in ("configmaps", "serviceaccounts")]
+    # Secrets: only the migration tokens it makes and deletes (virt/migration_pods.py) — reading one
+    # (get, list, watch) would let it read every Secret of every namespace
+    assert CONTROLLER_RIGHTS[("", "secrets")] == {"create", "delete"}
 
 
 def test_the_csi_sidecars_keep_leases_and_capacities_in_their_namespace():

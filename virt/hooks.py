@@ -12,6 +12,7 @@ and {event}; it also gets the context as JSON on stdin.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -39,6 +40,21 @@ class HookContext:
 
 HookFn = Callable[[HookContext], None]
 Hook = Union[HookFn, Sequence[str]]
+
+
+def hook_flag(text: str) -> tuple[str, str]:
+    """`--migration-hook EVENT=COMMAND`, checked before anything runs: a known event and a
+    command that splits into words (it runs as an argv, never through a shell)."""
+    event, sep, command = text.partition("=")
+    if not sep or event not in EVENTS:
+        raise ValueError(f"{text[:80]!r} is not EVENT=COMMAND with EVENT one of {', '.join(EVENTS)}")
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ValueError(f"the {event} hook {command[:80]!r} does not split into words: {exc}") from None
+    if not words:
+        raise ValueError(f"the {event} hook has no command")
+    return event, command
 
 
 class HookError(RuntimeError):

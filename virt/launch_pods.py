@@ -1,9 +1,9 @@
 """Cluster mode: VirtualMachines as KubeVirt's virt-controller runs them — a VM makes and
 removes its VirtualMachineInstance as its runStrategy says, a VMI gets one launcher Pod
-(virt/pods.py; `pvlun launch` inside) whose status it mirrors, and a migration gets a target
-launcher Pod on another node. Kubernetes places the Pods and the kubelet attaches the claims
-through the CSI driver; the Pods' own ownerReferences let Kubernetes' garbage collector remove
-them with their VMI.
+(virt/pods.py; `pvlun launch` inside) whose status it mirrors — the Pod it runs in, which a
+migration (virt/migration_pods.py) changes. Kubernetes places the Pods and the kubelet
+attaches the claims through the CSI driver; the Pods' own ownerReferences let Kubernetes'
+garbage collector remove them with their VMI.
 
 The VM reconcile (virt/reconcile.py) hands over here when the Context is a cluster's; the
 VM's fields mean the same in both modes (controlplane/vm_spec.py parses them)."""
@@ -16,8 +16,10 @@ from controlplane.context import Context
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from controlplane.vm_spec import SpecError, parse_virtual_machine
+from virt.migration_job import job_key
+from virt.migration_status import in_flight
 from virt.pod_status import launcher_status
-from virt.pods import launcher_pod, migration_target_pod
+from virt.pods import CREATED_BY_LABEL, launcher_pod
 from virt.reconcile import (FINALIZER, apply_start_stop, ensure_data_volumes, ensure_vmi, finish_request, requested,
                             volumes_ready)
 
@@ -110,11 +112,13 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
         _vm_status(ctx, vm, "Starting")
         return None
     printable = {"Running": "Running", "Scheduled": "Starting", "Scheduling": "Starting"}.get(phase or "", "Starting")
-    _vm_status(ctx, vm, printable, ready=printable == "Running")
+    if printable == "Running" and in_flight(vmi):
+        printable = "Migrating"
+    _vm_status(ctx, vm, printable, ready=printable in ("Running", "Migrating"))
     return None
 
 
-def _claims(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
+def claims_of(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
     """Claim name → the claim, for every claim the VMI's volumes name; else ({}, what is missing)."""
     claims = {}
     for volume in (vmi.get("spec") or {}).get("volumes") or []:
@@ -130,14 +134,24 @@ def _claims(ctx: Context, vmi: Obj) -> tuple[dict[str, Obj], str]:
     return claims, ""
 
 
-def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
-    """A VMI's launcher Pod, made once; the VMI's status mirrors the Pod's."""
-    assert ctx.cluster is not None
-    meta, ns = vmi["metadata"], _ns(vmi)
-    status = vmi.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED:
+def active_pod(ctx: Context, vmi: Obj) -> Obj | None:
+    """The Pod the VMI runs in, as its status.activePods names it (KubeVirt's map of pod uid
+    to node; after a migration, the target's): one of the VMI's own launcher Pods."""
+    active = (vmi.get("status") or {}).get("activePods")
+    uid = vmi["metadata"].get("uid")
+    if not isinstance(active, dict) or not active or not uid:
         return None
-    claims, missing = _claims(ctx, vmi)
+    for pod in ctx.store.list("Pod", _ns(vmi)):
+        meta = pod["metadata"]
+        if meta.get("uid") in active and (meta.get("labels") or {}).get(CREATED_BY_LABEL) == uid:
+            return pod
+    return None
+
+
+def _first_pod(ctx: Context, vmi: Obj) -> Obj | None:
+    """Before the VMI runs anywhere: its launcher Pod, made once (None meanwhile)."""
+    meta, ns = vmi["metadata"], _ns(vmi)
+    claims, missing = claims_of(ctx, vmi)
     if missing:
         ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Pending", reason=missing)
         return None
@@ -152,49 +166,34 @@ def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
         ctx.store.apply(spec)
         ctx.store.add_event(vmi, "Normal", "SuccessfulCreate", f"Created virtual machine pod {spec['metadata']['name']}")
         ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Scheduling")
+    return pod
+
+
+def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
+    """A VMI's launcher Pod, made once; the VMI's status mirrors the Pod it runs in (the one
+    its activePods names: after a migration, the target's). While a migration may move it,
+    the migration has the last word (virt/migration_pods.py)."""
+    assert ctx.cluster is not None
+    meta, ns = vmi["metadata"], _ns(vmi)
+    status = vmi.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED \
+            or ctx.jobs.running(job_key(ns, meta["name"])):
         return None
-    fields = launcher_status(pod)
+    if status.get("activePods"):
+        pod = active_pod(ctx, vmi)
+        if pod is None:
+            if not in_flight(vmi):
+                ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, phase="Failed",
+                                       reason="its launcher Pod is gone")
+            return None
+    else:
+        pod = _first_pod(ctx, vmi)
+        if pod is None:
+            return None
+    name = next((i.get("name") for i in status.get("interfaces") or [] if isinstance(i, dict)), None)
+    fields = launcher_status(pod, interface=name if isinstance(name, str) else None)
+    if fields["phase"] != "Running" and in_flight(vmi):
+        return None  # a source that ended may have handed its guest over: the migration says
     if any(status.get(k) != v for k, v in fields.items()):
         ctx.store.merge_status("VirtualMachineInstance", meta["name"], ns, **fields)
-    return None
-
-
-def reconcile_migration_in_pods(ctx: Context, mig: Obj) -> float | None:
-    """KubeVirt's migration controller, first half: a target launcher Pod on another node
-    (anti-affinity to the source), the migration's phase from it. The QMP migration between
-    the two Pods is the launchers' (`pvlun launch-migrate` in the source Pod)."""
-    assert ctx.cluster is not None
-    meta, ns = mig["metadata"], _ns(mig)
-    status = mig.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED:
-        return None
-    vmi_name = (mig.get("spec") or {}).get("vmiName", "")
-    vmi = ctx.store.get("VirtualMachineInstance", vmi_name, ns)
-    if vmi is None or (vmi.get("status") or {}).get("phase") != "Running":
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed",
-                               error=f"VirtualMachineInstance {vmi_name} is not running")
-        return None
-    claims, missing = _claims(ctx, vmi)
-    if missing:
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed", error=missing)
-        return None
-    source_node = (vmi.get("status") or {}).get("nodeName", "")
-    try:
-        spec = migration_target_pod(vmi, mig, claims, ctx.cluster.image, namespace=ns, source_node=source_node,
-                                    kvm=ctx.cluster.kvm)
-    except (ValueError, SpecError) as exc:
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed", error=user_text(exc))
-        return None
-    pod = ctx.store.get("Pod", spec["metadata"]["name"], ns)
-    if pod is None:
-        ctx.store.apply(spec)
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Scheduling")
-        return None
-    target = launcher_status(pod)
-    if target.get("phase") == "Running" and status.get("phase") != "PreparingTarget":
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="PreparingTarget",
-                               targetPod=pod["metadata"]["name"], targetNode=target.get("nodeName", ""))
-    elif target.get("phase") == "Failed":
-        ctx.store.merge_status("VirtualMachineInstanceMigration", meta["name"], ns, phase="Failed",
-                               error=f"target pod failed: {target.get('reason', '')}")
     return None

@@ -9,7 +9,9 @@ pair (virt/migration.py's `accept_stream` / `start_sending` / `follow_sending`).
 
 Before any byte reaches QEMU, the target reads one line from the connection: HEADER, then the
 shared token (a Secret both sides were given) or `-`. A connection with the wrong line is closed
-and the target waits on; a port scanner or a stranger on the pod network never feeds QEMU.
+and the target waits on; a port scanner or a stranger on the pod network never feeds QEMU. The
+right line is answered with ACCEPTED before the target's QEMU takes the socket, so the source
+starts its QEMU only on a target that took it, and a refusal is said as one (a wrong token).
 The source turns on QEMU's `return-path`, so it completes only once the target has loaded the
 state; then it quits, and the target runs the guest. The stream itself is not encrypted (as
 KubeVirt with TLS disabled): the pod network must be trusted with guest memory.
@@ -40,7 +42,9 @@ from virt.migration import MigrationFailed, MigrationStatus, accept_stream, foll
 from virt.qmp_session import QmpError
 from virt.run_dir import listen_unix, remove_sockets, socket_path
 
-HEADER = b"PVLUN-MIGRATION/1 "
+HEADER = b"PVLUN-MIGRATION/2 "
+ACCEPTED = b"PVLUN-MIGRATION/2 OK\n"
+ACCEPT_TIMEOUT = 60.0  # seconds the source waits for ACCEPTED: the target accepts once its QEMU started
 CONTROL_SOCKET = "launcher.sock"
 TOKEN = re.compile(r"[A-Za-z0-9+/=_.-]{16,256}")
 _HOST = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
@@ -85,11 +89,17 @@ def listen(port: int, address: str = "") -> socket.socket:
     return socket.create_server((address or "0.0.0.0", port), family=family)
 
 
+class _Silent(ConnectionError):
+    """The peer closed without sending a byte (a TCP probe)."""
+
+
 def _read_line(conn: socket.socket, limit: int) -> bytes:
     """One line, byte by byte: nothing after the newline is taken from QEMU's stream."""
     line = b""
     while not line.endswith(b"\n"):
         byte = conn.recv(1)
+        if not byte and not line:
+            raise _Silent("closed before a byte")
         if not byte or len(line) >= limit:
             raise ConnectionError("no header line")
         line += byte
@@ -115,11 +125,18 @@ def receive(target: VmLauncher, server: socket.socket, token: str | None, *, tim
                 try:
                     conn.settimeout(10)
                     line = _read_line(conn, len(expected) + 1)
+                except _Silent:
+                    continue  # connected and closed: the kubelet's startup probe
                 except OSError as exc:
                     log(f"migration connection from {peer[0]} refused: {exc}")
                     continue
                 if not hmac.compare_digest(line, expected):
                     log(f"migration connection from {peer[0]} refused: wrong header or token")
+                    continue
+                try:
+                    conn.sendall(ACCEPTED)
+                except OSError as exc:
+                    log(f"migration connection from {peer[0]} lost: {exc}")
                     continue
                 conn.settimeout(None)
                 accept_stream(target, conn.fileno())
@@ -138,6 +155,28 @@ def wait_resumed(target: VmLauncher) -> bool:
             pass
         time.sleep(0.05)
     return False
+
+
+def _await_accepted(conn: socket.socket, where: str, cancel: threading.Event) -> None:
+    """Wait for the target's ACCEPTED (it starts its QEMU first), byte by byte so that none of
+    QEMU's return path is taken; MigrationFailed when it refuses, takes too long or a cancel comes."""
+    answer, deadline = b"", time.monotonic() + ACCEPT_TIMEOUT
+    conn.settimeout(0.25)
+    while not answer.endswith(b"\n") and len(answer) < len(ACCEPTED):
+        if cancel.is_set():
+            raise MigrationFailed("migration cancelled")
+        if time.monotonic() > deadline:
+            raise MigrationFailed(f"the target at {where} did not take the stream within {ACCEPT_TIMEOUT:g} s")
+        try:
+            byte = conn.recv(1)
+        except socket.timeout:
+            continue
+        if not byte:
+            break
+        answer += byte
+    if answer != ACCEPTED:
+        raise MigrationFailed(f"the target at {where} refused the stream (a wrong migration token, or not a "
+                              "pvlun migration target)")
 
 
 def check_on_network(host: str, network: Network) -> None:
@@ -176,6 +215,7 @@ def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: s
             bind = (our_address_in(network), 0)
         with socket.create_connection((host, port), timeout=10, source_address=bind) as conn:
             conn.sendall(HEADER + (token or "-").encode() + b"\n")
+            _await_accepted(conn, f"{host}:{port}", cancel or threading.Event())
             conn.settimeout(None)
             source.execute("migrate-set-capabilities",
                            {"capabilities": [{"capability": "return-path", "state": True}]})
@@ -194,7 +234,8 @@ def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: s
 
 class ControlServer:
     """The source launcher's order socket: `{"command": "migrate", "to": "HOST:PORT",
-    "token": ...}` → the migration's status. One order at a time."""
+    "token": ...}` → the migration's status, one migration at a time; `{"command": "cancel"}`
+    aborts the one in flight (the source runs on) → `{"cancelled": true|false}`."""
 
     def __init__(self, launcher: VmLauncher, run_dir: str | os.PathLike, node: str = "",
                  network: Network | None = None):
@@ -204,6 +245,7 @@ class ControlServer:
         self.node = node
         self.path = socket_path(self.run_dir, CONTROL_SOCKET)
         self.busy = threading.Lock()
+        self._cancel = threading.Event()  # of the migration in flight (replaced by each one)
         self._server: socket.socket | None = None
 
     def start(self) -> None:
@@ -236,13 +278,19 @@ class ControlServer:
             try:
                 conn.settimeout(10)
                 request = json.loads(_read_line(conn, _LINE_MAX))
-                host, port, token = _migrate_order(request)
-                held = self.busy.acquire(blocking=False)
-                if not held:
-                    raise ValueError("a migration is already running")
-                reply = {**send(self.launcher, host, port, token, node=self.node,
-                                       network=self.network).as_dict(),
-                         "targetNode": "", "targetAddress": f"{host}:{port}"}  # the controller knows the node
+                if isinstance(request, dict) and request.get("command") == "cancel":
+                    running = self.busy.locked() and not self._cancel.is_set()
+                    self._cancel.set()
+                    reply = {"cancelled": running}
+                else:
+                    host, port, token = _migrate_order(request)
+                    held = self.busy.acquire(blocking=False)
+                    if not held:
+                        raise ValueError("a migration is already running")
+                    self._cancel = threading.Event()
+                    reply = {**send(self.launcher, host, port, token, node=self.node, cancel=self._cancel,
+                                    network=self.network).as_dict(),
+                             "targetNode": "", "targetAddress": f"{host}:{port}"}  # the controller knows the node
             except (OSError, ValueError) as exc:
                 reply = {"phase": "Failed", "error": user_text(exc)}
             try:
@@ -257,7 +305,7 @@ class ControlServer:
 def _migrate_order(request: object) -> tuple[str, int, str | None]:
     """(host, port, token) of a `migrate` order; ValueError for anything else."""
     if not isinstance(request, dict) or request.get("command") != "migrate":
-        raise ValueError("unknown command (migrate)")
+        raise ValueError("unknown command (migrate, cancel)")
     host, port = parse_address(str(request.get("to", ""))[:300])
     token = request.get("token")
     if token is not None and (not isinstance(token, str) or not TOKEN.fullmatch(token)):
@@ -265,10 +313,8 @@ def _migrate_order(request: object) -> tuple[str, int, str | None]:
     return host, port, token
 
 
-def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = None,
-                      timeout: float = MIGRATION_TIMEOUT + 60) -> dict:
-    """Tell the launcher of `run_dir` to migrate to `to` (HOST:PORT); its status when done."""
-    parse_address(to)
+def _order(run_dir: str | os.PathLike, request: dict, timeout: float) -> dict:
+    """One order to the launcher of `run_dir`, its reply."""
     path = socket_path(Path(run_dir), CONTROL_SOCKET)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
@@ -276,8 +322,20 @@ def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = N
             conn.connect(path)
         except OSError as exc:
             raise ConnectionError(f"no launcher in {run_dir}: {exc.strerror or exc}") from None
-        conn.sendall(json.dumps({"command": "migrate", "to": to, "token": token}).encode() + b"\n")
+        conn.sendall(json.dumps(request).encode() + b"\n")
         reply = json.loads(_read_line(conn, 1 << 16))
     if not isinstance(reply, dict):
         raise ValueError("the launcher's reply is not an object")
     return reply
+
+
+def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = None,
+                      timeout: float = MIGRATION_TIMEOUT + 60) -> dict:
+    """Tell the launcher of `run_dir` to migrate to `to` (HOST:PORT); its status when done."""
+    parse_address(to)
+    return _order(run_dir, {"command": "migrate", "to": to, "token": token}, timeout)
+
+
+def request_cancel(run_dir: str | os.PathLike, timeout: float = 10.0) -> bool:
+    """Abort the migration the launcher of `run_dir` is sending; False when none runs."""
+    return _order(run_dir, {"command": "cancel"}, timeout).get("cancelled") is True

@@ -135,15 +135,36 @@ def launcher_status(pod: Any, *, interface: str | None = None) -> dict:
     return out
 
 
-def migration_address(target_pod: Any, port: int = MIGRATION_PORT) -> str | None:
-    """HOST:PORT where a migration target Pod waits for the stream (`[v6]:PORT` for IPv6);
-    None until it runs and has an address."""
+def _compute_ready(status: dict) -> bool:
+    statuses = status.get("containerStatuses")
+    return any(_map(e).get("name") == CONTAINER and _map(e).get("ready") is True
+               for e in (statuses if isinstance(statuses, list) else []))
+
+
+def _listening_port(pod: dict) -> int:
+    """The compute container's `migration` port, as the Pod says (else KubeVirt's)."""
+    containers = _map(pod.get("spec")).get("containers")
+    for c in containers if isinstance(containers, list) else []:
+        ports = _map(c).get("ports") if _map(c).get("name") == CONTAINER else None
+        for p in ports if isinstance(ports, list) else []:
+            number = _map(p).get("containerPort")
+            if _map(p).get("name") == "migration" and isinstance(number, int) and not isinstance(number, bool) \
+                    and 1024 <= number <= 65535:
+                return number
+    return MIGRATION_PORT
+
+
+def migration_address(target_pod: Any, port: int | None = None) -> str | None:
+    """HOST:PORT where a migration target Pod waits for the stream (`[v6]:PORT` for IPv6), the
+    port its spec names unless `port` is given; None until it runs, is ready (its startup
+    probe reached the launcher's port: it listens) and has an address."""
     if not isinstance(target_pod, dict) or launcher_status(target_pod)["phase"] != "Running":
         return None
-    ips = _ips(_map(target_pod.get("status")))
-    if not ips:
+    status = _map(target_pod.get("status"))
+    ips = _ips(status)
+    if not ips or not _compute_ready(status):
         return None
-    host = ips[0]
+    host, port = ips[0], port or _listening_port(target_pod)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -154,3 +175,9 @@ def launch_migrate_command(address: str, *, token_on_stdin: bool = False) -> lis
     target's token."""
     argv = ["pvlun", "launch-migrate", "--run-dir", RUN_DIR, "--to", address]
     return argv + (["--token-file", "-"] if token_on_stdin else [])
+
+
+def launch_migrate_cancel_command() -> list[str]:
+    """The command that aborts the source launcher's migration in flight (KubeVirt's abort):
+    the source QEMU cancels and runs on; the running `launch-migrate` then reports Failed."""
+    return ["pvlun", "launch-migrate", "--run-dir", RUN_DIR, "--cancel"]

@@ -31,6 +31,7 @@ import re
 from typing import Any, Mapping
 
 from controlplane.admission import check_name
+from controlplane.object_links import MIGRATION_JOB
 from controlplane.quantity import parse_quantity
 from controlplane.vm_spec import SpecError, VmSpec, parse_virtual_machine_instance
 from controlplane.vm_spec_fields import items, mapping, matching
@@ -39,7 +40,8 @@ from controlplane.vm_spec_fields import NAME
 CONTAINER = "compute"
 APP_LABEL, CREATED_BY_LABEL, VM_NAME_LABEL = "kubevirt.io", "kubevirt.io/created-by", "vm.kubevirt.io/name"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"  # the controller watches only Pods with its name here
-MIGRATION_JOB_LABEL, MIGRATION_JOB_ANNOTATION = "kubevirt.io/migrationJobUID", "kubevirt.io/migrationJobName"
+MIGRATION_JOB_LABEL = "kubevirt.io/migrationJobUID"
+MIGRATION_JOB_ANNOTATION = MIGRATION_JOB  # kubevirt.io/migrationJobName: its change reaches the migration
 DOMAIN_ANNOTATION, DEFAULT_CONTAINER_ANNOTATION = "kubevirt.io/domain", "kubectl.kubernetes.io/default-container"
 VMI_ANNOTATION = "pvlun.dev/vmi"
 HOSTNAME_KEY = "kubernetes.io/hostname"
@@ -57,6 +59,7 @@ VMI_FILE = VMI_DIR + "/vmi.json"
 TOKEN_DIR = "/var/run/pvlun/migration"
 TOKEN_FILE = TOKEN_DIR + "/token"
 MIGRATION_PORT = 49152  # KubeVirt's direct migration port
+TARGET_LISTEN_SECONDS = 300  # a migration target that does not listen by then is restarted (so fails: restartPolicy Never)
 _NOT_COPIED = ("kubectl.kubernetes.io", "kubevirt.io/storage-observed-api-version",
                "kubevirt.io/latest-observed-api-version")  # VMI annotations KubeVirt keeps off the Pod
 RESERVED_VOLUMES = ("private", "ephemeral-disks", "pvlun-vmi", "pvlun-migration")
@@ -276,6 +279,11 @@ def _render(vmi: dict, claims: Mapping[str, dict], image: str, namespace: str, s
         port, token_secret = incoming
         args += ["--incoming", str(port)]
         container["ports"] = [{"name": "migration", "containerPort": port, "protocol": "TCP"}]
+        # Ready once the launcher listens (the kubelet's one successful connect; the launcher
+        # passes over a connection that sends nothing), so the controller starts the stream
+        # only then; never probed again, so the Pod stays Ready as the VMI's launcher after.
+        container["startupProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1, "timeoutSeconds": 1,
+                                     "failureThreshold": TARGET_LISTEN_SECONDS}
         if token_secret is not None:
             args += ["--token-file", TOKEN_FILE]
             pod_volumes.append({"name": "pvlun-migration", "secret": {"secretName": token_secret,

@@ -353,7 +353,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
 
 def reconcile_migration(ctx: Context, mig: Obj) -> float | None:
     if ctx.cluster is not None:
-        from virt.launch_pods import reconcile_migration_in_pods
+        from virt.migration_pods import reconcile_migration_in_pods
 
         return reconcile_migration_in_pods(ctx, mig)
     from virt.live_migration import cancel_migration, start_migration

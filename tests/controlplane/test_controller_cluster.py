@@ -14,22 +14,13 @@ import yaml
 
 from controlplane.context import Cluster, Context
 from controlplane.control_loop import ControlLoop
+from kube_fixtures import wait_until
 from pvlun.controllers import CLUSTER_SELECTORS, CLUSTER_WATCHED, cluster_reconcilers
 from virt.guest_images import tick_vm_manifest
 from virt.reconcile import FINALIZER
 
 IMAGE = "localhost/pvlun:0.1.0"
 NS = "vms"
-
-
-def wait_until(what, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
 
 
 @pytest.fixture
@@ -101,10 +92,9 @@ def test_a_vm_gets_its_vmi_and_a_launcher_pod_and_runs_when_the_pod_does(cluster
     assert wait_until(lambda: (store.get("VirtualMachineInstance", "tick", NS).get("status") or {}).get("phase")
                       == "Scheduling")
 
-    code, _ = kube_api_double.call("PATCH", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}",
-                                   {"spec": {"nodeName": "node-a"}}, "application/merge-patch+json")
-    assert code == 200
-    pod = store.get("Pod", pod["metadata"]["name"], NS) or pod  # the scheduler's binding first
+    code, pod = kube_api_double.call("PATCH", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}",
+                                     {"spec": {"nodeName": "node-a"}}, "application/merge-patch+json")
+    assert code == 200  # the scheduler's binding first (the Pod as it is now: a cache may lag)
     set_pod_status(kube_api_double, pod, {"phase": "Running", "podIP": "10.244.1.7", "hostIP": "198.18.0.2",
                                           "conditions": [{"type": "Ready", "status": "True"}],
                                           "containerStatuses": [{"name": "compute", "ready": True, "restartCount": 0,

@@ -245,6 +245,19 @@ def test_the_kubeconfig_is_found_as_kubectl_finds_it(kube_api_double, tmp_path, 
         KubeStore.from_kubeconfig(str(tmp_path / "kc"), context="nope")
 
 
+def test_a_secret_is_created_and_deleted_without_ever_being_read(kube_api_double, kube_store):
+    """What the controller's RBAC allows on secrets: create and delete, never get, list or watch."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "token", "namespace": "default"},
+              "type": "Opaque", "data": {"token": "c2VjcmV0"}}
+    assert kube_store.create(secret)["metadata"]["uid"]
+    with pytest.raises(Conflict):
+        kube_store.create(secret)
+    assert kube_store.delete("Secret", "token", "default") is True
+    assert kube_store.delete("Secret", "token", "default") is False
+    used = {method for method, path, _ in kube_api_double.requests if "/secrets" in path}
+    assert used == {"POST", "DELETE"}
+
+
 def test_names_that_would_reach_another_path_are_refused(kube_store):
     for name in ("..", "a/b", "%2e", ""):
         with pytest.raises(ValueError, match="cannot be an object's name"):

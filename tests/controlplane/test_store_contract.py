@@ -246,6 +246,16 @@ def test_delete_says_whether_there_was_an_object(backend):
     assert store.delete("ConfigMap", "e", ns) is False
 
 
+def test_create_makes_an_object_once(backend):
+    store, ns = backend.store, backend.ns
+    made = store.create(config_map(ns, "once", data={"k": "1"}))
+    assert made["metadata"]["uid"] and made["data"] == {"k": "1"}
+    with pytest.raises(Conflict):
+        store.create(config_map(ns, "once", data={"k": "2"}))
+    assert store.get("ConfigMap", "once", ns)["data"] == {"k": "1"}
+    assert store.delete("ConfigMap", "once", ns) is True
+
+
 def test_owner_references_are_kept_as_given(backend):
     store, ns = backend.store, backend.ns
     owner = store.apply(config_map(ns, "owner"))

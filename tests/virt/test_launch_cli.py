@@ -19,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from host.sandbox import processes_below
+from launch_process import ROOT, Launch, free_port, ticks
 from virt.guest_images import build_tick_disk
+from virt.pod_migration import ACCEPTED, HEADER
 from virt.pods import BLOCK_DIR, LAUNCHER_CAPABILITIES
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"tick (\d+)\r\n", text)]
 
 
 def vmi_file(path: Path, volume: str = "root", grace: int = 1, **domain) -> Path:
@@ -39,51 +35,6 @@ def vmi_file(path: Path, volume: str = "root", grace: int = 1, **domain) -> Path
                     "terminationGracePeriodSeconds": grace}}
     path.write_text(json.dumps(obj))
     return path
-
-
-class Launch:
-    """One `pvlun` process; stdout and stderr in files (nothing blocks on a pipe)."""
-
-    def __init__(self, tmp: Path, name: str, args: list[str], prefix: list[str] = (), env: dict | None = None):
-        self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pvlun.cli", *args], stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-    def stdout(self) -> str:
-        return self.out.read_bytes().decode(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.stderr().splitlines() if line.startswith("{")]
-
-    def wait_for(self, text: str, timeout: float = 20) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.stdout():
-                return True
-            if self.proc.poll() is not None:
-                return text in self.stdout()
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        """SIGTERM, as a Pod deletion; whatever is left (QEMU, bwrap, passt) is killed by pid."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                for pid in reversed(processes_below(self.proc.pid)):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture
@@ -190,12 +141,6 @@ def test_launch_runs_with_only_the_launcher_pods_capabilities(pod_block_device, 
     assert refused.stderr().splitlines()[-1].startswith("pvlun launch: QEMU failed to start: bwrap:")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_migration_between_two_launch_processes_over_tcp_keeps_the_guest_ticking(launches, disk, tmp_path):
     vmi = vmi_file(tmp_path / "vmi.json")
     token = tmp_path / "token"
@@ -210,7 +155,7 @@ def test_migration_between_two_launch_processes_over_tcp_keeps_the_guest_ticking
     while not any(e.get("phase") == "Migrating" for e in target.events()) and time.monotonic() < deadline:
         time.sleep(0.05)
     with socket.create_connection(("127.0.0.1", port)) as stranger:  # a wrong token never reaches QEMU
-        stranger.sendall(b"PVLUN-MIGRATION/1 " + b"x" * 43 + b"\n" + os.urandom(4096))
+        stranger.sendall(HEADER + b"x" * 43 + b"\n" + os.urandom(4096))
         try:
             closed = stranger.recv(1) == b""
         except ConnectionResetError:  # closed on us with our bytes unread
@@ -283,3 +228,37 @@ def test_unreadable_vmi_files_are_one_line(tmp_path):
                                "--accel", "tcg", *args], capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
         assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and said in done.stderr, done.stderr
+
+
+def test_a_migration_in_flight_is_cancelled_and_the_source_runs_on(launches, disk, tmp_path):
+    """`launch-migrate --cancel` (what the controller runs when a migration is deleted): the
+    source QEMU aborts the stream to a target that takes nothing, and runs on."""
+    source = launches("source", *launch_args(tmp_path, "src", vmi_file(tmp_path / "vmi.json"), "--volume",
+                                             f"root={disk}"))
+    assert source.wait_for("tick 2"), source.stderr()
+    idle = socket.create_server(("127.0.0.1", 0))  # takes the stream, never reads it: the stream stalls
+    cli = [sys.executable, "-m", "pvlun.cli", "launch-migrate", "--run-dir", str(tmp_path / "src")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nothing = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+    assert (nothing.returncode, json.loads(nothing.stdout)) == (1, {"cancelled": False})
+    with idle:
+        migrating = subprocess.Popen(cli + ["--to", f"127.0.0.1:{idle.getsockname()[1]}"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        try:
+            conn, _ = idle.accept()
+            with conn:
+                conn.sendall(ACCEPTED)  # then nothing is read
+                time.sleep(1.0)
+                assert migrating.poll() is None  # stalled, not finished
+                cancel = subprocess.run(cli + ["--cancel"], capture_output=True, text=True, cwd=ROOT, env=env,
+                                        timeout=30)
+                assert (cancel.returncode, json.loads(cancel.stdout)) == (0, {"cancelled": True}), cancel.stderr
+                out, err = migrating.communicate(timeout=30)
+        finally:
+            if migrating.poll() is None:
+                migrating.kill()
+                migrating.wait()
+    result = json.loads(out)
+    assert migrating.returncode == 1 and result["phase"] == "Failed" and "cancelled" in result["error"], err
+    now = ticks(source.stdout())[-1]
+    assert source.wait_for(f"tick {now + 2}") and source.proc.poll() is None

@@ -207,6 +207,8 @@ def test_migration_target_pod_waits_for_the_stream_off_the_source_node():
     compute = want["spec"]["containers"][0]
     compute["args"] += ["--incoming", "49152", "--token-file", "/var/run/pvlun/migration/token"]
     compute["ports"] = [{"name": "migration", "containerPort": 49152, "protocol": "TCP"}]
+    compute["startupProbe"] = {"tcpSocket": {"port": 49152}, "periodSeconds": 1, "timeoutSeconds": 1,
+                               "failureThreshold": 300}
     compute["volumeMounts"].append({"name": "pvlun-migration", "mountPath": "/var/run/pvlun/migration",
                                     "readOnly": True})
     want["spec"]["volumes"].insert(3, {"name": "pvlun-migration", "secret": {"secretName": "move-tick-token",

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from host.netns import MIGRATION_NETWORK, Hosts
-from test_launch_cli import ROOT, Launch, launch_args, ticks, vmi_file
+from launch_process import ROOT, Launch, ticks
+from test_launch_cli import launch_args, vmi_file
 from virt.migration import migrate, tcp_stream_pair
 
 CIDR = str(MIGRATION_NETWORK)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from virt.pod_status import launch_migrate_command, launcher_status, migration_address
+from virt.pod_status import launch_migrate_cancel_command, launch_migrate_command, launcher_status, \
+    migration_address
 
 UID = "0d5c4b6a-2f1e-4c3d-8b7a-6e5f4d3c2b1a"
 
@@ -82,11 +83,19 @@ def test_garbage_pod_status_gives_a_short_safe_answer(garbage):
 
 def test_migration_address_is_the_running_target_pods_ip_and_port():
     running = pod(state={"running": {}}, podIP="10.244.2.9")
+    assert migration_address(running) is None  # running, but its launcher may not listen yet
+    running["status"]["containerStatuses"][1]["ready"] = True  # the startup probe connected
     assert migration_address(running) == "10.244.2.9:49152"
-    assert migration_address(pod(state={"running": {}}, podIP="fd00::9"), port=50000) == "[fd00::9]:50000"
+    running["spec"]["containers"] = [{"name": "compute", "ports": [{"name": "migration", "containerPort": 50001}]}]
+    assert migration_address(running) == "10.244.2.9:50001"  # where the Pod says it listens
+    ready_v6 = pod(state={"running": {}}, podIP="fd00::9")
+    ready_v6["status"]["containerStatuses"][1]["ready"] = True
+    assert migration_address(ready_v6, port=50000) == "[fd00::9]:50000"
     assert migration_address(pod("Pending", state={"waiting": {}}, podIP="10.244.2.9")) is None
     assert migration_address(pod(state={"running": {}})) is None
     assert migration_address("garbage") is None
     assert launch_migrate_command("10.244.2.9:49152") == [
         "pvlun", "launch-migrate", "--run-dir", "/var/run/kubevirt-private/vm", "--to", "10.244.2.9:49152"]
     assert launch_migrate_command("10.244.2.9:49152", token_on_stdin=True)[-2:] == ["--token-file", "-"]
+    assert launch_migrate_cancel_command() == [
+        "pvlun", "launch-migrate", "--run-dir", "/var/run/kubevirt-private/vm", "--cancel"]
