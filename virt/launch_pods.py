@@ -20,7 +20,7 @@ from virt.migration_job import job_key
 from virt.migration_status import in_flight
 from virt.pod_status import launcher_status
 from virt.pods import CREATED_BY_LABEL, launcher_pod
-from virt.reconcile import (FINALIZER, apply_start_stop, ensure_data_volumes, ensure_vmi, finish_request, requested,
+from virt.reconcile import (CRASH_LIMIT, CRASH_WINDOW, FINALIZER, VMI_FINALIZER, apply_start_stop, ensure_data_volumes, ensure_vmi, finish_request, requested,
                             volumes_ready)
 
 FINISHED = ("Succeeded", "Failed")
@@ -90,11 +90,15 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
     vm = ctx.store.get("VirtualMachine", meta["name"], ns) or vm
     parsed = parse_virtual_machine(vm)
     ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
+    if vmi is not None and vmi["metadata"].get("deletionTimestamp"):
+        _vm_status(ctx, vm, "Stopping")  # its launcher Pods are still going: no new run before they are gone
+        return None
     phase = ((vmi or {}).get("status") or {}).get("phase")
     if vmi is not None and phase in FINISHED:
         ctx.store.delete("VirtualMachineInstance", meta["name"], ns)  # a new run gets a new VMI (and Pod)
+        crashes = _recent_crashes(vm) + ([time.time()] if phase == "Failed" else [])
         _vm_status(ctx, vm, "Stopped" if phase == "Succeeded" else "CrashLoopBackOff",
-                   lastRunEnded=phase, lastRunEndedAt=time.time())
+                   lastRunEnded=phase, lastRunEndedAt=time.time(), crashes=crashes)
         return None
     if not _want_running(vm, parsed.run_strategy):
         if vmi is not None:
@@ -108,6 +112,12 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
         if waiting:
             _vm_status(ctx, vm, waiting[0], message=waiting[1])
             return None
+        crashes = _recent_crashes(vm)
+        if len(crashes) >= CRASH_LIMIT:  # as embedded: runs that keep failing are started again ever later
+            backoff = min(300.0, 10.0 * 2 ** (len(crashes) - CRASH_LIMIT))
+            if time.time() - crashes[-1] < backoff:
+                _vm_status(ctx, vm, "CrashLoopBackOff", message="its last runs failed")
+                return backoff - (time.time() - crashes[-1])
         ensure_vmi(ctx, vm)
         _vm_status(ctx, vm, "Starting")
         return None
@@ -115,6 +125,29 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
     if printable == "Running" and in_flight(vmi):
         printable = "Migrating"
     _vm_status(ctx, vm, printable, ready=printable in ("Running", "Migrating"))
+    return None
+
+
+def _recent_crashes(vm: Obj) -> list[float]:
+    """When the VM's runs failed, within the crash window (bounded: the status stays small)."""
+    crashes = (vm.get("status") or {}).get("crashes")
+    if not isinstance(crashes, list):
+        return []
+    return [t for t in crashes if isinstance(t, (int, float)) and t > time.time() - CRASH_WINDOW][-10:]
+
+
+def _release(ctx: Context, vmi: Obj) -> float | None:
+    """A VMI being deleted: its launcher Pods are deleted (they stop their QEMU in their grace
+    period); only once none is left does the VMI go, and with it the hold on a new run."""
+    uid, ns = vmi["metadata"].get("uid"), _ns(vmi)
+    pods = [p for p in ctx.store.list("Pod", ns) if (p["metadata"].get("labels") or {}).get(CREATED_BY_LABEL) == uid]
+    for pod in pods:
+        if not pod["metadata"].get("deletionTimestamp"):
+            ctx.store.delete("Pod", pod["metadata"]["name"], ns)
+    if pods:
+        return 2.0  # a Pod's end reaches the VMI through its ownerReference; this is for one that does not
+    if VMI_FINALIZER in (vmi["metadata"].get("finalizers") or []):
+        remove_finalizer(ctx.store, vmi, VMI_FINALIZER)
     return None
 
 
@@ -176,8 +209,9 @@ def reconcile_vmi_in_pods(ctx: Context, vmi: Obj) -> float | None:
     assert ctx.cluster is not None
     meta, ns = vmi["metadata"], _ns(vmi)
     status = vmi.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") in FINISHED \
-            or ctx.jobs.running(job_key(ns, meta["name"])):
+    if meta.get("deletionTimestamp"):
+        return _release(ctx, vmi)
+    if status.get("phase") in FINISHED or ctx.jobs.running(job_key(ns, meta["name"])):
         return None
     if status.get("activePods"):
         pod = active_pod(ctx, vmi)

@@ -32,6 +32,7 @@ REQUEST = "pvlun.dev/state-change-request"
 CRASH_WINDOW = 120  # seconds; failures inside it count towards CrashLoopBackOff
 CRASH_LIMIT = 3
 FINALIZER = "pvlun.dev/virtual-machine"
+VMI_FINALIZER = "pvlun.dev/launcher-pods"
 DELETE_GRACE_SECONDS = 30  # at most this long for the guest to power off when its VM is deleted
 
 
@@ -166,6 +167,9 @@ def ensure_vmi(ctx: Context, vm: Obj) -> None:
     template = (vm.get("spec") or {}).get("template") or {}
     ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                      "metadata": {"name": meta["name"], "namespace": ns,
+                                  # on a cluster a VMI outlives its deletion until its launcher Pods are gone,
+                                  # so the next run's QEMU never opens the disks while the last one's still may
+                                  **({"finalizers": [VMI_FINALIZER]} if ctx.cluster is not None else {}),
                                   "labels": (template.get("metadata") or {}).get("labels", {}),
                                   "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
                                                        "name": meta["name"], "uid": meta["uid"], "controller": True}]},

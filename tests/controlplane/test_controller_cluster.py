@@ -65,20 +65,30 @@ def set_claim_bound(double, store, name: str) -> None:
     assert code == 200, answer
 
 
-def test_a_vm_gets_its_vmi_and_a_launcher_pod_and_runs_when_the_pod_does(cluster, kube_api_double):
-    store = cluster
-    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
-    template = vm["spec"].pop("dataVolumeTemplates")[0]  # a claim made beforehand, as users also do
+def vm_on_a_bound_claim(store, double, name: str = "tick", volume_name: str = "") -> dict:
+    """The tick VM on a claim made beforehand (as users also do), Bound; applied."""
+    vm = yaml.safe_load(tick_vm_manifest(name, "http://images.example/tick.qcow2"))
+    template = vm["spec"].pop("dataVolumeTemplates")[0]
     vm["metadata"]["namespace"] = NS
     volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
     volume.pop("dataVolume")
     volume["persistentVolumeClaim"] = {"claimName": template["metadata"]["name"]}
+    if volume_name:
+        for disk in vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"]:
+            if disk["name"] == volume["name"]:
+                disk["name"] = volume_name
+        volume["name"] = volume_name
     store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                  "metadata": {"name": template["metadata"]["name"], "namespace": NS},
                  "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block",
                           "resources": {"requests": {"storage": "8Mi"}}}})
-    set_claim_bound(kube_api_double, store, template["metadata"]["name"])
-    store.apply(vm)
+    set_claim_bound(double, store, template["metadata"]["name"])
+    return store.apply(vm)
+
+
+def test_a_vm_gets_its_vmi_and_a_launcher_pod_and_runs_when_the_pod_does(cluster, kube_api_double):
+    store = cluster
+    vm_on_a_bound_claim(store, kube_api_double)
 
     pod = wait_until(lambda: next(iter(pods(store)), None))
     vmi = store.get("VirtualMachineInstance", "tick", NS)
@@ -253,3 +263,39 @@ def test_the_controller_sees_only_the_pods_it_labels(cluster, kube_api_double):
     assert store.get("Pod", "web", NS) is not None  # a user's store sees every Pod
     assert store.controller_store.get("Pod", "web", NS) is None  # the controller's only its own
     assert store.controller_store.get("Pod", "importer-seen", NS) is not None
+
+
+def test_a_restart_makes_no_new_launcher_while_the_old_one_may_still_write_the_disks(cluster, kube_api_double):
+    """The old launcher Pod takes its grace period to stop its QEMU: until it is gone the VMI
+    stays (a finalizer), and the VM makes no new VMI, so two QEMUs never share the disks."""
+    store = cluster
+    vm_on_a_bound_claim(store, kube_api_double)
+    old = wait_until(lambda: next(iter(pods(store)), None))
+    path = f"/api/v1/namespaces/{NS}/pods/{old['metadata']['name']}"
+    assert kube_api_double.call("PATCH", path, {"metadata": {"finalizers": ["test/kubelet-grace"]}},
+                                "application/merge-patch+json")[0] == 200  # the kubelet still stopping it
+    old_vmi = store.get("VirtualMachineInstance", "tick", NS)
+    assert "pvlun.dev/launcher-pods" in old_vmi["metadata"]["finalizers"]
+    store.annotate("VirtualMachine", "tick", NS, **{"pvlun.dev/state-change-request": "restart"})
+    assert wait_until(lambda: (kube_api_double.call("GET", path)[1].get("metadata") or {}).get("deletionTimestamp"))
+    assert wait_until(lambda: (store.get("VirtualMachine", "tick", NS).get("status") or {}).get("printableStatus")
+                      == "Stopping")
+    time.sleep(1.0)
+    assert [p["metadata"]["name"] for p in pods(store)] == [old["metadata"]["name"]]  # no second launcher
+    assert store.get("VirtualMachineInstance", "tick", NS)["metadata"]["uid"] == old_vmi["metadata"]["uid"]
+
+    assert kube_api_double.call("PATCH", path, {"metadata": {"finalizers": None}},
+                                "application/merge-patch+json")[0] == 200  # stopped: the Pod goes
+    new = wait_until(lambda: next((p for p in pods(store) if p["metadata"]["name"] != old["metadata"]["name"]), None))
+    assert new["metadata"]["ownerReferences"][0]["uid"] != old_vmi["metadata"]["uid"]
+
+
+def test_a_vm_whose_launcher_cannot_be_made_backs_off_instead_of_spinning(cluster, kube_api_double):
+    store = cluster
+    vm_on_a_bound_claim(store, kube_api_double, name="spin", volume_name="private")  # a name the Pod keeps
+    assert wait_until(lambda: (store.get("VirtualMachine", "spin", NS).get("status") or {}).get("printableStatus")
+                      == "CrashLoopBackOff")
+    start = len(kube_api_double.requests)
+    time.sleep(3.0)
+    made = [p for m, p, q in kube_api_double.requests[start:] if m == "POST" and p.endswith("/virtualmachineinstances")]
+    assert len(made) <= 1  # not dozens a second: the next try waits its backoff
