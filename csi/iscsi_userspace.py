@@ -56,6 +56,10 @@ class UserspaceInitiator:
     def __init__(self, state_dir: str, initiator_name: str):
         if "," in state_dir or not os.path.isabs(state_dir):
             raise ValueError(f"the iSCSI state dir {state_dir!r} must be absolute and free of commas")
+        longest = len(os.fsencode(os.path.join(state_dir, "vol-" + "0" * 32, "qmp")))
+        if longest > 107:  # a storage daemon's QMP socket is <state dir>/<volume ID>/qmp
+            raise ValueError(f"the iSCSI state dir {state_dir[:60]!r}... is too long: its sockets would have "
+                             f"{longest} bytes, a Unix socket path at most 107")
         self.state_dir = state_dir
         self.initiator_name = initiator_name
         self._children: dict[int, subprocess.Popen] = {}  # daemons this process started, to reap

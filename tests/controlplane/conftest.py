@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 from controlplane.store import SQLiteStore
+from kube_fixtures import wait_until
 from virt.guest_images import tick_vm_manifest
 
 
@@ -40,13 +40,7 @@ class Instance:
         return os.path.join(self.data_dir, "pool", "volumes", pv["spec"]["csi"]["volumeHandle"] + ".img")
 
     def wait(self, predicate, timeout: float = 60, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_until(predicate, timeout, said=lambda: f"(waiting for {what})")
 
 
     def printable(self, vm: str, namespace: str = "default") -> str:

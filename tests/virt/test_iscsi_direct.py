@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,8 @@ def test_the_tick_guest_boots_from_an_iscsi_lun_opened_by_qemu_itself(iscsi_rig,
 def test_the_tick_guest_boots_from_the_same_lun_through_the_fuse_and_loop_path(iscsi_rig, tick_lun, launchers,
                                                                               make_tick_vm, tmp_path):
     volume_id, context = tick_lun
-    initiator = UserspaceInitiator(str(tmp_path / "iscsi"), initiator_name(NODE))
+    state = tempfile.mkdtemp(prefix="pvi-", dir="/tmp")  # short: the storage daemon's QMP socket lives there
+    initiator = UserspaceInitiator(state, initiator_name(NODE))
     export = initiator.attach(volume_id, direct_disk(context, NODE).lun, None)
     device = None
     try:
@@ -142,3 +145,4 @@ def test_the_tick_guest_boots_from_the_same_lun_through_the_fuse_and_loop_path(i
             attach.detach_loop(device)
         initiator.release(volume_id)
     assert not initiator.attached(volume_id)
+    shutil.rmtree(state, ignore_errors=True)
