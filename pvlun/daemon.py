@@ -62,6 +62,14 @@ class ServeOptions:
         return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, count + 1)]
 
 
+def initiator_state_dir(data_dir: str, node_id: str) -> str:
+    """Where the node plugin of `node_id` on data_dir keeps its userspace iSCSI initiator's
+    state (a storage daemon's QMP socket per volume): under /run, whose short path leaves room
+    in the 107 bytes of a socket path."""
+    tag = hashlib.sha256(f"{os.path.abspath(data_dir)}\0{node_id}".encode()).hexdigest()[:16]
+    return os.path.join(ISCSI_STATE_ROOT, tag)
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host or "127.0.0.1", int(port or 0)
@@ -255,14 +263,13 @@ class Daemon:
             log.info("node %s iSCSI start-up repair: %s", node_id, self._initiator(node_id).repair(published))
 
     def _initiator(self, node_id: str):
-        """The node's userspace iSCSI initiator; its state (a storage daemon's QMP socket per
-        volume) under /run, whose short path leaves room in the 107 bytes of a socket path."""
+        """The node's userspace iSCSI initiator (its state: initiator_state_dir)."""
         from csi.iscsi_context import initiator_name
         from csi.iscsi_userspace import UserspaceInitiator
 
         if node_id not in self.initiators:
-            tag = hashlib.sha256(f"{os.path.abspath(self.data_dir)}\0{node_id}".encode()).hexdigest()[:16]
-            self.initiators[node_id] = UserspaceInitiator(os.path.join(ISCSI_STATE_ROOT, tag), initiator_name(node_id))
+            self.initiators[node_id] = UserspaceInitiator(initiator_state_dir(self.data_dir, node_id),
+                                                          initiator_name(node_id))
         return self.initiators[node_id]
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:

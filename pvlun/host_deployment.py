@@ -11,13 +11,15 @@ filesystem objects, so a client in any network namespace reaches them:
 `backend` is the backend the controller serves: "file" (the default; single-host, so it
 proves the plumbing only) adds no flag; any other value is passed on as `--backend NAME`,
 with `controller_args` / `node_args` for the rest (a target's portal, a node's initiator).
+A node plugin's node ID is its host's name unless `node_ids` maps the host to another (host
+names are short, as network namespaces want; a CSI node ID need not be).
 """
 
 from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from controlplane import serve_record
 from host.netns import Hosts
@@ -37,6 +39,7 @@ class SplitDeployment:
     controller_args: Sequence[str] = ()
     node_args: Sequence[str] = ()
     pool_size: str = "2Gi"
+    node_ids: Mapping[str, str] = field(default_factory=dict)  # host → its node plugin's node ID
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # role (serve_record.role) → daemon
 
     def __post_init__(self) -> None:
@@ -63,13 +66,18 @@ class SplitDeployment:
             self.data_dir, "--mode", "controller", *backend, *self.controller_args, pool_size=self.pool_size,
             prefix=prefix, log_name="serve-controller.log")
         for node in self.nodes:
-            role = serve_record.role("node", node)
-            self.processes[role] = start_daemon(self.data_dir, "--mode", "node", "--node-id", node, *self.node_args,
+            role = serve_record.role("node", self.node_id(node))
+            self.processes[role] = start_daemon(self.data_dir, "--mode", "node", "--node-id", self.node_id(node),
+                                                *self.node_args,
                                                 prefix=self.hosts[node].prefix, log_name=f"serve-{role}.log")
+
+    def node_id(self, node: str) -> str:
+        """The node ID the node plugin of host `node` serves as."""
+        return self.node_ids.get(node, node)
 
     def node_pid(self, node: str) -> int:
         """The pid of the node plugin of `node` (to check its namespace, or to kill it)."""
-        return self.processes[serve_record.role("node", node)].pid
+        return self.processes[serve_record.role("node", self.node_id(node))].pid
 
     def stop(self) -> None:
         for role in sorted(self.processes, key=lambda r: r == "controller"):
