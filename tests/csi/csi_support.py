@@ -6,7 +6,7 @@ reached over gRPC on its unix socket, the way csi-sanity and the CSI sidecars re
   `<node-id>-2` on DATA/nodes/<node-id>-2/csi.sock);
 - `iscsi`: a split deployment over network namespaces (split_support.py): the controller and
   its tgtd on a storage host, each node plugin on a node host of its own, reaching its LUNs
-  over iSCSI only. Which tests run on it: conftest.py (PVLUN_CONFORMANCE_ISCSI).
+  over iSCSI only. Tests that do not apply to it are marked file_only (conftest.py).
 At the end it stops everything with SIGTERM and checks that it exited 0, that its socket was
 mode 0600, and that no pool mount and no loop device of its data dir are left behind.
 `res` (function scope) records what a test creates and tears it down afterwards in LIFO
@@ -159,6 +159,15 @@ class Driver:
 
     def lun(self, volume_id: str) -> Path:
         return self.pool / "volumes" / f"{volume_id}.img"
+
+    def node_file(self, volume_id: str) -> Path:
+        """The file node one's loop device reads for a staged volume: the LUN file itself on
+        the file backend; on iscsi the FUSE export of the node's qemu-storage-daemon."""
+        if self.backend == "iscsi":
+            from pvlun.daemon import initiator_state_dir
+
+            return Path(initiator_state_dir(str(self.data_dir), NODE_ID)) / volume_id / "export"
+        return self.lun(volume_id)
 
     def snapshot_file(self, snapshot_id: str) -> Path:
         return self.pool / "snapshots" / f"{snapshot_id}.img"
