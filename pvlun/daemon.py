@@ -305,6 +305,7 @@ class Daemon:
             steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
         if self.iscsi is not None:
             steps.append(self.iscsi.stop)  # tgtd ends with pvlun: the next start re-exports
+        steps.append(self._remove_empty_iscsi_state)
         if self.catalog is not None:
             steps.append(self.catalog.close)
         steps.append(lambda: self.locks.release(pools_only=True))  # an open pool directory keeps it mounted
@@ -338,6 +339,15 @@ class Daemon:
     def _join_loop(self) -> None:
         if not self.loop.join(10):
             log.warning("a reconcile still runs after 10 s; stopping without it")
+
+    def _remove_empty_iscsi_state(self) -> None:
+        """A node's initiator state dir is named for its data dir: once nothing is staged it is
+        empty, and would otherwise stay in /run for every data dir ever served."""
+        for initiator in self.initiators.values():
+            try:
+                os.rmdir(initiator.state_dir)
+            except OSError:  # gone already, or still holds a staged volume's daemon: kept
+                pass
 
     def _remove_pid_file(self) -> None:
         try:

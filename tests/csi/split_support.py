@@ -79,7 +79,7 @@ def leftovers(data_dir: Path) -> list[str]:
     left = mounts_under(str(data_dir)) + loop_devices_under(str(data_dir))
     for where in state_dirs(data_dir):
         left += mounts_under(where) + loop_devices_under(where)
-        if os.path.isdir(where) and os.listdir(where):
+        if os.path.exists(where):  # a clean stop removes even the empty dir
             left.append(f"{where}: {os.listdir(where)}")
     return left
 

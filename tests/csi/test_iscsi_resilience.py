@@ -25,6 +25,7 @@ from csi.proto import csi_pb2_grpc
 from csi_support import MiB, NODE_ID, block_cap, read_at
 from host.command import CommandError
 from host.tgt import Tgtadm
+from pvlun.daemon import initiator_state_dir
 from split_support import split_hosts
 
 CAP = block_cap("SINGLE_NODE_WRITER")
@@ -189,6 +190,8 @@ def test_a_node_whose_link_goes_down_reports_it_and_its_io_completes_after_the_l
         vol = Staged(tmp_path / "data", tmp_path)
         try:
             vol.stage()
+            daemon = int((Path(initiator_state_dir(str(tmp_path / "data"), NODE_ID)) / vol.volume / "pid").read_text())
+            assert os.stat(f"/proc/{daemon}/ns/net").st_ino == os.stat(f"/run/netns/{hosts['nodeA'].namespace}").st_ino
             write_sync(str(vol.target), 0, before)
             assert not vol.condition().abnormal
             down_at = time.monotonic()
@@ -201,6 +204,7 @@ def test_a_node_whose_link_goes_down_reports_it_and_its_io_completes_after_the_l
             writer.join(outage + IO_SECONDS)
             assert not writer.is_alive(), "the write issued during the outage never completed"
             assert writer.error is None, writer.error
+            assert writer.done_at - down_at > outage - 0.5, "the write completed while the node had no network"
             assert read_direct(str(vol.target), 0, len(before)) == before
             assert read_direct(str(vol.target), 2 * MiB, len(during)) == during
             assert read_at(vol.lun_file(), 2 * MiB, len(during)) == during
