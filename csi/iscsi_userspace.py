@@ -209,6 +209,14 @@ class UserspaceInitiator:
         export = self.export_path(volume_id)
         return any(d.backing_file == export for d in attach.all_loop_devices())
 
+    def staged(self) -> set[str]:
+        """Volumes a finished NodeStageVolume holds here: a loop device reads the export and is
+        mounted (the staging mount, or the block device's bind at STAGING/lun). A stage a
+        crash cut off has no such mount; NodeUnstageVolume undoes the finished ones."""
+        exports = {self.export_path(v): v for v in self.volumes()}
+        return {exports[d.backing_file] for d in attach.all_loop_devices()
+                if d.backing_file in exports and attach.mounts_using(d.path)}
+
     def release(self, volume_id: str) -> bool:
         """Log out (stop the daemon, unmount its export, remove its state) unless a loop
         device still reads the export; True when nothing of the volume is left here."""

@@ -260,7 +260,11 @@ class Daemon:
         published = self.catalog.published_volumes()
         log.info("node start-up repair: %s", release_unexplained([self._volumes_dir()], published))
         for node_id in self.opts.node_ids():
-            log.info("node %s iSCSI start-up repair: %s", node_id, self._initiator(node_id).repair(published))
+            initiator = self._initiator(node_id)
+            # A split node plugin may share no catalog with its controller (a data dir of its
+            # own): what it staged to the end is explained by its mounts, and the CO unstages it.
+            explained = published | initiator.staged() if self.opts.mode == "node" else published
+            log.info("node %s iSCSI start-up repair: %s", node_id, initiator.repair(explained))
 
     def _initiator(self, node_id: str):
         """The node's userspace iSCSI initiator (its state: initiator_state_dir)."""

@@ -14,6 +14,7 @@ detach, the namespaces with every process in them).
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import stat
@@ -43,6 +44,27 @@ def _pool_size(serve_args: Sequence[str]) -> tuple[str, list[str]]:
         del args[at:at + 2]
         return size, args
     return str(POOL_SIZE), args
+
+
+def read_direct(path: str, offset: int, length: int) -> bytes:
+    """Read past the page cache: what the device (and so the target) holds now."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def write_sync(path: str, offset: int, data: bytes) -> None:
+    """Write and wait until the device has it (O_DSYNC through the loop device, FUSE, iSCSI)."""
+    fd = os.open(path, os.O_WRONLY | os.O_DSYNC)
+    try:
+        assert os.pwrite(fd, data, offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def state_dirs(data_dir: Path) -> list[str]:

@@ -26,35 +26,12 @@ from csi_support import MiB, NODE_ID, block_cap, read_at
 from host.command import CommandError
 from host.tgt import Tgtadm
 from pvlun.daemon import initiator_state_dir
-from split_support import split_hosts
+from split_support import read_direct, split_hosts, write_sync
 
 CAP = block_cap("SINGLE_NODE_WRITER")
 CHAP_USER, CHAP_PASSWORD = "resilient", "the-right-chap-secret-1"
 USER_KEY, PASSWORD_KEY = "node.session.auth.username", "node.session.auth.password"
 IO_SECONDS = 60  # an outage's I/O must complete this long after the target is back
-
-
-def read_direct(path: str, offset: int, length: int) -> bytes:
-    """Read past the page cache: what the device (and so the target) holds now."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        import mmap
-
-        buf = mmap.mmap(-1, length)
-        os.preadv(fd, [buf], offset)
-        return bytes(buf)
-    finally:
-        os.close(fd)
-
-
-def write_sync(path: str, offset: int, data: bytes) -> None:
-    """Write and wait until the device has it (O_DSYNC through the loop device, FUSE, iSCSI)."""
-    fd = os.open(path, os.O_WRONLY | os.O_DSYNC)
-    try:
-        assert os.pwrite(fd, data, offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Staged:
