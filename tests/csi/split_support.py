@@ -75,7 +75,8 @@ def state_dirs(data_dir: Path) -> list[str]:
 @contextmanager
 def split_hosts(root: Path, serve_args: Sequence[str] = ()) -> Iterator[tuple[Hosts, SplitDeployment, int]]:
     """Hosts storage/nodeA/nodeB and pvlun on them with the iscsi backend (node IDs NODE_ID,
-    NODE2_ID), and tgtd's control port; everything released on leaving, also after a failure."""
+    NODE2_ID; data dir ROOT/data), and tgtd's control port; everything under root and of the
+    nodes' initiators released on leaving, also after a failure."""
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     pool_size, args = _pool_size(serve_args)
@@ -87,13 +88,17 @@ def split_hosts(root: Path, serve_args: Sequence[str] = ()) -> Iterator[tuple[Ho
                 hosts, str(data_dir), storage=STORAGE, nodes=list(NODE_HOSTS), backend="iscsi",
                 controller_args=["--iscsi-portal", portal, "--iscsi-control-port", str(control), *args],
                 node_args=args, pool_size=pool_size, node_ids=NODE_HOSTS)
-            with deployment:
-                yield hosts, deployment, control
-    finally:
+            try:
+                with deployment:
+                    yield hosts, deployment, control
+            finally:  # loop devices on a storage daemon's export: found by path only while it still serves
+                for where in state_dirs(data_dir):
+                    _force_clean(where)
+    finally:  # the namespaces took the storage daemons along; root also holds the tests' staging paths
         for where in state_dirs(data_dir):
             _force_clean(where)
             shutil.rmtree(where, ignore_errors=True)
-        _force_clean(str(data_dir))
+        _force_clean(str(root))
 
 
 def leftovers(data_dir: Path) -> list[str]:
