@@ -124,6 +124,9 @@ def split_driver(root: Path, serve_args: Sequence[str] = ()) -> Iterator[Driver]
             deployment.stop()
             return max(abs(p.returncode or 0) for p in processes.values())
 
+        def exits() -> str:
+            return "; ".join(f"{role} exited {p.returncode}" for role, p in processes.items())
+
         drv = Driver(data_dir, None, logs[0], stat.S_IMODE(sock.stat().st_mode), backend="iscsi",
                      node_socket=data_dir / "nodes" / NODE_ID / "csi.sock", log_paths=tuple(logs), stopper=stop)
         for channel in drv.channels:
@@ -134,7 +137,7 @@ def split_driver(root: Path, serve_args: Sequence[str] = ()) -> Iterator[Driver]
             rc = drv.stop()
             left = leftovers(data_dir)
             tgtd_gone = control_port_free(control)
-    assert rc == 0, "a pvlun serve of the split deployment exited non-zero: " + " | ".join(
+    assert rc == 0, f"{exits()}: " + " | ".join(
         p.read_text(errors="replace")[-1500:] for p in logs if p.exists())
     assert drv.socket_mode == 0o600, oct(drv.socket_mode)
     assert not left, f"left behind after a clean stop: {left}"
