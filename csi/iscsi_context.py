@@ -1,8 +1,9 @@
 """What a node needs to reach an iSCSI LUN, read from a NodeStageVolume request.
 
 ControllerPublishVolume of the `iscsi` backend returns, in publish_context:
-  backend: "iscsi", portal: "HOST:PORT", targetIQN: "iqn....", lun: "<n>", and chapUser when
-  the target asks for CHAP.
+  backend: "iscsi", portal: "HOST:PORT", targetIQN: "iqn....", lun: "<n>", volumeID: the
+  volume the LUN holds (a context of another volume is refused, as a lunPath of another volume
+  is on the file backend), and chapUser when the target asks for CHAP.
 The CHAP password comes only from NodeStageVolume's `secrets` (the node-stage secret), under
 the names Kubernetes' iSCSI volumes use: node.session.auth.username / .password. It is never
 logged, never put on an argv and never shown in an error.
@@ -24,6 +25,7 @@ BACKEND = "iscsi"
 PORTAL_KEY = "portal"
 TARGET_KEY = "targetIQN"
 LUN_KEY = "lun"
+VOLUME_KEY = "volumeID"
 CHAP_USER_KEY = "chapUser"
 SECRET_USER = "node.session.auth.username"
 SECRET_PASSWORD = "node.session.auth.password"
@@ -69,8 +71,14 @@ def check_iqn(value: str, what: str) -> str:
     return value
 
 
-def parse_lun(publish_context: Mapping[str, str]) -> IscsiLun:
-    """The LUN publish_context names; INVALID_ARGUMENT naming the key that is wrong."""
+def parse_lun(publish_context: Mapping[str, str], volume_id: str = "") -> IscsiLun:
+    """The LUN publish_context names; INVALID_ARGUMENT naming the key that is wrong (volumeID,
+    when given and not `volume_id`: staging one volume from another's LUN would hand out the
+    wrong disk)."""
+    named = publish_context.get(VOLUME_KEY, "")
+    if named and volume_id and named != volume_id:
+        raise invalid(f"publish_context {VOLUME_KEY} {shown(named)} is another volume's LUN, not volume {volume_id}'s: "
+                      "use the publish_context ControllerPublishVolume returned for this volume")
     portal = publish_context.get(PORTAL_KEY, "")
     found = PORTAL.fullmatch(portal)
     if not found or not 0 < int(found.group("port")) < 65536:

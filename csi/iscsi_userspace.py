@@ -42,6 +42,7 @@ DAEMON = "qemu-storage-daemon"
 NODE_NAME = "lun"
 START_SECONDS = 30
 PROBE_SECONDS = 1.0
+RELEASE_SETTLE_SECONDS = 5.0
 # It needs the network and FUSE (mounting its export: CAP_SYS_ADMIN), nothing more of root's.
 CONFINE = ["setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all,+sys_admin", "--"]
 
@@ -213,13 +214,31 @@ class UserspaceInitiator:
         export = self.export_path(volume_id)
         return any(d.backing_file == export for d in attach.all_loop_devices())
 
-    def release(self, volume_id: str) -> bool:
+    def staged(self) -> set[str]:
+        """Volumes a finished NodeStageVolume holds here: a loop device reads the export and is
+        mounted (the staging mount, or the block device's bind at STAGING/lun). A stage a
+        crash cut off has no such mount; NodeUnstageVolume undoes the finished ones."""
+        exports = {self.export_path(v): v for v in self.volumes()}
+        return {exports[d.backing_file] for d in attach.all_loop_devices()
+                if d.backing_file in exports and attach.mounts_using(d.path)}
+
+    def release(self, volume_id: str, settle: float = RELEASE_SETTLE_SECONDS) -> bool:
         """Log out (stop the daemon, unmount its export, remove its state) unless a loop
-        device still reads the export; True when nothing of the volume is left here."""
+        device still reads the export; True when nothing of the volume is left here. The
+        kernel defers a loop detach while someone (udev's probe) still holds the device, so
+        an unmounted device's detach is waited for up to `settle` seconds: else the session
+        would outlive the unstage that ended it. A mounted one is another staging's: kept."""
         if not self.attached(volume_id):
             return True
-        if self.in_use(volume_id):
-            return False
+        export = self.export_path(volume_id)
+        deadline = time.monotonic() + settle
+        while True:
+            devices = [d for d in attach.all_loop_devices() if d.backing_file == export]
+            if not devices:
+                break
+            if time.monotonic() > deadline or any(attach.mounts_using(d.path) for d in devices):
+                return False  # another staging here still reads it
+            time.sleep(0.05)
         self._stop(volume_id)
         return True
 

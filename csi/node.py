@@ -131,7 +131,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _stage_iscsi(self, request, target: str, access) -> None:
         """Log in to the LUN publish_context names (CHAP password from the node-stage
         secret), then stage the exported file as any LUN file."""
-        lun = parse_lun(request.publish_context)
+        lun = parse_lun(request.publish_context, request.volume_id)
         chap = chap_from(lun, request.secrets)
         if self.iscsi is None:
             raise precondition(f"node {self.node_id} has no iSCSI initiator: it cannot stage {lun.describe()}")

@@ -62,6 +62,14 @@ class ServeOptions:
         return [self.node_id] + [f"{self.node_id}-{i}" for i in range(2, count + 1)]
 
 
+def initiator_state_dir(data_dir: str, node_id: str) -> str:
+    """Where the node plugin of `node_id` on data_dir keeps its userspace iSCSI initiator's
+    state (a storage daemon's QMP socket per volume): under /run, whose short path leaves room
+    in the 107 bytes of a socket path."""
+    tag = hashlib.sha256(f"{os.path.abspath(data_dir)}\0{node_id}".encode()).hexdigest()[:16]
+    return os.path.join(ISCSI_STATE_ROOT, tag)
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host or "127.0.0.1", int(port or 0)
@@ -252,17 +260,20 @@ class Daemon:
         published = self.catalog.published_volumes()
         log.info("node start-up repair: %s", release_unexplained([self._volumes_dir()], published))
         for node_id in self.opts.node_ids():
-            log.info("node %s iSCSI start-up repair: %s", node_id, self._initiator(node_id).repair(published))
+            initiator = self._initiator(node_id)
+            # A split node plugin may share no catalog with its controller (a data dir of its
+            # own): what it staged to the end is explained by its mounts, and the CO unstages it.
+            explained = published | initiator.staged() if self.opts.mode == "node" else published
+            log.info("node %s iSCSI start-up repair: %s", node_id, initiator.repair(explained))
 
     def _initiator(self, node_id: str):
-        """The node's userspace iSCSI initiator; its state (a storage daemon's QMP socket per
-        volume) under /run, whose short path leaves room in the 107 bytes of a socket path."""
+        """The node's userspace iSCSI initiator (its state: initiator_state_dir)."""
         from csi.iscsi_context import initiator_name
         from csi.iscsi_userspace import UserspaceInitiator
 
         if node_id not in self.initiators:
-            tag = hashlib.sha256(f"{os.path.abspath(self.data_dir)}\0{node_id}".encode()).hexdigest()[:16]
-            self.initiators[node_id] = UserspaceInitiator(os.path.join(ISCSI_STATE_ROOT, tag), initiator_name(node_id))
+            self.initiators[node_id] = UserspaceInitiator(initiator_state_dir(self.data_dir, node_id),
+                                                          initiator_name(node_id))
         return self.initiators[node_id]
 
     def _services(self, with_controller: bool, node_id: str | None) -> list:
@@ -298,6 +309,7 @@ class Daemon:
             steps.append(self.ctx.store.close)  # checkpoints the WAL into catalog.db
         if self.iscsi is not None:
             steps.append(self.iscsi.stop)  # tgtd ends with pvlun: the next start re-exports
+        steps.append(self._remove_empty_iscsi_state)
         if self.catalog is not None:
             steps.append(self.catalog.close)
         steps.append(lambda: self.locks.release(pools_only=True))  # an open pool directory keeps it mounted
@@ -331,6 +343,15 @@ class Daemon:
     def _join_loop(self) -> None:
         if not self.loop.join(10):
             log.warning("a reconcile still runs after 10 s; stopping without it")
+
+    def _remove_empty_iscsi_state(self) -> None:
+        """A node's initiator state dir is named for its data dir: once nothing is staged it is
+        empty, and would otherwise stay in /run for every data dir ever served."""
+        for initiator in self.initiators.values():
+            try:
+                os.rmdir(initiator.state_dir)
+            except OSError:  # gone already, or still holds a staged volume's daemon: kept
+                pass
 
     def _remove_pid_file(self) -> None:
         try:

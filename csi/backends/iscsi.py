@@ -236,7 +236,7 @@ class IscsiBackend:
                 self.admin.bind_initiator(export.tid, initiator)
         context = {"backend": "iscsi", "portal": self.tgtd.portal,
                    "targetIQN": target_iqn(export.group, export.index),
-                   "lun": str(export.lun), "initiatorName": initiator}
+                   "lun": str(export.lun), "initiatorName": initiator, "volumeID": volume_id}
         if export.chap_user:
             context["chapUser"] = export.chap_user  # the secret reaches the node as its node-stage secret
         volume = self.catalog.volume(volume_id)

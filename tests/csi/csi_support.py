@@ -1,10 +1,14 @@
 """The conformance suite's driver: a real `pvlun serve` subprocess per test module,
 reached over gRPC on its unix socket, the way csi-sanity and the CSI sidecars reach it.
 
-`driver` (module scope) starts the server on a fresh data dir with two nodes
-(`<node-id>` on the main socket, `<node-id>-2` on DATA/nodes/<node-id>-2/csi.sock), and at
-the end stops it with SIGTERM and checks that it exited 0, that its socket was mode 0600,
-and that no pool mount and no loop device of its data dir are left behind.
+`driver` (module scope) runs once per backend:
+- `file`: one server on a fresh data dir with two nodes (`<node-id>` on the main socket,
+  `<node-id>-2` on DATA/nodes/<node-id>-2/csi.sock);
+- `iscsi`: a split deployment over network namespaces (split_support.py): the controller and
+  its tgtd on a storage host, each node plugin on a node host of its own, reaching its LUNs
+  over iSCSI only. Tests that do not apply to it are marked file_only (conftest.py).
+At the end it stops everything with SIGTERM and checks that it exited 0, that its socket was
+mode 0600, and that no pool mount and no loop device of its data dir are left behind.
 `res` (function scope) records what a test creates and tears it down afterwards in LIFO
 order with the calls csi-sanity's cleanup makes, each of which must succeed; like
 csi-sanity's Setup/Teardown it also owns a target dir and a staging dir that must be empty
@@ -123,19 +127,27 @@ def _force_clean(root: str) -> None:
 
 @dataclass
 class Driver:
+    """What the tests talk to: the controller on DATA/csi.sock, node one (on the same socket
+    unless `node_socket` names its own) and node two on DATA/nodes/<node-id>-2/csi.sock."""
+
     data_dir: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     stderr_path: Path
     socket_mode: int
+    backend: str = "file"
+    node_socket: Path | None = None  # node one's socket, when not the controller's
+    log_paths: tuple[Path, ...] = ()  # every process's log (default: stderr_path)
+    stopper: Callable[[], int] | None = None  # stops a deployment that is not `proc`
     channels: list[grpc.Channel] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         main = grpc.insecure_channel(f"unix://{self.data_dir / 'csi.sock'}")
         second = grpc.insecure_channel(f"unix://{self.data_dir / 'nodes' / NODE2_ID / 'csi.sock'}")
-        self.channels = [main, second]
+        first = grpc.insecure_channel(f"unix://{self.node_socket}") if self.node_socket else main
+        self.channels = [main, second] + ([first] if self.node_socket else [])
         self.identity = csi_pb2_grpc.IdentityStub(main)
         self.controller = csi_pb2_grpc.ControllerStub(main)
-        self.node = csi_pb2_grpc.NodeStub(main)
+        self.node = csi_pb2_grpc.NodeStub(first)
         self.group = csi_pb2_grpc.GroupControllerStub(main)
         self.identity2 = csi_pb2_grpc.IdentityStub(second)
         self.controller2 = csi_pb2_grpc.ControllerStub(second)
@@ -147,6 +159,15 @@ class Driver:
 
     def lun(self, volume_id: str) -> Path:
         return self.pool / "volumes" / f"{volume_id}.img"
+
+    def node_file(self, volume_id: str) -> Path:
+        """The file node one's loop device reads for a staged volume: the LUN file itself on
+        the file backend; on iscsi the FUSE export of the node's qemu-storage-daemon."""
+        if self.backend == "iscsi":
+            from pvlun.daemon import initiator_state_dir
+
+            return Path(initiator_state_dir(str(self.data_dir), NODE_ID)) / volume_id / "export"
+        return self.lun(volume_id)
 
     def snapshot_file(self, snapshot_id: str) -> Path:
         return self.pool / "snapshots" / f"{snapshot_id}.img"
@@ -161,16 +182,19 @@ class Driver:
         return state
 
     def calls(self) -> list[dict]:
-        """The structured per-call log records the server wrote to stderr so far."""
+        """The structured per-call log records the server(s) wrote to stderr so far, in time order."""
         records = []
-        for line in self.stderr_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):  # every per-call record is a whole JSON line
-                records.append(json.loads(line))
-        return records
+        for path in self.log_paths or (self.stderr_path,):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith("{"):  # every per-call record is a whole JSON line
+                    records.append(json.loads(line))
+        return sorted(records, key=lambda r: r["time"]) if self.log_paths else records
 
     def stop(self) -> int:
         for channel in self.channels:
             channel.close()
+        if self.stopper is not None:
+            return self.stopper()
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=30)
@@ -205,9 +229,18 @@ def start_driver(data_dir: Path, *extra: str, pool_size: int | None = POOL_SIZE)
     return driver
 
 
-@pytest.fixture(scope="module")
+BACKENDS = ("file", "iscsi")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def driver(tmp_path_factory, request):
-    """A running `pvlun serve` (module-level SERVE_ARGS adds flags)."""
+    """A running `pvlun serve` (module-level SERVE_ARGS adds flags), per backend."""
+    if request.param == "iscsi":
+        from split_support import split_driver
+
+        with split_driver(tmp_path_factory.mktemp("pvlun"), getattr(request.module, "SERVE_ARGS", ())) as drv:
+            yield drv
+        return
     data_dir = tmp_path_factory.mktemp("pvlun") / "data"
     try:
         drv = start_driver(data_dir, *getattr(request.module, "SERVE_ARGS", ()))

@@ -160,7 +160,7 @@ def test_node_stage_with_the_lun_path_of_another_volume_is_refused(driver, res):
     err = assert_code(Code.INVALID_ARGUMENT, driver.node.NodeStageVolume, pb.NodeStageVolumeRequest(
         volume_id=one.volume_id, staging_target_path=str(res.staging), volume_capability=block_cap(),
         publish_context=ctx))
-    assert "lunPath" in err
+    assert ("volumeID" if driver.backend == "iscsi" else "lunPath") in err
     assert os.listdir(res.staging) == []
 
 
@@ -222,7 +222,7 @@ def test_node_unstage_leaves_the_staging_dir_empty_and_detaches_the_loop_device(
     cap = ACCESS[access]()
     vol = res.volume(cap=cap)
     res.attach(vol.volume_id, cap)
-    lun = str(driver.lun(vol.volume_id))
+    lun = str(driver.node_file(vol.volume_id))
     assert loop_devices_of(lun)
     unpublish_and_unstage(driver, res, vol.volume_id)
     driver.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vol.volume_id,
@@ -235,6 +235,8 @@ def test_node_unstage_leaves_the_staging_dir_empty_and_detaches_the_loop_device(
 
 
 def loop_devices_of(lun: str) -> list[str]:
+    if not os.path.exists(lun):  # an iscsi node's export goes with its storage daemon
+        return []
     out = subprocess.run(["losetup", "--noheadings", "--output", "NAME", "--associated", lun],
                          capture_output=True, text=True, check=True).stdout
     return out.split()
@@ -297,6 +299,8 @@ def test_block_node_expand_after_controller_expand_grows_the_device(driver, res)
     assert read_direct(str(driver.lun(vol.volume_id)), 2 * SMALL - 4096, 4096) == data
 
 
+@pytest.mark.file_only("tgtd keeps the LUN file open on the storage host: an unlinked file goes on serving, as "
+                       "a real target's would; an iSCSI path's condition is tested in test_iscsi_resilience.py")
 def test_block_volume_condition_is_abnormal_once_the_lun_file_is_gone(driver, res):
     vol = res.volume(cap=block_cap())
     target = res.attach(vol.volume_id, block_cap())

@@ -27,8 +27,12 @@ def from_volume(volume_id: str) -> pb.VolumeContentSource:
 
 
 def lun_of(driver, res, volume_id: str, cap: pb.VolumeCapability | None = None) -> str:
-    """The LUN path a node would get from ControllerPublishVolume."""
+    """The LUN file in the pool, which ControllerPublishVolume exports: the path a node gets
+    on the file backend, the LUN of the target it names on iscsi."""
     ctx = res.publish(volume_id, cap or mount_cap())
+    if driver.backend == "iscsi":
+        assert ctx["backend"] == "iscsi" and ctx["targetIQN"] and ctx["lun"].isdigit()
+        return str(driver.lun(volume_id))
     assert os.path.isabs(ctx["lunPath"])
     assert os.path.samefile(ctx["lunPath"], driver.lun(volume_id))
     return ctx["lunPath"]

@@ -37,6 +37,13 @@ def test_publish_context_is_parsed():
     assert (v6.host, v6.port) == ("fd00::1", 3260)
 
 
+def test_a_publish_context_of_another_volume_is_refused_naming_volume_id():
+    other = "vol-" + "cd" * 16
+    assert parse_lun(GOOD | {"volumeID": VOL}, VOL).lun == 12
+    code, message = code_of(parse_lun, GOOD | {"volumeID": other}, VOL)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "volumeID" in message and VOL in message
+
+
 @pytest.mark.parametrize("key,value", [
     ("portal", "198.18.0.1"), ("portal", "198.18.0.1:0"), ("portal", "198.18.0.1:99999"),
     ("portal", "host.example:3260"), ("portal", "198.18.0.1:3260,x"), ("portal", ""),

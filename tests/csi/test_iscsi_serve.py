@@ -33,7 +33,8 @@ def test_serve_with_the_iscsi_backend(tmp_path):
             volume_id=vol.volume_id, node_id="worker-7", volume_capability=block_cap("MULTI_NODE_MULTI_WRITER"),
         )).publish_context)
         assert ctx == {"backend": "iscsi", "portal": portal, "targetIQN": "iqn.2026-12.dev.pvlun:gold-1", "lun": "1",
-                       "initiatorName": "iqn.2026-12.dev.pvlun:node.worker-7", "chapUser": "gold"}
+                       "initiatorName": "iqn.2026-12.dev.pvlun:node.worker-7", "chapUser": "gold",
+                       "volumeID": vol.volume_id}
         target = Tgtadm(control).show()[1]
         assert target.accounts == ["gold"] and target.acl == ["iqn.2026-12.dev.pvlun:node.worker-7"]
         where, deadline = data / "metrics.url", time.monotonic() + 30  # written once the control plane runs

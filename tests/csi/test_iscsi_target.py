@@ -41,7 +41,7 @@ def test_publish_lets_the_node_in_and_unpublish_out(iscsi_rig):
     vol = iscsi_rig.create("v")
     ctx = iscsi_rig.luns.publish(vol.id, "node-a", BLOCK, False)  # node-a never registered here: another host
     assert ctx == {"backend": "iscsi", "portal": iscsi_rig.tgtd.portal, "targetIQN": "iqn.2026-12.dev.pvlun:default-1", "lun": "1",
-                   "initiatorName": "iqn.2026-12.dev.pvlun:node.node-a"}
+                   "initiatorName": "iqn.2026-12.dev.pvlun:node.node-a", "volumeID": vol.id}
     target = iscsi_rig.backend.admin.show()[1]
     assert target.acl == ["iqn.2026-12.dev.pvlun:node.node-a"]
     info = qemu(["qemu-img", "info", "--image-opts", iscsi_rig.image_opts(ctx)])
