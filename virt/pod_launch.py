@@ -145,7 +145,11 @@ def run_launch(options: LaunchOptions, out: BinaryIO | None = None, err: TextIO 
             log("stopping", signal=signal.Signals(signum).name)
             threading.Thread(target=launcher.stop, name="stop", daemon=True).start()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Kept to the process's end (run_launch is the process: pvlun launch): the Pod of a launcher
+    # whose guest moved away is deleted as the launcher ends, and that SIGTERM must not turn a
+    # clean end into a kill.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
     control = None
     try:
         try:
@@ -178,7 +182,5 @@ def run_launch(options: LaunchOptions, out: BinaryIO | None = None, err: TextIO 
             server.close()
         if control is not None:
             control.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     log("exit", phase=launcher.phase.value, reason=launcher.reason, code=launcher.returncode)
     return 0 if launcher.phase is Phase.SUCCEEDED else 1
