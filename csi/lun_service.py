@@ -258,9 +258,10 @@ class LunService(SnapshotOps):
         with self.locks.hold(volume_id):
             volume = self.get_volume(volume_id)
             if not self.exported(volume_id) and not self.catalog.node_known(node_id):
+                # a volume no target exports is a file backend LUN, whatever the default backend is
                 raise not_found(f"node {shown(node_id)} is not known to this driver (no node plugin registered it): "
-                                f"the {self.backend.name} backend is single-node, it serves only node plugins "
-                                "on the host that holds its pool")
+                                "the file backend is single-node, it serves only node plugins on the host that "
+                                "holds its pool (a StorageClass with backend: iscsi serves other hosts)")
             stored = [Capability.from_dict(c) for c in volume.capabilities]
             if stored and (cap.access_type not in {c.access_type for c in stored}):
                 raise invalid(f"volume {volume_id} was created for {stored[0].access_type} access, not {cap.access_type}")

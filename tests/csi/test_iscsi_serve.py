@@ -94,3 +94,19 @@ def test_a_node_stages_an_iscsi_volume_through_the_target_and_its_bytes_reach_th
         drv.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
     assert control_port_free(control)
     assert subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{vol.volume_id}"], capture_output=True).returncode == 1
+
+
+def test_a_file_volume_of_an_iscsi_serve_says_the_file_backend_is_single_node(tmp_path):
+    from csi_support import Code, assert_code
+
+    portal, control = f"127.0.0.1:{free_port()}", free_control_port()
+    with running_driver(tmp_path / "d", "--backend", "iscsi", "--iscsi-portal", portal,
+                        "--iscsi-control-port", str(control)) as drv:
+        cap = block_cap()
+        vol = drv.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="pv-file", volume_capabilities=[cap], parameters={"backend": "file"},
+            capacity_range=pb.CapacityRange(required_bytes=8 << 20))).volume
+        message = assert_code(Code.NOT_FOUND, drv.controller.ControllerPublishVolume, pb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id="elsewhere", volume_capability=cap))
+        assert "the file backend is single-node" in message and "backend: iscsi" in message
+        assert "iscsi backend is single-node" not in message
