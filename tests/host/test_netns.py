@@ -123,7 +123,11 @@ def test_link_bytes_count_the_traffic_of_one_network(hosts):
     assert connect(hosts, "nodeA", hosts["nodeB"].migration_address).startswith("hello")
     after = hosts.link_bytes("nodeA", "migration")
     assert after[0] > before[0] and after[1] > before[1]
-    assert hosts.link_bytes("nodeA", "host") == before_host  # nothing went over the host network
+    carried = (after[0] - before[0]) + (after[1] - before[1])  # a TCP connection's packets, at least 200 bytes
+    host = hosts.link_bytes("nodeA", "host")
+    chatter = (host[0] - before_host[0]) + (host[1] - before_host[1])
+    # nothing of the connection went over the host network; a link may see a stray frame of its own (54 bytes seen)
+    assert carried >= 200 and chatter < 120, (carried, chatter)
 
 
 def test_teardown_leaves_no_namespace_veth_or_process_even_after_a_failure():
