@@ -70,7 +70,8 @@ def test_import_from_a_server_that_goes_silent_is_retried_with_backoff_then_fail
     retries = [e for e in inst.store.events(inst.get("DataVolume", "stalled")) if e["reason"] == "TransferStalled"]
     assert len(retries) == 3 and "trying again in 0.25 s" in retries[0]["message"]
     assert took < 30, took  # 3 x 1 s stalls and 0.75 s of backoff, not 3 x a socket timeout
-    assert inst.get("PersistentVolumeClaim", "stalled") is None  # a failed import leaves no volume
+    # a failed import leaves no volume (its claim goes once the detach is done: a moment after Failed)
+    inst.wait(lambda: inst.get("PersistentVolumeClaim", "stalled") is None, 30, "the failed import's claim gone")
     assert inst.store.list("VolumeAttachment") == []
 
 
