@@ -7,30 +7,14 @@ and exports again what was exported, as pvlun's target side does.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 
 from host.command import run
-
-TGT_SOCKET_DIR = "/var/run/tgtd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_control_port() -> int:
-    """A control port (tgtadm takes 0-32767) whose socket no tgtd holds: a file name, no TCP port."""
-    for _ in range(100):
-        port = random.randrange(20000, 32767)
-        if not os.path.exists(os.path.join(TGT_SOCKET_DIR, f"socket.{port}")):
-            return port
-    raise RuntimeError("no free tgtd control port")
+from host.tgt import SOCKET_DIR as TGT_SOCKET_DIR
+from iscsi_target_support import free_control_port, free_port
 
 
 @dataclass
@@ -48,7 +32,7 @@ class Tgtd:
 
     log_path: str
     port: int = field(default_factory=free_port)
-    control: int = field(default_factory=_free_control_port)
+    control: int = field(default_factory=free_control_port)
     luns: list[Lun] = field(default_factory=list)
     proc: subprocess.Popen | None = None
 
