@@ -36,6 +36,14 @@ CHAP_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 CHAP_SECRET = re.compile(r"[A-Za-z0-9!#%&()*+./:;<>?@\[\]^_{|}~-]{12,255}")  # RFC 3720 wants 12 at least
 PORTAL = re.compile(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):\d{1,5}")
 BSTYPES = {"rdwr", "aio"}
+# Session parameters every target offers (RFC 3720 12): tgtd's defaults (InitialR2T=Yes, 8 KiB
+# data segments) make a 1 MiB write wait for R2Ts and travel in 128 PDUs; unsolicited data and
+# 256 KiB segments about double sequential writes through libiscsi (bench/bench_iscsi.py)
+# without slowing reads. Each value is the most the target accepts; the initiator's proposal
+# bounds what is negotiated.
+TRANSFER_PARAMS = (("InitialR2T", "No"), ("ImmediateData", "Yes"), ("MaxRecvDataSegmentLength", "262144"),
+                   ("MaxXmitDataSegmentLength", "262144"), ("FirstBurstLength", "262144"),
+                   ("MaxBurstLength", "1048576"))
 
 
 class TgtError(ValueError):
@@ -163,8 +171,16 @@ class Tgtadm:
         return parse_show(self._run("--mode", "target", "--op", "show"))
 
     def new_target(self, tid: int, iqn: str) -> None:
-        self._run("--mode", "target", "--op", "new", "--tid", _number(tid, 1, 1 << 30, "tid"),
-                  "--targetname", check_iqn(iqn, "target name"))
+        """A target offering TRANSFER_PARAMS to the sessions that log in to it."""
+        t = _number(tid, 1, 1 << 30, "tid")
+        self._run("--mode", "target", "--op", "new", "--tid", t, "--targetname", check_iqn(iqn, "target name"))
+        for name, value in TRANSFER_PARAMS:
+            self._run("--mode", "target", "--op", "update", "--tid", t, "--name", name, "--value", value)
+
+    def target_params(self, tid: int) -> dict[str, str]:
+        """The session parameters a target offers, as tgtd reports them."""
+        text = self._run("--mode", "target", "--op", "show", "--tid", _number(tid, 1, 1 << 30, "tid"))
+        return dict(line.strip().split("=", 1) for line in text.splitlines() if "=" in line)
 
     def delete_target(self, tid: int) -> None:
         self._run("--mode", "target", "--op", "delete", "--force", "--tid", _number(tid, 1, 1 << 30, "tid"))

@@ -14,6 +14,7 @@ import pytest
 
 from csi.errors import CsiError
 from csi.lun_slots import initiator_for_node
+from host.tgt import TRANSFER_PARAMS
 from iscsi_target_support import BLOCK, MiB, close_rig, iscsi_rig, make_rig, qemu  # noqa: F401 (fixture)
 
 SECRETS = {"node.session.auth.username": "pvuser", "node.session.auth.password": "not-in-any-log-42"}
@@ -35,6 +36,14 @@ def test_volumes_become_luns_of_one_target(iscsi_rig):
     assert not os.path.exists(iscsi_rig.backend.volume_path(a.id))
     c = iscsi_rig.create("c")  # the freed number is taken again
     assert iscsi_rig.backend.publish_context(c.id, "n1")["lun"] == "1"
+
+
+def test_targets_offer_unsolicited_data_and_large_segments(iscsi_rig):
+    iscsi_rig.create("a")
+    tid = next(iter(iscsi_rig.backend.admin.show()))
+    offered = iscsi_rig.backend.admin.target_params(tid)
+    assert {name: offered[name] for name, _ in TRANSFER_PARAMS} == dict(TRANSFER_PARAMS)
+    assert offered["InitialR2T"] == "No" and int(offered["MaxRecvDataSegmentLength"]) > 8192
 
 
 def test_publish_lets_the_node_in_and_unpublish_out(iscsi_rig):
