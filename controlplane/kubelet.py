@@ -15,6 +15,7 @@ import grpc
 
 from csi.proto import csi_pb2 as pb
 from controlplane.csi_client import CsiClient, capability
+from controlplane.secret_refs import referenced
 from controlplane.store import ObjectStore, now
 from controlplane.user_text import user_text
 
@@ -42,6 +43,8 @@ class Attachment:
     block: bool
     publish_context: dict = field(default_factory=dict)  # ControllerPublish's answer
     staged: bool = True  # False: published to the node only, its user (QEMU) opens the LUN itself
+    # the PersistentVolume's node-stage secret: what a QEMU that opens the LUN itself logs in with
+    stage_secrets: dict = field(default_factory=dict, repr=False)
 
 
 # On a VolumeAttachment whose volume was published to the node but neither staged nor published
@@ -92,6 +95,10 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     block = spec.get("volumeMode", "Filesystem") == "Block"
     cap = capability(spec.get("volumeMode", "Filesystem"), access_mode or spec["accessModes"][0],
                      spec["csi"].get("fsType", ""), spec.get("mountOptions") or ())
+    refs = spec["csi"]  # the secrets the class named, as kubelet and the attacher read them (missing: nothing done)
+    publish_secrets = referenced(store, refs.get("controllerPublishSecretRef"), "controller-publish secret")
+    stage_secrets = referenced(store, refs.get("nodeStageSecretRef"), "node-stage secret")
+    node_publish_secrets = referenced(store, refs.get("nodePublishSecretRef"), "node-publish secret")
     staging, target = paths(data_dir, node_id, volume_id, owner)
     os.makedirs(staging, exist_ok=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -109,18 +116,19 @@ def attach(store: ObjectStore, csi: CsiClient, data_dir: str, claim: str, namesp
     try:
         published = csi.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=node_id, volume_capability=cap, readonly=readonly,
-            volume_context=spec["csi"].get("volumeAttributes", {})))
+            volume_context=spec["csi"].get("volumeAttributes", {}), secrets=publish_secrets))
         context = dict(published.publish_context)
         if direct_ok and block and context.get(QEMU_DIRECT_KEY) == "true":
             store.annotate("VolumeAttachment", name, "", **{UNSTAGED_ANNOTATION: "skipped"})
             store.update_status("VolumeAttachment", name, "", {"attached": True, "attachmentMetadata": context})
-            return Attachment("", volume_id, node_id, block, context, staged=False)
+            return Attachment("", volume_id, node_id, block, context, staged=False, stage_secrets=stage_secrets)
         node = csi.node(node_id)
         node.NodeStageVolume(pb.NodeStageVolumeRequest(
-            volume_id=volume_id, publish_context=context, staging_target_path=staging, volume_capability=cap))
+            volume_id=volume_id, publish_context=context, staging_target_path=staging, volume_capability=cap,
+            secrets=stage_secrets))
         node.NodePublishVolume(pb.NodePublishVolumeRequest(
             volume_id=volume_id, publish_context=context, staging_target_path=staging, target_path=target,
-            volume_capability=cap, readonly=readonly))
+            volume_capability=cap, readonly=readonly, secrets=node_publish_secrets))
     except BaseException as exc:
         if not existed:
             _undo(store, csi, volume_id, node_id, owner)  # a failed attach leaves no attachment behind

@@ -11,6 +11,7 @@ from csi import DRIVER_NAME
 from controlplane.context import Context
 from controlplane.csi_client import capability
 from controlplane.quantity import parse_quantity
+from controlplane.secret_refs import OPERATIONS, SecretRefError, referenced, resolve, secret_data, split_parameters
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 
@@ -171,7 +172,15 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     volume_mode = spec.get("volumeMode", "Filesystem")
     access_modes = spec.get("accessModes") or ["ReadWriteOnce"]
     mount_options = [str(o) for o in sc.get("mountOptions") or []]  # the driver checks them
-    params = dict(sc.get("parameters", {}))
+    pv_name = f"pvc-{meta['uid']}"
+    try:  # the secrets the class names: CreateVolume's now, the others in the PersistentVolume
+        params, secret_templates = split_parameters({k: str(v) for k, v in (sc.get("parameters") or {}).items()})
+        refs = {op: resolve(op, t, pvc, pv_name) for op, t in secret_templates.items()}
+        create_secrets = (secret_data(ctx.store, refs["provisioner"]["name"], refs["provisioner"]["namespace"],
+                                      "provisioner secret") if "provisioner" in refs else {})
+    except SecretRefError as exc:
+        _fail(ctx, pvc, "ProvisioningFailed", str(exc))
+        return
     fs_type = params.pop("csi.storage.k8s.io/fstype", params.pop("fsType", ""))
     if FINALIZER not in meta.get("finalizers", []):
         ctx.store.patch_metadata("PersistentVolumeClaim", meta["name"], meta["namespace"],
@@ -185,7 +194,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     request = pb.CreateVolumeRequest(
         name=f"pvc-{meta['uid']}", capacity_range=pb.CapacityRange(required_bytes=size),
         volume_capabilities=[capability(volume_mode, m, fs_type, mount_options) for m in access_modes],
-        parameters=params,
+        parameters=params, secrets=create_secrets,
         mutable_parameters=mutable)
     if source is not None:
         request.volume_content_source.CopyFrom(source)
@@ -194,7 +203,9 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     except grpc.RpcError as exc:
         _fail(ctx, pvc, "ProvisioningFailed", user_text(exc))
         return
-    pv_name = f"pvc-{meta['uid']}"
+    csi_source = {"driver": DRIVER_NAME, "volumeHandle": volume.volume_id, "fsType": fs_type,
+                  "volumeAttributes": dict(volume.volume_context)}
+    csi_source.update({OPERATIONS[op]: ref for op, ref in refs.items() if OPERATIONS[op]})
     ctx.store.apply({
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
         "spec": {"capacity": {"storage": str(volume.capacity_bytes)}, "accessModes": access_modes,
@@ -203,8 +214,7 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
                  "claimRef": {"kind": "PersistentVolumeClaim", "namespace": meta["namespace"], "name": meta["name"],
                               "uid": meta["uid"]},
                  "mountOptions": mount_options,
-                 "csi": {"driver": DRIVER_NAME, "volumeHandle": volume.volume_id, "fsType": fs_type,
-                         "volumeAttributes": dict(volume.volume_context)}},
+                 "csi": csi_source},
     })
     ctx.store.update_status("PersistentVolume", pv_name, "", {"phase": "Bound"})
     # only the fields it owns: a `pvlun apply` of the claim meanwhile is not undone
@@ -271,8 +281,9 @@ def _expand_if_needed(ctx: Context, pvc: Obj) -> None:
     pv = ctx.store.get("PersistentVolume", spec.get("volumeName", ""))
     handle = pv["spec"]["csi"]["volumeHandle"]
     try:
+        secrets = referenced(ctx.store, pv["spec"]["csi"].get("controllerExpandSecretRef"), "controller-expand secret")
         grown = ctx.csi.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
-            volume_id=handle, capacity_range=pb.CapacityRange(required_bytes=wanted)))
+            volume_id=handle, capacity_range=pb.CapacityRange(required_bytes=wanted), secrets=secrets))
         if grown.node_expansion_required:
             for att in ctx.store.list("VolumeAttachment"):
                 if att["spec"]["volumeId"] == handle:
@@ -280,7 +291,7 @@ def _expand_if_needed(ctx: Context, pvc: Obj) -> None:
                         volume_id=handle, volume_path=att["spec"]["targetPath"],
                         staging_target_path=att["spec"]["stagingPath"],
                         capacity_range=pb.CapacityRange(required_bytes=wanted)))
-    except grpc.RpcError as exc:
+    except (grpc.RpcError, SecretRefError) as exc:
         ctx.store.merge_status("PersistentVolumeClaim", meta["name"], meta["namespace"], resizeStatus="Failed")
         ctx.store.add_event(pvc, "Warning", "VolumeResizeFailed", user_text(exc))
         return

@@ -15,6 +15,7 @@ import time
 from controlplane import kubelet
 from controlplane.context import Context
 from controlplane.dv_spec import claim_spec, disk_size, validate
+from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import shown_text, user_text
 
@@ -188,14 +189,10 @@ def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | Non
 
 def _lookups(ctx: Context, ns: str):
     def secret(name: str) -> dict[str, str]:
-        obj = ctx.store.get("Secret", name, ns)
-        if obj is None:
-            raise LookupError(f"secret {ns}/{name} not found")
-        import base64
-
-        data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-        data.update(obj.get("stringData") or {})
-        return data
+        try:
+            return secret_data(ctx.store, name, ns)
+        except SecretRefError as exc:  # the source's secret: its source is what is wrong
+            raise LookupError(str(exc)) from None
 
     def configmap(name: str) -> dict[str, str]:
         obj = ctx.store.get("ConfigMap", name, ns)
@@ -274,6 +271,10 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, n
     except LookupError as exc:
         _detach(ctx, attachment, owner)
         fail(ctx, dv, "InvalidSource", str(exc))
+        return
+    except SecretRefError as exc:  # a secret the claim's StorageClass names is not there
+        _detach(ctx, attachment, owner)
+        fail(ctx, dv, "SecretNotFound", str(exc))
         return
     except Exception as exc:
         log.exception("import %s/%s", ns, meta["name"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from csi.errors import CsiError
-from csi.iscsi_context import CHAP_SECRET, Chap, IscsiLun, initiator_name, is_iscsi, parse_lun
+from csi.iscsi_context import CHAP_SECRET, Chap, IscsiLun, chap_from, initiator_name, is_iscsi, parse_lun
 from csi.validation import QEMU_DIRECT_KEY
 from host.sandbox import sandbox_ids
 
@@ -58,12 +58,14 @@ def allows_direct(publish_context: Mapping[str, str]) -> bool:
     return is_iscsi(publish_context) and publish_context.get(QEMU_DIRECT_KEY) == "true"
 
 
-def direct_disk(publish_context: Mapping[str, str], node_id: str, chap: Chap | None = None) -> IscsiDisk:
-    """The LUN of an iscsi publish_context, logged in to with the node's initiator name;
-    every value matched a strict pattern (csi/iscsi_context.py), so it may reach QEMU's argv;
-    ValueError names the key that did not."""
+def direct_disk(publish_context: Mapping[str, str], node_id: str, secrets: Mapping[str, str] | None = None) -> IscsiDisk:
+    """The LUN of an iscsi publish_context, logged in to with the node's initiator name and,
+    where the target asks for CHAP, the node-stage secret's credentials (as the node plugin
+    would); every value matched a strict pattern (csi/iscsi_context.py), so it may reach QEMU's
+    argv; ValueError names the key that did not (never a secret's value)."""
     try:
-        return IscsiDisk(parse_lun(publish_context), initiator_name(node_id), chap)
+        lun = parse_lun(publish_context)
+        return IscsiDisk(lun, initiator_name(node_id), chap_from(lun, secrets or {}))
     except CsiError as exc:
         raise ValueError(exc.message) from None
 

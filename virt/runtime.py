@@ -78,7 +78,7 @@ def attach_volumes(ctx: Context, spec: VmSpec, key: str, node: str) -> tuple[dic
                                readonly=volume.readonly, access_mode=mode, direct_ok=True)
             attached[volume.name] = a
             if not a.staged:  # QEMU logs in to the LUN itself (virt/iscsi_direct.py)
-                disks[volume.name] = DiskAttachment.for_iscsi(direct_disk(a.publish_context, node),
+                disks[volume.name] = DiskAttachment.for_iscsi(direct_disk(a.publish_context, node, a.stage_secrets),
                                                               readonly=volume.readonly,
                                                               throttle=throttle_of(ctx, a.volume_id))
                 continue

@@ -62,8 +62,10 @@ def test_a_vm_without_a_direct_iscsi_volume_keeps_no_network(tick_copy):
 
 def test_the_chap_password_is_a_secret_object_read_from_an_inherited_file_never_on_the_argv(make_tick_vm):
     password = "direct-chap-secret-42"
-    lun = direct_disk({**CONTEXT, "chapUser": "gold"}, NODE, Chap("gold", password))
-    assert password not in repr(lun)
+    lun = direct_disk({**CONTEXT, "chapUser": "gold"}, NODE, {"node.session.auth.password": password})
+    assert lun.chap == Chap("gold", password) and password not in repr(lun)
+    with pytest.raises(ValueError, match="node-stage secret has no node.session.auth.password"):
+        direct_disk({**CONTEXT, "chapUser": "gold"}, NODE, {})  # the target wants CHAP: no anonymous login
     with pytest.raises(ValueError, match="password file"):
         _argv(make_tick_vm, DiskAttachment.for_iscsi(lun))
     import dataclasses
