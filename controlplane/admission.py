@@ -23,6 +23,10 @@ KINDS = {
     "VolumeAttributesClass": "storage.k8s.io/v1",
     "VirtualMachine": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
+    "VirtualMachineInstancetype": "instancetype.kubevirt.io/v1beta1",
+    "VirtualMachineClusterInstancetype": "instancetype.kubevirt.io/v1beta1",
+    "VirtualMachinePreference": "instancetype.kubevirt.io/v1beta1",
+    "VirtualMachineClusterPreference": "instancetype.kubevirt.io/v1beta1",
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
 # Kubernetes 1.34), accepted so existing YAML applies unchanged; objects are kept as they came.
@@ -30,6 +34,9 @@ OLDER_VERSIONS = {
     "VolumeAttributesClass": ("storage.k8s.io/v1beta1",),
     "VirtualMachine": ("kubevirt.io/v1alpha3",),
     "VirtualMachineInstanceMigration": ("kubevirt.io/v1alpha3",),
+    **dict.fromkeys(("VirtualMachineInstancetype", "VirtualMachineClusterInstancetype", "VirtualMachinePreference",
+                     "VirtualMachineClusterPreference"),
+                    ("instancetype.kubevirt.io/v1alpha2", "instancetype.kubevirt.io/v1alpha1")),
 }
 
 
@@ -61,6 +68,17 @@ ALIASES = {
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",
+    # KubeVirt's short names for instance types and preferences
+    **dict.fromkeys(("virtualmachineinstancetype", "virtualmachineinstancetypes", "vminstancetype",
+                     "vminstancetypes", "vmf", "vmfs"), "VirtualMachineInstancetype"),
+    **dict.fromkeys(("virtualmachineclusterinstancetype", "virtualmachineclusterinstancetypes",
+                     "vmclusterinstancetype", "vmclusterinstancetypes", "vmcf", "vmcfs"),
+                    "VirtualMachineClusterInstancetype"),
+    **dict.fromkeys(("virtualmachinepreference", "virtualmachinepreferences", "vmpref", "vmprefs", "vmp", "vmps"),
+                    "VirtualMachinePreference"),
+    **dict.fromkeys(("virtualmachineclusterpreference", "virtualmachineclusterpreferences", "vmcp", "vmcps"),
+                    "VirtualMachineClusterPreference"),
+    "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
 }
 
 
@@ -98,7 +116,8 @@ class Refused(ValueError):
 
 
 # Every kind the embedded store holds: what `apply` takes, and what the controllers make.
-STORED_KINDS = (*KINDS, "PersistentVolume", "VirtualMachineInstance", "VolumeAttachment", "VolumeSnapshotContent")
+STORED_KINDS = (*KINDS, "PersistentVolume", "VirtualMachineInstance", "VolumeAttachment", "VolumeSnapshotContent",
+                "ControllerRevision")
 
 
 def kind_of(name: str) -> str:
@@ -161,8 +180,13 @@ def _check_dv(obj: dict) -> None:
 
 
 def _check_vm(obj: dict) -> None:
+    from controlplane.instancetypes import expand, matchers_of, placeholder
     from controlplane.vm_spec import parse_virtual_machine
 
+    instancetype, preference = matchers_of(obj)
+    if instancetype or preference:  # the VM's own fields checked against what any instancetype sets
+        obj, _warnings = expand(obj, instancetype and placeholder(instancetype.kind),
+                                preference and placeholder(preference.kind))
     parse_virtual_machine(obj)
     for i, template in enumerate((obj.get("spec") or {}).get("dataVolumeTemplates") or []):
         where = f"spec.dataVolumeTemplates[{i}]"
@@ -202,6 +226,12 @@ def _check_attributes_class(obj: dict) -> None:
         raise ValueError(f"parameters: {exc.message}") from None
 
 
+def _check_instancetype(obj: dict) -> None:
+    from controlplane.instancetypes import check_object
+
+    check_object(obj)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeAttributesClass": _check_attributes_class,
     "PersistentVolumeClaim": _check_pvc,
@@ -210,6 +240,8 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VirtualMachineInstanceMigration": _check_migration,
     "StorageClass": _check_storage_class,
     "VolumeSnapshotClass": _check_snapshot_class,
+    **dict.fromkeys(("VirtualMachineInstancetype", "VirtualMachineClusterInstancetype", "VirtualMachinePreference",
+                     "VirtualMachineClusterPreference"), _check_instancetype),
 }
 
 

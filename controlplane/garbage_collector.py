@@ -24,7 +24,8 @@ from controlplane.store import CLUSTER_SCOPED, Obj, namespace_of
 log = logging.getLogger("pvlun.gc")
 # every kind the embedded store holds: what `apply` takes, and what the controllers make
 KINDS = tuple(APPLIED_KINDS) + tuple(k for k in ("PersistentVolume", "VirtualMachineInstance", "VolumeAttachment",
-                                                  "VolumeSnapshotContent") if k not in APPLIED_KINDS)
+                                                  "VolumeSnapshotContent", "ControllerRevision")
+                                      if k not in APPLIED_KINDS)
 
 
 def _refs(obj: Obj) -> list[dict[str, Any]]:

@@ -68,6 +68,13 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachine", "kubevirt.io", "v1", "virtualmachines", NS, STATUS),
     ("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances", NS, STATUS),
     ("VirtualMachineInstanceMigration", "kubevirt.io", "v1", "virtualmachineinstancemigrations", NS, STATUS),
+    ("VirtualMachineInstancetype", "instancetype.kubevirt.io", "v1beta1", "virtualmachineinstancetypes", NS, PLAIN),
+    ("VirtualMachineClusterInstancetype", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterinstancetypes",
+     CLUSTER, PLAIN),
+    ("VirtualMachinePreference", "instancetype.kubevirt.io", "v1beta1", "virtualmachinepreferences", NS, PLAIN),
+    ("VirtualMachineClusterPreference", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterpreferences",
+     CLUSTER, PLAIN),
+    ("ControllerRevision", "apps", "v1", "controllerrevisions", NS, PLAIN),
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

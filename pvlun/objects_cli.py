@@ -138,6 +138,23 @@ def check_references(store: ObjectStore, docs: list[dict], default_ns: str) -> N
                 raise Refused(f"VirtualMachine {doc['metadata']['name']!r} is invalid: "
                               f"spec.template.spec.volumes[{i}].dataVolume.name: DataVolume {name!r} does not exist "
                               f"in namespace {ns} (create it, or add it to spec.dataVolumeTemplates)")
+        check_instancetype_refs(store, doc, ns, docs)
+
+
+def check_instancetype_refs(store: ObjectStore, vm: dict, ns: str, docs: list[dict]) -> None:
+    """The instancetype and preference a VM names exist, or come in the same apply."""
+    from controlplane.instancetypes import matchers_of
+
+    for matcher in matchers_of(vm):
+        if matcher is None:
+            continue
+        where = matcher.namespace(ns)
+        coming = any(d["kind"] == matcher.kind and d["metadata"]["name"] == matcher.name
+                     and (not where or (d["metadata"].get("namespace") or ns) == where) for d in docs)
+        if not coming and store.get(matcher.kind, matcher.name, where or "default") is None:
+            place = f"in namespace {where}" if where else "in the cluster"
+            raise Refused(f"VirtualMachine {vm['metadata']['name']!r} is invalid: {matcher.field}.name: "
+                          f"{matcher.kind} {matcher.name!r} does not exist {place}")
 
 
 def check_update_rules(store: ObjectStore, docs: list[dict]) -> None:

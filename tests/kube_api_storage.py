@@ -78,6 +78,11 @@ SERVED = _resources(
     "kubevirt.io/v1 virtualmachines VirtualMachine Namespaced status",
     "kubevirt.io/v1 virtualmachineinstances VirtualMachineInstance Namespaced status",
     "kubevirt.io/v1 virtualmachineinstancemigrations VirtualMachineInstanceMigration Namespaced status",
+    "instancetype.kubevirt.io/v1beta1 virtualmachineinstancetypes VirtualMachineInstancetype Namespaced -",
+    "instancetype.kubevirt.io/v1beta1 virtualmachineclusterinstancetypes VirtualMachineClusterInstancetype Cluster -",
+    "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",
+    "instancetype.kubevirt.io/v1beta1 virtualmachineclusterpreferences VirtualMachineClusterPreference Cluster -",
+    "apps/v1 controllerrevisions ControllerRevision Namespaced -",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")

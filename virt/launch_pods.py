@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 
 from controlplane.context import Context
+from controlplane.instancetype_revisions import vm_as_run
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
-from controlplane.vm_spec import SpecError, parse_virtual_machine
+from controlplane.vm_spec import SpecError
 from virt.migration_job import job_key
 from virt.migration_status import in_flight
 from virt.pod_status import launcher_status
@@ -82,13 +83,13 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
         remove_finalizer(ctx.store, vm, FINALIZER)
         return None
     try:
-        parsed = parse_virtual_machine(vm)
+        vm, parsed = vm_as_run(ctx.store, vm)  # its instancetype and preference applied
     except SpecError as exc:
         _vm_status(ctx, vm, "ErrorUnschedulable", message=user_text(exc))
         return None
     _handle_request(ctx, vm, parsed)
     vm = ctx.store.get("VirtualMachine", meta["name"], ns) or vm
-    parsed = parse_virtual_machine(vm)
+    vm, parsed = vm_as_run(ctx.store, vm)  # its instancetype and preference applied
     ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
     if vmi is not None and vmi["metadata"].get("deletionTimestamp"):
         _vm_status(ctx, vm, "Stopping")  # its launcher Pods are still going: no new run before they are gone

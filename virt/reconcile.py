@@ -20,6 +20,7 @@ import time
 
 from controlplane import kubelet
 from controlplane.context import Context
+from controlplane.instancetype_revisions import vm_as_run
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from virt.launcher import LaunchError, Phase
@@ -292,13 +293,13 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
         _delete_vm(ctx, vm, rt)
         return
     try:
-        parsed = parse_virtual_machine(vm)
+        vm, parsed = vm_as_run(ctx.store, vm)  # its instancetype and preference applied
     except SpecError as exc:
         _vm_status(ctx, vm, "ErrorUnschedulable", message=user_text(exc))
         return
     _handle_request(ctx, vm, parsed, rt)
     vm = ctx.store.get("VirtualMachine", vm["metadata"]["name"], vm["metadata"].get("namespace", "default")) or vm
-    parsed = parse_virtual_machine(vm)
+    vm, parsed = vm_as_run(ctx.store, vm)  # its instancetype and preference applied
     ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
     running = rt.get(key)
     want = _want_running(vm, parsed.run_strategy, rt.last_exit.get(key))
