@@ -243,6 +243,9 @@ VM_SPEC = obj({
     "preference": _MATCHER,
     "updateVolumesStrategy": string(enum=["Migration", "Replacement"]),
 }, required=("template",))
+_STATUS_REF = obj({"name": string(), "kind": string(), "controllerRevisionRef": obj({"name": string()}),
+                   "inferFromVolume": string(), "inferFromVolumeFailurePolicy": string()},
+                  "The instancetype (or preference) the VM runs with: its copy in a ControllerRevision")
 VM_STATUS = obj({
     "printableStatus": string(),
     "ready": boolean(),
@@ -254,6 +257,8 @@ VM_STATUS = obj({
     "stateChangeRequests": array(opaque()),
     "volumeSnapshotStatuses": array(opaque()),
     "startFailure": opaque(),
+    "instancetypeRef": _STATUS_REF,
+    "preferenceRef": _STATUS_REF,
     "manualRunning": boolean("pvlun: a Manual VM was last asked to start (true) or stop (false)"),
     "startRequestedAt": number("pvlun: when the VM was last asked to start (seconds since the epoch)"),
 }, keep_unknown=True)
@@ -272,35 +277,74 @@ MIGRATION_STATUS = obj({
     "synchronizationAddresses": array(string()),
 }, keep_unknown=True)
 
+# ------------------------------------------------------------------ KubeVirt: instance types and preferences
+
+# What a VM's expansion reads (controlplane/instancetypes.py) is typed; the rest of upstream's types is kept.
+INSTANCETYPE_SPEC = obj({
+    "cpu": obj({"guest": integer("vCPUs the guest gets", minimum=1), "model": string(),
+                "dedicatedCPUPlacement": boolean(), "isolateEmulatorThread": boolean(), "numa": opaque(),
+                "realtime": opaque(), "maxSockets": integer()}, required=("guest",)),
+    "memory": obj({"guest": QUANTITY, "hugepages": obj({"pageSize": string()}), "overcommitPercent": integer(
+        minimum=0, maximum=100), "maxGuest": QUANTITY}, required=("guest",)),
+    "ioThreadsPolicy": string(), "nodeSelector": map_of(string()), "schedulerName": string(),
+    "annotations": map_of(string()), "gpus": array(opaque()), "hostDevices": array(opaque()),
+    "launchSecurity": opaque(),
+}, "What a VM naming this instancetype gets: its vCPUs and memory (the VM may not set them itself).",
+    required=("cpu", "memory"))
+PREFERENCE_SPEC = obj({
+    "cpu": obj({"preferredCPUTopology": string(), "spreadOptions": obj({"across": string(), "ratio": integer()}),
+                "preferredCPUFeatures": array(opaque())}),
+    "devices": obj({"preferredDiskBus": string(), "preferredCdromBus": string(), "preferredInterfaceModel": string(),
+                    "preferredRng": opaque()}, keep_unknown=True),
+    "features": opaque(), "firmware": opaque(), "clock": opaque(), "volumes": opaque(),
+    "machine": obj({"preferredMachineType": string()}),
+    "requirements": obj({"cpu": obj({"guest": integer()}), "memory": obj({"guest": QUANTITY})}),
+    "preferredTerminationGracePeriodSeconds": integer(), "preferredSubdomain": string(),
+    "preferSpreadSocketToCoreRatio": integer(), "preferredArchitecture": string(), "annotations": map_of(string()),
+}, "Defaults for what a VM naming this preference leaves out.")
+INSTANCETYPE_VERSIONS = ("v1beta1", "v1alpha2", "v1alpha1")  # the alphas: still served by KubeVirt, deprecated
+
 # ------------------------------------------------------------------ the CRDs
 
 
-def root(description: str, spec: Schema, status: Schema, spec_required: bool = True) -> Schema:
-    return obj({"apiVersion": string(), "kind": string(), "metadata": obj(), "spec": spec, "status": status},
-               description, required=("spec",) if spec_required else ())
+def root(description: str, spec: Schema, status: Schema | None, spec_required: bool = True) -> Schema:
+    fields = {"apiVersion": string(), "kind": string(), "metadata": obj(), "spec": spec}
+    return obj(fields | ({"status": status} if status is not None else {}), description,
+               required=("spec",) if spec_required else ())
 
 
 def crd(group: str, kind: str, plural: str, short: list[str], schema: Schema, columns: list[dict],
-        versions: tuple[str, ...], deprecated: tuple[str, ...] = ()) -> dict:
-    """One namespaced CRD serving `versions` (the first stored) with the same schema."""
+        versions: tuple[str, ...], deprecated: tuple[str, ...] = (), scope: str = "Namespaced",
+        status: bool = True) -> dict:
+    """One CRD serving `versions` (the first stored) with the same schema; in category "all"
+    when namespaced, as upstream's."""
     served = []
     for i, version in enumerate(versions):
         entry = {"name": version, "served": True, "storage": i == 0}
         if version in deprecated:
             entry.update(deprecated=True, deprecationWarning=f"{group}/{version} {kind} is deprecated; use "
                                                              f"{group}/{versions[0]}")
-        entry.update(schema={"openAPIV3Schema": schema}, subresources={"status": {}},
-                     additionalPrinterColumns=columns)
+        entry["schema"] = {"openAPIV3Schema": schema}
+        if status:
+            entry["subresources"] = {"status": {}}
+        if columns:
+            entry["additionalPrinterColumns"] = columns
         served.append(entry)
+    names = {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(), "shortNames": short}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{group}", "labels": {"app.kubernetes.io/part-of": "pvlun"}},
-        "spec": {"group": group, "scope": "Namespaced",
-                 "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
-                           "shortNames": short, "categories": ["all"]},
+        "spec": {"group": group, "scope": scope,
+                 "names": names | ({"categories": ["all"]} if scope == "Namespaced" else {}),
                  "versions": served},
     }
+
+
+def instancetype_crd(kind: str, plural: str, short: list[str], description: str, spec: Schema,
+                     scope: str = "Namespaced") -> dict:
+    return crd("instancetype.kubevirt.io", kind, plural, short, root(description, spec, None), [],
+               INSTANCETYPE_VERSIONS, deprecated=INSTANCETYPE_VERSIONS[1:], scope=scope, status=False)
 
 
 KUBEVIRT_VERSIONS = ("v1", "v1alpha3")  # v1alpha3: still served by KubeVirt, deprecated
@@ -340,6 +384,20 @@ CRDS = {
          {"name": "VMI", "type": "string", "jsonPath": ".spec.vmiName",
           "description": "The VirtualMachineInstance being migrated"}],
         KUBEVIRT_VERSIONS, deprecated=("v1alpha3",)),
+    "virtualmachineinstancetypes.instancetype.kubevirt.io": instancetype_crd(
+        "VirtualMachineInstancetype", "virtualmachineinstancetypes", ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
+        "The vCPUs and memory of the VMs naming it, in its namespace.", INSTANCETYPE_SPEC),
+    "virtualmachineclusterinstancetypes.instancetype.kubevirt.io": instancetype_crd(
+        "VirtualMachineClusterInstancetype", "virtualmachineclusterinstancetypes",
+        ["vmclusterinstancetype", "vmclusterinstancetypes", "vmcf", "vmcfs"],
+        "The vCPUs and memory of the VMs naming it, in any namespace.", INSTANCETYPE_SPEC, scope="Cluster"),
+    "virtualmachinepreferences.instancetype.kubevirt.io": instancetype_crd(
+        "VirtualMachinePreference", "virtualmachinepreferences", ["vmpref", "vmprefs", "vmp", "vmps"],
+        "Defaults (buses, models, firmware) for the VMs naming it, in its namespace.", PREFERENCE_SPEC),
+    "virtualmachineclusterpreferences.instancetype.kubevirt.io": instancetype_crd(
+        "VirtualMachineClusterPreference", "virtualmachineclusterpreferences", ["vmcp", "vmcps"],
+        "Defaults (buses, models, firmware) for the VMs naming it, in any namespace.", PREFERENCE_SPEC,
+        scope="Cluster"),
 }
 HEADER = "# Generated by deploy/crds.py (make crds): edit that, not this.\n"
 

@@ -118,7 +118,11 @@ def test_full_is_csi_plus_the_control_plane():
                             ("CustomResourceDefinition", "datavolumes.cdi.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachines.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstances.kubevirt.io"),
-                            ("CustomResourceDefinition", "virtualmachineinstancemigrations.kubevirt.io")])
+                            ("CustomResourceDefinition", "virtualmachineinstancemigrations.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineinstancetypes.instancetype.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineclusterinstancetypes.instancetype.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachinepreferences.instancetype.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineclusterpreferences.instancetype.kubevirt.io")])
 
 
 def test_there_is_no_root_kustomization_to_apply_by_mistake():
@@ -336,6 +340,11 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("storage.k8s.io", "volumeattributesclasses"): READ,
     ("snapshot.storage.k8s.io", "volumesnapshots"): READ,
     ("events.k8s.io", "events"): READ | {"create", "update", "patch"},
+    ("instancetype.kubevirt.io", "virtualmachineinstancetypes"): READ,
+    ("instancetype.kubevirt.io", "virtualmachineclusterinstancetypes"): READ,
+    ("instancetype.kubevirt.io", "virtualmachinepreferences"): READ,
+    ("instancetype.kubevirt.io", "virtualmachineclusterpreferences"): READ,
+    ("apps", "controllerrevisions"): READ | {"create"},  # a VM's copies of its instancetype and preference
 }
 
 

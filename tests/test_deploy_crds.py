@@ -460,3 +460,37 @@ def test_the_status_our_controllers_write_validates(kind):
     schema = schema_of(kind)["properties"]["status"]
     assert validation_errors(STATUSES[kind], schema, "status") == []
     assert validation_errors({**STATUSES[kind], "conditions": "Ready"}, schema, "status") != []
+
+
+INSTANCETYPE_KINDS = {  # kind: plural, short names, scope (KubeVirt's own CRDs for them)
+    "VirtualMachineInstancetype": ("virtualmachineinstancetypes", ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
+                                   "Namespaced"),
+    "VirtualMachineClusterInstancetype": ("virtualmachineclusterinstancetypes",
+                                          ["vmclusterinstancetype", "vmclusterinstancetypes", "vmcf", "vmcfs"],
+                                          "Cluster"),
+    "VirtualMachinePreference": ("virtualmachinepreferences", ["vmpref", "vmprefs", "vmp", "vmps"], "Namespaced"),
+    "VirtualMachineClusterPreference": ("virtualmachineclusterpreferences", ["vmcp", "vmcps"], "Cluster"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INSTANCETYPE_KINDS))
+def test_instancetype_crds_have_kubevirts_names_scopes_and_versions(kind):
+    plural, short, scope = INSTANCETYPE_KINDS[kind]
+    spec = committed(f"{plural}.instancetype.kubevirt.io")["spec"]
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["shortNames"]) == \
+        ("instancetype.kubevirt.io", scope, kind, short)
+    assert spec["names"].get("categories") == (["all"] if scope == "Namespaced" else None)
+    assert [(v["name"], v["storage"], v.get("deprecated", False)) for v in spec["versions"]] == [
+        ("v1beta1", True, False), ("v1alpha2", False, True), ("v1alpha1", False, True)]
+    assert all("subresources" not in v for v in spec["versions"])  # no status: nothing writes one
+
+
+def test_the_shipped_instancetypes_and_preferences_pass_the_crd_schemas():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "instancetypes" / "common.yaml").read_text()))
+    assert len(docs) > 30
+    for doc in docs:
+        errors = object_errors(doc, schema_of(doc["kind"]))
+        assert errors == [], (doc["metadata"]["name"], errors)
+    bad = copy.deepcopy(next(d for d in docs if d["kind"] == "VirtualMachineClusterInstancetype"))
+    del bad["spec"]["cpu"]["guest"]
+    assert object_errors(bad, schema_of("VirtualMachineClusterInstancetype")) != []
