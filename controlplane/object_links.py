@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from controlplane.instancetypes import INSTANCETYPE_KINDS, PREFERENCE_KINDS
 from controlplane.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 
 # Kinds nobody reconciles whose changes matter one step further: a VolumeAttachment names a
@@ -54,6 +55,16 @@ def _data_source(source: object, ns: str) -> list[Key | None]:
     return [key(source.get("kind", ""), src_ns, source.get("name"))]
 
 
+def _instancetype_links(spec: dict, ns: str) -> list[Key | None]:
+    out: list[Key | None] = []
+    for field, kinds in (("instancetype", INSTANCETYPE_KINDS), ("preference", PREFERENCE_KINDS)):
+        matcher = _dict(spec.get(field))
+        kind = matcher.get("kind") or kinds[0]  # the cluster kind by default, as KubeVirt has it
+        if kind in kinds:
+            out.append(key(kind, ns, matcher.get("name")))
+    return out
+
+
 def links(obj: Obj) -> set[Key]:
     """The objects this one names (its owners, its claim, its source, ...)."""
     kind, meta, ns = obj.get("kind"), _dict(obj.get("metadata")), namespace_of(obj)
@@ -89,6 +100,8 @@ def links(obj: Obj) -> set[Key]:
             out += _claim(ns, _dict(volume.get("persistentVolumeClaim")).get("claimName"))
         for t in _list(spec.get("dataVolumeTemplates")):
             out.append(key("DataVolume", ns, _dict(_dict(t).get("metadata")).get("name")))
+        if kind == "VirtualMachine":  # a VM waits for the instancetype and preference it names
+            out += _instancetype_links(spec, ns)
     elif kind == "VirtualMachineInstanceMigration":
         vmi = spec.get("vmiName")
         out += [key("VirtualMachineInstance", ns, vmi), key("VirtualMachine", ns, vmi)]

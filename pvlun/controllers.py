@@ -31,8 +31,9 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 
 
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
-# VMs, Pods for their importers and launchers).
-CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod")
+# VMs, Pods for their importers and launchers, the instancetypes and preferences VMs name).
+CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "VirtualMachineInstancetype", "VirtualMachineClusterInstancetype",
+                   "VirtualMachinePreference", "VirtualMachineClusterPreference")
 # ... and only the Pods it made (importer and launcher Pods carry this label), not the cluster's
 CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 

@@ -299,3 +299,31 @@ def test_a_vm_whose_launcher_cannot_be_made_backs_off_instead_of_spinning(cluste
     time.sleep(3.0)
     made = [p for m, p, q in kube_api_double.requests[start:] if m == "POST" and p.endswith("/virtualmachineinstances")]
     assert len(made) <= 1  # not dozens a second: the next try waits its backoff
+
+
+def test_a_vm_naming_a_missing_instancetype_waits_for_it_and_then_runs_with_its_size(cluster, kube_api_double):
+    store = cluster
+    vm = yaml.safe_load(tick_vm_manifest("sized", "http://images.example/tick.qcow2", strategy="Halted"))
+    domain = vm["spec"]["template"]["spec"]["domain"]
+    del domain["cpu"], domain["memory"]
+    vm["spec"].update(runStrategy="Always", instancetype={"name": "u1.small"})
+    vm["spec"].pop("dataVolumeTemplates")
+    vm["spec"]["template"]["spec"]["volumes"] = []
+    domain["devices"]["disks"] = []
+    vm["metadata"]["namespace"] = NS
+    store.apply(vm)
+    status = wait_until(lambda: (lambda s: s if s.get("printableStatus") == "ErrorUnschedulable" else None)(
+        store.get("VirtualMachine", "sized", NS).get("status") or {}))
+    assert "spec.instancetype.name: VirtualMachineClusterInstancetype 'u1.small' not found" in \
+        status["conditions"][0]["message"]
+    assert store.get("VirtualMachineInstance", "sized", NS) is None  # it does not start without it
+
+    store.apply({"apiVersion": "instancetype.kubevirt.io/v1beta1", "kind": "VirtualMachineClusterInstancetype",
+                 "metadata": {"name": "u1.small"}, "spec": {"cpu": {"guest": 2}, "memory": {"guest": "2Gi"}}})
+    vmi = wait_until(lambda: store.get("VirtualMachineInstance", "sized", NS))  # the VM followed the new object
+    assert vmi["spec"]["domain"]["cpu"] == {"sockets": 2, "cores": 1, "threads": 1}
+    assert vmi["spec"]["domain"]["memory"] == {"guest": "2Gi"}
+    ref = store.get("VirtualMachine", "sized", NS)["status"]["instancetypeRef"]
+    revision = store.get("ControllerRevision", ref["controllerRevisionRef"]["name"], NS)
+    assert revision["data"]["spec"]["cpu"]["guest"] == 2
+    assert revision["metadata"]["ownerReferences"][0]["name"] == "sized"
