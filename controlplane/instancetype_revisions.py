@@ -14,7 +14,7 @@ import hashlib
 from controlplane.instancetypes import API_VERSION, Matcher, expand, matchers_of
 from controlplane.store import Obj, ObjectStore
 from controlplane.vm_spec import VirtualMachine, parse_virtual_machine
-from controlplane.vm_spec_fields import SpecError
+from controlplane.vm_spec_fields import SUBDOMAIN, SpecError
 
 REVISION_KIND = "ControllerRevision"
 STATUS_FIELDS = {"spec.instancetype": "instancetypeRef", "spec.preference": "preferenceRef"}
@@ -33,12 +33,19 @@ def revision_name(vm: Obj, obj: Obj) -> str:
 
 def _stored_copy(store: ObjectStore, vm: Obj, matcher: Matcher) -> Obj | None:
     """The object recorded for the VM, if the VM still names the same one."""
-    ref = ((vm.get("status") or {}).get(STATUS_FIELDS[matcher.field])) or {}
-    revision = (ref.get("controllerRevisionRef") or {}).get("name")
-    if not revision or (ref.get("kind"), ref.get("name")) != (matcher.kind, matcher.name):
+    ref = _object(_object(vm.get("status")).get(STATUS_FIELDS[matcher.field]))
+    revision = _object(ref.get("controllerRevisionRef")).get("name")
+    if not isinstance(revision, str) or not SUBDOMAIN.fullmatch(revision) or len(revision) > 253 \
+            or (ref.get("kind"), ref.get("name")) != (matcher.kind, matcher.name):
         return None
     stored = store.get(REVISION_KIND, revision, vm["metadata"].get("namespace", "default"))
-    return (stored or {}).get("data")
+    data = _object(_object(stored).get("data"))
+    return data if data.get("kind") == matcher.kind else None
+
+
+def _object(value: object) -> dict:
+    """A status or revision field as an object (anything else, as written by someone else: none)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _record(store: ObjectStore, vm: Obj, matcher: Matcher, obj: Obj) -> dict:

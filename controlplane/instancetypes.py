@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.quantity import parse_quantity
-from controlplane.vm_spec_fields import SUBDOMAIN, SpecError, mapping, name, shown
+from controlplane.vm_spec_fields import SUBDOMAIN, SpecError, items, mapping, name, shown
 
 API_VERSION = "instancetype.kubevirt.io/v1beta1"
 OLDER_API_VERSIONS = ("instancetype.kubevirt.io/v1alpha2", "instancetype.kubevirt.io/v1alpha1")
@@ -27,6 +27,41 @@ TOPOLOGIES = {"sockets": "sockets", "preferSockets": "sockets", "cores": "cores"
               "threads": "threads", "preferThreads": "threads", "spread": "spread", "preferSpread": "spread",
               "any": "sockets", "preferAny": "sockets"}
 TEMPLATE = "spec.template.spec"
+# The objects and lists expansion walks, checked to be what they should be before it does (a list
+# holds one shape, for each item); their leaves are the VM parser's and the admission's to check.
+VMI_SHAPE = {"domain": {"cpu": {}, "memory": {}, "resources": {"requests": {}, "limits": {}}, "machine": {},
+                        "firmware": {}, "features": {}, "clock": {},
+                        "devices": {"disks": [{"disk": {}, "cdrom": {}}], "interfaces": [{}]}}}
+INSTANCETYPE_SHAPE = {"cpu": {}, "memory": {}}
+PREFERENCE_SHAPE = {"cpu": {"spreadOptions": {}}, "devices": {}, "features": {}, "firmware": {"preferredEfi": {}},
+                    "machine": {}, "clock": {"preferredClockOffset": {}, "preferredTimer": {}},
+                    "requirements": {"cpu": {}, "memory": {}}}
+
+
+def _child(tree: dict, key: str) -> dict:
+    """tree[key], made an empty object when absent or null (a shape checked before)."""
+    if tree.get(key) is None:
+        tree[key] = {}
+    return tree[key]
+
+
+def _fill(tree: dict, key: str, value: Any) -> None:
+    """tree[key] = value where the VM leaves it out (absent or null): a preference's way."""
+    if tree.get(key) is None:
+        tree[key] = value
+
+
+def _check_shapes(tree: dict, shape: dict, path: str) -> None:
+    """SpecError names the first field of `shape` in `tree` that is not an object (or a list of them)."""
+    for key, sub in shape.items():
+        if tree.get(key) is None:
+            continue
+        where = f"{path}.{key}" if path else key
+        if isinstance(sub, list):
+            for i, item in enumerate(items(tree[key], where)):
+                _check_shapes(mapping(item, f"{where}[{i}]", required=True), sub[0], f"{where}[{i}]")
+        else:
+            _check_shapes(mapping(tree[key], where), sub, where)
 
 
 @dataclass(frozen=True)
@@ -98,18 +133,23 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+# the VM's cpu fields that conflict only when the instancetype sets them too (sockets, cores and threads always do)
+CPU_SET_BY_BOTH = {"model": "model", "dedicatedCpuPlacement": "dedicatedCPUPlacement",
+                   "isolateEmulatorThread": "isolateEmulatorThread", "numa": "numa", "realtime": "realtime"}
+
+
 def _conflicts(domain: dict, spec: dict, it: dict) -> list[str]:
-    """The VM's fields the instancetype also sets (KubeVirt's conflict rules)."""
-    found = []
-    cpu, memory = domain.get("cpu") or {}, domain.get("memory") or {}
+    """The VM's fields the instancetype also sets (KubeVirt's conflict rules: any topology, any
+    memory, CPU and memory requests or limits, and what both set)."""
+    cpu, it_cpu = domain.get("cpu") or {}, it.get("cpu") or {}
     resources = domain.get("resources") or {}
-    found += [f"domain.cpu.{f}" for f in ("sockets", "cores", "threads", "model", "dedicatedCpuPlacement",
-                                          "isolateEmulatorThread", "numa", "realtime", "maxSockets")
-              if cpu.get(f) is not None]
-    found += [f"domain.resources.{k}.cpu" for k in ("requests", "limits") if (resources.get(k) or {}).get("cpu")]
-    found += [f"domain.memory.{f}" for f in ("guest", "hugepages", "maxGuest") if memory.get(f) is not None]
-    found += [f"domain.resources.{k}.memory" for k in ("requests", "limits")
-              if (resources.get(k) or {}).get("memory")]
+    found = [f"domain.resources.{k}.cpu" for k in ("requests", "limits") if "cpu" in (resources.get(k) or {})]
+    found += [f"domain.cpu.{f}" for f in ("sockets", "cores", "threads") if cpu.get(f)]
+    found += [f"domain.cpu.{f}" for f, it_field in CPU_SET_BY_BOTH.items()
+              if cpu.get(f) and it_cpu.get(it_field) not in (None, False)]
+    if domain.get("memory") is not None:
+        found.append("domain.memory")
+    found += [f"domain.resources.{k}.memory" for k in ("requests", "limits") if "memory" in (resources.get(k) or {})]
     for field, vmi_field in (("ioThreadsPolicy", "domain.ioThreadsPolicy"), ("launchSecurity", "domain.launchSecurity"),
                              ("gpus", "domain.devices.gpus"), ("hostDevices", "domain.devices.hostDevices"),
                              ("nodeSelector", "nodeSelector"), ("schedulerName", "schedulerName")):
@@ -121,35 +161,39 @@ def _conflicts(domain: dict, spec: dict, it: dict) -> list[str]:
 def _topology(guest: int, preference: dict, where: str) -> dict[str, int]:
     """cpu.guest vCPUs as sockets, cores or threads, as the preference's preferredCPUTopology says."""
     pcpu = preference.get("cpu") or {}
-    topology = TOPOLOGIES.get(pcpu.get("preferredCPUTopology") or "sockets")
+    wanted = pcpu.get("preferredCPUTopology") or "sockets"
+    topology = TOPOLOGIES.get(wanted) if isinstance(wanted, str) else None
     if topology is None:
         raise SpecError(_at(where, "spec.cpu.preferredCPUTopology"),
                         f"{shown(pcpu.get('preferredCPUTopology'))} is not one of {', '.join(TOPOLOGIES)}")
+    one = {"sockets": 1, "cores": 1, "threads": 1}
     if topology != "spread":
-        return {"sockets": 1, "cores": 1, "threads": 1} | {topology: guest}
+        return one | {topology: guest}
     spread = pcpu.get("spreadOptions") or {}
     ratio = spread.get("ratio") or preference.get("preferSpreadSocketToCoreRatio") or 2
     across = spread.get("across") or "SocketsCores"
-    if not isinstance(ratio, int) or ratio < 1 or guest % ratio:
+    shapes = {"SocketsCores": ("cores", ratio, "sockets", guest / ratio if isinstance(ratio, int) else 0),
+              "CoresThreads": ("threads", ratio, "cores", guest / ratio if isinstance(ratio, int) else 0),
+              "SocketsCoresThreads": ("cores", ratio, "sockets", guest / 2 / ratio if isinstance(ratio, int) else 0)}
+    if across not in shapes:
+        raise SpecError(_at(where, "spec.cpu.spreadOptions.across"), f"{shown(across)} is not one of {', '.join(shapes)}")
+    if guest == 1:
+        return one
+    inner, inner_count, outer, outer_count = shapes[across]
+    if not isinstance(ratio, int) or ratio < 1 or outer_count < 1 or outer_count != int(outer_count):
         raise SpecError(_at(where, "spec.cpu.spreadOptions.ratio"),
-                        f"{guest} vCPUs cannot be spread with ratio {shown(ratio)}")
-    if across == "SocketsCores":
-        return {"sockets": guest // ratio, "cores": ratio, "threads": 1}
-    if across == "CoresThreads":
-        return {"sockets": 1, "cores": guest // 2 if guest % 2 == 0 else guest, "threads": 2 if guest % 2 == 0 else 1}
-    if across == "SocketsCoresThreads":
-        threads = 2 if ratio % 2 == 0 else 1
-        return {"sockets": guest // ratio, "cores": ratio // threads, "threads": threads}
-    raise SpecError(_at(where, "spec.cpu.spreadOptions.across"),
-                    f"{shown(across)} is not one of SocketsCores, CoresThreads, SocketsCoresThreads")
+                        f"{guest} vCPUs cannot be spread across {across} with ratio {shown(ratio)}")
+    return one | {inner: inner_count, outer: int(outer_count)} | (
+        {"threads": 2} if across == "SocketsCoresThreads" else {})
 
 
-def _apply_instancetype(spec: dict, it: dict, preference: dict, where: str, warnings: list[str]) -> None:
-    domain = spec.setdefault("domain", {})
+def _apply_instancetype(spec: dict, it: dict, preference: dict, where: str, pref_where: str,
+                        warnings: list[str]) -> None:
+    domain = _child(spec, "domain")
     conflicts = _conflicts(domain, spec, it)
     if conflicts:
-        raise SpecError(conflicts[0], f"VM field(s) {', '.join(conflicts)} conflict with the selected instance type "
-                                      f"({where}); leave them to it or drop spec.instancetype")
+        raise SpecError(conflicts[0], f"VM field(s) {', '.join(conflicts)} conflicts with selected instance type "
+                                      f"({where}): leave them out, or drop spec.instancetype")
     cpu, memory = mapping(it.get("cpu"), _at(where, "spec.cpu")), mapping(it.get("memory"), _at(where, "spec.memory"))
     guest = cpu.get("guest")
     if not isinstance(guest, int) or isinstance(guest, bool) or guest < 1:
@@ -160,13 +204,13 @@ def _apply_instancetype(spec: dict, it: dict, preference: dict, where: str, warn
         size = parse_quantity(memory["guest"])
     except ValueError as exc:
         raise SpecError(_at(where, "spec.memory.guest"), str(exc)) from None
-    domain.setdefault("cpu", {}).update(_topology(guest, preference, where))
-    domain.setdefault("memory", {})["guest"] = memory["guest"]
+    _child(domain, "cpu").update(_topology(guest, preference, pref_where))
+    _child(domain, "memory")["guest"] = memory["guest"]
     percent = memory.get("overcommitPercent")
     if percent:  # KubeVirt asks the scheduler for less than the guest has
         if not isinstance(percent, int) or not 0 < percent <= 100:
             raise SpecError(_at(where, "spec.memory.overcommitPercent"), f"must be 0-100, not {shown(percent)}")
-        domain.setdefault("resources", {}).setdefault("requests", {})["memory"] = str(size * (100 - percent) // 100)
+        _child(_child(domain, "resources"), "requests")["memory"] = str(size * (100 - percent) // 100)
     if it.get("nodeSelector"):
         spec["nodeSelector"] = copy.deepcopy(it["nodeSelector"])
     warnings += [f"{_at(where, 'spec.' + field)} is ignored: {why}" for field, why in NOT_RUN.items()
@@ -178,9 +222,10 @@ def _requirements(spec: dict, preference: dict, where: str) -> None:
     required = preference.get("requirements") or {}
     domain = spec.get("domain") or {}
     cpu = domain.get("cpu") or {}
-    vcpus = (cpu.get("sockets") or 1) * (cpu.get("cores") or 1) * (cpu.get("threads") or 1)
+    counts = [cpu.get(f) if isinstance(cpu.get(f), int) and cpu.get(f) > 0 else 1 for f in ("sockets", "cores", "threads")]
+    vcpus = counts[0] * counts[1] * counts[2]
     need_cpu = (required.get("cpu") or {}).get("guest")
-    if need_cpu and vcpus < need_cpu:
+    if isinstance(need_cpu, int) and vcpus < need_cpu:
         raise SpecError(f"{TEMPLATE}.domain.cpu", f"{vcpus} vCPUs are fewer than the {need_cpu} the preference "
                                                   f"requires ({_at(where, 'spec.requirements.cpu.guest')})")
     need_memory = (required.get("memory") or {}).get("guest")
@@ -243,36 +288,31 @@ def _efi(firmware: dict) -> dict | None:
 
 
 def _apply_preference(spec: dict, preference: dict, where: str, warnings: list[str]) -> None:
-    domain = spec.setdefault("domain", {})
-    devices = domain.setdefault("devices", {})
+    domain = _child(spec, "domain")
+    devices = _child(domain, "devices")
     pdev = preference.get("devices") or {}
-    for disk in devices.get("disks") or []:
-        if not isinstance(disk, dict):
-            continue  # the VM parser names a malformed disk
-        if isinstance(disk.get("cdrom"), dict):
+    for disk in devices.get("disks") or []:  # shapes checked: objects
+        if disk.get("cdrom") is not None:
             if pdev.get("preferredCdromBus"):
-                disk["cdrom"].setdefault("bus", pdev["preferredCdromBus"])
+                _fill(disk["cdrom"], "bus", pdev["preferredCdromBus"])
         elif pdev.get("preferredDiskBus") and "lun" not in disk:
-            target = disk.setdefault("disk", {})
-            if isinstance(target, dict):
-                target.setdefault("bus", pdev["preferredDiskBus"])
+            _fill(_child(disk, "disk"), "bus", pdev["preferredDiskBus"])
     if pdev.get("preferredInterfaceModel"):
         for interface in devices.get("interfaces") or []:
-            if isinstance(interface, dict):
-                interface.setdefault("model", pdev["preferredInterfaceModel"])
+            _fill(interface, "model", pdev["preferredInterfaceModel"])
     for preferred, field in DEVICE_DEFAULTS.items():
         if pdev.get(preferred) is not None:
-            devices.setdefault(field, copy.deepcopy(pdev[preferred]))
+            _fill(devices, field, copy.deepcopy(pdev[preferred]))
     machine = (preference.get("machine") or {}).get("preferredMachineType")
     if machine and not (domain.get("machine") or {}).get("type"):
-        domain.setdefault("machine", {})["type"] = machine
+        _child(domain, "machine")["type"] = machine
     bootloader = _efi(preference.get("firmware") or {})
     if bootloader is not None and not (domain.get("firmware") or {}).get("bootloader"):
-        domain.setdefault("firmware", {})["bootloader"] = bootloader
+        _child(domain, "firmware")["bootloader"] = bootloader
     pfeatures = preference.get("features") or {}
     for preferred, field in FEATURES.items():
         if pfeatures.get(preferred) is not None:
-            domain.setdefault("features", {}).setdefault(field, copy.deepcopy(pfeatures[preferred]))
+            _fill(_child(domain, "features"), field, copy.deepcopy(pfeatures[preferred]))
     pclock = preference.get("clock") or {}
     if pclock and not domain.get("clock"):
         clock = copy.deepcopy(pclock.get("preferredClockOffset") or {})
@@ -281,7 +321,7 @@ def _apply_preference(spec: dict, preference: dict, where: str, warnings: list[s
         domain["clock"] = clock
     grace = preference.get("preferredTerminationGracePeriodSeconds")
     if grace is not None:
-        spec.setdefault("terminationGracePeriodSeconds", grace)
+        _fill(spec, "terminationGracePeriodSeconds", grace)
     warnings += [f"{_at(where, 'spec.' + field)} is ignored: {why}" for field, why in PREFERENCE_NOT_RUN.items()
                  if _get(preference, field) not in (None, False, "")]
 
@@ -295,19 +335,23 @@ def expand(vm: dict, instancetype: dict | None, preference: dict | None) -> tupl
     when the VM names none); SpecError names a conflicting field."""
     it_matcher, pref_matcher = matchers_of(vm)
     out = copy.deepcopy(vm)
-    spec = out.setdefault("spec", {})
-    template = spec.setdefault("template", {})
+    spec = out["spec"] = mapping(out.get("spec"), "spec")
+    template = spec["template"] = mapping(spec.get("template"), "spec.template")
     vmi = template.get("spec")
     if vmi is None:
         vmi = template["spec"] = {}
     elif not isinstance(vmi, dict):
         raise SpecError(TEMPLATE, f"must be an object, not {type(vmi).__name__}")
+    _check_shapes(vmi, VMI_SHAPE, TEMPLATE)
     warnings: list[str] = []
-    pref_spec = mapping((preference or {}).get("spec"), "preference spec") if pref_matcher else {}
     pref_where = f"{pref_matcher.kind} {pref_matcher.name}" if pref_matcher else ""
+    pref_spec = mapping((preference or {}).get("spec"), _at(pref_where, "spec")) if pref_matcher else {}
+    _check_shapes(pref_spec, PREFERENCE_SHAPE, _at(pref_where, "spec"))
     if it_matcher is not None:
-        it_spec = mapping((instancetype or {}).get("spec"), "instancetype spec", required=True)
-        _apply_instancetype(vmi, it_spec, pref_spec, f"{it_matcher.kind} {it_matcher.name}", warnings)
+        it_where = f"{it_matcher.kind} {it_matcher.name}"
+        it_spec = mapping((instancetype or {}).get("spec"), _at(it_where, "spec"), required=True)
+        _check_shapes(it_spec, INSTANCETYPE_SHAPE, _at(it_where, "spec"))
+        _apply_instancetype(vmi, it_spec, pref_spec, it_where, pref_where, warnings)
     if pref_matcher is not None:
         _apply_preference(vmi, pref_spec, pref_where, warnings)
         _requirements(vmi, pref_spec, pref_where)
@@ -320,8 +364,10 @@ def check_object(obj: dict) -> None:
     """An instancetype or preference as `apply` takes it: what every VM naming it needs
     (an instancetype's cpu.guest and memory.guest, a preference's known CPU topology)."""
     spec = mapping(obj.get("spec"), "spec", required=obj.get("kind") in INSTANCETYPE_KINDS)
-    if obj.get("kind") in INSTANCETYPE_KINDS:
-        _apply_instancetype({}, spec, {}, "", [])
+    instancetype = obj.get("kind") in INSTANCETYPE_KINDS
+    _check_shapes(spec, INSTANCETYPE_SHAPE if instancetype else PREFERENCE_SHAPE, "spec")
+    if instancetype:
+        _apply_instancetype({}, spec, {}, "", "", [])
     else:
         _topology(1, spec, "")
 

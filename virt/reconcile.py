@@ -26,7 +26,7 @@ from controlplane.user_text import user_text
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import guest_device_names, node_name
 from virt.runtime import CSI_SOURCES, VmRuntime, owner
-from controlplane.vm_spec import DEFAULT_GRACE_SECONDS, SpecError, parse_virtual_machine
+from controlplane.vm_spec import DEFAULT_GRACE_SECONDS, SpecError
 
 log = logging.getLogger("pvlun.virt")
 REQUEST = "pvlun.dev/state-change-request"
@@ -258,7 +258,7 @@ def _delete_vm(ctx: Context, vm: Obj, rt: VmRuntime) -> None:
         return  # a start, stop or migration under way: finish it first
     if rt.get(key):
         try:
-            grace = parse_virtual_machine(vm).template.termination_grace_period
+            grace = vm_as_run(ctx.store, vm)[1].template.termination_grace_period  # its preference's too
         except SpecError:
             grace = DEFAULT_GRACE_SECONDS
         _vm_status(ctx, vm, "Terminating")

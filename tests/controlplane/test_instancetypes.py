@@ -62,25 +62,46 @@ def test_instancetype_gives_cpu_as_sockets_and_memory():
     assert again == out  # the matchers are gone: expanding again changes nothing
 
 
-@pytest.mark.parametrize("topology, expected", [
-    ("cores", {"sockets": 1, "cores": 4, "threads": 1}), ("preferThreads", {"sockets": 1, "cores": 1, "threads": 4}),
-    ("spread", {"sockets": 2, "cores": 2, "threads": 1}), ("any", {"sockets": 4, "cores": 1, "threads": 1})])
-def test_preferred_cpu_topology_shapes_the_guest_cpus(topology, expected):
-    out, _ = expand(vm(instancetype={"name": "u1.xlarge"}, preference={"name": "p"}),
-                    instancetype("u1.xlarge", 4, "16Gi"), preference("p", cpu={"preferredCPUTopology": topology}))
-    assert out["spec"]["template"]["spec"]["domain"]["cpu"] == expected
+@pytest.mark.parametrize("vcpus, cpu, expected", [
+    (4, {"preferredCPUTopology": "cores"}, (1, 4, 1)), (4, {"preferredCPUTopology": "preferThreads"}, (1, 1, 4)),
+    (4, {"preferredCPUTopology": "spread"}, (2, 2, 1)), (4, {"preferredCPUTopology": "any"}, (4, 1, 1)),
+    (8, {"preferredCPUTopology": "spread", "spreadOptions": {"across": "CoresThreads"}}, (1, 4, 2)),
+    (16, {"preferredCPUTopology": "preferSpread", "spreadOptions": {"across": "SocketsCoresThreads", "ratio": 4}},
+     (2, 4, 2)),
+    (1, {"preferredCPUTopology": "spread", "spreadOptions": {"ratio": 4}}, (1, 1, 1))])
+def test_preferred_cpu_topology_shapes_the_guest_cpus(vcpus, cpu, expected):
+    out, _ = expand(vm(instancetype={"name": "t"}, preference={"name": "p"}),
+                    instancetype("t", vcpus, "1Gi"), preference("p", cpu=cpu))
+    got = out["spec"]["template"]["spec"]["domain"]["cpu"]
+    assert (got["sockets"], got["cores"], got["threads"]) == expected
+
+
+def test_a_spread_that_does_not_divide_the_vcpus_is_refused():
+    with pytest.raises(SpecError, match=r"spec.cpu.spreadOptions.ratio: 6 vCPUs cannot be spread"):
+        expand(vm(instancetype={"name": "t"}, preference={"name": "p"}), instancetype("t", 6, "1Gi"),
+               preference("p", cpu={"preferredCPUTopology": "spread", "spreadOptions": {"ratio": 4}}))
+
+
+def test_a_vm_may_set_a_cpu_model_when_the_instancetype_does_not():
+    out, _ = expand(vm(instancetype={"name": "t"}, domain={"cpu": {"model": "host-passthrough"}}),
+                    instancetype("t", 2, "1Gi"), None)
+    assert out["spec"]["template"]["spec"]["domain"]["cpu"]["model"] == "host-passthrough"
+    with pytest.raises(SpecError, match=r"domain.cpu.model"):
+        expand(vm(instancetype={"name": "t"}, domain={"cpu": {"model": "host-passthrough"}}),
+               instancetype("t", 2, "1Gi", cpu={"guest": 2, "model": "Haswell"}), None)
 
 
 @pytest.mark.parametrize("domain, field", [
     ({"cpu": {"sockets": 2}}, "spec.template.spec.domain.cpu.sockets"),
     ({"cpu": {"cores": 2}}, "spec.template.spec.domain.cpu.cores"),
-    ({"memory": {"guest": "1Gi"}}, "spec.template.spec.domain.memory.guest"),
+    ({"memory": {"guest": "1Gi"}}, "spec.template.spec.domain.memory"),
+    ({"cpu": {"model": "host-passthrough"}, "memory": {}}, "spec.template.spec.domain.memory"),
     ({"resources": {"requests": {"memory": "1Gi"}}}, "spec.template.spec.domain.resources.requests.memory"),
 ])
 def test_a_vm_setting_what_its_instancetype_sets_is_refused_naming_the_field(domain, field):
     with pytest.raises(SpecError) as err:
         expand(vm(instancetype={"name": "u1.nano"}, domain=domain), instancetype("u1.nano", 1, "512Mi"), None)
-    assert err.value.path == field and "conflict with the selected instance type" in str(err.value)
+    assert err.value.path == field and "conflicts with selected instance type" in str(err.value)
 
 
 def test_preference_fills_only_what_the_vm_leaves_out():
@@ -145,12 +166,33 @@ def test_preference_requirements_refuse_a_too_small_instancetype():
                preference("p", requirements={"memory": {"guest": "8Gi"}}))
 
 
+@pytest.mark.parametrize("domain, instancetype_spec, preference_spec, field", [
+    ({"devices": []}, None, {}, "spec.template.spec.domain.devices"),
+    ({"devices": {"disks": ["root"]}}, None, {}, "spec.template.spec.domain.devices.disks[0]"),
+    ({"devices": {"disks": [{"name": "root", "disk": "virtio"}]}}, None, {}, "spec.template.spec.domain.devices.disks[0].disk"),
+    ({}, {"cpu": 2, "memory": {"guest": "1Gi"}}, None, "VirtualMachineClusterInstancetype t spec.cpu"),
+    ({}, {"cpu": {"guest": "2"}, "memory": {"guest": "1Gi"}}, None, "VirtualMachineClusterInstancetype t spec.cpu.guest"),
+    ({}, {"cpu": {"guest": 2}, "memory": {"guest": "lots"}}, None, "VirtualMachineClusterInstancetype t spec.memory.guest"),
+    ({}, {"cpu": {"guest": 2}, "memory": {"guest": "1Gi"}}, {"cpu": {"preferredCPUTopology": {"x": 1}}},
+     "VirtualMachineClusterPreference p spec.cpu.preferredCPUTopology"),
+    ({}, {"cpu": {"guest": 2}, "memory": {"guest": "1Gi"}}, {"requirements": {"cpu": []}},
+     "VirtualMachineClusterPreference p spec.requirements.cpu"),
+])
+def test_malformed_vms_instancetypes_and_preferences_are_refused_naming_the_field(domain, instancetype_spec,
+                                                                               preference_spec, field):
+    doc = vm(domain=domain, **({"instancetype": {"name": "t"}} if instancetype_spec is not None else {}),
+             **({"preference": {"name": "p"}} if preference_spec is not None else {}))
+    with pytest.raises(SpecError) as err:
+        expand(doc, instancetype_spec and {"spec": instancetype_spec}, preference_spec and {"spec": preference_spec})
+    assert err.value.path == field
+
+
 # ---------------------------------------------------------------- apply and the store
 
 def test_apply_refuses_conflicts_and_bad_instancetypes():
     doc = vm(instancetype={"name": "u1.nano"}, domain={"cpu": {"sockets": 2}})
     import yaml
-    with pytest.raises(Refused, match=r"spec.template.spec.domain.cpu.sockets: .*conflict with the selected"):
+    with pytest.raises(Refused, match=r"spec.template.spec.domain.cpu.sockets: .*conflicts with selected instance type"):
         load_documents(yaml.safe_dump(doc))
     (ok,) = load_documents(yaml.safe_dump(vm(instancetype={"name": "u1.nano"}, preference={"name": "fedora"})))
     assert ok["spec"]["instancetype"] == {"name": "u1.nano"}  # stored as written; expanded when it runs

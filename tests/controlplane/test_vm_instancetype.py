@@ -73,7 +73,9 @@ def test_vm_with_instancetype_and_preference_boots_with_their_cpu_memory_and_bus
     revision = node.get("ControllerRevision", status["instancetypeRef"]["controllerRevisionRef"]["name"])
     assert revision["data"]["spec"]["memory"]["guest"] == "512Mi"
     assert status["preferenceRef"]["name"] == "sata-disks"
-    node.cli("vm", "stop", "sized", "--wait")
+    node.cli("delete", "vm", "sized")  # its copies go with it (ownerReferences)
+    node.wait(lambda: node.get("VirtualMachine", "sized") is None, 15, "the VM to go (within its preference's 2 s)")
+    node.wait(lambda: node.store.list("ControllerRevision", "default") == [], 15, "the VM's ControllerRevisions to go")
 
 
 def test_vm_naming_a_missing_instancetype_is_refused_with_the_field_and_name(node, tick_image, tick_vm_yaml):
