@@ -215,6 +215,18 @@ def guest_device_names(vm: VmSpec) -> dict[str, str]:
     return out
 
 
+def _platform_devices(vm: VmSpec) -> list[str]:
+    """virtio-rng fed by QEMU's built-in source (getrandom(), the kernel's CSPRNG that KubeVirt's
+    /dev/urandom reads too, without QEMU opening a host path) and the i6300esb watchdog."""
+    p, argv = vm.platform, []
+    if p.rng:
+        argv += ["-object", "rng-builtin,id=rng0", "-device", "virtio-rng-pci,rng=rng0,id=ua-rng"]
+    if p.watchdog is not None:
+        argv += ["-device", _keyval("i6300esb", {"id": f"ua-watchdog-{p.watchdog.name}"}),
+                 "-action", _keyval(None, {"watchdog": p.watchdog.action})]
+    return argv
+
+
 def build_qemu_argv(
     vm: VmSpec,
     disks: Mapping[str, DiskAttachment],
@@ -264,18 +276,28 @@ def build_qemu_argv(
         if vm.secure_boot:
             machine["smm"] = True
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    p = vm.platform
+    if not p.acpi:
+        machine["acpi"] = False
+    if p.smm is not None and "smm" not in machine:
+        machine["smm"] = p.smm
+    if not p.hpet:
+        machine["hpet"] = False
     argv += ["-machine", _keyval(vm.machine, machine)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     argv += ["-smp", _keyval(str(vm.vcpus), {"sockets": vm.sockets, "cores": vm.cores, "threads": vm.threads}),
              "-m", f"{-(-vm.memory // MIB)}M",
-             "-rtc", "base=utc",
+             "-rtc", "base=utc,driftfix=slew" if p.rtc_catchup else "base=utc",
              "-chardev", _keyval("socket", {"id": "qmp", "fd": int(qmp_fd), "server": True, "wait": False}),
              "-mon", "chardev=qmp,mode=control"]
     if vm.uuid:
         argv += ["-uuid", vm.uuid]
     if vm.serial:
         argv += ["-smbios", _keyval("type=1", {"serial": vm.serial})]
+    if p.chassis:
+        argv += ["-smbios", _keyval("type=3", dict(p.chassis))]
+    argv += _platform_devices(vm)
     argv += _fdset(serial_fd, labels.get(serial_fd))
     serial_log = f"/dev/fdset/{serial_fd}"
     if console_fd is not None:
