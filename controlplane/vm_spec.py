@@ -14,7 +14,7 @@ from typing import Any
 from controlplane.quantity import parse_quantity
 from controlplane.vm_domain import Platform, cpu_model, platform, scheduling
 from controlplane.vm_ignored import Ignored, Notes
-from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
+from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, NETWORK_NAME, UUID, SpecError
 from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
 from controlplane.vm_spec_fields import base64_text as _b64
 from controlplane.vm_spec_fields import boolean as _bool
@@ -222,7 +222,7 @@ def _parse_volume(raw: Any, path: str) -> Volume:
 
 def _parse_interface(raw: Any, path: str, notes: Notes) -> Interface:
     raw = _map(raw, path, required=True)
-    name = _name(raw.get("name"), f"{path}.name")
+    name = _name(raw.get("name"), f"{path}.name", NETWORK_NAME)
     bindings = [k for k in BINDINGS + REFUSED_BINDINGS if k in raw]
     if len(bindings) > 1:
         raise SpecError(path, f"only one interface binding may be set (got {', '.join(bindings)})")
@@ -337,7 +337,7 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
         notes.check(n, f"{path}.networks[{i}]", "network", ("name", "pod"))
         pod = _map(n["pod"], f"{path}.networks[{i}].pod")
         notes.check(pod, f"{path}.networks[{i}].pod", "network.pod", ())
-        net_names.add(_name(n.get("name"), f"{path}.networks[{i}].name"))
+        net_names.add(_name(n.get("name"), f"{path}.networks[{i}].name", NETWORK_NAME))
     for i, x in enumerate(interfaces):
         if networks and x.name not in net_names:
             raise SpecError(f"{dpath}.devices.interfaces[{i}].name", f"no network named {x.name!r} in {path}.networks")

@@ -107,6 +107,15 @@ def test_bridge_slirp_and_passt_on_the_pod_network_run_as_masquerade_with_a_note
     assert str(note).startswith(f"{T}.domain.devices.interfaces[0].{binding}: ignored, the pod network runs as masquerade")
 
 
+def test_interface_and_network_names_may_have_capitals_as_in_vmi_slirp():
+    obj = vm_with(devices={"interfaces": [{"name": "testSlirp", "slirp": {}, "ports": [{"name": "http", "port": 80}]}]},
+                  networks=[{"name": "testSlirp", "pod": {}}])
+    assert [i.name for i in parse_virtual_machine(obj).template.interfaces] == ["testSlirp"]
+    assert "virtio-net-pci,netdev=net-testSlirp,id=ua-testSlirp," in " ".join(values(argv_of(obj), "-device"))
+    err = refused(vm_with(devices={"interfaces": [{"name": "a,b", "masquerade": {}}]}))
+    assert err.path == f"{T}.domain.devices.interfaces[0].name"
+
+
 @pytest.mark.parametrize("interface, network, where, words", [
     ({"name": "default", "sriov": {}}, {"name": "default", "pod": {}}, "interfaces[0].sriov", "unsupported interface"),
     ({"name": "default", "macvtap": {}}, {"name": "default", "pod": {}}, "interfaces[0].macvtap", "unsupported"),
