@@ -22,6 +22,7 @@ WATCHDOG_ACTIONS = ("poweroff", "reset", "shutdown")  # KubeVirt's; QEMU's -acti
 CPU_MODELS_RUN = ("host-passthrough", "host-model")  # KVM runs `-cpu host`
 SMBIOS_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ,_.+/:-]{0,63}")  # commas: _keyval doubles them
 CHASSIS_FIELDS = ("manufacturer", "version", "serial", "asset", "sku")
+RESOURCE_NAME = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_./]{0,252}")
 PC_MACHINES = re.compile(r"pc|q35|pc-(q35|i440fx)-.*")  # the machines with SMM and HPET switches
 
 DEVICE_KEYS = ("disks", "interfaces", "autoattachPodInterface", "rng", "watchdog", "autoattachSerialConsole",
@@ -186,7 +187,27 @@ def scheduling(spec: dict, path: str, notes: Notes) -> None:
         raise SpecError(f"{path}.architecture", f"{shown(arch)} is not supported (amd64)")
 
 
+def resources(domain: dict, dpath: str, notes: Notes) -> None:
+    """`resources`: requests.memory is the guest's memory (vm_spec.py); CPU and limits size a
+    cluster's launcher Pod (virt/pods.py), which `pvlun serve` has none of."""
+    path = f"{dpath}.resources"
+    raw = _map(domain.get("resources"), path)
+    notes.check(raw, path, "resources", ("requests", "limits"))
+    for part in ("requests", "limits"):
+        for key in _map(raw.get(part), f"{path}.{part}"):
+            if not isinstance(key, str) or not RESOURCE_NAME.fullmatch(key):
+                raise SpecError(f"{path}.{part}", f"{shown(key)} is not a resource name")
+            if key == "memory" and part == "requests":
+                continue
+            if key in ("cpu", "memory"):
+                notes.ignore(f"{path}.{part}.{key}", "pvlun serve does not limit a VM's QEMU (a cluster's "
+                             "launcher Pod carries it)", scheduling=True)
+            else:
+                notes.ignore(f"{path}.{part}.{key}", "no such resource is given to the VM")
+
+
 def platform(domain: dict, devices: dict, dpath: str, machine: str, secure_boot: bool, notes: Notes) -> Platform:
     """The Platform of a domain (its `machine` already parsed)."""
+    resources(domain, dpath, notes)
     return Platform(**_features(domain, dpath, machine, secure_boot, notes), **_clock(domain, dpath, machine, notes),
                     **_devices(devices, dpath, notes), chassis=_chassis(domain, dpath))

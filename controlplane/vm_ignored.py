@@ -55,6 +55,7 @@ IGNORED: dict[str, dict[str, str]] = {
              "blockSize": "the volume's own block size", "shareable": "the disk is not marked shareable",
              "errorPolicy": "QEMU's default (report errors to the guest)"},
     "disk.disk": {"pciAddress": "QEMU chooses the PCI address", "rotationRate": "QEMU's default rotation rate"},
+    "resources": {"overcommitGuestOverhead": "QEMU's overhead is not part of the guest's memory anyway"},
     "apic": {"endOfInterrupt": "QEMU's default end of interrupt"},
     "clock.timer": {"pit": "QEMU's default PIT", "hyperv": "no Hyper-V clock", "kvm": "QEMU's default clock source",
                     "track": "the RTC follows the host's clock"},

@@ -206,6 +206,19 @@ def test_memory_from_requests_and_cpu_topology():
     assert ignored_paths(obj) == [f"{T}.domain.cpu.dedicatedCpuPlacement", f"{T}.domain.cpu.model"]
 
 
+def test_cpu_and_limits_size_only_a_clusters_launcher_pod():
+    obj = vm_with(domain={"resources": {"requests": {"memory": "128Mi", "cpu": "500m"},
+                                        "limits": {"memory": "1Gi", "nvidia.com/gpu": 1},
+                                        "overcommitGuestOverhead": True}})
+    ignored = parse_virtual_machine(obj).template.ignored
+    assert [(i.path.removeprefix(f"{T}.domain.resources."), i.scheduling) for i in ignored] == [
+        ("overcommitGuestOverhead", False), ("requests.cpu", True), ("limits.memory", True),
+        ("limits.nvidia.com/gpu", False)]
+    assert len(event_messages(ignored, cluster=True)) == 2
+    err = refused(vm_with(domain={"resources": {"requests": {"memory": "128Mi", "a b": 1}}}))
+    assert err.path == f"{T}.domain.resources.requests"
+
+
 def test_spec_fields_kubevirt_users_set_are_noted_scheduling_only_off_a_cluster():
     obj = vm_with(nodeSelector={"disk": "ssd"}, tolerations=[{"key": "k", "operator": "Exists"}],
                   affinity={"nodeAffinity": {}}, evictionStrategy="LiveMigrate", priorityClassName="high",
