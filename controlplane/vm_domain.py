@@ -22,6 +22,7 @@ WATCHDOG_ACTIONS = ("poweroff", "reset", "shutdown")  # KubeVirt's; QEMU's -acti
 CPU_MODELS_RUN = ("host-passthrough", "host-model")  # KVM runs `-cpu host`
 SMBIOS_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ,_.+/:-]{0,63}")  # commas: _keyval doubles them
 CHASSIS_FIELDS = ("manufacturer", "version", "serial", "asset", "sku")
+HOOK_SIDECARS = "hooks.kubevirt.io/hookSidecars"
 RESOURCE_NAME = re.compile(r"[A-Za-z0-9][-A-Za-z0-9_./]{0,252}")
 PC_MACHINES = re.compile(r"pc|q35|pc-(q35|i440fx)-.*")  # the machines with SMM and HPET switches
 
@@ -185,6 +186,15 @@ def scheduling(spec: dict, path: str, notes: Notes) -> None:
     arch = spec.get("architecture")
     if arch not in (None, "", "amd64"):
         raise SpecError(f"{path}.architecture", f"{shown(arch)} is not supported (amd64)")
+
+
+def hook_annotations(meta: dict, path: str, notes: Notes) -> None:
+    """KubeVirt's hook sidecars rewrite the domain (its examples add SMBIOS fields or QEMU
+    arguments so): pvlun runs none, so their annotation is noted."""
+    annotations = _map(meta.get("annotations"), f"{path}.annotations")
+    if HOOK_SIDECARS in annotations:
+        notes.ignore(f"{path}.annotations[{HOOK_SIDECARS}]", "no hook sidecars run (pvlun builds QEMU's command "
+                     "line itself)")
 
 
 def resources(domain: dict, dpath: str, notes: Notes) -> None:

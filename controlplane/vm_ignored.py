@@ -54,7 +54,7 @@ IGNORED: dict[str, dict[str, str]] = {
              "io": "native AIO where the volume allows direct I/O", "tag": "no device tag",
              "blockSize": "the volume's own block size", "shareable": "the disk is not marked shareable",
              "errorPolicy": "QEMU's default (report errors to the guest)"},
-    "disk.disk": {"pciAddress": "QEMU chooses the PCI address", "rotationRate": "QEMU's default rotation rate"},
+    "disk.disk": {"pciAddress": "QEMU chooses the PCI address"},
     "resources": {"overcommitGuestOverhead": "QEMU's overhead is not part of the guest's memory anyway"},
     "apic": {"endOfInterrupt": "QEMU's default end of interrupt"},
     "clock.timer": {"pit": "QEMU's default PIT", "hyperv": "no Hyper-V clock", "kvm": "QEMU's default clock source",
@@ -72,6 +72,7 @@ REFUSED: dict[str, dict[str, str]] = {
     "domain": {"launchSecurity": "confidential computing (SEV) is not supported; the guest would run unprotected"},
     "devices": {"gpus": "GPUs are not passed through; the guest would run without them",
                 "hostDevices": "host devices are not passed through; the guest would run without them",
+                "qats": "QAT devices are not passed through; the guest would run without them",
                 "filesystems": "virtiofs shares are not supported; the guest would run without them"},
 }
 

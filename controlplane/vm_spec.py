@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlplane.quantity import parse_quantity
-from controlplane.vm_domain import Platform, cpu_model, platform, scheduling
+from controlplane.vm_domain import Platform, cpu_model, hook_annotations, platform, scheduling
 from controlplane.vm_ignored import Ignored, Notes
 from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, NETWORK_NAME, UUID, SpecError
 from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
@@ -52,6 +52,7 @@ class Disk:
     boot_order: int | None = None
     readonly: bool = False
     serial: str | None = None
+    rotation_rate: int | None = None  # 1: a solid-state disk (scsi and sata only)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _parse_disk(raw: Any, path: str, notes: Notes) -> Disk:
     if device not in ("disk", "cdrom"):
         raise SpecError(f"{path}.{device}", "unsupported disk type (disk, cdrom)")
     body = _map(raw.get(device), f"{path}.{device}")
-    notes.check(body, f"{path}.{device}", "disk.disk", ("bus", "readonly"))
+    notes.check(body, f"{path}.{device}", "disk.disk", ("bus", "readonly", "rotationRate"))
     allowed = BUSES if device == "disk" else CDROM_BUSES
     bus = one_of(body.get("bus", "virtio" if device == "disk" else "sata"), f"{path}.{device}.bus", allowed, "bus")
     readonly = _bool(body.get("readonly"), f"{path}.{device}.readonly", device == "cdrom")
@@ -170,7 +171,13 @@ def _parse_disk(raw: Any, path: str, notes: Notes) -> Disk:
     serial = raw.get("serial")
     if serial is not None:
         matching(serial, f"{path}.serial", DISK_SERIAL, "1-20 characters of letters, digits, '_', '.', '+' or '-'")
-    return Disk(name, device, bus, boot_order, readonly, serial)
+    rotation = body.get("rotationRate")
+    if rotation is not None:
+        rotation = _int(rotation, f"{path}.{device}.rotationRate", 1, maximum=65534)
+        if bus == "virtio" or not (rotation == 1 or rotation >= 1025):
+            raise SpecError(f"{path}.{device}.rotationRate", "needs bus scsi or sata, and 1 (a solid-state disk) "
+                            "or 1025-65534 revolutions per minute")
+    return Disk(name, device, bus, boot_order, readonly, serial, rotation)
 
 
 def _parse_volume(raw: Any, path: str) -> Volume:
@@ -319,8 +326,7 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
             raise SpecError(f"{dpath}.devices.disks[{i}].name", f"no volume named {d.name!r} in {path}.volumes")
     named = {d.name for d in disks}
     disks += [Disk(v.name, "disk", "virtio") for v in volumes if v.name not in named]  # KubeVirt's default disk
-    disks = [Disk(d.name, d.device, d.bus, d.boot_order, d.readonly or by_name[d.name].readonly, d.serial)
-             for d in disks]
+    disks = [replace(d, readonly=d.readonly or by_name[d.name].readonly) for d in disks]
     for i, d in enumerate(disks):
         if d.device == "disk" and d.bus == "sata" and d.readonly:
             raise SpecError(f"{dpath}.devices.disks[{i}].disk.bus", "a read-only disk needs bus virtio or scsi")
@@ -390,6 +396,7 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
     template = _map(spec.get("template"), "spec.template", required=True)
     labels = _map(_map(template.get("metadata"), "spec.template.metadata").get("labels"), "spec.template.metadata.labels")
     vmi = parse_vmi_spec(template.get("spec"), "spec.template.spec", name, namespace, labels)
+    hook_annotations(_map(template.get("metadata"), "spec.template.metadata"), "spec.template.metadata", notes)
     templates = []
     for i, t in enumerate(_list(spec.get("dataVolumeTemplates"), "spec.dataVolumeTemplates")):
         t = _map(t, f"spec.dataVolumeTemplates[{i}]", required=True)
@@ -405,7 +412,10 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
 def parse_virtual_machine_instance(obj: Any) -> VmSpec:
     name, namespace = _check_header(obj, "VirtualMachineInstance")
     labels = _map(_map(obj.get("metadata"), "metadata").get("labels"), "metadata.labels")
-    return parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
+    spec = parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
+    notes = Notes()
+    hook_annotations(obj["metadata"], "metadata", notes)
+    return replace(spec, ignored=tuple(notes.items) + spec.ignored) if notes.items else spec
 
 
 def parse_migration(obj: Any) -> Migration:

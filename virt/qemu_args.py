@@ -328,6 +328,8 @@ def build_qemu_argv(
         dev = {**where, "drive": top, "id": f"ua-{disk.name}"}
         if disk.serial:
             dev["serial"] = disk.serial
+        if disk.rotation_rate:
+            dev["rotation_rate"] = disk.rotation_rate
         if disk.boot_order:
             dev["bootindex"] = disk.boot_order
         argv += ["-device", _keyval(head, dev)]

@@ -259,8 +259,20 @@ def test_device_switches_and_unknown_fields_are_noted():
                          "attached (its output is the VM's log)")
     err = refused(vm_with(devices={"autoattachSerialConsole": "yes"}))
     assert err.path == f"{T}.domain.devices.autoattachSerialConsole"
-    obj = vm_with(devices={"disks": [{"name": "root", "disk": {"bus": "scsi", "rotationRate": 1}, "cache": "none"}]})
-    assert ignored_paths(obj) == [f"{T}.domain.devices.disks[0].cache", f"{T}.domain.devices.disks[0].disk.rotationRate"]
+    obj = vm_with(devices={"disks": [{"name": "root", "disk": {"bus": "scsi", "pciAddress": "0000:81:01.0"},
+                                      "cache": "none"}]})
+    assert ignored_paths(obj) == [f"{T}.domain.devices.disks[0].cache", f"{T}.domain.devices.disks[0].disk.pciAddress"]
+
+
+def test_rotation_rate_of_the_ssd_emulation_example():
+    obj = vm_with(devices={"disks": [{"name": "root", "disk": {"bus": "scsi", "rotationRate": 1}},
+                                     {"name": "iso", "disk": {"bus": "sata", "rotationRate": 7200}}]})
+    devices = values(argv_of(obj), "-device")
+    assert "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=fmt-root,id=ua-root,rotation_rate=1" in devices
+    assert "ide-hd,bus=sata0.0,drive=fmt-iso,id=ua-iso,rotation_rate=7200" in devices
+    for disk in ({"bus": "virtio", "rotationRate": 1}, {"bus": "scsi", "rotationRate": 2}):
+        err = refused(vm_with(devices={"disks": [{"name": "root", "disk": disk}]}))
+        assert err.path == f"{T}.domain.devices.disks[0].disk.rotationRate"
 
 
 def test_a_vmi_names_its_own_paths_and_a_vm_its_top_level_fields():
@@ -272,6 +284,17 @@ def test_a_vmi_names_its_own_paths_and_a_vm_its_top_level_fields():
     obj = copy.deepcopy(ALPINE)
     obj["spec"]["flavor"] = {"name": "small"}
     assert ignored_paths(obj) == ["spec.flavor"]
+
+
+def test_hook_sidecar_annotations_are_noted():
+    hooks = {"hooks.kubevirt.io/hookSidecars": '[{"args": ["--version", "v1alpha2"], "image": "hook:devel"}]'}
+    vmi = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+           "metadata": {"name": "f", "annotations": hooks}, "spec": copy.deepcopy(ALPINE["spec"]["template"]["spec"])}
+    (note,) = parse_virtual_machine_instance(vmi).ignored
+    assert note.path == "metadata.annotations[hooks.kubevirt.io/hookSidecars]"
+    obj = copy.deepcopy(ALPINE)
+    obj["spec"]["template"]["metadata"]["annotations"] = hooks
+    assert ignored_paths(obj) == ["spec.template.metadata.annotations[hooks.kubevirt.io/hookSidecars]"]
 
 
 def test_event_messages_are_capped():
