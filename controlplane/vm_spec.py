@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.quantity import parse_quantity
+from controlplane.vm_images import ContainerImage, KernelBoot, parse_container_disk, parse_kernel_boot
 from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
 from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
 from controlplane.vm_spec_fields import base64_text as _b64
@@ -28,7 +29,7 @@ API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")
 BUSES = ("virtio", "sata", "scsi")
 CDROM_BUSES = ("sata", "scsi")
-VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk")
+VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk", "containerDisk")
 MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 PROTOCOLS = ("TCP", "UDP")
 DEFAULT_GRACE_SECONDS = 180
@@ -55,6 +56,7 @@ class Volume:
     capacity: int | None = None  # emptyDisk bytes
     user_data: str | None = None  # cloudInitNoCloud, decoded
     network_data: str | None = None
+    container: ContainerImage | None = None  # containerDisk
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class VmSpec:
     interfaces: tuple[Interface, ...] = ()
     termination_grace_period: int = DEFAULT_GRACE_SECONDS
     labels: dict[str, str] = field(default_factory=dict, compare=False)
+    kernel_boot: KernelBoot | None = None  # firmware.kernelBoot
 
     @property
     def vcpus(self) -> int:
@@ -191,6 +194,8 @@ def _parse_volume(raw: Any, path: str) -> Volume:
             raise SpecError(f"{where}.capacity", f"must be from 512 bytes to {EMPTY_DISK_MAX >> 30}Gi "
                             "(a larger local disk belongs in a DataVolume)")
         return Volume(name, source, capacity=capacity)
+    if source == "containerDisk":
+        return Volume(name, source, readonly=False, container=parse_container_disk(body, where))
     # cloudInitNoCloud
     if "secretRef" in body or "networkDataSecretRef" in body:
         raise SpecError(where, "secretRef is not supported; use userData or userDataBase64")
@@ -258,8 +263,8 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     memory = _parse_memory(domain, dpath)
 
     fw = _map(domain.get("firmware"), f"{dpath}.firmware")
-    if "kernelBoot" in fw:
-        raise SpecError(f"{dpath}.firmware.kernelBoot", "unsupported (boot from a disk)")
+    kernel_boot = None if fw.get("kernelBoot") is None else parse_kernel_boot(fw["kernelBoot"],
+                                                                               f"{dpath}.firmware.kernelBoot")
     uuid = None if fw.get("uuid") is None else matching(fw["uuid"], f"{dpath}.firmware.uuid", UUID, "a UUID")
     serial = None if fw.get("serial") is None else matching(
         fw["serial"], f"{dpath}.firmware.serial", FIRMWARE_SERIAL, "1-64 letters, digits, '_', '.', '+' or '-'")
@@ -320,7 +325,7 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
                   firmware=firmware, secure_boot=secure, machine=machine, uuid=uuid, serial=serial,
                   hostname=hostname or name,
                   disks=tuple(disks), volumes=tuple(volumes), interfaces=tuple(interfaces),
-                  termination_grace_period=grace, labels=dict(labels or {}))
+                  termination_grace_period=grace, labels=dict(labels or {}), kernel_boot=kernel_boot)
 
 
 def _unique(names: list[str], path: str, what: str) -> None:
