@@ -203,3 +203,77 @@ def test_hostile_image_fails_the_vmi_with_a_clear_reason(node, images, name, rea
     assert "/container-disks/" not in status["reason"]
     assert not os.path.exists(overlay(node, vm))
     delete_vm(node, vm)
+
+
+# ---------------------------------------------------------------- the node's cache, per digest
+
+def raw_disk(marker: bytes) -> bytes:
+    return marker.ljust(64 << 10, b"\0")
+
+
+@pytest.fixture
+def cache(reg, tmp_path):
+    from importer.container_disks import ImageCache
+
+    install_ca(str(tmp_path), reg)
+    return ImageCache(str(tmp_path / "container-disks"), certs_dir=str(tmp_path / "certs.d"))
+
+
+@pytest.fixture(scope="module")
+def pull_secret(reg) -> dict[str, str]:
+    import base64
+    import yaml
+
+    data = yaml.safe_load(docker_config_secret("x", reg.host))["data"]
+    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+
+def test_a_moved_tag_pulls_its_new_digest_and_always_pulls_no_blob_for_a_known_digest(reg, cache, pull_secret):
+    first = reg.push("vm/moving:v1", [tar_layer({"disk/disk.img": raw_disk(b"first")})])
+    a = cache.disk(first, policy="Always", pull_secret=pull_secret)
+    assert a.format == "raw" and Path(a.path).read_bytes().startswith(b"first")
+    pulls = reg.blob_gets("vm/moving")
+    again = cache.disk(first, policy="Always", pull_secret=pull_secret)  # the manifest asked again, no blob
+    assert again == a and reg.blob_gets("vm/moving") == pulls
+
+    reg.push("vm/moving:v1", [tar_layer({"disk/disk.img": raw_disk(b"second")})])
+    assert cache.disk(first, policy="IfNotPresent", pull_secret=pull_secret) == a  # the node has it: not asked
+    b = cache.disk(first, policy="Always", pull_secret=pull_secret)
+    assert b.digest != a.digest and Path(b.path).read_bytes().startswith(b"second")
+    assert Path(a.path).read_bytes().startswith(b"first")  # the old digest's file is left as it was
+    assert cache.disk(first, policy="Never") == b  # the reference now means the new digest on this node
+    pinned = cache.disk(first.rsplit(":", 1)[0] + "@" + a.digest, policy="Never")
+    assert pinned == a
+
+
+def test_pull_policy_never_secret_and_path(reg, cache, pull_secret, images):
+    from importer.container_disks import ImageUnavailable
+
+    with pytest.raises(ImageUnavailable, match="not present on the node and its imagePullPolicy is Never"):
+        cache.disk(images["tick"], policy="Never")
+    with pytest.raises(ImageUnavailable) as info:
+        cache.disk(images["tick"], policy="Always")  # no pull secret: the registry says no
+    assert info.value.reason == "Unauthorized"
+    with pytest.raises(ImageUnavailable, match="holds no file /boot/nothing"):
+        cache.file(images["kernel"], "/boot/nothing", pull_secret=pull_secret)
+    ref = reg.push("vm/custom:v1", [tar_layer({"custom/my.qcow2": raw_disk(b"custom"), "disk/other": b"x"})])
+    disk = cache.disk(ref, "/custom/my.qcow2", pull_secret=pull_secret)
+    assert Path(disk.path).read_bytes().startswith(b"custom")
+
+
+def test_a_file_declaring_more_than_its_bound_is_refused_before_it_is_read(reg, cache, pull_secret):
+    import gzip
+    import io
+    import tarfile
+
+    from importer.container_disks import MAX_BOOT_FILE, ImageUnavailable
+
+    header = tarfile.TarInfo("boot/vmlinuz")
+    header.size = MAX_BOOT_FILE + 1
+    layer = gzip.compress(header.tobuf(format=tarfile.PAX_FORMAT) + b"\0" * 1024)
+    ref = reg.push("vm/liar:v1", [layer])
+    with pytest.raises(ImageUnavailable, match=f"declares {MAX_BOOT_FILE + 1} bytes, more than"):
+        cache.file(ref, "/boot/vmlinuz", pull_secret=pull_secret)
+    assert not glob.glob(os.path.join(cache.root, "sha256-*", "*"))
+    assert os.listdir(os.path.join(cache.root, "tmp")) == [] or all(n.startswith("lock-")
+                                                                     for n in os.listdir(os.path.join(cache.root, "tmp")))
