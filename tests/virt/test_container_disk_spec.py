@@ -114,3 +114,17 @@ def test_kernel_args_are_one_argv_element_and_files_are_inherited():
                              "-append", "console=ttyS0 a,b=c -device x"]
     with pytest.raises(ValueError):
         KernelFiles(9, None, "a\nb")
+
+
+def test_cluster_mode_launcher_pods_refuse_kernel_boot_with_the_field():
+    from virt.pods import vmi_spec
+
+    vmi = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": {"name": "k"},
+           "spec": {"domain": {"resources": {"requests": {"memory": "128Mi"}}, **kernel_boot_domain()}}}
+    with pytest.raises(SpecError) as info:
+        vmi_spec(vmi)
+    assert info.value.path == "spec.domain.firmware.kernelBoot" and "cluster mode" in str(info.value)
+
+
+def kernel_boot_domain() -> dict:
+    return {"firmware": kernel_boot()}
