@@ -1,67 +1,24 @@
 """A real registry for containerDisk tests: Debian's docker-registry on loopback over TLS (a CA
 made here, bench/import_fixtures.make_pki) with one htpasswd user; images built here as OCI
-layouts (any tar entries: files, symbolic links) and pushed with skopeo. The registry logs
+layouts (tests/importer/registry_support.py: files, symbolic links, hand-made tars) and pushed with skopeo. The registry logs
 every request, so a test can count the blobs it served."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
+import sys
 import warnings
 from pathlib import Path
 
 from bench.import_fixtures import free_port, make_pki, stop, wait_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "importer"))
+from registry_support import build_oci_layout  # noqa: E402
+
 USER, PASSWORD = "puller", "cd-Pa55"
-
-
-def tar_layer(entries: dict[str, bytes | tuple[str, str]]) -> bytes:
-    """A gzip'd tar layer: name → file content, or ("symlink", target)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for d in sorted({str(Path(n).parent) for n in entries} - {"."}):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for name, body in entries.items():
-            info = tarfile.TarInfo(name)
-            if isinstance(body, tuple):
-                info.type, info.linkname = tarfile.SYMTYPE, body[1]
-                tar.addfile(info)
-            else:
-                info.size, info.mode = len(body), 0o644
-                tar.addfile(info, io.BytesIO(body))
-    return gzip.compress(buf.getvalue(), 1)
-
-
-def oci_layout(root: Path, tag: str, layers: list[bytes]) -> None:
-    """An OCI image layout of gzip'd tar `layers` (bottom first), tagged `tag`."""
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(b), "size": len(b)}
-             for b in layers]
-    diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(b)).hexdigest() for b in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
-                                      "size": len(config)}, "layers": descs}).encode()
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest), "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
 
 
 class Registry:
@@ -90,10 +47,11 @@ auth: {{htpasswd: {{realm: pvlun-test, path: {work}/htpasswd}}}}
                                           stdout=subprocess.DEVNULL, stderr=log)
         wait_port(port, self._proc)
 
-    def push(self, ref: str, layers: list[bytes]) -> str:
-        """Push an image of `layers` as REPO:TAG; returns its reference as a VM names it."""
+    def push(self, ref: str, layers: list[dict | bytes]) -> str:
+        """Push an image of `layers` (bottom first; each a dict of files, registry_support's
+        _tar_bytes, or a tar made by hand) as REPO:TAG; returns its reference as a VM names it."""
         layout = self.work / ("layout-" + re.sub(r"[^a-z0-9]", "-", ref))
-        oci_layout(layout, "t", layers)
+        build_oci_layout(layout, "t", [(layer, "gzip") for layer in layers])
         subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", "--dest-cert-dir", self.pki.cert_dir,
                         "--dest-creds", f"{USER}:{PASSWORD}", f"oci:{layout}:t", f"docker://{self.host}/{ref}"],
                        check=True, capture_output=True, timeout=120)
