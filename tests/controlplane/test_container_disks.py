@@ -273,3 +273,20 @@ def test_a_file_declaring_more_than_its_bound_is_refused_before_it_is_read(reg, 
     assert not glob.glob(os.path.join(cache.root, "sha256-*", "*"))
     assert os.listdir(os.path.join(cache.root, "tmp")) == [] or all(n.startswith("lock-")
                                                                      for n in os.listdir(os.path.join(cache.root, "tmp")))
+
+
+@pytest.mark.parametrize("options,reason", [
+    (["-f", "qcow2", "-o", "data_file={tmp}/data.raw"], "uses an external data file"),
+    (["-f", "vmdk"], "holds a qcow2 or raw disk, not vmdk"),
+])
+def test_a_disk_naming_another_file_or_of_another_format_is_refused_and_not_cached(reg, cache, pull_secret,
+                                                                                    tmp_path, options, reason):
+    from importer.container_disks import ImageUnavailable
+
+    disk = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", *[o.format(tmp=tmp_path) for o in options], str(disk), "1M"],
+                   check=True)
+    ref = reg.push(f"vm/other-{options[1]}:v1", [{"disk/disk.img": disk.read_bytes()}])
+    with pytest.raises(ImageUnavailable, match=reason):
+        cache.disk(ref, pull_secret=pull_secret)
+    assert not glob.glob(os.path.join(cache.root, "sha256-*", "*"))
