@@ -95,7 +95,8 @@ def docker_config_auth(data: dict[str, str], host: str) -> tuple[str, str] | Non
         try:
             user, _, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
         except ValueError:
-            raise ImportFailed(errors.INVALID_SOURCE, "the imagePullSecret's auth is not base64 user:password") from None
+            raise ImportFailed(errors.INVALID_SOURCE, "the imagePullSecret's auth is not base64 of "
+                                                      "user:password") from None
     if not isinstance(user, str) or not isinstance(password, str) or not user:
         return None
     errors.register_secret(password)

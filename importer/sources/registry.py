@@ -256,7 +256,8 @@ class RegistrySource:
                         continue
                     if not member.isfile():
                         kind = "link" if member.issym() or member.islnk() else "directory or special file"
-                        raise ImportFailed(errors.INVALID_IMAGE, f"/{name} in the image is a {kind}, not a regular file")
+                        raise ImportFailed(errors.INVALID_IMAGE, f"/{name} in the image is a {kind}, "
+                                                                 "not a regular file")
                     if member.size > limit:
                         raise ImportFailed(errors.IMAGE_TOO_LARGE, f"/{name} in the image declares {member.size} "
                                                                    f"bytes, more than the {limit} allowed")

@@ -1,7 +1,7 @@
 """A real registry for containerDisk tests: Debian's docker-registry on loopback over TLS (a CA
 made here, bench/import_fixtures.make_pki) with one htpasswd user; images built here as OCI
-layouts (tests/importer/registry_support.py: files, symbolic links, hand-made tars) and pushed with skopeo. The registry logs
-every request, so a test can count the blobs it served."""
+layouts (tests/importer/registry_support.py: files, symbolic links, hand-made tars) and pushed
+with skopeo. The registry logs every request, so a test can count the blobs it served."""
 
 from __future__ import annotations
 
