@@ -14,6 +14,7 @@ from typing import Any
 from controlplane.quantity import parse_quantity
 from controlplane.vm_domain import Platform, cpu_model, hook_annotations, platform, scheduling
 from controlplane.vm_ignored import Ignored, Notes
+from controlplane.vm_images import ContainerImage, KernelBoot, parse_container_disk, parse_kernel_boot
 from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, NETWORK_NAME, UUID, SpecError
 from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
 from controlplane.vm_spec_fields import base64_text as _b64
@@ -30,7 +31,7 @@ API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")
 BUSES = ("virtio", "sata", "scsi")
 CDROM_BUSES = ("sata", "scsi")
-VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk")
+VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk", "containerDisk")
 MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 PROTOCOLS = ("TCP", "UDP")
 BINDINGS = ("masquerade", "bridge", "slirp", "passt")  # bridge, slirp, passt: as masquerade
@@ -64,6 +65,7 @@ class Volume:
     capacity: int | None = None  # emptyDisk bytes
     user_data: str | None = None  # cloudInitNoCloud, decoded
     network_data: str | None = None
+    container: ContainerImage | None = None  # containerDisk
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class VmSpec:
     platform: Platform = Platform()  # rng, watchdog, features, clock, chassis
     labels: dict[str, str] = field(default_factory=dict, compare=False)
     ignored: tuple[Ignored, ...] = field(default=(), compare=False)  # fields kept but not run: Warning events
+    kernel_boot: KernelBoot | None = None  # firmware.kernelBoot
 
     @property
     def vcpus(self) -> int:
@@ -210,6 +213,8 @@ def _parse_volume(raw: Any, path: str) -> Volume:
             raise SpecError(f"{where}.capacity", f"must be from 512 bytes to {EMPTY_DISK_MAX >> 30}Gi "
                             "(a larger local disk belongs in a DataVolume)")
         return Volume(name, source, capacity=capacity)
+    if source == "containerDisk":
+        return Volume(name, source, readonly=False, container=parse_container_disk(body, where))
     # cloudInitNoCloud
     if "secretRef" in body or "networkDataSecretRef" in body:
         raise SpecError(where, "secretRef is not supported; use userData or userDataBase64")
@@ -292,8 +297,8 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
 
     fw = _map(domain.get("firmware"), f"{dpath}.firmware")
     notes.check(fw, f"{dpath}.firmware", "firmware", ("uuid", "serial", "bootloader", "kernelBoot"))
-    if "kernelBoot" in fw:
-        raise SpecError(f"{dpath}.firmware.kernelBoot", "unsupported (boot from a disk)")
+    kernel_boot = None if fw.get("kernelBoot") is None else parse_kernel_boot(fw["kernelBoot"],
+                                                                               f"{dpath}.firmware.kernelBoot")
     uuid = None if fw.get("uuid") is None else matching(fw["uuid"], f"{dpath}.firmware.uuid", UUID, "a UUID")
     serial = None if fw.get("serial") is None else matching(
         fw["serial"], f"{dpath}.firmware.serial", FIRMWARE_SERIAL, "1-64 letters, digits, '_', '.', '+' or '-'")
@@ -365,7 +370,7 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
                   hostname=hostname or name,
                   disks=tuple(disks), volumes=tuple(volumes), interfaces=tuple(interfaces),
                   termination_grace_period=grace, platform=extras, labels=dict(labels or {}),
-                  ignored=tuple(notes.items))
+                  ignored=tuple(notes.items), kernel_boot=kernel_boot)
 
 
 def _unique(names: list[str], path: str, what: str) -> None:

@@ -65,6 +65,34 @@ class Throttle:
 
 
 @dataclass(frozen=True)
+class BaseImage:
+    """The read-only image a volume's qcow2 overlay lies on (a containerDisk's cached disk):
+    named on the argv as its own node, never found through the overlay's header."""
+
+    path: str
+    fmt: str  # qcow2 or raw
+    fd: int | None = None  # QEMU inherits it open read-only as this descriptor
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("qcow2", "raw"):
+            raise ValueError(f"a base image is qcow2 or raw, not {self.fmt!r}")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """`firmware.kernelBoot`: the kernel and initrd QEMU loads (inherited open, read through
+    /proc/self/fd) and the command line, one argv element whatever it holds."""
+
+    kernel_fd: int
+    initrd_fd: int | None = None
+    args: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.args) > 2048 or any(not " " <= c <= "~" for c in self.args):
+            raise ValueError("kernel arguments are printable ASCII, at most 2048 characters")
+
+
+@dataclass(frozen=True)
 class DiskAttachment:
     """Where a volume's bytes are on this host, and how QEMU should open them."""
 
@@ -75,6 +103,7 @@ class DiskAttachment:
     throttle: Throttle | None = None  # None = no throttle layer (limits then cannot be set live)
     fd: int | None = None  # QEMU inherits the file open as this descriptor (-add-fd) instead of opening `path`
     iscsi: IscsiDisk | None = None  # QEMU logs in to this LUN itself (`path` is its iscsi:// URL)
+    overlay_of: BaseImage | None = None  # `path` is a qcow2 overlay of this image
 
     @classmethod
     def for_iscsi(cls, disk: IscsiDisk, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
@@ -185,7 +214,12 @@ def _iscsi_node(disk: Disk, lun: IscsiDisk) -> tuple[list[str], dict]:
 def _format_nodes(disk: Disk, att: DiskAttachment, args: list[str], file: str, fmt: str,
                   readonly: bool) -> tuple[list[str], str]:
     """The raw format node above a volume's protocol node, and its throttle node if any."""
-    args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
+    if att.overlay_of is None:
+        args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
+    else:
+        args += _base_nodes(disk, att.overlay_of)
+        args += _blockdev({"driver": "qcow2", "node-name": fmt, "file": file, "backing": node_name("bfmt", disk.name),
+                           "read-only": readonly, "discard": "unmap"})
     top = fmt
     if att.throttle is not None:
         t = att.throttle
@@ -195,6 +229,20 @@ def _format_nodes(disk: Disk, att: DiskAttachment, args: list[str], file: str, f
         args += _blockdev({"driver": "throttle", "node-name": top, "throttle-group": f"tg-{disk.name}",
                            "file": fmt, "read-only": readonly})
     return args, top
+
+
+def _base_nodes(disk: Disk, base: BaseImage) -> list[str]:
+    """The base image of an overlay: a read-only file node and its format node (its own
+    backing chain, if its header named one, cut off)."""
+    if base.fd is None:
+        raise ValueError(f"volume {disk.name}: the base image needs its descriptor")
+    bfile, bfmt = node_name("bfile", disk.name), node_name("bfmt", disk.name)
+    args = _fdset(base.fd, base.path)
+    args += _blockdev({"driver": "file", "filename": f"/dev/fdset/{base.fd}", "node-name": bfile, "read-only": True})
+    fmt_node: dict = {"driver": base.fmt, "node-name": bfmt, "file": bfile, "read-only": True}
+    if base.fmt == "qcow2":
+        fmt_node["backing"] = None
+    return args + _blockdev(fmt_node)
 
 
 def guest_device_names(vm: VmSpec) -> dict[str, str]:
@@ -243,6 +291,7 @@ def build_qemu_argv(
     qemu_binary: str = QEMU_BINARY,
     extra_args: Sequence[str] = (),
     start_paused: bool = False,
+    kernel: KernelFiles | None = None,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
@@ -291,6 +340,12 @@ def build_qemu_argv(
              "-rtc", "base=utc,driftfix=slew" if p.rtc_catchup else "base=utc",
              "-chardev", _keyval("socket", {"id": "qmp", "fd": int(qmp_fd), "server": True, "wait": False}),
              "-mon", "chardev=qmp,mode=control"]
+    if kernel is not None:
+        argv += ["-kernel", f"/proc/self/fd/{int(kernel.kernel_fd)}"]
+        if kernel.initrd_fd is not None:
+            argv += ["-initrd", f"/proc/self/fd/{int(kernel.initrd_fd)}"]
+        if kernel.args:
+            argv += ["-append", kernel.args]
     if vm.uuid:
         argv += ["-uuid", vm.uuid]
     if vm.serial:

@@ -118,7 +118,7 @@ def test_memory_guest_wins_over_requests_and_bios_is_default():
      "spec.template.spec.domain.devices.disks", "bootOrder values must be unique"),
     ("spec.template.spec.volumes[4].emptyDisk", {}, "spec.template.spec.volumes[4].emptyDisk.capacity", "required"),
     ("spec.template.spec.volumes[4]", {"name": "scratch", "containerDisk": {"image": "x"}},
-     "spec.template.spec.volumes[4].containerDisk", "unsupported volume source"),
+     "spec.template.spec.volumes[4].containerDisk.image", "names no registry host"),
     ("spec.template.spec.volumes[0].dataVolume", {}, "spec.template.spec.volumes[0].dataVolume.name", "required"),
     ("spec.template.spec.volumes[3].cloudInitNoCloud", {"userData": "a", "userDataBase64": "YQ=="},
      "spec.template.spec.volumes[3].cloudInitNoCloud", "exactly one of userData, userDataBase64"),
