@@ -12,6 +12,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     at a time: the garbage collector first (an orphan is deleted, not worked on), then the
     kind's controller."""
     from importer.reconcile import reconcile_datavolume
+    from importer.data_source import reconcile_data_source
     from controlplane.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
     from controlplane.kubelet import reconcile_attachment
     from controlplane.provisioner import reconcile_pvc
@@ -22,6 +23,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
         ("DataVolume", reconcile_datavolume),
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),
+        ("DataSource", reconcile_data_source),
     ]
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers
@@ -40,10 +42,11 @@ CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     """On a cluster the CSI sidecars provision, snapshot and attach, and Kubernetes' garbage
     collector follows ownerReferences: what is left is CDI's and KubeVirt's controllers."""
+    from importer.data_source import reconcile_data_source
     from importer.reconcile import reconcile_datavolume
     from virt.reconcile import CLUSTER_RECONCILERS
 
-    return [("DataVolume", reconcile_datavolume)] + list(CLUSTER_RECONCILERS)
+    return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source)] + list(CLUSTER_RECONCILERS)
 
 
 def run_loop(ctx: Context) -> ControlLoop:
