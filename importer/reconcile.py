@@ -168,8 +168,11 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
 
 def with_defaults(ctx: Context, dv: Obj) -> Obj:
     """The DataVolume as the claim is made from it: its sourceRef resolved to the DataSource's
-    source (DataSourceMissing if there is none yet)."""
-    return resolve_source_ref(dv, ctx.store.get)
+    source (DataSourceMissing if there is none yet), the modes spec.storage leaves out from its
+    class's StorageProfile."""
+    from controlplane.storage_profiles import with_profile_defaults
+
+    return with_profile_defaults(ctx, resolve_source_ref(dv, ctx.store.get))
 
 
 def _wait_for_data_source(ctx: Context, dv: Obj, ns: str, message: str) -> None:

@@ -17,6 +17,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     from controlplane.kubelet import reconcile_attachment
     from controlplane.provisioner import reconcile_pvc
     from controlplane.snapshotter import reconcile_volume_snapshot
+    from controlplane.storage_profiles import reconcile_storage_profile
 
     table: list[tuple[str, Reconciler]] = [(kind, collect_if_orphaned) for kind in COLLECTED] + [
         ("VolumeAttachment", reconcile_attachment),
@@ -24,6 +25,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),
         ("DataSource", reconcile_data_source),
+        ("StorageClass", reconcile_storage_profile),
     ]
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers
@@ -34,7 +36,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
 # VMs, Pods for their importers and launchers).
-CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod")
+CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "StorageProfile")
 # ... and only the Pods it made (importer and launcher Pods carry this label), not the cluster's
 CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 
@@ -46,7 +48,10 @@ def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     from importer.reconcile import reconcile_datavolume
     from virt.reconcile import CLUSTER_RECONCILERS
 
-    return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source)] + list(CLUSTER_RECONCILERS)
+    from controlplane.storage_profiles import reconcile_storage_profile
+
+    return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
+            ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
 
 
 def run_loop(ctx: Context) -> ControlLoop:
