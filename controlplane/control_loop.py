@@ -34,7 +34,7 @@ RESYNC_SECONDS = 30.0
 WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance",
            "VolumeSnapshotContent", "StorageProfile")
 # A job's key prefix → the kind of object it works for (its end is that object's change).
-JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance"}
+JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance", "cron": "DataImportCron"}
 
 
 class ControlLoop:

@@ -13,6 +13,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     kind's controller."""
     from importer.reconcile import reconcile_datavolume
     from importer.data_source import reconcile_data_source
+    from importer.import_cron import reconcile_data_import_cron
     from controlplane.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
     from controlplane.kubelet import reconcile_attachment
     from controlplane.provisioner import reconcile_pvc
@@ -25,6 +26,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),
         ("DataSource", reconcile_data_source),
+        ("DataImportCron", reconcile_data_import_cron),
         ("StorageClass", reconcile_storage_profile),
     ]
     try:
@@ -45,13 +47,14 @@ def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     """On a cluster the CSI sidecars provision, snapshot and attach, and Kubernetes' garbage
     collector follows ownerReferences: what is left is CDI's and KubeVirt's controllers."""
     from importer.data_source import reconcile_data_source
+    from importer.import_cron import reconcile_data_import_cron
     from importer.reconcile import reconcile_datavolume
     from virt.reconcile import CLUSTER_RECONCILERS
 
     from controlplane.storage_profiles import reconcile_storage_profile
 
     return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
-            ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
+            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
 
 
 def run_loop(ctx: Context) -> ControlLoop:
