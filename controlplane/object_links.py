@@ -20,6 +20,7 @@ from controlplane.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 PASS_THROUGH = {"PersistentVolume", "VolumeSnapshotContent"}
 # VolumeAttachment owners (kubelet.attach's `owner`) → the kind of object that made them
 MIGRATION_JOB = "kubevirt.io/migrationJobName"  # the annotation naming a target Pod's migration
+IMPORT_CRON_LABEL = "cdi.kubevirt.io/dataImportCron"  # on a DataImportCron's DataVolumes and DataSource
 ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine"}
 
 
@@ -71,6 +72,7 @@ def links(obj: Obj) -> set[Key]:
         out += _claim(ns, name)
         ref = _dict(spec.get("sourceRef"))
         out.append(key("DataSource", ref.get("namespace") or ns, ref.get("name")))
+        out.append(key("DataImportCron", ns, _dict(meta.get("labels")).get(IMPORT_CRON_LABEL)))  # one of its imports
         for source_kind, body in _dict(spec.get("source")).items():
             body = _dict(body)
             if source_kind == "pvc":

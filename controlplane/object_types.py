@@ -177,7 +177,7 @@ SPECS: dict[str, Fields] = {
                                                    snapshot=Fields(name=STR, namespace=STR)))),
     "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
-                                         importsToKeep=INT, retentionPolicy=OneOf("RetainAll", "None"))),
+                                         importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
     "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
                                          cloneStrategy=OneOf("snapshot", "copy", "csi-clone"))),
 }

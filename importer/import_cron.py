@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from controlplane.context import Context
 from controlplane.cron_schedule import CronSchedule
+from controlplane.object_links import IMPORT_CRON_LABEL
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, ObjectStore, set_condition
 from controlplane.user_text import user_text
@@ -29,7 +30,7 @@ API_VERSION = "cdi.kubevirt.io/v1beta1"
 DESIRED_DIGEST = "cdi.kubevirt.io/storage.import.sourceDesiredDigest"
 IMPORT_DIGEST = "cdi.kubevirt.io/storage.import.sourceDigest"  # on each DataVolume: what it imports
 LAST_USE = "cdi.kubevirt.io/storage.import.lastUseTime"  # on each DataVolume: newest first when collecting
-CRON_LABEL = "cdi.kubevirt.io/dataImportCron"
+CRON_LABEL = IMPORT_CRON_LABEL
 DEFAULT_IMPORTS_TO_KEEP = 3
 RETRY_SECONDS = 60  # a first digest check that failed is tried again after this long
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
@@ -121,7 +122,10 @@ def _import_spec(cron: Obj, digest: str) -> dict:
 
 
 def _owner(cron: Obj) -> list[dict]:
+    """retentionPolicy None: its DataVolumes and DataSource go with it; All (the default): they stay."""
     meta = cron["metadata"]
+    if cron["spec"].get("retentionPolicy") != "None":
+        return []
     return [{"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"], "controller": True,
              "blockOwnerDeletion": True}]
 
@@ -213,9 +217,13 @@ def _collect(store: ObjectStore, cron: Obj) -> None:
 
 
 def _save(ctx: Context, cron: Obj, status: Obj, wait: float) -> float | None:
+    """Write the fields the reconcile owns (lastExecutionTimestamp is the poll's, written meanwhile
+    perhaps), and only when they changed."""
     old = cron.get("status") or {}
     if _comparable(old) != _comparable(status):
-        ctx.store.update_status(KIND, cron["metadata"]["name"], _ns(cron), status)
+        owned = {k: status[k] for k in ("conditions", "currentImports", "lastImportedPVC", "lastImportTimestamp")
+                 if k in status}
+        ctx.store.merge_status(KIND, cron["metadata"]["name"], _ns(cron), **owned)
     return wait or None
 
 
