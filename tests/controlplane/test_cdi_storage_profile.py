@@ -6,20 +6,13 @@ from __future__ import annotations
 
 from controlplane.storage_profiles import DRIVER_PROPERTY_SETS
 
+from test_datavolume import dv
+
 
 def blank(name: str, storage: str) -> str:
-    return f"""apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: {name}
-spec:
-  source:
-    blank: {{}}
-  storage:
-{storage}    resources:
-      requests:
-        storage: 16Mi
-"""
+    """A blank DataVolume whose spec.storage says only `storage` (and a size)."""
+    text = dv(name, "    blank: {}", size="16Mi")
+    return text.replace("    volumeMode: Block\n    accessModes: [ReadWriteOnce]\n", storage)
 
 
 def status_of(inst, name: str) -> dict:

@@ -79,12 +79,13 @@ def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict[str, bytes], 
 
 
 # -- Debian's docker-registry on loopback --------------------------------------------------------
-def serve_registry(d: Path, pki, auth_yaml: str = ""):
+def serve_registry(d: Path, pki, auth_yaml: str = "", log: Path | None = None):
     """A docker-registry over TLS (the test PKI's server cert) on a free loopback port, keeping
-    its blobs under `d`; `auth_yaml` is its config's `auth:` section, if any. (process, host:port)."""
+    its blobs under `d`; `auth_yaml` is its config's `auth:` section, if any; its stderr goes to
+    `log`. (process, host:port)."""
     import subprocess
 
-    from importer_support import free_port, wait_port
+    from importer_support import free_port, stop, wait_port
 
     port = free_port()
     (d / "config.yml").write_text(f"""
@@ -96,9 +97,14 @@ http:
   addr: 127.0.0.1:{port}
   tls: {{certificate: {pki.cert_file}, key: {pki.key_file}}}
 {auth_yaml}""")
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_port(port, proc)
+    with open(log or os.devnull, "wb") as err:
+        proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        wait_port(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, f"127.0.0.1:{port}"
 
 
