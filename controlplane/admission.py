@@ -180,6 +180,8 @@ def _check_data_source(obj: dict) -> None:
 
 
 def _check_import_cron(obj: dict) -> None:
+    from datetime import datetime, timezone
+
     from controlplane.cron_schedule import CronSchedule
 
     spec = obj.get("spec") or {}
@@ -187,7 +189,7 @@ def _check_import_cron(obj: dict) -> None:
         raise ValueError("spec.managedDataSource is required")
     _check(spec["managedDataSource"], "spec.managedDataSource", False)
     try:
-        CronSchedule(spec.get("schedule"))
+        CronSchedule(spec.get("schedule")).next_after(datetime.now(timezone.utc))  # "0 0 31 2 *" never does
     except ValueError as exc:
         raise ValueError(f"spec.schedule: {exc}") from None
     if spec.get("importsToKeep") is not None and spec["importsToKeep"] < 0:

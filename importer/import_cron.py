@@ -21,7 +21,7 @@ from controlplane.cron_schedule import CronSchedule
 from controlplane.object_links import IMPORT_CRON_LABEL
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, ObjectStore, set_condition
-from controlplane.user_text import user_text
+from controlplane.user_text import shown_text, user_text
 
 log = logging.getLogger("pvlun.importer")
 
@@ -99,9 +99,11 @@ def poll_if_due(store: ObjectStore, cron: Obj, now: datetime) -> float:
             digest = source.image_digest()  # type: ignore[attr-defined]
         finally:
             source.close()
-    except (ImportFailed, LookupError) as exc:
-        message = exc.message if isinstance(exc, ImportFailed) else str(exc)
-        store.add_event(cron, "Warning", "DigestCheckFailed", f"reading the image's digest: {user_text(message)}")
+    except Exception as exc:  # noqa: BLE001 — whatever it was, the check is recorded (no retry storm) and told
+        message = shown_text(exc.message) if isinstance(exc, ImportFailed) else user_text(exc)
+        if not isinstance(exc, (ImportFailed, LookupError)):
+            log.warning("digest check of %s/%s: %s", ns, meta["name"], message)
+        store.add_event(cron, "Warning", "DigestCheckFailed", f"reading the image's digest: {message}")
         digest = None
     if digest is not None and (meta.get("annotations") or {}).get(DESIRED_DIGEST) != digest:
         store.annotate(KIND, meta["name"], ns, **{DESIRED_DIGEST: digest})
@@ -156,7 +158,12 @@ def reconcile_data_import_cron(ctx: Context, cron: Obj, now: datetime | None = N
     meta, ns = cron["metadata"], _ns(cron)
     if meta.get("deletionTimestamp"):
         return None
-    wait = seconds_to_next_check(cron, now)
+    try:
+        wait = seconds_to_next_check(cron, now)
+    except ValueError as exc:  # kubectl apply does not run pvlun's admission
+        status = dict(cron.get("status") or {})
+        set_condition(status, "UpToDate", False, "InvalidSchedule", f"spec.schedule: {exc}")
+        return _save(ctx, cron, status, 0)
     if wait == 0:
         ctx.jobs.start(f"cron:{ns}/{meta['name']}", lambda: poll_if_due(ctx.store, cron, now))
     ds = _ensure_data_source(ctx.store, cron)

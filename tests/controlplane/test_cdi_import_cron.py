@@ -21,7 +21,7 @@ from importer_support import pki, stop  # noqa: E402,F401  (pki: a fixture)
 from registry_support import build_oci_layout, push_image, serve_registry  # noqa: E402
 
 from controlplane.cron_schedule import CronSchedule  # noqa: E402
-from importer.import_cron import DESIRED_DIGEST, dv_name, poll_if_due  # noqa: E402
+from importer.import_cron import DESIRED_DIGEST, RETRY_SECONDS, dv_name, poll_if_due  # noqa: E402
 
 MiB = 1 << 20
 SCHEDULE = "0 3 1 1 *"  # 03:00 on the first of January: never during a test
@@ -165,3 +165,29 @@ def test_import_cron_fields_are_checked_at_apply(instance):
     bad = cron_yaml("127.0.0.1:1").replace("        registry:\n          url:", "        http:\n          url:")
     out = instance.apply(bad, check=False)
     assert out.returncode != 0 and "a DataImportCron imports from a registry" in out.stderr
+
+
+def test_a_digest_check_that_fails_is_told_and_tried_again_later(instance):
+    instance.apply(cron_yaml("127.0.0.1:1").replace("namespace: os-images", "namespace: unreachable")
+                   .replace("          certConfigMap: registry-ca\n", ""))
+    cron = instance.wait(lambda: (c := instance.get("DataImportCron", "tick-cron", "unreachable")) and
+                         (c.get("status") or {}).get("lastExecutionTimestamp") and c, 30, "the first check")
+    events = instance.store.events(cron)
+    assert [e["reason"] for e in events if e["type"] == "Warning"] == ["DigestCheckFailed"]
+    assert "127.0.0.1:1" in events[0]["message"], events[0]["message"]
+    conditions = {c["type"]: c["reason"] for c in instance.get("DataImportCron", "tick-cron", "unreachable")["status"]
+                  .get("conditions", [])}
+    assert conditions.get("UpToDate") == "NoDigest"
+    assert instance.get("DataVolume", "tick", "unreachable") is None
+    assert not [dv for dv in instance.store.list("DataVolume", "unreachable")]
+    # not before RETRY_SECONDS (no retry storm), then again
+    from datetime import datetime, timezone
+    last = datetime.strptime(cron["status"]["lastExecutionTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert poll_if_due(instance.store, cron, last + timedelta(seconds=RETRY_SECONDS - 5)) > 0
+    status = lambda: instance.get("DataImportCron", "tick-cron", "unreachable")["status"]  # noqa: E731
+    assert status()["lastExecutionTimestamp"] == cron["status"]["lastExecutionTimestamp"]
+    poll_if_due(instance.store, cron, last + timedelta(seconds=RETRY_SECONDS))
+    again = (last + timedelta(seconds=RETRY_SECONDS)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert status()["lastExecutionTimestamp"] == again and status()["conditions"][0]["reason"] == "NoDigest"
+    out = instance.apply(cron_yaml("127.0.0.1:1").replace(SCHEDULE, "0 0 31 2 *"), check=False)
+    assert out.returncode != 0 and "never fires" in out.stderr
