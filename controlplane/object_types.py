@@ -179,7 +179,9 @@ SPECS: dict[str, Fields] = {
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
     "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
-                                         cloneStrategy=OneOf("snapshot", "copy", "csi-clone"))),
+                                         cloneStrategy=OneOf("snapshot", "copy", "csi-clone"),
+                                         dataImportCronSourceFormat=OneOf("pvc"),  # pvlun's crons keep claims
+                                         snapshotClass=STR)),
 }
 
 

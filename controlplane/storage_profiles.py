@@ -32,7 +32,8 @@ def profile_status(sc: Obj, profile: Obj | None) -> Obj:
     return {"storageClass": sc["metadata"]["name"], "provisioner": sc.get("provisioner", ""),
             "claimPropertySets": copy.deepcopy(spec.get("claimPropertySets") or DRIVER_PROPERTY_SETS),
             "cloneStrategy": spec.get("cloneStrategy") or DRIVER_CLONE_STRATEGY,
-            "dataImportCronSourceFormat": "pvc"}
+            "dataImportCronSourceFormat": "pvc",
+            **({"snapshotClass": spec["snapshotClass"]} if spec.get("snapshotClass") else {})}
 
 
 def reconcile_storage_profile(ctx: Context, sc: Obj) -> None:

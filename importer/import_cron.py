@@ -176,9 +176,11 @@ def reconcile_data_import_cron(ctx: Context, cron: Obj, now: datetime | None = N
     name = dv_name(cron, digest)
     dv = ctx.store.get("DataVolume", name, ns)
     if dv is None and not _imported(ds, name, ns):
+        template = cron["spec"]["template"].get("metadata") or {}  # its labels and annotations, as CDI copies them
         ctx.store.create({"apiVersion": API_VERSION, "kind": "DataVolume",
-                          "metadata": {"name": name, "namespace": ns, "labels": {CRON_LABEL: meta["name"]},
-                                       "annotations": {IMPORT_DIGEST: digest,
+                          "metadata": {"name": name, "namespace": ns,
+                                       "labels": {**(template.get("labels") or {}), CRON_LABEL: meta["name"]},
+                                       "annotations": {**(template.get("annotations") or {}), IMPORT_DIGEST: digest,
                                                        LAST_USE: now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
                                        "ownerReferences": _owner(cron)},
                           "spec": _import_spec(cron, digest)})

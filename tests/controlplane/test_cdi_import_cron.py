@@ -53,6 +53,9 @@ metadata:
   namespace: os-images
 spec:
   template:
+    metadata:
+      labels:
+        os: tick
     spec:
       source:
         registry:
@@ -124,6 +127,7 @@ def test_import_cron_imports_each_new_digest_moves_its_data_source_and_keeps_the
     assert lun_bytes(instance, first, "os-images", len(disks[0])) == disks[0]
     dv = instance.get("DataVolume", first, "os-images")
     assert dv["spec"]["source"]["registry"]["url"] == f"docker://{host}/golden/tick@{digests[0]}"  # pinned
+    assert dv["metadata"]["labels"] == {"os": "tick", "cdi.kubevirt.io/dataImportCron": "tick-cron"}
 
     # the same image at the next tick: nothing new
     assert tick(instance, host) == digests[0]

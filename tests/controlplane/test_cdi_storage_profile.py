@@ -91,3 +91,11 @@ spec:
   cloneStrategy: teleport
 """, check=False)
     assert out.returncode != 0 and "spec.cloneStrategy" in out.stderr
+    out = instance.apply("""apiVersion: cdi.kubevirt.io/v1beta1
+kind: StorageProfile
+metadata:
+  name: pvlun
+spec:
+  dataImportCronSourceFormat: snapshot
+""", check=False)
+    assert out.returncode != 0 and "spec.dataImportCronSourceFormat" in out.stderr
