@@ -101,3 +101,23 @@ def test_vm_data_volume_template_with_source_ref_boots_the_golden_image(instance
     pvc = instance.get("PersistentVolumeClaim", "golden-vm-root")
     assert pvc["spec"]["dataSource"]["name"] == "tick-golden"
     instance.cli("delete", "vm", "golden-vm")
+
+
+def test_a_snapshot_data_source_restores_byte_exact_once_the_snapshot_is_ready(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "snapgold.qcow2"))
+    instance.apply(data_source("snap-golden", "default", "    snapshot:\n      name: gold-snap"))
+    instance.apply(dv("gold-src", f"    http:\n      url: {web.url}/snapgold.qcow2"), "--wait")
+    instance.wait(lambda: ready(instance, "snap-golden")[1] in ("NotFound", "SnapshotNotReady"), 20, "not ready yet")
+    instance.apply("""apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: gold-snap
+spec:
+  source:
+    persistentVolumeClaimName: gold-src
+""")
+    instance.wait(lambda: ready(instance, "snap-golden") == ("True", "Ready"), 30, "snapshot DataSource Ready")
+    instance.apply(by_ref("from-snap", "snap-golden"), "--wait")
+    pvc = instance.get("PersistentVolumeClaim", "from-snap")
+    assert pvc["spec"]["dataSource"]["kind"] == "VolumeSnapshot" and pvc["spec"]["dataSource"]["name"] == "gold-snap"
+    assert same_prefix(raw, instance.lun_path("from-snap"))

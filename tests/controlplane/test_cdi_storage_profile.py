@@ -45,6 +45,8 @@ provisioner: other.example.com
     out = instance.cli("get", "storageprofiles")
     assert "fast" in out.stdout and "pvlun" in out.stdout and "elsewhere" not in out.stdout
     assert instance.get("StorageProfile", "elsewhere", "") is None
+    instance.cli("delete", "sc", "fast")  # its profile goes with it (ownerReferences)
+    instance.wait(lambda: instance.get("StorageProfile", "fast", "") is None, 20, "fast's profile collected")
 
 
 def test_storage_without_modes_gets_the_profiles_and_a_spec_override_wins(instance):
