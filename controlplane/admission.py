@@ -188,6 +188,9 @@ def _check_import_cron(obj: dict) -> None:
     if not spec.get("managedDataSource"):
         raise ValueError("spec.managedDataSource is required")
     _check(spec["managedDataSource"], "spec.managedDataSource", False)
+    if len(spec["managedDataSource"]) > SUBDOMAIN_MAX - 13:  # its imports are named <it>-<12 hex digits>
+        raise ValueError(f"spec.managedDataSource is too long: at most {SUBDOMAIN_MAX - 13} characters (its "
+                         "imports are named after it with a 13-character suffix)")
     try:
         CronSchedule(spec.get("schedule")).next_after(datetime.now(timezone.utc))  # "0 0 31 2 *" never does
     except ValueError as exc:

@@ -162,6 +162,51 @@ spec:
     assert hashlib.sha256(disks[-1]).digest() != hashlib.sha256(disks[0]).digest()
 
 
+def test_cdis_documented_import_cron_and_source_ref_are_admitted_as_written():
+    from controlplane.admission import load_documents
+
+    documented = """apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataImportCron
+metadata:
+  name: fedora-image-import-cron
+  namespace: golden-images
+spec:
+  template:
+    spec:
+      source:
+        registry:
+          url: "docker://quay.io/kubevirt/fedora-cloud-registry-disk-demo:latest"
+          pullMethod: node
+          certConfigMap: some-certs
+      storage:
+        resources:
+          requests:
+            storage: 5Gi
+        storageClassName: hostpath-provisioner
+  schedule: "30 1 * * 1"
+  garbageCollect: Outdated
+  importsToKeep: 2
+  managedDataSource: fedora
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: fedora-ref
+  namespace: golden-images
+spec:
+  sourceRef:
+      kind: DataSource
+      name: fedora
+  storage:
+    resources:
+      requests:
+        storage: 5Gi
+    storageClassName: hostpath-provisioner
+"""
+    cron, ref = load_documents(documented)
+    assert cron["spec"]["importsToKeep"] == 2 and ref["spec"]["sourceRef"] == {"kind": "DataSource", "name": "fedora"}
+
+
 def test_import_cron_fields_are_checked_at_apply(instance):
     bad = cron_yaml("127.0.0.1:1").replace(SCHEDULE, "every day")
     out = instance.apply(bad, check=False)
