@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -160,6 +161,12 @@ spec:
 """, "--wait")
     assert lun_bytes(instance, "from-golden", "default", len(disks[-1])) == disks[-1]
     assert hashlib.sha256(disks[-1]).digest() != hashlib.sha256(disks[0]).digest()
+    # retentionPolicy All (the default): the golden image outlives its cron
+    instance.cli("delete", "dic", "tick-cron", "-n", "os-images")
+    instance.wait(lambda: instance.get("DataImportCron", "tick-cron", "os-images") is None, 20, "the cron gone")
+    time.sleep(1)  # the garbage collector's turn: nothing of the cron's names it as owner
+    assert instance.get("DataSource", "tick", "os-images")["spec"]["source"]["pvc"]["name"] == names[-1]
+    assert all(instance.get("DataVolume", n, "os-images") for n in names[1:])
 
 
 def test_cdis_documented_import_cron_and_source_ref_are_admitted_as_written():
@@ -218,7 +225,8 @@ def test_import_cron_fields_are_checked_at_apply(instance):
 
 def test_a_digest_check_that_fails_is_told_and_tried_again_later(instance):
     instance.apply(cron_yaml("127.0.0.1:1").replace("namespace: os-images", "namespace: unreachable")
-                   .replace("          certConfigMap: registry-ca\n", ""))
+                   .replace("          certConfigMap: registry-ca\n", "")
+                   .replace("  managedDataSource: tick\n", "  managedDataSource: tick\n  retentionPolicy: None\n"))
     cron = instance.wait(lambda: (c := instance.get("DataImportCron", "tick-cron", "unreachable")) and
                          (c.get("status") or {}).get("lastExecutionTimestamp") and c, 30, "the first check")
     events = instance.store.events(cron)
@@ -238,5 +246,9 @@ def test_a_digest_check_that_fails_is_told_and_tried_again_later(instance):
     poll_if_due(instance.store, cron, last + timedelta(seconds=RETRY_SECONDS))
     again = (last + timedelta(seconds=RETRY_SECONDS)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert status()["lastExecutionTimestamp"] == again and status()["conditions"][0]["reason"] == "NoDigest"
+    # retentionPolicy None: what it made goes with it
+    assert instance.get("DataSource", "tick", "unreachable") is not None
+    instance.cli("delete", "dataimportcron", "tick-cron", "-n", "unreachable")
+    instance.wait(lambda: instance.get("DataSource", "tick", "unreachable") is None, 20, "its DataSource collected")
     out = instance.apply(cron_yaml("127.0.0.1:1").replace(SCHEDULE, "0 0 31 2 *"), check=False)
     assert out.returncode != 0 and "never fires" in out.stderr
