@@ -469,7 +469,7 @@ GOLDEN = {  # kind: (plural, scope, short names, categories)
     "DataImportCron": ("dataimportcrons", "Namespaced", ["dic", "dics"], ["all"]),
     "StorageProfile": ("storageprofiles", "Cluster", None, None),
 }
-GOLDEN_MANIFESTS = """
+GOLDEN_MANIFESTS = """  # as CDI's doc/os-image-poll-and-update.md writes them, then a DataSource and a StorageProfile
 apiVersion: cdi.kubevirt.io/v1beta1
 kind: DataImportCron
 metadata:
@@ -492,6 +492,21 @@ spec:
   garbageCollect: Outdated
   importsToKeep: 2
   managedDataSource: fedora
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: fedora-ref
+  namespace: golden-images
+spec:
+  sourceRef:
+      kind: DataSource
+      name: fedora
+  storage:
+    resources:
+      requests:
+        storage: 5Gi
+    storageClassName: hostpath-provisioner
 ---
 apiVersion: cdi.kubevirt.io/v1beta1
 kind: DataSource
@@ -530,6 +545,6 @@ def test_golden_image_crds_have_cdis_names_and_scope(kind):
 def test_golden_image_manifests_as_cdi_documents_them_validate():
     for obj in docs(GOLDEN_MANIFESTS):
         assert object_errors(obj, schema_of(obj["kind"])) == [], obj["kind"]
-    bad = docs(GOLDEN_MANIFESTS)[2]
+    bad = docs(GOLDEN_MANIFESTS)[3]
     bad["spec"]["cloneStrategy"] = "teleport"
     assert object_errors(bad, schema_of("StorageProfile")) != []

@@ -172,45 +172,9 @@ spec:
 def test_cdis_documented_import_cron_and_source_ref_are_admitted_as_written():
     from controlplane.admission import load_documents
 
-    documented = """apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataImportCron
-metadata:
-  name: fedora-image-import-cron
-  namespace: golden-images
-spec:
-  template:
-    spec:
-      source:
-        registry:
-          url: "docker://quay.io/kubevirt/fedora-cloud-registry-disk-demo:latest"
-          pullMethod: node
-          certConfigMap: some-certs
-      storage:
-        resources:
-          requests:
-            storage: 5Gi
-        storageClassName: hostpath-provisioner
-  schedule: "30 1 * * 1"
-  garbageCollect: Outdated
-  importsToKeep: 2
-  managedDataSource: fedora
----
-apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: fedora-ref
-  namespace: golden-images
-spec:
-  sourceRef:
-      kind: DataSource
-      name: fedora
-  storage:
-    resources:
-      requests:
-        storage: 5Gi
-    storageClassName: hostpath-provisioner
-"""
-    cron, ref = load_documents(documented)
+    from test_deploy_crds import GOLDEN_MANIFESTS  # CDI's documented DataImportCron and sourceRef DataVolume
+
+    cron, ref, *_ = load_documents(GOLDEN_MANIFESTS)
     assert cron["spec"]["importsToKeep"] == 2 and ref["spec"]["sourceRef"] == {"kind": "DataSource", "name": "fedora"}
 
 
