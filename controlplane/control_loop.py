@@ -32,9 +32,9 @@ Reconciler = Callable[[Context, Obj], "float | None"]
 RESYNC_SECONDS = 30.0
 # Kinds the embedded watcher keeps for their links even though nobody reconciles them.
 WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance",
-           "VolumeSnapshotContent")
+           "VolumeSnapshotContent", "StorageProfile")
 # A job's key prefix → the kind of object it works for (its end is that object's change).
-JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance"}
+JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance", "cron": "DataImportCron"}
 
 
 class ControlLoop:

@@ -205,6 +205,18 @@ class RegistrySource:
         except _LAYER_ERRORS:
             raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a tar archive") from None
 
+    def image_digest(self) -> str:
+        """The digest of what the reference names now: of its manifest (its index, for a
+        multi-platform image), hashed here, so a registry cannot claim one it did not send.
+        A DataImportCron compares it to see a new image; `url@digest` pulls exactly that one."""
+        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
+        try:
+            body = resp.content
+        finally:
+            resp.close()
+        self._json(resp)  # a manifest, not an error page
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
     # -- Source interface --------------------------------------------------------------
     def info(self) -> SourceInfo:
         for digest in reversed(self._manifest()):

@@ -84,6 +84,45 @@ def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict | bytes, str]
         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
 
 
+# -- Debian's docker-registry on loopback --------------------------------------------------------
+def serve_registry(d: Path, pki, auth_yaml: str = "", log: Path | None = None):
+    """A docker-registry over TLS (the test PKI's server cert) on a free loopback port, keeping
+    its blobs under `d`; `auth_yaml` is its config's `auth:` section, if any; its stderr goes to
+    `log`. (process, host:port)."""
+    import subprocess
+
+    from importer_support import free_port, stop, wait_port
+
+    port = free_port()
+    (d / "config.yml").write_text(f"""
+version: 0.1
+log: {{level: error}}
+storage:
+  filesystem: {{rootdirectory: {d / 'data'}}}
+http:
+  addr: 127.0.0.1:{port}
+  tls: {{certificate: {pki.cert_file}, key: {pki.key_file}}}
+{auth_yaml}""")
+    with open(log or os.devnull, "wb") as err:
+        proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        wait_port(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"127.0.0.1:{port}"
+
+
+def push_image(layout: Path, tag: str, pki, dest: str, creds: str | None = None) -> None:
+    """skopeo copies the OCI layout's `tag` to `dest` (docker://host/repo:tag)."""
+    import subprocess
+
+    auth = ["--dest-creds", creds] if creds else []
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", "--dest-cert-dir", pki.cert_dir, *auth,
+                    f"oci:{layout}:{tag}", dest], check=True, capture_output=True)
+
+
 # -- JWTs the way docker-registry verifies them ------------------------------------------------
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
