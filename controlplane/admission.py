@@ -23,6 +23,9 @@ KINDS = {
     "VolumeAttributesClass": "storage.k8s.io/v1",
     "VirtualMachine": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
+    "DataSource": "cdi.kubevirt.io/v1beta1",
+    "DataImportCron": "cdi.kubevirt.io/v1beta1",
+    "StorageProfile": "cdi.kubevirt.io/v1beta1",
     "VirtualMachineInstancetype": "instancetype.kubevirt.io/v1beta1",
     "VirtualMachineClusterInstancetype": "instancetype.kubevirt.io/v1beta1",
     "VirtualMachinePreference": "instancetype.kubevirt.io/v1beta1",
@@ -68,6 +71,10 @@ ALIASES = {
     "volumeattachment": "VolumeAttachment", "volumeattachments": "VolumeAttachment",
     "vac": "VolumeAttributesClass", "volumeattributesclass": "VolumeAttributesClass",
     "volumeattributesclasses": "VolumeAttributesClass",
+    "das": "DataSource", "datasource": "DataSource", "datasources": "DataSource",
+    "dic": "DataImportCron", "dics": "DataImportCron", "dataimportcron": "DataImportCron",
+    "dataimportcrons": "DataImportCron",
+    "storageprofile": "StorageProfile", "storageprofiles": "StorageProfile",
     # KubeVirt's short names for instance types and preferences
     **dict.fromkeys(("virtualmachineinstancetype", "virtualmachineinstancetypes", "vminstancetype",
                      "vminstancetypes", "vmf", "vmfs"), "VirtualMachineInstancetype"),
@@ -179,6 +186,49 @@ def _check_dv(obj: dict) -> None:
         raise ValueError("spec.source.pvc.name: a DataVolume cannot be cloned from itself (its claim is the target)")
 
 
+def _check_data_source(obj: dict) -> None:
+    source = (obj.get("spec") or {}).get("source") or {}
+    given = [k for k in source if source[k] is not None]
+    if len(given) > 1:
+        raise ValueError("spec.source: name one of pvc, snapshot, not both")
+    for kind in given:
+        if kind not in ("pvc", "snapshot"):
+            raise ValueError(f"spec.source.{kind}: unknown source (one of pvc, snapshot)")
+        if not (source[kind] or {}).get("name"):
+            raise ValueError(f"spec.source.{kind}.name is required")
+
+
+def _check_import_cron(obj: dict) -> None:
+    from datetime import datetime, timezone
+
+    from controlplane.cron_schedule import CronSchedule
+
+    spec = obj.get("spec") or {}
+    if not spec.get("managedDataSource"):
+        raise ValueError("spec.managedDataSource is required")
+    _check(spec["managedDataSource"], "spec.managedDataSource", False)
+    if len(spec["managedDataSource"]) > SUBDOMAIN_MAX - 13:  # its imports are named <it>-<12 hex digits>
+        raise ValueError(f"spec.managedDataSource is too long: at most {SUBDOMAIN_MAX - 13} characters (its "
+                         "imports are named after it with a 13-character suffix)")
+    try:
+        CronSchedule(spec.get("schedule")).next_after(datetime.now(timezone.utc))  # "0 0 31 2 *" never does
+    except ValueError as exc:
+        raise ValueError(f"spec.schedule: {exc}") from None
+    if spec.get("importsToKeep") is not None and spec["importsToKeep"] < 0:
+        raise ValueError("spec.importsToKeep: must be 0 or more")
+    template = spec.get("template") or {}
+    source = (template.get("spec") or {}).get("source") or {}
+    if list(source) != ["registry"]:
+        raise ValueError("spec.template.spec.source: a DataImportCron imports from a registry (source.registry)")
+    if not (source["registry"] or {}).get("url"):
+        raise ValueError("spec.template.spec.source.registry.url is required (pvlun polls docker:// URLs, "
+                         "not imageStream)")
+    try:  # it becomes DataVolumes: the same rules
+        _check_dv({"kind": "DataVolume", "metadata": {"name": spec["managedDataSource"]}, "spec": template["spec"]})
+    except ValueError as exc:
+        raise ValueError(f"spec.template.{exc}") from None
+
+
 def _check_vm(obj: dict) -> None:
     from controlplane.instancetypes import expand, matchers_of, placeholder
     from controlplane.vm_spec import parse_virtual_machine
@@ -240,6 +290,8 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VirtualMachineInstanceMigration": _check_migration,
     "StorageClass": _check_storage_class,
     "VolumeSnapshotClass": _check_snapshot_class,
+    "DataSource": _check_data_source,
+    "DataImportCron": _check_import_cron,
     **dict.fromkeys(("VirtualMachineInstancetype", "VirtualMachineClusterInstancetype", "VirtualMachinePreference",
                      "VirtualMachineClusterPreference"), _check_instancetype),
 }

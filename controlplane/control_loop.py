@@ -32,10 +32,10 @@ Reconciler = Callable[[Context, Obj], "float | None"]
 RESYNC_SECONDS = 30.0
 # Kinds the embedded watcher keeps for their links even though nobody reconciles them.
 WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance",
-           "VolumeSnapshotContent", "VirtualMachineInstancetype", "VirtualMachineClusterInstancetype",
+           "VolumeSnapshotContent", "StorageProfile", "VirtualMachineInstancetype", "VirtualMachineClusterInstancetype",
            "VirtualMachinePreference", "VirtualMachineClusterPreference")
 # A job's key prefix → the kind of object it works for (its end is that object's change).
-JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance"}
+JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance", "cron": "DataImportCron"}
 
 
 class ControlLoop:

@@ -18,19 +18,19 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     """(source kind, source spec, requested size, volume mode, access modes, class); ValueError names the field."""
     spec = dv.get("spec") or {}
     source = spec.get("source")
+    if spec.get("sourceRef") is not None:
+        source = _source_ref(spec)
     if not isinstance(source, dict) or len(source) != 1:
-        sref = spec.get("sourceRef")
-        raise ValueError("spec.source must name exactly one of " + ", ".join(SOURCES)
-                         + (" (spec.sourceRef / DataSource is not supported)" if sref else ""))
+        raise ValueError("spec.source must name exactly one of " + ", ".join(SOURCES) + " (or spec.sourceRef a DataSource)")
     kind = next(iter(source))
-    if kind not in SOURCES:
+    if kind not in SOURCES and kind != "sourceRef":  # a sourceRef is resolved before the claim is made (data_source_ref)
         raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
     storage = spec.get("storage") or spec.get("pvc")
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
     if not isinstance(storage, dict):
         raise ValueError("spec.storage (or spec.pvc) is required")
     request = (storage.get("resources") or {}).get("requests", {}).get("storage")
-    if request is None and kind not in ("pvc", "snapshot"):
+    if request is None and kind not in ("pvc", "snapshot", "sourceRef"):
         raise ValueError(f"{field}.resources.requests.storage is required")
     try:
         size = parse_quantity(request) if request is not None else 0
@@ -45,6 +45,19 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     if content == "archive" and mode == "Block":
         raise ValueError("spec.contentType archive needs a Filesystem volume")
     return kind, source[kind] or {}, size, mode, storage.get("accessModes") or ["ReadWriteOnce"], storage.get("storageClassName")
+
+
+def _source_ref(spec: dict) -> dict:
+    """CDI's spec.sourceRef: a DataSource (in the DataVolume's namespace unless it names one),
+    given instead of spec.source, never beside it."""
+    ref = spec["sourceRef"]
+    if spec.get("source") is not None:
+        raise ValueError("spec.source and spec.sourceRef: give one of them, not both")
+    if not isinstance(ref, dict) or ref.get("kind") != "DataSource":
+        raise ValueError("spec.sourceRef.kind: must be DataSource")
+    if not ref.get("name"):
+        raise ValueError("spec.sourceRef.name is required")
+    return {"sourceRef": ref}
 
 
 def disk_size(dv: Obj, claim_bytes: int, block: bool) -> tuple[int, float]:

@@ -13,6 +13,7 @@ import hashlib
 
 from controlplane.instancetypes import API_VERSION, Matcher, expand, matchers_of
 from controlplane.store import Obj, ObjectStore
+from controlplane.vm_ignored import REASON
 from controlplane.vm_spec import VirtualMachine, parse_virtual_machine
 from controlplane.vm_spec_fields import SUBDOMAIN, SpecError
 
@@ -95,7 +96,7 @@ def resolved(store: ObjectStore, vm: Obj) -> tuple[Obj, list[str]]:
         store.merge_status("VirtualMachine", vm["metadata"]["name"], ns, **refs)
         expanded["status"] = {**(vm.get("status") or {}), **refs}
         for warning in warnings:
-            store.add_event(vm, "Warning", "FieldIgnored", warning)
+            store.add_event(vm, "Warning", REASON, warning)
     return expanded, warnings
 
 

@@ -21,6 +21,7 @@ from controlplane.store import CLUSTER_SCOPED, Key, Obj, namespace_of
 PASS_THROUGH = {"PersistentVolume", "VolumeSnapshotContent"}
 # VolumeAttachment owners (kubelet.attach's `owner`) → the kind of object that made them
 MIGRATION_JOB = "kubevirt.io/migrationJobName"  # the annotation naming a target Pod's migration
+IMPORT_CRON_LABEL = "cdi.kubevirt.io/dataImportCron"  # on a DataImportCron's DataVolumes and DataSource
 ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine"}
 
 
@@ -80,6 +81,9 @@ def links(obj: Obj) -> set[Key]:
         out += _claim(ref.get("namespace", ""), ref.get("name"))
     elif kind == "DataVolume":
         out += _claim(ns, name)
+        ref = _dict(spec.get("sourceRef"))
+        out.append(key("DataSource", ref.get("namespace") or ns, ref.get("name")))
+        out.append(key("DataImportCron", ns, _dict(meta.get("labels")).get(IMPORT_CRON_LABEL)))  # one of its imports
         for source_kind, body in _dict(spec.get("source")).items():
             body = _dict(body)
             if source_kind == "pvc":
@@ -88,6 +92,15 @@ def links(obj: Obj) -> set[Key]:
                 out.append(key("VolumeSnapshot", body.get("namespace") or ns, body.get("name")))
     elif kind == "VolumeSnapshot":
         out += _claim(ns, _dict(spec.get("source")).get("persistentVolumeClaimName"))
+    elif kind == "DataSource":  # CDI's: it is Ready when what it points at is
+        source = _dict(spec.get("source"))
+        pvc, snapshot = _dict(source.get("pvc")), _dict(source.get("snapshot"))
+        out += _claim(pvc.get("namespace") or ns, pvc.get("name"))
+        out.append(key("VolumeSnapshot", snapshot.get("namespace") or ns, snapshot.get("name")))
+    elif kind == "DataImportCron":  # its managed DataSource (its DataVolumes name it as their owner)
+        out.append(key("DataSource", ns, spec.get("managedDataSource")))
+    elif kind == "StorageProfile":  # kept by its StorageClass's reconcile
+        out.append(key("StorageClass", "", name))
     elif kind == "VolumeSnapshotContent":
         ref = _dict(spec.get("volumeSnapshotRef"))
         out.append(key("VolumeSnapshot", ref.get("namespace", ""), ref.get("name")))

@@ -154,7 +154,9 @@ DATA_VOLUME_SPEC = Fields(
                   registry=Fields(**_URL_SOURCE, pullMethod=STR, checksum=STR), s3=Fields(**_URL_SOURCE, checksum=STR),
                   upload=ANY_MAP, blank=ANY_MAP, pvc=Fields(name=STR, namespace=STR),
                   snapshot=Fields(name=STR, namespace=STR)),
-    storage=CLAIM_SPEC, pvc=CLAIM_SPEC, contentType=STR, preallocation=BOOL)
+    sourceRef=Fields(kind=STR, name=STR, namespace=STR), storage=CLAIM_SPEC, pvc=CLAIM_SPEC, contentType=STR,
+    preallocation=BOOL)
+CLAIM_PROPERTY_SET = Fields(accessModes=ListOf(OneOf(*ACCESS_MODES)), volumeMode=OneOf("Filesystem", "Block"))
 VMI_TEMPLATE = Fields(metadata=Fields(labels=MapOf(STR), annotations=MapOf(STR)), spec=ANY_MAP)
 
 SPECS: dict[str, Fields] = {
@@ -171,6 +173,15 @@ SPECS: dict[str, Fields] = {
     "VirtualMachine": Fields(spec=Fields(running=BOOL, runStrategy=STR, template=VMI_TEMPLATE,
                                          dataVolumeTemplates=ListOf(Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC)))),
     "VirtualMachineInstanceMigration": Fields(spec=Fields(vmiName=STR, addedNodeSelector=MapOf(STR))),
+    "DataSource": Fields(spec=Fields(source=Fields(pvc=Fields(name=STR, namespace=STR),
+                                                   snapshot=Fields(name=STR, namespace=STR)))),
+    "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
+                                         managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
+                                         importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
+    "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
+                                         cloneStrategy=OneOf("snapshot", "copy", "csi-clone"),
+                                         dataImportCronSourceFormat=OneOf("pvc"),  # pvlun's crons keep claims
+                                         snapshotClass=STR)),
 }
 
 

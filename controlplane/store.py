@@ -50,7 +50,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-
 
 # Kinds that live outside namespaces, as in Kubernetes.
 CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeSnapshotContent", "VolumeAttachment",
-                  "VolumeAttributesClass", "Node", "Namespace", "VirtualMachineClusterInstancetype",
+                  "VolumeAttributesClass", "Node", "Namespace", "StorageProfile", "VirtualMachineClusterInstancetype",
                   "VirtualMachineClusterPreference"}
 
 

@@ -8,11 +8,14 @@ can tell the user exactly which line to fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlplane.quantity import parse_quantity
-from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, UUID, SpecError
+from controlplane.vm_domain import Platform, cpu_model, hook_annotations, platform, scheduling
+from controlplane.vm_ignored import Ignored, Notes
+from controlplane.vm_images import ContainerImage, KernelBoot, parse_container_disk, parse_kernel_boot
+from controlplane.vm_spec_fields import CLOUD_INIT_MAX_BYTES, DEFAULT_MACHINE, DISK_SERIAL, FIRMWARE_SERIAL, NETWORK_NAME, UUID, SpecError
 from controlplane.vm_spec_fields import SUBDOMAIN as _SUBDOMAIN
 from controlplane.vm_spec_fields import base64_text as _b64
 from controlplane.vm_spec_fields import boolean as _bool
@@ -28,9 +31,15 @@ API_VERSIONS = ("kubevirt.io/v1", "kubevirt.io/v1alpha3")
 RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted")
 BUSES = ("virtio", "sata", "scsi")
 CDROM_BUSES = ("sata", "scsi")
-VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk")
+VOLUME_SOURCES = ("dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk", "containerDisk")
 MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 PROTOCOLS = ("TCP", "UDP")
+BINDINGS = ("masquerade", "bridge", "slirp", "passt")  # bridge, slirp, passt: as masquerade
+REFUSED_BINDINGS = ("sriov", "macvtap", "binding")
+SPEC_KEYS = ("domain", "volumes", "networks", "terminationGracePeriodSeconds", "hostname", "nodeSelector",
+             "affinity", "tolerations", "subdomain", "architecture")
+VM_KEYS = ("running", "runStrategy", "template", "dataVolumeTemplates")
+DOMAIN_KEYS = ("cpu", "memory", "machine", "firmware", "devices", "resources", "features", "clock", "chassis")
 DEFAULT_GRACE_SECONDS = 180
 EMPTY_DISK_MAX = 256 << 30  # an emptyDisk is a file in the data dir, outside the pool's accounting
 __all__ = ["SpecError"]  # re-exported: callers catch it from here
@@ -44,6 +53,7 @@ class Disk:
     boot_order: int | None = None
     readonly: bool = False
     serial: str | None = None
+    rotation_rate: int | None = None  # 1: a solid-state disk (scsi and sata only)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Volume:
     capacity: int | None = None  # emptyDisk bytes
     user_data: str | None = None  # cloudInitNoCloud, decoded
     network_data: str | None = None
+    container: ContainerImage | None = None  # containerDisk
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,10 @@ class VmSpec:
     volumes: tuple[Volume, ...] = ()
     interfaces: tuple[Interface, ...] = ()
     termination_grace_period: int = DEFAULT_GRACE_SECONDS
+    platform: Platform = Platform()  # rng, watchdog, features, clock, chassis
     labels: dict[str, str] = field(default_factory=dict, compare=False)
+    ignored: tuple[Ignored, ...] = field(default=(), compare=False)  # fields kept but not run: Warning events
+    kernel_boot: KernelBoot | None = None  # firmware.kernelBoot
 
     @property
     def vcpus(self) -> int:
@@ -141,8 +155,9 @@ def _check_header(obj: Any, kind: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- domain pieces
 
-def _parse_disk(raw: Any, path: str) -> Disk:
+def _parse_disk(raw: Any, path: str, notes: Notes) -> Disk:
     raw = _map(raw, path, required=True)
+    notes.check(raw, path, "disk", ("name", "disk", "cdrom", "lun", "floppy", "bootOrder", "serial"))
     name = _name(raw.get("name"), f"{path}.name")
     kinds = [k for k in ("disk", "cdrom", "lun", "floppy") if k in raw]
     if len(kinds) > 1:
@@ -151,6 +166,7 @@ def _parse_disk(raw: Any, path: str) -> Disk:
     if device not in ("disk", "cdrom"):
         raise SpecError(f"{path}.{device}", "unsupported disk type (disk, cdrom)")
     body = _map(raw.get(device), f"{path}.{device}")
+    notes.check(body, f"{path}.{device}", "disk.disk", ("bus", "readonly", "rotationRate"))
     allowed = BUSES if device == "disk" else CDROM_BUSES
     bus = one_of(body.get("bus", "virtio" if device == "disk" else "sata"), f"{path}.{device}.bus", allowed, "bus")
     readonly = _bool(body.get("readonly"), f"{path}.{device}.readonly", device == "cdrom")
@@ -158,7 +174,13 @@ def _parse_disk(raw: Any, path: str) -> Disk:
     serial = raw.get("serial")
     if serial is not None:
         matching(serial, f"{path}.serial", DISK_SERIAL, "1-20 characters of letters, digits, '_', '.', '+' or '-'")
-    return Disk(name, device, bus, boot_order, readonly, serial)
+    rotation = body.get("rotationRate")
+    if rotation is not None:
+        rotation = _int(rotation, f"{path}.{device}.rotationRate", 1, maximum=65534)
+        if bus == "virtio" or not (rotation == 1 or rotation >= 1025):
+            raise SpecError(f"{path}.{device}.rotationRate", "needs bus scsi or sata, and 1 (a solid-state disk) "
+                            "or 1025-65534 revolutions per minute")
+    return Disk(name, device, bus, boot_order, readonly, serial, rotation)
 
 
 def _parse_volume(raw: Any, path: str) -> Volume:
@@ -191,6 +213,8 @@ def _parse_volume(raw: Any, path: str) -> Volume:
             raise SpecError(f"{where}.capacity", f"must be from 512 bytes to {EMPTY_DISK_MAX >> 30}Gi "
                             "(a larger local disk belongs in a DataVolume)")
         return Volume(name, source, capacity=capacity)
+    if source == "containerDisk":
+        return Volume(name, source, readonly=False, container=parse_container_disk(body, where))
     # cloudInitNoCloud
     if "secretRef" in body or "networkDataSecretRef" in body:
         raise SpecError(where, "secretRef is not supported; use userData or userDataBase64")
@@ -208,12 +232,19 @@ def _parse_volume(raw: Any, path: str) -> Volume:
     return Volume(name, source, user_data=user, network_data=network)
 
 
-def _parse_interface(raw: Any, path: str) -> Interface:
+def _parse_interface(raw: Any, path: str, notes: Notes) -> Interface:
     raw = _map(raw, path, required=True)
-    name = _name(raw.get("name"), f"{path}.name")
-    bindings = [k for k in ("masquerade", "bridge", "slirp", "sriov", "passt", "binding") if k in raw]
-    if bindings and bindings != ["masquerade"]:
-        raise SpecError(f"{path}.{bindings[-1]}", "unsupported interface binding (masquerade)")
+    name = _name(raw.get("name"), f"{path}.name", NETWORK_NAME)
+    bindings = [k for k in BINDINGS + REFUSED_BINDINGS if k in raw]
+    if len(bindings) > 1:
+        raise SpecError(path, f"only one interface binding may be set (got {', '.join(bindings)})")
+    if bindings and bindings[0] in REFUSED_BINDINGS:
+        raise SpecError(f"{path}.{bindings[0]}", "unsupported interface binding (masquerade; bridge, slirp and "
+                        "passt on the pod network run as masquerade)")
+    notes.check(raw, path, "interface", ("name", "model", "macAddress", "ports", "bootOrder") + BINDINGS)
+    if bindings and bindings[0] != "masquerade":  # KubeVirt allows these on the pod network
+        notes.ignore(f"{path}.{bindings[0]}", "the pod network runs as masquerade (the guest has 10.0.2.2 "
+                     "behind the host's address, not an address of its own)")
     model = one_of(raw.get("model", "virtio"), f"{path}.model", MODELS, "model")
     mac = None if raw.get("macAddress") is None else mac_address(raw["macAddress"], f"{path}.macAddress")
     ports = []
@@ -228,8 +259,9 @@ def _parse_interface(raw: Any, path: str) -> Interface:
     return Interface(name, "masquerade", model, mac, tuple(ports), boot)
 
 
-def _parse_memory(domain: dict, path: str) -> int:
+def _parse_memory(domain: dict, path: str, notes: Notes) -> int:
     mem = _map(domain.get("memory"), f"{path}.memory")
+    notes.check(mem, f"{path}.memory", "memory", ("guest",))
     requests = _map(_map(domain.get("resources"), f"{path}.resources").get("requests"), f"{path}.resources.requests")
     if mem.get("guest") is not None:
         where, value = f"{path}.memory.guest", mem["guest"]
@@ -249,32 +281,47 @@ def _parse_memory(domain: dict, path: str) -> int:
 def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict | None = None) -> VmSpec:
     """Parse a VirtualMachineInstance spec found at `path` (used for VMIs and VM templates)."""
     spec = _map(spec, path, required=True)
+    notes = Notes()
+    notes.check(spec, path, "spec", SPEC_KEYS)
+    scheduling(spec, path, notes)
     dpath = f"{path}.domain"
     domain = _map(spec.get("domain"), dpath, required=True)
+    notes.check(domain, dpath, "domain", DOMAIN_KEYS)
     cpu = _map(domain.get("cpu"), f"{dpath}.cpu")
+    notes.check(cpu, f"{dpath}.cpu", "cpu", ("cores", "sockets", "threads", "model"))
+    cpu_model(cpu, f"{dpath}.cpu", notes)
     cores = _int(cpu.get("cores"), f"{dpath}.cpu.cores", 1, maximum=64)
     sockets = _int(cpu.get("sockets"), f"{dpath}.cpu.sockets", 1, maximum=16)
     threads = _int(cpu.get("threads"), f"{dpath}.cpu.threads", 1, maximum=8)
-    memory = _parse_memory(domain, dpath)
+    memory = _parse_memory(domain, dpath, notes)
 
     fw = _map(domain.get("firmware"), f"{dpath}.firmware")
-    if "kernelBoot" in fw:
-        raise SpecError(f"{dpath}.firmware.kernelBoot", "unsupported (boot from a disk)")
+    notes.check(fw, f"{dpath}.firmware", "firmware", ("uuid", "serial", "bootloader", "kernelBoot"))
+    kernel_boot = None if fw.get("kernelBoot") is None else parse_kernel_boot(fw["kernelBoot"],
+                                                                               f"{dpath}.firmware.kernelBoot")
     uuid = None if fw.get("uuid") is None else matching(fw["uuid"], f"{dpath}.firmware.uuid", UUID, "a UUID")
     serial = None if fw.get("serial") is None else matching(
         fw["serial"], f"{dpath}.firmware.serial", FIRMWARE_SERIAL, "1-64 letters, digits, '_', '.', '+' or '-'")
     boot = _map(fw.get("bootloader"), f"{dpath}.firmware.bootloader")
+    notes.check(boot, f"{dpath}.firmware.bootloader", "bootloader", ("bios", "efi"))
     firmware, secure = "bios", False
     if "efi" in boot and "bios" in boot:
         raise SpecError(f"{dpath}.firmware.bootloader", "only one of bios, efi may be set")
+    if "bios" in boot:
+        notes.check(_map(boot["bios"], f"{dpath}.firmware.bootloader.bios"), f"{dpath}.firmware.bootloader.bios",
+                    "bios", ())
     if "efi" in boot:
         efi = _map(boot["efi"], f"{dpath}.firmware.bootloader.efi")
+        notes.check(efi, f"{dpath}.firmware.bootloader.efi", "efi", ("secureBoot",))
         firmware, secure = "efi", _bool(efi.get("secureBoot"), f"{dpath}.firmware.bootloader.efi.secureBoot", True)
-    machine = machine_type(_map(domain.get("machine"), f"{dpath}.machine").get("type"), f"{dpath}.machine.type")
+    machine_raw = _map(domain.get("machine"), f"{dpath}.machine")
+    notes.check(machine_raw, f"{dpath}.machine", "machine", ("type",))
+    machine = machine_type(machine_raw.get("type"), f"{dpath}.machine.type")
 
     devices = _map(domain.get("devices"), f"{dpath}.devices")
+    extras = platform(domain, devices, dpath, machine, secure, notes)
     volumes = [_parse_volume(v, f"{path}.volumes[{i}]") for i, v in enumerate(_list(spec.get("volumes"), f"{path}.volumes"))]
-    disks = [_parse_disk(d, f"{dpath}.devices.disks[{i}]")
+    disks = [_parse_disk(d, f"{dpath}.devices.disks[{i}]", notes)
              for i, d in enumerate(_list(devices.get("disks"), f"{dpath}.devices.disks"))]
     _unique([v.name for v in volumes], f"{path}.volumes", "name")
     _unique([d.name for d in disks], f"{dpath}.devices.disks", "name")
@@ -284,14 +331,13 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
             raise SpecError(f"{dpath}.devices.disks[{i}].name", f"no volume named {d.name!r} in {path}.volumes")
     named = {d.name for d in disks}
     disks += [Disk(v.name, "disk", "virtio") for v in volumes if v.name not in named]  # KubeVirt's default disk
-    disks = [Disk(d.name, d.device, d.bus, d.boot_order, d.readonly or by_name[d.name].readonly, d.serial)
-             for d in disks]
+    disks = [replace(d, readonly=d.readonly or by_name[d.name].readonly) for d in disks]
     for i, d in enumerate(disks):
         if d.device == "disk" and d.bus == "sata" and d.readonly:
             raise SpecError(f"{dpath}.devices.disks[{i}].disk.bus", "a read-only disk needs bus virtio or scsi")
 
     ifaces_raw = _list(devices.get("interfaces"), f"{dpath}.devices.interfaces")
-    interfaces = [_parse_interface(x, f"{dpath}.devices.interfaces[{i}]") for i, x in enumerate(ifaces_raw)]
+    interfaces = [_parse_interface(x, f"{dpath}.devices.interfaces[{i}]", notes) for i, x in enumerate(ifaces_raw)]
     _unique([x.name for x in interfaces], f"{dpath}.devices.interfaces", "name")
     networks = _list(spec.get("networks"), f"{path}.networks")
     net_names = set()
@@ -299,7 +345,10 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
         n = _map(n, f"{path}.networks[{i}]", required=True)
         if "pod" not in n:
             raise SpecError(f"{path}.networks[{i}]", "unsupported network (pod)")
-        net_names.add(_name(n.get("name"), f"{path}.networks[{i}].name"))
+        notes.check(n, f"{path}.networks[{i}]", "network", ("name", "pod"))
+        pod = _map(n["pod"], f"{path}.networks[{i}].pod")
+        notes.check(pod, f"{path}.networks[{i}].pod", "network.pod", ())
+        net_names.add(_name(n.get("name"), f"{path}.networks[{i}].name", NETWORK_NAME))
     for i, x in enumerate(interfaces):
         if networks and x.name not in net_names:
             raise SpecError(f"{dpath}.devices.interfaces[{i}].name", f"no network named {x.name!r} in {path}.networks")
@@ -320,7 +369,8 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
                   firmware=firmware, secure_boot=secure, machine=machine, uuid=uuid, serial=serial,
                   hostname=hostname or name,
                   disks=tuple(disks), volumes=tuple(volumes), interfaces=tuple(interfaces),
-                  termination_grace_period=grace, labels=dict(labels or {}))
+                  termination_grace_period=grace, platform=extras, labels=dict(labels or {}),
+                  ignored=tuple(notes.items), kernel_boot=kernel_boot)
 
 
 def _unique(names: list[str], path: str, what: str) -> None:
@@ -337,6 +387,8 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
     """Validate a VirtualMachine; SpecError names the offending field."""
     name, namespace = _check_header(obj, "VirtualMachine")
     spec = _map(obj.get("spec"), "spec", required=True)
+    notes = Notes()
+    notes.check(spec, "spec", "vm", VM_KEYS)
     if "running" in spec and "runStrategy" in spec:
         raise SpecError("spec.running", "running and runStrategy are mutually exclusive")
     if "runStrategy" in spec:
@@ -349,6 +401,7 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
     template = _map(spec.get("template"), "spec.template", required=True)
     labels = _map(_map(template.get("metadata"), "spec.template.metadata").get("labels"), "spec.template.metadata.labels")
     vmi = parse_vmi_spec(template.get("spec"), "spec.template.spec", name, namespace, labels)
+    hook_annotations(_map(template.get("metadata"), "spec.template.metadata"), "spec.template.metadata", notes)
     templates = []
     for i, t in enumerate(_list(spec.get("dataVolumeTemplates"), "spec.dataVolumeTemplates")):
         t = _map(t, f"spec.dataVolumeTemplates[{i}]", required=True)
@@ -357,13 +410,17 @@ def parse_virtual_machine(obj: Any) -> VirtualMachine:
         _map(t.get("spec"), f"spec.dataVolumeTemplates[{i}].spec", required=True)
         templates.append(t)
     _unique([t["metadata"]["name"] for t in templates], "spec.dataVolumeTemplates", "metadata.name")
+    vmi = replace(vmi, ignored=tuple(notes.items) + vmi.ignored)
     return VirtualMachine(name, namespace, strategy, vmi, tuple(templates))
 
 
 def parse_virtual_machine_instance(obj: Any) -> VmSpec:
     name, namespace = _check_header(obj, "VirtualMachineInstance")
     labels = _map(_map(obj.get("metadata"), "metadata").get("labels"), "metadata.labels")
-    return parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
+    spec = parse_vmi_spec(obj.get("spec"), "spec", name, namespace, labels)
+    notes = Notes()
+    hook_annotations(obj["metadata"], "metadata", notes)
+    return replace(spec, ignored=tuple(notes.items) + spec.ignored) if notes.items else spec
 
 
 def parse_migration(obj: Any) -> Migration:

@@ -18,6 +18,8 @@ from typing import Any
 # Kubernetes names: a DNS-1123 label (63) or subdomain (253)
 NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+# interface and network names: KubeVirt's examples have capitals (`testSlirp`); QEMU sees them in ids only
+NETWORK_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 # what `qemu-system-x86_64 -machine help` offers (aliases and versioned types)
 MACHINE = re.compile(r"pc|q35|microvm|isapc|pc-(q35|i440fx)-[0-9]{1,2}\.[0-9]{1,2}(\.[0-9]{1,2})?")
 DEFAULT_MACHINE = "q35"
@@ -86,7 +88,8 @@ def name(value: Any, path: str, pattern: re.Pattern = NAME, limit: int = 63) -> 
         raise SpecError(path, "required")
     if not isinstance(value, str) or len(value) > limit or not pattern.fullmatch(value):
         chars = "digits, '-' and '.'" if pattern is SUBDOMAIN else "digits and '-'"
-        raise SpecError(path, f"{shown(value)} is not a valid name (at most {limit} lowercase letters, {chars})")
+        case = "" if pattern is NETWORK_NAME else "lowercase "
+        raise SpecError(path, f"{shown(value)} is not a valid name (at most {limit} {case}letters, {chars})")
     return value
 
 

@@ -1,7 +1,7 @@
 """pvlun's CustomResourceDefinitions, written to deploy/full/crds/ (`make crds`; the files are
 committed and tests/test_deploy_crds.py fails when they drift from this module).
 
-CDI's DataVolume and KubeVirt's VirtualMachine, VirtualMachineInstance and
+CDI's DataVolume, DataSource, DataImportCron and StorageProfile and KubeVirt's VirtualMachine, VirtualMachineInstance and
 VirtualMachineInstanceMigration in the groups, versions, names, short names and printer columns
 upstream gives them, so users' YAML applies unchanged. The schemas are structural and our own:
 every field a user writes is typed where the whole upstream type is small (a DataVolume's spec, a
@@ -139,6 +139,37 @@ DATA_VOLUME_STATUS = obj({
     "observedGeneration": integer(),
     "conditions": CONDITIONS,
 }, keep_unknown=True)
+
+# ------------------------------------------------------------------ CDI: golden images
+
+_PVC_REF = obj({"namespace": string(), "name": string()}, required=("namespace", "name"))
+DATA_SOURCE_SPEC = obj({"source": obj({"pvc": _PVC_REF, "snapshot": _PVC_REF})}, required=("source",))
+DATA_SOURCE_STATUS = obj({"source": obj({"pvc": _PVC_REF, "snapshot": _PVC_REF}), "conditions": CONDITIONS},
+                         keep_unknown=True)
+DATA_IMPORT_CRON_SPEC = obj({
+    "template": obj({"metadata": EMBEDDED_METADATA, "spec": DATA_VOLUME_SPEC}, required=("spec",)),
+    "schedule": string("When to look for a new image: 5-field cron (minute hour day-of-month month day-of-week)"),
+    "garbageCollect": string(enum=["Outdated", "Never"]),
+    "importsToKeep": integer(minimum=0),
+    "managedDataSource": string("The DataSource (in this namespace) that names the newest import"),
+    "retentionPolicy": string(enum=["All", "None"]),
+}, required=("template", "schedule", "managedDataSource"))
+DATA_IMPORT_CRON_STATUS = obj({
+    "currentImports": array(obj({"DataVolumeName": string(), "Digest": string()}, required=("DataVolumeName", "Digest"))),
+    "lastImportedPVC": _PVC_REF,
+    "lastExecutionTimestamp": TIME,
+    "lastImportTimestamp": TIME,
+    "sourceFormat": string(),
+    "conditions": CONDITIONS,
+}, keep_unknown=True)
+CLAIM_PROPERTY_SETS = array(obj({"accessModes": array(string()), "volumeMode": string(enum=["Filesystem", "Block"])}))
+CLONE_STRATEGY = string(enum=["copy", "snapshot", "csi-clone"])
+STORAGE_PROFILE_SPEC = obj({"claimPropertySets": CLAIM_PROPERTY_SETS, "cloneStrategy": CLONE_STRATEGY,
+                            "dataImportCronSourceFormat": string(enum=["pvc", "snapshot"]),
+                            "snapshotClass": string()})
+STORAGE_PROFILE_STATUS = obj({"storageClass": string(), "provisioner": string(), "claimPropertySets": CLAIM_PROPERTY_SETS,
+                              "cloneStrategy": CLONE_STRATEGY, "dataImportCronSourceFormat": string(),
+                              "snapshotClass": string()}, keep_unknown=True)
 
 # ------------------------------------------------------------------ KubeVirt: a VMI spec
 
@@ -315,36 +346,36 @@ def root(description: str, spec: Schema, status: Schema | None, spec_required: b
 
 def crd(group: str, kind: str, plural: str, short: list[str], schema: Schema, columns: list[dict],
         versions: tuple[str, ...], deprecated: tuple[str, ...] = (), scope: str = "Namespaced",
-        status: bool = True) -> dict:
-    """One CRD serving `versions` (the first stored) with the same schema; in category "all"
-    when namespaced, as upstream's."""
+        categories: tuple[str, ...] = ("all",), status: bool = True) -> dict:
+    """One CRD serving `versions` (the first stored) with the same schema (a status subresource
+    unless `status` is False: upstream's kinds that have no status)."""
     served = []
     for i, version in enumerate(versions):
         entry = {"name": version, "served": True, "storage": i == 0}
         if version in deprecated:
             entry.update(deprecated=True, deprecationWarning=f"{group}/{version} {kind} is deprecated; use "
                                                              f"{group}/{versions[0]}")
-        entry["schema"] = {"openAPIV3Schema": schema}
-        if status:
-            entry["subresources"] = {"status": {}}
-        if columns:
-            entry["additionalPrinterColumns"] = columns
+        entry.update(schema={"openAPIV3Schema": schema}, **({"subresources": {"status": {}}} if status else {}),
+                     additionalPrinterColumns=columns)
         served.append(entry)
-    names = {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(), "shortNames": short}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{group}", "labels": {"app.kubernetes.io/part-of": "pvlun"}},
         "spec": {"group": group, "scope": scope,
-                 "names": names | ({"categories": ["all"]} if scope == "Namespaced" else {}),
+                 "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                           **({"shortNames": short} if short else {}),
+                           **({"categories": list(categories)} if categories else {})},
                  "versions": served},
     }
 
 
 def instancetype_crd(kind: str, plural: str, short: list[str], description: str, spec: Schema,
                      scope: str = "Namespaced") -> dict:
+    """KubeVirt's: in category "all" when namespaced, no status, no columns but Age."""
     return crd("instancetype.kubevirt.io", kind, plural, short, root(description, spec, None), [],
-               INSTANCETYPE_VERSIONS, deprecated=INSTANCETYPE_VERSIONS[1:], scope=scope, status=False)
+               INSTANCETYPE_VERSIONS, deprecated=INSTANCETYPE_VERSIONS[1:], scope=scope,
+               categories=("all",) if scope == "Namespaced" else (), status=False)
 
 
 KUBEVIRT_VERSIONS = ("v1", "v1alpha3")  # v1alpha3: still served by KubeVirt, deprecated
@@ -359,6 +390,19 @@ CRDS = {
           "description": "How often the transfer started over"},
          AGE],
         ("v1beta1",)),
+    "datasources.cdi.kubevirt.io": crd(
+        "cdi.kubevirt.io", "DataSource", "datasources", ["das"],
+        root("What a DataVolume's sourceRef clones: a claim or a snapshot (CDI's DataSource).", DATA_SOURCE_SPEC,
+             DATA_SOURCE_STATUS), [], ("v1beta1",)),
+    "dataimportcrons.cdi.kubevirt.io": crd(
+        "cdi.kubevirt.io", "DataImportCron", "dataimportcrons", ["dic", "dics"],
+        root("A golden image imported again from a registry on a schedule (CDI's DataImportCron).",
+             DATA_IMPORT_CRON_SPEC, DATA_IMPORT_CRON_STATUS), [], ("v1beta1",)),
+    "storageprofiles.cdi.kubevirt.io": crd(
+        "cdi.kubevirt.io", "StorageProfile", "storageprofiles", [],
+        root("What a StorageClass's claims get by default, and how its clones are made (CDI's StorageProfile).",
+             STORAGE_PROFILE_SPEC, STORAGE_PROFILE_STATUS, spec_required=False), [], ("v1beta1",),
+        scope="Cluster", categories=()),
     "virtualmachines.kubevirt.io": crd(
         "kubevirt.io", "VirtualMachine", "virtualmachines", ["vm", "vms"],
         root("A virtual machine that runs (or not) as its runStrategy says.", VM_SPEC, VM_STATUS),

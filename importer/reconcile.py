@@ -14,6 +14,7 @@ import time
 
 from controlplane import kubelet
 from controlplane.context import Context
+from controlplane.data_source_ref import DataSourceMissing, resolve_source_ref
 from controlplane.dv_spec import claim_spec, disk_size, validate
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, set_condition
@@ -84,6 +85,11 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         return  # for good: a DataVolume's spec never changes (admission refuses it, as CDI's webhook does)
     if ctx.jobs.running("dv:" + key_of(dv)):
         return
+    try:
+        dv = with_defaults(ctx, dv)
+    except DataSourceMissing as exc:
+        _wait_for_data_source(ctx, dv, ns, str(exc))
+        return None
     try:
         kind, source, size, mode, access, sc = validate(dv)
     except ValueError as exc:
@@ -158,6 +164,29 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         return
     ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_import(ctx, dv, kind, source, mode, node),
                            f"import/{key_of(dv)}")
+
+
+def with_defaults(ctx: Context, dv: Obj) -> Obj:
+    """The DataVolume as the claim is made from it: its sourceRef resolved to the DataSource's
+    source (DataSourceMissing if there is none yet), the modes spec.storage leaves out from its
+    class's StorageProfile."""
+    from controlplane.storage_profiles import with_profile_defaults
+
+    return with_profile_defaults(ctx, resolve_source_ref(dv, ctx.store.get))
+
+
+def _wait_for_data_source(ctx: Context, dv: Obj, ns: str, message: str) -> None:
+    """A sourceRef whose DataSource is not there (yet): Pending, saying so once (CDI waits too)."""
+    if ctx.store.get("PersistentVolumeClaim", dv["metadata"]["name"], ns) is not None:
+        return  # the claim was made from it already: its clone goes on without it
+    status = _status(dv)
+    if status.get("phase") == "Pending" and any(c.get("message") == message for c in status.get("conditions", [])):
+        return
+    status.update(phase="Pending", progress="N/A")
+    status.setdefault("restartCount", 0)
+    set_condition(status, "Ready", False, "DataSourceNotFound", message)
+    _save(ctx, dv, status)
+    ctx.store.add_event(dv, "Warning", "DataSourceNotFound", message)
 
 
 def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:

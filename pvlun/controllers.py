@@ -12,16 +12,22 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     at a time: the garbage collector first (an orphan is deleted, not worked on), then the
     kind's controller."""
     from importer.reconcile import reconcile_datavolume
+    from importer.data_source import reconcile_data_source
+    from importer.import_cron import reconcile_data_import_cron
     from controlplane.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
     from controlplane.kubelet import reconcile_attachment
     from controlplane.provisioner import reconcile_pvc
     from controlplane.snapshotter import reconcile_volume_snapshot
+    from controlplane.storage_profiles import reconcile_storage_profile
 
     table: list[tuple[str, Reconciler]] = [(kind, collect_if_orphaned) for kind in COLLECTED] + [
         ("VolumeAttachment", reconcile_attachment),
         ("DataVolume", reconcile_datavolume),
         ("PersistentVolumeClaim", reconcile_pvc),
         ("VolumeSnapshot", reconcile_volume_snapshot),
+        ("DataSource", reconcile_data_source),
+        ("DataImportCron", reconcile_data_import_cron),
+        ("StorageClass", reconcile_storage_profile),
     ]
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers
@@ -31,9 +37,9 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 
 
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
-# VMs, Pods for their importers and launchers, the instancetypes and preferences VMs name).
-CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "VirtualMachineInstancetype", "VirtualMachineClusterInstancetype",
-                   "VirtualMachinePreference", "VirtualMachineClusterPreference")
+# VMs, Pods for their importers and launchers, StorageProfiles, the instancetypes and preferences VMs name).
+CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "StorageProfile", "VirtualMachineInstancetype",
+                   "VirtualMachineClusterInstancetype", "VirtualMachinePreference", "VirtualMachineClusterPreference")
 # ... and only the Pods it made (importer and launcher Pods carry this label), not the cluster's
 CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 
@@ -41,10 +47,15 @@ CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     """On a cluster the CSI sidecars provision, snapshot and attach, and Kubernetes' garbage
     collector follows ownerReferences: what is left is CDI's and KubeVirt's controllers."""
+    from importer.data_source import reconcile_data_source
+    from importer.import_cron import reconcile_data_import_cron
     from importer.reconcile import reconcile_datavolume
     from virt.reconcile import CLUSTER_RECONCILERS
 
-    return [("DataVolume", reconcile_datavolume)] + list(CLUSTER_RECONCILERS)
+    from controlplane.storage_profiles import reconcile_storage_profile
+
+    return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
+            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
 
 
 def run_loop(ctx: Context) -> ControlLoop:

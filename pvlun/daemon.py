@@ -210,6 +210,10 @@ class Daemon:
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
         self.ctx.services["migration_address"] = self.migration_address
+        from importer.container_disks import ImageCache  # containerDisk and kernelBoot images, per digest
+
+        self.ctx.services["container_images"] = ImageCache(os.path.join(self.data_dir, "container-disks"),
+                                                           certs_dir=os.path.join(self.data_dir, "certs.d"))
         if self.pool_watch is not None:
             from controlplane.provisioner import ensure_default_storage_class
 

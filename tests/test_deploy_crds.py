@@ -462,6 +462,94 @@ def test_the_status_our_controllers_write_validates(kind):
     assert validation_errors({**STATUSES[kind], "conditions": "Ready"}, schema, "status") != []
 
 
+# ---------------------------------------------------------------- CDI's golden images
+
+GOLDEN = {  # kind: (plural, scope, short names, categories)
+    "DataSource": ("datasources", "Namespaced", ["das"], ["all"]),
+    "DataImportCron": ("dataimportcrons", "Namespaced", ["dic", "dics"], ["all"]),
+    "StorageProfile": ("storageprofiles", "Cluster", None, None),
+}
+GOLDEN_MANIFESTS = """  # as CDI's doc/os-image-poll-and-update.md writes them, then a DataSource and a StorageProfile
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataImportCron
+metadata:
+  name: fedora-image-import-cron
+  namespace: golden-images
+spec:
+  template:
+    spec:
+      source:
+        registry:
+          url: "docker://quay.io/kubevirt/fedora-cloud-registry-disk-demo:latest"
+          pullMethod: node
+          certConfigMap: some-certs
+      storage:
+        resources:
+          requests:
+            storage: 5Gi
+        storageClassName: hostpath-provisioner
+  schedule: "30 1 * * 1"
+  garbageCollect: Outdated
+  importsToKeep: 2
+  managedDataSource: fedora
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: fedora-ref
+  namespace: golden-images
+spec:
+  sourceRef:
+      kind: DataSource
+      name: fedora
+  storage:
+    resources:
+      requests:
+        storage: 5Gi
+    storageClassName: hostpath-provisioner
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataSource
+metadata:
+  name: fedora
+  namespace: golden-images
+spec:
+  source:
+    pvc:
+      name: fedora-1a2b3c4d5e6f
+      namespace: golden-images
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: StorageProfile
+metadata:
+  name: pvlun
+spec:
+  claimPropertySets:
+  - accessModes: [ReadWriteMany]
+    volumeMode: Block
+  cloneStrategy: csi-clone
+"""
+
+
+@pytest.mark.parametrize("kind", list(GOLDEN))
+def test_golden_image_crds_have_cdis_names_and_scope(kind):
+    plural, scope, short, categories = GOLDEN[kind]
+    spec = committed(f"{plural}.cdi.kubevirt.io")["spec"]
+    assert (spec["group"], spec["scope"], [v["name"] for v in spec["versions"]]) == ("cdi.kubevirt.io", scope, ["v1beta1"])
+    assert (spec["names"].get("shortNames"), spec["names"].get("categories")) == (short, categories)
+    assert spec["versions"][0]["subresources"] == {"status": {}}
+    missing = _field_paths(object_types.SPECS[kind], schema_of(kind), kind)
+    assert [m for m in missing if not m.endswith(NOT_UPSTREAM)] == []
+
+
+def test_golden_image_manifests_as_cdi_documents_them_validate():
+    for obj in docs(GOLDEN_MANIFESTS):
+        assert object_errors(obj, schema_of(obj["kind"])) == [], obj["kind"]
+    bad = docs(GOLDEN_MANIFESTS)[3]
+    bad["spec"]["cloneStrategy"] = "teleport"
+    assert object_errors(bad, schema_of("StorageProfile")) != []
+
+
 INSTANCETYPE_KINDS = {  # kind: plural, short names, scope (KubeVirt's own CRDs for them)
     "VirtualMachineInstancetype": ("virtualmachineinstancetypes", ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
                                    "Namespaced"),

@@ -17,6 +17,7 @@ from controlplane.instancetype_revisions import vm_as_run
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from controlplane.vm_spec import SpecError
+from virt.container_volumes import cluster_refusal
 from virt.migration_job import job_key
 from virt.migration_status import in_flight
 from virt.pod_status import launcher_status
@@ -90,6 +91,10 @@ def reconcile_vm_in_pods(ctx: Context, vm: Obj) -> float | None:
     _handle_request(ctx, vm, parsed)
     vm = ctx.store.get("VirtualMachine", meta["name"], ns) or vm
     vm, parsed = vm_as_run(ctx.store, vm)  # its instancetype and preference applied
+    refusal = cluster_refusal(parsed.template)
+    if refusal:  # a launcher Pod would need the image pulled as a container of its own: not done yet
+        _vm_status(ctx, vm, "ErrorUnschedulable", message=refusal)
+        return None
     ensure_data_volumes(ctx, vm, parsed.data_volume_templates)
     if vmi is not None and vmi["metadata"].get("deletionTimestamp"):
         _vm_status(ctx, vm, "Stopping")  # its launcher Pods are still going: no new run before they are gone

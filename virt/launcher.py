@@ -32,7 +32,8 @@ from host.sandbox import Sandbox, open_no_follow
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
 from virt.guest_network import GuestNetwork, choose_host_ports
-from virt.qemu_args import QEMU_BINARY, DiskAttachment, Throttle, build_qemu_argv
+from virt.container_volumes import BootKernel
+from virt.qemu_args import QEMU_BINARY, DiskAttachment, KernelFiles, Throttle, build_qemu_argv
 from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
 from virt.run_dir import copy_into, listen_unix, open_file, prepare_run_dir, remove_sockets, socket_path
@@ -88,6 +89,7 @@ class VmLauncher:
         qemu_binary: str = QEMU_BINARY,
         extra_args: tuple[str, ...] = (),
         history: ConsoleHistory | None = None,
+        kernel: BootKernel | None = None,
     ):
         self.vm = vm
         self.disks = dict(disks)
@@ -101,6 +103,7 @@ class VmLauncher:
         self.qemu_binary = qemu_binary
         self.extra_args = extra_args
         self.history = history
+        self.kernel = kernel  # firmware.kernelBoot's files, opened for QEMU at start
         self.qmp_path = socket_path(self.run_dir, "qmp.sock")
         self.serial_log = str(self.run_dir / SERIAL_LOG)
         self.console_path = socket_path(self.run_dir, "console.sock") if console else None
@@ -159,7 +162,7 @@ class VmLauncher:
             self.argv = build_qemu_argv(
                 self.vm, disks, accel=self.accel, qmp_fd=qmp, serial_fd=serial, console_fd=console, net_fds=nets,
                 incoming=self.incoming, ovmf_code=ovmf_code, ovmf_vars_fd=ovmf_vars, labels=inherited.labels,
-                qemu_binary=self.qemu_binary, extra_args=self.extra_args,
+                qemu_binary=self.qemu_binary, extra_args=self.extra_args, kernel=self._kernel_files(inherited),
                 start_paused=not self.incoming)  # the guest runs once its pid is known (below)
             self._sandbox = qemu_sandbox(disks, binary, [ovmf_code] if ovmf_code else [],
                                          kvm_devices() if self.accel == "kvm" else [])
@@ -197,6 +200,14 @@ class VmLauncher:
             self._set_phase(Phase.PAUSED, status)
         else:
             self._set_phase(Phase.RUNNING, status)
+
+    def _kernel_files(self, inherited: Inherited) -> KernelFiles | None:
+        """The kernelBoot files, open for QEMU to read (never a path it opens itself)."""
+        if self.kernel is None:
+            return None
+        kernel = inherited.keep(open_no_follow(self.kernel.kernel), self.kernel.kernel)
+        initrd = inherited.keep(open_no_follow(self.kernel.initrd), self.kernel.initrd) if self.kernel.initrd else None
+        return KernelFiles(kernel, initrd, self.kernel.args)
 
     def _firmware(self, inherited: Inherited) -> tuple[str | None, int | None]:
         """OVMF's code (read in /usr) and the guest's own variables, kept in the run directory

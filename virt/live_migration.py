@@ -94,6 +94,8 @@ def not_migratable(ctx: Context, spec) -> str | None:
     for volume in spec.volumes:
         if volume.source == "emptyDisk":
             return f"volume {volume.name} is an emptyDisk; it cannot move between nodes"
+        if volume.source == "containerDisk":  # its overlay holds the guest's writes on this node only
+            return f"volume {volume.name} is a containerDisk; its writes stay on this node"
         if volume.source in CSI_SOURCES:
             pvc = ctx.store.get("PersistentVolumeClaim", volume.claim_name, spec.namespace) or {}
             pvc_spec = pvc.get("spec") or {}

@@ -107,6 +107,10 @@ def vmi_spec(vmi: Any) -> VmSpec:
         if isinstance(volume, dict) and "containerDisk" in volume:
             raise SpecError(f"spec.volumes[{i}].containerDisk", "containerDisk volumes cannot run in cluster mode "
                             "yet; import the image into a DataVolume (source registry) and use that")
+    firmware = mapping(mapping(spec.get("domain"), "spec.domain").get("firmware"), "spec.domain.firmware")
+    if "kernelBoot" in firmware:
+        raise SpecError("spec.domain.firmware.kernelBoot", "kernelBoot cannot run in cluster mode yet (its kernel "
+                        "comes from a container image); boot from a disk")
     return parse_virtual_machine_instance(vmi)
 
 

@@ -65,6 +65,34 @@ class Throttle:
 
 
 @dataclass(frozen=True)
+class BaseImage:
+    """The read-only image a volume's qcow2 overlay lies on (a containerDisk's cached disk):
+    named on the argv as its own node, never found through the overlay's header."""
+
+    path: str
+    fmt: str  # qcow2 or raw
+    fd: int | None = None  # QEMU inherits it open read-only as this descriptor
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("qcow2", "raw"):
+            raise ValueError(f"a base image is qcow2 or raw, not {self.fmt!r}")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """`firmware.kernelBoot`: the kernel and initrd QEMU loads (inherited open, read through
+    /proc/self/fd) and the command line, one argv element whatever it holds."""
+
+    kernel_fd: int
+    initrd_fd: int | None = None
+    args: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.args) > 2048 or any(not " " <= c <= "~" for c in self.args):
+            raise ValueError("kernel arguments are printable ASCII, at most 2048 characters")
+
+
+@dataclass(frozen=True)
 class DiskAttachment:
     """Where a volume's bytes are on this host, and how QEMU should open them."""
 
@@ -75,6 +103,7 @@ class DiskAttachment:
     throttle: Throttle | None = None  # None = no throttle layer (limits then cannot be set live)
     fd: int | None = None  # QEMU inherits the file open as this descriptor (-add-fd) instead of opening `path`
     iscsi: IscsiDisk | None = None  # QEMU logs in to this LUN itself (`path` is its iscsi:// URL)
+    overlay_of: BaseImage | None = None  # `path` is a qcow2 overlay of this image
 
     @classmethod
     def for_iscsi(cls, disk: IscsiDisk, *, readonly: bool = False, throttle: Throttle | None = None) -> "DiskAttachment":
@@ -185,7 +214,12 @@ def _iscsi_node(disk: Disk, lun: IscsiDisk) -> tuple[list[str], dict]:
 def _format_nodes(disk: Disk, att: DiskAttachment, args: list[str], file: str, fmt: str,
                   readonly: bool) -> tuple[list[str], str]:
     """The raw format node above a volume's protocol node, and its throttle node if any."""
-    args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
+    if att.overlay_of is None:
+        args += _blockdev({"driver": "raw", "node-name": fmt, "file": file, "read-only": readonly, "discard": "unmap"})
+    else:
+        args += _base_nodes(disk, att.overlay_of)
+        args += _blockdev({"driver": "qcow2", "node-name": fmt, "file": file, "backing": node_name("bfmt", disk.name),
+                           "read-only": readonly, "discard": "unmap"})
     top = fmt
     if att.throttle is not None:
         t = att.throttle
@@ -195,6 +229,20 @@ def _format_nodes(disk: Disk, att: DiskAttachment, args: list[str], file: str, f
         args += _blockdev({"driver": "throttle", "node-name": top, "throttle-group": f"tg-{disk.name}",
                            "file": fmt, "read-only": readonly})
     return args, top
+
+
+def _base_nodes(disk: Disk, base: BaseImage) -> list[str]:
+    """The base image of an overlay: a read-only file node and its format node (its own
+    backing chain, if its header named one, cut off)."""
+    if base.fd is None:
+        raise ValueError(f"volume {disk.name}: the base image needs its descriptor")
+    bfile, bfmt = node_name("bfile", disk.name), node_name("bfmt", disk.name)
+    args = _fdset(base.fd, base.path)
+    args += _blockdev({"driver": "file", "filename": f"/dev/fdset/{base.fd}", "node-name": bfile, "read-only": True})
+    fmt_node: dict = {"driver": base.fmt, "node-name": bfmt, "file": bfile, "read-only": True}
+    if base.fmt == "qcow2":
+        fmt_node["backing"] = None
+    return args + _blockdev(fmt_node)
 
 
 def guest_device_names(vm: VmSpec) -> dict[str, str]:
@@ -215,6 +263,18 @@ def guest_device_names(vm: VmSpec) -> dict[str, str]:
     return out
 
 
+def _platform_devices(vm: VmSpec) -> list[str]:
+    """virtio-rng fed by QEMU's built-in source (getrandom(), the kernel's CSPRNG that KubeVirt's
+    /dev/urandom reads too, without QEMU opening a host path) and the i6300esb watchdog."""
+    p, argv = vm.platform, []
+    if p.rng:
+        argv += ["-object", "rng-builtin,id=rng0", "-device", "virtio-rng-pci,rng=rng0,id=ua-rng"]
+    if p.watchdog is not None:
+        argv += ["-device", _keyval("i6300esb", {"id": f"ua-watchdog-{p.watchdog.name}"}),
+                 "-action", _keyval(None, {"watchdog": p.watchdog.action})]
+    return argv
+
+
 def build_qemu_argv(
     vm: VmSpec,
     disks: Mapping[str, DiskAttachment],
@@ -231,6 +291,7 @@ def build_qemu_argv(
     qemu_binary: str = QEMU_BINARY,
     extra_args: Sequence[str] = (),
     start_paused: bool = False,
+    kernel: KernelFiles | None = None,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
@@ -264,18 +325,34 @@ def build_qemu_argv(
         if vm.secure_boot:
             machine["smm"] = True
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    p = vm.platform
+    if not p.acpi:
+        machine["acpi"] = False
+    if p.smm is not None and "smm" not in machine:
+        machine["smm"] = p.smm
+    if not p.hpet:
+        machine["hpet"] = False
     argv += ["-machine", _keyval(vm.machine, machine)]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     argv += ["-smp", _keyval(str(vm.vcpus), {"sockets": vm.sockets, "cores": vm.cores, "threads": vm.threads}),
              "-m", f"{-(-vm.memory // MIB)}M",
-             "-rtc", "base=utc",
+             "-rtc", "base=utc,driftfix=slew" if p.rtc_catchup else "base=utc",
              "-chardev", _keyval("socket", {"id": "qmp", "fd": int(qmp_fd), "server": True, "wait": False}),
              "-mon", "chardev=qmp,mode=control"]
+    if kernel is not None:
+        argv += ["-kernel", f"/proc/self/fd/{int(kernel.kernel_fd)}"]
+        if kernel.initrd_fd is not None:
+            argv += ["-initrd", f"/proc/self/fd/{int(kernel.initrd_fd)}"]
+        if kernel.args:
+            argv += ["-append", kernel.args]
     if vm.uuid:
         argv += ["-uuid", vm.uuid]
     if vm.serial:
         argv += ["-smbios", _keyval("type=1", {"serial": vm.serial})]
+    if p.chassis:
+        argv += ["-smbios", _keyval("type=3", dict(p.chassis))]
+    argv += _platform_devices(vm)
     argv += _fdset(serial_fd, labels.get(serial_fd))
     serial_log = f"/dev/fdset/{serial_fd}"
     if console_fd is not None:
@@ -306,6 +383,8 @@ def build_qemu_argv(
         dev = {**where, "drive": top, "id": f"ua-{disk.name}"}
         if disk.serial:
             dev["serial"] = disk.serial
+        if disk.rotation_rate:
+            dev["rotation_rate"] = disk.rotation_rate
         if disk.boot_order:
             dev["bootindex"] = disk.boot_order
         argv += ["-device", _keyval(head, dev)]

@@ -76,6 +76,9 @@ def open_file_volumes(vm: VmSpec, disks: Mapping[str, DiskAttachment], inherited
         except UnsafeFile as exc:
             raise UnsafeFile(exc.errno, f"volume {name}: {exc}") from None
         out[name] = dataclasses.replace(att, fd=inherited.keep(fd))
+        if att.overlay_of is not None:  # the image below a containerDisk's overlay: never written
+            base = inherited.keep(open_no_follow(att.overlay_of.path, os.O_RDONLY), att.overlay_of.path)
+            out[name] = dataclasses.replace(out[name], overlay_of=dataclasses.replace(att.overlay_of, fd=base))
     return out
 
 

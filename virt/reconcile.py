@@ -26,6 +26,7 @@ from controlplane.user_text import user_text
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import guest_device_names, node_name
 from virt.runtime import CSI_SOURCES, VmRuntime, owner
+from virt.spec_warnings import announce_ignored
 from controlplane.vm_spec import DEFAULT_GRACE_SECONDS, SpecError
 
 log = logging.getLogger("pvlun.virt")
@@ -166,7 +167,7 @@ def ensure_vmi(ctx: Context, vm: Obj) -> None:
     meta = vm["metadata"]
     ns = meta.get("namespace", "default")
     template = (vm.get("spec") or {}).get("template") or {}
-    ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+    vmi = ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
                      "metadata": {"name": meta["name"], "namespace": ns,
                                   # on a cluster a VMI outlives its deletion until its launcher Pods are gone,
                                   # so the next run's QEMU never opens the disks while the last one's still may
@@ -176,6 +177,7 @@ def ensure_vmi(ctx: Context, vm: Obj) -> None:
                                                        "name": meta["name"], "uid": meta["uid"], "controller": True}]},
                      "spec": copy.deepcopy(template.get("spec") or {}),
                      "status": {"phase": "Pending"}})
+    announce_ignored(ctx, vmi)
 
 
 def _follow_volume_qos(ctx: Context, running) -> None:
@@ -283,6 +285,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
         if vm is None:
             return  # deleted meanwhile
         meta = vm["metadata"]
+    announce_ignored(ctx, vm)  # FieldIgnored Warning events, in both modes
     if ctx.cluster is not None:  # KubeVirt's way: a VMI, and a launcher Pod Kubernetes places
         from virt.launch_pods import reconcile_vm_in_pods
 

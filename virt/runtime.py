@@ -17,7 +17,9 @@ from controlplane.context import Context
 from host.sandbox import UnsafeFile
 from controlplane.store import set_condition
 from controlplane.user_text import shown_text, user_text
+from controlplane.secret_refs import secret_data
 from virt.console_history import ConsoleHistory, catch_up, history_file
+from virt.container_volumes import SERVICE as IMAGES, BootKernel, boot_kernel, container_disks, remove_overlays
 from virt.launcher import LaunchError, Phase, VmLauncher
 from virt.iscsi_direct import direct_disk
 from virt.local_volumes import local_attachments
@@ -89,6 +91,8 @@ def attach_volumes(ctx: Context, spec: VmSpec, key: str, node: str) -> tuple[dic
             except UnsafeFile as exc:  # a Filesystem claim's disk.img is its owner's to replace
                 raise UnsafeFile(exc.errno, f"volume {volume.name} (claim {volume.claim_name}): {exc}") from None
         disks.update(local_attachments(spec, run_dir(ctx, key, node)))
+        disks.update(container_disks(spec, run_dir(ctx, key, node), ctx.services.get(IMAGES),
+                                     lambda name: secret_data(ctx.store, name, spec.namespace, "imagePullSecret")))
     except BaseException:
         detach_volumes(ctx, attached, key)
         raise
@@ -140,20 +144,23 @@ class VmRuntime:
             self.histories.pop(key, None)
 
     def launcher(self, spec: VmSpec, key: str, node: str, disks: dict[str, DiskAttachment],
-                 incoming: str | None = None) -> VmLauncher:
+                 incoming: str | None = None, kernel: BootKernel | None = None) -> VmLauncher:
         return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,
                           node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r),
-                          history=self.history(key))
+                          history=self.history(key), kernel=kernel)
 
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""
         set_vmi_status(self.ctx, key, phase="Scheduled", nodeName=node)
         try:
+            kernel = boot_kernel(spec, self.ctx.services.get(IMAGES),
+                                 lambda name: secret_data(self.ctx.store, name, spec.namespace, "imagePullSecret"))
             disks, attached = attach_volumes(self.ctx, spec, key, node)
-        except (OSError, ValueError) as exc:  # a volume QEMU may not have (a linked disk.img), a disk too big
+        except (OSError, ValueError) as exc:  # a volume QEMU may not have (a linked disk.img), a disk too big,
+            # an image refused or not to be had
             self._exited(key, "Failed", user_text(exc))
             raise
-        launcher = self.launcher(spec, key, node, disks)
+        launcher = self.launcher(spec, key, node, disks, kernel=kernel)
         with self.lock:
             self.running[key] = Running(key, spec, node, launcher, attached)
         try:
@@ -165,6 +172,7 @@ class VmRuntime:
                     self.running.pop(key)
             if mine:
                 detach_volumes(self.ctx, attached, key)
+                remove_overlays(spec, run_dir(self.ctx, key, node))
                 self._exited(key, "Failed", user_text(exc))
             raise
 
@@ -196,6 +204,7 @@ class VmRuntime:
 
     def _cleanup(self, rt: Running, phase: Phase, reason: str) -> None:
         detach_volumes(self.ctx, rt.attachments, rt.key)
+        remove_overlays(rt.spec, run_dir(self.ctx, rt.key, rt.node))
         self._exited(rt.key, phase.value, reason)
 
     def _exited(self, key: str, phase: str, reason: str) -> None:

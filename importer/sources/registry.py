@@ -205,6 +205,18 @@ class RegistrySource:
         except _LAYER_ERRORS:
             raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a tar archive") from None
 
+    def image_digest(self) -> str:
+        """The digest of what the reference names now: of its manifest (its index, for a
+        multi-platform image), hashed here, so a registry cannot claim one it did not send.
+        A DataImportCron compares it to see a new image; `url@digest` pulls exactly that one."""
+        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
+        try:
+            body = resp.content
+        finally:
+            resp.close()
+        self._json(resp)  # a manifest, not an error page
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
     # -- Source interface --------------------------------------------------------------
     def info(self) -> SourceInfo:
         for digest in reversed(self._manifest()):
@@ -226,6 +238,52 @@ class RegistrySource:
                     tar.close()
                     blob.close()
         raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)} holds no disk file under disk/ (not a containerDisk)")
+
+    # -- one image, read as a whole (containerDisk volumes, kernelBoot: importer/container_disks.py)
+    def pin(self) -> str:
+        """The digest the reference names now: sha256 of the manifest (or index) as served. Later
+        reads use it, so a tag moved meanwhile cannot mix two images; a digest reference that the
+        registry answers with other bytes is refused."""
+        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
+        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        if self.ref.startswith("sha256:") and digest != self.ref:
+            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"{errors.scrub(self.url)}: the registry served a manifest "
+                                                         f"that does not match the digest asked for")
+        self.ref = digest
+        return digest
+
+    def open_file(self, path: str | None, limit: int) -> tuple[str, BinaryIO]:
+        """The regular file at `path` in the image (None: the one file under disk/, a
+        containerDisk's), from the topmost layer holding it, as (its path, a stream); at the
+        stream's end the rest of its layer is read and checked against the layer's digest. A link
+        or another kind of entry there, or a file declaring more than `limit` bytes, is refused."""
+        want = path.strip("/") if path is not None else None
+        for digest in reversed(self._manifest()):
+            tar, blob = self._open_layer(digest)
+            found = None
+            try:
+                for member in tar:
+                    name = member.name.lstrip("./").lstrip("/").rstrip("/")
+                    if name != want and not (want is None and name.startswith("disk/") and "/" not in name[5:]):
+                        continue
+                    if not member.isfile():
+                        kind = "link" if member.issym() or member.islnk() else "directory or special file"
+                        raise ImportFailed(errors.INVALID_IMAGE, f"/{name} in the image is a {kind}, "
+                                                                 "not a regular file")
+                    if member.size > limit:
+                        raise ImportFailed(errors.IMAGE_TOO_LARGE, f"/{name} in the image declares {member.size} "
+                                                                   f"bytes, more than the {limit} allowed")
+                    found = _DiskMemberStream(tar.extractfile(member), tar, blob)  # type: ignore[arg-type]
+                    return name, found  # type: ignore[return-value]
+                blob.drain()
+            except _LAYER_ERRORS as exc:
+                raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a valid tar: {exc}") from None
+            finally:
+                if found is None:
+                    tar.close()
+                    blob.close()
+        what = f"no file /{want}" if want is not None else "no disk file under disk/ (not a containerDisk)"
+        raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)} holds {what}")
 
     def transfer(self) -> BinaryIO:
         if self._pending is None:

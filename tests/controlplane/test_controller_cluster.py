@@ -141,6 +141,23 @@ def test_a_halted_vm_has_no_vmi_and_a_start_request_makes_one(cluster, kube_api_
     assert store.get("DataVolume", "idle-root", NS) is not None  # its template's DataVolume, made at once
 
 
+def test_a_container_disk_vm_is_refused_in_cluster_mode_with_what_to_do_and_gets_no_vmi(cluster):
+    store = cluster
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "cd", "namespace": NS},
+                 "spec": {"runStrategy": "Always", "template": {"spec": {
+                     "domain": {"resources": {"requests": {"memory": "64Mi"}}},
+                     "volumes": [{"name": "containerdisk",
+                                  "containerDisk": {"image": "registry.example/vm/cirros:v1"}}]}}}})
+
+    def refused():
+        status = store.get("VirtualMachine", "cd", NS).get("status") or {}
+        ready = [c for c in status.get("conditions", []) if c["type"] == "Ready"]
+        return status.get("printableStatus") == "ErrorUnschedulable" and ready and ready[0]["message"]
+    message = wait_until(refused)
+    assert "containerdisk (containerDisk)" in message and "not supported in cluster mode" in message
+    assert store.get("VirtualMachineInstance", "cd", NS) is None
+
+
 def cdi_http_datavolume(name: str, url: str, block: bool = False) -> dict:
     """CDI's documented http DataVolume (spec.storage, the size and nothing else)."""
     storage: dict = {"resources": {"requests": {"storage": "64Mi"}}}

@@ -36,7 +36,8 @@ from cryptography.x509.oid import NameOID
 
 
 # -- OCI layouts -----------------------------------------------------------------------------
-def _tar_bytes(files: dict[str, bytes]) -> bytes:
+def _tar_bytes(files: dict[str, bytes | tuple[str, str]]) -> bytes:
+    """A tar of `files`: name → content, or ("symlink", target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted({str(Path(n).parent) for n in files} - {"."}):
@@ -45,13 +46,18 @@ def _tar_bytes(files: dict[str, bytes]) -> bytes:
             tar.addfile(info)
         for name, data in files.items():
             info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+                continue
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
-def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict[str, bytes], str]]) -> None:
-    """An OCI image layout with one manifest; each layer is (files, "gzip"|"zstd")."""
+def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict | bytes, str]]) -> None:
+    """An OCI image layout with one manifest; each layer is (files, "gzip"|"zstd"), files a
+    dict for _tar_bytes or a tar already made (bytes, taken as they are)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -62,7 +68,7 @@ def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict[str, bytes], 
 
     descs, diff_ids = [], []
     for files, comp in layers:
-        raw = _tar_bytes(files)
+        raw = files if isinstance(files, bytes) else _tar_bytes(files)
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         blob = gzip.compress(raw, 1) if comp == "gzip" else zstandard.ZstdCompressor().compress(raw)
         descs.append({"mediaType": f"application/vnd.oci.image.layer.v1.tar+{comp}", "digest": put(blob), "size": len(blob)})
@@ -76,6 +82,45 @@ def build_oci_layout(root: Path, tag: str, layers: list[tuple[dict[str, bytes], 
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
         "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest), "size": len(manifest),
         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+
+
+# -- Debian's docker-registry on loopback --------------------------------------------------------
+def serve_registry(d: Path, pki, auth_yaml: str = "", log: Path | None = None):
+    """A docker-registry over TLS (the test PKI's server cert) on a free loopback port, keeping
+    its blobs under `d`; `auth_yaml` is its config's `auth:` section, if any; its stderr goes to
+    `log`. (process, host:port)."""
+    import subprocess
+
+    from importer_support import free_port, stop, wait_port
+
+    port = free_port()
+    (d / "config.yml").write_text(f"""
+version: 0.1
+log: {{level: error}}
+storage:
+  filesystem: {{rootdirectory: {d / 'data'}}}
+http:
+  addr: 127.0.0.1:{port}
+  tls: {{certificate: {pki.cert_file}, key: {pki.key_file}}}
+{auth_yaml}""")
+    with open(log or os.devnull, "wb") as err:
+        proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
+                                stderr=err)
+    try:
+        wait_port(port, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"127.0.0.1:{port}"
+
+
+def push_image(layout: Path, tag: str, pki, dest: str, creds: str | None = None) -> None:
+    """skopeo copies the OCI layout's `tag` to `dest` (docker://host/repo:tag)."""
+    import subprocess
+
+    auth = ["--dest-creds", creds] if creds else []
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", "--dest-cert-dir", pki.cert_dir, *auth,
+                    f"oci:{layout}:{tag}", dest], check=True, capture_output=True)
 
 
 # -- JWTs the way docker-registry verifies them ------------------------------------------------

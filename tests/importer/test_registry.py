@@ -4,7 +4,6 @@ skopeo from an OCI layout built here; the disk under disk/ lands byte-exact."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import warnings
 
 import pytest
@@ -13,8 +12,8 @@ from importer import errors
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 
-from importer_support import MiB, assert_disk, assert_zero, block_target, free_port, run_import, stop, wait_port
-from registry_support import build_oci_layout
+from importer_support import MiB, assert_disk, assert_zero, block_target, run_import, stop
+from registry_support import build_oci_layout, push_image, serve_registry
 
 CREDS = {"reg": {"accessKeyId": "puller", "secretKey": "reg-Pa55"}}
 
@@ -28,22 +27,7 @@ def registry(images, pki, tmp_path_factory):
 
         hashed = crypt.crypt("reg-Pa55", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
     (d / "htpasswd").write_text(f"puller:{hashed}\n")
-    port = free_port()
-    (d / "config.yml").write_text(f"""
-version: 0.1
-log: {{level: error}}
-storage:
-  filesystem: {{rootdirectory: {d / 'data'}}}
-http:
-  addr: 127.0.0.1:{port}
-  tls: {{certificate: {pki.cert_file}, key: {pki.key_file}}}
-auth:
-  htpasswd: {{realm: pvlun-test, path: {d / 'htpasswd'}}}
-""")
-    proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_port(port, proc)
-    host = f"127.0.0.1:{port}"
+    proc, host = serve_registry(d, pki, f"auth:\n  htpasswd: {{realm: pvlun-test, path: {d / 'htpasswd'}}}\n")
     qcow2 = images.path("qcow2").read_bytes()
     raw = images.path("raw").read_bytes()
     pushes = {
@@ -54,9 +38,7 @@ auth:
     for ref, layers in pushes.items():
         layout = d / ref.replace("/", "_").replace(":", "_")
         build_oci_layout(layout, "v1", layers)
-        subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", "--dest-cert-dir", pki.cert_dir,
-                        "--dest-creds", "puller:reg-Pa55", f"oci:{layout}:v1", f"docker://{host}/{ref}"],
-                       check=True, capture_output=True)
+        push_image(layout, "v1", pki, f"docker://{host}/{ref}", "puller:reg-Pa55")
     yield host
     stop(proc)
 

@@ -15,8 +15,8 @@ from importer import errors
 from importer.errors import ImportFailed
 from importer.pipeline import Target
 
-from importer_support import MiB, assert_disk, assert_zero, block_target, free_port, run_import, stop, wait_port
-from registry_support import TokenServer, build_oci_layout
+from importer_support import MiB, assert_disk, assert_zero, block_target, run_import, stop
+from registry_support import TokenServer, build_oci_layout, serve_registry
 
 USER, PASSWORD = "tokenuser", "tok-Pa55w0rd"
 CREDS = {"reg": {"accessKeyId": USER, "secretKey": PASSWORD}}
@@ -35,32 +35,19 @@ def token_registry(images, pki, tmp_path_factory):
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(pki.cert_file, pki.key_file)
     tokens = TokenServer(tls, {USER: PASSWORD}, service=SERVICE, issuer=ISSUER, workdir=d)
-    port = free_port()
-    (d / "config.yml").write_text(f"""
-version: 0.1
-log: {{level: error}}
-storage:
-  filesystem: {{rootdirectory: {d / 'data'}}}
-http:
-  addr: 127.0.0.1:{port}
-  tls: {{certificate: {pki.cert_file}, key: {pki.key_file}}}
-auth:
+    auth = f"""auth:
   token:
     realm: {tokens.realm}
     service: {SERVICE}
     issuer: {ISSUER}
     rootcertbundle: {tokens.cert_bundle}
-""")
-    with open(d / "registry.log", "wb") as log:
-        try:
-            proc = subprocess.Popen(["docker-registry", "serve", str(d / "config.yml")], stdout=subprocess.DEVNULL,
-                                    stderr=log)
-        except BaseException:
-            tokens.stop()
-            raise
+"""
     try:
-        wait_port(port, proc)
-        host = f"127.0.0.1:{port}"
+        proc, host = serve_registry(d, pki, auth, log=d / "registry.log")
+    except BaseException:
+        tokens.stop()
+        raise
+    try:
         pushes = {
             "vm/qcow2:v1": [({"disk/disk.img": images.path("qcow2").read_bytes()}, "gzip")],
             "vm/raw:v1": [({"disk/disk.raw": images.path("raw").read_bytes()}, "zstd"), ({"etc/motd": b"hi\n"}, "gzip")],

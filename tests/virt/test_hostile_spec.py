@@ -129,7 +129,7 @@ def test_multicast_mac_and_unknown_firmware_boot_are_refused():
         parse_virtual_machine(with_value(f"{DOMAIN}.devices.interfaces[0].macAddress", "01:00:5e:00:00:01"))
     with pytest.raises(SpecError) as err:
         parse_virtual_machine(with_value(f"{DOMAIN}.firmware.kernelBoot", {"kernelPath": "/etc/shadow"}))
-    assert err.value.path == f"{DOMAIN}.firmware.kernelBoot"
+    assert err.value.path == f"{DOMAIN}.firmware.kernelBoot.container"  # KubeVirt's kernelBoot takes a container
 
 
 @pytest.mark.parametrize("machine", [None, "", "q35", "pc", "pc-q35-7.2", "pc-i440fx-2.12", "pc-q35-4.0.1",
