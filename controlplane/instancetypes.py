@@ -176,7 +176,8 @@ def _topology(guest: int, preference: dict, where: str) -> dict[str, int]:
               "CoresThreads": ("threads", ratio, "cores", guest / ratio if isinstance(ratio, int) else 0),
               "SocketsCoresThreads": ("cores", ratio, "sockets", guest / 2 / ratio if isinstance(ratio, int) else 0)}
     if across not in shapes:
-        raise SpecError(_at(where, "spec.cpu.spreadOptions.across"), f"{shown(across)} is not one of {', '.join(shapes)}")
+        raise SpecError(_at(where, "spec.cpu.spreadOptions.across"),
+                        f"{shown(across)} is not one of {', '.join(shapes)}")
     if guest == 1:
         return one
     inner, inner_count, outer, outer_count = shapes[across]
@@ -222,7 +223,8 @@ def _requirements(spec: dict, preference: dict, where: str) -> None:
     required = preference.get("requirements") or {}
     domain = spec.get("domain") or {}
     cpu = domain.get("cpu") or {}
-    counts = [cpu.get(f) if isinstance(cpu.get(f), int) and cpu.get(f) > 0 else 1 for f in ("sockets", "cores", "threads")]
+    counts = [cpu.get(f) if isinstance(cpu.get(f), int) and cpu.get(f) > 0 else 1
+              for f in ("sockets", "cores", "threads")]
     vcpus = counts[0] * counts[1] * counts[2]
     need_cpu = (required.get("cpu") or {}).get("guest")
     if isinstance(need_cpu, int) and vcpus < need_cpu:

@@ -429,7 +429,8 @@ CRDS = {
           "description": "The VirtualMachineInstance being migrated"}],
         KUBEVIRT_VERSIONS, deprecated=("v1alpha3",)),
     "virtualmachineinstancetypes.instancetype.kubevirt.io": instancetype_crd(
-        "VirtualMachineInstancetype", "virtualmachineinstancetypes", ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
+        "VirtualMachineInstancetype", "virtualmachineinstancetypes",
+        ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],
         "The vCPUs and memory of the VMs naming it, in its namespace.", INSTANCETYPE_SPEC),
     "virtualmachineclusterinstancetypes.instancetype.kubevirt.io": instancetype_crd(
         "VirtualMachineClusterInstancetype", "virtualmachineclusterinstancetypes",
