@@ -32,8 +32,9 @@ def revision_name(vm: Obj, obj: Obj) -> str:
     return f"{vm['metadata']['name']}-{digest}-{meta.get('generation', 1)}"
 
 
-def _stored_copy(store: ObjectStore, vm: Obj, matcher: Matcher) -> Obj | None:
-    """The object recorded for the VM, if the VM still names the same one."""
+def recorded_copy(store: ObjectStore, vm: Obj, matcher: Matcher) -> Obj | None:
+    """The copy of the object `matcher` names that the VM runs with (None: none recorded yet,
+    or the VM now names another)."""
     ref = _object(_object(vm.get("status")).get(STATUS_FIELDS[matcher.field]))
     revision = _object(ref.get("controllerRevisionRef")).get("name")
     if not isinstance(revision, str) or not SUBDOMAIN.fullmatch(revision) or len(revision) > 253 \
@@ -83,7 +84,7 @@ def resolved(store: ObjectStore, vm: Obj) -> tuple[Obj, list[str]]:
     objects: dict[str, Obj] = {}
     refs: dict[str, dict] = {}
     for matcher in matchers:
-        obj = _stored_copy(store, vm, matcher)
+        obj = recorded_copy(store, vm, matcher)
         if obj is None:
             obj = store.get(matcher.kind, matcher.name, matcher.namespace(ns))
             if obj is None:

@@ -142,19 +142,33 @@ def check_references(store: ObjectStore, docs: list[dict], default_ns: str) -> N
 
 
 def check_instancetype_refs(store: ObjectStore, vm: dict, ns: str, docs: list[dict]) -> None:
-    """The instancetype and preference a VM names exist, or come in the same apply."""
-    from controlplane.instancetypes import matchers_of
+    """The instancetype and preference a VM names exist (come in the same apply, or are the
+    copies it already runs with), and the VM expands with them: no field of its conflicts, the
+    preference's requirements are met. Else the field is named and nothing is stored."""
+    from controlplane.instancetype_revisions import recorded_copy
+    from controlplane.instancetypes import expand, matchers_of
+    from controlplane.vm_spec import SpecError
 
+    label = f"VirtualMachine {vm['metadata']['name']!r} is invalid"
+    stored_vm = store.get("VirtualMachine", vm["metadata"]["name"], ns)
+    objects: list[dict | None] = []
     for matcher in matchers_of(vm):
         if matcher is None:
+            objects.append(None)
             continue
         where = matcher.namespace(ns)
-        coming = any(d["kind"] == matcher.kind and d["metadata"]["name"] == matcher.name
-                     and (not where or (d["metadata"].get("namespace") or ns) == where) for d in docs)
-        if not coming and store.get(matcher.kind, matcher.name, where or "default") is None:
+        obj = next((d for d in docs if d["kind"] == matcher.kind and d["metadata"]["name"] == matcher.name
+                    and (not where or (d["metadata"].get("namespace") or ns) == where)), None)
+        obj = obj or (stored_vm and recorded_copy(store, stored_vm, matcher)) or \
+            store.get(matcher.kind, matcher.name, where or "default")
+        if obj is None:
             place = f"in namespace {where}" if where else "in the cluster"
-            raise Refused(f"VirtualMachine {vm['metadata']['name']!r} is invalid: {matcher.field}.name: "
-                          f"{matcher.kind} {matcher.name!r} does not exist {place}")
+            raise Refused(f"{label}: {matcher.field}.name: {matcher.kind} {matcher.name!r} does not exist {place}")
+        objects.append(obj)
+    try:
+        expand(vm, *objects)
+    except SpecError as exc:
+        raise Refused(f"{label}: {exc}") from None
 
 
 def check_update_rules(store: ObjectStore, docs: list[dict]) -> None:

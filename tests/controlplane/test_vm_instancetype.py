@@ -83,3 +83,37 @@ def test_vm_naming_a_missing_instancetype_is_refused_with_the_field_and_name(nod
     assert refused.returncode != 0
     assert "spec.instancetype.name: VirtualMachineClusterInstancetype 'u1.enormous' does not exist" in refused.stderr
     assert node.get("VirtualMachine", "unsized") is None
+
+
+def test_a_vm_too_small_for_its_preference_is_refused_at_apply(node, tick_image, tick_vm_yaml):
+    node.apply(COMMON.read_text())
+    refused = node.apply(sized(tick_vm_yaml("small", tick_image), "u1.nano", None).replace(
+        "  instancetype:\n", "  preference:\n    name: windows.2k22\n  instancetype:\n"), check=False)
+    assert refused.returncode != 0
+    assert "spec.template.spec.domain.memory.guest: 512Mi is less than the 4Gi the preference requires " \
+           "(VirtualMachineClusterPreference windows.2k22 spec.requirements.memory.guest)" in refused.stderr
+    assert node.get("VirtualMachine", "small") is None
+
+
+def test_a_vm_reapplied_after_its_instancetype_is_gone_keeps_its_copy(node, tick_image, tick_vm_yaml):
+    node.apply("""apiVersion: instancetype.kubevirt.io/v1beta1
+kind: VirtualMachineInstancetype
+metadata:
+  name: mine
+spec:
+  cpu:
+    guest: 2
+  memory:
+    guest: 256Mi
+""")
+    manifest = sized(tick_vm_yaml("kept", tick_image, strategy="Halted"), "mine", None).replace(
+        "    name: mine\n", "    kind: VirtualMachineInstancetype\n    name: mine\n")
+    node.apply(manifest)
+    node.wait(lambda: ((node.get("VirtualMachine", "kept") or {}).get("status") or {}).get("instancetypeRef"), 15,
+              "the VM's copy of its instancetype")
+    node.cli("delete", "vminstancetype", "mine")
+    again = node.apply(manifest)  # it runs with its copy: nothing to refuse
+    assert "virtualmachine/kept unchanged" in again.stdout
+    other = node.apply(manifest.replace("name: mine", "name: yours"), check=False)
+    assert "spec.instancetype.name: VirtualMachineInstancetype 'yours' does not exist in namespace default" in \
+        other.stderr
