@@ -7,6 +7,11 @@ import json
 import re
 from typing import Any, Callable
 
+from controlplane.instancetypes import API_VERSION as INSTANCETYPE_API_VERSION
+from controlplane.instancetypes import KINDS as INSTANCETYPE_KINDS
+from controlplane.instancetypes import OLDER_API_VERSIONS as OLDER_INSTANCETYPE_API_VERSIONS
+from controlplane.instancetypes import check_object as check_instancetype
+from controlplane.instancetypes import expand, matchers_of, placeholder
 from controlplane.manifest_yaml import ManifestError, load_all
 from controlplane.object_types import conform
 from controlplane.quantity import parse_quantity
@@ -26,10 +31,7 @@ KINDS = {
     "DataSource": "cdi.kubevirt.io/v1beta1",
     "DataImportCron": "cdi.kubevirt.io/v1beta1",
     "StorageProfile": "cdi.kubevirt.io/v1beta1",
-    "VirtualMachineInstancetype": "instancetype.kubevirt.io/v1beta1",
-    "VirtualMachineClusterInstancetype": "instancetype.kubevirt.io/v1beta1",
-    "VirtualMachinePreference": "instancetype.kubevirt.io/v1beta1",
-    "VirtualMachineClusterPreference": "instancetype.kubevirt.io/v1beta1",
+    **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
 # Kubernetes 1.34), accepted so existing YAML applies unchanged; objects are kept as they came.
@@ -37,9 +39,7 @@ OLDER_VERSIONS = {
     "VolumeAttributesClass": ("storage.k8s.io/v1beta1",),
     "VirtualMachine": ("kubevirt.io/v1alpha3",),
     "VirtualMachineInstanceMigration": ("kubevirt.io/v1alpha3",),
-    **dict.fromkeys(("VirtualMachineInstancetype", "VirtualMachineClusterInstancetype", "VirtualMachinePreference",
-                     "VirtualMachineClusterPreference"),
-                    ("instancetype.kubevirt.io/v1alpha2", "instancetype.kubevirt.io/v1alpha1")),
+    **dict.fromkeys(INSTANCETYPE_KINDS, OLDER_INSTANCETYPE_API_VERSIONS),
 }
 
 
@@ -230,7 +230,6 @@ def _check_import_cron(obj: dict) -> None:
 
 
 def _check_vm(obj: dict) -> None:
-    from controlplane.instancetypes import expand, matchers_of, placeholder
     from controlplane.vm_spec import parse_virtual_machine
 
     instancetype, preference = matchers_of(obj)
@@ -276,12 +275,6 @@ def _check_attributes_class(obj: dict) -> None:
         raise ValueError(f"parameters: {exc.message}") from None
 
 
-def _check_instancetype(obj: dict) -> None:
-    from controlplane.instancetypes import check_object
-
-    check_object(obj)
-
-
 CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeAttributesClass": _check_attributes_class,
     "PersistentVolumeClaim": _check_pvc,
@@ -292,8 +285,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeSnapshotClass": _check_snapshot_class,
     "DataSource": _check_data_source,
     "DataImportCron": _check_import_cron,
-    **dict.fromkeys(("VirtualMachineInstancetype", "VirtualMachineClusterInstancetype", "VirtualMachinePreference",
-                     "VirtualMachineClusterPreference"), _check_instancetype),
+    **dict.fromkeys(INSTANCETYPE_KINDS, check_instancetype),
 }
 
 

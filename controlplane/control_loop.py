@@ -22,6 +22,7 @@ from typing import Callable
 
 from controlplane.context import Context
 from controlplane.object_links import LinkIndex, key_of
+from controlplane.instancetypes import KINDS as INSTANCETYPE_KINDS
 from controlplane.store import Conflict, Key, Obj
 from controlplane.user_text import user_text
 from controlplane.work_queue import WorkQueue
@@ -32,8 +33,7 @@ Reconciler = Callable[[Context, Obj], "float | None"]
 RESYNC_SECONDS = 30.0
 # Kinds the embedded watcher keeps for their links even though nobody reconciles them.
 WATCHED = ("PersistentVolume", "VolumeAttachment", "StorageClass", "VolumeAttributesClass", "VirtualMachineInstance",
-           "VolumeSnapshotContent", "StorageProfile", "VirtualMachineInstancetype", "VirtualMachineClusterInstancetype",
-           "VirtualMachinePreference", "VirtualMachineClusterPreference")
+           "VolumeSnapshotContent", "StorageProfile", *INSTANCETYPE_KINDS)
 # A job's key prefix → the kind of object it works for (its end is that object's change).
 JOB_KINDS = {"dv": "DataVolume", "vm": "VirtualMachine", "migration": "VirtualMachineInstance", "cron": "DataImportCron"}
 

@@ -19,10 +19,11 @@ from controlplane.quantity import parse_quantity
 from controlplane.vm_spec_fields import SUBDOMAIN, SpecError, items, mapping, name, shown
 
 API_VERSION = "instancetype.kubevirt.io/v1beta1"
-OLDER_API_VERSIONS = ("instancetype.kubevirt.io/v1alpha2", "instancetype.kubevirt.io/v1alpha1")
+OLDER_API_VERSIONS = ("instancetype.kubevirt.io/v1alpha2", "instancetype.kubevirt.io/v1alpha1")  # still served
 INSTANCETYPE_KINDS = ("VirtualMachineClusterInstancetype", "VirtualMachineInstancetype")  # the default first
 PREFERENCE_KINDS = ("VirtualMachineClusterPreference", "VirtualMachinePreference")
 CLUSTER_KINDS = ("VirtualMachineClusterInstancetype", "VirtualMachineClusterPreference")
+KINDS = INSTANCETYPE_KINDS + PREFERENCE_KINDS
 TOPOLOGIES = {"sockets": "sockets", "preferSockets": "sockets", "cores": "cores", "preferCores": "cores",
               "threads": "threads", "preferThreads": "threads", "spread": "spread", "preferSpread": "spread",
               "any": "sockets", "preferAny": "sockets"}

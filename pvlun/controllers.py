@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from controlplane.context import Context
 from controlplane.control_loop import ControlLoop, Reconciler
+from controlplane.instancetypes import KINDS as INSTANCETYPE_KINDS
 
 
 def reconcilers() -> list[tuple[str, Reconciler]]:
@@ -38,8 +39,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
 # VMs, Pods for their importers and launchers, StorageProfiles, the instancetypes and preferences VMs name).
-CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "StorageProfile", "VirtualMachineInstancetype",
-                   "VirtualMachineClusterInstancetype", "VirtualMachinePreference", "VirtualMachineClusterPreference")
+CLUSTER_WATCHED = ("PersistentVolumeClaim", "Pod", "StorageProfile", *INSTANCETYPE_KINDS)
 # ... and only the Pods it made (importer and launcher Pods carry this label), not the cluster's
 CLUSTER_SELECTORS = {"Pod": "app.kubernetes.io/managed-by=pvlun-controller"}
 
