@@ -18,6 +18,7 @@ from controlplane.dv_spec import claim_spec, disk_size, validate
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import shown_text, user_text
+from importer import errors as import_errors
 
 log = logging.getLogger("pvlun.importer")
 
@@ -233,16 +234,30 @@ class Progress:
             _save(self.ctx, self.dv, status)
 
 
-STALL_ATTEMPTS = 3  # a stalled transfer is tried this many times before the DataVolume fails
+ATTEMPTS = 3  # a failing transfer is tried this many times before the DataVolume fails (CDI's pod restarts)
+# what may pass by itself: a file not uploaded yet, a server restarting, a network away
+RETRIED = frozenset({import_errors.TRANSFER_STALLED, import_errors.NOT_FOUND, import_errors.UNREACHABLE,
+                     import_errors.TRANSFER_FAILED})
+BACKOFF_SECONDS = 10.0  # before the second attempt, doubling after (kubelet's CrashLoopBackOff starts at 10 s)
+
+
+def retry_backoff(ctx: Context, stall: float, attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based): `pvlun serve --import-retry-backoff`
+    (kubelet's 10 s), doubling; with a short stall timeout (slow links given up on quickly) at most
+    a quarter of it."""
+    base = float(ctx.services.get("retry_backoff") or BACKOFF_SECONDS)
+    return min(base, stall / 4) * 2 ** (attempt - 1)
 
 
 def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, node: str | None = None) -> None:
     """The import job: attach on `node` (the job queue picks one with a free slot), pipeline,
     detach; Succeeded or Failed with the reason. A node found full goes back to the queue.
 
-    A transfer that stalls is tried again after a backoff (restartCount + 1, as CDI restarts
-    its importer pod); a deleted DataVolume or a stopping daemon cancels the import at once
-    and its volume is detached (the claim then goes with its owner)."""
+    A transfer that stalls or fails for a reason that may pass (404, connection refused, a
+    server error, a dropped connection) is tried again after a backoff (restartCount + 1, the
+    Running condition False with the reason, as CDI's restarted importer pod shows it); a
+    deleted DataVolume or a stopping daemon cancels the import at once and its volume is
+    detached (the claim then goes with its owner)."""
     from importer import errors
     from importer.errors import ImportFailed
     from importer.transfer_watch import DEFAULT_STALL_SECONDS, TransferWatch
@@ -287,8 +302,8 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, n
 
 
 def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) -> None:
-    """The pipeline, again after a backoff while the transfer stalls, at most STALL_ATTEMPTS times."""
-    from importer import errors
+    """The pipeline, again after a backoff while it fails for a reason that may pass, at most
+    ATTEMPTS times (the pipeline leaves nothing of a failed attempt in the volume)."""
     from importer.errors import ImportFailed
     from importer.pipeline import import_into
     from importer.scratch import scratch_dir
@@ -298,24 +313,25 @@ def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) ->
     ns = meta.get("namespace", "default")
     secret, configmap = _lookups(ctx, ns)
     scratch = scratch_dir(ctx.data_dir)
-    for attempt in range(1, STALL_ATTEMPTS + 1):
+    for attempt in range(1, ATTEMPTS + 1):
+        if attempt > 1:
+            set_phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
         source = from_spec(source_spec, secret=secret, configmap=configmap,
                            allow_file=bool(ctx.services.get("allow_file")))
         try:
             import_into(source, target, progress=Progress(ctx, dv), scratch_dir=scratch)
             return
         except ImportFailed as exc:
-            if exc.reason != errors.TRANSFER_STALLED:
+            if exc.reason not in RETRIED:
                 raise
-            if attempt == STALL_ATTEMPTS:
+            if attempt == ATTEMPTS:
                 raise ImportFailed(exc.reason, f"{exc.message} ({attempt} attempts)") from None
-            backoff = watch.stall / 4 * 2 ** (attempt - 1)
+            backoff = retry_backoff(ctx, watch.stall, attempt)
             current = (ctx.store.get(KIND, meta["name"], ns) or dv).get("status") or {}
-            updated = ctx.store.merge_status(KIND, meta["name"], ns, progress="0.00%",
-                                             restartCount=int(current.get("restartCount", 0)) + 1)
-            dv["status"] = (updated or dv).get("status") or {}  # what the job writes later builds on it
-            ctx.store.add_event(dv, "Warning", exc.reason, f"{exc.message}; attempt {attempt} of {STALL_ATTEMPTS}, "
-                                                          f"trying again in {backoff:g} s")
+            dv["status"] = dict(current, restartCount=int(current.get("restartCount", 0)) + 1)
+            set_phase(ctx, dv, "ImportInProgress", running=(False, exc.reason, exc.message), progress="0.00%",
+                      event=("Warning", exc.reason, f"{exc.message}; attempt {attempt} of {ATTEMPTS}, "
+                                                    f"trying again in {backoff:g} s"))
             watch.pause(backoff)
 
 
