@@ -25,8 +25,8 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     kind = next(iter(source))
     if kind not in SOURCES:
         raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
-    storage = spec.get("storage") or spec.get("pvc")
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")  # `storage: {}` is given
     if not isinstance(storage, dict):
         raise ValueError("spec.storage (or spec.pvc) is required")
     request = (storage.get("resources") or {}).get("requests", {}).get("storage")

@@ -95,10 +95,18 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         fail(ctx, dv, "CrossNamespaceClone", f"a clone from namespace {source.get('namespace')} into {ns} is not "
              "available on a cluster yet (it needs the source namespace's grant); clone within one namespace")
         return None
+    inherited = _clone_mode(ctx, dv, kind, source, ns)
+    mode = inherited or mode
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
         return  # the old claim (a failed or restarted import) is still going away
+    if pvc is None and inherited == "":
+        if status.get("phase") != "Pending":
+            set_phase(ctx, dv, "Pending", progress="N/A", ready=False, event=(
+                "Normal", "CloneSourceNotReady", f"waiting for {kind} {source.get('namespace') or ns}/"
+                f"{source.get('name')}: the clone takes its volume mode and size"))
+        return 2.0
     if pvc is None:
         scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
         claim_kind = kind
@@ -117,6 +125,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
             "spec": claim_spec(claim_kind, source, size, mode, access, sc,
                                (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
         })
+        if _waits_for_class(ctx, dv, sc):
+            return None
         status = set_phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
@@ -130,6 +140,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
             return None
         return reconcile_in_pods(ctx, dv, pvc, kind)
     if pvc.get("status", {}).get("phase") != "Bound":
+        if _waits_for_class(ctx, dv, sc):
+            return None
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
         if cond and cond.get("reason") == "ProvisioningFailed":
             fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
@@ -159,6 +171,42 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         return
     ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_import(ctx, dv, kind, source, mode, node),
                            f"import/{key_of(dv)}")
+
+
+def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
+    """A DataVolume whose StorageClass does not exist (yet) stays Pending, as its claim does in
+    Kubernetes, and goes on when the class is made (the claim's change brings it back here).
+    Embedded mode: on a cluster the claim waits in the API server and the importer Pod with it."""
+    if ctx.cluster is not None or not sc or ctx.store.get("StorageClass", sc) is not None:
+        return False
+    name = dv["metadata"]["name"]
+    message = f"PVC {name} Pending: StorageClass {sc} does not exist yet; the import starts once it is created"
+    status = _status(dv)
+    bound = next((c for c in status.get("conditions", []) if c["type"] == "Bound"), {})
+    if status.get("phase") != "Pending" or bound.get("message") != message:
+        set_condition(status, "Bound", False, "Pending", message)
+        status["claimName"] = name
+        dv["status"] = status
+        set_phase(ctx, dv, "Pending", progress="N/A", ready=False,
+                  event=("Warning", "StorageClassNotFound", message))
+    return True
+
+
+def _clone_mode(ctx: Context, dv: Obj, kind: str, source: dict, ns: str) -> str | None:
+    """A clone whose spec names no volumeMode (`storage: {}`) gets its source's, as it gets its
+    size: the bytes are copied as they are. None: the spec names one (or this is no clone);
+    "": the source (or its snapshot's content) is not there yet."""
+    spec = dv.get("spec") or {}
+    if kind not in ("pvc", "snapshot") or (spec.get("storage") or spec.get("pvc") or {}).get("volumeMode"):
+        return None
+    src_ns = source.get("namespace") or ns
+    if kind == "pvc":
+        claim = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), src_ns)
+        return ((claim.get("spec") or {}).get("volumeMode") or "Filesystem") if claim else ""
+    snap = ctx.store.get("VolumeSnapshot", source.get("name", ""), src_ns) or {}
+    content_name = (snap.get("status") or {}).get("boundVolumeSnapshotContentName")
+    content = ctx.store.get("VolumeSnapshotContent", content_name, "") if content_name else None
+    return ((content or {}).get("spec") or {}).get("sourceVolumeMode") or ""
 
 
 def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
