@@ -237,6 +237,10 @@ class Daemon:
 
             host, port = _address(self.opts.metrics_address)
             self.metrics_server, _ = start_http_server(port, addr=host)
+            from importer import metrics
+
+            store = self.ctx.store  # a deleted DataVolume's progress series goes with it
+            metrics.drop_deleted(lambda ns, name: store.get("DataVolume", name, ns) is not None)
             if self.luns is not None:
                 self.ctx.services["pool_watch"].expose()
             if self.iscsi is not None:

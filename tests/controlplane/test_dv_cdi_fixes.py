@@ -112,3 +112,23 @@ spec:
         assert out.returncode != 0
         assert f"spec.source.{kind}: must be an object, not a string" in out.stderr, out.stderr
         assert instance.get("DataVolume", f"wrong-shape-{kind}") is None
+
+
+def test_metrics_drop_the_progress_series_of_a_deleted_datavolume(instance, web):
+    import urllib.request
+
+    with open(os.path.join(instance.data_dir, "metrics.url")) as f:
+        url = f.read().strip()
+
+    def series(name: str) -> list[str]:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return [ln for ln in text.splitlines()
+                if ln.startswith("pvlun_import_progress{") and f'name="{name}"' in ln and 'namespace="default"' in ln]
+
+    make_qcow2(os.path.join(web.root, "metered.qcow2"), 16)
+    instance.apply(dv("metered", f"    http:\n      url: {web.url}/metered.qcow2", size="16Mi"), "--wait")
+    assert series("metered") and series("metered")[0].endswith(" 100.0")
+    instance.cli("delete", "dv", "metered")
+    instance.wait(lambda: instance.get("DataVolume", "metered") is None, 30, "the DataVolume gone")
+    assert series("metered") == []
