@@ -267,7 +267,7 @@ class Progress:
     """Progress into the DataVolume status (at most every half second) and the metric."""
 
     def __init__(self, ctx: Context, dv: Obj):
-        self.ctx, self.dv, self.last = ctx, dv, 0.0
+        self.ctx, self.dv, self.last, self.shown = ctx, dv, 0.0, 0.0
 
     def __call__(self, percent: float) -> None:
         from importer import metrics
@@ -275,8 +275,10 @@ class Progress:
         meta = self.dv["metadata"]
         metrics.set_progress(meta.get("namespace", "default"), meta["name"], percent)
         now = time.monotonic()
-        if now - self.last >= 0.5 or percent >= 100:
-            self.last = now
+        # at most every half second, but always the end and the download's end (50 % when a
+        # scratch copy is converted next), which a slow check or convert would otherwise hide
+        if now - self.last >= 0.5 or percent >= 100 or self.shown < 50 <= percent:
+            self.last, self.shown = now, percent
             status = _status(self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default")) or self.dv)
             status["progress"] = f"{percent:.2f}%"
             _save(self.ctx, self.dv, status)
