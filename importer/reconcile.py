@@ -15,6 +15,7 @@ import time
 from controlplane import kubelet
 from controlplane.context import Context
 from controlplane.dv_spec import claim_spec, disk_size, validate
+from controlplane.quantity import parse_quantity
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import shown_text, user_text
@@ -95,13 +96,14 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         fail(ctx, dv, "CrossNamespaceClone", f"a clone from namespace {source.get('namespace')} into {ns} is not "
              "available on a cluster yet (it needs the source namespace's grant); clone within one namespace")
         return None
-    inherited = _clone_mode(ctx, dv, kind, source, ns)
-    mode = inherited or mode
+    taken = _from_clone_source(ctx, dv, kind, source, ns, size)
+    if taken is not None:
+        mode, size = taken[0] or mode, taken[1]
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
         return  # the old claim (a failed or restarted import) is still going away
-    if pvc is None and inherited == "":
+    if pvc is None and taken is None:
         if status.get("phase") != "Pending":
             set_phase(ctx, dv, "Pending", progress="N/A", ready=False, event=(
                 "Normal", "CloneSourceNotReady", f"waiting for {kind} {source.get('namespace') or ns}/"
@@ -126,11 +128,13 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
                                (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
         })
         if _waits_for_class(ctx, dv, sc):
-            return None
+            return CLASS_RECHECK_SECONDS
         status = set_phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
         return
+    if (pvc.get("status") or {}).get("phase") != "Bound" and _waits_for_class(ctx, dv, sc):
+        return CLASS_RECHECK_SECONDS
     if ctx.cluster is not None:  # the work runs in Pods Kubernetes places
         from importer.import_pods import reconcile_in_pods
 
@@ -140,8 +144,6 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
             return None
         return reconcile_in_pods(ctx, dv, pvc, kind)
     if pvc.get("status", {}).get("phase") != "Bound":
-        if _waits_for_class(ctx, dv, sc):
-            return None
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
         if cond and cond.get("reason") == "ProvisioningFailed":
             fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
@@ -173,11 +175,15 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
                            f"import/{key_of(dv)}")
 
 
+CLASS_RECHECK_SECONDS = 10.0
+
+
 def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
     """A DataVolume whose StorageClass does not exist (yet) stays Pending, as its claim does in
     Kubernetes, and goes on when the class is made (the claim's change brings it back here).
-    Embedded mode: on a cluster the claim waits in the API server and the importer Pod with it."""
-    if ctx.cluster is not None or not sc or ctx.store.get("StorageClass", sc) is not None:
+    On a cluster no StorageClass change reaches the controller: it looks again every
+    CLASS_RECHECK_SECONDS."""
+    if not sc or ctx.store.get("StorageClass", sc) is not None:
         return False
     name = dv["metadata"]["name"]
     message = f"PVC {name} Pending: StorageClass {sc} does not exist yet; the import starts once it is created"
@@ -192,21 +198,48 @@ def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
     return True
 
 
-def _clone_mode(ctx: Context, dv: Obj, kind: str, source: dict, ns: str) -> str | None:
-    """A clone whose spec names no volumeMode (`storage: {}`) gets its source's, as it gets its
-    size: the bytes are copied as they are. None: the spec names one (or this is no clone);
-    "": the source (or its snapshot's content) is not there yet."""
+def _from_clone_source(ctx: Context, dv: Obj, kind: str, source: dict, ns: str,
+                       size: int) -> tuple[str | None, int] | None:
+    """What a clone whose spec leaves them out takes from its source, as CDI does: the volume
+    mode (`storage: {}`: the bytes are copied as they are) and, on a cluster (where a claim must
+    name a size), the size. (mode or None, size); None: the source is not there (or not bound) yet."""
     spec = dv.get("spec") or {}
-    if kind not in ("pvc", "snapshot") or (spec.get("storage") or spec.get("pvc") or {}).get("volumeMode"):
-        return None
+    want_mode = not (spec.get("storage") or spec.get("pvc") or {}).get("volumeMode")
+    want_size = not size and ctx.cluster is not None
+    if kind not in ("pvc", "snapshot") or not (want_mode or want_size):
+        return None, size
     src_ns = source.get("namespace") or ns
     if kind == "pvc":
         claim = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), src_ns)
-        return ((claim.get("spec") or {}).get("volumeMode") or "Filesystem") if claim else ""
-    snap = ctx.store.get("VolumeSnapshot", source.get("name", ""), src_ns) or {}
-    content_name = (snap.get("status") or {}).get("boundVolumeSnapshotContentName")
-    content = ctx.store.get("VolumeSnapshotContent", content_name, "") if content_name else None
-    return ((content or {}).get("spec") or {}).get("sourceVolumeMode") or ""
+        if claim is None:
+            return None
+        mode = (claim.get("spec") or {}).get("volumeMode") or "Filesystem"
+        capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
+    else:
+        snap = ctx.store.get("VolumeSnapshot", source.get("name", ""), src_ns)
+        if snap is None:
+            return None
+        capacity = (snap.get("status") or {}).get("restoreSize")
+        mode = _snapshot_mode(ctx, snap, src_ns)
+        if mode is None:
+            return None
+    if want_size:
+        if not capacity:
+            return None
+        size = parse_quantity(str(capacity))
+    return (mode if want_mode else None), size
+
+
+def _snapshot_mode(ctx: Context, snap: Obj, ns: str) -> str | None:
+    """The volume mode a snapshot was taken of: its content's sourceVolumeMode (embedded), or
+    its source claim's on a cluster (the controller may not read VolumeSnapshotContents)."""
+    if ctx.cluster is None:
+        name = (snap.get("status") or {}).get("boundVolumeSnapshotContentName")
+        content = ctx.store.get("VolumeSnapshotContent", name, "") if name else None
+        return ((content or {}).get("spec") or {}).get("sourceVolumeMode") or None
+    claim_name = ((snap.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName")
+    claim = ctx.store.get("PersistentVolumeClaim", claim_name, ns) if claim_name else None
+    return ((claim.get("spec") or {}).get("volumeMode") or "Filesystem") if claim else None
 
 
 def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
