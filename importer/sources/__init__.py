@@ -11,6 +11,8 @@ import re
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
+from controlplane.dv_spec import checksum_error
+
 from .. import errors
 from ..errors import ImportFailed
 from .base import DirectRead, PeekStream, Source, SourceInfo
@@ -26,21 +28,19 @@ __all__ = [
 ]
 
 Lookup = Callable[[str], dict[str, str]]
-CHECKSUM_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}  # CDI's `algorithm:hex` checksums
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):\s*(.*)")
 
 
 def parse_checksum(value: object) -> str | None:
     """CDI's `checksum`: `md5|sha1|sha256|sha512:<hex>` (normalized to lower case); absent or
     an empty string means none. Anything else raises ImportFailed naming the accepted forms."""
-    if value is None or value == "":
+    bad = checksum_error(value)
+    if bad:
+        raise ImportFailed(errors.INVALID_SOURCE, f"checksum {bad}")
+    if not value:
         return None
-    algo, _, digest = value.partition(":") if isinstance(value, str) else ("", "", "")
-    algo = algo.lower()
-    if algo not in CHECKSUM_HEX or not re.fullmatch(f"[0-9a-fA-F]{{{CHECKSUM_HEX.get(algo, 0)}}}", digest):
-        raise ImportFailed(errors.INVALID_SOURCE, "checksum must be <algorithm>:<hex digest> with md5, sha1, sha256 "
-                                                  "or sha512 (e.g. sha256:<64 hex digits>), or empty for none")
-    return f"{algo}:{digest.lower()}"
+    algo, _, digest = str(value).partition(":")
+    return f"{algo.lower()}:{digest.lower()}"
 
 
 def _checksum(spec: dict) -> str | None:

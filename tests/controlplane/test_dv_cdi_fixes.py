@@ -132,3 +132,14 @@ def test_metrics_drop_the_progress_series_of_a_deleted_datavolume(instance, web)
     instance.cli("delete", "dv", "metered")
     instance.wait(lambda: instance.get("DataVolume", "metered") is None, 30, "the DataVolume gone")
     assert series("metered") == []
+
+
+def test_a_malformed_checksum_is_refused_at_apply_and_an_empty_one_is_none(instance, web):
+    out = instance.apply(dv("bad-sum", f"    http:\n      url: {web.url}/x.qcow2\n      checksum: sha384:{'0' * 96}",
+                            size="16Mi"), check=False)
+    assert out.returncode != 0
+    assert "spec.source.http.checksum: must be <algorithm>:<hex digest> with md5, sha1, sha256 or sha512" in out.stderr
+    assert instance.get("DataVolume", "bad-sum") is None
+    raw = make_qcow2(os.path.join(web.root, "nosum.qcow2"), 16)
+    instance.apply(dv("no-sum", f"    http:\n      url: {web.url}/nosum.qcow2\n      checksum: \"\"", size="16Mi"), "--wait")
+    assert same_prefix(raw, instance.lun_path("no-sum"))
