@@ -146,6 +146,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     if pvc.get("status", {}).get("phase") != "Bound":
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
         if cond and cond.get("reason") == "ProvisioningFailed":
+            if sc and f"storageclass {sc!r} not found" in cond.get("message", ""):
+                return 1.0  # said before the class was made: the provisioner looks again (the class's change)
             fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
         return
     status = _status(dv)
