@@ -270,7 +270,10 @@ class Progress:
         # scratch copy is converted next), which a slow check or convert would otherwise hide
         if now - self.last >= 0.5 or percent >= 100 or self.shown < 50 <= percent:
             self.last, self.shown = now, percent
-            status = _status(self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default")) or self.dv)
+            current = self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default"))
+            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+                return  # deleted (the import is being cancelled), or a namesake's: not ours to write
+            status = _status(current)
             status["progress"] = f"{percent:.2f}%"
             _save(self.ctx, self.dv, status)
 
