@@ -13,6 +13,9 @@ through iSCSI is copied into a socket, out of it and into tgtd's page cache, whe
 loop device's O_DIRECT write is copied by nobody, so the table also shows one TCP stream over
 loopback on this machine: the ceiling any iSCSI write here shares with its copies.
 
+The same two sequential patterns again with QEMU in node A's network namespace and tgtd on
+the storage host's (host/netns.py), against the local loop device in the same run.
+
 Migration: `pvlun launch` of the tick guest in node A's network namespace, its disk a LUN of
 tgtd on the storage host's address opened by QEMU itself, migrated to node B's over the
 migration network (host/netns.py); the downtime QEMU reports.
@@ -78,9 +81,9 @@ def _tgtd(portal: str, tmp: Path, lun_file: Path, nodes: list[str], prefix: list
     return tgtd
 
 
-def _bench(spec: list[str], args: list[str]) -> float:
-    """MB/s (or IOPS for 4k, as MB/s too) of one qemu-img bench run."""
-    done = subprocess.run(["qemu-img", "bench", "-t", "none", *args, *spec], capture_output=True, text=True,
+def _bench(spec: list[str], args: list[str], prefix: list[str] = ()) -> float:
+    """MB/s (or IOPS for 4k, as MB/s too) of one qemu-img bench run (in the host `prefix` enters)."""
+    done = subprocess.run([*prefix, "qemu-img", "bench", "-t", "none", *args, *spec], capture_output=True, text=True,
                           timeout=120)
     found = re.search(r"Run completed in ([\d.]+) seconds", done.stdout)
     if done.returncode or not found:
@@ -163,6 +166,32 @@ def throughput(tmp: Path) -> list[Row]:
             tgtd.stop()
 
 
+def across_hosts(tmp: Path) -> list[Row]:
+    """QEMU-direct sequential I/O from node A's network namespace to tgtd on the storage
+    host's address (a veth pair through the switch namespace), beside the same LUN file's
+    local loop device."""
+    lun_file = tmp / "lun.img"  # throughput()'s, still allocated
+    rows: list[Row] = []
+    with Hosts(["storage", "nodeA"]) as hosts:
+        tgtd = _tgtd(f"{hosts['storage'].address}:3260", tmp, lun_file, ["bench"], hosts["storage"].prefix)
+        local = attach.attach_loop(str(lun_file))
+        try:
+            remote = ["--image-opts", f"driver=iscsi,transport=tcp,portal={tgtd.portal},target={target_iqn('bench', 1)},"
+                      f"lun=1,initiator-name={initiator_name('bench')}"]
+            for label, args in PATTERNS[:2]:
+                runs: dict[str, list[float]] = {"local": [], "remote": []}
+                for _ in range(REPEATS):
+                    runs["local"].append(_bench(["-f", "raw", "-n", local], args))
+                    runs["remote"].append(_bench(remote, args, hosts["nodeA"].prefix))
+                base, speed = statistics.median(runs["local"]), statistics.median(runs["remote"])
+                rows.append((f"iscsi {label}, QEMU-direct node A → storage host", f"{speed:.0f} MB/s",
+                             f"{speed / base:.2f}× local ({base:.0f} MB/s); across network namespaces"))
+        finally:
+            attach.detach_loop(local)
+            tgtd.stop()
+    return rows
+
+
 def _launch(hosts: Hosts, node: str, tmp: Path, run: str, vmi: Path, *extra: str) -> subprocess.Popen:
     out = open(tmp / f"{run}.out", "wb")
     with out, open(tmp / f"{run}.err", "wb") as err:
@@ -231,7 +260,7 @@ def migration(tmp: Path) -> list[Row]:
 def run() -> list[Row]:
     tmp = Path(tempfile.mkdtemp(prefix="pvlun-bench-iscsi-"))
     try:
-        return throughput(tmp) + migration(tmp)
+        return throughput(tmp) + across_hosts(tmp) + migration(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -82,6 +82,19 @@ class PvlunServe:
     def apply(self, manifest: str) -> None:
         self.cli("apply", "-f", "-", "--wait", input=manifest)
 
+    def free(self, dv_names: list[str], timeout: float = 120) -> None:
+        """Delete these DataVolumes and wait until their claims (and so their volumes) are gone."""
+        from controlplane.store import SQLiteStore
+
+        for name in dv_names:
+            self.cli("delete", "datavolume", name)
+        store = SQLiteStore(os.path.join(self.data_dir, "catalog.db"))
+        deadline = time.monotonic() + timeout
+        while any(store.get("PersistentVolumeClaim", name, "default") for name in dv_names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("deleted DataVolumes' claims are still there after 120 s")
+            time.sleep(0.1)
+
     def lun_path(self, dv_name: str, namespace: str = "default") -> str:
         """The LUN file of the DataVolume's claim (the file backend: pool/volumes/<id>.img)."""
         from controlplane.store import SQLiteStore

@@ -14,6 +14,21 @@ SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
 IMPORT_SOURCES = ("http", "registry", "s3")
 
 
+CHECKSUM_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}  # CDI's `algorithm:hex` checksums
+
+
+def checksum_error(value: object) -> str | None:
+    """What is wrong with a source's `checksum` (None: nothing; absent or "" means no checksum)."""
+    if value is None or value == "":
+        return None
+    algo, _, digest = value.partition(":") if isinstance(value, str) else ("", "", "")
+    hex_len = CHECKSUM_HEX.get(algo.lower())
+    if hex_len is None or len(digest) != hex_len or digest.strip("0123456789abcdefABCDEF"):
+        return ("must be <algorithm>:<hex digest> with md5, sha1, sha256 or sha512 (e.g. sha256:<64 hex digits>), "
+                "or empty for none")
+    return None
+
+
 def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     """(source kind, source spec, requested size, volume mode, access modes, class); ValueError names the field."""
     spec = dv.get("spec") or {}
@@ -25,8 +40,14 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     kind = next(iter(source))
     if kind not in SOURCES and kind != "sourceRef":  # a sourceRef is resolved before the claim is made (data_source_ref)
         raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
-    storage = spec.get("storage") or spec.get("pvc")
+    if source[kind] is not None and not isinstance(source[kind], dict):  # `registry: "docker://..."`
+        raise ValueError(f"spec.source.{kind}: must be an object (e.g. {kind}: {{url: ...}}), not "
+                         f"{type(source[kind]).__name__}")
+    bad = checksum_error((source[kind] or {}).get("checksum"))
+    if bad:
+        raise ValueError(f"spec.source.{kind}.checksum: {bad}")
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")  # `storage: {}` is given
     if not isinstance(storage, dict):
         raise ValueError("spec.storage (or spec.pvc) is required")
     request = (storage.get("resources") or {}).get("requests", {}).get("storage")

@@ -150,8 +150,9 @@ CLAIM_SPEC = Fields(accessModes=ListOf(OneOf(*ACCESS_MODES)), volumeMode=OneOf("
                     dataSource=REF, dataSourceRef=REF, selector=ANY_MAP)
 _URL_SOURCE = dict(url=STR, secretRef=STR, certConfigMap=STR)
 DATA_VOLUME_SPEC = Fields(
-    source=Fields(http=Fields(**_URL_SOURCE, extraHeaders=ListOf(STR), secretExtraHeaders=ListOf(STR), checksum=STR),
-                  registry=Fields(**_URL_SOURCE, pullMethod=STR, checksum=STR), s3=Fields(**_URL_SOURCE, checksum=STR),
+    source=Fields(http=Fields(**_URL_SOURCE, extraHeaders=ListOf(STR), secretExtraHeaders=ListOf(STR), checksum=STR,
+                              insecureSkipVerify=BOOL),
+                  registry=Fields(**_URL_SOURCE, pullMethod=STR, checksum=STR, insecureSkipVerify=BOOL), s3=Fields(**_URL_SOURCE, checksum=STR),
                   upload=ANY_MAP, blank=ANY_MAP, pvc=Fields(name=STR, namespace=STR),
                   snapshot=Fields(name=STR, namespace=STR)),
     sourceRef=Fields(kind=STR, name=STR, namespace=STR), storage=CLAIM_SPEC, pvc=CLAIM_SPEC, contentType=STR,

@@ -88,6 +88,9 @@ def namespace_of(obj: Obj) -> str:
     return obj.get("metadata", {}).get("namespace") or "default"
 
 
+POLL_SECONDS = 0.01  # how soon another process's write is seen (a SELECT of one row)
+
+
 class SQLiteStore:
     """Objects in SQLite; every write bumps one counter that watchers poll, and records
     which object it changed, so a watcher handles what changed rather than everything."""
@@ -97,6 +100,7 @@ class SQLiteStore:
 
         create_private(path)
         self._lock = threading.RLock()
+        self._wake = threading.Event()  # set by this process's writes: its own watchers need not poll
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -123,6 +127,7 @@ class SQLiteStore:
                          (version, kind, self._ns(kind, namespace), name))
         if version % 1000 == 0:
             self._db.execute("DELETE FROM changes WHERE version <= ?", (version - CHANGES_KEPT,))
+        self._wake.set()  # a woken watcher's version() waits for this write's lock, so sees its commit
         return version
 
     def version(self) -> int:
@@ -130,12 +135,16 @@ class SQLiteStore:
             return self._db.execute("SELECT version FROM counter WHERE id = 0").fetchone()[0]
 
     def wait_for_change(self, since: int, timeout: float) -> int:
+        """Woken at once by a write of this process; another process's (a CLI's) is seen
+        within POLL_SECONDS: each hop of a reconcile chain costs milliseconds, not a poll."""
         deadline = time.monotonic() + timeout
         while True:
             current = self.version()
-            if current != since or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if current != since or left <= 0:
                 return current
-            time.sleep(0.03)
+            self._wake.wait(min(POLL_SECONDS, left))
+            self._wake.clear()
 
     def changes_since(self, since: int) -> tuple[int, list[Key] | None]:
         """(current version, the objects written after `since`, each once); None instead of the

@@ -8,11 +8,10 @@ CLI's last-resort error line, go through `user_text`.
 from __future__ import annotations
 
 import re
+import sys
 
-import grpc
-
-from csi.errors import cut, hide_paths
-from csi.errors import shown as quoted
+from csi.text import cut, hide_paths
+from csi.text import shown as quoted
 from host.command import CommandError
 
 LIMIT = 400  # characters of one message
@@ -40,7 +39,8 @@ def tool_lines(stderr: str) -> str:
 def user_text(exc: BaseException, limit: int = LIMIT) -> str:
     """One line for a person: `CODE: details` for a gRPC error, the tool's own words for a
     failed command, the message alone (no type, no traceback) for anything else."""
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+    grpc = sys.modules.get("grpc")  # not loaded: no gRPC error can exist (a CLI starts faster without it)
+    if grpc is not None and isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         code = exc.code()
         details = exc.details() if callable(getattr(exc, "details", None)) else ""
         text = f"{getattr(code, 'name', code)}: {details or 'no details'}"

@@ -102,15 +102,17 @@ CLAIM_FIELDS = {
     "volumeAttributesClassName": string(),
 }
 _URL = {"url": string(), "secretRef": string(), "certConfigMap": string()}
-_CHECKSUM = string("sha256:<64 hex digits>: what the source's bytes must hash to (pvlun checks sha256)")
+_CHECKSUM = string("md5|sha1|sha256|sha512:<hex digest>: what the source's bytes must hash to (empty: none)")
+_INSECURE = boolean("true: the server's certificate is not checked (a self-signed one)")
 _NAMED = obj({"namespace": string(), "name": string()}, required=("name",))
 DATA_VOLUME_SOURCE = obj({
     "http": obj({**_URL, "extraHeaders": array(string()), "secretExtraHeaders": array(string()),
-                 "checksum": _CHECKSUM}, required=("url",)),
+                 "checksum": _CHECKSUM, "insecureSkipVerify": _INSECURE}, required=("url",)),
     "s3": obj({**_URL, "checksum": _CHECKSUM}, required=("url",)),
     "gcs": obj({"url": string(), "secretRef": string()}, required=("url",)),
     "registry": obj({**_URL, "imageStream": string(), "pullMethod": string(enum=["pod", "node"]),
-                     "platform": obj({"architecture": string()}), "checksum": _CHECKSUM}),
+                     "platform": obj({"architecture": string()}), "checksum": _CHECKSUM,
+                     "insecureSkipVerify": _INSECURE}),
     "pvc": _NAMED,
     "snapshot": _NAMED,
     "upload": obj(),

@@ -146,10 +146,12 @@ class _Import:
             self.method, self.counter.count if self.counter else 0, time.monotonic() - started,
         )
 
-    def progress(self, fraction: float) -> None:
+    def progress(self, fraction: float, *, step_done: bool = False) -> None:
+        """Report `fraction` of the current span (steps of at least 0.5 %); `step_done`: a step
+        ended (the download before its convert), shown whatever the last report was."""
         lo, hi = self.progress_span
         value = round(min(100.0, lo + (hi - lo) * max(0.0, min(1.0, fraction))), 2)
-        if value >= self._last + 0.5 or (value >= 100.0 and self._last < 100.0):
+        if value >= self._last + 0.5 or ((value >= 100.0 or step_done) and self._last < value):
             self._last = value
             self._report(value)
 
@@ -277,7 +279,7 @@ class _Import:
         self.virtual_size = img.virtual_size
         self.convert_from = node
         self.progress_span = (50.0, 100.0)
-        self.progress(0.0)
+        self.progress(0.0, step_done=True)  # downloaded: the status says so while the checks run
         return Phase.CONVERT
 
     def _convert(self) -> Phase:

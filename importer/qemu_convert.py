@@ -44,6 +44,7 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], *,
         with proc.stdout:
             fd = proc.stdout.fileno()
             last = time.monotonic()
+            pending = b""
             while True:
                 ready, _, _ = select.select([fd], [], [], min(stall, 1.0))
                 if not ready:
@@ -56,9 +57,14 @@ def run_with_progress(argv: list[str], progress: Callable[[float], None], *,
                 if not chunk:
                     break
                 last = time.monotonic()
-                found = _PROGRESS.findall(chunk)
-                if found:
-                    progress(float(found[-1]) / 100.0)
+                pending += chunk
+                # every step qemu-img printed, also when a fast convert's steps come in one read
+                # (a step cut off at the read's end waits for the rest of it)
+                end = 0
+                for match in _PROGRESS.finditer(pending):
+                    progress(float(match.group(1)) / 100.0)
+                    end = match.end()
+                pending = pending[end:][-64:]
         if proc.wait() != 0:
             err.seek(0)
             text = err.read().decode(errors="replace")

@@ -19,6 +19,8 @@ from controlplane.dv_spec import claim_spec, disk_size, validate
 from controlplane.secret_refs import SecretRefError, secret_data
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import shown_text, user_text
+from importer import errors as import_errors
+from importer.clone_source import from_clone_source
 
 log = logging.getLogger("pvlun.importer")
 
@@ -100,10 +102,19 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
         fail(ctx, dv, "CrossNamespaceClone", f"a clone from namespace {source.get('namespace')} into {ns} is not "
              "available on a cluster yet (it needs the source namespace's grant); clone within one namespace")
         return None
+    taken = from_clone_source(ctx, dv, kind, source, ns, size)
+    if taken is not None:
+        mode, size = taken[0] or mode, taken[1]
     strategy = _clone_strategy(ctx, kind, source, mode, ns)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
         return  # the old claim (a failed or restarted import) is still going away
+    if pvc is None and taken is None:
+        if status.get("phase") != "Pending":
+            set_phase(ctx, dv, "Pending", progress="N/A", ready=False, event=(
+                "Normal", "CloneSourceNotReady", f"waiting for {kind} {source.get('namespace') or ns}/"
+                f"{source.get('name')}: the clone takes its volume mode and size"))
+        return 2.0
     if pvc is None:
         scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
         claim_kind = kind
@@ -122,10 +133,14 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
             "spec": claim_spec(claim_kind, source, size, mode, access, sc,
                                (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
         })
+        if _waits_for_class(ctx, dv, sc):
+            return CLASS_RECHECK_SECONDS
         status = set_phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
         _save(ctx, dv, status)
         return
+    if (pvc.get("status") or {}).get("phase") != "Bound" and _waits_for_class(ctx, dv, sc):
+        return CLASS_RECHECK_SECONDS
     if ctx.cluster is not None:  # the work runs in Pods Kubernetes places
         from importer.import_pods import reconcile_in_pods
 
@@ -137,6 +152,8 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     if pvc.get("status", {}).get("phase") != "Bound":
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
         if cond and cond.get("reason") == "ProvisioningFailed":
+            if sc and f"storageclass {sc!r} not found" in cond.get("message", ""):
+                return 1.0  # said before the class was made: the provisioner looks again (the class's change)
             fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
         return
     status = _status(dv)
@@ -187,6 +204,29 @@ def _wait_for_data_source(ctx: Context, dv: Obj, ns: str, message: str) -> None:
     set_condition(status, "Ready", False, "DataSourceNotFound", message)
     _save(ctx, dv, status)
     ctx.store.add_event(dv, "Warning", "DataSourceNotFound", message)
+
+
+CLASS_RECHECK_SECONDS = 10.0
+
+
+def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
+    """A DataVolume whose StorageClass does not exist (yet) stays Pending, as its claim does in
+    Kubernetes, and goes on when the class is made (the claim's change brings it back here).
+    On a cluster no StorageClass change reaches the controller: it looks again every
+    CLASS_RECHECK_SECONDS."""
+    if not sc or ctx.store.get("StorageClass", sc) is not None:
+        return False
+    name = dv["metadata"]["name"]
+    message = f"PVC {name} Pending: StorageClass {sc} does not exist yet; the import starts once it is created"
+    status = _status(dv)
+    bound = next((c for c in status.get("conditions", []) if c["type"] == "Bound"), {})
+    if status.get("phase") != "Pending" or bound.get("message") != message:
+        set_condition(status, "Bound", False, "Pending", message)
+        status["claimName"] = name
+        dv["status"] = status
+        set_phase(ctx, dv, "Pending", progress="N/A", ready=False,
+                  event=("Warning", "StorageClassNotFound", message))
+    return True
 
 
 def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
@@ -247,7 +287,7 @@ class Progress:
     """Progress into the DataVolume status (at most every half second) and the metric."""
 
     def __init__(self, ctx: Context, dv: Obj):
-        self.ctx, self.dv, self.last = ctx, dv, 0.0
+        self.ctx, self.dv, self.last, self.shown = ctx, dv, 0.0, 0.0
 
     def __call__(self, percent: float) -> None:
         from importer import metrics
@@ -255,23 +295,42 @@ class Progress:
         meta = self.dv["metadata"]
         metrics.set_progress(meta.get("namespace", "default"), meta["name"], percent)
         now = time.monotonic()
-        if now - self.last >= 0.5 or percent >= 100:
-            self.last = now
-            status = _status(self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default")) or self.dv)
+        # at most every half second, but always the end and the download's end (50 % when a
+        # scratch copy is converted next), which a slow check or convert would otherwise hide
+        if now - self.last >= 0.5 or percent >= 100 or self.shown < 50 <= percent:
+            self.last, self.shown = now, percent
+            current = self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default"))
+            if current is None or current["metadata"].get("uid") != meta.get("uid"):
+                return  # deleted (the import is being cancelled), or a namesake's: not ours to write
+            status = _status(current)
             status["progress"] = f"{percent:.2f}%"
             _save(self.ctx, self.dv, status)
 
 
-STALL_ATTEMPTS = 3  # a stalled transfer is tried this many times before the DataVolume fails
+ATTEMPTS = 3  # a failing transfer is tried this many times before the DataVolume fails (CDI's pod restarts)
+# what may pass by itself: a file not uploaded yet, a server restarting, a network away
+RETRIED = frozenset({import_errors.TRANSFER_STALLED, import_errors.NOT_FOUND, import_errors.UNREACHABLE,
+                     import_errors.TRANSFER_FAILED})
+BACKOFF_SECONDS = 10.0  # before the second attempt, doubling after (kubelet's CrashLoopBackOff starts at 10 s)
+
+
+def retry_backoff(ctx: Context, stall: float, attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based): `pvlun serve --import-retry-backoff`
+    (kubelet's 10 s), doubling; with a short stall timeout (slow links given up on quickly) at most
+    a quarter of it."""
+    base = float(ctx.services.get("retry_backoff") or BACKOFF_SECONDS)
+    return min(base, stall / 4) * 2 ** (attempt - 1)
 
 
 def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, node: str | None = None) -> None:
     """The import job: attach on `node` (the job queue picks one with a free slot), pipeline,
     detach; Succeeded or Failed with the reason. A node found full goes back to the queue.
 
-    A transfer that stalls is tried again after a backoff (restartCount + 1, as CDI restarts
-    its importer pod); a deleted DataVolume or a stopping daemon cancels the import at once
-    and its volume is detached (the claim then goes with its owner)."""
+    A transfer that stalls or fails for a reason that may pass (404, connection refused, a
+    server error, a dropped connection) is tried again after a backoff (restartCount + 1, the
+    Running condition False with the reason, as CDI's restarted importer pod shows it); a
+    deleted DataVolume or a stopping daemon cancels the import at once and its volume is
+    detached (the claim then goes with its owner)."""
     from importer import errors
     from importer.errors import ImportFailed
     from importer.transfer_watch import DEFAULT_STALL_SECONDS, TransferWatch
@@ -316,8 +375,8 @@ def run_import(ctx: Context, dv: Obj, kind: str, source_spec: dict, mode: str, n
 
 
 def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) -> None:
-    """The pipeline, again after a backoff while the transfer stalls, at most STALL_ATTEMPTS times."""
-    from importer import errors
+    """The pipeline, again after a backoff while it fails for a reason that may pass, at most
+    ATTEMPTS times (the pipeline leaves nothing of a failed attempt in the volume)."""
     from importer.errors import ImportFailed
     from importer.pipeline import import_into
     from importer.scratch import scratch_dir
@@ -327,24 +386,25 @@ def _import_attempts(ctx: Context, dv: Obj, watch, source_spec: dict, target) ->
     ns = meta.get("namespace", "default")
     secret, configmap = _lookups(ctx, ns)
     scratch = scratch_dir(ctx.data_dir)
-    for attempt in range(1, STALL_ATTEMPTS + 1):
+    for attempt in range(1, ATTEMPTS + 1):
+        if attempt > 1:
+            set_phase(ctx, dv, "ImportInProgress", running=(True, "Pod Running", ""), progress="0.00%")
         source = from_spec(source_spec, secret=secret, configmap=configmap,
                            allow_file=bool(ctx.services.get("allow_file")))
         try:
             import_into(source, target, progress=Progress(ctx, dv), scratch_dir=scratch)
             return
         except ImportFailed as exc:
-            if exc.reason != errors.TRANSFER_STALLED:
+            if exc.reason not in RETRIED:
                 raise
-            if attempt == STALL_ATTEMPTS:
+            if attempt == ATTEMPTS:
                 raise ImportFailed(exc.reason, f"{exc.message} ({attempt} attempts)") from None
-            backoff = watch.stall / 4 * 2 ** (attempt - 1)
+            backoff = retry_backoff(ctx, watch.stall, attempt)
             current = (ctx.store.get(KIND, meta["name"], ns) or dv).get("status") or {}
-            updated = ctx.store.merge_status(KIND, meta["name"], ns, progress="0.00%",
-                                             restartCount=int(current.get("restartCount", 0)) + 1)
-            dv["status"] = (updated or dv).get("status") or {}  # what the job writes later builds on it
-            ctx.store.add_event(dv, "Warning", exc.reason, f"{exc.message}; attempt {attempt} of {STALL_ATTEMPTS}, "
-                                                          f"trying again in {backoff:g} s")
+            dv["status"] = dict(current, restartCount=int(current.get("restartCount", 0)) + 1)
+            set_phase(ctx, dv, "ImportInProgress", running=(False, exc.reason, exc.message), progress="0.00%",
+                      event=("Warning", exc.reason, f"{exc.message}; attempt {attempt} of {ATTEMPTS}, "
+                                                    f"trying again in {backoff:g} s"))
             watch.pause(backoff)
 
 

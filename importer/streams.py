@@ -61,8 +61,9 @@ class CountingReader:
 
     def __init__(self, stream: BinaryIO, checksum: str | None, on_bytes: Callable[[int], None]):
         self._stream = stream
-        self._expected = checksum.split(":", 1)[1].lower() if checksum else None
-        self._hash = hashlib.sha256() if checksum else None
+        algo, _, expected = (checksum or "").partition(":")
+        self._algo, self._expected = algo.lower(), expected.lower()
+        self._hash = hashlib.new(self._algo) if checksum else None  # md5, sha1, sha256, sha512 (checked by the source)
         self._on_bytes = on_bytes
         self.count = 0
 
@@ -91,7 +92,8 @@ class CountingReader:
             pass
         actual = self._hash.hexdigest()
         if actual != self._expected:
-            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"checksum mismatch: expected sha256:{self._expected}, got sha256:{actual}")
+            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"checksum mismatch: expected {self._algo}:{self._expected}, "
+                                                         f"got {self._algo}:{actual}")
 
     def close(self) -> None:
         self._stream.close()

@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_volumes_per_node=args.max_volumes_per_node,
                         allow_file_import=args.allow_file_import, upload_address=args.upload_address,
                         metrics_address=args.metrics_address, accel=args.accel,
-                        stall_seconds=args.import_stall_timeout,
+                        stall_seconds=args.import_stall_timeout, retry_backoff=args.import_retry_backoff,
                         migration_hooks=list(args.migration_hook),
                         migration_network=args.migration_network or "",
                         backend=args.backend, iscsi_portal=args.iscsi_portal,
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT of the Prometheus /metrics endpoint (empty: off)")
     serve.add_argument("--import-stall-timeout", type=positive_number("the stall timeout"), default=120.0, metavar="SECONDS",
                        help="an import that receives no byte this long is retried, then Failed (default %(default)s)")
+    serve.add_argument("--import-retry-backoff", type=positive_number("the retry backoff"), default=10.0,
+                       metavar="SECONDS", help="wait before an import's second attempt after a 404, a refused "
+                       "connection or a stall, doubling after (default %(default)s, kubelet's restart backoff)")
     serve.add_argument("--backend", choices=["file", "iscsi"], default="file",
                        help="the backend of volumes whose StorageClass names none (default %(default)s)")
     serve.add_argument("--iscsi-portal", default="", metavar="ADDRESS:PORT",

@@ -13,10 +13,14 @@ import os
 import signal
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from typing import TYPE_CHECKING
 
 from controlplane.leader import LEASE_SECONDS, RENEW_DEADLINE, RETRY_SECONDS
 from pvlun.cli import migration_hook_arg
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 log = logging.getLogger("pvlun.controller")
 
@@ -81,6 +85,8 @@ class Health:
         self.failed = threading.Event()
 
     def serve(self, address: tuple[str, int]) -> ThreadingHTTPServer:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         health = self
 
         class Handler(BaseHTTPRequestHandler):

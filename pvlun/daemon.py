@@ -45,6 +45,7 @@ class ServeOptions:
     upload_address: str = "127.0.0.1:0"
     metrics_address: str = "127.0.0.1:0"
     stall_seconds: float = 120.0  # an import that receives no byte this long is stalled
+    retry_backoff: float = 10.0  # before a failed import's second attempt (doubling after)
     accel: str | None = None
     migration_hooks: list[tuple[str, str]] = field(default_factory=list)
     migration_network: str = ""  # CIDR: live migrations stream over this host's address in it
@@ -207,6 +208,7 @@ class Daemon:
         self.ctx = Context(store, csi, self.data_dir, node_ids, max_volumes_per_node=self.opts.max_volumes_per_node)
         self.ctx.services["allow_file"] = self.opts.allow_file_import
         self.ctx.services["stall_seconds"] = self.opts.stall_seconds
+        self.ctx.services["retry_backoff"] = self.opts.retry_backoff
         self.ctx.services["accel"] = self.opts.accel
         self.ctx.services["migration_hooks"] = list(self.opts.migration_hooks)
         self.ctx.services["migration_address"] = self.migration_address
@@ -239,6 +241,10 @@ class Daemon:
 
             host, port = _address(self.opts.metrics_address)
             self.metrics_server, _ = start_http_server(port, addr=host)
+            from importer import metrics
+
+            store = self.ctx.store  # a deleted DataVolume's progress series goes with it
+            metrics.drop_deleted(lambda ns, name: store.get("DataVolume", name, ns) is not None)
             if self.luns is not None:
                 self.ctx.services["pool_watch"].expose()
             if self.iscsi is not None:

@@ -9,7 +9,7 @@ import json
 import sys
 
 from pvlun.cli import network_arg, positive_number
-from virt.pods import DISK_DIR, MIGRATION_PORT, RUN_DIR
+from virt.pod_layout import DISK_DIR, MIGRATION_PORT, RUN_DIR
 
 
 def _volume(text: str) -> tuple[str, str]:

@@ -9,7 +9,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from csi.lun_slots import plan
 
 
 def report_rows(rows: list[dict]) -> list[tuple[str, str, str, str]]:
@@ -65,6 +64,8 @@ def cmd_luns(args: argparse.Namespace) -> int:
 
 def cmd_plan_luns(args: argparse.Namespace) -> int:
     try:
+        from csi.lun_slots import plan
+
         p = plan(args.vms, args.disks_per_vm, args.limit)
     except ValueError as exc:
         print(f"pvlun plan luns: {exc}", file=sys.stderr)

@@ -36,6 +36,8 @@ from controlplane.quantity import parse_quantity
 from controlplane.vm_spec import SpecError, VmSpec, parse_virtual_machine_instance
 from controlplane.vm_spec_fields import items, mapping, matching
 from controlplane.vm_spec_fields import NAME
+from virt.pod_layout import (BLOCK_DIR, DISK_DIR, DISK_IMG, EPHEMERAL_DIR, FILESYSTEM_DIR, MIGRATION_PORT,  # noqa: F401
+                              PRIVATE_DIR, RUN_DIR, TOKEN_DIR, TOKEN_FILE, VMI_DIR, VMI_FILE)
 
 CONTAINER = "compute"
 APP_LABEL, CREATED_BY_LABEL, VM_NAME_LABEL = "kubevirt.io", "kubevirt.io/created-by", "vm.kubevirt.io/name"
@@ -47,18 +49,6 @@ VMI_ANNOTATION = "pvlun.dev/vmi"
 HOSTNAME_KEY = "kubernetes.io/hostname"
 KVM_RESOURCE = "devices.kubevirt.io/kvm"
 
-PRIVATE_DIR = "/var/run/kubevirt-private"  # emptyDir "private": the run directory, Filesystem claims below it
-RUN_DIR = PRIVATE_DIR + "/vm"  # QEMU's run directory: serial log, QMP and launcher sockets
-FILESYSTEM_DIR = PRIVATE_DIR + "/vmi-disks"  # KubeVirt's hostdisk.GetMountedHostDiskDir
-EPHEMERAL_DIR = "/var/run/kubevirt-ephemeral-disks"  # emptyDir "ephemeral-disks"
-DISK_DIR = EPHEMERAL_DIR + "/disk-data"  # cloud-init seeds and emptyDisks
-BLOCK_DIR = "/dev/pvlun"
-DISK_IMG = "disk.img"
-VMI_DIR = "/var/run/pvlun/vmi"
-VMI_FILE = VMI_DIR + "/vmi.json"
-TOKEN_DIR = "/var/run/pvlun/migration"
-TOKEN_FILE = TOKEN_DIR + "/token"
-MIGRATION_PORT = 49152  # KubeVirt's direct migration port
 TARGET_LISTEN_SECONDS = 300  # a migration target that does not listen by then is restarted (so fails: restartPolicy Never)
 _NOT_COPIED = ("kubectl.kubernetes.io", "kubevirt.io/storage-observed-api-version",
                "kubevirt.io/latest-observed-api-version")  # VMI annotations KubeVirt keeps off the Pod

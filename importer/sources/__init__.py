@@ -11,6 +11,8 @@ import re
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
+from controlplane.dv_spec import checksum_error
+
 from .. import errors
 from ..errors import ImportFailed
 from .base import DirectRead, PeekStream, Source, SourceInfo
@@ -22,21 +24,35 @@ from .upload import UploadSource
 
 __all__ = [
     "from_spec", "Source", "SourceInfo", "DirectRead", "PeekStream",
-    "HttpSource", "FileSource", "RegistrySource", "S3Source", "UploadSource", "BlankSource",
+    "parse_checksum", "HttpSource", "FileSource", "RegistrySource", "S3Source", "UploadSource", "BlankSource",
 ]
 
 Lookup = Callable[[str], dict[str, str]]
-_CHECKSUM = re.compile(r"sha256:[0-9a-fA-F]{64}")
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):\s*(.*)")
 
 
-def _checksum(spec: dict) -> str | None:
-    value = spec.get("checksum")
-    if value is None:
+def parse_checksum(value: object) -> str | None:
+    """CDI's `checksum`: `md5|sha1|sha256|sha512:<hex>` (normalized to lower case); absent or
+    an empty string means none. Anything else raises ImportFailed naming the accepted forms."""
+    bad = checksum_error(value)
+    if bad:
+        raise ImportFailed(errors.INVALID_SOURCE, f"checksum {bad}")
+    if not value:
         return None
-    if not isinstance(value, str) or not _CHECKSUM.fullmatch(value):
-        raise ImportFailed(errors.INVALID_SOURCE, "checksum must look like sha256:<64 hex digits>")
-    return value.lower()
+    algo, _, digest = str(value).partition(":")
+    return f"{algo.lower()}:{digest.lower()}"
+
+
+def _checksum(spec: dict) -> str | None:
+    return parse_checksum(spec.get("checksum"))
+
+
+def _insecure(spec: dict) -> bool:
+    """`insecureSkipVerify: true`: the server's certificate is not checked (a self-signed one)."""
+    value = spec.get("insecureSkipVerify", False)
+    if not isinstance(value, bool):
+        raise ImportFailed(errors.INVALID_SOURCE, "insecureSkipVerify must be true or false")
+    return value
 
 
 def _lookup(fn: Lookup, name: str, what: str) -> dict[str, str]:
@@ -120,11 +136,12 @@ def from_spec(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bo
 
         clean, userinfo = strip_userinfo(url)
         return HttpSource(clean, auth=_credentials(spec, secret) or userinfo, ca_pems=_ca_pems(spec, configmap),
-                          headers=_headers(spec, secret), checksum=checksum)
+                          headers=_headers(spec, secret), checksum=checksum, insecure=_insecure(spec))
     if kind == "registry":
         if scheme != "docker":
             raise ImportFailed(errors.INVALID_SOURCE, f"unsupported registry URL scheme {scheme!r}: use docker://")
-        return RegistrySource(url, auth=_credentials(spec, secret), ca_pems=_ca_pems(spec, configmap), checksum=checksum)
+        return RegistrySource(url, auth=_credentials(spec, secret), ca_pems=_ca_pems(spec, configmap), checksum=checksum,
+                              insecure_skip_verify=_insecure(spec))
     if scheme not in ("s3", "http", "https"):
         raise ImportFailed(errors.INVALID_SOURCE, f"unsupported S3 URL scheme {scheme!r}: use https://endpoint/bucket/key or s3://")
     creds = _credentials(spec, secret)

@@ -53,7 +53,7 @@ class SourceInfo:
 
 
 class Source(Protocol):
-    checksum: str | None  # "sha256:<hex>" of the bytes `transfer()` yields, or None
+    checksum: str | None  # "md5|sha1|sha256|sha512:<hex>" of the bytes `transfer()` yields, or None
 
     def info(self) -> SourceInfo: ...
 

@@ -45,13 +45,15 @@ class HttpSource:
         ca_pems: list[str] | None = None,
         headers: dict[str, str] | None = None,
         checksum: str | None = None,
+        insecure: bool = False,
     ):
         self.url = url
+        self.insecure = insecure
         self.checksum = checksum
         self._auth = auth
         self._headers = dict(headers or {})
         self._ca = CABundle(ca_pems or [])
-        self._session = make_session(ca=self._ca, auth=auth, headers=self._headers)
+        self._session = make_session(ca=self._ca, auth=auth, headers=self._headers, insecure=insecure)
         self._pending: tuple[bytes, requests.Response] | None = None
         for value in self._headers.values():
             errors.register_secret(value)
@@ -85,7 +87,7 @@ class HttpSource:
             head = self._session.head(final_url, allow_redirects=False, timeout=(15, 60))
         if head.status_code != 200 or "bytes" not in head.headers.get("Accept-Ranges", ""):
             return None
-        return NbdkitCurl(final_url, size, auth=self._auth, cainfo=self._ca.path)
+        return NbdkitCurl(final_url, size, auth=self._auth, cainfo=self._ca.path, insecure=self.insecure)
 
     def transfer(self) -> BinaryIO:
         if self._pending is not None:
@@ -121,14 +123,17 @@ class NbdkitCurl(NbdExport):
     # 64 KiB cluster reads into growing sequential ranges (measured: 3x faster from nginx)
     filters = ("readahead",)
 
-    def __init__(self, url: str, size: int, *, auth: tuple[str, str] | None, cainfo: str | None):
+    def __init__(self, url: str, size: int, *, auth: tuple[str, str] | None, cainfo: str | None,
+                 insecure: bool = False):
         super().__init__(size, url)
-        self.url, self.auth, self.cainfo = url, auth, cainfo
+        self.url, self.auth, self.cainfo, self.insecure = url, auth, cainfo, insecure
 
     @contextlib.contextmanager
     def plugin(self) -> Iterator[tuple[list[str], dict, tuple[int, ...]]]:
         argv = ["curl", f"url={self.url}", "protocols=http,https", "followlocation=false", "timeout=60"]
         read_only = []
+        if self.insecure:
+            argv.append("sslverify=false")
         if self.cainfo:
             argv.append(f"cainfo={self.cainfo}")
             read_only.append(self.cainfo)

@@ -108,7 +108,15 @@ def _watch_socket(sock) -> None:
         watch.add_socket(sock)
 
 
-def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None) -> requests.Session:
+# Verification is off only where a DataVolume says `insecureSkipVerify: true`: asked for, so
+# urllib3's warning on every request would say nothing the user does not know.
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
+
+def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None,
+                 insecure: bool = False) -> requests.Session:
+    """A session for one source; `insecure` (the source's insecureSkipVerify) accepts any
+    server certificate, as CDI's importer does then."""
     session = requests.Session()
     for prefix in ("http://", "https://"):
         adapter = HTTPAdapter()
@@ -116,7 +124,7 @@ def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: 
         session.mount(prefix, adapter)
     session.trust_env = False  # no proxies, no ~/.netrc, no REQUESTS_CA_BUNDLE from the environment
     session.max_redirects = MAX_REDIRECTS
-    session.verify = ca.verify
+    session.verify = False if insecure else ca.verify
     session.auth = auth
     session.headers.update({"Accept-Encoding": "identity", "User-Agent": "pvlun-importer"})
     session.headers.update(headers or {})

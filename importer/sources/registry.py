@@ -100,14 +100,14 @@ class RegistrySource:
     """A containerDisk image in an OCI/Docker registry."""
 
     def __init__(self, url: str, *, auth: tuple[str, str] | None = None, ca_pems: list[str] | None = None,
-                 checksum: str | None = None, insecure_http: bool = False):
+                 checksum: str | None = None, insecure_http: bool = False, insecure_skip_verify: bool = False):
         self.url = url
         self.checksum = checksum
         self.host, self.repo, self.ref = parse_reference(url)
         self._base = f"{'http' if insecure_http else 'https'}://{self.host}/v2/{self.repo}"
         self._auth = auth
         self._ca = CABundle(ca_pems or [])
-        self._session = make_session(ca=self._ca)
+        self._session = make_session(ca=self._ca, insecure=insecure_skip_verify)
         self._token: str | None = None
         self._basic = False
         self._pending: PeekStream | None = None

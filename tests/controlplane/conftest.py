@@ -97,7 +97,7 @@ def stop_instance(inst: Instance) -> None:
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("pvlun"))
-    inst = start_instance(data_dir, "--nodes", "2")
+    inst = start_instance(data_dir, "--nodes", "2", "--import-retry-backoff", "0.1")  # a 404 retried fast
     yield inst
     stop_instance(inst)
 

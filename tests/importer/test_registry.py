@@ -87,3 +87,13 @@ def test_registry_failures(ref, secrets, cms, reason, registry, pki, tmp_path, s
     assert info.value.reason == reason, info.value
     assert "Pa55" not in str(info.value)
     assert_zero(lun)
+
+
+def test_registry_insecure_skip_verify_needs_no_ca(registry, images, tmp_path, scratch):
+    """`insecureSkipVerify: true`: a registry whose CA nobody gave is pulled from anyway (the
+    same source without it is UntrustedCertificate, test_registry_failures)."""
+    lun = block_target(tmp_path)
+    source = {"registry": {"url": f"docker://{registry}/vm/qcow2:v1", "secretRef": "reg", "insecureSkipVerify": True}}
+    result, _ = run_import(source, Target(str(lun), 16 * MiB), scratch, secrets=CREDS)
+    assert result.format == "qcow2"
+    assert_disk(lun, images.expected["qcow2"], 16 * MiB)

@@ -1,0 +1,145 @@
+"""CDI's DataVolume behaviour users meet first: a StorageClass made after its DataVolume, a
+clone with `storage: {}`, and a source given in the wrong shape refused at apply."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from test_datavolume import dv, make_qcow2, same_prefix
+
+MiB = 1 << 20
+
+
+def status(inst, name: str) -> dict:
+    return (inst.get("DataVolume", name) or {}).get("status") or {}
+
+
+def test_a_datavolume_waits_pending_for_its_storage_class_and_imports_once_it_exists(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "later.qcow2"), 16)
+    instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: later
+spec:
+  source:
+    http:
+      url: {web.url}/later.qcow2
+  storage:
+    storageClassName: made-later
+    volumeMode: Block
+    resources:
+      requests:
+        storage: 16Mi
+""")
+    instance.wait(lambda: status(instance, "later").get("phase") == "Pending"
+                  and any(c["type"] == "Bound" for c in status(instance, "later").get("conditions", [])), 30,
+                  "the DataVolume Pending")
+    instance.wait(lambda: ((instance.get("PersistentVolumeClaim", "later") or {}).get("status") or {}).get("phase")
+                  == "Pending", 30, "its claim Pending")
+    time.sleep(2)  # a few reconciles later it still waits, not Failed
+    st = status(instance, "later")
+    bound = next(c for c in st["conditions"] if c["type"] == "Bound")
+    assert st["phase"] == "Pending" and bound["status"] == "False" and "StorageClass made-later" in bound["message"]
+    assert instance.get("PersistentVolumeClaim", "later") is not None
+    events = instance.store.events(instance.get("DataVolume", "later"))
+    assert any(e["reason"] == "StorageClassNotFound" and "made-later" in e["message"] for e in events)
+    described = instance.cli("describe", "dv", "later").stdout
+    assert "StorageClassNotFound" in described
+    instance.apply("""apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: made-later
+provisioner: csi.pvlun.dev
+""")
+    instance.wait(lambda: status(instance, "later").get("phase") == "Succeeded", 60, "the import once the class exists")
+    assert same_prefix(raw, instance.lun_path("later"))
+
+
+def test_clones_with_empty_storage_get_the_source_size_and_volume_mode(instance, web):
+    raw = make_qcow2(os.path.join(web.root, "empty-src.qcow2"), 40)
+    instance.apply(dv("empty-src", f"    http:\n      url: {web.url}/empty-src.qcow2", size="40Mi"), "--wait")
+    instance.apply("""apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: empty-snap
+spec:
+  source:
+    persistentVolumeClaimName: empty-src
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: empty-clone
+spec:
+  source:
+    pvc:
+      name: empty-src
+  storage: {}
+---
+apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: empty-restore
+spec:
+  source:
+    snapshot:
+      name: empty-snap
+  storage: {}
+""", "--wait")
+    for name in ("empty-clone", "empty-restore"):
+        assert status(instance, name)["phase"] == "Succeeded"
+        claim = instance.get("PersistentVolumeClaim", name)
+        assert claim["spec"]["volumeMode"] == "Block", name  # the source's, not Filesystem
+        assert int(claim["status"]["capacity"]["storage"]) == 40 * MiB, name
+        assert same_prefix(raw, instance.lun_path(name))
+
+
+def test_a_source_given_as_a_string_is_refused_at_apply_naming_the_field(instance):
+    for kind, url in (("registry", "docker://127.0.0.1:5000/vm/disk:v1"), ("http", "https://127.0.0.1/disk.img")):
+        out = instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: wrong-shape-{kind}
+spec:
+  source:
+    {kind}: "{url}"
+  storage:
+    resources:
+      requests:
+        storage: 16Mi
+""", check=False)
+        assert out.returncode != 0
+        assert f"spec.source.{kind}: must be an object, not a string" in out.stderr, out.stderr
+        assert instance.get("DataVolume", f"wrong-shape-{kind}") is None
+
+
+def test_metrics_drop_the_progress_series_of_a_deleted_datavolume(instance, web):
+    import urllib.request
+
+    with open(os.path.join(instance.data_dir, "metrics.url")) as f:
+        url = f.read().strip()
+
+    def series(name: str) -> list[str]:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return [ln for ln in text.splitlines()
+                if ln.startswith("pvlun_import_progress{") and f'name="{name}"' in ln and 'namespace="default"' in ln]
+
+    make_qcow2(os.path.join(web.root, "metered.qcow2"), 16)
+    instance.apply(dv("metered", f"    http:\n      url: {web.url}/metered.qcow2", size="16Mi"), "--wait")
+    assert series("metered") and series("metered")[0].endswith(" 100.0")
+    instance.cli("delete", "dv", "metered")
+    instance.wait(lambda: instance.get("DataVolume", "metered") is None, 30, "the DataVolume gone")
+    assert series("metered") == []
+
+
+def test_a_malformed_checksum_is_refused_at_apply_and_an_empty_one_is_none(instance, web):
+    out = instance.apply(dv("bad-sum", f"    http:\n      url: {web.url}/x.qcow2\n      checksum: sha384:{'0' * 96}",
+                            size="16Mi"), check=False)
+    assert out.returncode != 0
+    assert "spec.source.http.checksum: must be <algorithm>:<hex digest> with md5, sha1, sha256 or sha512" in out.stderr
+    assert instance.get("DataVolume", "bad-sum") is None
+    raw = make_qcow2(os.path.join(web.root, "nosum.qcow2"), 16)
+    instance.apply(dv("no-sum", f"    http:\n      url: {web.url}/nosum.qcow2\n      checksum: \"\"", size="16Mi"), "--wait")
+    assert same_prefix(raw, instance.lun_path("no-sum"))
