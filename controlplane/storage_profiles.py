@@ -53,9 +53,10 @@ def reconcile_storage_profile(ctx: Context, sc: Obj) -> None:
         ctx.store.update_status(KIND, name, "", status)
 
 
-def claim_defaults(storage: dict, property_sets: list) -> dict:
+def claim_defaults(storage: dict, property_sets: list, source_mode: bool = False) -> dict:
     """`spec.storage` with the access and volume modes it leaves out filled from the profile's
-    property sets, as CDI does: the first set, or the first with the volume mode given."""
+    property sets, as CDI does: the first set, or the first with the volume mode given. With
+    `source_mode` (a clone) a missing volume mode stays missing: the clone takes its source's."""
     if storage.get("accessModes") and storage.get("volumeMode"):
         return storage
     mode = storage.get("volumeMode")
@@ -66,7 +67,7 @@ def claim_defaults(storage: dict, property_sets: list) -> dict:
     out = dict(storage)
     if not out.get("accessModes") and chosen.get("accessModes"):
         out["accessModes"] = list(chosen["accessModes"])
-    if not out.get("volumeMode") and chosen.get("volumeMode"):
+    if not out.get("volumeMode") and chosen.get("volumeMode") and not source_mode:
         out["volumeMode"] = chosen["volumeMode"]
     return out
 
@@ -81,7 +82,8 @@ def with_profile_defaults(ctx: Context, dv: Obj) -> Obj:
     sc = storage_class_for(ctx, {"spec": {"storageClassName": storage.get("storageClassName")}})
     profile = ctx.store.get(KIND, sc["metadata"]["name"], "") if sc else None
     sets = ((profile or {}).get("status") or {}).get("claimPropertySets") or []
-    filled = claim_defaults(storage, sets)
+    clone = any(k in ((dv.get("spec") or {}).get("source") or {}) for k in ("pvc", "snapshot"))
+    filled = claim_defaults(storage, sets, source_mode=clone)
     if filled is storage:
         return dv
     out = copy.deepcopy(dv)
