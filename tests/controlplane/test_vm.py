@@ -18,7 +18,7 @@ PAYLOAD = os.urandom(300_000)
 
 @pytest.fixture(scope="module")
 def vms(serve):
-    return serve("--nodes", "2", "--accel", "tcg")
+    return serve("--nodes", "2", "--accel", "tcg", "--import-retry-backoff", "0.1")  # a 404 retried fast
 
 
 def logs(inst, vm: str) -> str:
