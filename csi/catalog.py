@@ -141,6 +141,31 @@ def create_private(path: str) -> None:
         pass
 
 
+CATALOG_RESERVE = 8 << 20  # blocks held beyond the end of catalog.db and its WAL (twice the WAL's 1000-page cycle)
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def reserve_space(path: str) -> None:
+    """Give catalog.db and its WAL real blocks past their ends (fallocate KEEP_SIZE: their
+    sizes do not change, SQLite sees the same files) while the host still has them: when
+    something else fills the host to its last byte, the catalog's next writes and checkpoints
+    land on blocks it already holds, so status, events and detaches keep being recorded.
+    Best effort: a host already full keeps what it has."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    for name in (path, path + "-wal"):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, CATALOG_RESERVE)
+        finally:
+            os.close(fd)
+
+
 def close_checkpointed(db: sqlite3.Connection) -> None:
     """Close a connection after folding the WAL back into the database file (and emptying
     it), so that a clean stop leaves no -wal file to grow or to replay."""

@@ -85,6 +85,7 @@ class Daemon:
         self.stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._stop_called = False
+        self._start_done = threading.Event()  # a signal in the middle of start-up stops once it is over
         self.servers = []
         self.catalog: Catalog | None = None
         self.luns: LunService | None = None
@@ -107,13 +108,16 @@ class Daemon:
             self.migration_address = local_address_in(parse_network(self.opts.migration_network))
             log.info("live migrations stream over %s (migration network %s)", self.migration_address,
                      self.opts.migration_network)
-        self._lock()  # a second daemon on this instance stops here, having touched nothing
         try:
-            self._start()
-        except BaseException:
-            log.error("pvlun serve could not start; releasing what it took")
-            self.stop()  # never leave a pool mounted or a half-started server behind
-            raise
+            self._lock()  # a second daemon on this instance stops here, having touched nothing
+            try:
+                self._start()
+            except BaseException:
+                log.error("pvlun serve could not start; releasing what it took")
+                self.stop()  # never leave a pool mounted or a half-started server behind
+                raise
+        finally:
+            self._start_done.set()
 
     def endpoint(self) -> str:
         """Where the first server listens: --endpoint, else a socket in the data dir (a split
@@ -230,6 +234,9 @@ class Daemon:
         from pvlun.controllers import recover
 
         log.info("control plane start-up repair: %s", recover(self.ctx))
+        from csi.catalog import reserve_space
+
+        reserve_space(os.path.join(self.data_dir, "catalog.db"))  # its WAL exists now: repair wrote
         self._release_unexplained()
         from importer.upload_gateway import UploadGateway
 
@@ -299,6 +306,12 @@ class Daemon:
                                iscsi=self._initiator(node_id))
             adds.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
         return adds
+
+    def _stop_after_start(self) -> None:
+        """A stop while start-up still runs would close the store and servers it is using (a
+        CSI client may call as soon as the socket answers, and stop the daemon at once)."""
+        self._start_done.wait()
+        self.stop()
 
     def stop(self) -> None:
         """Stop what was started, newest first; every step runs even when one before it
@@ -375,7 +388,7 @@ class Daemon:
                 log.info("signal %d: already stopping", signum)
                 return
             log.info("signal %d: stopping", signum)
-            threading.Thread(target=self.stop, daemon=True).start()
+            threading.Thread(target=self._stop_after_start, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
