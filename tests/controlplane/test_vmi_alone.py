@@ -142,6 +142,7 @@ def test_pvlun_vm_pauses_unpauses_and_migrates_a_vmi_alone(node, tick_image):
     node.apply(vmi_pvc("moved", "disk-moved"))
     source = running(node, "moved")["nodeName"]
     assert "VMI moved is Paused" in node.cli("vm", "pause", "vmi/moved", "--wait", "--timeout", "30").stdout
+    time.sleep(0.5)  # what was on its way to the log is there
     seen = ticks(node.all_serial_logs("moved"))
     time.sleep(2.5)
     assert ticks(node.all_serial_logs("moved")) == seen  # the guest is stopped
