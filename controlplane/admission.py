@@ -97,7 +97,7 @@ ALIASES = {
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SUBDOMAIN_MAX, LABEL_MAX = 253, 63
-LABEL_NAMED = {"VirtualMachine", "VirtualMachineInstance"}
+LABEL_NAMED = {"VirtualMachine"}
 MAX_OBJECT_BYTES = 3 << 19  # 1.5 MiB, etcd's limit on one object
 
 

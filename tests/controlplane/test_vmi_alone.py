@@ -188,8 +188,10 @@ def test_a_vmi_with_cloud_init_waits_for_its_claim_then_runs_with_its_seed(node,
     node.wait(lambda: node.get("VirtualMachineInstance", "seeded") is None, 30, "the VMI gone")
 
 
-def test_a_daemon_restart_does_not_lose_a_running_vmi_alone(tick_image, tmp_path):
-    """A clean stop powers its guest off; the next start runs it again (no VM would)."""
+@pytest.mark.parametrize("how", ["stop", "kill-9"])
+def test_a_daemon_restart_does_not_lose_a_running_vmi_alone(tick_image, tmp_path, how):
+    """A clean stop powers its guest off, a kill -9 leaves it to the next start, which stops
+    it; either way the next start runs it again (no VM would)."""
     data_dir = str(tmp_path / "restart")
     os.makedirs(data_dir)
     first = start_instance(data_dir, "--accel", "tcg")  # not the serve fixture's: its teardown
@@ -198,14 +200,20 @@ def test_a_daemon_restart_does_not_lose_a_running_vmi_alone(tick_image, tmp_path
         first.apply(vmi_pvc("kept", "disk-kept"))
         pid = running(first, "kept")["launcher"]["pid"]
     finally:
-        stop_instance(first)
-    assert not alive(pid)
+        if how == "stop":
+            stop_instance(first)
+        else:  # the pool stays mounted and QEMU runs on, as after a crash
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait()
+    assert alive(pid) == (how == "kill-9")
     second = start_instance(data_dir, "--accel", "tcg")
     try:
-        status = second.wait(lambda: phase(second, "kept") == "Running" and second.vmi_status("kept"), 60,
-                             "the VMI Running again")
-        assert status["launcher"]["pid"] != pid
+        second.wait(lambda: phase(second, "kept") == "Running" and second.qemu_pid("kept") != pid, 60,
+                    "the VMI Running again, in a new QEMU")
+        assert not alive(pid)
         second.wait(lambda: second.all_serial_logs("kept").count(MARKER) == 2, 30, "its second boot")
         assert "Restarted" in second.cli("describe", "vmi", "kept").stdout
     finally:
         stop_instance(second)
+        if alive(pid):  # the second start failed to stop the first's QEMU: the test fails, leaving none
+            os.kill(pid, signal.SIGKILL)
