@@ -41,6 +41,10 @@ def reconcile_vmi_alone(ctx: Context, vmi: Obj) -> float | None:
     if ctx.cluster is not None:
         from virt.launch_pods import reconcile_vmi_in_pods
 
+        if requested(vmi):  # as for a VM's: the controller does not reach the launcher's QMP yet
+            ctx.store.add_event(vmi, "Warning", "RequestNotSupported",
+                                f"{requested(vmi)} is not available on a cluster yet")
+            ctx.store.annotate(KIND, meta["name"], ns, **{REQUEST: None})
         return reconcile_vmi_in_pods(ctx, vmi)
     rt, key = runtime(ctx), key_of(vmi)
     if ctx.jobs.running("vm:" + key) or ctx.jobs.running("migration:" + key):

@@ -381,6 +381,9 @@ def test_a_vmi_applied_alone_gets_its_launcher_pod_ends_for_good_and_deleting_it
     assert wait_until(lambda: (store.get("VirtualMachineInstance", "vmi-pvc", NS).get("status") or {})
                       .get("phase") == "Running")
     assert store.get("VirtualMachineInstance", "vmi-pvc", NS)["status"]["nodeName"] == "node-b"
+    store.annotate("VirtualMachineInstance", "vmi-pvc", NS, **{"pvlun.dev/state-change-request": "pause"})
+    assert wait_until(lambda: "pvlun.dev/state-change-request" not in (
+        store.get("VirtualMachineInstance", "vmi-pvc", NS)["metadata"].get("annotations") or {}))  # said, not kept
 
     set_pod_status(kube_api_double, pod, {"phase": "Succeeded", "containerStatuses": [
         {"name": "compute", "ready": False, "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}]})

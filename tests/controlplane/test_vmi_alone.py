@@ -79,8 +79,8 @@ def running(inst, name: str, timeout: float = 60) -> dict:
 
 def test_a_vmi_alone_runs_from_its_claim_and_deleting_it_stops_it_and_detaches(node, tick_image):
     disk(node, "disk-alone", tick_image)
-    out = node.apply(vmi_pvc("alone", "disk-alone"))
-    assert "virtualmachineinstance/alone created" in out.stdout
+    out = node.apply(vmi_pvc("alone", "disk-alone"), "--wait", "--timeout", "60")
+    assert "virtualmachineinstance/alone created" in out.stdout and "virtualmachineinstance/alone Running" in out.stdout
     status = running(node, "alone")
     assert status["nodeName"] in node.nodes()
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
@@ -129,6 +129,8 @@ def test_a_vmi_whose_qemu_dies_stays_failed_and_is_not_started_again(node, tick_
     pid = running(node, "once")["launcher"]["pid"]
     os.kill(pid, signal.SIGKILL)
     node.wait(lambda: phase(node, "once") == "Failed", 30, "the VMI Failed")
+    waited = node.apply(vmi_pvc("once", "disk-once"), "--wait", "--timeout", "10", check=False)
+    assert waited.returncode == 1 and "virtualmachineinstance/once Failed: QEMU exited" in waited.stderr
     node.wait(lambda: node.attachments("once") == [], 15, "its volume detached")
     time.sleep(3)  # no VM: nothing may start it again
     assert phase(node, "once") == "Failed" and node.all_serial_logs("once").count(MARKER) == 1
