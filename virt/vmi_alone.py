@@ -25,6 +25,7 @@ from virt.launcher import Phase
 from virt.reconcile import (DELETE_GRACE_SECONDS, REQUEST, VMI_FINALIZER, follow_volume_qos, key_of, release_run,
                             requested, runtime, volumes_ready)
 from virt.runtime import CSI_SOURCES, VmRuntime, owner, set_vmi_status
+from virt.spec_warnings import announce_ignored
 
 log = logging.getLogger("pvlun.virt")
 FINISHED = ("Succeeded", "Failed")
@@ -38,6 +39,7 @@ def reconcile_vmi_alone(ctx: Context, vmi: Obj) -> float | None:
         vmi = ctx.store.patch_metadata(KIND, meta["name"], ns, finalizers=(meta.get("finalizers") or []) + [VMI_FINALIZER])
         if vmi is None:
             return None  # deleted meanwhile
+    announce_ignored(ctx, vmi)  # FieldIgnored Warning events, in both modes
     if ctx.cluster is not None:
         from virt.launch_pods import reconcile_vmi_in_pods
 
@@ -59,8 +61,7 @@ def reconcile_vmi_alone(ctx: Context, vmi: Obj) -> float | None:
             follow_volume_qos(ctx, running)
         return None
     phase = (vmi.get("status") or {}).get("phase") or "Pending"
-    if requested(vmi):
-        _handle_request(ctx, vmi, None)
+    _handle_request(ctx, vmi, None)
     if phase in FINISHED:
         return None
     if phase != "Pending":  # scheduled or running, yet neither its QEMU nor its start is here
@@ -114,6 +115,8 @@ def _fail(ctx: Context, vmi: Obj, reason: str) -> None:
 def _handle_request(ctx: Context, vmi: Obj, running) -> None:
     """pause/unpause of a running guest, then the request is cleared; what needs a VM is refused."""
     request, meta = requested(vmi), vmi["metadata"]
+    if not request:
+        return
     if running is not None and request == "pause":
         running.launcher.pause()
     elif running is not None and request == "unpause":

@@ -32,7 +32,8 @@ spec:
 """, "--wait")
 
 
-def vmi_pvc(name: str, claim: str, memory: str = "64Mi", extra_disks: str = "", extra_volumes: str = "") -> str:
+def vmi_pvc(name: str, claim: str, memory: str = "64Mi", extra_disks: str = "", extra_volumes: str = "",
+            extra_spec: str = "") -> str:
     """Shaped as KubeVirt's examples/vmi-pvc.yaml (our own manifest, the same fields)."""
     return f"""---
 apiVersion: kubevirt.io/v1
@@ -59,7 +60,7 @@ spec:
       requests:
         memory: {memory}
   terminationGracePeriodSeconds: 1
-  volumes:
+{extra_spec}  volumes:
   - name: pvcdisk
     persistentVolumeClaim:
       claimName: {claim}
@@ -142,8 +143,10 @@ def test_a_vmi_whose_qemu_dies_stays_failed_and_is_not_started_again(node, tick_
 
 def test_pvlun_vm_pauses_unpauses_and_migrates_a_vmi_alone(node, tick_image):
     disk(node, "disk-moved", tick_image)
-    node.apply(vmi_pvc("moved", "disk-moved"))
+    node.apply(vmi_pvc("moved", "disk-moved", extra_spec="  evictionStrategy: LiveMigrate\n"))
     source = running(node, "moved")["nodeName"]
+    said = node.cli("describe", "vmi", "moved").stdout
+    assert re.search(r"FieldIgnored\s+spec\.evictionStrategy", said), said  # kept, not run: said so
     assert "VMI moved is Paused" in node.cli("vm", "pause", "vmi/moved", "--wait", "--timeout", "30").stdout
     time.sleep(0.5)  # what was on its way to the log is there
     seen = ticks(node.all_serial_logs("moved"))
@@ -151,6 +154,8 @@ def test_pvlun_vm_pauses_unpauses_and_migrates_a_vmi_alone(node, tick_image):
     assert ticks(node.all_serial_logs("moved")) == seen  # the guest is stopped
     assert "VMI moved is Running" in node.cli("vm", "unpause", "moved", "--wait", "--timeout", "30").stdout
     node.wait(lambda: len(ticks(node.all_serial_logs("moved"))) > len(seen), 15, "ticks again")
+    said = node.cli("describe", "vmi", "moved").stdout
+    assert "PauseRequested" in said and "UnpauseRequested" in said and "RequestNotSupported" not in said
 
     out = node.cli("vm", "migrate", "vmi/moved", "--wait", "--timeout", "120").stdout
     target = node.vmi_status("moved")["nodeName"]
