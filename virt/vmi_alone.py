@@ -60,6 +60,9 @@ def reconcile_vmi_alone(ctx: Context, vmi: Obj) -> float | None:
         if running.launcher.phase in (Phase.RUNNING, Phase.PAUSED):
             follow_volume_qos(ctx, running)
         return None
+    vmi = ctx.store.get(KIND, meta["name"], ns)  # as it is now: a run's end is written before it unregisters
+    if vmi is None:
+        return None
     phase = (vmi.get("status") or {}).get("phase") or "Pending"
     _handle_request(ctx, vmi, None)
     if phase in FINISHED:
