@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from container_registry import Registry, docker_config_secret, install_ca
 from guest_output import MARKER
 
@@ -294,45 +295,12 @@ def test_a_disk_naming_another_file_or_of_another_format_is_refused_and_not_cach
 def test_a_vmi_alone_shaped_as_vmi_nocloud_boots_its_container_disk(node, images):
     """KubeVirt's vmi-nocloud.yaml shape (containerDisk, cloudInitNoCloud, emptyDisk), applied
     alone: no VM; deleting it takes its throw-away overlay with it."""
-    node.apply(f"""apiVersion: kubevirt.io/v1
-kind: VirtualMachineInstance
-metadata:
-  labels:
-    special: vmi-nocloud
-  name: vmi-nocloud
-spec:
-  domain:
-    devices:
-      autoattachPodInterface: false
-      disks:
-      - disk:
-          bus: virtio
-        name: containerdisk
-      - disk:
-          bus: virtio
-        name: cloudinitdisk
-      - disk:
-          bus: virtio
-        name: emptydisk
-    resources:
-      requests:
-        memory: 64Mi
-  terminationGracePeriodSeconds: 0
-  volumes:
-  - containerDisk:
-      image: {images["tick"]}
-      imagePullSecret: regcred
-    name: containerdisk
-  - cloudInitNoCloud:
-      userData: |
-        #!/bin/sh
-
-        echo 'printed from cloud-init userdata'
-    name: cloudinitdisk
-  - emptyDisk:
-      capacity: 64Mi
-    name: emptydisk
-""", "--wait", "--timeout", "120")
+    template = yaml.safe_load(cirros_like("vmi-nocloud", images["tick"]))["spec"]["template"]
+    template["spec"]["domain"]["devices"]["disks"].append({"disk": {"bus": "virtio"}, "name": "emptydisk"})
+    template["spec"]["volumes"].append({"emptyDisk": {"capacity": "64Mi"}, "name": "emptydisk"})
+    node.apply(yaml.safe_dump({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                               "metadata": {"name": "vmi-nocloud", "labels": {"special": "vmi-nocloud"}},
+                               "spec": template["spec"]}), "--wait", "--timeout", "120")
     node.wait(lambda: MARKER in node.all_serial_logs("vmi-nocloud"), 30, "the guest's marker")
     assert node.vmi_status("vmi-nocloud")["phase"] == "Running" and node.get("VirtualMachine", "vmi-nocloud") is None
     assert os.path.exists(overlay(node, "vmi-nocloud"))
