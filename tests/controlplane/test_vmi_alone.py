@@ -12,7 +12,6 @@ import signal
 import time
 
 import pytest
-from conftest import start_instance, stop_instance
 from guest_output import MARKER, alive, ticks
 
 
@@ -197,9 +196,10 @@ def test_a_vmi_with_cloud_init_waits_for_its_claim_then_runs_with_its_seed(node,
 
 
 @pytest.mark.parametrize("how", ["stop", "kill-9"])
-def test_a_daemon_restart_does_not_lose_a_running_vmi_alone(tick_image, tmp_path, how):
+def test_a_daemon_restart_does_not_lose_a_running_vmi_alone(daemons, tick_image, tmp_path, how):
     """A clean stop powers its guest off, a kill -9 leaves it to the next start, which stops
     it; either way the next start runs it again (no VM would)."""
+    start_instance, stop_instance = daemons
     data_dir = str(tmp_path / "restart")
     os.makedirs(data_dir)
     first = start_instance(data_dir, "--accel", "tcg")  # not the serve fixture's: its teardown
