@@ -27,6 +27,7 @@ KINDS = {
     "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
     "VolumeAttributesClass": "storage.k8s.io/v1",
     "VirtualMachine": "kubevirt.io/v1",
+    "VirtualMachineInstance": "kubevirt.io/v1",
     "VirtualMachineInstanceMigration": "kubevirt.io/v1",
     "DataSource": "cdi.kubevirt.io/v1beta1",
     "DataImportCron": "cdi.kubevirt.io/v1beta1",
@@ -38,6 +39,7 @@ KINDS = {
 OLDER_VERSIONS = {
     "VolumeAttributesClass": ("storage.k8s.io/v1beta1",),
     "VirtualMachine": ("kubevirt.io/v1alpha3",),
+    "VirtualMachineInstance": ("kubevirt.io/v1alpha3",),
     "VirtualMachineInstanceMigration": ("kubevirt.io/v1alpha3",),
     **dict.fromkeys(INSTANCETYPE_KINDS, OLDER_INSTANCETYPE_API_VERSIONS),
 }
@@ -123,8 +125,7 @@ class Refused(ValueError):
 
 
 # Every kind the embedded store holds: what `apply` takes, and what the controllers make.
-STORED_KINDS = (*KINDS, "PersistentVolume", "VirtualMachineInstance", "VolumeAttachment", "VolumeSnapshotContent",
-                "ControllerRevision")
+STORED_KINDS = (*KINDS, "PersistentVolume", "VolumeAttachment", "VolumeSnapshotContent", "ControllerRevision")
 
 
 def kind_of(name: str) -> str:
@@ -246,6 +247,13 @@ def _check_vm(obj: dict) -> None:
             raise ValueError(f"{where}.{exc}") from None
 
 
+def _check_vmi(obj: dict) -> None:
+    """A VMI applied by a user (KubeVirt serves it so: a VM without its VirtualMachine)."""
+    from controlplane.vm_spec import parse_virtual_machine_instance
+
+    parse_virtual_machine_instance(obj)
+
+
 def _check_migration(obj: dict) -> None:
     from controlplane.vm_spec import parse_migration
 
@@ -280,6 +288,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "PersistentVolumeClaim": _check_pvc,
     "DataVolume": _check_dv,
     "VirtualMachine": _check_vm,
+    "VirtualMachineInstance": _check_vmi,
     "VirtualMachineInstanceMigration": _check_migration,
     "StorageClass": _check_storage_class,
     "VolumeSnapshotClass": _check_snapshot_class,

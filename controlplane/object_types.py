@@ -173,6 +173,7 @@ SPECS: dict[str, Fields] = {
     "VolumeAttributesClass": Fields(driverName=STR, parameters=MapOf(STR)),
     "VirtualMachine": Fields(spec=Fields(running=BOOL, runStrategy=STR, template=VMI_TEMPLATE,
                                          dataVolumeTemplates=ListOf(Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC)))),
+    "VirtualMachineInstance": Fields(spec=ANY_MAP),
     "VirtualMachineInstanceMigration": Fields(spec=Fields(vmiName=STR, addedNodeSelector=MapOf(STR))),
     "DataSource": Fields(spec=Fields(source=Fields(pvc=Fields(name=STR, namespace=STR),
                                                    snapshot=Fields(name=STR, namespace=STR)))),

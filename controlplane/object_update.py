@@ -12,7 +12,8 @@ rules the API server (and CDI's and KubeVirt's webhooks) enforce.
   DataVolume's spec never changes (CDI refuses it: an edited source would import over the
   data); a snapshot's source, a StorageClass's provisioner and parameters, a
   VolumeAttributesClass, a migration's spec and an immutable Secret's or ConfigMap's data
-  are fixed. A VirtualMachine's spec may change. A refusal names the field, in one line.
+  are fixed. A VirtualMachine's spec may change; a VirtualMachineInstance's never does
+  (KubeVirt's webhook: what runs is what was created). A refusal names the field, in one line.
 """
 
 from __future__ import annotations
@@ -129,6 +130,14 @@ def _data_volume(old: Obj, new: Obj) -> None:
                             "its volume holds the data of the first): delete it and create it again")
 
 
+def _vmi(old: Obj, new: Obj) -> None:
+    where = first_difference(old.get("spec"), new.get("spec"), "spec")
+    if where:
+        raise UpdateRefused(f"{where}: update of VMI object is restricted (as KubeVirt refuses it: a "
+                            "VirtualMachineInstance runs the spec it was created with): delete it and create it "
+                            "again, or run it from a VirtualMachine, whose spec may change")
+
+
 def _data(old: Obj, new: Obj) -> None:
     if old.get("immutable") is True:
         _fixed(old, new, ("data", "binaryData", "stringData", "immutable"), "the object is marked immutable")
@@ -142,6 +151,7 @@ RULES: dict[str, Callable[[Obj, Obj], None]] = {
                                             "a class's volumes were made with it"),
     "VolumeAttributesClass": lambda old, new: _fixed(old, new, ("driverName", "parameters"),
                                                      "make a new class and point the claims at it"),
+    "VirtualMachineInstance": _vmi,
     "VirtualMachineInstanceMigration": lambda old, new: _fixed(old, new, ("spec",), "a migration is not redirected"),
     "Secret": _data,
     "ConfigMap": _data,

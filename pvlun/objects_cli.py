@@ -211,11 +211,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def wait_for(store: ObjectStore, docs: list[dict], timeout: float) -> int:
-    """Wait until every DataVolume and VirtualMachine applied is done; show DataVolume progress.
+    """Wait until every DataVolume, VirtualMachine and VirtualMachineInstance applied is done (a
+    VMI: Running, or ended); show DataVolume progress.
     Only objects the store says changed are read again (a crowd of 1,000 costs no more per turn)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    watched = [d for d in docs if d["kind"] in ("DataVolume", "VirtualMachine", "PersistentVolumeClaim")]
+    watched = [d for d in docs if d["kind"] in ("DataVolume", "VirtualMachine", "VirtualMachineInstance",
+                                                "PersistentVolumeClaim")]
     deadline = time.monotonic() + timeout
     failed = False
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
@@ -265,6 +267,10 @@ def _done(obj: dict) -> tuple[bool, bool, str, float]:
         phase = st.get("printableStatus", "")
         bad = phase in ("CrashLoopBackOff", "ErrorUnschedulable", "DataVolumeError", "ErrorPvcNotFound")
         return phase in ("Running", "Stopped") or bad, not bad, phase, 100.0 if phase == "Running" else 0.0
+    if kind == "VirtualMachineInstance":  # applied alone: it runs, or ends
+        phase = st.get("phase", "")
+        return phase in ("Running", "Succeeded", "Failed"), phase != "Failed", phase, \
+            100.0 if phase in ("Running", "Succeeded") else 0.0
     phase = st.get("phase", "")
     return phase == "Bound", True, phase, 100.0 if phase == "Bound" else 0.0
 
@@ -275,7 +281,8 @@ def _report(store: ObjectStore, obj: dict, ok: bool, phase: str) -> None:
         print(f"{name} {phase}")
         return
     reason = next((f"{c.get('reason')}: {c.get('message')}" for c in (obj.get("status") or {}).get("conditions", [])
-                   if c["type"] in ("Running", "Ready", "Failure") and c.get("message")), "")
+                   if c["type"] in ("Running", "Ready", "Failure") and c.get("message")),
+                  (obj.get("status") or {}).get("reason", ""))  # a VMI says why it failed in its reason
     print(f"{name} {phase}: {reason}", file=sys.stderr)
 
 

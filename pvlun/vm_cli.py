@@ -1,5 +1,7 @@
 """`pvlun vm start|stop|restart|pause|unpause|migrate`, `pvlun logs vm/NAME`,
-`pvlun console vm/NAME` (virtctl's verbs)."""
+`pvlun console vm/NAME` (virtctl's verbs). As virtctl, pause, unpause, migrate, logs and
+console also take a VirtualMachineInstance applied alone (`vmi/NAME`, or its bare name);
+start, stop and restart are a VM's (a VMI alone is deleted to stop it)."""
 
 from __future__ import annotations
 
@@ -18,32 +20,56 @@ from virt.console_history import history_file
 REQUEST = "pvlun.dev/state-change-request"
 
 
-def _vm_or_fail(store, name: str, ns: str) -> dict | None:
-    vm = store.get("VirtualMachine", name, ns)
-    if vm is None:
-        print(f'Error: VirtualMachine "{ns}/{name}" not found', file=sys.stderr)
-    return vm
+VM_ONLY = ("start", "stop", "restart")  # virtctl's VM verbs; a VMI alone is deleted to stop it
+
+
+def _resolve(store, target: str, ns: str) -> tuple[str, str] | None:
+    """(kind, name) that `vm/NAME`, `vmi/NAME` or a bare NAME (a VM of that name, else a VMI,
+    as virtctl takes them) names; None, said, when nothing does."""
+    kind, _, name = target.rpartition("/")
+    kinds = {"vm": ("VirtualMachine",), "virtualmachine": ("VirtualMachine",), "vmi": ("VirtualMachineInstance",),
+             "virtualmachineinstance": ("VirtualMachineInstance",), "": ("VirtualMachine", "VirtualMachineInstance")}
+    for candidate in kinds.get(kind.lower(), ()):
+        if store.get(candidate, name, ns) is not None:
+            return candidate, name
+    what = {"vm": "VirtualMachine", "vmi": "VirtualMachineInstance"}.get(kind.lower(), "VirtualMachine")
+    print(f'Error: {what} "{ns}/{name}" not found', file=sys.stderr)
+    return None
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
     store = open_store(args.data_dir, kubeconfig=args.kubeconfig, namespace=args.namespace)
-    if _vm_or_fail(store, args.name, args.namespace) is None:
+    found = _resolve(store, args.name, args.namespace)
+    if found is None:
+        return 1
+    kind, args.name = found
+    if kind == "VirtualMachineInstance" and args.action in VM_ONLY:
+        print(f'error: {args.action} acts on a VirtualMachine; VirtualMachineInstance "{args.namespace}/{args.name}" '
+              f"has none (pvlun delete vmi {args.name} stops it)", file=sys.stderr)
         return 1
     if args.action == "migrate":
         return _migrate(store, args)
     if args.action == "migrate-cancel":
         return _migrate_cancel(store, args)
     before = _launcher_pid(store, args.name, args.namespace)
-    store.annotate("VirtualMachine", args.name, args.namespace, **{REQUEST: args.action})
-    print(f"VM {args.name} was scheduled to {args.action}")
+    store.annotate(kind, args.name, args.namespace, **{REQUEST: args.action})
+    print(f"{'VMI' if kind == 'VirtualMachineInstance' else 'VM'} {args.name} was scheduled to {args.action}")
     if args.wait:
         want = {"start": {"Running"}, "stop": {"Stopped"}, "restart": {"Running"}, "pause": {"Paused"},
                 "unpause": {"Running"}}[args.action]
         # a restart is done when a new QEMU runs, not while the old one still does
         new_run = (lambda: _launcher_pid(store, args.name, args.namespace) not in (None, before)) \
             if args.action == "restart" else (lambda: True)
-        return _wait_status(store, args, want, new_run)
+        return _wait_status(store, args, want, new_run, kind)
     return 0
+
+
+def _printable(obj: dict) -> str:
+    """A VM's printableStatus; a VMI's in the same words (Running, Paused, or its phase)."""
+    st = obj.get("status") or {}
+    if obj.get("kind") != "VirtualMachineInstance":
+        return st.get("printableStatus", "")
+    return "Paused" if st.get("phase") == "Running" and st.get("paused") else st.get("phase", "")
 
 
 def _launcher_pid(store, name: str, ns: str) -> int | None:
@@ -51,18 +77,19 @@ def _launcher_pid(store, name: str, ns: str) -> int | None:
     return ((vmi.get("status") or {}).get("launcher") or {}).get("pid")
 
 
-def _wait_status(store, args, want: set[str], done=lambda: True) -> int:
+def _wait_status(store, args, want: set[str], done=lambda: True, kind: str = "VirtualMachine") -> int:
     deadline = time.monotonic() + args.timeout
+    label = "VMI" if kind == "VirtualMachineInstance" else "VM"
     time.sleep(0.3)
     while time.monotonic() < deadline:
-        vm = store.get("VirtualMachine", args.name, args.namespace) or {}
-        status = (vm.get("status") or {}).get("printableStatus")
-        pending = (vm["metadata"].get("annotations") or {}).get(REQUEST)
+        obj = store.get(kind, args.name, args.namespace) or {"metadata": {}}
+        status = _printable(obj)
+        pending = (obj["metadata"].get("annotations") or {}).get(REQUEST)
         if status in want and not pending and done():
-            print(f"VM {args.name} is {status}")
+            print(f"{label} {args.name} is {status}")
             return 0
         time.sleep(0.2)
-    print(f"error: VM {args.name} did not become {'/'.join(sorted(want))} in {args.timeout:.0f}s", file=sys.stderr)
+    print(f"error: {label} {args.name} did not become {'/'.join(sorted(want))} in {args.timeout:.0f}s", file=sys.stderr)
     return 1
 
 
@@ -106,10 +133,11 @@ def _migrate_cancel(store, args) -> int:
 
 
 def _vm_target(text: str) -> str:
-    kind, _, name = text.partition("/")
-    if kind not in ("vm", "vmi", "virtualmachine", "virtualmachineinstance") or not name:
-        raise argparse.ArgumentTypeError("give vm/NAME")
-    return name
+    """vm/NAME, vmi/NAME or NAME (virtctl console takes a VMI's name)."""
+    kind, _, name = text.rpartition("/")
+    if kind not in ("", "vm", "vmi", "virtualmachine", "virtualmachineinstance") or not name:
+        raise argparse.ArgumentTypeError("give vm/NAME, vmi/NAME or NAME")
+    return text
 
 
 def _current_run_dir(store, data_dir: str, name: str, ns: str) -> str | None:
@@ -125,9 +153,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     restarts and migrations: kept per VM by whichever launcher ran it (virt/console_history.py)."""
     embedded_only(args, "logs", "kubectl logs on the VM's virt-launcher Pod (its serial console is the Pod's output)")
     store = open_store(args.data_dir, need_daemon=False, kubeconfig=args.kubeconfig)
-    if store.get("VirtualMachine", args.target, args.namespace) is None:
-        print(f'Error: VirtualMachine "{args.namespace}/{args.target}" not found', file=sys.stderr)
+    found = _resolve(store, args.target, args.namespace)
+    if found is None:
         return 1
+    args.target = found[1]
     try:
         with open(history_file(os.path.abspath(args.data_dir), args.namespace, args.target), "rb") as f:
             text = f.read().decode(errors="replace")
@@ -142,6 +171,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     """An interactive serial console; Ctrl-] leaves it (as virtctl console)."""
     embedded_only(args, "console", "kubectl attach -it on the VM's virt-launcher Pod")
     store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
+    args.target = args.target.rpartition("/")[2]  # a VM's VMI has the VM's name
     run_dir = _current_run_dir(store, os.path.abspath(args.data_dir), args.target, args.namespace)
     if run_dir is None:
         print(f"error: VM {args.target} has no running instance", file=sys.stderr)
@@ -173,9 +203,10 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, data_dir_arg) -> None:
-    vm = sub.add_parser("vm", help="start, stop, restart, pause, unpause, migrate (or migrate-cancel) a VirtualMachine")
+    vm = sub.add_parser("vm", help="start, stop, restart, pause, unpause, migrate (or migrate-cancel) a VirtualMachine; "
+                                   "pause, unpause, migrate a VirtualMachineInstance alone (vmi/NAME)")
     vm.add_argument("action", choices=["start", "stop", "restart", "pause", "unpause", "migrate", "migrate-cancel"])
-    vm.add_argument("name")
+    vm.add_argument("name", metavar="NAME", help="vm/NAME, vmi/NAME, or NAME: the VM of that name, else the VMI")
     vm.add_argument("-n", "--namespace", default="default")
     vm.add_argument("--target-node", help="migrate: the node to move to (default: another node)")
     vm.add_argument("--wait", action="store_true", help="return when the VM has reached the new state")
@@ -184,13 +215,13 @@ def add_commands(sub, data_dir_arg) -> None:
     vm.set_defaults(func=cmd_vm)
 
     logs = sub.add_parser("logs", help="the guest's serial console history, across restarts and migrations (vm/NAME)")
-    logs.add_argument("target", type=_vm_target, metavar="vm/NAME")
+    logs.add_argument("target", type=_vm_target, metavar="vm/NAME|vmi/NAME")
     logs.add_argument("-n", "--namespace", default="default")
     data_dir_arg(logs)
     logs.set_defaults(func=cmd_logs)
 
     console = sub.add_parser("console", help="an interactive serial console (vm/NAME); ^] to leave")
-    console.add_argument("target", type=_vm_target, metavar="vm/NAME")
+    console.add_argument("target", type=_vm_target, metavar="vm/NAME|vmi/NAME")
     console.add_argument("-n", "--namespace", default="default")
     data_dir_arg(console)
     console.set_defaults(func=cmd_console)

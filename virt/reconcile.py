@@ -25,7 +25,7 @@ from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from virt.launcher import LaunchError, Phase
 from virt.qemu_args import guest_device_names, node_name
-from virt.runtime import CSI_SOURCES, VmRuntime, owner
+from virt.runtime import CSI_SOURCES, VmRuntime, owned_by_vm, owner
 from virt.spec_warnings import announce_ignored
 from controlplane.vm_spec import DEFAULT_GRACE_SECONDS, SpecError
 
@@ -180,7 +180,7 @@ def ensure_vmi(ctx: Context, vm: Obj) -> None:
     announce_ignored(ctx, vmi)
 
 
-def _follow_volume_qos(ctx: Context, running) -> None:
+def follow_volume_qos(ctx: Context, running) -> None:
     """A volume's maxIOPS/maxMBps changed (ControllerModifyVolume): change QEMU's throttle
     group live, so the guest sees the new limits without a restart."""
     from virt.runtime import set_vmi_status, throttle_of
@@ -201,9 +201,9 @@ def _follow_volume_qos(ctx: Context, running) -> None:
             except Exception as exc:  # noqa: BLE001 - QEMU's refusal is reported once, not retried each second
                 refused[name] = wanted
                 ns, vm_name = running.key.split("/", 1)
-                vm = ctx.store.get("VirtualMachine", vm_name, ns)
-                if vm:
-                    ctx.store.add_event(vm, "Warning", "VolumeQoSRefused", f"volume {name}: {user_text(exc)}")
+                about = ctx.store.get("VirtualMachine", vm_name, ns) or _vmi(ctx, running.key)  # a VMI alone: itself
+                if about:
+                    ctx.store.add_event(about, "Warning", "VolumeQoSRefused", f"volume {name}: {user_text(exc)}")
                 continue
             log.info("VM %s volume %s: throttle now %s", running.key, name, wanted)
             changed = True
@@ -266,15 +266,22 @@ def _delete_vm(ctx: Context, vm: Obj, rt: VmRuntime) -> None:
         _vm_status(ctx, vm, "Terminating")
         ctx.jobs.start("vm:" + key, lambda: rt.stop(key, min(grace, DELETE_GRACE_SECONDS)))
         return
-    for a in kubelet.attachments_of(ctx.store, owner(key)):  # normally none: QEMU's exit detached them
-        kubelet.detach(ctx.store, ctx.csi, a["spec"]["volumeId"], a["spec"]["nodeName"], owner(key))
+    release_run(ctx, key)
     if ctx.store.get("VirtualMachineInstance", name, ns) is not None:
         ctx.store.delete("VirtualMachineInstance", name, ns)
-    rt.forget(key)
-    ctx.services.get("qos_refused", {}).pop(key, None)
-    shutil.rmtree(os.path.join(ctx.data_dir, "vms", ns, name), ignore_errors=True)
     remove_finalizer(ctx.store, vm, FINALIZER)
     log.info("VM %s deleted", key)
+
+
+def release_run(ctx: Context, key: str) -> None:
+    """A VMI that no longer runs is going for good: what its runs held and left (attachments,
+    run directories, console history, the runtime's record of it)."""
+    ns, name = key.split("/", 1)
+    for a in kubelet.attachments_of(ctx.store, owner(key)):  # normally none: QEMU's exit detached them
+        kubelet.detach(ctx.store, ctx.csi, a["spec"]["volumeId"], a["spec"]["nodeName"], owner(key))
+    runtime(ctx).forget(key)
+    ctx.services.get("qos_refused", {}).pop(key, None)
+    shutil.rmtree(os.path.join(ctx.data_dir, "vms", ns, name), ignore_errors=True)
 
 
 def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
@@ -315,7 +322,7 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
             return
         phase = running.launcher.phase
         if phase in (Phase.RUNNING, Phase.PAUSED) and not ctx.jobs.running("migration:" + key):
-            _follow_volume_qos(ctx, running)
+            follow_volume_qos(ctx, running)
         if ctx.jobs.running("migration:" + key) or phase is Phase.MIGRATING:
             _vm_status(ctx, vm, "Migrating", ready=True)
         elif phase is Phase.PAUSED:
@@ -379,7 +386,12 @@ def reconcile_migration(ctx: Context, mig: Obj) -> float | None:
 
 
 def reconcile_vmi(ctx: Context, vmi: Obj) -> float | None:
-    """On a cluster a VMI gets its launcher Pod (embedded, the VM's start runs QEMU itself)."""
+    """A VMI a user applied alone runs as KubeVirt runs it (virt/vmi_alone.py); one a VM made
+    is the VM's to run (embedded) or gets its launcher Pod (on a cluster)."""
+    from virt.vmi_alone import reconcile_vmi_alone
+
+    if not owned_by_vm(vmi):
+        return reconcile_vmi_alone(ctx, vmi)
     if ctx.cluster is None:
         return None
     from virt.launch_pods import reconcile_vmi_in_pods
@@ -389,6 +401,7 @@ def reconcile_vmi(ctx: Context, vmi: Obj) -> float | None:
 
 RECONCILERS = [
     ("VirtualMachine", reconcile_vm),
+    ("VirtualMachineInstance", reconcile_vmi),
     ("VirtualMachineInstanceMigration", reconcile_migration),
 ]
-CLUSTER_RECONCILERS = RECONCILERS + [("VirtualMachineInstance", reconcile_vmi)]
+CLUSTER_RECONCILERS = RECONCILERS

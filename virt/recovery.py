@@ -4,7 +4,8 @@ attachments are undone): nothing that ran is assumed to run.
 - QEMU processes a previous daemon left behind are stopped (they hold volumes the VM
   controller is about to attach again), so a VM never runs twice.
 - Running VMIs end as Failed ("the daemon restarted"); the VM controller restarts them
-  as their runStrategy says.
+  as their runStrategy says. A VMI applied alone (no VM to restart it) is made Pending
+  again, so it starts once more (virt/vmi_alone.py): a restart must not lose it.
 - Migrations in flight are Failed.
 """
 
@@ -16,6 +17,7 @@ import time
 
 from controlplane.context import Context
 from controlplane.recovery import Counts, guarded
+from virt.runtime import owned_by_vm
 
 
 def _ours(pid: int, data_dir: str) -> bool:
@@ -60,8 +62,17 @@ def _recover_vmi(ctx: Context, vmi: dict, counts: Counts) -> None:
     if pid and _ours(pid, ctx.data_dir):
         _stop_orphan(pid)
         counts["qemu"] += 1
-    if status.get("phase") not in ("Succeeded", "Failed"):
-        meta = vmi["metadata"]
-        ctx.store.merge_status("VirtualMachineInstance", meta["name"], meta.get("namespace", "default"),
-                               phase="Failed", reason="pvlun serve restarted while it ran")
-        counts["vmis"] += 1
+    meta, phase = vmi["metadata"], status.get("phase")
+    if phase in ("Succeeded", "Failed"):
+        return
+    if not owned_by_vm(vmi) and not meta.get("deletionTimestamp"):
+        if phase != "Pending":
+            why = "pvlun serve restarted while it ran: started again"
+            ctx.store.update_status("VirtualMachineInstance", meta["name"], meta.get("namespace", "default"),
+                                    {"phase": "Pending", "reason": why})
+            ctx.store.add_event(vmi, "Warning", "Restarted", why)
+            counts["vmis"] += 1
+        return
+    ctx.store.merge_status("VirtualMachineInstance", meta["name"], meta.get("namespace", "default"),
+                           phase="Failed", reason="pvlun serve restarted while it ran")
+    counts["vmis"] += 1

@@ -45,7 +45,15 @@ class Running:
 
 
 def owner(key: str) -> str:
+    """The owner of the VMI's VolumeAttachments: its namespace/name (a VM's VMI has the VM's),
+    whether a VirtualMachine made it or a user applied it alone."""
     return f"vm/{key}"
+
+
+def owned_by_vm(vmi: dict) -> bool:
+    """Made by a VirtualMachine (its ownerReferences say so), not applied alone by a user."""
+    refs = (vmi.get("metadata") or {}).get("ownerReferences") or []
+    return any(isinstance(r, dict) and r.get("kind") == "VirtualMachine" for r in refs)
 
 
 def run_dir(ctx: Context, key: str, node: str) -> str:
@@ -212,11 +220,15 @@ class VmRuntime:
         self.last_exit[key] = (phase, reason, time.time())
         if phase == "Failed":
             self.failures.setdefault(key, []).append(time.time())
-        set_vmi_status(self.ctx, key, phase=phase, reason=reason, paused=False)
         ns, name = key.split("/", 1)
-        vm = self.ctx.store.get("VirtualMachine", name, ns)
-        if vm:
-            self.ctx.store.add_event(vm, "Normal" if phase == "Succeeded" else "Warning",
+        vmi = self.ctx.store.get("VirtualMachineInstance", name, ns)
+        bare = vmi is not None and not owned_by_vm(vmi)
+        if bare and self.ctx.stopping.is_set():
+            return  # the daemon stops, not the VMI: no VM would run it again, so start-up does (virt/recovery.py)
+        set_vmi_status(self.ctx, key, phase=phase, reason=reason, paused=False)
+        about = vmi if bare else self.ctx.store.get("VirtualMachine", name, ns)
+        if about:
+            self.ctx.store.add_event(about, "Normal" if phase == "Succeeded" else "Warning",
                                      "Stopped" if phase == "Succeeded" else "Failed", reason or phase)
 
     def stop_all(self, grace: float = 10) -> None:

@@ -121,6 +121,13 @@ def serve(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def daemons():
+    """(start_instance, stop_instance) for tests that run daemons on one data dir in turn and
+    stop each themselves: `serve`'s teardown would unmount the pool the next one holds."""
+    return start_instance, stop_instance
+
+
+@pytest.fixture(scope="session")
 def tick_vm_yaml():
     """The tick VirtualMachine manifest builder: (name, url, strategy=, access=, memory=, grace=) -> YAML."""
     return tick_vm_manifest

@@ -344,3 +344,55 @@ def test_a_vm_naming_a_missing_instancetype_waits_for_it_and_then_runs_with_its_
     revision = store.get("ControllerRevision", ref["controllerRevisionRef"]["name"], NS)
     assert revision["data"]["spec"]["cpu"]["guest"] == 2
     assert revision["metadata"]["ownerReferences"][0]["name"] == "sized"
+
+
+def test_a_vmi_applied_alone_gets_its_launcher_pod_ends_for_good_and_deleting_it_removes_the_pod(
+        cluster, kube_api_double):
+    """A VMI without a VM (KubeVirt's examples/vmi-pvc.yaml shape): its own launcher Pod, its
+    status from the Pod's; once the Pod ends it stays Succeeded — no VM makes another."""
+    store = cluster
+    store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk-alpine", "namespace": NS},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                          "resources": {"requests": {"storage": "8Mi"}}}})
+    set_claim_bound(kube_api_double, store, "disk-alpine")
+    store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                 "metadata": {"name": "vmi-pvc", "namespace": NS, "labels": {"special": "vmi-pvc"}},
+                 "spec": {"domain": {"cpu": {"cores": 1, "sockets": 1, "threads": 1},
+                                     "devices": {"disks": [{"disk": {"bus": "virtio"}, "name": "pvcdisk"}]},
+                                     "memory": {"guest": "128Mi"}, "resources": {"requests": {"memory": "128Mi"}}},
+                          "terminationGracePeriodSeconds": 0,
+                          "volumes": [{"name": "pvcdisk", "persistentVolumeClaim": {"claimName": "disk-alpine"}}]}})
+    pod = wait_until(lambda: next(iter(pods(store)), None))
+    vmi = store.get("VirtualMachineInstance", "vmi-pvc", NS)
+    assert "ownerReferences" not in vmi["metadata"]
+    assert pod["metadata"]["name"].startswith("virt-launcher-vmi-pvc-")
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == vmi["metadata"]["uid"]
+    assert pod["spec"]["containers"][0]["volumeDevices"][0]["devicePath"].startswith("/dev/pvlun/")
+    assert wait_until(lambda: "pvlun.dev/launcher-pods" in (store.get("VirtualMachineInstance", "vmi-pvc", NS)
+                                                            ["metadata"].get("finalizers") or []))
+
+    code, pod = kube_api_double.call("PATCH", f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}",
+                                     {"spec": {"nodeName": "node-b"}}, "application/merge-patch+json")
+    assert code == 200
+    set_pod_status(kube_api_double, pod, {"phase": "Running", "podIP": "10.244.2.9",
+                                          "conditions": [{"type": "Ready", "status": "True"}],
+                                          "containerStatuses": [{"name": "compute", "ready": True, "restartCount": 0,
+                                                                 "state": {"running": {}}}]})
+    assert wait_until(lambda: (store.get("VirtualMachineInstance", "vmi-pvc", NS).get("status") or {})
+                      .get("phase") == "Running")
+    assert store.get("VirtualMachineInstance", "vmi-pvc", NS)["status"]["nodeName"] == "node-b"
+    store.annotate("VirtualMachineInstance", "vmi-pvc", NS, **{"pvlun.dev/state-change-request": "pause"})
+    assert wait_until(lambda: "pvlun.dev/state-change-request" not in (
+        store.get("VirtualMachineInstance", "vmi-pvc", NS)["metadata"].get("annotations") or {}))  # said, not kept
+
+    set_pod_status(kube_api_double, pod, {"phase": "Succeeded", "containerStatuses": [
+        {"name": "compute", "ready": False, "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}]})
+    assert wait_until(lambda: (store.get("VirtualMachineInstance", "vmi-pvc", NS).get("status") or {})
+                      .get("phase") == "Succeeded")
+    time.sleep(1.0)
+    assert [p["metadata"]["name"] for p in pods(store)] == [pod["metadata"]["name"]]  # not started again
+    assert store.get("VirtualMachineInstance", "vmi-pvc", NS)["status"]["phase"] == "Succeeded"
+
+    store.delete("VirtualMachineInstance", "vmi-pvc", NS)
+    assert wait_until(lambda: store.get("VirtualMachineInstance", "vmi-pvc", NS) is None)
+    assert wait_until(lambda: not [p for p in pods(store) if not p["metadata"].get("deletionTimestamp")])

@@ -39,8 +39,9 @@ def stop_controller(ctx: Context, loop: ControlLoop) -> None:
     ctx.jobs.join_all(5)
 
 
-def apply_tick_vm(double, store, access: str = "ReadWriteMany") -> None:
-    """The tick VM (runStrategy Always) booting from a bound Block claim `tick-root`."""
+def apply_tick_vm(double, store, access: str = "ReadWriteMany", alone: bool = False) -> None:
+    """The tick VM (runStrategy Always) booting from a bound Block claim `tick-root`; `alone`:
+    its VMI applied by itself instead (no VM)."""
     vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2", access=access))
     vm["spec"].pop("dataVolumeTemplates")
     vm["metadata"]["namespace"] = NS
@@ -53,6 +54,10 @@ def apply_tick_vm(double, store, access: str = "ReadWriteMany") -> None:
     code, body = double.call("PUT", f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{claim['metadata']['name']}"
                              "/status", dict(claim, status={"phase": "Bound", "capacity": {"storage": "8Mi"}}))
     assert code == 200, body
+    if alone:
+        template = vm["spec"]["template"]
+        vm = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+              "metadata": {**vm["metadata"], **template.get("metadata", {})}, "spec": template["spec"]}
     store.apply(vm)
 
 

@@ -118,6 +118,23 @@ def test_a_migration_moves_the_guest_to_the_target_pod_and_the_vmi_follows_it(cl
     assert sorted(c for c in calls if not allowed(*rules(), *c)) == []  # deploy/full's RBAC allows every call
 
 
+def test_a_vmi_applied_alone_migrates_as_a_vms_does(cluster, kube_api_double):
+    """A VirtualMachineInstanceMigration names the VMI, whoever made it: one alone moves too."""
+    store, kubelet, _ = cluster
+    apply_tick_vm(kube_api_double, store, alone=True)
+    assert wait_until(lambda: running_vmi(store), 20.0)["metadata"].get("ownerReferences") is None
+    source = next(iter(kubelet.processes))
+    kubelet.wait_for_ticks(source, 3)
+    migrate(store, "move-alone")
+    assert finished(store, kubelet, "move-alone")["phase"] == "Succeeded"
+    target = next(name for name in kubelet.processes if name != source)
+    vmi = store.get("VirtualMachineInstance", "tick", NS)
+    assert vmi["status"]["phase"] == "Running" and vmi["status"]["nodeName"] == "node-b"
+    last = kubelet.ticks(source)[-1]
+    assert kubelet.wait_for_ticks(target, 3)[:3] == [last + 1, last + 2, last + 3]  # the same guest, on
+    assert store.get("VirtualMachine", "tick", NS) is None
+
+
 def test_a_target_that_expects_another_token_fails_the_migration_and_the_guest_stays(cluster, kube_api_double):
     store, kubelet, hooks = cluster
     vmi, source = run_tick_vm(kube_api_double, store, kubelet)
