@@ -18,7 +18,6 @@ import time
 import pytest
 from test_datavolume import dv
 
-from conftest import start_instance, stop_instance
 from csi.proto import csi_pb2 as pb
 from controlplane import kubelet
 from controlplane.csi_client import CsiClient
@@ -54,8 +53,9 @@ def fill_host(directory: str) -> str:
 
 
 @pytest.fixture
-def serve_on_small_host(small_host):
+def serve_on_small_host(small_host, daemons):
     """start(*flags): `pvlun serve --pool-size 8Gi` (16 times the host) on it; stopped before it goes."""
+    start_instance, stop_instance = daemons
     started = []
 
     def start(*flags: str):
@@ -73,7 +73,7 @@ def serve_on_small_host(small_host):
             stop_instance(inst)
 
 
-def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_it_back(serve_on_small_host):
+def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_it_back(serve_on_small_host, daemons):
     inst = serve_on_small_host()
     data_dir, small_host = inst.data_dir, inst.host
     image = os.path.join(data_dir, "pool.img")
@@ -123,7 +123,7 @@ def test_the_pool_promises_only_host_space_it_holds_and_a_full_host_cannot_take_
     finally:
         csi.close()
     inst.apply(dv("after", "    blank: {}", size="1Mi"), "--wait")  # the catalog beside it is fine
-    stop_instance(inst)
+    daemons[1](inst)
     with open(os.path.join(data_dir, "serve.log")) as f:
         log = f.read()
     assert inst.proc.returncode == 0 and "database or disk is full" not in log, log[-3000:]
