@@ -14,6 +14,8 @@ SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
 IMPORT_SOURCES = ("http", "registry", "s3")
 
 
+# the URL schemes each source takes (http's file:// only where the embedded daemon allows it)
+URL_SCHEMES = {"http": ("http", "https", "file"), "registry": ("docker",), "s3": ("s3", "http", "https")}
 CHECKSUM_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}  # CDI's `algorithm:hex` checksums
 
 
@@ -46,6 +48,7 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     bad = checksum_error((source[kind] or {}).get("checksum"))
     if bad:
         raise ValueError(f"spec.source.{kind}.checksum: {bad}")
+    _check_url(kind, (source[kind] or {}).get("url"))
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
     storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")  # `storage: {}` is given
     if not isinstance(storage, dict):
@@ -66,6 +69,23 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     if content == "archive" and mode == "Block":
         raise ValueError("spec.contentType archive needs a Filesystem volume")
     return kind, source[kind] or {}, size, mode, storage.get("accessModes") or ["ReadWriteOnce"], storage.get("storageClassName")
+
+
+def _check_url(kind: str, url: object) -> None:
+    """A source URL of a scheme its source does not read is refused at apply, naming the field."""
+    if kind not in URL_SCHEMES or not isinstance(url, str) or not url:
+        return
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in URL_SCHEMES[kind]:
+        return
+    hint = ""
+    if kind == "http" and scheme in URL_SCHEMES["registry"]:
+        hint = "; a docker:// URL names a registry image: use spec.source.registry.url"
+    elif kind == "registry" and scheme in ("http", "https"):
+        hint = "; a registry image is docker://HOST/REPO:TAG (an http URL of a file: spec.source.http.url)"
+    shown_scheme = repr(scheme[:20]) if scheme else "none"
+    raise ValueError(f"spec.source.{kind}.url: scheme {shown_scheme} is not one of "
+                     f"{', '.join(s + '://' for s in URL_SCHEMES[kind])}{hint}")
 
 
 def _source_ref(spec: dict) -> dict:

@@ -344,7 +344,9 @@ def parse_vmi_spec(spec: Any, path: str, name: str, namespace: str, labels: dict
     for i, n in enumerate(networks):
         n = _map(n, f"{path}.networks[{i}]", required=True)
         if "pod" not in n:
-            raise SpecError(f"{path}.networks[{i}]", "unsupported network (pod)")
+            other = next((k for k in n if k != "name"), "none given")
+            raise SpecError(f"{path}.networks[{i}]", f"network type {shown(other)} is not supported: pvlun gives a VM "
+                            "only the pod network (networks: [{name: default, pod: {}}])")
         notes.check(n, f"{path}.networks[{i}]", "network", ("name", "pod"))
         pod = _map(n["pod"], f"{path}.networks[{i}].pod")
         notes.check(pod, f"{path}.networks[{i}].pod", "network.pod", ())

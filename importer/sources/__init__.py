@@ -11,7 +11,7 @@ import re
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from controlplane.dv_spec import checksum_error
+from controlplane.dv_spec import URL_SCHEMES, checksum_error
 
 from .. import errors
 from ..errors import ImportFailed
@@ -71,6 +71,8 @@ def _credentials(spec: dict, secret: Lookup) -> tuple[str, str] | None:
         return None
     data = _lookup(secret, name, "secret")
     user, password = data.get("accessKeyId"), data.get("secretKey")
+    if not user and not password:  # CDI's endpoint-secret example: both keys left empty means no credentials
+        return None
     if not user or password is None:
         raise ImportFailed(errors.INVALID_SOURCE, f"secret {name!r} needs the keys accessKeyId and secretKey")
     errors.register_secret(password)
@@ -130,7 +132,7 @@ def from_spec(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bo
             if not allow_file:
                 raise ImportFailed(errors.INVALID_SOURCE, "file:// URLs are not allowed (only with the embedded mode's flag)")
             return FileSource(unquote(urlsplit(url).path), checksum=checksum)
-        if scheme not in ("http", "https"):
+        if scheme not in URL_SCHEMES["http"]:
             raise ImportFailed(errors.INVALID_SOURCE, f"unsupported URL scheme {scheme!r}: use http or https")
         from .httpclient import strip_userinfo
 
@@ -138,11 +140,11 @@ def from_spec(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bo
         return HttpSource(clean, auth=_credentials(spec, secret) or userinfo, ca_pems=_ca_pems(spec, configmap),
                           headers=_headers(spec, secret), checksum=checksum, insecure=_insecure(spec))
     if kind == "registry":
-        if scheme != "docker":
+        if scheme not in URL_SCHEMES["registry"]:
             raise ImportFailed(errors.INVALID_SOURCE, f"unsupported registry URL scheme {scheme!r}: use docker://")
         return RegistrySource(url, auth=_credentials(spec, secret), ca_pems=_ca_pems(spec, configmap), checksum=checksum,
                               insecure_skip_verify=_insecure(spec))
-    if scheme not in ("s3", "http", "https"):
+    if scheme not in URL_SCHEMES["s3"]:
         raise ImportFailed(errors.INVALID_SOURCE, f"unsupported S3 URL scheme {scheme!r}: use https://endpoint/bucket/key or s3://")
     creds = _credentials(spec, secret)
     region = _lookup(secret, spec["secretRef"], "secret").get("region") if spec.get("secretRef") else None

@@ -114,6 +114,28 @@ spec:
         assert instance.get("DataVolume", f"wrong-shape-{kind}") is None
 
 
+def test_a_url_of_another_sources_scheme_is_refused_at_apply_saying_which_source_reads_it(instance):
+    for kind, url, said in (("http", "docker://quay.io/kubevirt/alpine-container-disk-demo", "use spec.source.registry.url"),
+                            ("registry", "https://127.0.0.1/disk.img", "docker://HOST/REPO:TAG"),
+                            ("s3", "ftp://127.0.0.1/b/k", "s3://, http://, https://")):
+        out = instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: wrong-scheme-{kind}
+spec:
+  source:
+    {kind}:
+      url: "{url}"
+  storage:
+    resources:
+      requests:
+        storage: 16Mi
+""", check=False)
+        assert out.returncode != 0
+        assert f"spec.source.{kind}.url: scheme" in out.stderr and said in out.stderr, out.stderr
+        assert instance.get("DataVolume", f"wrong-scheme-{kind}") is None
+
+
 def test_metrics_drop_the_progress_series_of_a_deleted_datavolume(instance, web):
     import urllib.request
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from importer.errors import ImportFailed
 from importer.pipeline import Target, usable_space
 
 from importer_support import MiB, allocated, assert_disk, block_target, published, run_import
@@ -122,6 +123,19 @@ def test_basic_auth_from_secret_ref(server, request, images, tmp_path, scratch):
     # nginx: nbdkit's curl plugin reads the password from a 0600 file (password=+FILE), not argv
     assert result.method == ("direct" if server == "nginx" else "scratch")
     assert_disk(lun, images.expected["qcow2"])
+
+
+def test_a_secret_ref_with_both_keys_empty_means_no_credentials(py_http, images, tmp_path, scratch):
+    """CDI's endpoint-secret example leaves accessKeyId and secretKey empty: no credentials are sent
+    (an /auth/ path would answer 401), the import of a public path goes on."""
+    lun = block_target(tmp_path)
+    run_import({"http": {"url": f"{py_http.url}/img/raw.bin", "secretRef": "endpoint-secret"}},
+               Target(str(lun), 16 * MiB), scratch, secrets={"endpoint-secret": {"accessKeyId": "", "secretKey": ""}})
+    assert_disk(lun, images.expected["raw"])
+    with pytest.raises(ImportFailed, match="needs the keys accessKeyId and secretKey"):
+        run_import({"http": {"url": f"{py_http.url}/img/raw.bin", "secretRef": "half"}},
+                   Target(str(block_target(tmp_path, name="half.img")), 16 * MiB), scratch,
+                   secrets={"half": {"accessKeyId": "user", "secretKey": None}})
 
 
 def test_extra_headers_and_secret_extra_headers_are_sent(py_http, images, tmp_path, scratch):

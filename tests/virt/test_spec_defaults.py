@@ -120,7 +120,7 @@ def test_interface_and_network_names_may_have_capitals_as_in_vmi_slirp():
     ({"name": "default", "sriov": {}}, {"name": "default", "pod": {}}, "interfaces[0].sriov", "unsupported interface"),
     ({"name": "default", "macvtap": {}}, {"name": "default", "pod": {}}, "interfaces[0].macvtap", "unsupported"),
     ({"name": "default", "bridge": {}, "masquerade": {}}, {"name": "default", "pod": {}}, "interfaces[0]", "only one"),
-    ({"name": "ptp", "bridge": {}}, {"name": "ptp", "multus": {"networkName": "ptp-conf"}}, None, "unsupported network"),
+    ({"name": "ptp", "bridge": {}}, {"name": "ptp", "multus": {"networkName": "ptp-conf"}}, None, "network type 'multus' is not supported"),
 ])
 def test_other_bindings_and_networks_are_refused_naming_the_field(interface, network, where, words):
     err = refused(vm_with(devices={"interfaces": [interface]}, networks=[network]))
