@@ -137,6 +137,11 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     return None, 0  # other populators (DataVolume, ...) fill the volume after it is made
 
 
+# CDI's claim annotations that ask its controllers to fill the claim (import, upload, clone)
+CDI_CLAIM_ANNOTATIONS = ("cdi.kubevirt.io/storage.import.", "cdi.kubevirt.io/storage.upload.",
+                         "k8s.io/CloneRequest")
+
+
 def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     meta = pvc["metadata"]
     if meta.get("deletionTimestamp"):
@@ -226,6 +231,12 @@ def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
     set_condition(status, "Provisioned", True, "Provisioned", f"volume {volume.volume_id}")
     ctx.store.update_status("PersistentVolumeClaim", meta["name"], meta["namespace"], status)
     ctx.store.add_event(pvc, "Normal", "ProvisioningSucceeded", f"provisioned volume {pv_name}")
+    by_dv = any(o.get("kind") == "DataVolume" for o in meta.get("ownerReferences") or [])
+    for key in sorted(meta.get("annotations") or {} if not by_dv else {}):
+        if key.startswith(CDI_CLAIM_ANNOTATIONS):  # CDI's older API: a claim annotated to be filled
+            ctx.store.add_event(pvc, "Warning", "AnnotationIgnored",
+                                f"metadata.annotations[{key}]: CDI's claim annotations do not fill a volume here; "
+                                "the claim is left empty (use a DataVolume with spec.source instead)")
 
 
 def _attributes(ctx: Context, name: str | None) -> dict[str, str]:

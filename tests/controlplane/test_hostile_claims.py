@@ -203,3 +203,25 @@ mountOptions: ["logdev=/dev/vda"]
                             and condition(instance, "sneaky"), what="the claim refused")
     assert refused["message"].startswith("INVALID_ARGUMENT: mount flag 'logdev=/dev/vda' is not allowed")
     instance.cli("delete", "pvc", "sneaky")
+
+
+def test_a_claim_with_cdis_import_annotations_is_bound_empty_with_a_warning_naming_the_annotation(instance):
+    """CDI's older API (a claim annotated with an endpoint, as its registry-image-pvc example) fills
+    nothing here: the claim binds, and a Warning event says so and what to use instead."""
+    instance.apply("""apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: annotated
+  annotations:
+    cdi.kubevirt.io/storage.import.endpoint: "docker://127.0.0.1:5000/vm/disk"
+    cdi.kubevirt.io/storage.import.source: "registry"
+spec:
+  accessModes: [ReadWriteOnce]
+  resources:
+    requests:
+      storage: 16Mi
+""", "--wait")
+    pvc = instance.get("PersistentVolumeClaim", "annotated")
+    said = [e["message"] for e in instance.store.events(pvc) if e["reason"] == "AnnotationIgnored"]
+    assert len(said) == 2 and said[0].startswith("metadata.annotations[cdi.kubevirt.io/storage.import.endpoint]")
+    assert all("use a DataVolume" in m for m in said)
