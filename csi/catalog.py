@@ -142,28 +142,24 @@ def create_private(path: str) -> None:
 
 
 CATALOG_RESERVE = 8 << 20  # blocks held beyond the end of catalog.db and its WAL (twice the WAL's 1000-page cycle)
-_FALLOC_FL_KEEP_SIZE = 1
 
 
 def reserve_space(path: str) -> None:
-    """Give catalog.db and its WAL real blocks past their ends (fallocate KEEP_SIZE: their
+    """Give catalog.db and its WAL real blocks past their ends (`fallocate --keep-size`: their
     sizes do not change, SQLite sees the same files) while the host still has them: when
     something else fills the host to its last byte, the catalog's next writes and checkpoints
     land on blocks it already holds, so status, events and detaches keep being recorded.
-    Best effort: a host already full keeps what it has."""
-    import ctypes
+    A child process does it: closing a descriptor of the database in this process would drop
+    the POSIX locks SQLite holds on it, and other processes' writes would go unseen. Best
+    effort: a host already full keeps what it has."""
+    from host.command import CommandError, run
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     for name in (path, path + "-wal"):
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, CATALOG_RESERVE)
-        finally:
-            os.close(fd)
+        if os.path.exists(name):
+            try:
+                run(["fallocate", "--keep-size", "--length", str(CATALOG_RESERVE), name], timeout=30)
+            except CommandError:
+                pass
 
 
 def close_checkpointed(db: sqlite3.Connection) -> None:

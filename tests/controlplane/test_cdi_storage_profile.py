@@ -4,7 +4,13 @@ administrator's spec overriding what pvlun knows."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 from controlplane.storage_profiles import DRIVER_PROPERTY_SETS
+from pvlun.local_run import start_daemon, stop_daemon
 
 from test_datavolume import dv
 
@@ -101,3 +107,31 @@ spec:
   dataImportCronSourceFormat: snapshot
 """, check=False)
     assert out.returncode != 0 and "spec.dataImportCronSourceFormat" in out.stderr
+
+
+
+def test_classes_applied_by_separate_commands_each_get_their_profile_at_once(tmp_path):
+    """Every CLI is another process writing the catalog, and here no other process keeps it
+    open: the daemon must see each write (a descriptor of catalog.db closed in the daemon once
+    dropped SQLite's locks, and the second command's class went unseen)."""
+    data_dir = str(tmp_path / "d")
+    os.makedirs(data_dir)
+    proc = start_daemon(data_dir)
+    names = ("one-by-one-a", "one-by-one-b", "one-by-one-c")
+
+    def pvlun(*args: str, input: str | None = None) -> str:
+        done = subprocess.run([sys.executable, "-m", "pvlun.cli", *args, "--data-dir", data_dir], input=input,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        for name in names:
+            pvlun("apply", "-f", "-", input=f"apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n"
+                                            f"  name: {name}\nprovisioner: csi.pvlun.dev\n")
+        deadline = time.monotonic() + 10
+        while not all(name in (listed := pvlun("get", "storageprofiles")) for name in names):
+            assert time.monotonic() < deadline, f"profiles after 10 s: {listed}"
+            time.sleep(0.1)
+    finally:
+        stop_daemon(proc, data_dir)
