@@ -22,6 +22,7 @@ KINDS = {
     "PersistentVolumeClaim": "v1",
     "Secret": "v1",
     "ConfigMap": "v1",
+    "Namespace": "v1",  # embedded: namespaces are implicit; the object is kept so manifests apply unchanged
     "DataVolume": "cdi.kubevirt.io/v1beta1",
     "VolumeSnapshot": "snapshot.storage.k8s.io/v1",
     "VolumeSnapshotClass": "snapshot.storage.k8s.io/v1",
@@ -62,6 +63,7 @@ ALIASES = {
     "vm": "VirtualMachine", "vms": "VirtualMachine", "virtualmachine": "VirtualMachine",
     "virtualmachines": "VirtualMachine",
     "vmi": "VirtualMachineInstance", "vmis": "VirtualMachineInstance",
+    "ns": "Namespace", "namespace": "Namespace", "namespaces": "Namespace",
     "virtualmachineinstance": "VirtualMachineInstance", "virtualmachineinstances": "VirtualMachineInstance",
     "vmim": "VirtualMachineInstanceMigration", "virtualmachineinstancemigration": "VirtualMachineInstanceMigration",
     "virtualmachineinstancemigrations": "VirtualMachineInstanceMigration",
@@ -97,7 +99,7 @@ ALIASES = {
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SUBDOMAIN_MAX, LABEL_MAX = 253, 63
-LABEL_NAMED = {"VirtualMachine"}
+LABEL_NAMED = {"VirtualMachine", "Namespace"}
 MAX_OBJECT_BYTES = 3 << 19  # 1.5 MiB, etcd's limit on one object
 
 

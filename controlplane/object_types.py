@@ -167,6 +167,7 @@ SPECS: dict[str, Fields] = {
     "DataVolume": Fields(spec=DATA_VOLUME_SPEC),
     "Secret": Fields(data=MapOf(Base64(), _DATA_KEY), stringData=MapOf(STR, _DATA_KEY), type=STR, immutable=BOOL),
     "ConfigMap": Fields(data=MapOf(STR, _DATA_KEY), binaryData=MapOf(Base64(), _DATA_KEY), immutable=BOOL),
+    "Namespace": Fields(spec=Fields(finalizers=ListOf(STR))),
     "VolumeSnapshot": Fields(spec=Fields(source=Fields(persistentVolumeClaimName=STR, volumeSnapshotContentName=STR),
                                          volumeSnapshotClassName=STR)),
     "VolumeSnapshotClass": Fields(driver=STR, parameters=MapOf(STR), deletionPolicy=OneOf("Delete", "Retain")),

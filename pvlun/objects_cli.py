@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import yaml
 
-from controlplane.admission import Refused, admit_update, known_kind, load_documents
+from controlplane.admission import KINDS, Refused, admit_update, known_kind, load_documents
 from controlplane.data_sources import cycle_message, find_cycle
 from controlplane.manifest_yaml import ManifestError, read_manifest
 from controlplane.store import CLUSTER_SCOPED, ObjectStore, SQLiteStore
@@ -313,6 +313,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
     store = open_store(args.data_dir, kubeconfig=args.kubeconfig,
                        namespace=args.namespace)
     kind = known_kind(args.kind)
+    if kind == "Namespace" and not args.kubeconfig:  # an API server would delete what is in it; pvlun serve does not
+        held = [k for k in KINDS if k not in CLUSTER_SCOPED and store.list(k, args.name)]
+        if held:
+            print(f"error: namespace {args.name} still holds {', '.join(k.lower() for k in held)} objects: delete "
+                  "them first (pvlun serve does not delete a namespace's contents with it)", file=sys.stderr)
+            return 1
     if not store.delete(kind, args.name, args.namespace):
         print(f'Error from server (NotFound): {args.kind} "{args.name}" not found', file=sys.stderr)
         return 1

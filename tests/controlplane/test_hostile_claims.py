@@ -225,3 +225,29 @@ spec:
     said = [e["message"] for e in instance.store.events(pvc) if e["reason"] == "AnnotationIgnored"]
     assert len(said) == 2 and said[0].startswith("metadata.annotations[cdi.kubevirt.io/storage.import.endpoint]")
     assert all("use a DataVolume" in m for m in said)
+
+
+def test_a_namespace_applies_and_is_deleted_only_once_empty(instance):
+    """Manifests that start with their Namespace (CDI's vddk example, KubeVirt's DRA one) apply
+    unchanged; pvlun serve does not delete a namespace's contents with it, so it says so."""
+    out = instance.apply("""apiVersion: v1
+kind: Namespace
+metadata:
+  name: team-ns
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: team-ns
+data: {a: b}
+""")
+    assert "namespace/team-ns created" in out.stdout
+    assert instance.get("Namespace", "team-ns", "") is not None
+    refused = instance.cli("delete", "namespace", "team-ns", check=False)
+    assert refused.returncode == 1 and "still holds configmap objects" in refused.stderr
+    instance.cli("delete", "cm", "settings", "-n", "team-ns")
+    instance.cli("delete", "ns", "team-ns")
+    assert instance.get("Namespace", "team-ns", "") is None
+    bad = instance.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: Team.NS\n", check=False)
+    assert bad.returncode != 0 and "metadata.name" in bad.stderr
