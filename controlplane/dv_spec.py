@@ -12,6 +12,11 @@ FILESYSTEM_OVERHEAD = 0.055  # CDI's default share of a filesystem volume kept f
 SMALL_FS_SLACK_MIB = 16  # ext4's journal and tables take more than 5.5% of a small volume
 SOURCES = ("http", "registry", "s3", "upload", "blank", "pvc", "snapshot")
 IMPORT_SOURCES = ("http", "registry", "s3")
+# CDI sources pvlun leaves out, and what to use instead
+LEFT_OUT = {"vddk": "VMware VDDK imports are not supported: export the VM's disk (VMDK) and import it with "
+                    "spec.source.http (qcow2, vmdk, vhd(x) and raw are converted)",
+            "imageio": "oVirt imageio imports are not supported: export the disk and import it with spec.source.http",
+            "gcs": "Google Cloud Storage sources are not supported: import a signed object URL with spec.source.http"}
 
 
 # the URL schemes each source takes (http's file:// only where the embedded daemon allows it)
@@ -40,6 +45,8 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     if not isinstance(source, dict) or len(source) != 1:
         raise ValueError("spec.source must name exactly one of " + ", ".join(SOURCES) + " (or spec.sourceRef a DataSource)")
     kind = next(iter(source))
+    if kind in LEFT_OUT:
+        raise ValueError(f"spec.source.{kind}: {LEFT_OUT[kind]}")
     if kind not in SOURCES and kind != "sourceRef":  # a sourceRef is resolved before the claim is made (data_source_ref)
         raise ValueError(f"spec.source.{kind}: unknown source (one of {', '.join(SOURCES)})")
     if source[kind] is not None and not isinstance(source[kind], dict):  # `registry: "docker://..."`

@@ -136,6 +136,28 @@ spec:
         assert instance.get("DataVolume", f"wrong-scheme-{kind}") is None
 
 
+def test_a_cdi_source_pvlun_leaves_out_is_refused_naming_it_and_what_to_use(instance):
+    out = instance.apply("""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: from-vmware
+spec:
+  source:
+    vddk:
+      backingFile: "[iSCSI_Datastore] vm/vm_1.vmdk"
+      url: "https://vcenter.example.com"
+      uuid: "52260566-b032-36cb-55b1-79bf29e30490"
+      thumbprint: "20:6C:8A:5D:44:40:B3:79:4B:93:68:4D:5A:4F:5A:A1:0E:3B:C0:DE"
+      secretRef: "vddk-credentials"
+  storage:
+    resources:
+      requests:
+        storage: 16Mi
+""", check=False)
+    assert out.returncode != 0
+    assert "spec.source.vddk: VMware VDDK imports are not supported" in out.stderr and "spec.source.http" in out.stderr
+
+
 def test_metrics_drop_the_progress_series_of_a_deleted_datavolume(instance, web):
     import urllib.request
 
