@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 import stat
+import time
 from dataclasses import dataclass
 
 from csi.node_paths import pinned
@@ -208,9 +208,18 @@ def find_or_attach_loop(lun_file: str, read_only: bool = False) -> str:
     return attach_loop(lun_file, read_only)
 
 
+DETACH_WAIT_SECONDS = 2.0  # a prober (udev's blkid after an unmount) holds a device open for moments
+
+
 def detach_loop(device: str) -> None:
-    """Detach; the kernel defers it while someone still holds the device open."""
+    """Detach. The kernel defers it while someone still holds the device open: wait a moment
+    for that to end, so that whoever unstaged a volume finds its LUN file free when this
+    returns (a holder that stays is left to the kernel's deferred detach)."""
+    backing = loop_backing_file(device)
     run(["losetup", "--detach", device])
+    deadline = time.monotonic() + DETACH_WAIT_SECONDS
+    while backing is not None and loop_backing_file(device) == backing and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def refresh_loop(device: str) -> None:
