@@ -40,7 +40,9 @@ def _save(ctx: Context, dv: Obj, status: Obj) -> None:
 
 
 def set_phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, str] | None = None,
-              ready: bool | None = None, progress: str | None = None, event: tuple[str, str, str] | None = None) -> Obj:
+              ready: bool | None = None, ready_why: tuple[str, str] | None = None, progress: str | None = None,
+              event: tuple[str, str, str] | None = None) -> Obj:
+    """One status write: the phase with its conditions (a reader never sees a phase without its reason)."""
     status = _status(dv)
     status["phase"] = phase
     status.setdefault("restartCount", 0)
@@ -50,7 +52,7 @@ def set_phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, st
     if running is not None:
         set_condition(status, "Running", *running)
     if ready is not None:
-        set_condition(status, "Ready", ready, phase, "")
+        set_condition(status, "Ready", ready, *(ready_why or (phase, "")))
     _save(ctx, dv, status)
     if event:
         ctx.store.add_event(dv, *event)
@@ -70,11 +72,8 @@ def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     if any(c["type"] == "Bound" for c in status.get("conditions", [])):
         set_condition(status, "Bound", False, "ClaimDeleted", "the claim was deleted with the failed import's data")
         dv["status"] = status
-    set_phase(ctx, dv, "Failed", running=(False, reason, message), ready=False,
-           event=("Warning", reason, message))
-    status = _status(dv)
-    set_condition(status, "Ready", False, reason, message)
-    _save(ctx, dv, status)
+    set_phase(ctx, dv, "Failed", running=(False, reason, message), ready=False, ready_why=(reason, message),
+              event=("Warning", reason, message))
     ns = dv["metadata"].get("namespace", "default")
     ctx.store.delete("PersistentVolumeClaim", dv["metadata"]["name"], ns)
 
