@@ -147,6 +147,8 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
     ns, name, key = vm["metadata"].get("namespace", "default"), vm["metadata"]["name"], key_of(vm)
     running = rt.get(key)
     spec_changes = {}
+    if request in ("restart", "pause", "unpause") and not running and ctx.jobs.running("vm:" + key):
+        return  # a run is starting (or stopping): the request waits for it; the job's end brings the VM back here
     if request in ("start", "stop"):
         spec_changes = apply_start_stop(ctx, vm, parsed, request)
     elif request == "restart" and running:
