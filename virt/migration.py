@@ -169,21 +169,25 @@ def migrate(
         if target_launcher.incoming != "defer":
             raise MigrationFailed('the target launcher must be created with incoming="defer"')
         target_launcher.start()
-        try:
-            outgoing, incoming = stream_pair()
-        except OSError as exc:
-            raise MigrationFailed(f"no migration stream: {exc.strerror or exc}") from None
-        with outgoing, incoming:  # each QEMU holds its own copy once handed over
-            accept_stream(target_launcher, incoming.fileno())
-            set_phase("TargetReady")
-            start_sending(source, outgoing.fileno(), downtime_limit_ms=downtime_limit_ms, max_bandwidth=max_bandwidth)
-        set_phase("Running")
 
         def target_gone() -> str | None:
             if target_launcher.running():
                 return None
             said = target_launcher.stderr_text() or "no error text"
             return f"target QEMU exited {target_launcher.returncode}: {said}"
+
+        try:
+            outgoing, incoming = stream_pair()
+        except OSError as exc:
+            raise MigrationFailed(f"no migration stream: {exc.strerror or exc}") from None
+        with outgoing, incoming:  # each QEMU holds its own copy once handed over
+            try:
+                accept_stream(target_launcher, incoming.fileno())
+            except QmpError as exc:  # it died between starting and taking the stream
+                raise MigrationFailed(target_gone() or f"the target QEMU did not take the stream: {exc}") from None
+            set_phase("TargetReady")
+            start_sending(source, outgoing.fileno(), downtime_limit_ms=downtime_limit_ms, max_bandwidth=max_bandwidth)
+        set_phase("Running")
 
         follow_sending(source, status, target_gone=target_gone, timeout=timeout, poll_interval=poll_interval,
                        progress=progress, cancel=cancel)
