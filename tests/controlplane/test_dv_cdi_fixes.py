@@ -97,18 +97,7 @@ spec:
 
 def test_a_source_given_as_a_string_is_refused_at_apply_naming_the_field(instance):
     for kind, url in (("registry", "docker://127.0.0.1:5000/vm/disk:v1"), ("http", "https://127.0.0.1/disk.img")):
-        out = instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: wrong-shape-{kind}
-spec:
-  source:
-    {kind}: "{url}"
-  storage:
-    resources:
-      requests:
-        storage: 16Mi
-""", check=False)
+        out = instance.apply(dv(f"wrong-shape-{kind}", f'    {kind}: "{url}"', size="16Mi"), check=False)
         assert out.returncode != 0
         assert f"spec.source.{kind}: must be an object, not a string" in out.stderr, out.stderr
         assert instance.get("DataVolume", f"wrong-shape-{kind}") is None
@@ -118,19 +107,7 @@ def test_a_url_of_another_sources_scheme_is_refused_at_apply_saying_which_source
     for kind, url, said in (("http", "docker://quay.io/kubevirt/alpine-container-disk-demo", "use spec.source.registry.url"),
                             ("registry", "https://127.0.0.1/disk.img", "docker://HOST/REPO:TAG"),
                             ("s3", "ftp://127.0.0.1/b/k", "s3://, http://, https://")):
-        out = instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: wrong-scheme-{kind}
-spec:
-  source:
-    {kind}:
-      url: "{url}"
-  storage:
-    resources:
-      requests:
-        storage: 16Mi
-""", check=False)
+        out = instance.apply(dv(f"wrong-scheme-{kind}", f'    {kind}:\n      url: "{url}"', size="16Mi"), check=False)
         assert out.returncode != 0
         assert f"spec.source.{kind}.url: scheme" in out.stderr and said in out.stderr, out.stderr
         assert instance.get("DataVolume", f"wrong-scheme-{kind}") is None
