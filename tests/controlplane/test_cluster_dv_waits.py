@@ -27,7 +27,8 @@ def test_a_datavolume_waits_for_its_storage_class_without_an_importer_pod(cluste
                  "provisioner": "csi.pvlun.dev", "volumeBindingMode": "WaitForFirstConsumer"})
     # nothing announces a new class to the controller: it looks again every CLASS_RECHECK_SECONDS
     assert wait_until(lambda: store.get("Pod", "importer-waits", NS), timeout=20)
-    assert dv_status(store, "waits")["phase"] == "ImportScheduled"
+    # the Pod is made first, the DataVolume's phase written next: a read may fall in between
+    assert wait_until(lambda: dv_status(store, "waits")["phase"] == "ImportScheduled", timeout=10)
 
 
 def test_a_clone_with_empty_storage_claims_its_sources_size_and_volume_mode(cluster, kube_api_double):  # noqa: F811
