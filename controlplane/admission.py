@@ -16,6 +16,8 @@ from controlplane.manifest_yaml import ManifestError, load_all
 from controlplane.object_types import conform
 from controlplane.quantity import parse_quantity
 from controlplane.user_text import one_line, quoted
+from controlplane.vm_snapshot_spec import API_VERSION as VM_SNAPSHOT_API_VERSION
+from controlplane.vm_snapshot_spec import check_content, check_restore, check_snapshot
 
 KINDS = {
     "StorageClass": "storage.k8s.io/v1",
@@ -33,6 +35,9 @@ KINDS = {
     "DataSource": "cdi.kubevirt.io/v1beta1",
     "DataImportCron": "cdi.kubevirt.io/v1beta1",
     "StorageProfile": "cdi.kubevirt.io/v1beta1",
+    "VirtualMachineSnapshot": VM_SNAPSHOT_API_VERSION,
+    "VirtualMachineSnapshotContent": VM_SNAPSHOT_API_VERSION,
+    "VirtualMachineRestore": VM_SNAPSHOT_API_VERSION,
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
@@ -89,6 +94,12 @@ ALIASES = {
                     "VirtualMachinePreference"),
     **dict.fromkeys(("virtualmachineclusterpreference", "virtualmachineclusterpreferences", "vmcp", "vmcps"),
                     "VirtualMachineClusterPreference"),
+    **dict.fromkeys(("virtualmachinesnapshot", "virtualmachinesnapshots", "vmsnapshot", "vmsnapshots"),
+                    "VirtualMachineSnapshot"),
+    **dict.fromkeys(("virtualmachinesnapshotcontent", "virtualmachinesnapshotcontents", "vmsnapshotcontent",
+                     "vmsnapshotcontents"), "VirtualMachineSnapshotContent"),
+    **dict.fromkeys(("virtualmachinerestore", "virtualmachinerestores", "vmrestore", "vmrestores"),
+                    "VirtualMachineRestore"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
 }
 
@@ -296,6 +307,9 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeSnapshotClass": _check_snapshot_class,
     "DataSource": _check_data_source,
     "DataImportCron": _check_import_cron,
+    "VirtualMachineSnapshot": check_snapshot,
+    "VirtualMachineSnapshotContent": check_content,
+    "VirtualMachineRestore": check_restore,
     **dict.fromkeys(INSTANCETYPE_KINDS, check_instancetype),
 }
 

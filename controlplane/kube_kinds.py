@@ -78,6 +78,9 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachineClusterPreference", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterpreferences",
      CLUSTER, PLAIN),
     ("ControllerRevision", "apps", "v1", "controllerrevisions", NS, PLAIN),
+    ("VirtualMachineSnapshot", "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", NS, STATUS),
+    ("VirtualMachineSnapshotContent", "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshotcontents", NS, STATUS),
+    ("VirtualMachineRestore", "snapshot.kubevirt.io", "v1beta1", "virtualmachinerestores", NS, STATUS),
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

@@ -92,6 +92,14 @@ def links(obj: Obj) -> set[Key]:
                 out.append(key("VolumeSnapshot", body.get("namespace") or ns, body.get("name")))
     elif kind == "VolumeSnapshot":
         out += _claim(ns, _dict(spec.get("source")).get("persistentVolumeClaimName"))
+        out.append(key("VolumeSnapshotContent", "", _dict(spec.get("source")).get("volumeSnapshotContentName")))
+    elif kind == "VirtualMachineSnapshot":  # its VM (a VM's change may let it go on)
+        out.append(key("VirtualMachine", ns, _dict(spec.get("source")).get("name")))
+    elif kind == "VirtualMachineSnapshotContent":  # its snapshot waits for it
+        out.append(key("VirtualMachineSnapshot", ns, spec.get("virtualMachineSnapshotName")))
+    elif kind == "VirtualMachineRestore":  # it waits on its snapshot and its target VM
+        out += [key("VirtualMachineSnapshot", ns, spec.get("virtualMachineSnapshotName")),
+                key("VirtualMachine", ns, _dict(spec.get("target")).get("name"))]
     elif kind == "DataSource":  # CDI's: it is Ready when what it points at is
         source = _dict(spec.get("source"))
         pvc, snapshot = _dict(source.get("pvc")), _dict(source.get("snapshot"))

@@ -155,6 +155,10 @@ RULES: dict[str, Callable[[Obj, Obj], None]] = {
     "VirtualMachineInstanceMigration": lambda old, new: _fixed(old, new, ("spec",), "a migration is not redirected"),
     "Secret": _data,
     "ConfigMap": _data,
+    # KubeVirt's webhook: "spec is immutable after creation"
+    "VirtualMachineSnapshot": lambda old, new: _fixed(old, new, ("spec",), "a VM snapshot is taken once, as asked"),
+    "VirtualMachineSnapshotContent": lambda old, new: _fixed(old, new, ("spec",), "a snapshot's content is what it took"),
+    "VirtualMachineRestore": lambda old, new: _fixed(old, new, ("spec",), "a restore is done once, as asked"),
 }
 
 

@@ -65,17 +65,24 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> float | None:
     meta = snap["metadata"]
     ns = meta.get("namespace", "default")
     status = snap.get("status") or {}
+    bound_to = (snap.get("spec") or {}).get("source", {}).get("volumeSnapshotContentName")
     if meta.get("deletionTimestamp"):
         _retries(ctx).pop(meta["uid"], None)
         handle = status.get("snapshotHandle")
-        if handle:
-            try:
+        try:
+            if bound_to:
+                _delete_bound(ctx, bound_to)
+            elif handle:
                 ctx.csi.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=handle))
-            except grpc.RpcError as exc:
-                ctx.store.add_event(snap, "Warning", "SnapshotDeleteError", user_text(exc))
-                return
-        ctx.store.delete(CONTENT_KIND, content_name(snap), "")
+        except grpc.RpcError as exc:
+            ctx.store.add_event(snap, "Warning", "SnapshotDeleteError", user_text(exc))
+            return
+        if not bound_to:
+            ctx.store.delete(CONTENT_KIND, content_name(snap), "")
         remove_finalizer(ctx.store, snap, FINALIZER)
+        return
+    if bound_to:
+        _bind(ctx, snap, bound_to)
         return
     claim = (snap.get("spec") or {}).get("source", {}).get("persistentVolumeClaimName")
     if status.get("readyToUse"):
@@ -115,3 +122,37 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> float | None:
         "readyToUse": created.ready_to_use, "snapshotHandle": created.snapshot_id,
         "restoreSize": str(created.size_bytes), "boundVolumeSnapshotContentName": content_name(snap)})
     ctx.store.add_event(snap, "Normal", "SnapshotCreated", f"snapshot {created.snapshot_id} of claim {claim}")
+
+
+def _bind(ctx: Context, snap: Obj, content_name_: str) -> None:
+    """A pre-provisioned snapshot (spec.source.volumeSnapshotContentName): the content was made
+    first, by whoever took the snapshot (a VM snapshot's group snapshot); the VolumeSnapshot
+    only takes its status from it, as external-snapshotter binds a static content."""
+    meta = snap["metadata"]
+    ns = meta.get("namespace", "default")
+    content = ctx.store.get(CONTENT_KIND, content_name_, "")
+    ref = ((content or {}).get("spec") or {}).get("volumeSnapshotRef") or {}
+    if content is None or (ref.get("name"), ref.get("namespace")) != (meta["name"], ns):
+        ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {"readyToUse": False, "error": {
+            "message": f"VolumeSnapshotContent {content_name_} does not exist or is not this snapshot's",
+            "time": now()}})
+        return
+    if FINALIZER not in meta.get("finalizers", []):
+        ctx.store.patch_metadata("VolumeSnapshot", meta["name"], ns, finalizers=meta.get("finalizers", []) + [FINALIZER])
+    cs = content.get("status") or {}
+    ctx.store.update_status("VolumeSnapshot", meta["name"], ns, {
+        "readyToUse": bool(cs.get("readyToUse")), "snapshotHandle": cs.get("snapshotHandle"),
+        "restoreSize": str(cs.get("restoreSize") or 0), "boundVolumeSnapshotContentName": content_name_,
+        **({"creationTime": cs["creationTime"]} if cs.get("creationTime") else {})})
+
+
+def _delete_bound(ctx: Context, content_name_: str) -> None:
+    """A bound snapshot goes: its content follows its deletionPolicy. A group snapshot's member is
+    deleted with its group (by whoever made the group), so only the record goes here."""
+    content = ctx.store.get(CONTENT_KIND, content_name_, "")
+    if content is None or (content.get("spec") or {}).get("deletionPolicy", "Delete") != "Delete":
+        return
+    cs = content.get("status") or {}
+    if cs.get("snapshotHandle") and not cs.get("volumeGroupSnapshotHandle"):
+        ctx.csi.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=cs["snapshotHandle"]))
+    ctx.store.delete(CONTENT_KIND, content_name_, "")

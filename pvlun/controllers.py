@@ -33,8 +33,18 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers
     except ImportError:  # the virt layer is optional for the driver alone
-        virt_reconcilers = []
-    return table + list(virt_reconcilers)
+        return table
+    return table + list(virt_reconcilers) + vm_snapshot_reconcilers()
+
+
+def vm_snapshot_reconcilers() -> list[tuple[str, Reconciler]]:
+    """KubeVirt's snapshot.kubevirt.io controllers (on a cluster they refuse, saying why)."""
+    from virt.vm_restore import reconcile_vm_restore
+    from virt.vm_snapshot import reconcile_vm_snapshot, reconcile_vm_snapshot_content
+
+    return [("VirtualMachineSnapshot", reconcile_vm_snapshot),
+            ("VirtualMachineSnapshotContent", reconcile_vm_snapshot_content),
+            ("VirtualMachineRestore", reconcile_vm_restore)]
 
 
 # On a cluster: what the reconcilers read besides their own kinds (claims for DataVolumes and
@@ -55,7 +65,8 @@ def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     from controlplane.storage_profiles import reconcile_storage_profile
 
     return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
-            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
+            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS) + \
+        vm_snapshot_reconcilers()
 
 
 def run_loop(ctx: Context) -> ControlLoop:

@@ -97,7 +97,27 @@ def _columns(kind: str, obj: dict) -> dict[str, str]:
                 "DELETIONPOLICY": spec.get("deletionPolicy", ""), "DRIVER": spec.get("driver", ""),
                 "SOURCEVOLUMEMODE": spec.get("sourceVolumeMode", "<unknown>"),
                 "VOLUMESNAPSHOT": f"{ref.get('namespace', '')}/{ref.get('name', '')}"}
+    if kind in ("VirtualMachineSnapshot", "VirtualMachineSnapshotContent", "VirtualMachineRestore"):
+        return _snapshot_columns(kind, spec, st)
     return {}
+
+
+def _snapshot_columns(kind: str, spec: dict, st: dict) -> dict[str, str]:
+    """KubeVirt's printer columns of its snapshot.kubevirt.io kinds."""
+    error = (st.get("error") or {}).get("message", "")
+    if kind == "VirtualMachineSnapshot":
+        source = spec.get("source") or {}
+        return {"SOURCEKIND": source.get("kind", ""), "SOURCENAME": source.get("name", ""),
+                "PHASE": st.get("phase", ""), "READYTOUSE": str(st.get("readyToUse", False)).lower(),
+                "CREATIONTIME": st.get("creationTime", ""), "ERROR": error}
+    if kind == "VirtualMachineSnapshotContent":
+        return {"READYTOUSE": str(st.get("readyToUse", False)).lower(), "CREATIONTIME": st.get("creationTime", ""),
+                "ERROR": error}
+    target = spec.get("target") or {}
+    failure = next((c.get("message", "") for c in st.get("conditions") or [] if c.get("type") == "Failure"), "")
+    return {"TARGETKIND": target.get("kind", ""), "TARGETNAME": target.get("name", ""),
+            "COMPLETE": str(st.get("complete", False)).lower(), "RESTORETIME": st.get("restoreTime", ""),
+            "ERROR": failure}
 
 
 def print_table(kind: str, objs: list[dict], out=sys.stdout) -> None:
@@ -340,9 +360,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"Namespace:    {meta.get('namespace', 'default')}")
     print(f"Kind:         {kind}")
     print(f"Created:      {meta.get('creationTimestamp', '')}")
-    for key in ("phase", "printableStatus", "progress", "claimName", "restartCount", "nodeName"):
+    for key in ("phase", "printableStatus", "progress", "claimName", "restartCount", "nodeName", "readyToUse",
+                "indications", "complete", "restoreTime"):
         if key in st:
-            print(f"{key[0].upper() + key[1:] + ':':<14}{st[key]}")
+            value = ", ".join(map(str, st[key])) if isinstance(st[key], list) else st[key]
+            print(f"{key[0].upper() + key[1:] + ':':<14}{value}")
     if obj.get("spec"):
         print("Spec:")
         print("  " + yaml.safe_dump(obj["spec"], sort_keys=False).rstrip().replace("\n", "\n  "))

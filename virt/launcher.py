@@ -24,9 +24,10 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from host.sandbox import Sandbox, open_no_follow
 from virt.accel import choose_accel, kvm_devices
@@ -121,6 +122,8 @@ class VmLauncher:
         self._lock = threading.Lock()
         self._exited = threading.Event()
         self._follower: ConsoleFollower | None = None
+        self._quiescing = False  # a snapshot's pause: not a user's, so no Paused phase
+        self.last_pause_seconds: float | None = None  # the last quiesce's QMP stop→cont wall time
 
     # ------------------------------------------------------------ lifecycle
 
@@ -276,6 +279,8 @@ class VmLauncher:
         name, data = event.get("event"), event.get("data") or {}
         if name == "SHUTDOWN":
             self._shutdown_reason = data.get("reason", "")
+        elif name in ("STOP", "RESUME") and self._quiescing:
+            pass  # a snapshot's instant, not a change of the VM's phase
         elif name == "STOP" and self.phase not in (Phase.MIGRATING, Phase.SUCCEEDED, Phase.FAILED):
             self._set_phase(Phase.PAUSED, "paused")
         elif name == "RESUME" and self.phase not in (Phase.SUCCEEDED, Phase.FAILED):
@@ -323,6 +328,28 @@ class VmLauncher:
     def unpause(self) -> None:
         self.execute("cont")
         self._set_phase(Phase.RUNNING, "unpaused by user")
+
+    @contextmanager
+    def quiesced(self, timeout: float = 5) -> Iterator[str]:
+        """Hold the guest still for a snapshot's instant; yields the indication that says how
+        (KubeVirt's words): "NoGuestAgent" — paused with QMP `stop`, which drains and flushes
+        the disks, and resumed with `cont`. A guest paused before stays paused. The pause's
+        wall time (stop→cont) is kept in last_pause_seconds; keep the body short."""
+        if self.execute("query-status", timeout=timeout)["status"] != "running":
+            self.last_pause_seconds = 0.0
+            yield "NoGuestAgent"  # paused (or not yet running): nothing writes
+            return
+        self._quiescing = True
+        started = time.monotonic()
+        try:
+            self.execute("stop", timeout=timeout)
+            yield "NoGuestAgent"
+        finally:
+            try:
+                self.execute("cont", timeout=timeout)
+            finally:
+                self.last_pause_seconds = time.monotonic() - started
+                self._quiescing = False
 
     def stop(self, grace: float | None = None, quit_timeout: float = 10) -> Phase:
         """ACPI powerdown, `quit` after `grace` seconds, SIGKILL if QEMU still lingers."""

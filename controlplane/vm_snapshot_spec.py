@@ -1,0 +1,104 @@
+"""KubeVirt's snapshot.kubevirt.io/v1beta1 kinds as `pvlun apply` admits them: what KubeVirt's
+admission webhook checks of a VirtualMachineSnapshot and a VirtualMachineRestore (the source
+and target are VirtualMachines, names given, durations and policies well formed), and the
+names its controllers give what they make — so the objects and their names match upstream."""
+
+from __future__ import annotations
+
+import re
+
+from controlplane.user_text import quoted
+
+API_VERSION = "snapshot.kubevirt.io/v1beta1"
+KINDS = ("VirtualMachineSnapshot", "VirtualMachineSnapshotContent", "VirtualMachineRestore")
+DEFAULT_FAILURE_DEADLINE = 300.0  # seconds (KubeVirt's DefaultFailureDeadline, 5m)
+DEFAULT_GRACE_PERIOD = 300.0  # seconds a WaitGracePeriod restore waits for its target (DefaultGracePeriod)
+READINESS_POLICIES = ("StopTarget", "WaitGracePeriod", "FailImmediate", "WaitEventually")
+VOLUME_RESTORE_POLICIES = ("RandomizeNames", "PrefixTargetName")  # InPlace: not (yet) in pvlun
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: object, field: str) -> float:
+    """A Go duration string (metav1.Duration: "5m", "1m30s", "250ms") in seconds."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{field}: must be a duration such as \"5m\" or \"90s\", not {quoted(text)}")
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text):
+        raise ValueError(f"{field}: {quoted(text)} is not a duration (such as \"5m\", \"1m30s\", \"250ms\")")
+    return total
+
+
+def content_name(snapshot_uid: str) -> str:
+    """KubeVirt's name of a snapshot's VirtualMachineSnapshotContent."""
+    return f"vmsnapshot-content-{snapshot_uid}"
+
+
+def volume_snapshot_name(snapshot_uid: str, volume: str) -> str:
+    """KubeVirt's name of the VolumeSnapshot of one of the VM's volumes."""
+    return f"vmsnapshot-{snapshot_uid}-volume-{volume}"
+
+
+def restore_claim_name(restore: dict, volume: str, target: str) -> str:
+    """KubeVirt's name of a restored volume's claim: restore-<restore uid>-<volume> by default,
+    <target VM>-<volume> with volumeRestorePolicy PrefixTargetName, or the volume's override."""
+    spec = restore.get("spec") or {}
+    for override in spec.get("volumeRestoreOverrides") or []:
+        if override.get("volumeName") == volume and override.get("restoreName"):
+            return override["restoreName"]
+    if spec.get("volumeRestorePolicy") == "PrefixTargetName":
+        return f"{target}-{volume}"
+    return f"restore-{restore['metadata']['uid']}-{volume}"
+
+
+def _vm_reference(ref: object, field: str) -> None:
+    if not isinstance(ref, dict):
+        raise ValueError(f"{field} is required (kind VirtualMachine, apiGroup kubevirt.io, and a name)")
+    if ref.get("kind") != "VirtualMachine":
+        raise ValueError(f"{field}.kind: {quoted(ref.get('kind'))} is not supported (VirtualMachine only)")
+    if ref.get("apiGroup") not in (None, "kubevirt.io"):
+        raise ValueError(f"{field}.apiGroup: {quoted(ref.get('apiGroup'))} is not supported (kubevirt.io only)")
+    if not isinstance(ref.get("name"), str) or not ref["name"]:
+        raise ValueError(f"{field}.name is required")
+
+
+def check_snapshot(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    _vm_reference(spec.get("source"), "spec.source")
+    if spec.get("deletionPolicy") not in (None, "Delete", "Retain"):
+        raise ValueError(f"spec.deletionPolicy: {quoted(spec['deletionPolicy'])} is not one of Delete, Retain")
+    if spec.get("failureDeadline") is not None:
+        parse_duration(spec["failureDeadline"], "spec.failureDeadline")
+    if spec.get("snapshotMode") not in (None, "Direct"):
+        raise ValueError(f"spec.snapshotMode: {quoted(spec['snapshotMode'])} is not supported (Direct only)")
+
+
+def check_restore(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    _vm_reference(spec.get("target"), "spec.target")
+    if not isinstance(spec.get("virtualMachineSnapshotName"), str) or not spec["virtualMachineSnapshotName"]:
+        raise ValueError("spec.virtualMachineSnapshotName is required")
+    for field, allowed in (("targetReadinessPolicy", READINESS_POLICIES),
+                           ("volumeRestorePolicy", VOLUME_RESTORE_POLICIES)):
+        if spec.get(field) not in (None, *allowed):
+            raise ValueError(f"spec.{field}: {quoted(spec[field])} is not one of {', '.join(allowed)}")
+    if spec.get("volumeOwnershipPolicy") not in (None, "Vm", "None"):
+        raise ValueError(f"spec.volumeOwnershipPolicy: {quoted(spec['volumeOwnershipPolicy'])} is not one of Vm, None")
+    if spec.get("patches"):
+        raise ValueError("spec.patches: not supported by pvlun (restore to a new VM by naming it in spec.target.name)")
+    for i, override in enumerate(spec.get("volumeRestoreOverrides") or []):
+        if not isinstance(override, dict) or not override.get("volumeName"):
+            raise ValueError(f"spec.volumeRestoreOverrides[{i}].volumeName is required")
+
+
+def check_content(obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    if not isinstance((spec.get("source") or {}).get("virtualMachine"), dict):
+        raise ValueError("spec.source.virtualMachine is required")

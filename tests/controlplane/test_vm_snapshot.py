@@ -1,0 +1,172 @@
+"""VirtualMachineSnapshot / VirtualMachineRestore (snapshot.kubevirt.io/v1beta1) on a real
+`pvlun serve`: the sequence guest (virt/sequence_guest.py) writes a rising number to disk A,
+then disk B, each write synced; a snapshot taken while it runs holds B == A or B == A - 1 on
+the restored claims — a state that existed — on the file and on the iscsi backend."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "csi"))
+from iscsi_target_support import free_control_port, free_port  # noqa: E402
+
+from host.tgt import Tgtadm  # noqa: E402
+
+from virt import sequence_guest  # noqa: E402
+
+API = "snapshot.kubevirt.io/v1beta1"
+
+
+def snapshot_yaml(name: str, vm: str, extra: str = "") -> str:
+    return f"""apiVersion: {API}
+kind: VirtualMachineSnapshot
+metadata: {{name: {name}}}
+spec:
+  source: {{apiGroup: kubevirt.io, kind: VirtualMachine, name: {vm}}}
+{extra}"""
+
+
+def restore_yaml(name: str, snapshot: str, target: str, extra: str = "") -> str:
+    return f"""apiVersion: {API}
+kind: VirtualMachineRestore
+metadata: {{name: {name}}}
+spec:
+  target: {{apiGroup: kubevirt.io, kind: VirtualMachine, name: {target}}}
+  virtualMachineSnapshotName: {snapshot}
+{extra}"""
+
+
+@pytest.fixture(scope="module")
+def seq_images(web) -> str:
+    sequence_guest.build_boot_disk(os.path.join(web.root, "boot.img"))
+    sequence_guest.build_disk_a(os.path.join(web.root, "seqa.img"))
+    return web.url
+
+
+def status(inst, kind: str, name: str) -> dict:
+    return (inst.get(kind, name) or {}).get("status") or {}
+
+
+def wait_snapshot(inst, name: str, timeout: float = 60) -> dict:
+    inst.wait(lambda: status(inst, "VirtualMachineSnapshot", name).get("phase") in ("Succeeded", "Failed"),
+              timeout, f"snapshot {name}")
+    got = status(inst, "VirtualMachineSnapshot", name)
+    assert got["phase"] == "Succeeded" and got["readyToUse"] is True, got
+    return got
+
+
+def wait_restore(inst, name: str, timeout: float = 60) -> dict:
+    inst.wait(lambda: status(inst, "VirtualMachineRestore", name).get("complete"), timeout, f"restore {name}")
+    return status(inst, "VirtualMachineRestore", name)
+
+
+def claims_of(inst, restore: str) -> dict[str, str]:
+    return {r["volumeName"]: r["persistentVolumeClaim"] for r in status(inst, "VirtualMachineRestore", restore)["restores"]}
+
+
+def boot_writing(inst, name: str, url: str, storage_class: str = "") -> None:
+    inst.apply(sequence_guest.vm_manifest(name, url, storage_class=storage_class))
+    inst.wait(lambda: "PVLUN-SEQ-RUNNING" in inst.all_serial_logs(name), 180, f"{name}'s guest writing")
+
+
+def snapshot_running_then_restore_in_place(inst, vm: str) -> tuple[dict, dict[str, str], tuple[int, int], tuple[int, int]]:
+    """Snapshot the writing guest, stop it, restore the snapshot to it: (snapshot status, restored
+    claims by volume, (A, B) restored, (A, B) the old disks held at the stop)."""
+    inst.apply(snapshot_yaml(f"{vm}-snap", vm))
+    snap = wait_snapshot(inst, f"{vm}-snap")
+    inst.cli("vm", "stop", vm, "--wait", "--timeout", "60")
+    last = sequence_guest.read_pair(inst.lun_path(f"{vm}-a"), inst.lun_path(f"{vm}-b"))
+    inst.apply(restore_yaml(f"{vm}-back", f"{vm}-snap", vm))
+    wait_restore(inst, f"{vm}-back")
+    claims = claims_of(inst, f"{vm}-back")
+    restored = sequence_guest.read_pair(inst.lun_path(claims["a"]), inst.lun_path(claims["b"]))
+    return snap, claims, restored, last
+
+
+def assert_consistent(restored: tuple[int, int], last: tuple[int, int]) -> None:
+    a, b = restored
+    assert a >= 3, restored  # taken while it wrote (it said so after its third pair)
+    assert b in (a, a - 1), f"disk B holds {b}, disk A {a}: a state that never existed"
+    assert last[0] > a, (restored, last)  # it went on writing after the snapshot: that change is gone
+
+
+def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since_is_gone(serve, seq_images):
+    inst = serve("--accel", "tcg")
+    boot_writing(inst, "seq", seq_images)
+    # a restore to a running VM: FailImmediate fails at once, the default waits for it to stop
+    inst.apply(snapshot_yaml("early", "seq"))
+    wait_snapshot(inst, "early")
+    inst.apply(restore_yaml("refused", "early", "seq", "  targetReadinessPolicy: FailImmediate\n"))
+    inst.wait(lambda: any(c["type"] == "Failure" and c["status"] == "True"
+                          for c in status(inst, "VirtualMachineRestore", "refused").get("conditions", [])),
+              30, "the FailImmediate restore to fail")
+    assert status(inst, "VirtualMachineRestore", "refused")["complete"] is False
+    assert "not stopped" in inst.cli("get", "vmrestore", "refused").stdout
+    inst.apply(restore_yaml("waits", "early", "seq"))
+    inst.wait(lambda: "Waiting for target" in str(status(inst, "VirtualMachineRestore", "waits").get("conditions")),
+              30, "the restore to wait for its target")
+    assert inst.printable("seq") == "Running" and not status(inst, "VirtualMachineRestore", "waits")["complete"]
+    inst.cli("delete", "vmrestore", "waits")
+
+    snap, claims, restored, last = snapshot_running_then_restore_in_place(inst, "seq")
+    assert snap["indications"] == ["Online", "NoGuestAgent"], snap
+    assert sorted(snap["snapshotVolumes"]["includedVolumes"]) == ["a", "b", "boot"]
+    content = inst.get("VirtualMachineSnapshotContent", snap["virtualMachineSnapshotContentName"])
+    assert content["spec"]["source"]["virtualMachine"]["spec"]["runStrategy"] == "Always"
+    assert float(content["metadata"]["annotations"]["pvlun.dev/guest-pause-seconds"]) < 1.0
+    assert any(e["reason"] == "GuestQuiesced" for e in inst.store.events(inst.get("VirtualMachineSnapshot", "seq-snap")))
+    assert_consistent(restored, last)
+
+    restore = inst.get("VirtualMachineRestore", "seq-back")
+    uid = restore["metadata"]["uid"]
+    assert claims == {v: f"restore-{uid}-{v}" for v in ("a", "b", "boot")}
+    vm = inst.get("VirtualMachine", "seq")
+    assert vm["spec"]["runStrategy"] == "Halted"  # stopped it stays, as the user left it
+    assert {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in vm["spec"]["template"]["spec"]["volumes"]} \
+        == claims
+    assert sorted(restore["status"]["deletedDataVolumes"]) == ["seq-a", "seq-b", "seq-boot"]
+    inst.wait(lambda: inst.get("PersistentVolumeClaim", "seq-a") is None, 30, "the old claims to go")
+
+    # a snapshot of the stopped VM: no Online
+    inst.apply(snapshot_yaml("stopped", "seq"))
+    assert wait_snapshot(inst, "stopped").get("indications") == []
+
+    # the running snapshot restored to a new VM: it boots and goes on from the snapshot's number
+    inst.apply(restore_yaml("clone", "seq-snap", "seq-new"))
+    wait_restore(inst, "clone")
+    inst.wait(lambda: f"PVLUN-SEQ-START {restored[0]}\n" in inst.all_serial_logs("seq-new").replace("\r", ""),
+              180, "the new VM to boot from the restored disks")
+    new_vm = inst.get("VirtualMachine", "seq-new")
+    assert new_vm["metadata"]["annotations"]["restore.kubevirt.io/lastRestoreUID"].startswith("clone-")
+    assert all(c["metadata"]["ownerReferences"][0]["uid"] == new_vm["metadata"]["uid"]
+               for c in (inst.get("PersistentVolumeClaim", n) for n in claims_of(inst, "clone").values()))
+    inst.cli("vm", "stop", "seq-new", "--wait", "--timeout", "60")
+
+    # deleting the snapshot deletes its content and volume snapshots; restored claims keep their data
+    vs_names = [b["volumeSnapshotName"] for b in content["spec"]["volumeBackups"]]
+    inst.cli("delete", "vmsnapshot", "seq-snap")
+    inst.wait(lambda: inst.get("VirtualMachineSnapshotContent", content["metadata"]["name"]) is None
+              and all(inst.get("VolumeSnapshot", n) is None and inst.get("VolumeSnapshotContent", n, "") is None
+                      for n in vs_names), 30, "the snapshot's content and volume snapshots to go")
+    assert sequence_guest.read_pair(inst.lun_path(claims["a"]), inst.lun_path(claims["b"])) == restored
+    out = inst.cli("get", "vmsnapshot").stdout
+    assert re.search(r"stopped\s+VirtualMachine\s+seq\s+Succeeded\s+true", out), out
+    for vm_name in ("seq", "seq-new"):
+        inst.cli("delete", "vm", vm_name)
+
+
+def test_running_vm_snapshot_is_consistent_on_the_iscsi_backend(serve, seq_images):
+    control = free_control_port()
+    inst = serve("--backend", "iscsi", "--iscsi-portal", f"127.0.0.1:{free_port()}",
+                 "--iscsi-control-port", str(control), "--accel", "tcg")
+    boot_writing(inst, "iseq", seq_images)
+    assert sum(len(t.luns) for t in Tgtadm(control).show().values()) >= 3  # the VM's disks are iSCSI LUNs
+    snap, _claims, restored, last = snapshot_running_then_restore_in_place(inst, "iseq")
+    assert snap["indications"] == ["Online", "NoGuestAgent"]
+    assert_consistent(restored, last)
+    inst.cli("delete", "vm", "iseq")

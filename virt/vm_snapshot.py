@@ -1,0 +1,297 @@
+"""VirtualMachineSnapshot and VirtualMachineSnapshotContent reconcile (KubeVirt's snapshot
+controller, snapshot.kubevirt.io/v1beta1).
+
+Every disk of the VM (its dataVolume and persistentVolumeClaim volumes) is captured by ONE
+CSI group snapshot (CreateVolumeGroupSnapshot, named `vmsnapshot-<snapshot uid>`, so a retry
+after a crash finds the same group), taken while a running guest is held still by
+`VmLauncher.quiesced()` — the pause is only as long as the group snapshot. Each member is
+recorded as a VolumeSnapshotContent (with the group's handle, as external-snapshotter records
+a group's members) and a VolumeSnapshot bound to it, `vmsnapshot-<uid>-volume-<volume>`, so a
+claim or a DataVolume can be restored from it; the VirtualMachineSnapshotContent
+`vmsnapshot-content-<uid>` keeps the VM as it was (spec.source.virtualMachine) and the
+volumeBackups. The snapshot is Succeeded and readyToUse once every VolumeSnapshot is.
+
+Deleting a snapshot (deletionPolicy Delete, the default) deletes its content, which it owns;
+the content's deletion deletes the group snapshot and its VolumeSnapshots. Claims restored
+from it keep their volumes (a restored volume never depends on its snapshot's bytes).
+
+On a cluster the controller reaches neither QEMU's monitor nor the CSI driver (the sidecars
+do): a VirtualMachineSnapshot there is refused (Failed) with a message that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Iterator
+
+import grpc
+
+from csi.proto import csi_pb2 as pb
+from controlplane.context import Context
+from controlplane.instancetype_revisions import vm_as_run
+from controlplane.provisioner import claim_populated
+from controlplane.store import Obj, now, remove_finalizer, set_condition
+from controlplane.user_text import user_text
+from controlplane.vm_snapshot_spec import (API_VERSION, DEFAULT_FAILURE_DEADLINE, content_name, parse_duration,
+                                           volume_snapshot_name)
+from controlplane.vm_spec import SpecError
+from virt.launcher import Phase
+from virt.reconcile import key_of, runtime
+from virt.runtime import CSI_SOURCES, Running
+
+log = logging.getLogger("pvlun.virt")
+CONTENT = "VirtualMachineSnapshotContent"
+FINALIZER = "snapshot.kubevirt.io/vmsnapshot-protection"
+CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
+GROUP_HANDLE = "pvlun.dev/volume-group-snapshot-handle"  # on the content: the CSI group snapshot it holds
+PAUSE_ANNOTATION = "pvlun.dev/guest-pause-seconds"  # on the content: how long the guest was held (stop→cont)
+WAIT = 0.5  # seconds between looks while waiting on the VM, its claims or the VolumeSnapshots
+CLUSTER_REFUSAL = ("pvlun controller does not take VirtualMachineSnapshots yet: it reaches neither the launcher's "
+                   "QEMU (to hold the guest still) nor the CSI driver (for the group snapshot of its disks); take "
+                   "them with pvlun serve (embedded mode)")
+
+
+def _status(ctx: Context, snap: Obj, phase: str, *, progressing: tuple[bool, str], ready: tuple[bool, str],
+            error: str | None = None, **fields) -> None:
+    meta = snap["metadata"]
+    status = dict(snap.get("status") or {})
+    status.update(phase=phase, readyToUse=phase == "Succeeded", **fields)
+    if error:
+        status["error"] = {"time": now(), "message": error}
+    set_condition(status, "Progressing", progressing[0], progressing[1], progressing[1])
+    set_condition(status, "Ready", ready[0], ready[1], ready[1])
+    ctx.store.update_status("VirtualMachineSnapshot", meta["name"], meta.get("namespace", "default"), status)
+
+
+def _fail(ctx: Context, snap: Obj, message: str) -> None:
+    _status(ctx, snap, "Failed", progressing=(False, "Operation failed"), ready=(False, "Operation failed"),
+            error=message)
+    ctx.store.add_event(snap, "Warning", "VirtualMachineSnapshotFailed", message)
+
+
+def _age(obj: Obj) -> float:
+    created = obj["metadata"].get("creationTimestamp")
+    if not created:
+        return 0.0
+    stamp = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return time.time() - stamp.timestamp()
+
+
+def _claims(ctx: Context, vm: Obj) -> tuple[list[tuple[str, Obj, str]], list[str], str | None]:
+    """([(volume, claim, CSI volume id)], excluded volume names, what is still awaited or None)."""
+    _vm, parsed = vm_as_run(ctx.store, vm)
+    ns = vm["metadata"].get("namespace", "default")
+    included, excluded = [], []
+    for volume in parsed.template.volumes:
+        if volume.source not in CSI_SOURCES:
+            excluded.append(volume.name)  # cloud-init, containerDisk, emptyDisk: nothing to keep
+            continue
+        pvc = ctx.store.get("PersistentVolumeClaim", volume.claim_name, ns)
+        if pvc is None or not claim_populated(ctx, pvc):
+            return [], [], f"waiting for volume {volume.name} (claim {volume.claim_name}) to be bound and populated"
+        pv = ctx.store.get("PersistentVolume", pvc["spec"]["volumeName"], "")
+        included.append((volume.name, pvc, pv["spec"]["csi"]["volumeHandle"]))
+    return included, excluded, None
+
+
+@contextlib.contextmanager
+def _held_still(running: Running | None, indications: list[str]) -> Iterator[None]:
+    """A running guest quiesced for the group snapshot (its indications added); a stopped VM as it is."""
+    if running is None or running.launcher.phase not in (Phase.RUNNING, Phase.PAUSED):
+        yield
+        return
+    indications.append("Online")
+    if running.launcher.phase is Phase.PAUSED:
+        indications.append("Paused")
+    with running.launcher.quiesced() as how:
+        indications.append(how)
+        yield
+
+
+def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
+    """Quiesce, group-snapshot and record; the snapshot then waits for its VolumeSnapshots."""
+    meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
+    key = key_of(vm)
+    if ctx.jobs.running("vm:" + key) or ctx.jobs.running("migration:" + key):
+        _status(ctx, snap, "InProgress", progressing=(False, "Source not ready: starting, stopping or migrating"),
+                ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"])
+        return WAIT
+    try:
+        included, excluded, waiting = _claims(ctx, vm)
+    except SpecError as exc:
+        _fail(ctx, snap, f"VirtualMachine {vm['metadata']['name']}: {user_text(exc)}")
+        return None
+    if waiting:
+        _status(ctx, snap, "InProgress", progressing=(False, waiting), ready=(False, "Not ready"),
+                sourceUID=vm["metadata"]["uid"])
+        return WAIT
+    running = runtime(ctx).get(key)
+    indications: list[str] = []
+    group = None
+    try:
+        with _held_still(running, indications):
+            if included:
+                group = ctx.csi.group.CreateVolumeGroupSnapshot(pb.CreateVolumeGroupSnapshotRequest(
+                    name=f"vmsnapshot-{meta['uid']}", source_volume_ids=[vid for _v, _c, vid in included])).group_snapshot
+    except grpc.RpcError as exc:
+        _status(ctx, snap, "InProgress", progressing=(False, f"group snapshot failed: {user_text(exc)}"),
+                ready=(False, "Not ready"), error=user_text(exc), sourceUID=vm["metadata"]["uid"])
+        ctx.store.add_event(snap, "Warning", "VolumeGroupSnapshotFailed", user_text(exc))
+        return 5.0
+    pause = running.launcher.last_pause_seconds if running is not None and "Online" in indications else None
+    if pause is not None:
+        log.info("VM snapshot %s/%s: guest held %.1f ms (QMP stop→cont)", ns, meta["name"], pause * 1000)
+        ctx.store.add_event(snap, "Normal", "GuestQuiesced",
+                            f"guest paused {pause * 1000:.1f} ms (QMP stop to cont) for the group snapshot of "
+                            f"{len(included)} volumes; no guest agent froze its filesystems")
+    _record(ctx, snap, vm, included, group, pause)
+    _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
+            ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
+            virtualMachineSnapshotContentName=content_name(meta["uid"]), indications=indications,
+            sourceIndications=[{"indication": i, "message": INDICATION_TEXT[i]} for i in indications],
+            snapshotVolumes={"includedVolumes": [v for v, _c, _i in included], "excludedVolumes": excluded})
+    return 0.1
+
+
+INDICATION_TEXT = {
+    "Online": "the VM was running when the snapshot was taken",
+    "Paused": "the VM was paused when the snapshot was taken",
+    "NoGuestAgent": "no guest agent answered: the guest was paused (not frozen) for the snapshot's instant",
+    "GuestAgent": "the guest agent froze the guest's filesystems for the snapshot's instant",
+}
+
+
+def _claim_backup(pvc: Obj) -> Obj:
+    """What a restore needs of a claim: its metadata (no server-set fields) and its spec
+    (no binding, no data source: the restore names its own)."""
+    meta = pvc["metadata"]
+    spec = {k: copy.deepcopy(v) for k, v in pvc["spec"].items()
+            if k not in ("volumeName", "dataSource", "dataSourceRef")}
+    return {"metadata": {k: copy.deepcopy(meta[k]) for k in ("name", "namespace", "labels", "annotations") if k in meta},
+            "spec": spec}
+
+
+def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], group, pause: float | None) -> None:
+    """The VirtualMachineSnapshotContent, then each member's VolumeSnapshotContent and VolumeSnapshot."""
+    meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
+    uid = meta["uid"]
+    members = {s.source_volume_id: s for s in group.snapshots} if group is not None else {}
+    owned = (snap.get("spec") or {}).get("deletionPolicy", "Delete") == "Delete"
+    vm_meta = vm["metadata"]
+    content = ctx.store.get(CONTENT, content_name(uid), ns) or ctx.store.apply({
+        "apiVersion": API_VERSION, "kind": CONTENT,
+        "metadata": {"name": content_name(uid), "namespace": ns, "finalizers": [CONTENT_FINALIZER],
+                     "annotations": {**({GROUP_HANDLE: group.group_snapshot_id} if group is not None else {}),
+                                     **({PAUSE_ANNOTATION: f"{pause:.6f}"} if pause is not None else {})},
+                     **({"ownerReferences": [{"apiVersion": API_VERSION, "kind": "VirtualMachineSnapshot",
+                                              "name": meta["name"], "uid": uid, "controller": True}]} if owned else {})},
+        "spec": {"virtualMachineSnapshotName": meta["name"],
+                 "source": {"virtualMachine": {
+                     "metadata": {k: copy.deepcopy(vm_meta[k]) for k in ("name", "namespace", "uid", "labels",
+                                                                          "annotations", "generation") if k in vm_meta},
+                     "spec": copy.deepcopy(vm.get("spec") or {}), "status": {}}},
+                 "volumeBackups": [{"volumeName": v, "persistentVolumeClaim": _claim_backup(pvc),
+                                    "volumeSnapshotName": volume_snapshot_name(uid, v)} for v, pvc, _i in included]}})
+    for volume, pvc, volume_id in included:
+        member = members[volume_id]
+        name = volume_snapshot_name(uid, volume)
+        if ctx.store.get("VolumeSnapshotContent", name, "") is None:
+            ctx.store.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+                             "metadata": {"name": name},
+                             "spec": {"deletionPolicy": "Delete", "driver": "csi.pvlun.dev",
+                                      "source": {"snapshotHandle": member.snapshot_id},
+                                      "sourceVolumeMode": pvc["spec"].get("volumeMode") or "Filesystem",
+                                      "volumeSnapshotRef": {"apiVersion": "snapshot.storage.k8s.io/v1",
+                                                            "kind": "VolumeSnapshot", "name": name, "namespace": ns}}})
+            ctx.store.update_status("VolumeSnapshotContent", name, "", {
+                "snapshotHandle": member.snapshot_id, "readyToUse": member.ready_to_use,
+                "restoreSize": member.size_bytes, "volumeGroupSnapshotHandle": group.group_snapshot_id,
+                "creationTime": member.creation_time.seconds * 10**9 + member.creation_time.nanos})
+        if ctx.store.get("VolumeSnapshot", name, ns) is None:
+            ctx.store.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                             "metadata": {"name": name, "namespace": ns,
+                                          "labels": {"snapshot.kubevirt.io/source-vm-name": vm_meta["name"]},
+                                          "ownerReferences": [{"apiVersion": API_VERSION, "kind": CONTENT,
+                                                               "name": content["metadata"]["name"],
+                                                               "uid": content["metadata"]["uid"], "controller": True}]},
+                             "spec": {"source": {"volumeSnapshotContentName": name}}})
+
+
+def _finish(ctx: Context, snap: Obj) -> float | None:
+    """Recorded: Succeeded once every VolumeSnapshot is ready to use."""
+    meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
+    content = ctx.store.get(CONTENT, content_name(meta["uid"]), ns)
+    if content is None:
+        _fail(ctx, snap, f"its VirtualMachineSnapshotContent {content_name(meta['uid'])} is gone")
+        return None
+    statuses, ready = [], True
+    for backup in content["spec"].get("volumeBackups") or []:
+        vs = ctx.store.get("VolumeSnapshot", backup["volumeSnapshotName"], ns)
+        vs_status = (vs or {}).get("status") or {}
+        ready &= bool(vs_status.get("readyToUse"))
+        statuses.append({"volumeSnapshotName": backup["volumeSnapshotName"], "readyToUse": bool(vs_status.get("readyToUse")),
+                         **({"creationTime": content["metadata"]["creationTimestamp"]} if vs else {})})
+    if not ready:
+        return WAIT
+    ctx.store.update_status(CONTENT, content["metadata"]["name"], ns, {
+        "creationTime": content["metadata"]["creationTimestamp"], "readyToUse": True, "volumeSnapshotStatus": statuses})
+    _status(ctx, snap, "Succeeded", progressing=(False, "Operation complete"), ready=(True, "Operation complete"),
+            creationTime=content["metadata"]["creationTimestamp"])
+    ctx.store.add_event(snap, "Normal", "SuccessfulVirtualMachineSnapshot",
+                        f"snapshot of VirtualMachine {snap['spec']['source']['name']}: {len(statuses)} volumes")
+    return None
+
+
+def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
+    meta = snap["metadata"]
+    ns = meta.get("namespace", "default")
+    status = snap.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        remove_finalizer(ctx.store, snap, FINALIZER)  # its content, if owned, follows by garbage collection
+        return None
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    if ctx.cluster is not None:
+        _fail(ctx, snap, CLUSTER_REFUSAL)
+        return None
+    if FINALIZER not in meta.get("finalizers", []):
+        snap = ctx.store.patch_metadata("VirtualMachineSnapshot", meta["name"], ns,
+                                        finalizers=meta.get("finalizers", []) + [FINALIZER]) or snap
+    if status.get("virtualMachineSnapshotContentName"):
+        return _finish(ctx, snap)
+    spec = snap.get("spec") or {}
+    deadline = parse_duration(spec["failureDeadline"], "spec.failureDeadline") \
+        if spec.get("failureDeadline") is not None else DEFAULT_FAILURE_DEADLINE
+    if deadline and _age(snap) > deadline:  # "0s": no deadline, as KubeVirt has it
+        _fail(ctx, snap, f"snapshot deadline exceeded ({spec.get('failureDeadline') or '5m'})")
+        return None
+    vm = ctx.store.get("VirtualMachine", spec["source"]["name"], ns)
+    if vm is None or vm["metadata"].get("deletionTimestamp"):
+        _status(ctx, snap, "InProgress", progressing=(False, "Source does not exist"), ready=(False, "Not ready"))
+        return WAIT * 4
+    return _take(ctx, snap, vm)
+
+
+def reconcile_vm_snapshot_content(ctx: Context, content: Obj) -> float | None:
+    """A content being deleted deletes its CSI group snapshot, then its VolumeSnapshots."""
+    meta = content["metadata"]
+    ns = meta.get("namespace", "default")
+    if not meta.get("deletionTimestamp"):
+        return None
+    group = (meta.get("annotations") or {}).get(GROUP_HANDLE)
+    if group and ctx.csi is not None:
+        try:
+            ctx.csi.group.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group))
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                ctx.store.add_event(content, "Warning", "VolumeGroupSnapshotDeleteFailed", user_text(exc))
+                return 5.0
+    for backup in (content.get("spec") or {}).get("volumeBackups") or []:
+        if backup.get("volumeSnapshotName"):
+            ctx.store.delete("VolumeSnapshot", backup["volumeSnapshotName"], ns)
+    remove_finalizer(ctx.store, content, CONTENT_FINALIZER)
+    return None
