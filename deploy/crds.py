@@ -1,8 +1,8 @@
 """pvlun's CustomResourceDefinitions, written to deploy/full/crds/ (`make crds`; the files are
 committed and tests/test_deploy_crds.py fails when they drift from this module).
 
-CDI's DataVolume, DataSource, DataImportCron and StorageProfile and KubeVirt's VirtualMachine, VirtualMachineInstance and
-VirtualMachineInstanceMigration in the groups, versions, names, short names and printer columns
+CDI's DataVolume, DataSource, DataImportCron and StorageProfile and KubeVirt's VirtualMachine, VirtualMachineInstance,
+VirtualMachineInstanceMigration, VirtualMachineSnapshot(Content) and VirtualMachineRestore in the groups, versions, names, short names and printer columns
 upstream gives them, so users' YAML applies unchanged. The schemas are structural and our own:
 every field a user writes is typed where the whole upstream type is small (a DataVolume's spec, a
 VirtualMachine's, a migration's, a VMI spec's first level); where upstream's type is huge (a VMI's
@@ -335,6 +335,53 @@ PREFERENCE_SPEC = obj({
     "preferredTerminationGracePeriodSeconds": integer(), "preferredSubdomain": string(),
     "preferSpreadSocketToCoreRatio": integer(), "preferredArchitecture": string(), "annotations": map_of(string()),
 }, "Defaults for what a VM naming this preference leaves out.")
+# ------------------------------------------------------------------ KubeVirt: VM snapshots and restores
+
+_VM_REF = obj({"apiGroup": string(), "kind": string(), "name": string()}, required=("kind", "name"))
+_ERROR = obj({"time": TIME, "message": string()})
+VM_SNAPSHOT_SPEC = obj({
+    "source": _VM_REF,
+    "deletionPolicy": string(enum=["Delete", "Retain"]),
+    "failureDeadline": string("How long the snapshot may take (a duration, default 5m; 0s: no limit)"),
+    "snapshotMode": string(enum=["Direct", "External"]),
+}, required=("source",))
+VM_SNAPSHOT_STATUS = obj({
+    "sourceUID": string(), "virtualMachineSnapshotContentName": string(), "creationTime": TIME,
+    "phase": string(), "readyToUse": boolean(), "error": _ERROR, "conditions": CONDITIONS,
+    "indications": array(string()),
+    "sourceIndications": array(obj({"indication": string(), "message": string()}, required=("indication", "message"))),
+    "snapshotVolumes": obj({"includedVolumes": array(string()), "excludedVolumes": array(string())}),
+})
+VM_SNAPSHOT_CONTENT_SPEC = obj({
+    "virtualMachineSnapshotName": string(),
+    "source": obj({"virtualMachine": opaque("The VirtualMachine as it was (metadata, spec)")}),
+    "volumeBackups": array(obj({"volumeName": string(), "persistentVolumeClaim": opaque(),
+                                "volumeSnapshotName": string()}, required=("volumeName", "persistentVolumeClaim"))),
+}, required=("source",))
+VM_SNAPSHOT_CONTENT_STATUS = obj({
+    "creationTime": TIME, "readyToUse": boolean(), "error": _ERROR, "snapshotMode": string(),
+    "volumeSnapshotStatus": array(obj({"volumeSnapshotName": string(), "creationTime": TIME, "readyToUse": boolean(),
+                                       "error": _ERROR}, required=("volumeSnapshotName",))),
+})
+VM_RESTORE_SPEC = obj({
+    "target": _VM_REF,
+    "virtualMachineSnapshotName": string(),
+    "targetReadinessPolicy": string(enum=["StopTarget", "WaitGracePeriod", "FailImmediate", "WaitEventually"]),
+    "volumeRestorePolicy": string(enum=["RandomizeNames", "InPlace", "PrefixTargetName"]),
+    "volumeOwnershipPolicy": string(enum=["Vm", "None"]),
+    "volumeRestoreOverrides": array(obj({"volumeName": string(), "restoreName": string(),
+                                         "labels": map_of(string()), "annotations": map_of(string())})),
+    "patches": array(string()),
+}, required=("target", "virtualMachineSnapshotName"))
+VM_RESTORE_STATUS = obj({
+    "restores": array(obj({"volumeName": string(), "persistentVolumeClaim": string(), "volumeSnapshotName": string(),
+                           "dataVolumeName": string()}, required=("volumeName", "persistentVolumeClaim"))),
+    "restoreTime": TIME, "deletedDataVolumes": array(string()), "complete": boolean(), "conditions": CONDITIONS,
+})
+_ERROR_COLUMN = {"name": "Error", "type": "string", "jsonPath": ".status.error.message"}
+_CREATION_COLUMN = {"name": "CreationTime", "type": "date", "jsonPath": ".status.creationTime"}
+_READY_TO_USE = {"name": "ReadyToUse", "type": "boolean", "jsonPath": ".status.readyToUse"}
+
 INSTANCETYPE_VERSIONS = ("v1beta1", "v1alpha2", "v1alpha1")  # the alphas: still served by KubeVirt, deprecated
 
 # ------------------------------------------------------------------ the CRDs
@@ -430,6 +477,30 @@ CRDS = {
          {"name": "VMI", "type": "string", "jsonPath": ".spec.vmiName",
           "description": "The VirtualMachineInstance being migrated"}],
         KUBEVIRT_VERSIONS, deprecated=("v1alpha3",)),
+    "virtualmachinesnapshots.snapshot.kubevirt.io": crd(
+        "snapshot.kubevirt.io", "VirtualMachineSnapshot", "virtualmachinesnapshots", ["vmsnapshot", "vmsnapshots"],
+        root("A snapshot of a VirtualMachine: its spec and all its disks, taken at one instant.", VM_SNAPSHOT_SPEC,
+             VM_SNAPSHOT_STATUS),
+        [{"name": "SourceKind", "type": "string", "jsonPath": ".spec.source.kind"},
+         {"name": "SourceName", "type": "string", "jsonPath": ".spec.source.name"},
+         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}, _READY_TO_USE, _CREATION_COLUMN,
+         _ERROR_COLUMN],
+        ("v1beta1",)),
+    "virtualmachinesnapshotcontents.snapshot.kubevirt.io": crd(
+        "snapshot.kubevirt.io", "VirtualMachineSnapshotContent", "virtualmachinesnapshotcontents",
+        ["vmsnapshotcontent", "vmsnapshotcontents"],
+        root("What a VirtualMachineSnapshot holds: the VM as it was and the VolumeSnapshots of its disks.",
+             VM_SNAPSHOT_CONTENT_SPEC, VM_SNAPSHOT_CONTENT_STATUS),
+        [_READY_TO_USE, _CREATION_COLUMN, _ERROR_COLUMN], ("v1beta1",)),
+    "virtualmachinerestores.snapshot.kubevirt.io": crd(
+        "snapshot.kubevirt.io", "VirtualMachineRestore", "virtualmachinerestores", ["vmrestore", "vmrestores"],
+        root("A VirtualMachine restored from a snapshot: its own (stopped), or a new one.", VM_RESTORE_SPEC,
+             VM_RESTORE_STATUS),
+        [{"name": "TargetKind", "type": "string", "jsonPath": ".spec.target.kind"},
+         {"name": "TargetName", "type": "string", "jsonPath": ".spec.target.name"},
+         {"name": "Complete", "type": "boolean", "jsonPath": ".status.complete"},
+         {"name": "RestoreTime", "type": "date", "jsonPath": ".status.restoreTime"}, _ERROR_COLUMN],
+        ("v1beta1",)),
     "virtualmachineinstancetypes.instancetype.kubevirt.io": instancetype_crd(
         "VirtualMachineInstancetype", "virtualmachineinstancetypes",
         ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],

@@ -86,6 +86,9 @@ SERVED = _resources(
     "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",
     "instancetype.kubevirt.io/v1beta1 virtualmachineclusterpreferences VirtualMachineClusterPreference Cluster -",
     "apps/v1 controllerrevisions ControllerRevision Namespaced -",
+    "snapshot.kubevirt.io/v1beta1 virtualmachinesnapshots VirtualMachineSnapshot Namespaced status",
+    "snapshot.kubevirt.io/v1beta1 virtualmachinesnapshotcontents VirtualMachineSnapshotContent Namespaced status",
+    "snapshot.kubevirt.io/v1beta1 virtualmachinerestores VirtualMachineRestore Namespaced status",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")

@@ -122,6 +122,9 @@ def test_full_is_csi_plus_the_control_plane():
                             ("CustomResourceDefinition", "virtualmachines.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstances.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancemigrations.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachinesnapshots.snapshot.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachinesnapshotcontents.snapshot.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachinerestores.snapshot.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineclusterinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinepreferences.instancetype.kubevirt.io"),
@@ -356,6 +359,11 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("instancetype.kubevirt.io", "virtualmachinepreferences"): READ,
     ("instancetype.kubevirt.io", "virtualmachineclusterpreferences"): READ,
     ("apps", "controllerrevisions"): READ | {"create"},  # a VM's copies of its instancetype and preference
+    # VM snapshots and restores: refused on a cluster (status), their finalizers let go
+    **{("snapshot.kubevirt.io", kind): READ | {"update", "patch"}
+       for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
+    **{("snapshot.kubevirt.io", f"{kind}/status"): STATUS
+       for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
 }
 
 

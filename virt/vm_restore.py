@@ -29,7 +29,7 @@ from controlplane.context import Context
 from controlplane.store import Obj, now, set_condition
 from controlplane.vm_snapshot_spec import DEFAULT_GRACE_PERIOD, restore_claim_name
 from virt.reconcile import REQUEST, key_of, runtime
-from virt.vm_snapshot import CLUSTER_REFUSAL, CONTENT, WAIT, _age
+from virt.vm_snapshot import CLUSTER_REFUSAL, CONTENT, WAIT, age_seconds
 
 log = logging.getLogger("pvlun.virt")
 # claim annotations that belonged to the old claim's provisioning (KubeVirt drops the same prefixes)
@@ -82,7 +82,7 @@ def _not_ready(ctx: Context, restore: Obj, vm: Obj) -> float | None:
     if policy == "FailImmediate":
         _fail(ctx, restore, f"restore target VirtualMachine {name} is not stopped (targetReadinessPolicy FailImmediate)")
         return None
-    if policy == "WaitGracePeriod" and _age(restore) > DEFAULT_GRACE_PERIOD:
+    if policy == "WaitGracePeriod" and age_seconds(restore) > DEFAULT_GRACE_PERIOD:
         _fail(ctx, restore, f"restore target VirtualMachine {name} was not stopped within {DEFAULT_GRACE_PERIOD:g} s "
                             "(targetReadinessPolicy WaitGracePeriod)")
         return None

@@ -73,7 +73,7 @@ def _fail(ctx: Context, snap: Obj, message: str) -> None:
     ctx.store.add_event(snap, "Warning", "VirtualMachineSnapshotFailed", message)
 
 
-def _age(obj: Obj) -> float:
+def age_seconds(obj: Obj) -> float:
     created = obj["metadata"].get("creationTimestamp")
     if not created:
         return 0.0
@@ -266,7 +266,7 @@ def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
     spec = snap.get("spec") or {}
     deadline = parse_duration(spec["failureDeadline"], "spec.failureDeadline") \
         if spec.get("failureDeadline") is not None else DEFAULT_FAILURE_DEADLINE
-    if deadline and _age(snap) > deadline:  # "0s": no deadline, as KubeVirt has it
+    if deadline and age_seconds(snap) > deadline:  # "0s": no deadline, as KubeVirt has it
         _fail(ctx, snap, f"snapshot deadline exceeded ({spec.get('failureDeadline') or '5m'})")
         return None
     vm = ctx.store.get("VirtualMachine", spec["source"]["name"], ns)
