@@ -17,6 +17,8 @@ from iscsi_target_support import free_control_port, free_port  # noqa: E402
 
 from host.tgt import Tgtadm  # noqa: E402
 
+from controlplane.csi_client import CsiClient  # noqa: E402
+from csi.proto import csi_pb2 as pb  # noqa: E402
 from virt import sequence_guest  # noqa: E402
 
 API = "snapshot.kubevirt.io/v1beta1"
@@ -113,6 +115,23 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     assert inst.printable("seq") == "Running" and not status(inst, "VirtualMachineRestore", "waits")["complete"]
     inst.cli("delete", "vmrestore", "waits")
 
+    # a paused guest: snapshotted as it is, and paused it stays; Retain keeps the content after the snapshot
+    inst.cli("vm", "pause", "seq", "--wait", "--timeout", "30")
+    inst.apply(snapshot_yaml("paused", "seq", "  deletionPolicy: Retain\n"))
+    paused = wait_snapshot(inst, "paused")
+    assert paused["indications"] == ["Online", "Paused", "NoGuestAgent"]
+    assert inst.printable("seq") == "Paused" and inst.vmi_status("seq")["paused"] is True
+    kept = inst.get("VirtualMachineSnapshotContent", paused["virtualMachineSnapshotContentName"])
+    assert "ownerReferences" not in kept["metadata"]
+    inst.cli("delete", "vmsnapshot", "paused")
+    inst.wait(lambda: inst.get("VirtualMachineSnapshot", "paused") is None, 30, "the Retain snapshot to go")
+    assert inst.get("VirtualMachineSnapshotContent", kept["metadata"]["name"]) is not None
+    assert all(inst.get("VolumeSnapshot", b["volumeSnapshotName"]) for b in kept["spec"]["volumeBackups"])
+    inst.cli("delete", "vmsnapshotcontent", kept["metadata"]["name"])  # now its volume snapshots go with it
+    inst.wait(lambda: not any(inst.get("VolumeSnapshot", b["volumeSnapshotName"])
+                              for b in kept["spec"]["volumeBackups"]), 30, "the kept content's volume snapshots")
+    inst.cli("vm", "unpause", "seq", "--wait", "--timeout", "30")
+
     snap, claims, restored, last = snapshot_running_then_restore_in_place(inst, "seq")
     assert snap["indications"] == ["Online", "NoGuestAgent"], snap
     assert sorted(snap["snapshotVolumes"]["includedVolumes"]) == ["a", "b", "boot"]
@@ -149,10 +168,17 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
 
     # deleting the snapshot deletes its content and volume snapshots; restored claims keep their data
     vs_names = [b["volumeSnapshotName"] for b in content["spec"]["volumeBackups"]]
+    handles = [inst.get("VolumeSnapshotContent", n, "")["status"]["snapshotHandle"] for n in vs_names]
+    csi = CsiClient.of_daemon(inst.data_dir)
+    listed = lambda: [e.snapshot.snapshot_id for h in handles  # noqa: E731
+                      for e in csi.controller.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=h)).entries]
+    assert sorted(listed()) == sorted(handles)  # one CSI group snapshot's members
     inst.cli("delete", "vmsnapshot", "seq-snap")
     inst.wait(lambda: inst.get("VirtualMachineSnapshotContent", content["metadata"]["name"]) is None
               and all(inst.get("VolumeSnapshot", n) is None and inst.get("VolumeSnapshotContent", n, "") is None
                       for n in vs_names), 30, "the snapshot's content and volume snapshots to go")
+    assert listed() == []  # the group snapshot is gone from the driver
+    csi.close()
     assert sequence_guest.read_pair(inst.lun_path(claims["a"]), inst.lun_path(claims["b"])) == restored
     out = inst.cli("get", "vmsnapshot").stdout
     assert re.search(r"stopped\s+VirtualMachine\s+seq\s+Succeeded\s+true", out), out
