@@ -18,7 +18,7 @@ from virt.guest_images import build_tick_disk, tick_vm_manifest
 
 
 
-def _cli(data_dir: str, *args: str, input: str | None = None) -> str:
+def pvlunpvlun_cli(data_dir: str, *args: str, input: str | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", "pvlun.cli", *args, "--data-dir", data_dir], input=input,
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -39,10 +39,10 @@ def run() -> list[tuple[str, str, str]]:
     try:
         manifest = tick_vm_manifest("bench-vm", f"{web.url}/tick.raw", memory="256Mi")
         started = time.monotonic()
-        _cli(data_dir, "apply", "-f", "-", input=manifest)
+        pvlun_cli(data_dir, "apply", "-f", "-", input=manifest)
         while True:
             try:
-                if "PVLUN-BOOT" in _cli(data_dir, "logs", "vm/bench-vm"):
+                if "PVLUN-BOOT" in pvlun_cli(data_dir, "logs", "vm/bench-vm"):
                     break
             except RuntimeError:
                 pass
@@ -54,12 +54,12 @@ def run() -> list[tuple[str, str, str]]:
         time.sleep(1)
         for i in range(3):
             began = time.monotonic()
-            out = _cli(data_dir, "vm", "migrate", "bench-vm", "--wait").strip().splitlines()[-1]
+            out = pvlun_cli(data_dir, "vm", "migrate", "bench-vm", "--wait").strip().splitlines()[-1]
             wall = time.monotonic() - began
             rows.append((f"pvlun vm migrate #{i + 1} (256 MiB guest)", out.split(" in ", 1)[-1],
                          f"QEMU's total time and downtime (target < 300 ms); the whole command, with the "
                          f"CSI publish on the target and unpublish from the source, took {wall:.2f} s"))
-        _cli(data_dir, "vm", "stop", "bench-vm", "--wait")
+        pvlun_cli(data_dir, "vm", "stop", "bench-vm", "--wait")
     finally:
         stop_daemon(serve, data_dir)
         web.stop()

@@ -17,7 +17,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from csi.proto import csi_pb2 as pb
 from controlplane.csi_client import CsiClient, capability
 from controlplane.store import SQLiteStore
 from controlplane.vm_spec import parse_virtual_machine
+from bench.bench_apply import pvlun_cli
 from pvlun.local_run import DirectoryServer, start_daemon, stop_daemon
 from virt import sequence_guest
 from virt.launcher import VmLauncher
@@ -33,14 +33,6 @@ from virt.qemu_args import DiskAttachment, Throttle
 
 ROUNDS = 10
 DISKS = {"boot": 64 << 20, "a": sequence_guest.DISK_BYTES, "b": sequence_guest.DISK_BYTES}
-
-
-def _cli(data_dir: str, *args: str, input: str | None = None) -> str:
-    out = subprocess.run([sys.executable, "-m", "pvlun.cli", *args, "--data-dir", data_dir], input=input,
-                         capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"pvlun {' '.join(args)}: {out.stderr.strip()}")
-    return out.stdout
 
 
 def _ms(values: list[float]) -> str:
@@ -109,11 +101,11 @@ def _pause_rows(csi: CsiClient, paths: dict[str, str], run_dir: Path) -> list[tu
 
 def _daemon_rows(data_dir: str, url: str) -> list[tuple[str, str, str]]:
     store = SQLiteStore(os.path.join(data_dir, "catalog.db"))
-    _cli(data_dir, "apply", "-f", "-", input=sequence_guest.vm_manifest("benchvm", url))
+    pvlun_cli(data_dir, "apply", "-f", "-", input=sequence_guest.vm_manifest("benchvm", url))
     deadline = time.monotonic() + 240
     while True:
         try:
-            if "PVLUN-SEQ-RUNNING" in _cli(data_dir, "logs", "vm/benchvm"):
+            if "PVLUN-SEQ-RUNNING" in pvlun_cli(data_dir, "logs", "vm/benchvm"):
                 break
         except RuntimeError:  # no console output yet
             pass
@@ -124,7 +116,7 @@ def _daemon_rows(data_dir: str, url: str) -> list[tuple[str, str, str]]:
     for i in range(ROUNDS):
         name = f"benchsnap-{i}"
         began = time.monotonic()
-        _cli(data_dir, "apply", "-f", "-", input=f"""apiVersion: snapshot.kubevirt.io/v1beta1
+        pvlun_cli(data_dir, "apply", "-f", "-", input=f"""apiVersion: snapshot.kubevirt.io/v1beta1
 kind: VirtualMachineSnapshot
 metadata: {{name: {name}}}
 spec: {{source: {{apiGroup: kubevirt.io, kind: VirtualMachine, name: benchvm}}}}
@@ -137,7 +129,7 @@ spec: {{source: {{apiGroup: kubevirt.io, kind: VirtualMachine, name: benchvm}}}}
         status = store.get("VirtualMachineSnapshot", name)["status"]
         content = store.get("VirtualMachineSnapshotContent", status["virtualMachineSnapshotContentName"])
         paused.append(float(content["metadata"]["annotations"]["pvlun.dev/guest-pause-seconds"]))
-    _cli(data_dir, "vm", "stop", "benchvm", "--wait")
+    pvlun_cli(data_dir, "vm", "stop", "benchvm", "--wait")
     return [
         ("VM snapshot: pvlun apply → Succeeded (3 volumes, guest writing)", _ms(took),
          f"median; {_spread(took)}; the CLI process, the control loop, the quiesce, the group snapshot, "

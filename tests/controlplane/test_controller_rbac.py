@@ -7,8 +7,10 @@ so an informer that reaches past its Role (all namespaces' Leases) fails here.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+from typing import Iterator
 
 import yaml
 
@@ -24,14 +26,36 @@ def get(double, path: str) -> dict:
     return body if code == 200 else {}
 
 
-def test_every_call_the_controller_makes_is_one_its_rbac_allows(kube_api_double, kube_kubeconfig, tmp_path):
-    double = kube_api_double
+@contextlib.contextmanager
+def leading_controller(double, kubeconfig: str, tmp_path) -> Iterator[Controller]:
+    """Its namespaces made, one `pvlun controller` ready; stopped cleanly (SIGTERM, exit 0) at the end."""
     for ns in (NS, CONTROLLER_NS):
         assert double.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                           "metadata": {"name": ns}})[0] == 201
-    controller = Controller(kube_kubeconfig, "replica-a", str(tmp_path / "controller.log"))
+    controller = Controller(kubeconfig, "replica-a", str(tmp_path / "controller.log"))
     try:
         assert wait_until(lambda: controller.get("/readyz") == 200, 20)
+        yield controller
+        controller.proc.send_signal(signal.SIGTERM)
+        assert controller.proc.wait(20) == 0
+    finally:
+        controller.stop()
+
+
+def controller_calls(double) -> set[tuple[str, str, str, str | None]]:
+    """Every (group, resource, verb, namespace) the controller asked the API double for."""
+    return {classify(*request) for request, agent in zip(double.requests, double.agents) if agent == USER_AGENT}
+
+
+def denied(calls: set) -> list:
+    """The calls deploy/full's RBAC does not allow."""
+    cluster_role, role = rules()
+    return sorted(c for c in calls if not allowed(cluster_role, role, *c))
+
+
+def test_every_call_the_controller_makes_is_one_its_rbac_allows(kube_api_double, kube_kubeconfig, tmp_path):
+    double = kube_api_double
+    with leading_controller(double, kube_kubeconfig, tmp_path):
         dv = cdi_http_datavolume("fedora", "http://images.example/fedora.qcow2")
         assert double.call("POST", f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes", dv)[0] == 201
         pod_path = f"/api/v1/namespaces/{NS}/pods/importer-fedora"
@@ -46,13 +70,7 @@ def test_every_call_the_controller_makes_is_one_its_rbac_allows(kube_api_double,
         assert double.call("POST", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines", vm)[0] == 201
         assert wait_until(lambda: get(double, f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes/tick-root"),
                           15)
-        controller.proc.send_signal(signal.SIGTERM)
-        assert controller.proc.wait(20) == 0
-    finally:
-        controller.stop()
-    calls = {classify(*request) for request, agent in zip(double.requests, double.agents) if agent == USER_AGENT}
+    calls = controller_calls(double)
     assert ("coordination.k8s.io", "leases", "update", CONTROLLER_NS) in calls  # the controller did lead
     assert ("", "pods", "create", NS) in calls and ("cdi.kubevirt.io", "datavolumes/status", "update", NS) in calls
-    cluster_role, role = rules()
-    denied = sorted(c for c in calls if not allowed(cluster_role, role, *c))
-    assert denied == []
+    assert denied(calls) == []

@@ -5,12 +5,8 @@ call within deploy/full's RBAC."""
 
 from __future__ import annotations
 
-import signal
-
-from controller_rbac import allowed, classify, rules
-from controlplane.kube_store import USER_AGENT
 from test_controller_cluster import NS, wait_until
-from test_controller_process import CONTROLLER_NS, Controller
+from test_controller_rbac import controller_calls, denied, leading_controller
 
 BASE = f"/apis/snapshot.kubevirt.io/v1beta1/namespaces/{NS}"
 
@@ -18,12 +14,7 @@ BASE = f"/apis/snapshot.kubevirt.io/v1beta1/namespaces/{NS}"
 def test_the_cluster_controller_refuses_vm_snapshots_and_restores_saying_why(kube_api_double, kube_kubeconfig,
                                                                               tmp_path):
     double = kube_api_double
-    for ns in (NS, CONTROLLER_NS):
-        assert double.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                          "metadata": {"name": ns}})[0] == 201
-    controller = Controller(kube_kubeconfig, "replica-a", str(tmp_path / "controller.log"))
-    try:
-        assert wait_until(lambda: controller.get("/readyz") == 200, 20)
+    with leading_controller(double, kube_kubeconfig, tmp_path):
         ref = {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "vm1"}
         assert double.call("POST", f"{BASE}/virtualmachinesnapshots", {
             "apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
@@ -46,11 +37,6 @@ def test_the_cluster_controller_refuses_vm_snapshots_and_restores_saying_why(kub
         failure = next(c for c in restore["conditions"] if c["type"] == "Failure")
         assert failure["status"] == "True" and "VirtualMachineRestores" in failure["message"]
         assert restore["complete"] is False
-        controller.proc.send_signal(signal.SIGTERM)
-        assert controller.proc.wait(20) == 0
-    finally:
-        controller.stop()
-    calls = {classify(*request) for request, agent in zip(double.requests, double.agents) if agent == USER_AGENT}
+    calls = controller_calls(double)
     assert ("snapshot.kubevirt.io", "virtualmachinesnapshots/status", "update", NS) in calls
-    cluster_role, role = rules()
-    assert sorted(c for c in calls if not allowed(cluster_role, role, *c)) == []
+    assert denied(calls) == []
