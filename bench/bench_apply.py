@@ -18,7 +18,7 @@ from virt.guest_images import build_tick_disk, tick_vm_manifest
 
 
 
-def pvlunpvlun_cli(data_dir: str, *args: str, input: str | None = None) -> str:
+def pvlun_cli(data_dir: str, *args: str, input: str | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", "pvlun.cli", *args, "--data-dir", data_dir], input=input,
                          capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
