@@ -123,6 +123,7 @@ class VmLauncher:
         self._exited = threading.Event()
         self._follower: ConsoleFollower | None = None
         self._quiescing = False  # a snapshot's pause: not a user's, so no Paused phase
+        self._quiesce_resumed = threading.Event()  # the RESUME event of a quiesce's `cont` arrived
         self.last_pause_seconds: float | None = None  # the last quiesce's QMP stop→cont wall time
 
     # ------------------------------------------------------------ lifecycle
@@ -279,8 +280,9 @@ class VmLauncher:
         name, data = event.get("event"), event.get("data") or {}
         if name == "SHUTDOWN":
             self._shutdown_reason = data.get("reason", "")
-        elif name in ("STOP", "RESUME") and self._quiescing:
-            pass  # a snapshot's instant, not a change of the VM's phase
+        elif name in ("STOP", "RESUME") and self._quiescing:  # a snapshot's instant, not a change of phase
+            if name == "RESUME":
+                self._quiesce_resumed.set()
         elif name == "STOP" and self.phase not in (Phase.MIGRATING, Phase.SUCCEEDED, Phase.FAILED):
             self._set_phase(Phase.PAUSED, "paused")
         elif name == "RESUME" and self.phase not in (Phase.SUCCEEDED, Phase.FAILED):
@@ -340,6 +342,7 @@ class VmLauncher:
             yield "NoGuestAgent"  # paused (or not yet running): nothing writes
             return
         self._quiescing = True
+        self._quiesce_resumed.clear()
         started = time.monotonic()
         try:
             self.execute("stop", timeout=timeout)
@@ -347,8 +350,9 @@ class VmLauncher:
         finally:
             try:
                 self.execute("cont", timeout=timeout)
-            finally:
                 self.last_pause_seconds = time.monotonic() - started
+                self._quiesce_resumed.wait(1)  # its RESUME event too is the quiesce's, not the VM's
+            finally:
                 self._quiescing = False
 
     def stop(self, grace: float | None = None, quit_timeout: float = 10) -> Phase:

@@ -146,8 +146,8 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
     if pause is not None:
         log.info("VM snapshot %s/%s: guest held %.1f ms (QMP stop→cont)", ns, meta["name"], pause * 1000)
         ctx.store.add_event(snap, "Normal", "GuestQuiesced",
-                            f"guest paused {pause * 1000:.1f} ms (QMP stop to cont) for the group snapshot of "
-                            f"{len(included)} volumes; no guest agent froze its filesystems")
+                            f"guest held still {pause * 1000:.1f} ms for the group snapshot of {len(included)} "
+                            f"volumes ({', '.join(i for i in indications if i != 'Online')})")
     _record(ctx, snap, vm, included, group, pause)
     _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
             ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
