@@ -95,8 +95,12 @@ def _claim(restore: Obj, backup: Obj, name: str, owner: Obj | None) -> Obj:
     old = backup.get("persistentVolumeClaim") or {}
     meta = old.get("metadata") or {}
     annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith(DROPPED_ANNOTATIONS)}
-    annotations[RESTORE_NAME] = restore["metadata"]["name"]
     labels = dict(meta.get("labels") or {})
+    for override in (restore.get("spec") or {}).get("volumeRestoreOverrides") or []:
+        if override.get("volumeName") == backup["volumeName"]:
+            labels.update(override.get("labels") or {})
+            annotations.update(override.get("annotations") or {})
+    annotations[RESTORE_NAME] = restore["metadata"]["name"]
     spec = copy.deepcopy(old.get("spec") or {})
     spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
                           "name": backup["volumeSnapshotName"]}
@@ -169,6 +173,12 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
         return _not_ready(ctx, restore, target)
     backups = content["spec"].get("volumeBackups") or []
     claims = {b["volumeName"]: restore_claim_name(restore, b["volumeName"], target_name) for b in backups}
+    for volume, name in claims.items():  # a claim of that name that this restore did not make is never taken
+        existing = ctx.store.get("PersistentVolumeClaim", name, ns)
+        if existing and (existing["metadata"].get("annotations") or {}).get(RESTORE_NAME) != meta["name"]:
+            _fail(ctx, restore, f"PersistentVolumeClaim {name} (volume {volume}) exists and is not this restore's: "
+                                "choose other names (volumeRestorePolicy, volumeRestoreOverrides)")
+            return None
     vm_spec, dropped = _restored_spec(source.get("spec") or {}, claims)
     if target is None:  # a new VM: made first, so that its claims can be owned by it
         labels = dict((source.get("metadata") or {}).get("labels") or {})

@@ -40,6 +40,7 @@ from controlplane.vm_snapshot_spec import (API_VERSION, DEFAULT_FAILURE_DEADLINE
                                            volume_snapshot_name)
 from controlplane.vm_spec import SpecError
 from virt.launcher import Phase
+from virt.qmp_session import QmpError
 from virt.reconcile import key_of, runtime
 from virt.runtime import CSI_SOURCES, Running
 
@@ -137,12 +138,13 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
             if included:
                 group = ctx.csi.group.CreateVolumeGroupSnapshot(pb.CreateVolumeGroupSnapshotRequest(
                     name=f"vmsnapshot-{meta['uid']}", source_volume_ids=[vid for _v, _c, vid in included])).group_snapshot
-    except grpc.RpcError as exc:
-        _status(ctx, snap, "InProgress", progressing=(False, f"group snapshot failed: {user_text(exc)}"),
+    except (grpc.RpcError, QmpError) as exc:  # a full pool, a QEMU that went away: tried again until the deadline
+        _status(ctx, snap, "InProgress", progressing=(False, f"snapshot failed: {user_text(exc)}"),
                 ready=(False, "Not ready"), error=user_text(exc), sourceUID=vm["metadata"]["uid"])
         ctx.store.add_event(snap, "Warning", "VolumeGroupSnapshotFailed", user_text(exc))
         return 5.0
-    pause = running.launcher.last_pause_seconds if running is not None and "Online" in indications else None
+    held = running is not None and "Online" in indications and "Paused" not in indications
+    pause = running.launcher.last_pause_seconds if held else None
     if pause is not None:
         log.info("VM snapshot %s/%s: guest held %.1f ms (QMP stop→cont)", ns, meta["name"], pause * 1000)
         ctx.store.add_event(snap, "Normal", "GuestQuiesced",
@@ -152,7 +154,7 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
     _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
             ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
             virtualMachineSnapshotContentName=content_name(meta["uid"]), indications=indications,
-            sourceIndications=[{"indication": i, "message": INDICATION_TEXT[i]} for i in indications],
+            sourceIndications=[{"indication": i, "message": INDICATION_TEXT.get(i, i)} for i in indications],
             snapshotVolumes={"includedVolumes": [v for v, _c, _i in included], "excludedVolumes": excluded})
     return 0.1
 

@@ -165,6 +165,13 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == new_vm["metadata"]["uid"]
                for c in (inst.get("PersistentVolumeClaim", n) for n in claims_of(inst, "clone").values()))
     inst.cli("vm", "stop", "seq-new", "--wait", "--timeout", "60")
+    # a restored claim's name that another claim has is refused before anything is made
+    taken = claims_of(inst, "clone")["a"]
+    inst.apply(restore_yaml("clash", "seq-snap", "seq-other",
+                            f"  volumeRestoreOverrides: [{{volumeName: a, restoreName: {taken}}}]\n"))
+    inst.wait(lambda: "is not this restore's" in str(status(inst, "VirtualMachineRestore", "clash").get("conditions")),
+              30, "the clashing restore to fail")
+    assert inst.get("VirtualMachine", "seq-other") is None
 
     # deleting the snapshot deletes its content and volume snapshots; restored claims keep their data
     vs_names = [b["volumeSnapshotName"] for b in content["spec"]["volumeBackups"]]
