@@ -296,6 +296,17 @@ def _check_attributes_class(obj: dict) -> None:
         raise ValueError(f"parameters: {exc.message}") from None
 
 
+def _check_vm_restore(obj: dict) -> None:
+    """KubeVirt's rules, and the names it will give what it makes: a new VM's (a label), the
+    restored claims' (subdomains): they reach paths."""
+    check_restore(obj)
+    spec = obj.get("spec") or {}
+    _check(spec["target"]["name"], "spec.target.name", True)
+    for i, override in enumerate(spec.get("volumeRestoreOverrides") or []):
+        if override.get("restoreName") is not None:
+            _check(override["restoreName"], f"spec.volumeRestoreOverrides[{i}].restoreName", False)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeAttributesClass": _check_attributes_class,
     "PersistentVolumeClaim": _check_pvc,
@@ -309,7 +320,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "DataImportCron": _check_import_cron,
     "VirtualMachineSnapshot": check_snapshot,
     "VirtualMachineSnapshotContent": check_content,
-    "VirtualMachineRestore": check_restore,
+    "VirtualMachineRestore": _check_vm_restore,
     **dict.fromkeys(INSTANCETYPE_KINDS, check_instancetype),
 }
 

@@ -140,6 +140,9 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     assert float(content["metadata"]["annotations"]["pvlun.dev/guest-pause-seconds"]) < 1.0
     assert any(e["reason"] == "GuestQuiesced" for e in inst.store.events(inst.get("VirtualMachineSnapshot", "seq-snap")))
     assert_consistent(restored, last)
+    described = inst.cli("describe", "vmsnapshot", "seq-snap").stdout
+    assert "Indications:  Online, NoGuestAgent" in described and "ReadyToUse:   True" in described, described
+    assert "GuestQuiesced" in described
 
     restore = inst.get("VirtualMachineRestore", "seq-back")
     uid = restore["metadata"]["uid"]

@@ -44,6 +44,11 @@ def test_kubevirt_yaml_is_admitted_with_its_short_names():
     (RESTORE + "  volumeRestorePolicy: InPlace\n", "spec.volumeRestorePolicy"),
     (RESTORE + "  patches: ['{\"op\": \"replace\"}']\n", "spec.patches"),
     (RESTORE.replace("kind: VirtualMachine,", "kind: VirtualMachineInstance,"), "spec.target.kind"),
+    (RESTORE.replace("name: vm1", "name: Vm_1"), "spec.target.name"),
+    (RESTORE.replace("name: vm1", "name: vm1.example"), "spec.target.name"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, restoreName: ../etc}]\n",
+     "spec.volumeRestoreOverrides[0].restoreName"),
+    (RESTORE + "  volumeRestoreOverrides: [{restoreName: x}]\n", "spec.volumeRestoreOverrides[0].volumeName"),
 ])
 def test_a_wrong_field_is_refused_by_name(doc, field):
     with pytest.raises(Refused) as refused:
