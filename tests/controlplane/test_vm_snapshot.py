@@ -192,6 +192,18 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     assert sequence_guest.read_pair(inst.lun_path(claims["a"]), inst.lun_path(claims["b"])) == restored
     out = inst.cli("get", "vmsnapshot").stdout
     assert re.search(r"stopped\s+VirtualMachine\s+seq\s+Succeeded\s+true", out), out
+    # a deleted VM comes back from its snapshot, as it was then (stopped)
+    old_uid = inst.get("VirtualMachine", "seq")["metadata"]["uid"]
+    inst.cli("delete", "vm", "seq")
+    inst.wait(lambda: inst.get("VirtualMachine", "seq") is None, 60, "seq to be deleted")
+    inst.apply(restore_yaml("undelete", "stopped", "seq"))
+    wait_restore(inst, "undelete")
+    back = inst.get("VirtualMachine", "seq")
+    assert back["metadata"]["uid"] != old_uid and back["spec"]["runStrategy"] == "Halted"
+    assert {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in back["spec"]["template"]["spec"]["volumes"]} \
+        == claims_of(inst, "undelete")
+    a, b = (inst.lun_path(claims_of(inst, "undelete")[v]) for v in ("a", "b"))
+    assert sequence_guest.read_pair(a, b) == restored  # the stopped snapshot was of the restored disks
     for vm_name in ("seq", "seq-new"):
         inst.cli("delete", "vm", vm_name)
 
