@@ -342,6 +342,11 @@ def reconcile_vm(ctx: Context, vm: Obj) -> float | None:
             ctx.store.delete("VirtualMachineInstance", vm["metadata"]["name"], vm["metadata"].get("namespace", "default"))
         _vm_status(ctx, vm, "Stopped")
         return
+    restoring = (vm.get("status") or {}).get("restoreInProgress")
+    if restoring and ctx.store.get("VirtualMachineRestore", restoring, vm["metadata"].get("namespace", "default")):
+        # KubeVirt's rule: a VM is not started under a restore of its disks (one deleted meanwhile holds nothing)
+        _vm_status(ctx, vm, "Stopped", message=f"VirtualMachineRestore {restoring} in progress")
+        return
     waiting = volumes_ready(ctx, vm, parsed.template)
     if waiting:
         _vm_status(ctx, vm, waiting[0], message=waiting[1])

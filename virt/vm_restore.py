@@ -63,6 +63,14 @@ def _fail(ctx: Context, restore: Obj, message: str) -> None:
     ctx.store.add_event(restore, "Warning", "VirtualMachineRestoreError", message)
 
 
+def _release(ctx: Context, vm: str, ns: str) -> None:
+    """The VM may start again: no restore of its disks is in progress."""
+    current = ctx.store.get("VirtualMachine", vm, ns)
+    status = dict((current or {}).get("status") or {})
+    if status.pop("restoreInProgress", None) is not None:
+        ctx.store.update_status("VirtualMachine", vm, ns, status)
+
+
 def _failed(restore: Obj) -> bool:
     return any(c.get("type") == "Failure" and c.get("status") == "True"
                for c in (restore.get("status") or {}).get("conditions") or [])
@@ -179,6 +187,8 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
             _fail(ctx, restore, f"PersistentVolumeClaim {name} (volume {volume}) exists and is not this restore's: "
                                 "choose other names (volumeRestorePolicy, volumeRestoreOverrides)")
             return None
+    if not new_vm and (target.get("status") or {}).get("restoreInProgress") != meta["name"]:
+        ctx.store.merge_status("VirtualMachine", target_name, ns, restoreInProgress=meta["name"])  # not started now
     vm_spec, dropped = _restored_spec(source.get("spec") or {}, claims)
     if target is None:  # a new VM: made first, so that its claims can be owned by it
         labels = dict((source.get("metadata") or {}).get("labels") or {})
@@ -208,6 +218,7 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
         current["spec"] = {**vm_spec, **strategy}
         (current["metadata"].setdefault("annotations", {}))[LAST_RESTORE] = mark
         ctx.store.apply(current)
+        _release(ctx, target_name, ns)
         named = {(v.get("dataVolume") or {}).get("name") for v in
                  ((vm_spec.get("template") or {}).get("spec") or {}).get("volumes") or []}
         for dv in dropped:

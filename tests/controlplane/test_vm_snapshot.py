@@ -152,6 +152,18 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     assert {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in vm["spec"]["template"]["spec"]["volumes"]} \
         == claims
     assert sorted(restore["status"]["deletedDataVolumes"]) == ["seq-a", "seq-b", "seq-boot"]
+    assert "restoreInProgress" not in vm["status"]
+    # while a restore of its disks is in progress (KubeVirt's status.restoreInProgress) the VM does not start
+    inst.store.merge_status("VirtualMachine", "seq", "default", restoreInProgress="seq-back")
+    inst.cli("vm", "start", "seq")
+    inst.wait(lambda: "VirtualMachineRestore seq-back in progress" in str(inst.get("VirtualMachine", "seq")["status"]),
+              30, "the start to wait for the restore")
+    assert inst.get("VirtualMachineInstance", "seq") is None
+    inst.cli("vm", "stop", "seq")
+    inst.wait(lambda: inst.get("VirtualMachine", "seq")["spec"]["runStrategy"] == "Halted", 30, "seq to be Halted")
+    vm_status = dict(inst.get("VirtualMachine", "seq")["status"])
+    del vm_status["restoreInProgress"]
+    inst.store.update_status("VirtualMachine", "seq", "default", vm_status)
     inst.wait(lambda: inst.get("PersistentVolumeClaim", "seq-a") is None, 30, "the old claims to go")
 
     # a snapshot of the stopped VM: no Online
