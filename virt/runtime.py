@@ -18,6 +18,7 @@ from host.sandbox import UnsafeFile
 from controlplane.store import set_condition
 from controlplane.user_text import shown_text, user_text
 from controlplane.secret_refs import secret_data
+from virt.agent_status import report_agent
 from virt.console_history import ConsoleHistory, catch_up, history_file
 from virt.container_volumes import SERVICE as IMAGES, BootKernel, boot_kernel, container_disks, remove_overlays
 from virt.launcher import LaunchError, Phase, VmLauncher
@@ -155,7 +156,15 @@ class VmRuntime:
                  incoming: str | None = None, kernel: BootKernel | None = None) -> VmLauncher:
         return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,
                           node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r),
-                          history=self.history(key), kernel=kernel)
+                          history=self.history(key), kernel=kernel,
+                          on_agent=lambda l, connected, info: self.on_agent(key, l, connected, info))
+
+    def on_agent(self, key: str, launcher: VmLauncher, connected: bool, osinfo: dict | None) -> None:
+        """The guest agent came or went: the VMI's AgentConnected condition and guestOSInfo."""
+        rt = self.get(key)
+        if connected and (rt is None or rt.launcher is not launcher):
+            return  # a migration's target before it takes over, or a run already over
+        report_agent(self.ctx, key, connected, osinfo)
 
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""
