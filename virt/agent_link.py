@@ -18,17 +18,18 @@ import logging
 import threading
 from typing import Callable
 
-from virt.guest_agent import AgentRefused, AgentUnavailable, GuestAgent
+from virt.guest_agent import AgentBusy, AgentRefused, AgentUnavailable, GuestAgent
 
 log = logging.getLogger("pvlun.virt")
 PING_INTERVAL = 10.0  # seconds between pings while the agent answers
-RETRY_INTERVAL = 1.0  # while the port is open but the agent does not answer yet
+RETRY_INTERVAL = 1.0  # while the agent does not answer yet, doubling up to PING_INTERVAL
 PING_TIMEOUT = 1.0
 THAW_TIMEOUT = 10.0
 AUTO_THAW_SECONDS = 300.0
 
-# (connected, guest-get-osinfo's reply or None) — called from the link's own thread
-AgentReport = Callable[[bool, "dict | None"], None]
+# (connected, guest-get-osinfo's reply or None) — called from the link's own thread; False
+# back means "not taken now" (a migration target not yet the VMI's): told again at the next ping
+AgentReport = Callable[[bool, "dict | None"], "bool | None"]
 
 
 class AgentLink:
@@ -76,19 +77,40 @@ class AgentLink:
             self._report(False, None)
 
     def _watch(self) -> None:
+        retry = RETRY_INTERVAL
         while not self._stopped.is_set():
             self._wake.clear()  # a change from now on ends the wait below at once
             port = self._port_open
-            answers = port is not False and self.agent.ping(PING_TIMEOUT)
+            try:
+                answers = port is not False and self._ping()
+            except AgentBusy:  # a freeze or another command holds the channel: no news
+                self._wake.wait(PING_TIMEOUT)
+                continue
             if self._stopped.is_set():
                 return
-            if answers != self._connected:
+            if not answers and port is not False:
+                self.agent.close()  # our unanswered syncs are not left queued for an agent that comes later
+            if answers != self._connected and self._report(answers, self._os_info() if answers else None):
                 self._connected = answers
-                self._report(answers, self._os_info() if answers else None)
             if answers and self._frozen and self._thaw_timer is None:
                 self.thaw()  # a freeze whose reply came too late
-            wait = PING_INTERVAL if answers else None if port is False else RETRY_INTERVAL
-            self._wake.wait(wait)
+            if answers:
+                wait, retry = PING_INTERVAL, RETRY_INTERVAL
+            else:
+                wait, retry = (None if port is False else retry), min(retry * 2, PING_INTERVAL)
+            if self._wake.wait(wait):
+                retry = RETRY_INTERVAL  # the port opened or closed: look again soon
+
+    def _ping(self) -> bool:
+        try:
+            self.agent.execute("guest-ping", timeout=PING_TIMEOUT)
+        except AgentBusy:
+            raise
+        except AgentRefused:
+            pass  # an agent that blocks guest-ping is there all the same
+        except AgentUnavailable:
+            return False
+        return True
 
     def _os_info(self) -> dict | None:
         try:
@@ -97,13 +119,15 @@ class AgentLink:
             return None  # an older agent, or a guest that blocks the command
         return info if isinstance(info, dict) else None
 
-    def _report(self, connected: bool, info: dict | None) -> None:
+    def _report(self, connected: bool, info: dict | None) -> bool:
+        """Tell `report`; False when it did not take the news (told again at the next ping)."""
         if self.report is None:
-            return
+            return True
         try:
-            self.report(connected, info)
+            return self.report(connected, info) is not False
         except Exception:  # noqa: BLE001 - a reporting failure must not end the watch
             log.exception("VM %s: reporting the guest agent failed", self.name)
+            return False
 
     # ------------------------------------------------------------ freeze
 

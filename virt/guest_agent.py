@@ -41,6 +41,10 @@ class AgentUnavailable(RuntimeError):
         super().__init__(message)
 
 
+class AgentBusy(AgentUnavailable):
+    """Another command of ours held the channel for the whole timeout."""
+
+
 class AgentRefused(RuntimeError):
     """The agent answered the command with an error; the message quotes it (bounded)."""
 
@@ -89,7 +93,7 @@ class GuestAgent:
         reply arrives within `timeout` seconds (sync included); AgentRefused for an error reply."""
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(0.0, timeout)):
-            raise AgentUnavailable(f"{command}: the agent channel stayed busy for {timeout:g}s")
+            raise AgentBusy(f"{command}: the agent channel stayed busy for {timeout:g}s")
         sent = False
         try:
             budget = [MAX_READ]
@@ -110,12 +114,15 @@ class GuestAgent:
         return reply["return"]
 
     def ping(self, timeout: float = 1.0) -> bool:
-        """True when the agent answers guest-ping within `timeout` seconds."""
+        """True when the agent answers guest-ping within `timeout` seconds (a refusal is an
+        answer too: an agent that blocks the command is there)."""
         try:
             self.execute("guest-ping", timeout=timeout)
-            return True
-        except (AgentUnavailable, AgentRefused):
+        except AgentRefused:
+            pass
+        except AgentUnavailable:
             return False
+        return True
 
     def close(self) -> None:
         with self._lock:

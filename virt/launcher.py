@@ -91,7 +91,7 @@ class VmLauncher:
         extra_args: tuple[str, ...] = (),
         history: ConsoleHistory | None = None,
         kernel: BootKernel | None = None,
-        on_agent: Callable[["VmLauncher", bool, dict | None], None] | None = None,
+        on_agent: Callable[["VmLauncher", bool, dict | None], bool | None] | None = None,
     ):
         self.vm = vm
         self.disks = dict(disks)

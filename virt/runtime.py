@@ -159,12 +159,15 @@ class VmRuntime:
                           history=self.history(key), kernel=kernel,
                           on_agent=lambda l, connected, info: self.on_agent(key, l, connected, info))
 
-    def on_agent(self, key: str, launcher: VmLauncher, connected: bool, osinfo: dict | None) -> None:
-        """The guest agent came or went: the VMI's AgentConnected condition and guestOSInfo."""
+    def on_agent(self, key: str, launcher: VmLauncher, connected: bool, osinfo: dict | None) -> bool:
+        """The guest agent came or went: the VMI's AgentConnected condition and guestOSInfo.
+        False (not taken) from a launcher that is not the VMI's: a migration's target before it
+        takes over (it tells again), a source after it."""
         rt = self.get(key)
-        if connected and (rt is None or rt.launcher is not launcher):
-            return  # a migration's target before it takes over, or a run already over
+        if rt is None or rt.launcher is not launcher:
+            return False
         report_agent(self.ctx, key, connected, osinfo)
+        return True
 
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""
