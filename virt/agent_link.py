@@ -18,7 +18,7 @@ import logging
 import threading
 from typing import Callable
 
-from virt.guest_agent import AgentBusy, AgentRefused, AgentUnavailable, GuestAgent
+from virt.guest_agent import AgentRefused, AgentUnavailable, GuestAgent
 
 log = logging.getLogger("pvlun.virt")
 PING_INTERVAL = 10.0  # seconds between pings while the agent answers
@@ -61,7 +61,7 @@ class AgentLink:
     def connected(self) -> bool:
         """True when the agent answers guest-ping now (a short round trip; no ping at all when
         the guest has its port closed)."""
-        return self._port_open is not False and self.agent.ping(PING_TIMEOUT)
+        return self._port_open is not False and bool(self.agent.ping(PING_TIMEOUT))
 
     def close(self) -> None:
         """QEMU is gone: stop watching, report the agent gone, drop the connection."""
@@ -81,9 +81,8 @@ class AgentLink:
         while not self._stopped.is_set():
             self._wake.clear()  # a change from now on ends the wait below at once
             port = self._port_open
-            try:
-                answers = port is not False and self._ping()
-            except AgentBusy:  # a freeze or another command holds the channel: no news
+            answers = port is not False and self.agent.ping(PING_TIMEOUT, busy=None)
+            if answers is None:  # a freeze or another command holds the channel: no news
                 self._wake.wait(PING_TIMEOUT)
                 continue
             if self._stopped.is_set():
@@ -100,17 +99,6 @@ class AgentLink:
                 wait, retry = (None if port is False else retry), min(retry * 2, PING_INTERVAL)
             if self._wake.wait(wait):
                 retry = RETRY_INTERVAL  # the port opened or closed: look again soon
-
-    def _ping(self) -> bool:
-        try:
-            self.agent.execute("guest-ping", timeout=PING_TIMEOUT)
-        except AgentBusy:
-            raise
-        except AgentRefused:
-            pass  # an agent that blocks guest-ping is there all the same
-        except AgentUnavailable:
-            return False
-        return True
 
     def _os_info(self) -> dict | None:
         try:

@@ -113,13 +113,16 @@ class GuestAgent:
             raise AgentRefused(f"{command}: {_quote(error.get('desc') or error.get('class') or 'error')}")
         return reply["return"]
 
-    def ping(self, timeout: float = 1.0) -> bool:
+    def ping(self, timeout: float = 1.0, busy: bool | None = False) -> bool | None:
         """True when the agent answers guest-ping within `timeout` seconds (a refusal is an
-        answer too: an agent that blocks the command is there)."""
+        answer too: an agent that blocks the command is there); `busy` when another command of
+        ours held the channel all that time."""
         try:
             self.execute("guest-ping", timeout=timeout)
         except AgentRefused:
             pass
+        except AgentBusy:
+            return busy
         except AgentUnavailable:
             return False
         return True

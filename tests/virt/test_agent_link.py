@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kube_fixtures import wait_until
 from hostile_agent import answering, hostile, timed  # noqa: F401 - hostile is a fixture
 from virt import agent_link
 from virt.agent_link import AgentLink
@@ -34,10 +35,7 @@ def test_a_freeze_whose_reply_never_comes_is_false_in_time_and_thawed_once_the_a
         result, took = timed(link.freeze, 1.0)
         assert result is False and took < 1.5
         link.start()  # the watch pings; the agent answers; the possible freeze is undone
-        deadline = time.monotonic() + 10
-        while "guest-fsfreeze-thaw" not in guest.commands and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "guest-fsfreeze-thaw" in guest.commands
+        wait_until(lambda: "guest-fsfreeze-thaw" in guest.commands)
         assert guest.commands.index("guest-fsfreeze-thaw") > guest.commands.index("guest-fsfreeze-freeze")
     finally:
         link.close()
@@ -64,21 +62,12 @@ def test_a_guest_without_the_port_open_is_never_pinged(hostile):
         time.sleep(0.5)
         assert guest.commands == [] and reports == [] and link.connected() is False
         link.port_changed(True)  # the guest's agent opened the port: pinged at once, reported once
-        deadline = time.monotonic() + 5
-        while reports != [True] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert reports == [True] and "guest-get-osinfo" in guest.commands
+        wait_until(lambda: reports == [True])
+        assert "guest-get-osinfo" in guest.commands
     finally:
         link.close()
     assert reports == [True, False]
     assert os.path.exists(agent.path)  # the channel's socket is QEMU's to remove, not the client's
-
-
-def wait_until(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_a_report_not_taken_is_told_again(hostile, monkeypatch):
@@ -97,7 +86,8 @@ def test_a_report_not_taken_is_told_again(hostile, monkeypatch):
     link.agent = agent
     link.start()
     try:
-        assert wait_until(lambda: len(reports) >= 2) and set(reports) == {True}
+        wait_until(lambda: len(reports) >= 2)
+        assert set(reports) == {True}
         taken.set()
         count = len(reports)
         time.sleep(1)
@@ -125,7 +115,7 @@ def test_a_long_command_on_the_channel_is_not_the_agent_gone(hostile, monkeypatc
     link.agent = agent
     link.start()
     try:
-        assert wait_until(lambda: reports == [True])
+        wait_until(lambda: reports == [True])
         threading.Timer(2.5, release.set).start()  # the freeze takes longer than a ping's timeout
         assert link.freeze(10) is True
         assert reports == [True] and len(guest.connections) == 1

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kube_fixtures import wait_until
 from controlplane.context import Context
 from controlplane.store import SQLiteStore
 from controlplane.vm_spec import parse_virtual_machine
@@ -59,16 +60,6 @@ def agent_condition(rt: VmRuntime, name: str) -> dict | None:
     return next((c for c in vmi_status(rt, name).get("conditions", []) if c["type"] == "AgentConnected"), None)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_agent_guest_is_connected_reports_its_os_and_freezes_and_thaws(runtime, manifest, agent_boot_disk,
                                                                        tmp_path):
     data = build_data_disk(tmp_path / "data.img", {"payload.bin": b"before the snapshot\n"})
@@ -83,7 +74,7 @@ def test_agent_guest_is_connected_reports_its_os_and_freezes_and_thaws(runtime, 
     assert "PVLUN-AGENT started" in vm.serial_text()
 
     # the VMI says so as KubeVirt's would: AgentConnected True, the guest's OS from guest-get-osinfo
-    condition = wait_for(lambda: agent_condition(runtime, "agent"), 30, "AgentConnected on the VMI")
+    condition = wait_until(lambda: agent_condition(runtime, "agent"), 30, lambda: "AgentConnected on the VMI")
     assert condition["status"] == "True"
     assert vmi_status(runtime, "agent")["guestOSInfo"] == {
         "id": "pvlun-test", "name": "pvlun test guest", "prettyName": "pvlun test guest (busybox)", "versionId": "1",
@@ -109,7 +100,7 @@ def test_agent_guest_is_connected_reports_its_os_and_freezes_and_thaws(runtime, 
 
     # QEMU gone: so is the condition (KubeVirt removes it), and the agent channel's socket
     vm.kill()
-    wait_for(lambda: agent_condition(runtime, "agent") is None, 10, "AgentConnected removed")
+    wait_until(lambda: agent_condition(runtime, "agent") is None, 10, lambda: "AgentConnected removed")
     assert not Path(vm.agent_path).exists()
 
 
