@@ -125,3 +125,17 @@ def test_a_long_command_on_the_channel_is_not_the_agent_gone(hostile, monkeypatc
         release.set()
         link.close()
 
+
+
+def test_a_freeze_nobody_thaws_is_thawed_after_the_auto_thaw_time(hostile, monkeypatch):
+    monkeypatch.setattr(agent_link, "AUTO_THAW_SECONDS", 0.3)
+    guest, agent = hostile(answering(lambda request: b'{"return": 1}\n'))
+    link = AgentLink(agent.path, port_open=True, name="forgotten")
+    link.agent = agent
+    try:
+        assert link.freeze(2) is True and guest.commands[-1] == "guest-fsfreeze-freeze"
+        wait_until(lambda: guest.commands[-1] == "guest-fsfreeze-thaw", 5)
+        link.thaw()  # already thawed: nothing is sent
+        assert guest.commands.count("guest-fsfreeze-thaw") == 1
+    finally:
+        link.close()
