@@ -34,7 +34,8 @@ from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
 from virt.guest_network import GuestNetwork, choose_host_ports
 from virt.container_volumes import BootKernel
-from virt.qemu_args import AGENT_CHANNEL, AGENT_PORT_ID, QEMU_BINARY, DiskAttachment, KernelFiles, Throttle, build_qemu_argv
+from virt.qemu_args import (AGENT_CHANNEL, AGENT_PORT_ID, QEMU_BINARY, DiskAttachment, KernelFiles, Throttle,
+                             build_qemu_argv)
 from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
 from virt.run_dir import copy_into, listen_unix, open_file, prepare_run_dir, remove_sockets, socket_path
