@@ -97,7 +97,7 @@ class GuestAgent:
         sent = False
         try:
             budget = [MAX_READ]
-            self._connect()
+            self._connect(deadline)
             self._sync(deadline, budget)
             message = {"execute": command, **({"arguments": arguments} if arguments is not None else {})}
             sent = True  # from here on the agent may carry it out, even if its reply never comes
@@ -133,12 +133,13 @@ class GuestAgent:
 
     # ------------------------------------------------------------ the wire
 
-    def _connect(self) -> None:
+    def _connect(self, deadline: float) -> None:
         if self._sock is not None:
             return
+        wait = min(1.0, self._remaining(deadline))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(1.0)
+            sock.settimeout(wait)
             sock.connect(self.path)
         except OSError as exc:
             sock.close()

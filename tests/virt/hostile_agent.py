@@ -112,7 +112,8 @@ def answering(reply: Callable[[dict], bytes], before_sync: bytes = b"") -> Behav
     def behave(conn: socket.socket, guest: HostileGuest) -> None:
         for request in guest.requests(conn):
             if request["execute"] == "guest-sync-delimited":
-                conn.sendall(before_sync + b"\xff" + json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n")
+                sync = json.dumps({"return": request["arguments"]["id"]}).encode()
+                conn.sendall(before_sync + b"\xff" + sync + b"\n")
             else:
                 conn.sendall(reply(request))
     return behave
