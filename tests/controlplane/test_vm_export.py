@@ -1,0 +1,252 @@
+"""VirtualMachineExport (export.kubevirt.io/v1beta1) on a real `pvlun serve`: the export server
+serves a claim, a stopped VM's claims, over HTTPS with a token; `pvlun vmexport download`
+fetches them raw (resumable), gzip or qcow2, byte for byte."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import os
+import ssl
+import subprocess
+from urllib.parse import urlsplit
+
+import pytest
+
+MiB = 1 << 20
+DISK_MIB = 16
+
+
+def export_yaml(name: str, kind: str, source: str, extra: str = "") -> str:
+    group = {"PersistentVolumeClaim": '""', "VirtualMachine": "kubevirt.io"}[kind]
+    return f"""apiVersion: export.kubevirt.io/v1beta1
+kind: VirtualMachineExport
+metadata:
+  name: {name}
+spec:
+  source:
+    apiGroup: {group}
+    kind: {kind}
+    name: {source}
+{extra}"""
+
+
+def block_dv(name: str, url: str) -> str:
+    return f"""apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: {name}
+spec:
+  source:
+    http:
+      url: {url}
+  storage:
+    volumeMode: Block
+    accessModes: [ReadWriteOnce]
+    resources:
+      requests:
+        storage: {DISK_MIB}Mi
+"""
+
+
+@pytest.fixture(scope="module")
+def inst(serve):
+    return serve("--accel", "tcg")
+
+
+@pytest.fixture(scope="module")
+def disk(inst, web):
+    """A Block DataVolume `src` filled with a marker, random data and holes; its LUN's bytes."""
+    raw = os.path.join(web.root, "src.img")
+    with open(raw, "wb") as f:
+        f.truncate(DISK_MIB * MiB)
+        f.write(b"PVLUN-EXPORT" * 100)
+        f.seek(5 * MiB)
+        f.write(os.urandom(3 * MiB))
+    inst.apply(block_dv("src", f"{web.url}/src.img"))
+    inst.wait(lambda: (inst.get("DataVolume", "src").get("status") or {}).get("phase") == "Succeeded", 60, "src imported")
+    with open(inst.lun_path("src"), "rb") as f:
+        return f.read()
+
+
+def status(inst, name: str) -> dict:
+    return (inst.get("VirtualMachineExport", name) or {}).get("status") or {}
+
+
+def ready(inst, name: str, timeout: float = 30) -> dict:
+    try:
+        inst.wait(lambda: status(inst, name).get("phase") == "Ready", timeout, f"export {name} Ready")
+    except AssertionError:
+        raise AssertionError(f"export {name}: {status(inst, name)}") from None
+    return status(inst, name)
+
+
+def token_of(inst, name: str) -> str:
+    import base64
+
+    secret = inst.get("Secret", status(inst, name)["tokenSecretRef"])
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def condition(st: dict, type_: str) -> dict:
+    return next(c for c in st.get("conditions", []) if c["type"] == type_)
+
+
+def get(url: str, cert: str, headers: dict | None = None, path: str | None = None) -> tuple[int, bytes, dict]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=ssl.create_default_context(cadata=cert),
+                                       timeout=30)
+    try:
+        conn.request("GET", path if path is not None else parts.path + (f"?{parts.query}" if parts.query else ""),
+                     headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def gone(inst, name: str) -> bool:
+    return inst.get("VirtualMachineExport", name) is None
+
+
+def delete_export(inst, name: str) -> None:
+    inst.cli("vmexport", "delete", name)
+    inst.wait(lambda: gone(inst, name), 30, f"export {name} gone")
+
+
+def test_a_pvc_export_serves_the_claim_raw_and_gzip_byte_exact_with_its_token(inst, disk, tmp_path):
+    inst.apply(export_yaml("pvc-export", "PersistentVolumeClaim", "src"))
+    st = ready(inst, "pvc-export")
+    assert condition(st, "Ready")["reason"] == "PodReady" and condition(st, "PVCReady")["reason"] == "PVCBound"
+    assert st["tokenSecretRef"] == "export-token-pvc-export" and st["ttlExpirationTime"]
+    link = st["links"]["external"]
+    assert link["cert"].startswith("-----BEGIN CERTIFICATE-----") and st["links"]["internal"]["volumes"]
+    [volume] = link["volumes"]
+    assert volume["name"] == "src"
+    formats = {f["format"]: f["url"] for f in volume["formats"]}
+    assert formats["raw"].endswith("/volumes/src/disk.img") and formats["gzip"].endswith("/volumes/src/disk.img.gz")
+    token = token_of(inst, "pvc-export")
+
+    code, body, headers = get(formats["raw"], link["cert"], {"x-kubevirt-export-token": token})
+    assert code == 200 and body == disk and headers["Accept-Ranges"] == "bytes"
+    code, body, _ = get(formats["gzip"], link["cert"], {"x-kubevirt-export-token": token})
+    assert code == 200 and gzip.decompress(body) == disk
+    code, body, headers = get(formats["raw"], link["cert"], {"x-kubevirt-export-token": token,
+                                                              "Range": f"bytes={5 * MiB}-{5 * MiB + 99}"})
+    assert code == 206 and body == disk[5 * MiB:5 * MiB + 100]
+    assert headers["Content-Range"] == f"bytes {5 * MiB}-{5 * MiB + 99}/{len(disk)}"
+    code, body, _ = get(formats["raw"] + f"?x-kubevirt-export-token={token}", link["cert"])  # as KubeVirt takes it
+    assert code == 200 and body == disk
+
+    out = tmp_path / "src.raw"
+    inst.cli("vmexport", "download", "pvc-export", "--output", str(out), "--format", "raw")
+    assert out.read_bytes() == disk
+    assert out.stat().st_blocks * 512 < len(disk)  # the holes stay holes
+    out_gz = tmp_path / "src.img.gz"
+    inst.cli("vmexport", "download", "pvc-export", "--output", str(out_gz))  # gzip, virtctl's default
+    assert gzip.decompress(out_gz.read_bytes()) == disk
+    delete_export(inst, "pvc-export")
+
+
+def test_wrong_missing_token_and_other_paths_are_refused(inst, disk):
+    inst.apply(export_yaml("guarded", "PersistentVolumeClaim", "src"))
+    st = ready(inst, "guarded")
+    link = st["links"]["external"]
+    raw = link["volumes"][0]["formats"][0]["url"]
+    token = token_of(inst, "guarded")
+    assert get(raw, link["cert"])[0] == 401
+    assert get(raw, link["cert"], {"x-kubevirt-export-token": token[:-1] + ("x" if token[-1] != "x" else "y")})[0] == 401
+    assert get(raw, link["cert"], {"x-kubevirt-export-token": ""})[0] == 401
+    good = {"x-kubevirt-export-token": token}
+    for path in ("/volumes/../../etc/passwd", "/volumes/src/../../etc/passwd", "/volumes/%2e%2e/disk.img",
+                 "/volumes/other/disk.img", "/volumes/src/disk.qcow2", "/volumes/src/", "/etc/passwd", "/",
+                 "/volumes/src/disk.img/x", "/volumes//disk.img", "/volumes/src/disk.img.gz/.."):
+        code, body, _ = get(raw, link["cert"], good, path=path)
+        assert code == 404, (path, code, body[:100])
+    assert get(raw, link["cert"], good)[0] == 200
+    # a client that does not trust this export's certificate never talks to it
+    with pytest.raises(ssl.SSLCertVerificationError):
+        get(raw, _other_cert(), good)
+    delete_export(inst, "guarded")
+
+
+def _other_cert() -> str:
+    from importer.upload_server import certificate_pem
+
+    return certificate_pem(("127.0.0.1",))[0].decode()
+
+
+def test_a_download_cut_off_midway_resumes_with_range_and_ends_byte_exact(inst, disk, tmp_path):
+    inst.apply(export_yaml("resumed", "PersistentVolumeClaim", "src"))
+    ready(inst, "resumed")
+    out = tmp_path / "resumed.raw"
+    with open(str(out) + ".part", "wb") as f:  # what a run cut off at 6 MiB left behind
+        f.write(disk[:6 * MiB + 12345])
+    inst.cli("vmexport", "download", "resumed", "--output", str(out), "--format", "raw")
+    assert out.read_bytes() == disk and not os.path.exists(str(out) + ".part")
+    delete_export(inst, "resumed")
+
+
+def test_qcow2_download_compares_equal_with_qemu_img(inst, disk, tmp_path):
+    out = tmp_path / "src.qcow2"
+    inst.cli("vmexport", "download", "made-by-download", "--pvc", "src", "--output", str(out), "--format", "qcow2")
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(out)], capture_output=True, text=True, check=True)
+    assert '"format": "qcow2"' in info.stdout
+    raw = tmp_path / "lun.raw"
+    raw.write_bytes(disk)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(out)], check=True)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".pvlun-vmexport-") or p.endswith(".raw.part")]
+    inst.wait(lambda: gone(inst, "made-by-download"), 30, "the export the download made is deleted")
+
+
+def test_ttl_expiry_terminates_the_export_and_stops_its_server(inst, disk):
+    inst.apply(export_yaml("short", "PersistentVolumeClaim", "src", "  ttlDuration: 4s\n"))
+    st = ready(inst, "short")
+    link = st["links"]["external"]
+    url = link["volumes"][0]["formats"][0]["url"]
+    inst.wait(lambda: status(inst, "short").get("phase") == "Terminated" or gone(inst, "short"), 30, "Terminated")
+    with pytest.raises(OSError):  # the server is gone
+        get(url, link["cert"], {"x-kubevirt-export-token": "whatever"})
+    inst.wait(lambda: gone(inst, "short"), 30, "the terminated export deleted")
+    assert not [a for a in inst.store.list("VolumeAttachment") if a["spec"]["owner"] == "vmexport/default/short"]
+    assert inst.get("Secret", "export-token-short") is None
+
+
+def test_export_deleted_stops_the_server_and_leaves_nothing(inst, disk):
+    inst.apply(export_yaml("cleanup", "PersistentVolumeClaim", "src"))
+    st = ready(inst, "cleanup")
+    link = st["links"]["external"]
+    url = link["volumes"][0]["formats"][0]["url"]
+    assert [a for a in inst.store.list("VolumeAttachment") if a["spec"]["owner"] == "vmexport/default/cleanup"]
+    delete_export(inst, "cleanup")
+    with pytest.raises(OSError):
+        get(url, link["cert"], {"x-kubevirt-export-token": "whatever"})
+    assert not [a for a in inst.store.list("VolumeAttachment") if a["spec"]["owner"] == "vmexport/default/cleanup"]
+    inst.wait(lambda: inst.get("Secret", "export-token-cleanup") is None, 30, "the token secret collected")
+
+
+def test_an_export_with_its_own_token_secret_uses_it(inst, disk):
+    inst.apply("""apiVersion: v1
+kind: Secret
+metadata:
+  name: my-token
+stringData:
+  token: my-own-secret-token
+""")
+    inst.apply(export_yaml("own-token", "PersistentVolumeClaim", "src", "  tokenSecretRef: my-token\n"))
+    st = ready(inst, "own-token")
+    assert st["tokenSecretRef"] == "my-token" and inst.get("Secret", "export-token-own-token") is None
+    link = st["links"]["external"]
+    url = link["volumes"][0]["formats"][0]["url"]
+    assert get(url, link["cert"], {"x-kubevirt-export-token": "my-own-secret-token",
+                                   "Range": "bytes=0-11"})[1] == b"PVLUN-EXPORT"
+    delete_export(inst, "own-token")
+    assert inst.get("Secret", "my-token") is not None  # the user's, not the export's
+
+
+def test_an_invalid_export_is_refused_naming_the_field(inst):
+    proc = inst.apply(export_yaml("bad", "PersistentVolumeClaim", "src", "  ttlDuration: soon\n"), check=False)
+    assert proc.returncode == 1 and "spec.ttlDuration" in proc.stderr and "Traceback" not in proc.stderr
+    bad_kind = export_yaml("bad", "PersistentVolumeClaim", "src").replace("kind: PersistentVolumeClaim", "kind: Pod")
+    proc = inst.apply(bad_kind, check=False)
+    assert proc.returncode == 1 and "spec.source.kind" in proc.stderr
