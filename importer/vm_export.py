@@ -21,6 +21,7 @@ Ready condition that says so.
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import secrets
 import string
@@ -93,7 +94,7 @@ def reconcile_virtual_machine_export(ctx: Context, vme: Obj) -> float | None:
         return None
     if FINALIZER not in (meta.get("finalizers") or []):
         ctx.store.patch_metadata(KIND, name, ns, finalizers=[*(meta.get("finalizers") or []), FINALIZER])
-    status = dict(vme.get("status") or {})
+    status = copy.deepcopy(vme.get("status") or {})  # set_condition changes its lists in place
     try:
         expires = expiration(vme)
     except ValueError as exc:
@@ -234,7 +235,7 @@ def _expire(ctx: Context, vme: Obj, status: Obj) -> float | None:
 
 
 def _refuse_on_cluster(ctx: Context, vme: Obj) -> None:
-    status = dict(vme.get("status") or {})
+    status = copy.deepcopy(vme.get("status") or {})
     try:
         status["ttlExpirationTime"] = expiration(vme).strftime("%Y-%m-%dT%H:%M:%SZ")
     except ValueError:

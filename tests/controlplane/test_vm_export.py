@@ -89,7 +89,7 @@ def token_of(inst, name: str) -> str:
 
 
 def condition(st: dict, type_: str) -> dict:
-    return next(c for c in st.get("conditions", []) if c["type"] == type_)
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
 
 
 def get(url: str, cert: str, headers: dict | None = None, path: str | None = None) -> tuple[int, bytes, dict]:
@@ -250,3 +250,69 @@ def test_an_invalid_export_is_refused_naming_the_field(inst):
     bad_kind = export_yaml("bad", "PersistentVolumeClaim", "src").replace("kind: PersistentVolumeClaim", "kind: Pod")
     proc = inst.apply(bad_kind, check=False)
     assert proc.returncode == 1 and "spec.source.kind" in proc.stderr
+
+
+def two_disk_vm(name: str, image_url: str, strategy: str, claim: str) -> str:
+    from virt.guest_images import tick_vm_manifest
+
+    vm = tick_vm_manifest(name, image_url, strategy=strategy, access="ReadWriteOnce")
+    return vm.replace("          - name: root\n            bootOrder: 1\n            disk:\n              bus: virtio\n",
+                      "          - name: root\n            bootOrder: 1\n            disk:\n              bus: virtio\n"
+                      "          - name: data\n            disk:\n              bus: virtio\n") + \
+        f"      - name: data\n        persistentVolumeClaim:\n          claimName: {claim}\n"
+
+
+def test_a_stopped_vm_export_lists_and_serves_each_of_its_volumes(inst, disk, tick_image, tmp_path):
+    inst.apply(two_disk_vm("halted", tick_image, "Halted", "src"))
+    inst.wait(lambda: (inst.get("DataVolume", "halted-root") or {}).get("status", {}).get("phase") == "Succeeded",
+              60, "halted-root imported")
+    inst.apply(export_yaml("vm-export", "VirtualMachine", "halted"))
+    st = ready(inst, "vm-export")
+    assert st["virtualMachineName"] == "halted"
+    assert sorted(v["name"] for v in st["links"]["external"]["volumes"]) == ["halted-root", "src"]
+    proc = inst.cli("vmexport", "download", "vm-export", "--output", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 1 and "--volume" in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "data.raw"
+    inst.cli("vmexport", "download", "vm-export", "--volume", "src", "--output", str(out), "--raw")
+    assert out.read_bytes() == disk
+    root = tmp_path / "root.raw"
+    inst.cli("vmexport", "download", "vm-export", "--volume", "halted-root", "--output", str(root), "--raw")
+    with open(inst.lun_path("halted-root"), "rb") as f:
+        assert root.read_bytes() == f.read()
+    delete_export(inst, "vm-export")
+    inst.cli("delete", "vm", "halted")
+
+
+def test_a_claim_a_running_vm_uses_waits_until_the_vm_stops(inst, tick_image):
+    out = inst.apply(tick_vm_yaml_for("busy", tick_image), "--wait")
+    assert "virtualmachine/busy Running" in out.stdout, out.stdout + out.stderr
+    inst.apply(export_yaml("busy-disk", "PersistentVolumeClaim", "busy-root"))
+    inst.apply(export_yaml("busy-vm", "VirtualMachine", "busy"))
+    inst.wait(lambda: condition(status(inst, "busy-disk"), "Ready").get("reason") == "InUse", 30, "busy-disk InUse")
+    inst.wait(lambda: condition(status(inst, "busy-vm"), "Ready").get("reason") == "InUse", 30, "busy-vm InUse")
+    assert "busy-root is in use" in condition(status(inst, "busy-disk"), "Ready")["message"]
+    assert "busy is running" in condition(status(inst, "busy-vm"), "Ready")["message"]
+    import time
+
+    time.sleep(4)  # looked at again meanwhile: still waiting, nothing served
+    for name in ("busy-disk", "busy-vm"):
+        assert status(inst, name)["phase"] == "Pending" and "links" not in status(inst, name)
+    assert not [a for a in inst.store.list("VolumeAttachment") if a["spec"]["owner"].startswith("vmexport/")]
+    inst.cli("vm", "stop", "busy", "--wait", "--timeout", "60")
+    # stopped: one export gets the claim; the other waits for it, as KubeVirt waits for another exporter Pod
+    first = inst.wait(lambda: next((n for n in ("busy-disk", "busy-vm") if status(inst, n).get("phase") == "Ready"), None),
+                      30, "one export Ready")
+    second = "busy-vm" if first == "busy-disk" else "busy-disk"
+    inst.wait(lambda: f"attached for vmexport/default/{first}" in condition(status(inst, second), "Ready").get("message", ""),
+              30, f"{second} waiting for {first}")
+    delete_export(inst, first)
+    st = ready(inst, second)
+    assert [v["name"] for v in st["links"]["external"]["volumes"]] == ["busy-root"]
+    delete_export(inst, second)
+    inst.cli("delete", "vm", "busy")
+
+
+def tick_vm_yaml_for(name: str, image_url: str) -> str:
+    from virt.guest_images import tick_vm_manifest
+
+    return tick_vm_manifest(name, image_url, access="ReadWriteOnce")
