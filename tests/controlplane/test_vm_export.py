@@ -18,7 +18,8 @@ DISK_MIB = 16
 
 
 def export_yaml(name: str, kind: str, source: str, extra: str = "") -> str:
-    group = {"PersistentVolumeClaim": '""', "VirtualMachine": "kubevirt.io"}[kind]
+    group = {"PersistentVolumeClaim": '""', "VirtualMachine": "kubevirt.io",
+             "VirtualMachineSnapshot": "snapshot.kubevirt.io"}[kind]
     return f"""apiVersion: export.kubevirt.io/v1beta1
 kind: VirtualMachineExport
 metadata:
@@ -316,3 +317,36 @@ def tick_vm_yaml_for(name: str, image_url: str) -> str:
     from virt.guest_images import tick_vm_manifest
 
     return tick_vm_manifest(name, image_url, access="ReadWriteOnce")
+
+
+def test_a_vm_snapshot_export_serves_its_volumes_restored_from_their_volume_snapshots(inst, disk, tmp_path):
+    """The snapshot's VirtualMachineSnapshotContent (KubeVirt's shape, written here as its
+    controller would) names a VolumeSnapshot per volume; the export restores each into a
+    claim it owns, serves it, and deletes it with itself."""
+    from manifests import snapshot
+
+    inst.apply(snapshot("src-snap", "src"))
+    inst.wait(lambda: (inst.get("VolumeSnapshot", "src-snap").get("status") or {}).get("readyToUse"), 30, "src-snap")
+    claim_spec = {k: v for k, v in inst.get("PersistentVolumeClaim", "src")["spec"].items() if k != "volumeName"}
+    inst.store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshotContent",
+                      "metadata": {"name": "vmsnapshot-content-snap", "namespace": "default"},
+                      "spec": {"source": {"virtualMachine": {"metadata": {"name": "halted"}}},
+                               "volumeBackups": [{"volumeName": "data", "volumeSnapshotName": "src-snap",
+                                                  "persistentVolumeClaim": {"metadata": {"name": "src"},
+                                                                            "spec": claim_spec}}]},
+                      "status": {"readyToUse": True}})
+    inst.store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                      "metadata": {"name": "snap", "namespace": "default"},
+                      "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "halted"}},
+                      "status": {"readyToUse": True, "virtualMachineSnapshotContentName": "vmsnapshot-content-snap"}})
+    inst.apply(export_yaml("snap-export", "VirtualMachineSnapshot", "snap"))
+    st = ready(inst, "snap-export", 60)
+    assert [v["name"] for v in st["links"]["external"]["volumes"]] == ["src"] and st["virtualMachineName"] == "halted"
+    restored = inst.get("PersistentVolumeClaim", "snap-export-src")
+    assert restored["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                                              "name": "src-snap"}
+    out = tmp_path / "snap.raw"
+    inst.cli("vmexport", "download", "snap-export", "--output", str(out), "--raw")
+    assert out.read_bytes() == disk
+    delete_export(inst, "snap-export")
+    inst.wait(lambda: inst.get("PersistentVolumeClaim", "snap-export-src") is None, 30, "the restored claim deleted")
