@@ -350,3 +350,29 @@ def test_a_vm_snapshot_export_serves_its_volumes_restored_from_their_volume_snap
     assert out.read_bytes() == disk
     delete_export(inst, "snap-export")
     inst.wait(lambda: inst.get("PersistentVolumeClaim", "snap-export-src") is None, 30, "the restored claim deleted")
+
+
+def test_a_datavolume_imports_the_exported_url_with_the_cert_and_token_as_cdi_takes_them(inst, disk):
+    """The round trip KubeVirt documents: CDI's http source on the export's gzip URL, its
+    certificate in a ConfigMap (ca.pem), its token as a secretExtraHeaders header."""
+    import base64
+    import json
+
+    inst.apply(export_yaml("for-cdi", "PersistentVolumeClaim", "src"))
+    st = ready(inst, "for-cdi")
+    link = st["links"]["external"]
+    url = next(f["url"] for f in link["volumes"][0]["formats"] if f["format"] == "gzip")
+    header = base64.b64encode(f"x-kubevirt-export-token:{token_of(inst, 'for-cdi')}".encode()).decode()
+    inst.apply(json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "export-ca"},
+                           "data": {"ca.pem": link["cert"]}}))
+    inst.apply(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "export-header"},
+                           "data": {"token": header}}))
+    inst.apply(block_dv("copy", url).replace(f"      url: {url}\n", f"      url: {url}\n      certConfigMap: export-ca\n"
+                                             "      secretExtraHeaders: [export-header]\n"))
+    inst.wait(lambda: (inst.get("DataVolume", "copy").get("status") or {}).get("phase") in ("Succeeded", "Failed"), 60,
+              "copy imported")
+    assert inst.get("DataVolume", "copy")["status"]["phase"] == "Succeeded", inst.get("DataVolume", "copy")["status"]
+    with open(inst.lun_path("copy"), "rb") as f:
+        assert f.read() == disk
+    delete_export(inst, "for-cdi")
+    inst.cli("delete", "dv", "copy")
