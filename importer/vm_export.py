@@ -104,11 +104,12 @@ def reconcile_virtual_machine_export(ctx: Context, vme: Obj) -> float | None:
     if left <= 0:
         return _expire(ctx, vme, status)
     status["serviceName"] = f"virt-export-{name}"[:63]
-    token, why = _token(ctx, vme, status)
     sources = source_volumes(ctx.store, vme, owner_of(vme))
     if sources.vm_name:
         status["virtualMachineName"] = sources.vm_name
     set_condition(status, "PVCReady", *sources.pvc_condition)
+    # as KubeVirt: the token Secret is made once there is something to serve
+    token, why = _token(ctx, vme, status) if sources.available else (None, "")
     if not sources.available or token is None:
         if stop_export(ctx, vme, paused=True):
             ctx.store.add_event(vme, "Warning", "ExportPaused", sources.message or why)

@@ -76,8 +76,9 @@ def _wait_ready(store, args: argparse.Namespace) -> dict:
         if status.get("phase") == "Ready" and (status.get("links") or {}).get("external"):
             return vme
         if status.get("phase") in ("Terminated", "Skipped") or time.monotonic() > deadline:
-            ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-            why = f"{ready.get('reason', '')}: {ready.get('message', '')}".strip(": ")
+            conditions = {c.get("type"): c for c in status.get("conditions") or []}
+            ready, claims = conditions.get("Ready") or {}, conditions.get("PVCReady") or {}
+            why = f"{ready.get('reason', '')}: {ready.get('message') or claims.get('message', '')}".strip(": ")
             raise SystemExit(f"error: VirtualMachineExport {args.namespace}/{args.name} is "
                              f"{status.get('phase') or 'Pending'}, not Ready" + (f" ({why})" if why else ""))
         time.sleep(0.2)
