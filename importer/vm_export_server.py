@@ -22,12 +22,11 @@ import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from host.sandbox import UnsafeFile, open_no_follow
 
-from . import errors
+from .https_server import HttpsServer, TextHandler
 from .pipeline import DISK_IMG
 from .upload_server import certificate_pem
 
@@ -51,11 +50,11 @@ def volume_urls(base: str, name: str) -> list[dict[str, str]]:
             {"format": "gzip", "url": f"{base}/volumes/{name}/{GZIP}"}]
 
 
-class ExportServer(ThreadingHTTPServer):
+class ExportServer(HttpsServer):
     """One export's HTTPS endpoint; `start()` serves in a thread, `stop()` ends it and waits
     for the requests under way (their volumes are detached after it)."""
 
-    daemon_threads = True
+    thread_name = "pvlun-vmexport"
 
     def __init__(self, volumes: list[ExportedVolume], token: str, address: tuple[str, int] = ("127.0.0.1", 0)):
         if not token:
@@ -72,45 +71,17 @@ class ExportServer(ThreadingHTTPServer):
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             self.tls.load_cert_chain(cert_file, key_file)
-        self._thread: threading.Thread | None = None
-        self._open: set[int] = set()  # descriptors of requests under way, closed by stop()
-        self._lock = threading.Lock()
+        self._open = 0  # disks open for requests under way
+        self._idle = threading.Condition()
+        self.stopping = threading.Event()  # downloads under way end at their next chunk
         super().__init__(address, _ExportHandler)
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"https://{host}:{port}"
-
-    def finish_request(self, request, client_address) -> None:  # TLS handshake in the worker thread
-        request.settimeout(60)
-        try:
-            tls_sock = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            super().finish_request(tls_sock, client_address)
-        finally:
-            try:
-                tls_sock.close()
-            except OSError:
-                pass
-
-    def start(self) -> "ExportServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="pvlun-vmexport", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        with self._lock:
-            for fd in self._open:  # a download under way ends now: its volume is about to go
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._open.clear()
+    def stop(self, wait: float = 10.0) -> None:
+        """No new request, and the ones under way end: their volumes are about to be detached."""
+        self.stopping.set()
+        super().stop()
+        with self._idle:
+            self._idle.wait_for(lambda: self._open == 0, wait)
 
     def open_disk(self, volume: ExportedVolume) -> int:
         """The volume's disk, read-only: the device itself, or a Filesystem volume's disk.img
@@ -118,36 +89,20 @@ class ExportServer(ThreadingHTTPServer):
         filesystem = os.path.isdir(volume.path)
         disk = os.path.join(volume.path, DISK_IMG) if filesystem else volume.path
         fd = open_no_follow(disk, devices=not filesystem)
-        with self._lock:
-            self._open.add(fd)
+        with self._idle:
+            self._open += 1
         return fd
 
     def close_disk(self, fd: int) -> None:
-        with self._lock:
-            if fd not in self._open:
-                return  # stop() closed it
-            self._open.discard(fd)
         os.close(fd)
+        with self._idle:
+            self._open -= 1
+            self._idle.notify_all()
 
 
-class _ExportHandler(BaseHTTPRequestHandler):
+class _ExportHandler(TextHandler):
     server: ExportServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args) -> None:  # request lines may carry the token
-        log.debug("export %s: %s", self.client_address[0], errors.scrub(fmt % args))
-
-    def _reply(self, code: int, message: str) -> None:
-        body = (message + "\n").encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except OSError:
-            self.close_connection = True
+    log = log
 
     def _authorized(self, query: str) -> bool:
         given = self.headers.get(TOKEN_HEADER)
@@ -220,11 +175,16 @@ class _ExportHandler(BaseHTTPRequestHandler):
             return
         offset = start
         while offset <= end:
+            self._check_running()
             chunk = os.pread(fd, min(CHUNK, end - offset + 1), offset)
             if not chunk:
                 raise OSError("the volume ended early")
             self.wfile.write(chunk)
             offset += len(chunk)
+
+    def _check_running(self) -> None:
+        if self.server.stopping.is_set():
+            raise OSError("the export stopped")
 
     def _unsatisfiable(self, size: int) -> None:
         self.send_response(416)
@@ -243,6 +203,7 @@ class _ExportHandler(BaseHTTPRequestHandler):
         packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
         offset = 0
         while chunk := os.pread(fd, CHUNK, offset):
+            self._check_running()
             offset += len(chunk)
             self._chunk(packer.compress(chunk))
         self._chunk(packer.flush())

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from test_datavolume import dv
+
 MiB = 1 << 20
 DISK_MIB = 16
 
@@ -33,21 +35,7 @@ spec:
 
 
 def block_dv(name: str, url: str) -> str:
-    return f"""apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: {name}
-spec:
-  source:
-    http:
-      url: {url}
-  storage:
-    volumeMode: Block
-    accessModes: [ReadWriteOnce]
-    resources:
-      requests:
-        storage: {DISK_MIB}Mi
-"""
+    return dv(name, f"    http:\n      url: {url}", size=f"{DISK_MIB}Mi")
 
 
 @pytest.fixture(scope="module")
