@@ -364,3 +364,51 @@ def test_a_datavolume_imports_the_exported_url_with_the_cert_and_token_as_cdi_ta
         assert f.read() == disk
     delete_export(inst, "for-cdi")
     inst.cli("delete", "dv", "copy")
+
+
+def test_a_filesystem_claim_is_exported_as_the_disk_img_it_holds(inst, web, tmp_path):
+    raw = os.path.join(web.root, "fs.img")
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"PVLUN-FS-EXPORT")
+        f.seek(2 * MiB)
+        f.write(os.urandom(MiB))
+    inst.apply(dv("fs-src", f"    http:\n      url: {web.url}/fs.img", size="32Mi", mode="Filesystem"))
+    inst.wait(lambda: (inst.get("DataVolume", "fs-src").get("status") or {}).get("phase") == "Succeeded", 60, "fs-src")
+    inst.apply(export_yaml("fs-export", "PersistentVolumeClaim", "fs-src"))
+    ready(inst, "fs-export")
+    out = tmp_path / "fs.raw"
+    inst.cli("vmexport", "download", "fs-export", "--output", str(out), "--raw")
+    data, source = out.read_bytes(), open(raw, "rb").read()
+    assert data[:len(source)] == source and data[len(source):].count(0) == len(data) - len(source)
+    delete_export(inst, "fs-export")
+
+
+def test_after_a_daemon_restart_the_export_is_served_again(daemons, web, tmp_path_factory, tmp_path):
+    """Nothing that ran is assumed to run after a restart: the export's attachment was undone
+    with the others, and the export is served again by a new server (new port, new certificate)."""
+    start, stop = daemons
+    data_dir = str(tmp_path_factory.mktemp("pvlun-restart"))
+    first = start(data_dir)
+    try:
+        raw = os.path.join(web.root, "restart.img")
+        with open(raw, "wb") as f:
+            f.write(os.urandom(MiB))
+        first.apply(block_dv("again", f"{web.url}/restart.img"))
+        first.wait(lambda: (first.get("DataVolume", "again").get("status") or {}).get("phase") == "Succeeded", 60,
+                   "imported")
+        first.apply(export_yaml("again", "PersistentVolumeClaim", "again"))
+        before = ready(first, "again")["links"]["external"]
+    finally:
+        stop(first)
+    second = start(data_dir)
+    try:
+        second.wait(lambda: status(second, "again").get("phase") == "Ready"
+                    and status(second, "again")["links"]["external"]["cert"] != before["cert"], 30, "served again")
+        out = tmp_path / "again.raw"
+        second.cli("vmexport", "download", "again", "--output", str(out), "--raw")
+        with open(second.lun_path("again"), "rb") as f:
+            assert out.read_bytes() == f.read()
+        delete_export(second, "again")
+    finally:
+        stop(second)
