@@ -14,8 +14,7 @@ turns Terminated, and then it is deleted, as KubeVirt's exporter Pod ends at its
 the controller deletes the export. Deleting it (finalizer `pvlun.dev/export-server`) stops
 the server, detaches the claims and deletes the claims restored for a snapshot.
 
-On a cluster the exporter Pod and Service are not built yet: the export stays Pending with a
-Ready condition that says so.
+On a cluster KubeVirt's exporter Pod and Service serve it instead (vm_export_cluster.py).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from controlplane.context import Context
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.vm_export_spec import parse_duration
 
+from .vm_export_pods import exporter_name
 from .vm_export_server import ExportedVolume, ExportServer, volume_urls
 from .vm_export_sources import restored_claims, source_volumes
 
@@ -45,9 +45,6 @@ DEFAULT_TTL = timedelta(hours=2)
 REQUEUE = 3.0  # seconds, as KubeVirt requeues an export waiting for its source
 TOKEN_KEY = "token"
 TOKEN_LENGTH = 20
-CLUSTER_MESSAGE = ("pvlun serves VirtualMachineExports in embedded mode (pvlun serve) only: the exporter Pod "
-                   "and Service KubeVirt runs on a cluster are not built yet")
-
 
 def expiration(vme: Obj) -> datetime:
     """creationTimestamp + ttlDuration (2h when none is given), as KubeVirt counts it."""
@@ -59,6 +56,21 @@ def expiration(vme: Obj) -> datetime:
 def owner_of(vme: Obj) -> str:
     """The attachment owner of the export's claims."""
     return f"vmexport/{vme['metadata'].get('namespace', 'default')}/{vme['metadata']['name']}"
+
+
+def new_token() -> str:
+    """KubeVirt's: 20 random letters and digits."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(TOKEN_LENGTH))
+
+
+def token_secret(vme: Obj, name: str, token: str) -> Obj:
+    """The export's own token Secret (key `token`), owned by it."""
+    meta = vme["metadata"]
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "namespace": meta.get("namespace", "default"), "ownerReferences": [
+                {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta.get("uid", ""),
+                 "controller": True}]},
+            "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
 
 
 def token_secret_name(export: str) -> str:
@@ -86,7 +98,9 @@ def reconcile_virtual_machine_export(ctx: Context, vme: Obj) -> float | None:
     meta = vme["metadata"]
     ns, name = meta.get("namespace", "default"), meta["name"]
     if ctx.cluster is not None:
-        return _refuse_on_cluster(ctx, vme)
+        from .vm_export_cluster import reconcile_in_pods
+
+        return reconcile_in_pods(ctx, vme)
     if meta.get("deletionTimestamp"):
         stop_export(ctx, vme)
         if FINALIZER in (meta.get("finalizers") or []):
@@ -94,16 +108,12 @@ def reconcile_virtual_machine_export(ctx: Context, vme: Obj) -> float | None:
         return None
     if FINALIZER not in (meta.get("finalizers") or []):
         ctx.store.patch_metadata(KIND, name, ns, finalizers=[*(meta.get("finalizers") or []), FINALIZER])
-    status = copy.deepcopy(vme.get("status") or {})  # set_condition changes its lists in place
-    try:
-        expires = expiration(vme)
-    except ValueError as exc:
-        return _write(ctx, vme, status, "Skipped", "Initializing", f"spec.ttlDuration: {exc}")
-    status["ttlExpirationTime"] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
-    left = (expires - datetime.now(timezone.utc)).total_seconds()
+    status, left = status_with_ttl(ctx, vme)
+    if left is None:
+        return None
     if left <= 0:
         return _expire(ctx, vme, status)
-    status["serviceName"] = f"virt-export-{name}"[:63]
+    status["serviceName"] = exporter_name(vme)
     sources = source_volumes(ctx.store, vme, owner_of(vme))
     if sources.vm_name:
         status["virtualMachineName"] = sources.vm_name
@@ -115,18 +125,31 @@ def reconcile_virtual_machine_export(ctx: Context, vme: Obj) -> float | None:
             ctx.store.add_event(vme, "Warning", "ExportPaused", sources.message or why)
         status.pop("links", None)
         reason = sources.ready_reason or "Initializing"
-        _write(ctx, vme, status, "Pending", reason, sources.message if sources.ready_reason else why)
+        write_status(ctx, vme, status, "Pending", reason, sources.message if sources.ready_reason else why)
         return min(REQUEUE, left)
     running = _ensure_server(ctx, vme, sources.volumes, token)
     base = running.server.url
     link = {"cert": running.server.cert_pem,
             "volumes": [{"name": v, "formats": volume_urls(base, v)} for v, _ in running.claims]}
     status["links"] = {"internal": link, "external": dict(link)}
-    _write(ctx, vme, status, "Ready", "PodReady", "")
+    write_status(ctx, vme, status, "Ready", "PodReady", "")
     return left
 
 
-def _write(ctx: Context, vme: Obj, status: Obj, phase: str, reason: str, message: str) -> None:
+def status_with_ttl(ctx: Context, vme: Obj) -> tuple[Obj, float | None]:
+    """A copy of the export's status to change, with ttlExpirationTime, and the seconds left
+    (None: the ttlDuration cannot be read, and the export is Skipped)."""
+    status = copy.deepcopy(vme.get("status") or {})  # set_condition changes its lists in place
+    try:
+        expires = expiration(vme)
+    except ValueError as exc:
+        write_status(ctx, vme, status, "Skipped", "Initializing", f"spec.ttlDuration: {exc}")
+        return status, None
+    status["ttlExpirationTime"] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return status, (expires - datetime.now(timezone.utc)).total_seconds()
+
+
+def write_status(ctx: Context, vme: Obj, status: Obj, phase: str, reason: str, message: str) -> None:
     status["phase"] = phase
     set_condition(status, "Ready", phase == "Ready", reason, message)
     old = vme.get("status") or {}
@@ -151,12 +174,7 @@ def _token(ctx: Context, vme: Obj, status: Obj) -> tuple[str | None, str]:
     secret = given or status.get("tokenSecretRef") or token_secret_name(meta["name"])
     status["tokenSecretRef"] = secret
     if not given and ctx.store.get("Secret", secret, ns) is None:
-        value = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(TOKEN_LENGTH))
-        ctx.store.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                          "metadata": {"name": secret, "namespace": ns, "ownerReferences": [
-                              {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
-                               "uid": meta.get("uid", ""), "controller": True}]},
-                          "data": {TOKEN_KEY: base64.b64encode(value.encode()).decode()}})
+        ctx.store.create(token_secret(vme, secret, new_token()))
         ctx.store.add_event(vme, "Normal", "SecretCreated", f"Created default secret {ns}/{secret}")
     try:
         token = secret_data(ctx.store, secret, ns, "token secret").get(TOKEN_KEY, "")
@@ -224,23 +242,25 @@ def stop_all(ctx: Context) -> None:
 
 
 def _expire(ctx: Context, vme: Obj, status: Obj) -> float | None:
-    meta = vme["metadata"]
-    if status.get("phase") == "Terminated":  # seen Terminated: now it goes, as KubeVirt deletes it
-        ctx.store.delete(KIND, meta["name"], meta.get("namespace", "default"))
+    if deleted_when_terminated(ctx, vme, status):
         return None
     stop_export(ctx, vme)
+    return terminated(ctx, vme, status)
+
+
+def deleted_when_terminated(ctx: Context, vme: Obj, status: Obj) -> bool:
+    """An export seen Terminated goes now, as KubeVirt deletes it once its TTL ran out."""
+    if status.get("phase") != "Terminated":
+        return False
+    meta = vme["metadata"]
+    ctx.store.delete(KIND, meta["name"], meta.get("namespace", "default"))
+    return True
+
+
+def terminated(ctx: Context, vme: Obj, status: Obj) -> float:
+    """Its server ended at the TTL: Terminated (looked at again in a second, to be deleted)."""
     status.pop("links", None)
     ctx.store.add_event(vme, "Normal", "ExportTerminated", f"ttlDuration ran out at {status['ttlExpirationTime']}")
-    _write(ctx, vme, status, "Terminated", "PodCompleted", f"the export's ttlDuration ran out at {status['ttlExpirationTime']}")
+    write_status(ctx, vme, status, "Terminated", "PodCompleted",
+                 f"the export's ttlDuration ran out at {status['ttlExpirationTime']}")
     return 1.0
-
-
-def _refuse_on_cluster(ctx: Context, vme: Obj) -> None:
-    status = copy.deepcopy(vme.get("status") or {})
-    try:
-        status["ttlExpirationTime"] = expiration(vme).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        pass
-    _write(ctx, vme, status, "Pending", "NotSupported", CLUSTER_MESSAGE)
-    return None
-

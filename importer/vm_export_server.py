@@ -56,14 +56,29 @@ class ExportServer(HttpsServer):
 
     thread_name = "pvlun-vmexport"
 
-    def __init__(self, volumes: list[ExportedVolume], token: str, address: tuple[str, int] = ("127.0.0.1", 0)):
+    def __init__(self, volumes: list[ExportedVolume], token: str, address: tuple[str, int] = ("127.0.0.1", 0),
+                 tls_files: tuple[str, str] | None = None):
+        """`tls_files`: (certificate, key) to serve with (an exporter Pod's mounted Secret);
+        without them a self-signed certificate for the address is made."""
         if not token:
             raise ValueError("an export needs a token")
         self.volumes = {v.name: v for v in volumes}
         self.token = token.encode()
-        cert, key = certificate_pem((address[0], "localhost"))
-        self.cert_pem = cert.decode()
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if tls_files is not None:
+            self.tls.load_cert_chain(*tls_files)
+            with open(tls_files[0]) as f:
+                self.cert_pem = f.read()
+        else:
+            self._self_signed(address[0])
+        self._open = 0  # disks open for requests under way
+        self._idle = threading.Condition()
+        self.stopping = threading.Event()  # downloads under way end at their next chunk
+        super().__init__(address, _ExportHandler)
+
+    def _self_signed(self, host: str) -> None:
+        cert, key = certificate_pem((host, "localhost"))
+        self.cert_pem = cert.decode()
         with tempfile.TemporaryDirectory(prefix="pvlun-vmexport-") as tmp:  # ssl loads keys from files only
             cert_file, key_file = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
             for path, data in ((cert_file, cert), (key_file, key)):
@@ -71,10 +86,6 @@ class ExportServer(HttpsServer):
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             self.tls.load_cert_chain(cert_file, key_file)
-        self._open = 0  # disks open for requests under way
-        self._idle = threading.Condition()
-        self.stopping = threading.Event()  # downloads under way end at their next chunk
-        super().__init__(address, _ExportHandler)
 
     def stop(self, wait: float = 10.0) -> None:
         """No new request, and the ones under way end: their volumes are about to be detached."""

@@ -40,7 +40,8 @@ class SourceVolumes:
 
 def source_volumes(store: ObjectStore, vme: Obj, ours: str) -> SourceVolumes:
     """The export's claims and whether they can be served; `ours` is the attachment owner of
-    the export itself (its own attachments do not make a claim busy)."""
+    the export itself (its own attachments do not make a claim busy), or on a cluster `pod:NAME`,
+    its exporter Pod (there Pods using a claim make it busy, as KubeVirt judges it)."""
     ns = vme["metadata"].get("namespace", "default")
     source = vme["spec"]["source"]
     kind = check_source(vme["spec"])
@@ -97,6 +98,14 @@ def _user(store: ObjectStore, pvc: Obj, ours: str) -> str:
         for volume in ((vmi.get("spec") or {}).get("volumes") or []):
             if _claim_of(volume) == name:
                 return f"VirtualMachineInstance {vmi['metadata']['name']} runs on it"
+    if ours.startswith("pod:"):
+        for pod in store.list("Pod", ns):
+            if pod["metadata"]["name"] == ours[4:] or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            if any(((v or {}).get("persistentVolumeClaim") or {}).get("claimName") == name
+                   for v in (pod.get("spec") or {}).get("volumes") or []):
+                return f"Pod {pod['metadata']['name']} uses it"
+        return ""
     pv_name = (pvc.get("spec") or {}).get("volumeName")
     for att in store.list("VolumeAttachment"):
         spec = att.get("spec") or {}

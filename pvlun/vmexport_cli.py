@@ -73,7 +73,7 @@ def _wait_ready(store, args: argparse.Namespace) -> dict:
         if vme is None:
             raise SystemExit(f"error: VirtualMachineExport {args.namespace}/{args.name} not found")
         status = vme.get("status") or {}
-        if status.get("phase") == "Ready" and (status.get("links") or {}).get("external"):
+        if status.get("phase") == "Ready" and (status.get("links") or {}):
             return vme
         if status.get("phase") in ("Terminated", "Skipped") or time.monotonic() > deadline:
             conditions = {c.get("type"): c for c in status.get("conditions") or []}
@@ -122,7 +122,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         _create(store, args, source)
     try:
         vme = _wait_ready(store, args)
-        link = vme["status"]["links"]["external"]
+        links = vme["status"]["links"]
+        link = links.get("external") or links["internal"]  # on a cluster: the Service's, reachable inside it
         url = _volume_url(link, args.volume, args.format)
         token = _token(store, vme)
         target = args.output + ".raw" if args.format == "qcow2" else args.output
@@ -143,7 +144,46 @@ def cmd_download(args: argparse.Namespace) -> int:
             store.delete(KIND, args.name, args.namespace)
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """An exporter Pod's process: serve the mounted volumes until SIGTERM or the deadline (the
+    export's TTL), then end (the Pod Succeeded: the export Terminated)."""
+    import signal
+    import threading
+    from datetime import datetime, timezone
+
+    from importer.vm_export_server import ExportedVolume, ExportServer
+
+    volumes = []
+    for given in args.volume:
+        name, sep, path = given.partition("=")
+        if not sep or not name or "/" in name or not path.startswith("/"):
+            print(f"error: --volume {given!r} is not NAME=/PATH", file=sys.stderr)
+            return 1
+        volumes.append(ExportedVolume(name, path))
+    with open(args.token_file) as f:
+        token = f.read().strip()
+    deadline = datetime.strptime(args.deadline, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    server = ExportServer(volumes, token, (args.address, args.port), tls_files=(args.cert_file, args.key_file)).start()
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    print(f"serving {len(volumes)} volume(s) at {server.url} until {args.deadline}", flush=True)
+    done.wait(max(0.0, (deadline - datetime.now(timezone.utc)).total_seconds()))
+    server.stop()
+    return 0
+
+
 def add_commands(sub, data_dir_arg) -> None:
+    server = sub.add_parser("vmexport-server", help="(in an exporter Pod) serve an export's volumes over HTTPS")
+    server.add_argument("--volume", action="append", default=[], required=True, help="NAME=PATH, once per volume")
+    server.add_argument("--token-file", required=True)
+    server.add_argument("--cert-file", required=True)
+    server.add_argument("--key-file", required=True)
+    server.add_argument("--deadline", required=True, help="when to stop (RFC 3339, UTC): the export's TTL")
+    server.add_argument("--address", default="0.0.0.0")
+    server.add_argument("--port", type=int, default=8443)
+    server.set_defaults(func=cmd_server)
+
     vmexport = sub.add_parser("vmexport", help="export a VM's, a snapshot's or a claim's volumes (like virtctl vmexport)")
     verbs = vmexport.add_subparsers(dest="verb", required=True)
 

@@ -357,8 +357,9 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("instancetype.kubevirt.io", "virtualmachinepreferences"): READ,
     ("instancetype.kubevirt.io", "virtualmachineclusterpreferences"): READ,
     ("apps", "controllerrevisions"): READ | {"create"},  # a VM's copies of its instancetype and preference
-    ("export.kubevirt.io", "virtualmachineexports"): READ,  # on a cluster: Pending, saying the server is not built
+    ("export.kubevirt.io", "virtualmachineexports"): READ | {"delete"},  # deleted once their TTL ran out
     ("export.kubevirt.io", "virtualmachineexports/status"): STATUS,
+    ("export.kubevirt.io", "virtualmachineexports/finalizers"): {"update"},  # its exporter Pod's blockOwnerDeletion
 }
 
 
