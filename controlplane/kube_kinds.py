@@ -78,6 +78,7 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachineClusterPreference", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterpreferences",
      CLUSTER, PLAIN),
     ("ControllerRevision", "apps", "v1", "controllerrevisions", NS, PLAIN),
+    ("VirtualMachineExport", "export.kubevirt.io", "v1beta1", "virtualmachineexports", NS, STATUS),
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

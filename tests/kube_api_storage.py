@@ -86,6 +86,7 @@ SERVED = _resources(
     "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",
     "instancetype.kubevirt.io/v1beta1 virtualmachineclusterpreferences VirtualMachineClusterPreference Cluster -",
     "apps/v1 controllerrevisions ControllerRevision Namespaced -",
+    "export.kubevirt.io/v1beta1 virtualmachineexports VirtualMachineExport Namespaced status",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")
