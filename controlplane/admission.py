@@ -38,6 +38,7 @@ KINDS = {
     "VirtualMachineSnapshot": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineSnapshotContent": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineRestore": VM_SNAPSHOT_API_VERSION,
+    "VirtualMachineExport": "export.kubevirt.io/v1beta1",
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
@@ -101,6 +102,7 @@ ALIASES = {
     **dict.fromkeys(("virtualmachinerestore", "virtualmachinerestores", "vmrestore", "vmrestores"),
                     "VirtualMachineRestore"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
+    **dict.fromkeys(("vmexport", "vmexports", "virtualmachineexport", "virtualmachineexports"), "VirtualMachineExport"),
 }
 
 
@@ -273,6 +275,21 @@ def _check_migration(obj: dict) -> None:
     parse_migration(obj)
 
 
+def _check_vm_export(obj: dict) -> None:
+    from controlplane.vm_export_spec import check_source, parse_duration
+
+    spec = obj.get("spec") or {}
+    check_source(spec)
+    _check(spec["source"]["name"], "spec.source.name", False)
+    if spec.get("tokenSecretRef") is not None:
+        _check(spec["tokenSecretRef"], "spec.tokenSecretRef", False)
+    if spec.get("ttlDuration") is not None:
+        try:
+            parse_duration(spec["ttlDuration"])
+        except ValueError as exc:
+            raise ValueError(f"spec.ttlDuration: {exc}") from None
+
+
 def _check_storage_class(obj: dict) -> None:
     if not obj.get("provisioner"):
         raise ValueError("provisioner is required")
@@ -321,6 +338,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VirtualMachineSnapshot": check_snapshot,
     "VirtualMachineSnapshotContent": check_content,
     "VirtualMachineRestore": _check_vm_restore,
+    "VirtualMachineExport": _check_vm_export,
     **dict.fromkeys(INSTANCETYPE_KINDS, check_instancetype),
 }
 

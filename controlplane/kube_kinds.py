@@ -81,6 +81,7 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachineSnapshot", "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", NS, STATUS),
     ("VirtualMachineSnapshotContent", "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshotcontents", NS, STATUS),
     ("VirtualMachineRestore", "snapshot.kubevirt.io", "v1beta1", "virtualmachinerestores", NS, STATUS),
+    ("VirtualMachineExport", "export.kubevirt.io", "v1beta1", "virtualmachineexports", NS, STATUS),
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

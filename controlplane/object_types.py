@@ -181,6 +181,8 @@ SPECS: dict[str, Fields] = {
     "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
+    "VirtualMachineExport": Fields(spec=Fields(source=Fields(apiGroup=STR, kind=STR, name=STR), tokenSecretRef=STR,
+                                               ttlDuration=STR)),
     "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
                                          cloneStrategy=OneOf("snapshot", "copy", "csi-clone"),
                                          dataImportCronSourceFormat=OneOf("pvc"),  # pvlun's crons keep claims

@@ -159,6 +159,7 @@ RULES: dict[str, Callable[[Obj, Obj], None]] = {
     "VirtualMachineSnapshot": lambda old, new: _fixed(old, new, ("spec",), "a VM snapshot is taken once, as asked"),
     "VirtualMachineSnapshotContent": lambda old, new: _fixed(old, new, ("spec",), "a snapshot's content is what it took"),
     "VirtualMachineRestore": lambda old, new: _fixed(old, new, ("spec",), "a restore is done once, as asked"),
+    "VirtualMachineExport": lambda old, new: _fixed(old, new, ("spec",), "an export serves what it was made for"),
 }
 
 

@@ -89,6 +89,7 @@ SERVED = _resources(
     "snapshot.kubevirt.io/v1beta1 virtualmachinesnapshots VirtualMachineSnapshot Namespaced status",
     "snapshot.kubevirt.io/v1beta1 virtualmachinesnapshotcontents VirtualMachineSnapshotContent Namespaced status",
     "snapshot.kubevirt.io/v1beta1 virtualmachinerestores VirtualMachineRestore Namespaced status",
+    "export.kubevirt.io/v1beta1 virtualmachineexports VirtualMachineExport Namespaced status",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")

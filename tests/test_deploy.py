@@ -125,6 +125,7 @@ def test_full_is_csi_plus_the_control_plane():
                             ("CustomResourceDefinition", "virtualmachinesnapshots.snapshot.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinesnapshotcontents.snapshot.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinerestores.snapshot.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineexports.export.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineclusterinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinepreferences.instancetype.kubevirt.io"),
@@ -364,6 +365,9 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
        for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
     **{("snapshot.kubevirt.io", f"{kind}/status"): STATUS
        for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
+    ("export.kubevirt.io", "virtualmachineexports"): READ | {"delete"},  # deleted once their TTL ran out
+    ("export.kubevirt.io", "virtualmachineexports/status"): STATUS,
+    ("export.kubevirt.io", "virtualmachineexports/finalizers"): {"update"},  # its exporter Pod's blockOwnerDeletion
 }
 
 
