@@ -226,9 +226,10 @@ def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str
 def _finish(ctx: Context, snap: Obj) -> float | None:
     """Recorded: Succeeded once every VolumeSnapshot is ready to use."""
     meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
-    content = ctx.store.get(CONTENT, content_name(meta["uid"]), ns)
+    name = (snap.get("status") or {}).get("virtualMachineSnapshotContentName") or content_name(meta["uid"])
+    content = ctx.store.get(CONTENT, name, ns)
     if content is None:
-        _fail(ctx, snap, f"its VirtualMachineSnapshotContent {content_name(meta['uid'])} is gone")
+        _fail(ctx, snap, f"its VirtualMachineSnapshotContent {name} is gone")
         return None
     statuses, ready = [], True
     for backup in content["spec"].get("volumeBackups") or []:
