@@ -5,9 +5,8 @@ names its controllers give what they make — so the objects and their names mat
 
 from __future__ import annotations
 
-import re
-
 from controlplane.user_text import quoted
+from controlplane.vm_export_spec import parse_duration as go_duration
 
 API_VERSION = "snapshot.kubevirt.io/v1beta1"
 KINDS = ("VirtualMachineSnapshot", "VirtualMachineSnapshotContent", "VirtualMachineRestore")
@@ -15,25 +14,18 @@ DEFAULT_FAILURE_DEADLINE = 300.0  # seconds (KubeVirt's DefaultFailureDeadline, 
 DEFAULT_GRACE_PERIOD = 300.0  # seconds a WaitGracePeriod restore waits for its target (DefaultGracePeriod)
 READINESS_POLICIES = ("StopTarget", "WaitGracePeriod", "FailImmediate", "WaitEventually")
 VOLUME_RESTORE_POLICIES = ("RandomizeNames", "PrefixTargetName")  # InPlace: not (yet) in pvlun
-_DURATION = re.compile(r"(\d+(?:\.\d*)?)(h|ms|m|s|us|µs|ns)")
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 
 
 def parse_duration(text: object, field: str) -> float:
-    """A Go duration string (metav1.Duration: "5m", "1m30s", "250ms") in seconds."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"{field}: must be a duration such as \"5m\" or \"90s\", not {quoted(text)}")
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(text):
-        raise ValueError(f"{field}: {quoted(text)} is not a duration (such as \"5m\", \"1m30s\", \"250ms\")")
-    return total
+    """A Go duration (metav1.Duration: "5m", "1m30s", "250ms") in seconds, never negative;
+    ValueError names the field."""
+    try:
+        seconds = go_duration(text).total_seconds()
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+    if seconds < 0:
+        raise ValueError(f"{field}: {quoted(text)} is negative")
+    return seconds
 
 
 def content_name(snapshot_uid: str) -> str:

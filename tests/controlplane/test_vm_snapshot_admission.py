@@ -69,7 +69,7 @@ def test_the_spec_of_a_snapshot_or_restore_does_not_change():
 
 def test_durations_and_restored_claim_names_are_kubevirts():
     assert parse_duration("5m", "f") == 300 and parse_duration("1h2m3.5s", "f") == 3723.5
-    assert parse_duration("250ms", "f") == 0.25 and parse_duration("0", "f") == 0
+    assert parse_duration("250ms", "f") == 0.25 and parse_duration("0s", "f") == 0
     for bad in ("", "5", "m5", "5m junk", "-5m"):
         with pytest.raises(ValueError, match="f"):
             parse_duration(bad, "f")
