@@ -346,12 +346,22 @@ class VmLauncher:
     @contextmanager
     def quiesced(self, timeout: float = 5) -> Iterator[str]:
         """Hold the guest still for a snapshot's instant; yields the indication that says how
-        (KubeVirt's words): "NoGuestAgent" — paused with QMP `stop`, which drains and flushes
-        the disks, and resumed with `cont`. A guest paused before stays paused. The pause's
-        wall time (stop→cont) is kept in last_pause_seconds; keep the body short."""
+        (KubeVirt's words): "GuestAgent" — its agent froze the guest's filesystems (thawed after);
+        "NoGuestAgent" — no agent answered, so it is paused with QMP `stop`, which drains and
+        flushes the disks, and resumed with `cont`. A guest paused before stays paused. How long
+        it was held (freeze→thaw, stop→cont) is kept in last_pause_seconds; keep the body short.
+        An agent that refuses the freeze raises AgentRefused (the snapshot tries again)."""
         if self.execute("query-status", timeout=timeout)["status"] != "running":
             self.last_pause_seconds = 0.0
             yield "NoGuestAgent"  # paused (or not yet running): nothing writes
+            return
+        started = time.monotonic()
+        if self.freeze_filesystems(timeout):  # the agent froze them: the guest runs on, writing nothing
+            try:
+                yield "GuestAgent"
+            finally:
+                self.thaw_filesystems()
+                self.last_pause_seconds = time.monotonic() - started
             return
         self._quiescing = True
         self._quiesce_resumed.clear()

@@ -40,6 +40,7 @@ from controlplane.vm_snapshot_spec import (API_VERSION, DEFAULT_FAILURE_DEADLINE
                                            volume_snapshot_name)
 from controlplane.vm_spec import SpecError
 from virt.launcher import Phase
+from virt.guest_agent import AgentRefused
 from virt.qmp_session import QmpError
 from virt.reconcile import key_of, runtime
 from virt.runtime import CSI_SOURCES, Running
@@ -138,7 +139,7 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
             if included:
                 group = ctx.csi.group.CreateVolumeGroupSnapshot(pb.CreateVolumeGroupSnapshotRequest(
                     name=f"vmsnapshot-{meta['uid']}", source_volume_ids=[vid for _v, _c, vid in included])).group_snapshot
-    except (grpc.RpcError, QmpError) as exc:  # a full pool, a QEMU that went away: tried again until the deadline
+    except (grpc.RpcError, QmpError, AgentRefused) as exc:  # a full pool, a QEMU gone, a freeze refused: tried again
         _status(ctx, snap, "InProgress", progressing=(False, f"snapshot failed: {user_text(exc)}"),
                 ready=(False, "Not ready"), error=user_text(exc), sourceUID=vm["metadata"]["uid"])
         ctx.store.add_event(snap, "Warning", "VolumeGroupSnapshotFailed", user_text(exc))

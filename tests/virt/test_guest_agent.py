@@ -60,7 +60,7 @@ def agent_condition(rt: VmRuntime, name: str) -> dict | None:
     return next((c for c in vmi_status(rt, name).get("conditions", []) if c["type"] == "AgentConnected"), None)
 
 
-def test_agent_guest_is_connected_reports_its_os_and_freezes_and_thaws(runtime, manifest, agent_boot_disk,
+def test_agent_guest_is_connected_reports_its_os_freezes_thaws_and_is_quiesced_frozen(runtime, manifest, agent_boot_disk,
                                                                        tmp_path):
     data = build_data_disk(tmp_path / "data.img", {"payload.bin": b"before the snapshot\n"})
     obj = manifest("agent", "256Mi",
@@ -97,6 +97,13 @@ def test_agent_guest_is_connected_reports_its_os_and_freezes_and_thaws(runtime, 
     started = time.monotonic()
     vm.thaw_filesystems()
     assert time.monotonic() - started < 0.5 and agent.execute("guest-fsfreeze-status") == "thawed"
+
+    # a snapshot's quiesce: the agent freezes the filesystems and the guest is not paused
+    with vm.quiesced() as how:
+        assert how == "GuestAgent"
+        assert agent.execute("guest-fsfreeze-status") == "frozen"
+        assert vm.execute("query-status")["status"] == "running"
+    assert agent.execute("guest-fsfreeze-status") == "thawed" and vm.last_pause_seconds > 0
 
     # QEMU gone: so is the condition (KubeVirt removes it), and the agent channel's socket
     vm.kill()
