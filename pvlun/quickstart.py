@@ -1,6 +1,7 @@
 """`make quickstart`: the main job on the embedded default, step by step, on a temporary
 instance — a volume written through a node publish, snapshotted, cloned, expanded and
-checked; a disk image imported through a DataVolume; a VM booted from it and live-migrated."""
+checked; a disk image imported through a DataVolume; a VM booted from it and live-migrated;
+a golden image cloned for two VMs, one snapshotted, changed and restored."""
 
 from __future__ import annotations
 
@@ -214,8 +215,18 @@ spec:
 
 
 
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
-    """Import a tiny boot disk, boot it, live-migrate it while it ticks."""
+    """Import a tiny boot disk, boot it, live-migrate it while it ticks; then a golden image
+    cloned for two VMs, one snapshotted, changed and restored (quickstart_snapshots)."""
+    from pvlun.quickstart_snapshots import snapshot_steps
     from virt.guest_images import build_tick_disk, tick_vm_manifest
 
     images = os.path.join(work, "vm-images")
@@ -231,13 +242,6 @@ def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
 
     def serial() -> str:
         return cli("logs", "vm/quickstart-vm")
-
-    def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}")
-            time.sleep(0.1)
 
     with http_server(images) as url:
         steps.run("pvlun apply --wait (VM + DataVolume template)",
@@ -265,6 +269,8 @@ def vm_steps(steps: Steps, data_dir: str, work: str) -> None:
 
     steps.run("guest still running on the target", still_ticking)
     steps.run("pvlun vm stop", lambda: cli("vm", "stop", "quickstart-vm", "--wait").strip().splitlines()[-1])
+    with http_server(images) as url:
+        snapshot_steps(steps, data_dir, url, cli, wait_for)
 
 
 def main(args: argparse.Namespace | None = None) -> int:

@@ -123,6 +123,8 @@ class AgentLink:
         """Freeze the guest's filesystems: True once the agent says they are frozen, False when no
         agent answers within `timeout` seconds. AgentRefused when the agent answered with an error
         (it thaws what it froze before failing)."""
+        if self._port_open is False:  # no guest program opened the channel: no agent to wait for
+            return False
         with self._freeze_lock:
             try:
                 frozen = self.agent.execute("guest-fsfreeze-freeze", timeout=timeout)
