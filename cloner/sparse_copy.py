@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import zlib
 
@@ -51,6 +52,41 @@ def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
         extents.append((start, end))
         offset = end
     return extents
+
+
+def _loop_backing(fd: int) -> str | None:
+    """The file behind a loop device open at `fd` (the LUN a Block volume is attached from),
+    if the device maps it whole from its start; None otherwise (not a loop device, an offset)."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    sys_dir = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop"
+    try:
+        with open(os.path.join(sys_dir, "offset")) as f:
+            if int(f.read()) != 0:
+                return None
+        with open(os.path.join(sys_dir, "backing_file"), errors="surrogateescape") as f:
+            backing = f.read().rstrip("\n")
+    except (OSError, ValueError):
+        return None
+    return None if backing.endswith(" (deleted)") else backing
+
+
+def source_extents(fd: int, length: int) -> list[tuple[int, int]]:
+    """The data extents of a disk: of the file itself, or of the file behind a loop device (a
+    block device has no holes to seek to; its backing LUN file has), else all of it."""
+    backing = _loop_backing(fd)
+    if backing is not None:
+        try:
+            mapped = os.open(backing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return [(0, length)]
+        try:
+            if stat.S_ISREG(os.fstat(mapped).st_mode):
+                return data_extents(mapped, length)
+        finally:
+            os.close(mapped)
+    return data_extents(fd, length)
 
 
 def _chunks(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -127,7 +163,7 @@ def copy_sparse(source: int, target: int, length: int) -> int:
     a block device or a disk image), writing only non-zero chunks; fsync; then read those
     chunks back from the target past its page cache and compare their checksums with the
     source's. The bytes written; ChecksumMismatch naming the first chunk that differs."""
-    chunks = _chunks(data_extents(source, length))
+    chunks = _chunks(source_extents(source, length))
 
     def copy(offset: int, size: int, buf: bytearray, sums: dict[int, int]) -> None:
         data = _read(source, buf, offset, size)

@@ -136,10 +136,18 @@ def reconcile_clone(ctx: Context, dv: Obj, source: dict, size: int, mode: str, a
                                    f"clone/{dvr.key_of(dv)}", volumes=2)
         return None
     wanted = _claim_request(dv, source, size, mode, access, sc)
-    if wanted > _capacity(pvc):
+    if wanted > _capacity(pvc) and _expandable(ctx, pvc):
         return _expand(ctx, dv, pvc, wanted)
     _succeeded(ctx, dv, strategy)
     return None
+
+
+def _expandable(ctx: Context, pvc: Obj) -> bool:
+    """The claim's class allows expansion. A claim that asks for more only for CDI's filesystem
+    overhead (a disk no larger than its source) keeps its source's size on a class that does not."""
+    from controlplane.provisioner import storage_class_for
+
+    return bool((storage_class_for(ctx, pvc) or {}).get("allowVolumeExpansion"))
 
 
 def _claim_request(dv: Obj, source: dict, size: int, mode: str, access: list[str], sc: str | None) -> int:
@@ -165,7 +173,7 @@ def _make_claim(ctx: Context, dv: Obj, src: Obj | None, source: dict, size: int,
     wanted = _claim_request(dv, source, size, mode, access, sc)
     strategy = _saved(dv)
     if strategy is None:
-        choice = _choose(ctx, dv, src, mode, wanted, sc)
+        choice = _choose(ctx, dv, src, mode, size, sc)  # the disk asked for, without the filesystem overhead
         _save_choice(ctx, dv, choice)
         strategy = choice.strategy
         fallback = choice.message if choice.reason else None

@@ -93,23 +93,31 @@ def test_copy_is_byte_exact_sparse_and_writes_only_data(tmp_path):
     assert allocated(dst) <= allocated(src) + sparse_copy.CHUNK  # holes stay holes
 
 
-def test_copy_into_a_loop_device_is_byte_exact(tmp_path):
+def loop(path: str) -> str:
+    return subprocess.run(["losetup", "-f", "--show", "--direct-io=on", path], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_loop_device_to_loop_device_is_byte_exact_and_reads_only_the_source_luns_data(tmp_path):
     src, lun = str(tmp_path / "src.img"), str(tmp_path / "lun.img")
     want = golden(src, 16 * MiB)
     with open(lun, "wb") as f:
         f.truncate(16 * MiB)
-    device = subprocess.run(["losetup", "-f", "--show", "--direct-io=on", lun], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    devices = [loop(src), loop(lun)]
     try:
-        with open(src, "rb") as s:
-            fd = os.open(device, os.O_RDWR)
-            try:
-                copy_sparse(s.fileno(), fd, len(want))
-            finally:
-                os.close(fd)
+        source, target = os.open(devices[0], os.O_RDONLY), os.open(devices[1], os.O_RDWR)
+        try:
+            assert sparse_copy.source_extents(source, len(want)) == sparse_copy.data_extents(
+                os.open(src, os.O_RDONLY), len(want))  # the LUN's holes, seen through its device
+            written = copy_sparse(source, target, len(want))
+        finally:
+            os.close(source)
+            os.close(target)
     finally:
-        subprocess.run(["losetup", "-d", device], check=True)
+        for device in devices:
+            subprocess.run(["losetup", "-d", device], check=True)
     assert open(lun, "rb").read() == want
+    assert 2 * MiB < written < 3 * MiB
 
 
 def test_a_target_that_does_not_read_back_as_written_is_a_checksum_mismatch(tmp_path, monkeypatch):
