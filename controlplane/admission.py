@@ -33,6 +33,8 @@ KINDS = {
     "DataSource": "cdi.kubevirt.io/v1beta1",
     "DataImportCron": "cdi.kubevirt.io/v1beta1",
     "StorageProfile": "cdi.kubevirt.io/v1beta1",
+    # RBAC: the grants clones across namespaces need (datavolumes/source), evaluated as the API server does
+    **dict.fromkeys(("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"), "rbac.authorization.k8s.io/v1"),
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
@@ -90,6 +92,9 @@ ALIASES = {
     **dict.fromkeys(("virtualmachineclusterpreference", "virtualmachineclusterpreferences", "vmcp", "vmcps"),
                     "VirtualMachineClusterPreference"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
+    "role": "Role", "roles": "Role", "clusterrole": "ClusterRole", "clusterroles": "ClusterRole",
+    "rolebinding": "RoleBinding", "rolebindings": "RoleBinding", "clusterrolebinding": "ClusterRoleBinding",
+    "clusterrolebindings": "ClusterRoleBinding",
 }
 
 

@@ -157,6 +157,10 @@ DATA_VOLUME_SPEC = Fields(
                   snapshot=Fields(name=STR, namespace=STR)),
     sourceRef=Fields(kind=STR, name=STR, namespace=STR), storage=CLAIM_SPEC, pvc=CLAIM_SPEC, contentType=STR,
     preallocation=BOOL)
+POLICY_RULE = Fields(apiGroups=ListOf(STR), resources=ListOf(STR), verbs=ListOf(STR), resourceNames=ListOf(STR),
+                     nonResourceURLs=ListOf(STR))
+ROLE_REF = Fields(apiGroup=STR, kind=OneOf("Role", "ClusterRole"), name=STR)
+SUBJECT = Fields(kind=OneOf("User", "Group", "ServiceAccount"), name=STR, namespace=STR, apiGroup=STR)
 CLAIM_PROPERTY_SET = Fields(accessModes=ListOf(OneOf(*ACCESS_MODES)), volumeMode=OneOf("Filesystem", "Block"))
 VMI_TEMPLATE = Fields(metadata=Fields(labels=MapOf(STR), annotations=MapOf(STR)), spec=ANY_MAP)
 
@@ -181,6 +185,10 @@ SPECS: dict[str, Fields] = {
     "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
+    "Role": Fields(rules=ListOf(POLICY_RULE)),
+    "ClusterRole": Fields(rules=ListOf(POLICY_RULE), aggregationRule=ANY_MAP),
+    "RoleBinding": Fields(roleRef=ROLE_REF, subjects=ListOf(SUBJECT)),
+    "ClusterRoleBinding": Fields(roleRef=ROLE_REF, subjects=ListOf(SUBJECT)),
     "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
                                          cloneStrategy=OneOf("snapshot", "copy", "csi-clone"),
                                          dataImportCronSourceFormat=OneOf("pvc"),  # pvlun's crons keep claims

@@ -28,6 +28,22 @@ TMP_SNAPSHOT_PREFIX = "tmp-snapshot-"  # CDI's name for the snapshot strategy's 
 RECHECK_SECONDS = 0.2  # a step another controller takes (the snapshot, the expansion): look again soon
 
 
+UNAUTHORIZED = "CloneValidationFailed"  # CDI's reason for a clone its checks do not admit
+GRANT_RECHECK_SECONDS = 5.0  # a clone waiting for its grant looks again (a Role or binding may come)
+SERVICE_ACCOUNT = "default"  # whose grant a clone into a namespace needs, as KubeVirt and CDI ask it
+
+
+def _denied(ctx: Context, dv: Obj, source: dict, src_ns: str) -> str | None:
+    """Why the DataVolume may not clone from another namespace (None if it may): the target
+    namespace's service account needs `create` on `datavolumes/source` there (CDI's check)."""
+    from controlplane.rbac import may_clone_from
+
+    ns = dv["metadata"].get("namespace", "default")
+    if src_ns == ns:
+        return None
+    return may_clone_from(ctx.store, src_ns, source.get("name", ""), ns, SERVICE_ACCOUNT)
+
+
 def tmp_snapshot_name(dv: Obj) -> str:
     return TMP_SNAPSHOT_PREFIX + dv["metadata"]["uid"]
 
@@ -106,6 +122,13 @@ def reconcile_clone(ctx: Context, dv: Obj, source: dict, size: int, mode: str, a
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
         return None  # the old claim (a failed or restarted clone) is still going away
     if pvc is None:
+        denied = _denied(ctx, dv, source, src_ns)
+        if denied:
+            status = dvr.status_of(dv)
+            if status.get("phase") != "Pending" or not any(c.get("message") == denied for c in status.get("conditions", [])):
+                dvr.set_phase(ctx, dv, "Pending", progress="N/A", ready=False, ready_why=(UNAUTHORIZED, denied),
+                              running=(False, UNAUTHORIZED, denied), event=("Warning", UNAUTHORIZED, denied))
+            return GRANT_RECHECK_SECONDS
         return _make_claim(ctx, dv, src, source, size, mode, access, sc, taken)
     if (pvc.get("status") or {}).get("phase") != "Bound" and dvr.waits_for_class(ctx, dv, sc):
         return dvr.CLASS_RECHECK_SECONDS

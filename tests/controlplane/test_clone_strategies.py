@@ -4,7 +4,7 @@ DataVolume's cloneType annotation and events), every one byte-exact against its 
 from __future__ import annotations
 
 import os
-import threading
+import time
 
 import pytest
 
@@ -112,10 +112,17 @@ def test_default_is_the_drivers_csi_clone_and_byte_exact(instance, golden):
     assert any(r == "CloneSucceeded" and "csi-clone" in m for r, m in events_of(instance, "c-default"))
 
 
-def test_storage_profile_forces_snapshot_which_restores_from_a_temporary_snapshot_then_deletes_it(instance, golden):
+@pytest.fixture(scope="module")
+def snap_sc(instance) -> str:
+    """A class whose StorageProfile says snapshot."""
     instance.apply(storage_class("snap-sc", profile="snapshot"))
     instance.wait(lambda: ((instance.get("StorageProfile", "snap-sc", "") or {}).get("status") or {})
                   .get("cloneStrategy") == "snapshot", 20, "snap-sc's profile")
+    return "snap-sc"
+
+
+def test_storage_profile_forces_snapshot_which_restores_from_a_temporary_snapshot_then_deletes_it(instance, golden,
+                                                                                                  snap_sc):
     instance.apply(clone("c-snap", "golden-blk", sc="snap-sc"), "--wait")
     obj = cloned(instance, "c-snap")
     assert obj["metadata"]["annotations"][CLONE_TYPE] == "snapshot"
@@ -125,9 +132,15 @@ def test_storage_profile_forces_snapshot_which_restores_from_a_temporary_snapsho
     assert holds(disk_of(instance, "c-snap"), golden)
 
 
-def test_class_annotation_forces_copy_byte_exact(instance, golden):
+@pytest.fixture(scope="module")
+def copy_sc(instance) -> str:
+    """A class annotated cdi.kubevirt.io/clone-strategy: copy."""
     instance.apply(storage_class("copy-sc", annotation="copy"))
-    instance.apply(clone("c-copy", "golden-blk", sc="copy-sc"), "--wait")
+    return "copy-sc"
+
+
+def test_class_annotation_forces_copy_byte_exact(instance, golden, copy_sc):
+    instance.apply(clone("c-copy", "golden-blk", sc=copy_sc), "--wait")
     obj = cloned(instance, "c-copy")
     assert obj["metadata"]["annotations"][CLONE_TYPE] == "copy"
     assert "dataSource" not in instance.get("PersistentVolumeClaim", "c-copy")["spec"]  # a blank claim, filled
@@ -163,7 +176,7 @@ def test_across_volume_modes_csi_clone_falls_back_to_copy_byte_exact(instance, g
 
 
 @pytest.mark.parametrize("sc", [None, "snap-sc"])
-def test_a_larger_target_is_cloned_then_expanded(instance, golden, sc):
+def test_a_larger_target_is_cloned_then_expanded(instance, golden, snap_sc, sc):
     name = f"big-{sc or 'csi'}"
     instance.apply(clone(name, "golden-blk", size="48Mi", sc=sc), "--wait")
     cloned(instance, name)
@@ -182,9 +195,57 @@ def test_a_larger_filesystem_target_gets_its_filesystem_and_disk_image_grown(ins
     assert holds(disk, golden) and len(disk) > 48 * MiB
 
 
-def test_twenty_concurrent_clones_of_one_golden_image_are_all_byte_exact(instance, golden):
+def test_twenty_concurrent_clones_of_one_golden_image_are_all_byte_exact(instance, golden, snap_sc, copy_sc):
+    """All three strategies at once, on one golden image."""
     names = [f"crowd-{i}" for i in range(20)]
-    instance.apply("---\n".join(clone(n, "golden-blk", sc="copy-sc" if i % 4 == 0 else None)
+    instance.apply("---\n".join(clone(n, "golden-blk", sc=(copy_sc, snap_sc, None)[i % 3])
                                 for i, n in enumerate(names)), "--wait", "--timeout", "240")
     bad = [n for n in names if not holds(disk_of(instance, cloned(instance, n)["metadata"]["name"]), golden)]
     assert not bad
+    taken = [instance.get("DataVolume", n)["metadata"]["annotations"][CLONE_TYPE] for n in names]
+    assert {s: taken.count(s) for s in set(taken)} == {"copy": 7, "snapshot": 7, "csi-clone": 6}
+
+
+def test_a_clone_from_another_namespace_waits_for_the_source_namespaces_grant_then_clones(instance, golden):
+    from manifests import clone_grant
+
+    instance.apply(dv("shared", "    blank: {}", size="16Mi").replace("metadata:\n", "metadata:\n  namespace: images\n"),
+                   "--wait")
+    with open(instance.lun_path("shared", "images"), "r+b") as f:
+        f.write(golden)
+    instance.apply(clone("x-ns", "shared").replace("      name: shared\n", "      name: shared\n      namespace: images\n"))
+    want = ("User system:serviceaccount:default:default has insufficient permissions in clone source namespace "
+            "images: it needs a Role or ClusterRole granting create on datavolumes/source (apiGroup cdi.kubevirt.io), "
+            "bound to it in namespace images")
+    ready = instance.wait(lambda: next((c for c in (instance.get("DataVolume", "x-ns").get("status") or {})
+                                        .get("conditions", []) if c["type"] == "Ready" and c.get("message") == want),
+                                       None), 20, "the refusal")
+    assert ready["reason"] == "CloneValidationFailed"
+    assert instance.get("DataVolume", "x-ns")["status"]["phase"] == "Pending"
+    assert instance.get("PersistentVolumeClaim", "x-ns") is None  # nothing made before the grant
+    # a grant elsewhere (in the target namespace) is not the source's
+    instance.apply(clone_grant("default", "default").replace("datavolume-cloner", "cloner-here"))
+    time.sleep(1)
+    assert instance.get("PersistentVolumeClaim", "x-ns") is None
+    instance.apply(clone_grant("images", "default"))
+    instance.wait(lambda: (instance.get("DataVolume", "x-ns").get("status") or {}).get("phase") == "Succeeded", 30,
+                  "the clone once granted")
+    assert holds(disk_of(instance, "x-ns"), golden)
+
+
+def test_a_snapshot_clone_of_the_disk_a_running_vm_uses_is_readable_and_boots_the_same(instance, golden, snap_sc,
+                                                                                       tick_image, tick_vm_yaml):
+    from guest_output import MARKER, alive
+    from virt.bootsector import tick_boot_sector
+
+    out = instance.apply(tick_vm_yaml("busy", tick_image), "--wait")
+    assert "virtualmachine/busy Running" in out.stdout, out.stdout + out.stderr
+    instance.wait(lambda: MARKER in instance.all_serial_logs("busy"), 60, "the guest's marker")
+    pid = instance.qemu_pid("busy")
+    instance.apply(clone("busy-copy", "busy-root", size="8Mi", sc=snap_sc), "--wait")  # the VM runs on meanwhile
+    obj = cloned(instance, "busy-copy")
+    assert obj["metadata"]["annotations"][CLONE_TYPE] == "snapshot"
+    with open(instance.lun_path("busy-copy"), "rb") as f:
+        assert f.read(512) == tick_boot_sector()  # crash-consistent: the boot sector intact
+    assert instance.qemu_pid("busy") == pid and alive(pid)
+    instance.cli("delete", "vm", "busy")
