@@ -9,8 +9,10 @@ Reference, same run, same golden image (its LUN in the pool): `cp --reflink=alwa
 `cp --sparse=always` (each followed by `sync FILE`, as the copy ends with fsync). coreutils 9
 copies with copy_file_range, which XFS turns into a reflink inside the pool, so
 `cp --sparse=always` is also measured into an XFS filesystem of its own (a loop-mounted image
-beside the pool: no reflink across filesystems), the bytes moved as the copy strategy moves
-them; the copy's rate is given against that one.
+beside the pool, on a direct-I/O loop device as the pool is: no reflink across filesystems),
+the bytes moved as the copy strategy moves them; the copy's rate is given against that one.
+The golden LUN's cached pages are dropped before each cp: the copy strategy reads it through
+direct-I/O loop devices, from the host's disk.
 
 Targets (issue 11): snapshot and csi-clone under 100 ms per clone; copy at least 0.9x the
 rate of `cp --sparse=always`.
@@ -108,7 +110,18 @@ def _lun(store: SQLiteStore, data_dir: str, claim: str) -> str:
     return os.path.join(data_dir, "pool", "volumes", pv["spec"]["csi"]["volumeHandle"] + ".img")
 
 
+def _cold(path: str) -> None:
+    """Drop the file's cached pages: cp then reads the pool as the copy strategy does (its loop
+    devices use direct I/O down to the host's disk), not the memory _fill left it in."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _cp(args: list[str], source: str, target: str) -> float:
+    _cold(source)
     started = time.monotonic()
     run_command(["cp", *args, source, target], timeout=600)
     run_command(["sync", target], timeout=600)
@@ -125,13 +138,16 @@ def _cp_rows(golden: str, pool: str, work: str) -> tuple[list[Row], float]:
         f.truncate(SIZE + 2 * GiB)
     run_command(["mkfs.xfs", "-q", image], timeout=120)
     os.makedirs(other)
-    run_command(["mount", "-o", "loop", image, other], timeout=60)
+    # with direct I/O, as the pool's own loop device: what is synced reaches the host's disk
+    device = run_command(["losetup", "--find", "--show", "--direct-io=on", image], timeout=60).stdout.decode().strip()
+    run_command(["mount", device, other], timeout=60)
     try:
         reflink = [_cp(["--reflink=always"], golden, os.path.join(pool, "bench-cp-reflink")) for _ in range(3)]
         sparse_in = [_cp(["--sparse=always"], golden, os.path.join(pool, "bench-cp-sparse")) for _ in range(3)]
         sparse_out = [_cp(["--sparse=always"], golden, os.path.join(other, "bench-cp-sparse")) for _ in range(3)]
     finally:
         run_command(["umount", other], timeout=60, check=False)
+        run_command(["losetup", "-d", device], timeout=60, check=False)
         os.unlink(image)
     ms = lambda xs: f"{statistics.median(xs) * 1000:.1f} ms"  # noqa: E731
     across = statistics.median(sparse_out)
