@@ -18,11 +18,15 @@ both sides are read by this process — and at several GB/s it does not slow the
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import stat
 import threading
+import time
 import zlib
+
+log = logging.getLogger("pvlun.cloner")
 
 CHUNK = 1 << 20  # large enough for direct I/O to stream, small enough to share out
 GROUP = 16  # chunks a worker takes at a time: long sequential runs per thread
@@ -186,6 +190,7 @@ def copy_sparse(source: int, target: int, length: int) -> int:
     a block device or a disk image), writing only non-zero chunks; fsync; then read those
     chunks back from the target past its page cache and compare their checksums with the
     source's. The bytes written; ChecksumMismatch naming the first chunk that differs."""
+    started = time.monotonic()
     chunks = _chunks(source_extents(source, length))
     src, dst = _Disk(source, False), _Disk(target, True)
     try:
@@ -196,9 +201,12 @@ def copy_sparse(source: int, target: int, length: int) -> int:
                 _write(dst.fd_for(offset, size), data, offset)
 
         expected: dict[int, int] = {}
+        mapped = time.monotonic()
         for part in _in_parallel(chunks, copy):
             expected.update(part)
+        copied = time.monotonic()
         os.fsync(target)
+        synced = time.monotonic()
         written = [(offset, size) for offset, size in chunks if offset in expected]
         for offset, size in written:  # what went through the cache: read it from the volume
             if dst.fd_for(offset, size) == target:
@@ -213,8 +221,12 @@ def copy_sparse(source: int, target: int, length: int) -> int:
     finally:
         src.close()
         dst.close()
+    written_bytes = sum(size for _, size in written)
+    log.info("copy: %d bytes written of %d in %.2f s (extents %.2f, copy %.2f, fsync %.2f, verify %.2f)",
+             written_bytes, length, time.monotonic() - started, mapped - started, copied - mapped, synced - copied,
+             time.monotonic() - synced)
     bad = sorted(o for o in expected if got.get(o) != expected[o])
     if bad:
         raise ChecksumMismatch(f"the target does not read back as the source was read: {len(bad)} chunk(s) "
                                f"differ, the first at byte {bad[0]}")
-    return sum(size for _, size in written)
+    return written_bytes

@@ -92,9 +92,13 @@ def _ensure_tmp_snapshot(ctx: Context, dv: Obj, src: Obj) -> Obj | None:
         klass = next((c["metadata"]["name"] for c in ctx.store.list("VolumeSnapshotClass") if c.get("driver") == driver),
                      None)
         meta = dv["metadata"]
+        # owned by the DataVolume where an owner reference may point (one namespace): a DataVolume
+        # deleted before its claim is made takes the snapshot with it
+        owner = ([{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": dvr.KIND, "name": meta["name"], "uid": meta["uid"]}]
+                 if src_ns == meta.get("namespace", "default") else [])
         ctx.store.apply({
             "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-            "metadata": {"name": name, "namespace": src_ns,
+            "metadata": {"name": name, "namespace": src_ns, "ownerReferences": owner,
                          "labels": {"cdi.kubevirt.io/OwnedByUID": meta["uid"]},
                          "annotations": {"cdi.kubevirt.io/ownedByDataVolume": f"{meta.get('namespace', 'default')}/"
                                                                               f"{meta['name']}"}},
