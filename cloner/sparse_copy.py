@@ -26,6 +26,8 @@ import threading
 import time
 import zlib
 
+from host.extents import data_extents
+
 log = logging.getLogger("pvlun.cloner")
 
 CHUNK = 1 << 20  # large enough for direct I/O to stream, small enough to share out
@@ -36,28 +38,6 @@ _ZEROS = bytes(CHUNK)
 
 class ChecksumMismatch(Exception):
     """The target does not read back as the source was read: the copy must not be used."""
-
-
-def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
-    """(start, end) of the ranges of `fd` below `length` that may hold data. A block device
-    (or a filesystem without SEEK_DATA) reports all of it as data."""
-    extents: list[tuple[int, int]] = []
-    offset = 0
-    while offset < length:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data past offset
-                break
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return extents + [(offset, length)]
-            raise
-        if start >= length:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
-        extents.append((start, end))
-        offset = end
-    return extents
 
 
 def _loop_backing(fd: int) -> str | None:
