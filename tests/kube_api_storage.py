@@ -86,6 +86,10 @@ SERVED = _resources(
     "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",
     "instancetype.kubevirt.io/v1beta1 virtualmachineclusterpreferences VirtualMachineClusterPreference Cluster -",
     "apps/v1 controllerrevisions ControllerRevision Namespaced -",
+    "rbac.authorization.k8s.io/v1 roles Role Namespaced -",
+    "rbac.authorization.k8s.io/v1 clusterroles ClusterRole Cluster -",
+    "rbac.authorization.k8s.io/v1 rolebindings RoleBinding Namespaced -",
+    "rbac.authorization.k8s.io/v1 clusterrolebindings ClusterRoleBinding Cluster -",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")
