@@ -10,7 +10,7 @@ target: a new CSI volume reads as zeros), so the check costs one read of the dat
 whole volume. The chunks are shared out among a few threads (the syscalls and zlib let go of
 the GIL), so the copy keeps pace with `cp --sparse=always`.
 
-The checksum is CRC-32 per 1 MiB chunk: it guards the copy against what goes wrong in
+The checksum is CRC-32 per run of written MiBs: it guards the copy against what goes wrong in
 transit (a short or misplaced write, a device that loses one), not against an adversary —
 both sides are read by this process — and at several GB/s it does not slow the copy.
 """
@@ -30,8 +30,10 @@ from host.extents import data_extents
 
 log = logging.getLogger("pvlun.cloner")
 
-CHUNK = 1 << 20  # large enough for direct I/O to stream, small enough to share out
-GROUP = 16  # chunks a worker takes at a time: long sequential runs per thread
+CHUNK = 8 << 20  # one read: large enough for direct I/O to stream (measured: 8 MiB x 4 threads beat 1-16 MiB x 2-8)
+ZERO_BLOCK = 1 << 20  # the grain at which zeros are found inside a chunk and left unwritten
+GROUP = 4  # chunks a worker takes at a time: long sequential runs per thread
+THREADS = 4  # requests in flight: the copy waits on the disks, not on the CPU
 ALIGN = 4096  # what O_DIRECT needs of offsets and sizes on every device pvlun attaches
 _ZEROS = bytes(CHUNK)
 
@@ -122,9 +124,25 @@ def _read(fd: int, view: memoryview, offset: int, size: int) -> memoryview:
 def _is_zero(data: memoryview) -> bool:
     """All zeros (a memoryview compares byte by byte in Python: its copy is compared at memcmp speed)."""
     n = len(data)
+    if n == 0:
+        return True
     if data[:8] != _ZEROS[:min(8, n)] or data[n - 8:] != _ZEROS[:min(8, n)]:
         return False  # data: its ends are rarely both zero
-    return data.tobytes() == (_ZEROS if n == CHUNK else _ZEROS[:n])
+    return data.tobytes() == _ZEROS[:n]
+
+
+def _nonzero_runs(data: memoryview) -> list[tuple[int, int]]:
+    """(start, end) of the runs of ZERO_BLOCKs of `data` that are not all zeros."""
+    runs: list[tuple[int, int]] = []
+    for start in range(0, len(data), ZERO_BLOCK):
+        end = min(start + ZERO_BLOCK, len(data))
+        if _is_zero(data[start:end]):
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
 
 
 def _write(fd: int, data: memoryview, offset: int) -> None:
@@ -136,7 +154,7 @@ def _write(fd: int, data: memoryview, offset: int) -> None:
 def _in_parallel(chunks: list[tuple[int, int]], work) -> list[dict[int, int]]:
     """Run work(offset, size, buf, sums) over the chunks on a few threads, GROUP chunks at a
     time; each thread's {offset: crc}. The first error of any thread is raised."""
-    threads = max(1, min(4, os.cpu_count() or 1))
+    threads = THREADS
     groups = [chunks[i:i + GROUP] for i in range(0, len(chunks), GROUP)]
     lock = threading.Lock()
     results: list[dict[int, int]] = [{} for _ in range(threads)]
@@ -174,20 +192,21 @@ def copy_sparse(source: int, target: int, length: int) -> int:
     chunks = _chunks(source_extents(source, length))
     src, dst = _Disk(source, False), _Disk(target, True)
     try:
-        def copy(offset: int, size: int, buf: memoryview, sums: dict[int, int]) -> None:
+        def copy(offset: int, size: int, buf: memoryview, sums: dict[int, tuple[int, int]]) -> None:
             data = _read(src.fd_for(offset, size), buf, offset, size)
-            if not _is_zero(data):
-                sums[offset] = zlib.crc32(data)
-                _write(dst.fd_for(offset, size), data, offset)
+            for start, end in _nonzero_runs(data):
+                piece = data[start:end]
+                sums[offset + start] = (end - start, zlib.crc32(piece))
+                _write(dst.fd_for(offset + start, end - start), piece, offset + start)
 
-        expected: dict[int, int] = {}
+        expected: dict[int, tuple[int, int]] = {}
         mapped = time.monotonic()
         for part in _in_parallel(chunks, copy):
             expected.update(part)
         copied = time.monotonic()
         os.fsync(target)
         synced = time.monotonic()
-        written = [(offset, size) for offset, size in chunks if offset in expected]
+        written = sorted((offset, size) for offset, (size, _) in expected.items())
         for offset, size in written:  # what went through the cache: read it from the volume
             if dst.fd_for(offset, size) == target:
                 os.posix_fadvise(target, offset, size, os.POSIX_FADV_DONTNEED)
@@ -205,7 +224,7 @@ def copy_sparse(source: int, target: int, length: int) -> int:
     log.info("copy: %d bytes written of %d in %.2f s (extents %.2f, copy %.2f, fsync %.2f, verify %.2f)",
              written_bytes, length, time.monotonic() - started, mapped - started, copied - mapped, synced - copied,
              time.monotonic() - synced)
-    bad = sorted(o for o in expected if got.get(o) != expected[o])
+    bad = sorted(o for o, (_, crc) in expected.items() if got.get(o) != crc)
     if bad:
         raise ChecksumMismatch(f"the target does not read back as the source was read: {len(bad)} chunk(s) "
                                f"differ, the first at byte {bad[0]}")

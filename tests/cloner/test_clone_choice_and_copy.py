@@ -71,7 +71,7 @@ def golden(path: str, size: int = 64 * MiB) -> bytes:
         f.truncate(size)
         f.write(b"BOOT" * 128)
         f.seek(size // 2)
-        f.write(os.urandom(MiB) + bytes(sparse_copy.CHUNK) + os.urandom(MiB))
+        f.write(os.urandom(MiB) + bytes(2 * sparse_copy.ZERO_BLOCK) + os.urandom(MiB))
         f.seek(size - 4096)
         f.write(os.urandom(4096))
     with open(path, "rb") as f:
