@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEB_PACKAGES := qemu-utils qemu-system-x86 qemu-block-extra xfsprogs e2fsprogs btrfs-progs \
 	util-linux mount tgt nginx docker-registry skopeo busybox-static linux-image-amd64 \
 	cpio zstd xz-utils gzip tar genisoimage procps iproute2 open-iscsi ovmf syslinux syslinux-common \
-	mtools dosfstools nbdkit bubblewrap passt python3-minimal
+	mtools dosfstools nbdkit bubblewrap passt python3-minimal qemu-guest-agent
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PY := $(VENV)/.py-stamp
 

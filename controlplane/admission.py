@@ -33,6 +33,7 @@ KINDS = {
     "DataSource": "cdi.kubevirt.io/v1beta1",
     "DataImportCron": "cdi.kubevirt.io/v1beta1",
     "StorageProfile": "cdi.kubevirt.io/v1beta1",
+    "VirtualMachineExport": "export.kubevirt.io/v1beta1",
     # RBAC: the grants clones across namespaces need (datavolumes/source), evaluated as the API server does
     **dict.fromkeys(("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"), "rbac.authorization.k8s.io/v1"),
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
@@ -92,6 +93,7 @@ ALIASES = {
     **dict.fromkeys(("virtualmachineclusterpreference", "virtualmachineclusterpreferences", "vmcp", "vmcps"),
                     "VirtualMachineClusterPreference"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
+    **dict.fromkeys(("vmexport", "vmexports", "virtualmachineexport", "virtualmachineexports"), "VirtualMachineExport"),
     "role": "Role", "roles": "Role", "clusterrole": "ClusterRole", "clusterroles": "ClusterRole",
     "rolebinding": "RoleBinding", "rolebindings": "RoleBinding", "clusterrolebinding": "ClusterRoleBinding",
     "clusterrolebindings": "ClusterRoleBinding",
@@ -267,6 +269,21 @@ def _check_migration(obj: dict) -> None:
     parse_migration(obj)
 
 
+def _check_vm_export(obj: dict) -> None:
+    from controlplane.vm_export_spec import check_source, parse_duration
+
+    spec = obj.get("spec") or {}
+    check_source(spec)
+    _check(spec["source"]["name"], "spec.source.name", False)
+    if spec.get("tokenSecretRef") is not None:
+        _check(spec["tokenSecretRef"], "spec.tokenSecretRef", False)
+    if spec.get("ttlDuration") is not None:
+        try:
+            parse_duration(spec["ttlDuration"])
+        except ValueError as exc:
+            raise ValueError(f"spec.ttlDuration: {exc}") from None
+
+
 def _check_storage_class(obj: dict) -> None:
     if not obj.get("provisioner"):
         raise ValueError("provisioner is required")
@@ -301,6 +318,7 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VolumeSnapshotClass": _check_snapshot_class,
     "DataSource": _check_data_source,
     "DataImportCron": _check_import_cron,
+    "VirtualMachineExport": _check_vm_export,
     **dict.fromkeys(INSTANCETYPE_KINDS, check_instancetype),
 }
 

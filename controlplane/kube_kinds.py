@@ -78,6 +78,7 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachineClusterPreference", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterpreferences",
      CLUSTER, PLAIN),
     ("ControllerRevision", "apps", "v1", "controllerrevisions", NS, PLAIN),
+    ("VirtualMachineExport", "export.kubevirt.io", "v1beta1", "virtualmachineexports", NS, STATUS),
     ("Role", "rbac.authorization.k8s.io", "v1", "roles", NS, PLAIN),
     ("ClusterRole", "rbac.authorization.k8s.io", "v1", "clusterroles", CLUSTER, PLAIN),
     ("RoleBinding", "rbac.authorization.k8s.io", "v1", "rolebindings", NS, PLAIN),

@@ -22,7 +22,8 @@ PASS_THROUGH = {"PersistentVolume", "VolumeSnapshotContent"}
 # VolumeAttachment owners (kubelet.attach's `owner`) → the kind of object that made them
 MIGRATION_JOB = "kubevirt.io/migrationJobName"  # the annotation naming a target Pod's migration
 IMPORT_CRON_LABEL = "cdi.kubevirt.io/dataImportCron"  # on a DataImportCron's DataVolumes and DataSource
-ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine"}
+ATTACHMENT_OWNERS = {"import": "DataVolume", "clone": "DataVolume", "upload": "DataVolume", "vm": "VirtualMachine",
+                     "vmexport": "VirtualMachineExport"}
 
 
 def key(kind: str, namespace: str, name: object) -> Key | None:
@@ -127,6 +128,14 @@ def links(obj: Obj) -> set[Key]:
                 out.append(key("VirtualMachine", ns, ref.get("name")))
         # a migration's target Pod is its migration's too (KubeVirt's kubevirt.io/migrationJobName)
         out.append(key("VirtualMachineInstanceMigration", ns, _dict(meta.get("annotations")).get(MIGRATION_JOB)))
+    elif kind == "VirtualMachineExport":  # waits on its source (a claim, a VM and its VMI, a VM snapshot)
+        source = _dict(spec.get("source"))
+        if source.get("kind") == "PersistentVolumeClaim":
+            out += _claim(ns, source.get("name"))
+        else:
+            out.append(key(str(source.get("kind", "")), ns, source.get("name")))
+        if source.get("kind") == "VirtualMachine":
+            out.append(key("VirtualMachineInstance", ns, source.get("name")))
     elif kind == "VolumeAttachment":
         out.append(key("PersistentVolume", "", _dict(spec.get("source")).get("persistentVolumeName")))
         parts = str(spec.get("owner", "")).split("/")

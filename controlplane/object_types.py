@@ -185,6 +185,8 @@ SPECS: dict[str, Fields] = {
     "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
+    "VirtualMachineExport": Fields(spec=Fields(source=Fields(apiGroup=STR, kind=STR, name=STR), tokenSecretRef=STR,
+                                               ttlDuration=STR)),
     "Role": Fields(rules=ListOf(POLICY_RULE)),
     "ClusterRole": Fields(rules=ListOf(POLICY_RULE), aggregationRule=ANY_MAP),
     "RoleBinding": Fields(roleRef=ROLE_REF, subjects=ListOf(SUBJECT)),

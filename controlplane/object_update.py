@@ -155,6 +155,7 @@ RULES: dict[str, Callable[[Obj, Obj], None]] = {
     "VirtualMachineInstanceMigration": lambda old, new: _fixed(old, new, ("spec",), "a migration is not redirected"),
     "Secret": _data,
     "ConfigMap": _data,
+    "VirtualMachineExport": lambda old, new: _fixed(old, new, ("spec",), "an export serves what it was made for"),
 }
 
 

@@ -4,6 +4,8 @@ PersistentVolume; a deleted claim's volume is deleted (reclaim policy Delete).""
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from csi.proto import csi_pb2 as pb
@@ -11,6 +13,7 @@ from csi import DRIVER_NAME
 from controlplane.context import Context
 from controlplane.csi_client import capability
 from controlplane.quantity import parse_quantity
+from controlplane.source_protection import CLONING, SNAPSHOT_AS_SOURCE, being_read, reading
 from controlplane.secret_refs import OPERATIONS, SecretRefError, referenced, resolve, secret_data, split_parameters
 from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
@@ -115,6 +118,8 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     ns = source.get("namespace") or pvc["metadata"]["namespace"]
     if source.get("kind") == "PersistentVolumeClaim":
         src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
+        if src and src["metadata"].get("deletionTimestamp"):  # as the external-provisioner refuses it
+            raise ValueError(f"the source claim {ns}/{source['name']} is being deleted")
         if src:
             check_clone_mode(pvc, src, f"{ns}/{source['name']}")
         if not src or not claim_populated(ctx, src):
@@ -125,6 +130,8 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
             volume_id=pv["spec"]["csi"]["volumeHandle"])), size
     if source.get("kind") == "VolumeSnapshot":
         snap = ctx.store.get("VolumeSnapshot", source["name"], ns)
+        if snap and snap["metadata"].get("deletionTimestamp"):
+            raise ValueError(f"the source snapshot {ns}/{source['name']} is being deleted")
         status = (snap or {}).get("status") or {}
         if not status.get("snapshotHandle") or not status.get("readyToUse"):
             raise WaitingForSource(f"waiting for source snapshot {ns}/{source['name']} to be ready")
@@ -142,15 +149,31 @@ CDI_CLAIM_ANNOTATIONS = ("cdi.kubevirt.io/storage.import.", "cdi.kubevirt.io/sto
                          "k8s.io/CloneRequest")
 
 
-def reconcile_pvc(ctx: Context, pvc: Obj) -> None:
+def reconcile_pvc(ctx: Context, pvc: Obj) -> float | None:
     meta = pvc["metadata"]
     if meta.get("deletionTimestamp"):
-        _release(ctx, pvc)
-        return
+        return _release(ctx, pvc)
     if pvc.get("status", {}).get("phase") == "Bound":
         _modify_if_needed(ctx, pvc)
         _expand_if_needed(ctx, pvc)
         return
+    with _source_read(ctx, pvc):
+        _provision(ctx, pvc)
+
+
+def _source_read(ctx: Context, pvc: Obj):
+    """The claim's clone or snapshot source, held while the volume is made from it (its
+    deletion waits: source_protection)."""
+    source = pvc["spec"].get("dataSourceRef") or pvc["spec"].get("dataSource") or {}
+    ns = source.get("namespace") or pvc["metadata"]["namespace"]
+    finalizer = {"PersistentVolumeClaim": CLONING, "VolumeSnapshot": SNAPSHOT_AS_SOURCE}.get(source.get("kind"))
+    if finalizer is None or not source.get("name"):
+        return contextlib.nullcontext()
+    return reading(ctx, source["kind"], source["name"], ns, finalizer)
+
+
+def _provision(ctx: Context, pvc: Obj) -> None:
+    meta = pvc["metadata"]
     sc = storage_class_for(ctx, pvc)
     if sc is None:
         _fail(ctx, pvc, "ProvisioningFailed", f"storageclass {pvc['spec'].get('storageClassName')!r} not found")
@@ -314,7 +337,10 @@ def _expand_if_needed(ctx: Context, pvc: Obj) -> None:
     ctx.store.add_event(pvc, "Normal", "VolumeResizeSuccessful", f"volume grown to {size} bytes")
 
 
-def _release(ctx: Context, pvc: Obj) -> None:
+DELETE_RETRY_SECONDS = 5.0  # a DeleteVolume that failed is tried again (the external-provisioner retries too)
+
+
+def _release(ctx: Context, pvc: Obj) -> float | None:
     """A deleted claim: delete its volume unless something still has it attached."""
     pv_name = pvc["spec"].get("volumeName")
     pv = ctx.store.get("PersistentVolume", pv_name) if pv_name else None
@@ -322,12 +348,15 @@ def _release(ctx: Context, pvc: Obj) -> None:
         handle = pv["spec"]["csi"]["volumeHandle"]
         users = [a for a in ctx.store.list("VolumeAttachment") if a["spec"]["volumeId"] == handle]
         if users:
-            return  # kubernetes.io/pvc-protection: wait until nothing uses it
+            return None  # kubernetes.io/pvc-protection: wait until nothing uses it
+        if being_read(ctx, pvc):
+            return None  # a clone or snapshot of it is being made: its end brings the claim back here
         if pv["spec"].get("persistentVolumeReclaimPolicy", "Delete") == "Delete":
             try:
                 ctx.csi.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=handle))
             except grpc.RpcError as exc:
                 ctx.store.add_event(pvc, "Warning", "VolumeFailedDelete", user_text(exc))
-                return
+                return DELETE_RETRY_SECONDS  # e.g. ABORTED while the driver still copies from it
             ctx.store.delete("PersistentVolume", pv_name, "")
     remove_finalizer(ctx.store, pvc, FINALIZER)
+    return None

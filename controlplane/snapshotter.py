@@ -19,6 +19,7 @@ from csi.proto import csi_pb2 as pb
 from csi import DRIVER_NAME
 from controlplane.context import Context
 from controlplane.provisioner import claim_populated
+from controlplane.source_protection import PVC_AS_SOURCE, being_read, reading
 from controlplane.store import Obj, now, remove_finalizer
 from controlplane.user_text import user_text
 
@@ -67,6 +68,8 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> float | None:
     status = snap.get("status") or {}
     if meta.get("deletionTimestamp"):
         _retries(ctx).pop(meta["uid"], None)
+        if being_read(ctx, snap):
+            return None  # a claim is being restored from it: that restore's end brings it back here
         handle = status.get("snapshotHandle")
         if handle:
             try:
@@ -98,8 +101,9 @@ def reconcile_volume_snapshot(ctx: Context, snap: Obj) -> float | None:
         ctx.store.patch_metadata("VolumeSnapshot", meta["name"], ns, finalizers=meta.get("finalizers", []) + [FINALIZER])
     volume_handle = pv["spec"]["csi"]["volumeHandle"]
     try:
-        created = ctx.csi.controller.CreateSnapshot(pb.CreateSnapshotRequest(
-            name=f"snapshot-{meta['uid']}", source_volume_id=volume_handle)).snapshot
+        with reading(ctx, "PersistentVolumeClaim", claim, ns, PVC_AS_SOURCE):
+            created = ctx.csi.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+                name=f"snapshot-{meta['uid']}", source_volume_id=volume_handle)).snapshot
     except grpc.RpcError as exc:
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(failed, 16))
         _retries(ctx)[meta["uid"]] = (failed + 1, time.monotonic() + delay)

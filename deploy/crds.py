@@ -1,8 +1,8 @@
 """pvlun's CustomResourceDefinitions, written to deploy/full/crds/ (`make crds`; the files are
 committed and tests/test_deploy_crds.py fails when they drift from this module).
 
-CDI's DataVolume, DataSource, DataImportCron and StorageProfile and KubeVirt's VirtualMachine, VirtualMachineInstance and
-VirtualMachineInstanceMigration in the groups, versions, names, short names and printer columns
+CDI's DataVolume, DataSource, DataImportCron and StorageProfile and KubeVirt's VirtualMachine, VirtualMachineInstance,
+VirtualMachineInstanceMigration and VirtualMachineExport in the groups, versions, names, short names and printer columns
 upstream gives them, so users' YAML applies unchanged. The schemas are structural and our own:
 every field a user writes is typed where the whole upstream type is small (a DataVolume's spec, a
 VirtualMachine's, a migration's, a VMI spec's first level); where upstream's type is huge (a VMI's
@@ -340,6 +340,27 @@ INSTANCETYPE_VERSIONS = ("v1beta1", "v1alpha2", "v1alpha1")  # the alphas: still
 # ------------------------------------------------------------------ the CRDs
 
 
+# ------------------------------------------------------------------ KubeVirt: VirtualMachineExport
+
+_EXPORT_LINK = obj({
+    "cert": string("The PEM of the export server's certificate"),
+    "volumes": array(obj({"name": string(), "formats": array(obj({"format": string(), "url": string()},
+                                                                  required=("format", "url")))},
+                         required=("name",))),
+    "manifests": array(obj({"type": string(), "url": string()}, required=("type", "url"))),
+}, required=("cert",))
+VM_EXPORT_SPEC = obj({
+    "source": obj({"apiGroup": string(), "kind": string(), "name": string()}, required=("kind", "name")),
+    "tokenSecretRef": string("The Secret (key `token`) whose token a download must send; made when not given"),
+    "ttlDuration": string("How long the export lives from its creation (default 2h)"),
+}, required=("source",))
+VM_EXPORT_STATUS = obj({
+    "phase": string(), "links": obj({"internal": _EXPORT_LINK, "external": _EXPORT_LINK}),
+    "tokenSecretRef": string(), "ttlExpirationTime": TIME, "serviceName": string(), "virtualMachineName": string(),
+    "conditions": CONDITIONS,
+}, keep_unknown=True)
+
+
 def root(description: str, spec: Schema, status: Schema | None, spec_required: bool = True) -> Schema:
     fields = {"apiVersion": string(), "kind": string(), "metadata": obj(), "spec": spec}
     return obj(fields | ({"status": status} if status is not None else {}), description,
@@ -430,6 +451,14 @@ CRDS = {
          {"name": "VMI", "type": "string", "jsonPath": ".spec.vmiName",
           "description": "The VirtualMachineInstance being migrated"}],
         KUBEVIRT_VERSIONS, deprecated=("v1alpha3",)),
+    "virtualmachineexports.export.kubevirt.io": crd(
+        "export.kubevirt.io", "VirtualMachineExport", "virtualmachineexports", ["vmexport", "vmexports"],
+        root("The volumes of a VM, a VM snapshot or a claim, served over HTTPS with a token.", VM_EXPORT_SPEC,
+             VM_EXPORT_STATUS),
+        [{"name": "SourceKind", "type": "string", "jsonPath": ".spec.source.kind"},
+         {"name": "SourceName", "type": "string", "jsonPath": ".spec.source.name"},
+         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}],
+        ("v1beta1",)),
     "virtualmachineinstancetypes.instancetype.kubevirt.io": instancetype_crd(
         "VirtualMachineInstancetype", "virtualmachineinstancetypes",
         ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],

@@ -27,7 +27,6 @@ import os
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from cryptography import x509
@@ -37,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 from . import errors
 from .errors import ImportFailed
+from .https_server import HttpsServer, TextHandler
 from .pipeline import Target, import_into
 from .sources.upload import UploadSource
 
@@ -128,10 +128,10 @@ def ensure_certificate(cert_dir: str, hosts: tuple[str, ...] = ("127.0.0.1", "lo
     return cert_path, key_path
 
 
-class UploadServer(ThreadingHTTPServer):
+class UploadServer(HttpsServer):
     """HTTPS upload endpoint; `start()` serves in a thread, `stop()` ends it."""
 
-    daemon_threads = True
+    thread_name = "pvlun-upload"
 
     def __init__(
         self,
@@ -158,57 +158,12 @@ class UploadServer(ThreadingHTTPServer):
         self.scratch_dir = scratch_dir
         self.busy: set[str] = set()
         self.lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         super().__init__(address, _UploadHandler)
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"https://{host}:{port}"
 
-    def finish_request(self, request, client_address) -> None:  # TLS handshake in the worker thread
-        request.settimeout(60)
-        try:
-            tls_sock = self.tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            super().finish_request(tls_sock, client_address)
-        finally:
-            try:
-                tls_sock.close()
-            except OSError:
-                pass
-
-    def start(self) -> "UploadServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="pvlun-upload", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-class _UploadHandler(BaseHTTPRequestHandler):
+class _UploadHandler(TextHandler):
     server: UploadServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args) -> None:  # never log request lines with tokens
-        log.debug("upload %s: %s", self.client_address[0], errors.scrub(fmt % args))
-
-    def _reply(self, code: int, message: str) -> None:
-        body = (message + "\n").encode()
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
-            pass
-        self.close_connection = True
+    log = log
 
     def _linger(self) -> None:
         """After refusing an upload early (a backing file, too large) the client may still be

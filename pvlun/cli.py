@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pvlun.vm_cli import add_commands as add_vm_commands
 
     add_vm_commands(sub, data_dir_arg)
+    from pvlun.vmexport_cli import add_commands as add_vmexport_commands
+
+    add_vmexport_commands(sub, data_dir_arg)
     from pvlun.launch_cli import add_commands as add_launch_commands
 
     add_launch_commands(sub)

@@ -15,6 +15,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
     from importer.reconcile import reconcile_datavolume
     from importer.data_source import reconcile_data_source
     from importer.import_cron import reconcile_data_import_cron
+    from importer.vm_export import reconcile_virtual_machine_export
     from controlplane.garbage_collector import KINDS as COLLECTED, collect_if_orphaned
     from controlplane.kubelet import reconcile_attachment
     from controlplane.provisioner import reconcile_pvc
@@ -29,6 +30,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
         ("DataSource", reconcile_data_source),
         ("DataImportCron", reconcile_data_import_cron),
         ("StorageClass", reconcile_storage_profile),
+        ("VirtualMachineExport", reconcile_virtual_machine_export),
     ]
     try:
         from virt.reconcile import RECONCILERS as virt_reconcilers
@@ -50,12 +52,14 @@ def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     from importer.data_source import reconcile_data_source
     from importer.import_cron import reconcile_data_import_cron
     from importer.reconcile import reconcile_datavolume
+    from importer.vm_export import reconcile_virtual_machine_export
     from virt.reconcile import CLUSTER_RECONCILERS
 
     from controlplane.storage_profiles import reconcile_storage_profile
 
     return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
-            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile)] + list(CLUSTER_RECONCILERS)
+            ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile),
+            ("VirtualMachineExport", reconcile_virtual_machine_export)] + list(CLUSTER_RECONCILERS)
 
 
 def run_loop(ctx: Context) -> ControlLoop:

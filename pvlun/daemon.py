@@ -359,6 +359,9 @@ class Daemon:
             steps.append(lambda: ctx.services["vms"].stop_all(grace=10))
         if "upload" in ctx.services:
             steps.append(ctx.services["upload"].stop)
+        if ctx.csi is not None:  # export servers end and give their claims back
+            from importer.vm_export import stop_all as stop_exports
+            steps.append(lambda: stop_exports(ctx))
         if self.metrics_server is not None:
             steps.append(self.metrics_server.shutdown)
         return steps

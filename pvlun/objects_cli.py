@@ -86,6 +86,9 @@ def _columns(kind: str, obj: dict) -> dict[str, str]:
         return {"PHASE": st.get("phase", ""), "NODENAME": st.get("nodeName", "")}
     if kind == "VirtualMachineInstanceMigration":
         return {"PHASE": st.get("phase", ""), "VMI": spec.get("vmiName", "")}
+    if kind == "VirtualMachineExport":
+        source = spec.get("source") or {}
+        return {"SOURCEKIND": source.get("kind", ""), "SOURCENAME": source.get("name", ""), "PHASE": st.get("phase", "")}
     if kind == "VolumeAttachment":
         return {"NODE": spec.get("nodeName", ""), "PV": spec.get("source", {}).get("persistentVolumeName", ""),
                 "ATTACHED": str(st.get("attached", False))}

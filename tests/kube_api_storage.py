@@ -86,6 +86,7 @@ SERVED = _resources(
     "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",
     "instancetype.kubevirt.io/v1beta1 virtualmachineclusterpreferences VirtualMachineClusterPreference Cluster -",
     "apps/v1 controllerrevisions ControllerRevision Namespaced -",
+    "export.kubevirt.io/v1beta1 virtualmachineexports VirtualMachineExport Namespaced status",
     "rbac.authorization.k8s.io/v1 roles Role Namespaced -",
     "rbac.authorization.k8s.io/v1 clusterroles ClusterRole Cluster -",
     "rbac.authorization.k8s.io/v1 rolebindings RoleBinding Namespaced -",

@@ -122,6 +122,7 @@ def test_full_is_csi_plus_the_control_plane():
                             ("CustomResourceDefinition", "virtualmachines.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstances.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancemigrations.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineexports.export.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineclusterinstancetypes.instancetype.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinepreferences.instancetype.kubevirt.io"),
@@ -357,6 +358,9 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("instancetype.kubevirt.io", "virtualmachinepreferences"): READ,
     ("instancetype.kubevirt.io", "virtualmachineclusterpreferences"): READ,
     ("apps", "controllerrevisions"): READ | {"create"},  # a VM's copies of its instancetype and preference
+    ("export.kubevirt.io", "virtualmachineexports"): READ | {"delete"},  # deleted once their TTL ran out
+    ("export.kubevirt.io", "virtualmachineexports/status"): STATUS,
+    ("export.kubevirt.io", "virtualmachineexports/finalizers"): {"update"},  # its exporter Pod's blockOwnerDeletion
 }
 
 

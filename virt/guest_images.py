@@ -5,7 +5,9 @@ Two guests, both small and quick under TCG:
   tick counter on COM1 — shows that a migrated guest kept running;
 - the *linux* disk: SYSLINUX (Debian `syslinux`, on a FAT file system) booting the Debian
   kernel with a busybox-static initramfs whose init mounts the second disk and prints the
-  sha256 of a file put there by the test, then a marker.
+  sha256 of a file put there by the test, then a marker; its *agent* variant also carries the
+  QEMU guest agent (Debian `qemu-guest-agent`'s qemu-ga with its libraries) and starts it on
+  the agent's virtio-serial port.
 `build_data_disk` makes that second disk (ext4 via `mkfs.ext4 -d`, no mount needed).
 """
 
@@ -20,12 +22,15 @@ import stat
 import tempfile
 from pathlib import Path
 
-from host.command import run
+from host.command import output, run
 from virt.bootsector import tick_boot_sector
 
 TICK_DISK_SIZE = 1 << 20
 LINUX_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "crc32c_generic")
 BUSYBOX = "/bin/busybox"
+QEMU_GA = "/usr/sbin/qemu-ga"
+AGENT_MODULES = ("virtio_console",)
+OS_RELEASE = 'ID=pvlun-test\nNAME="pvlun test guest"\nPRETTY_NAME="pvlun test guest (busybox)"\nVERSION_ID=1\n'
 
 
 def build_tick_disk(path: str | os.PathLike, marker: str = "PVLUN-BOOT", *, size: int = TICK_DISK_SIZE,
@@ -91,23 +96,41 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
-data=/dev/vdb; file=payload.bin; marker=PVLUN-LINUX; after=idle
+data=/dev/vdb; file=payload.bin; marker=PVLUN-LINUX; after=idle; mode=ro
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     pvlun.data=*) data="/dev/${arg#pvlun.data=}" ;;
     pvlun.file=*) file="${arg#pvlun.file=}" ;;
     pvlun.marker=*) marker="${arg#pvlun.marker=}" ;;
     pvlun.after=*) after="${arg#pvlun.after=}" ;;
+    pvlun.mount=rw) mode=rw ;;
   esac
 done
 i=0; while [ ! -b "$data" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 mkdir -p /mnt
-if mount -t ext4 -o ro "$data" /mnt 2>/dev/null || mount -o ro "$data" /mnt 2>/dev/null; then
+if mount -t ext4 -o "$mode" "$data" /mnt 2>/dev/null || mount -o ro "$data" /mnt 2>/dev/null; then
   sum=$(sha256sum "/mnt/$file" | cut -d' ' -f1)
 else
   cd /mnt && tar -xf "$data" "$file" 2>/dev/null; sum=$(sha256sum "/mnt/$file" | cut -d' ' -f1)
 fi
 echo "PVLUN-SHA256 ${sum:-none} $file"
+if [ -x /usr/sbin/qemu-ga ]; then  # the agent variant: qemu-ga on its port (no udev: find it by name)
+  port=; i=0
+  while [ -z "$port" ] && [ $i -lt 100 ]; do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -c "/dev/${p##*/}" ] && port="/dev/${p##*/}"
+    done
+    [ -n "$port" ] || { sleep 0.1; i=$((i+1)); }
+  done
+  if [ -n "$port" ]; then
+    mkdir -p /run /dev/virtio-ports; ln -sf "$port" /dev/virtio-ports/org.qemu.guest_agent.0
+    LD_LIBRARY_PATH=/lib/x86_64-linux-gnu /usr/sbin/qemu-ga -m virtio-serial \
+      -p /dev/virtio-ports/org.qemu.guest_agent.0 -f /run/qemu-ga.pid -t /run 2>/run/qemu-ga.log &
+    echo "PVLUN-AGENT started"
+  else
+    echo "PVLUN-AGENT no port"
+  fi
+fi
 if [ "$after" = script ]; then sh "/mnt/$file"; fi
 echo "$marker"
 if [ "$after" = poweroff ]; then sync; poweroff -f; fi
@@ -115,13 +138,47 @@ while true; do sleep 3600; done
 """
 
 
-def build_initramfs(path: str | os.PathLike, *, release: str | None = None) -> Path:
-    """A gzip'd busybox-static initramfs with the virtio and ext4 modules and our init."""
+def _shared_libraries(binary: str) -> list[str]:
+    """The shared libraries `binary` loads, the dynamic loader included, as ldd names them."""
+    found = []
+    for line in output(["ldd", binary], timeout=30).splitlines():
+        words = line.split()
+        if "=>" in words and len(words) > words.index("=>") + 1 and words[words.index("=>") + 1].startswith("/"):
+            found.append(words[words.index("=>") + 1])
+        elif words and words[0].startswith("/"):
+            found.append(words[0])
+    return found
+
+
+def _agent_entries() -> list[tuple[str, int, bytes]]:
+    """qemu-ga (Debian qemu-guest-agent) and its libraries at their paths, and an os-release."""
+    if not os.path.exists(QEMU_GA):
+        raise FileNotFoundError(f"no {QEMU_GA}: install qemu-guest-agent")
+    entries: list[tuple[str, int, bytes]] = [(d, stat.S_IFDIR | 0o755, b"") for d in ("usr", "usr/sbin", "etc", "run")]
+    entries.append(("etc/os-release", stat.S_IFREG | 0o644, OS_RELEASE.encode()))
+    made = {"usr", "usr/sbin", "etc", "run", "lib"}
+    for lib in _shared_libraries(QEMU_GA):
+        parts = lib.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            directory = "/".join(parts[:depth])
+            if directory not in made:
+                made.add(directory)
+                entries.append((directory, stat.S_IFDIR | 0o755, b""))
+        entries.append(("/".join(parts), stat.S_IFREG | 0o755, Path(lib).read_bytes()))  # the file a link names
+    entries.append((QEMU_GA.lstrip("/"), stat.S_IFREG | 0o755, Path(QEMU_GA).read_bytes()))
+    return entries
+
+
+def build_initramfs(path: str | os.PathLike, *, release: str | None = None, agent: bool = False) -> Path:
+    """A gzip'd busybox-static initramfs with the virtio and ext4 modules and our init (and, for
+    `agent`, qemu-ga with its libraries and the virtio console module its port needs)."""
     release = release or kernel_path().name.removeprefix("vmlinuz-")
-    mods = _module_files(release, LINUX_MODULES)
+    mods = _module_files(release, LINUX_MODULES + (AGENT_MODULES if agent else ()))
     entries: list[tuple[str, int, bytes]] = []
     for d in ("bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules"):
         entries.append((d, stat.S_IFDIR | 0o755, b""))
+    if agent:
+        entries += _agent_entries()
     entries.append(("bin/busybox", stat.S_IFREG | 0o755, Path(BUSYBOX).read_bytes()))
     entries.append(("init", stat.S_IFREG | 0o755, INIT_SCRIPT.encode()))
     entries.append(("modules.order", stat.S_IFREG | 0o644, "".join(m.name + "\n" for m in mods).encode()))
@@ -141,11 +198,14 @@ def build_linux_disk(
     after: str = "idle",
     size_mib: int = 48,
     extra_cmdline: str = "",
+    agent: bool = False,
 ) -> Path:
     """A raw FAT disk booted by SYSLINUX into the Debian kernel and our busybox initramfs.
 
     The guest mounts /dev/`data_device` (ext4, other fs, or a raw tar), prints
     "PVLUN-SHA256 <hex> <file>" and then `marker` on ttyS0; `after` is "idle" or "poweroff".
+    With `agent`, qemu-ga runs in it ("PVLUN-AGENT started" on ttyS0); `pvlun.mount=rw` in
+    `extra_cmdline` mounts the data disk writable (what a freeze has something to freeze on).
     """
     if after not in ("idle", "poweroff", "script"):
         raise ValueError('after must be "idle" or "poweroff"')
@@ -155,7 +215,7 @@ def build_linux_disk(
     kernel = kernel_path()
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="pvlun-linux-") as tmp:
-        initrd = build_initramfs(Path(tmp) / "initrd.img", release=kernel.name.removeprefix("vmlinuz-"))
+        initrd = build_initramfs(Path(tmp) / "initrd.img", release=kernel.name.removeprefix("vmlinuz-"), agent=agent)
         cfg = Path(tmp) / "syslinux.cfg"
         cmdline = (
             "console=ttyS0,115200 quiet loglevel=3 panic=-1 mitigations=off no_timer_check "

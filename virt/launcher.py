@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from host.sandbox import Sandbox, open_no_follow
+from virt.agent_link import AgentLink
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
 from virt.guest_network import GuestNetwork, choose_host_ports
 from virt.container_volumes import BootKernel
-from virt.qemu_args import QEMU_BINARY, DiskAttachment, KernelFiles, Throttle, build_qemu_argv
+from virt.qemu_args import (AGENT_CHANNEL, AGENT_PORT_ID, QEMU_BINARY, DiskAttachment, KernelFiles, Throttle,
+                             build_qemu_argv)
 from virt.qemu_sandbox import Inherited, exit_code, kill_tree, open_file_volumes, qemu_pid, qemu_sandbox
 from virt.qmp_session import QmpError, QmpSession
 from virt.run_dir import copy_into, listen_unix, open_file, prepare_run_dir, remove_sockets, socket_path
@@ -90,6 +92,7 @@ class VmLauncher:
         extra_args: tuple[str, ...] = (),
         history: ConsoleHistory | None = None,
         kernel: BootKernel | None = None,
+        on_agent: Callable[["VmLauncher", bool, dict | None], bool | None] | None = None,
     ):
         self.vm = vm
         self.disks = dict(disks)
@@ -108,6 +111,9 @@ class VmLauncher:
         self.serial_log = str(self.run_dir / SERIAL_LOG)
         self.console_path = socket_path(self.run_dir, "console.sock") if console else None
         self.stderr_path = self.run_dir / "qemu.stderr"
+        self.agent_path = socket_path(self.run_dir, AGENT_CHANNEL)  # the guest agent channel's host end
+        self.agent_link = AgentLink(self.agent_path, on_agent and (lambda c, i: on_agent(self, c, i)),
+                                    port_open=None if incoming else False, name=vm.name)
         self.phase = Phase.SCHEDULING
         self.reason = ""
         self.argv: list[str] = []  # QEMU's own command line (inside the sandbox)
@@ -156,6 +162,7 @@ class VmLauncher:
             qmp = inherited.keep(listen_unix(self.qmp_path, self.run_dir).detach())
             console = inherited.keep(listen_unix(self.console_path, self.run_dir).detach()) if self.console_path \
                 else None
+            agent = inherited.keep(listen_unix(self.agent_path, self.run_dir).detach())
             disks = open_file_volumes(self.vm, self.disks, inherited, self.run_dir)
             self._network = GuestNetwork(self.vm, self.run_dir, self.host_ports)
             nets = {name: inherited.keep(fd) for name, fd in self._network.start().items()}
@@ -163,7 +170,7 @@ class VmLauncher:
                 self.vm, disks, accel=self.accel, qmp_fd=qmp, serial_fd=serial, console_fd=console, net_fds=nets,
                 incoming=self.incoming, ovmf_code=ovmf_code, ovmf_vars_fd=ovmf_vars, labels=inherited.labels,
                 qemu_binary=self.qemu_binary, extra_args=self.extra_args, kernel=self._kernel_files(inherited),
-                start_paused=not self.incoming)  # the guest runs once its pid is known (below)
+                start_paused=not self.incoming, agent_fd=agent)  # the guest runs once its pid is known (below)
             self._sandbox = qemu_sandbox(disks, binary, [ovmf_code] if ovmf_code else [],
                                          kvm_devices() if self.accel == "kvm" else [])
             self.proc = subprocess.Popen(self._sandbox.wrap(self.argv), stdin=subprocess.DEVNULL, stdout=stderr,
@@ -192,6 +199,7 @@ class VmLauncher:
             self._set_phase(Phase.FAILED, text)
             raise LaunchError(f"QEMU failed to start: {text}", text) from None
         threading.Thread(target=self._watch_exit, name=f"wait-{self.vm.name}", daemon=True).start()
+        self.agent_link.start()
         if not self.incoming:
             self.take_over_console()
         if status == "inmigrate":
@@ -232,13 +240,14 @@ class VmLauncher:
             self.proc.wait()
         if self.qmp:
             self.qmp.close()
+        self.agent_link.close()
         self._remove_sockets()
         self._close_sandbox()
         self._exited.set()
 
     def _remove_sockets(self) -> None:
         """A dead QEMU's sockets must not linger (nor the socket directory made for them)."""
-        remove_sockets([s for s in (self.qmp_path, self.console_path) if s], self.run_dir)
+        remove_sockets([s for s in (self.qmp_path, self.console_path, self.agent_path) if s], self.run_dir)
 
     def stderr_text(self) -> str:
         try:
@@ -253,6 +262,7 @@ class VmLauncher:
         rc = exit_code(self.proc.wait())
         if self.qmp:
             self.qmp.close()
+        self.agent_link.close()
         self._remove_sockets()
         self._close_sandbox()
         if self._follower is not None:
@@ -282,6 +292,8 @@ class VmLauncher:
             self._set_phase(Phase.RUNNING, "resumed")
         elif name == "GUEST_PANICKED":
             self._set_phase(Phase.FAILED, "guest panicked")
+        elif name == "VSERPORT_CHANGE" and data.get("id") == AGENT_PORT_ID:
+            self.agent_link.port_changed(data.get("open") is True)
         elif name == "MIGRATION" and data.get("status") in ("setup", "active", "device"):
             if self.phase is not Phase.MIGRATING:
                 self._set_phase(Phase.MIGRATING, f"migration {data['status']}")
@@ -379,6 +391,21 @@ class VmLauncher:
     def throttle_limits(self, volume: str) -> dict:
         """The throttle group's current limits as QEMU reports them."""
         return self.execute("qom-get", {"path": f"tg-{volume}", "property": "limits"})
+
+    # ------------------------------------------------------------ guest agent (virt/agent_link.py)
+
+    def agent_connected(self) -> bool:
+        """True when the guest agent answers guest-ping now (within a second)."""
+        return self.agent_link.connected()
+
+    def freeze_filesystems(self, timeout: float) -> bool:
+        """Freeze the guest's filesystems through its agent: True when frozen, False when no agent
+        answered within `timeout` seconds (pause instead); AgentRefused if the agent failed."""
+        return self.agent_link.freeze(timeout)
+
+    def thaw_filesystems(self) -> None:
+        """Thaw what freeze_filesystems froze; always safe to call, never raises."""
+        self.agent_link.thaw()
 
     # ------------------------------------------------------------ serial console
 

@@ -32,6 +32,8 @@ from virt.iscsi_direct import BLOCK_DEVICE, FILE, ISCSI_DIRECT, IscsiDisk
 QEMU_BINARY = "qemu-system-x86_64"
 MIB = 1 << 20
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"  # the virtio-serial port name qemu-ga opens, as KubeVirt names it
+AGENT_PORT_ID = "channel0"  # its device id: QMP's VSERPORT_CHANGE names the port by it
 _MAX_LIMIT = 1 << 40  # IOPS or MiB/s: more than any device, less than QEMU's own bounds
 _NODE_NAME_MAX = 31  # QEMU refuses longer block node names
 
@@ -275,6 +277,16 @@ def _platform_devices(vm: VmSpec) -> list[str]:
     return argv
 
 
+def _agent_channel(fd: int) -> list[str]:
+    """The QEMU guest agent's channel as KubeVirt gives every VM one: a virtio-serial port named
+    org.qemu.guest_agent.0 whose host end is a unix socket QEMU listens on (inherited, like QMP's);
+    pvlun connects to it (virt/guest_agent.py), the guest's qemu-ga opens the port."""
+    return ["-chardev", _keyval("socket", {"id": "charchannel0", "fd": int(fd), "server": True, "wait": False}),
+            "-device", _keyval("virtio-serial-pci", {"id": "virtio-serial0"}),
+            "-device", _keyval("virtserialport", {"bus": "virtio-serial0.0", "nr": 1, "chardev": "charchannel0",
+                                                  "id": AGENT_PORT_ID, "name": AGENT_CHANNEL})]
+
+
 def build_qemu_argv(
     vm: VmSpec,
     disks: Mapping[str, DiskAttachment],
@@ -292,6 +304,7 @@ def build_qemu_argv(
     extra_args: Sequence[str] = (),
     start_paused: bool = False,
     kernel: KernelFiles | None = None,
+    agent_fd: int | None = None,
 ) -> list[str]:
     """The full QEMU command line for `vm` with `disks` (volume name → attachment).
 
@@ -301,7 +314,8 @@ def build_qemu_argv(
     outside); `ovmf_vars_fd` the firmware variables; `net_fds` a connected stream socket per
     interface, whose other end is the guest's network (virt/guest_network.py). `labels` names
     the host file behind a descriptor, for `ps`. `incoming` is "defer" for a migration target;
-    `start_paused` (-S) holds the guest until QMP `cont`.
+    `start_paused` (-S) holds the guest until QMP `cont`. `agent_fd`, a listening unix socket,
+    is the host end of the guest agent's channel (`_agent_channel`).
     """
     if accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be kvm or tcg, not {accel!r}")
@@ -361,6 +375,8 @@ def build_qemu_argv(
     else:
         argv += ["-chardev", _keyval("file", {"id": "serial0", "path": serial_log, "append": True})]
     argv += ["-serial", "chardev:serial0"]
+    if agent_fd is not None:
+        argv += _agent_channel(agent_fd)
 
     buses = {d.bus for d in vm.disks}
     if "sata" in buses:

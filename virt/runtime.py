@@ -18,6 +18,7 @@ from host.sandbox import UnsafeFile
 from controlplane.store import set_condition
 from controlplane.user_text import shown_text, user_text
 from controlplane.secret_refs import secret_data
+from virt.agent_status import report_agent
 from virt.console_history import ConsoleHistory, catch_up, history_file
 from virt.container_volumes import SERVICE as IMAGES, BootKernel, boot_kernel, container_disks, remove_overlays
 from virt.launcher import LaunchError, Phase, VmLauncher
@@ -155,7 +156,18 @@ class VmRuntime:
                  incoming: str | None = None, kernel: BootKernel | None = None) -> VmLauncher:
         return VmLauncher(spec, disks, run_dir(self.ctx, key, node), accel=self.accel, incoming=incoming,
                           node=node, console=True, on_phase=lambda l, p, r: self.on_phase(key, l, p, r),
-                          history=self.history(key), kernel=kernel)
+                          history=self.history(key), kernel=kernel,
+                          on_agent=lambda l, connected, info: self.on_agent(key, l, connected, info))
+
+    def on_agent(self, key: str, launcher: VmLauncher, connected: bool, osinfo: dict | None) -> bool:
+        """The guest agent came or went: the VMI's AgentConnected condition and guestOSInfo.
+        False (not taken) from a launcher that is not the VMI's: a migration's target before it
+        takes over (it tells again), a source after it."""
+        rt = self.get(key)
+        if rt is None or rt.launcher is not launcher:
+            return False
+        report_agent(self.ctx, key, connected, osinfo)
+        return True
 
     def start(self, spec: VmSpec, key: str, node: str) -> None:
         """Attach, launch and register; a failure leaves nothing attached."""

@@ -205,7 +205,7 @@ def keyval_parts(element: str) -> list[str]:
 
 def argv_for(spec, paths: dict[str, str]) -> list[str]:
     disks = {d.name: DiskAttachment(paths[d.name], throttle=Throttle(7, 1)) for d in spec.disks}
-    return build_qemu_argv(spec, disks, accel="tcg", qmp_fd=3, serial_fd=4, console_fd=5,
+    return build_qemu_argv(spec, disks, accel="tcg", qmp_fd=3, serial_fd=4, console_fd=5, agent_fd=9,
                            net_fds={i.name: 6 + n for n, i in enumerate(spec.interfaces)})
 
 

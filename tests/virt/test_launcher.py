@@ -152,6 +152,7 @@ def test_interactive_console_socket_logs_and_long_run_dirs_work(launchers, make_
     vm = launchers(make_tick_vm(), tick_copy, run, console=True)
     vm.start()
     assert len(vm.qmp_path) < 108 and (run / "qmp.sock").is_symlink() and (run / "console.sock").is_symlink()
+    assert len(vm.agent_path.encode()) < 108 and (run / "org.qemu.guest_agent.0").is_symlink()
     with socket.socket(socket.AF_UNIX) as console:
         console.connect(vm.console_path)  # the symlink in run_dir names it; connect to its short target
         console.settimeout(10)

@@ -52,6 +52,21 @@ def test_minimal_vm_argv_exactly():
     ]
 
 
+def test_guest_agent_channel_is_kubevirts_virtio_serial_port_on_an_inherited_socket():
+    plain = build_qemu_argv(BASIC, {"root": DiskAttachment("/pub/root")}, accel="tcg", qmp_fd=3, serial_fd=4)
+    argv = build_qemu_argv(BASIC, {"root": DiskAttachment("/pub/root")}, accel="tcg", qmp_fd=3, serial_fd=4,
+                           agent_fd=7)
+    at = argv.index("chardev:serial0") + 1
+    assert argv[at:at + 6] == [
+        "-chardev", "socket,id=charchannel0,fd=7,server=on,wait=off",
+        "-device", "virtio-serial-pci,id=virtio-serial0",
+        "-device", "virtserialport,bus=virtio-serial0.0,nr=1,chardev=charchannel0,id=channel0,"
+                   "name=org.qemu.guest_agent.0",
+    ]
+    assert argv[:at] + argv[at + 6:] == plain  # nothing else changes; -sandbox stays
+    assert "-sandbox" in argv
+
+
 def test_kvm_uses_host_cpu_and_incoming_defer_is_last():
     argv = build_qemu_argv(BASIC, {"root": DiskAttachment("/pub/root")}, accel="kvm", qmp_fd=3,
                            serial_fd=4, incoming="defer")

@@ -26,7 +26,8 @@ VICTIM = b"VICTIM: root's own file\n"
 # every name root opens (or a follower reads) in a run directory, and what a hostile QEMU would link it to
 PLANTED = {"qemu.stderr": "victim", "serial.log": "victim", "serial.offset": "offset", "OVMF_VARS.fd": "victim",
            "data.empty.img": "pool", "cidata.cidata.iso": "victim", "cidata.cidata.iso.part": "victim",
-           "data.empty.img.part": "pool", "qmp.sock": "victim", "console.sock": "victim", "passt.log": "victim"}
+           "data.empty.img.part": "pool", "qmp.sock": "victim", "console.sock": "victim", "passt.log": "victim",
+           "org.qemu.guest_agent.0": "victim"}
 
 
 def private_file(path: Path, data: bytes) -> Path:
