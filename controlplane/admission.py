@@ -39,6 +39,8 @@ KINDS = {
     "VirtualMachineSnapshotContent": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineRestore": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineExport": "export.kubevirt.io/v1beta1",
+    # RBAC: the grants clones across namespaces need (datavolumes/source), evaluated as the API server does
+    **dict.fromkeys(("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"), "rbac.authorization.k8s.io/v1"),
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
@@ -103,6 +105,9 @@ ALIASES = {
                     "VirtualMachineRestore"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
     **dict.fromkeys(("vmexport", "vmexports", "virtualmachineexport", "virtualmachineexports"), "VirtualMachineExport"),
+    "role": "Role", "roles": "Role", "clusterrole": "ClusterRole", "clusterroles": "ClusterRole",
+    "rolebinding": "RoleBinding", "rolebindings": "RoleBinding", "clusterrolebinding": "ClusterRoleBinding",
+    "clusterrolebindings": "ClusterRoleBinding",
 }
 
 

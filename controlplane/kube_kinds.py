@@ -82,6 +82,10 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachineSnapshotContent", "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshotcontents", NS, STATUS),
     ("VirtualMachineRestore", "snapshot.kubevirt.io", "v1beta1", "virtualmachinerestores", NS, STATUS),
     ("VirtualMachineExport", "export.kubevirt.io", "v1beta1", "virtualmachineexports", NS, STATUS),
+    ("Role", "rbac.authorization.k8s.io", "v1", "roles", NS, PLAIN),
+    ("ClusterRole", "rbac.authorization.k8s.io", "v1", "clusterroles", CLUSTER, PLAIN),
+    ("RoleBinding", "rbac.authorization.k8s.io", "v1", "rolebindings", NS, PLAIN),
+    ("ClusterRoleBinding", "rbac.authorization.k8s.io", "v1", "clusterrolebindings", CLUSTER, PLAIN),
 )
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

@@ -157,6 +157,10 @@ DATA_VOLUME_SPEC = Fields(
                   snapshot=Fields(name=STR, namespace=STR)),
     sourceRef=Fields(kind=STR, name=STR, namespace=STR), storage=CLAIM_SPEC, pvc=CLAIM_SPEC, contentType=STR,
     preallocation=BOOL)
+POLICY_RULE = Fields(apiGroups=ListOf(STR), resources=ListOf(STR), verbs=ListOf(STR), resourceNames=ListOf(STR),
+                     nonResourceURLs=ListOf(STR))
+ROLE_REF = Fields(apiGroup=STR, kind=OneOf("Role", "ClusterRole"), name=STR)
+SUBJECT = Fields(kind=OneOf("User", "Group", "ServiceAccount"), name=STR, namespace=STR, apiGroup=STR)
 CLAIM_PROPERTY_SET = Fields(accessModes=ListOf(OneOf(*ACCESS_MODES)), volumeMode=OneOf("Filesystem", "Block"))
 VMI_TEMPLATE = Fields(metadata=Fields(labels=MapOf(STR), annotations=MapOf(STR)), spec=ANY_MAP)
 
@@ -183,6 +187,10 @@ SPECS: dict[str, Fields] = {
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
     "VirtualMachineExport": Fields(spec=Fields(source=Fields(apiGroup=STR, kind=STR, name=STR), tokenSecretRef=STR,
                                                ttlDuration=STR)),
+    "Role": Fields(rules=ListOf(POLICY_RULE)),
+    "ClusterRole": Fields(rules=ListOf(POLICY_RULE), aggregationRule=ANY_MAP),
+    "RoleBinding": Fields(roleRef=ROLE_REF, subjects=ListOf(SUBJECT)),
+    "ClusterRoleBinding": Fields(roleRef=ROLE_REF, subjects=ListOf(SUBJECT)),
     "StorageProfile": Fields(spec=Fields(claimPropertySets=ListOf(CLAIM_PROPERTY_SET),
                                          cloneStrategy=OneOf("snapshot", "copy", "csi-clone"),
                                          dataImportCronSourceFormat=OneOf("pvc"),  # pvlun's crons keep claims

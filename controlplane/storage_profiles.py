@@ -24,6 +24,21 @@ DRIVER_PROPERTY_SETS = [
     {"accessModes": ["ReadWriteMany"], "volumeMode": "Block"},
 ]
 DRIVER_CLONE_STRATEGY = "csi-clone"  # CreateVolume from a volume: a reflink copy in the pool
+CLONE_STRATEGIES = ("copy", "snapshot", "csi-clone")  # CDI's names
+CLONE_STRATEGY_ANNOTATION = "cdi.kubevirt.io/clone-strategy"  # on a StorageClass: what its profile gets
+
+
+def clone_strategy(sc: Obj, spec: Obj) -> str:
+    """The profile's status.cloneStrategy as CDI's storage profile controller computes it: the
+    profile's spec.cloneStrategy, else the class's `cdi.kubevirt.io/clone-strategy` annotation,
+    else what CDI advises for the driver (pvlun: csi-clone, a reflink in the pool)."""
+    wanted = spec.get("cloneStrategy")
+    if wanted in CLONE_STRATEGIES:
+        return wanted
+    annotated = (sc["metadata"].get("annotations") or {}).get(CLONE_STRATEGY_ANNOTATION)
+    if annotated in CLONE_STRATEGIES:
+        return annotated
+    return DRIVER_CLONE_STRATEGY
 
 
 def profile_status(sc: Obj, profile: Obj | None) -> Obj:
@@ -31,7 +46,7 @@ def profile_status(sc: Obj, profile: Obj | None) -> Obj:
     spec = (profile or {}).get("spec") or {}
     return {"storageClass": sc["metadata"]["name"], "provisioner": sc.get("provisioner", ""),
             "claimPropertySets": copy.deepcopy(spec.get("claimPropertySets") or DRIVER_PROPERTY_SETS),
-            "cloneStrategy": spec.get("cloneStrategy") or DRIVER_CLONE_STRATEGY,
+            "cloneStrategy": clone_strategy(sc, spec),
             "dataImportCronSourceFormat": "pvc",
             **({"snapshotClass": spec["snapshotClass"]} if spec.get("snapshotClass") else {})}
 

@@ -51,7 +51,7 @@ Key = tuple[str, str, str]  # (kind, namespace, name); namespace "" for cluster-
 # Kinds that live outside namespaces, as in Kubernetes.
 CLUSTER_SCOPED = {"StorageClass", "PersistentVolume", "VolumeSnapshotClass", "VolumeSnapshotContent", "VolumeAttachment",
                   "VolumeAttributesClass", "Node", "Namespace", "StorageProfile", "VirtualMachineClusterInstancetype",
-                  "VirtualMachineClusterPreference"}
+                  "VirtualMachineClusterPreference", "ClusterRole", "ClusterRoleBinding"}
 
 
 class Conflict(Exception):

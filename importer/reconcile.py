@@ -1,8 +1,9 @@
 """DataVolume reconcile: CDI's phases over the pvlun pieces.
 
 A DataVolume gets a claim (same name, owned by it); once bound, the volume is attached on
-a node as kubelet would, filled by the pipeline, and detached. Clones go through CSI
-(CreateVolume with a volume or snapshot source). A failed import deletes the claim, so no
+a node as kubelet would, filled by the pipeline, and detached. A snapshot source is restored
+through CSI (CreateVolume with a snapshot source); a pvc source takes one of CDI's clone
+strategies (importer/clone_flow.py). A failed import deletes the claim, so no
 half-written volume remains; the DataVolume keeps phase Failed and the reason (its spec
 never changes, as in CDI: delete it and create it again to retry).
 """
@@ -31,11 +32,11 @@ def key_of(dv: Obj) -> str:
     return f"{dv['metadata'].get('namespace', 'default')}/{dv['metadata']['name']}"
 
 
-def _status(dv: Obj) -> Obj:
+def status_of(dv: Obj) -> Obj:
     return dict(dv.get("status") or {})
 
 
-def _save(ctx: Context, dv: Obj, status: Obj) -> None:
+def save_status(ctx: Context, dv: Obj, status: Obj) -> None:
     ctx.store.update_status(KIND, dv["metadata"]["name"], dv["metadata"].get("namespace", "default"), status)
 
 
@@ -43,7 +44,7 @@ def set_phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, st
               ready: bool | None = None, ready_why: tuple[str, str] | None = None, progress: str | None = None,
               event: tuple[str, str, str] | None = None) -> Obj:
     """One status write: the phase with its conditions (a reader never sees a phase without its reason)."""
-    status = _status(dv)
+    status = status_of(dv)
     status["phase"] = phase
     status.setdefault("restartCount", 0)
     status["observedGeneration"] = dv["metadata"].get("generation", 1)
@@ -53,14 +54,14 @@ def set_phase(ctx: Context, dv: Obj, phase: str, *, running: tuple[bool, str, st
         set_condition(status, "Running", *running)
     if ready is not None:
         set_condition(status, "Ready", ready, *(ready_why or (phase, "")))
-    _save(ctx, dv, status)
+    save_status(ctx, dv, status)
     if event:
         ctx.store.add_event(dv, *event)
     dv["status"] = status
     return status
 
 
-def _attributes_class(dv: Obj) -> str | None:
+def attributes_class(dv: Obj) -> str | None:
     spec = dv.get("spec") or {}
     return (spec.get("storage") or spec.get("pvc") or {}).get("volumeAttributesClassName")
 
@@ -68,7 +69,7 @@ def _attributes_class(dv: Obj) -> str | None:
 def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
     """Phase Failed with the reason; the claim and its data are removed."""
     message = shown_text(message)  # one line, no path of the daemon's, whoever wrote it
-    status = _status(dv)
+    status = status_of(dv)
     if any(c["type"] == "Bound" for c in status.get("conditions", [])):
         set_condition(status, "Bound", False, "ClaimDeleted", "the claim was deleted with the failed import's data")
         dv["status"] = status
@@ -81,7 +82,7 @@ def fail(ctx: Context, dv: Obj, reason: str, message: str) -> None:
 def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
-    status = _status(dv)
+    status = status_of(dv)
     if status.get("phase") in ("Succeeded", "Failed"):
         return  # for good: a DataVolume's spec never changes (admission refuses it, as CDI's webhook does)
     if ctx.jobs.running("dv:" + key_of(dv)):
@@ -104,7 +105,10 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     taken = from_clone_source(ctx, dv, kind, source, ns, size)
     if taken is not None:
         mode, size = taken[0] or mode, taken[1]
-    strategy = _clone_strategy(ctx, kind, source, mode, ns)
+    if kind == "pvc":  # CDI's clone strategies (snapshot, csi-clone, copy)
+        from importer.clone_flow import reconcile_clone
+
+        return reconcile_clone(ctx, dv, source, size, mode, access, sc, taken)
     pvc = ctx.store.get("PersistentVolumeClaim", meta["name"], ns)
     if pvc is not None and pvc["metadata"].get("deletionTimestamp"):
         return  # the old claim (a failed or restarted import) is still going away
@@ -117,36 +121,25 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     if pvc is None:
         scheduled = {"upload": "UploadScheduled", "pvc": "CloneScheduled", "snapshot": "CloneScheduled"}.get(kind, "ImportScheduled")
         claim_kind = kind
-        if strategy == "host-assisted":
-            src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
-            if src is None:
-                fail(ctx, dv, "NotFound", f"source claim {source.get('namespace') or ns}/{source.get('name')} not found")
-                return
-            claim_kind = "blank"  # the copy fills it: no CSI content source across volume modes
-            size = size or int((src.get("status") or {}).get("capacity", {}).get("storage", "0"))
         ctx.store.apply({
             "apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": meta["name"], "namespace": ns,
                          "ownerReferences": [{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": KIND,
                                               "name": meta["name"], "uid": meta["uid"], "controller": True}]},
             "spec": claim_spec(claim_kind, source, size, mode, access, sc,
-                               (dv.get("spec") or {}).get("storage") is not None, ns, _attributes_class(dv)),
+                               (dv.get("spec") or {}).get("storage") is not None, ns, attributes_class(dv)),
         })
-        if _waits_for_class(ctx, dv, sc):
+        if waits_for_class(ctx, dv, sc):
             return CLASS_RECHECK_SECONDS
         status = set_phase(ctx, dv, scheduled, progress="N/A", ready=False)
         status["claimName"] = meta["name"]
-        _save(ctx, dv, status)
+        save_status(ctx, dv, status)
         return
-    if (pvc.get("status") or {}).get("phase") != "Bound" and _waits_for_class(ctx, dv, sc):
+    if (pvc.get("status") or {}).get("phase") != "Bound" and waits_for_class(ctx, dv, sc):
         return CLASS_RECHECK_SECONDS
     if ctx.cluster is not None:  # the work runs in Pods Kubernetes places
         from importer.import_pods import reconcile_in_pods
 
-        if strategy == "host-assisted":
-            fail(ctx, dv, "CloneNotSupported", "a clone across volume modes (Block and Filesystem) needs the "
-                 "host-assisted copy, which runs only in embedded mode (pvlun serve) for now")
-            return None
         return reconcile_in_pods(ctx, dv, pvc, kind)
     if pvc.get("status", {}).get("phase") != "Bound":
         cond = next((c for c in pvc.get("status", {}).get("conditions", []) if c["type"] == "Provisioned"), None)
@@ -155,20 +148,12 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
                 return 1.0  # said before the class was made: the provisioner looks again (the class's change)
             fail(ctx, dv, "ProvisioningFailed", cond.get("message", ""))
         return
-    status = _status(dv)
+    status = status_of(dv)
     if not any(c["type"] == "Bound" and c["status"] == "True" for c in status.get("conditions", [])):
         set_condition(status, "Bound", True, "Bound", f"PVC {meta['name']} Bound")
         status["claimName"] = meta["name"]
-        _save(ctx, dv, status)
+        save_status(ctx, dv, status)
         dv["status"] = status
-    if strategy == "host-assisted":
-        from controlplane.provisioner import claim_populated
-
-        src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
-        if src is not None and claim_populated(ctx, src):
-            ctx.jobs.start_on_node("dv:" + key_of(dv), lambda node: run_host_assisted_clone(ctx, dv, source, node),
-                                   f"clone/{key_of(dv)}", volumes=2)
-        return
     if kind in ("pvc", "snapshot"):
         set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
                event=("Normal", "CloneSucceeded", f"{kind} cloned into claim {meta['name']} by the CSI driver"))
@@ -195,20 +180,20 @@ def _wait_for_data_source(ctx: Context, dv: Obj, ns: str, message: str) -> None:
     """A sourceRef whose DataSource is not there (yet): Pending, saying so once (CDI waits too)."""
     if ctx.store.get("PersistentVolumeClaim", dv["metadata"]["name"], ns) is not None:
         return  # the claim was made from it already: its clone goes on without it
-    status = _status(dv)
+    status = status_of(dv)
     if status.get("phase") == "Pending" and any(c.get("message") == message for c in status.get("conditions", [])):
         return
     status.update(phase="Pending", progress="N/A")
     status.setdefault("restartCount", 0)
     set_condition(status, "Ready", False, "DataSourceNotFound", message)
-    _save(ctx, dv, status)
+    save_status(ctx, dv, status)
     ctx.store.add_event(dv, "Warning", "DataSourceNotFound", message)
 
 
 CLASS_RECHECK_SECONDS = 10.0
 
 
-def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
+def waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
     """A DataVolume whose StorageClass does not exist (yet) stays Pending, as its claim does in
     Kubernetes, and goes on when the class is made (the claim's change brings it back here).
     On a cluster no StorageClass change reaches the controller: it looks again every
@@ -217,7 +202,7 @@ def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
         return False
     name = dv["metadata"]["name"]
     message = f"PVC {name} Pending: StorageClass {sc} does not exist yet; the import starts once it is created"
-    status = _status(dv)
+    status = status_of(dv)
     bound = next((c for c in status.get("conditions", []) if c["type"] == "Bound"), {})
     if status.get("phase") != "Pending" or bound.get("message") != message:
         set_condition(status, "Bound", False, "Pending", message)
@@ -226,33 +211,6 @@ def _waits_for_class(ctx: Context, dv: Obj, sc: str | None) -> bool:
         set_phase(ctx, dv, "Pending", progress="N/A", ready=False,
                   event=("Warning", "StorageClassNotFound", message))
     return True
-
-
-def _clone_strategy(ctx: Context, kind: str, source: dict, mode: str, ns: str) -> str:
-    if kind != "pvc":
-        return ""
-    from cloner import choose_strategy
-
-    src = ctx.store.get("PersistentVolumeClaim", source.get("name", ""), source.get("namespace") or ns)
-    return choose_strategy(src, mode) if src else ""
-
-
-def run_host_assisted_clone(ctx: Context, dv: Obj, source: dict, node: str | None = None) -> None:
-    """Source and target differ in volume mode: copy the disk across on a node."""
-    from cloner import host_assisted_copy
-    from host.command import CommandError
-
-    meta = dv["metadata"]
-    ns = meta.get("namespace", "default")
-    set_phase(ctx, dv, "CloneInProgress", running=(True, "Pod Running", "host-assisted clone"), progress="0.00%")
-    try:
-        host_assisted_copy(ctx, source["name"], source.get("namespace") or ns, meta["name"], ns, f"clone/{ns}/{meta['name']}",
-                           node)
-    except (CommandError, kubelet.NotReady, OSError) as exc:  # OSError: a disk.img that is a link, a FIFO
-        fail(ctx, dv, "CloneFailed", user_text(exc))
-        return
-    set_phase(ctx, dv, "Succeeded", progress="100.0%", running=(False, "Completed", ""), ready=True,
-           event=("Normal", "CloneSucceeded", "host-assisted clone (volume modes differ) into claim " + meta["name"]))
 
 
 def _lookups(ctx: Context, ns: str):
@@ -301,9 +259,9 @@ class Progress:
             current = self.ctx.store.get(KIND, meta["name"], meta.get("namespace", "default"))
             if current is None or current["metadata"].get("uid") != meta.get("uid"):
                 return  # deleted (the import is being cancelled), or a namesake's: not ours to write
-            status = _status(current)
+            status = status_of(current)
             status["progress"] = f"{percent:.2f}%"
-            _save(self.ctx, self.dv, status)
+            save_status(self.ctx, self.dv, status)
 
 
 ATTEMPTS = 3  # a failing transfer is tried this many times before the DataVolume fails (CDI's pod restarts)
@@ -431,7 +389,7 @@ def start_over(store, dv: Obj, reason: str, message: str) -> None:
     ns = meta.get("namespace", "default")
     store.delete("PersistentVolumeClaim", meta["name"], ns)
     store.update_status(KIND, meta["name"], ns, {"phase": "Pending", "progress": "N/A",
-                                                 "restartCount": int(_status(dv).get("restartCount", 0)) + 1})
+                                                 "restartCount": int(status_of(dv).get("restartCount", 0)) + 1})
     store.add_event(dv, "Warning", reason, message)
 
 

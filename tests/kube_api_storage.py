@@ -90,6 +90,10 @@ SERVED = _resources(
     "snapshot.kubevirt.io/v1beta1 virtualmachinesnapshotcontents VirtualMachineSnapshotContent Namespaced status",
     "snapshot.kubevirt.io/v1beta1 virtualmachinerestores VirtualMachineRestore Namespaced status",
     "export.kubevirt.io/v1beta1 virtualmachineexports VirtualMachineExport Namespaced status",
+    "rbac.authorization.k8s.io/v1 roles Role Namespaced -",
+    "rbac.authorization.k8s.io/v1 clusterroles ClusterRole Cluster -",
+    "rbac.authorization.k8s.io/v1 rolebindings RoleBinding Namespaced -",
+    "rbac.authorization.k8s.io/v1 clusterrolebindings ClusterRoleBinding Cluster -",
 )
 FIRST_NAMESPACES = ("default", "kube-system", "kube-public")
 SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")

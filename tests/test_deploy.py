@@ -353,7 +353,8 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("", "nodes"): READ,
     ("storage.k8s.io", "storageclasses"): READ,
     ("storage.k8s.io", "volumeattributesclasses"): READ,
-    ("snapshot.storage.k8s.io", "volumesnapshots"): READ,
+    ("snapshot.storage.k8s.io", "volumesnapshots"): READ | {"create", "delete"},  # the snapshot clone strategy's
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses"): READ,
     ("events.k8s.io", "events"): READ | {"create", "update", "patch"},
     ("instancetype.kubevirt.io", "virtualmachineinstancetypes"): READ,
     ("instancetype.kubevirt.io", "virtualmachineclusterinstancetypes"): READ,

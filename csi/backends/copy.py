@@ -7,6 +7,8 @@ import errno
 import fcntl
 import os
 
+from host.extents import data_extents
+
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 
 
@@ -23,21 +25,12 @@ def reflink(src_fd: int, dst_fd: int) -> bool:
 
 def sparse_copy(src_fd: int, dst_fd: int, size: int) -> None:
     """Copy only the data extents of src into dst (whose size is already set)."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src_fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data past offset
-                return
-            raise
-        end = os.lseek(src_fd, start, os.SEEK_HOLE)
+    for start, end in data_extents(src_fd, size):
         while start < end:
             n = os.copy_file_range(src_fd, dst_fd, end - start, start, start)
             if n == 0:
                 break
             start += n
-        offset = end
 
 
 def new_private_file(path: str) -> int:

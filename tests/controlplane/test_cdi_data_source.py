@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from manifests import clone_grant
 from test_datavolume import dv, make_qcow2, same_prefix
 
 
@@ -48,6 +49,7 @@ def ready(inst, name: str, namespace: str = "default") -> tuple[str, str]:
 
 def test_data_source_follows_its_claim_and_a_source_ref_clones_it_byte_exact(instance, web):
     raw = make_qcow2(os.path.join(web.root, "golden.qcow2"))
+    instance.apply(clone_grant("os-images", "default"))  # CDI asks the source namespace's grant for a clone
     instance.apply(data_source("fedora", "os-images", "    pvc:\n      name: fedora-golden"))
     instance.wait(lambda: ready(instance, "fedora", "os-images") == ("False", "NotFound"), 20, "DataSource NotFound")
     # a DataVolume referring to a DataSource not there yet waits (Pending), then goes on

@@ -22,6 +22,7 @@ from importer_support import pki, stop  # noqa: E402,F401  (pki: a fixture)
 from registry_support import build_oci_layout, push_image, serve_registry  # noqa: E402
 
 from controlplane.cron_schedule import CronSchedule  # noqa: E402
+from manifests import clone_grant  # noqa: E402
 from importer.import_cron import DESIRED_DIGEST, RETRY_SECONDS, dv_name, poll_if_due  # noqa: E402
 
 MiB = 1 << 20
@@ -143,7 +144,8 @@ def test_import_cron_imports_each_new_digest_moves_its_data_source_and_keeps_the
     names = [dv_name(cron, d) for d in digests]
     instance.wait(lambda: instance.get("DataVolume", names[0], "os-images") is None, 20, "the oldest import collected")
     assert all(instance.get("DataVolume", n, "os-images") for n in names[1:])
-    # what the golden image stands for now: a DataVolume by sourceRef clones v3
+    # what the golden image stands for now: a DataVolume by sourceRef clones v3 (granted, as CDI asks)
+    instance.apply(clone_grant("os-images", "default"))
     instance.apply(f"""apiVersion: cdi.kubevirt.io/v1beta1
 kind: DataVolume
 metadata:
