@@ -185,6 +185,9 @@ SPECS: dict[str, Fields] = {
     "DataImportCron": Fields(spec=Fields(template=Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC), schedule=STR,
                                          managedDataSource=STR, garbageCollect=OneOf("Outdated", "Never"),
                                          importsToKeep=INT, retentionPolicy=OneOf("All", "None"))),
+    "VirtualMachineSnapshotContent": Fields(spec=Fields(
+        virtualMachineSnapshotName=STR, source=Fields(virtualMachine=ANY_MAP),
+        volumeBackups=ListOf(Fields(volumeName=STR, volumeSnapshotName=STR, persistentVolumeClaim=ANY_MAP)))),
     "VirtualMachineExport": Fields(spec=Fields(source=Fields(apiGroup=STR, kind=STR, name=STR), tokenSecretRef=STR,
                                                ttlDuration=STR)),
     "Role": Fields(rules=ListOf(POLICY_RULE)),

@@ -160,6 +160,11 @@ class SnapshotOps:
                 return
             snaps = self.catalog.snapshots(group_id=group_id, state=None)
             self._check_members(group_id, snaps, snapshot_ids)
+        # a volume being made from a member holds that member's lock: the deletion waits for it
+        with self.locks.hold(group_id, *(s.id for s in snaps)):
+            snaps = self.catalog.snapshots(group_id=group_id, state=None)
+            if not self.catalog.group(group_id):
+                return
             self.catalog.update_group(group_id, state=DELETING)
             for snap in snaps:
                 self._drop_snapshot(snap)

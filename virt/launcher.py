@@ -33,6 +33,7 @@ from host.sandbox import Sandbox, open_no_follow
 from virt.agent_link import AgentLink
 from virt.accel import choose_accel, kvm_devices
 from virt.console_history import SERIAL_LOG, ConsoleFollower, ConsoleHistory
+from virt.guest_agent import AgentRefused
 from virt.guest_network import GuestNetwork, choose_host_ports
 from virt.container_volumes import BootKernel
 from virt.qemu_args import (AGENT_CHANNEL, AGENT_PORT_ID, QEMU_BINARY, DiskAttachment, KernelFiles, Throttle,
@@ -129,6 +130,7 @@ class VmLauncher:
         self._exited = threading.Event()
         self._follower: ConsoleFollower | None = None
         self._quiescing = False  # a snapshot's pause: not a user's, so no Paused phase
+        self._hold_lock = threading.RLock()  # a snapshot's instant and a user's pause/unpause, one at a time
         self._quiesce_resumed = threading.Event()  # the RESUME event of a quiesce's `cont` arrived
         self.last_pause_seconds: float | None = None  # the last quiesce's QMP stop→cont wall time
 
@@ -336,44 +338,58 @@ class VmLauncher:
         self.qmp.send_fd(fd, name)
 
     def pause(self) -> None:
-        self.execute("stop")
-        self._set_phase(Phase.PAUSED, "paused by user")
+        with self._hold_lock:  # not inside a snapshot's instant: its `cont` would undo the pause
+            self.execute("stop")
+            self._set_phase(Phase.PAUSED, "paused by user")
 
     def unpause(self) -> None:
-        self.execute("cont")
-        self._set_phase(Phase.RUNNING, "unpaused by user")
+        with self._hold_lock:
+            self.execute("cont")
+            self._set_phase(Phase.RUNNING, "unpaused by user")
 
     @contextmanager
     def quiesced(self, timeout: float = 5) -> Iterator[str]:
         """Hold the guest still for a snapshot's instant; yields the indication that says how
-        (KubeVirt's words): "GuestAgent" — its agent froze the guest's filesystems (thawed after);
-        "NoGuestAgent" — no agent answered, so it is paused with QMP `stop`, which drains and
-        flushes the disks, and resumed with `cont`. A guest paused before stays paused. How long
-        it was held (freeze→thaw, stop→cont) is kept in last_pause_seconds; keep the body short.
-        An agent that refuses the freeze raises AgentRefused (the snapshot tries again)."""
-        if self.execute("query-status", timeout=timeout)["status"] != "running":
-            self.last_pause_seconds = 0.0
-            yield "NoGuestAgent"  # paused (or not yet running): nothing writes
-            return
-        started = time.monotonic()
-        if self.freeze_filesystems(timeout):  # the agent froze them: the guest runs on, writing nothing
+        (KubeVirt's words): "GuestAgent" — its agent froze the guest's filesystems, so what they
+        hold is consistent, and then it is paused as well, so every disk's blocks are of one
+        instant; "NoGuestAgent" — no agent answered: paused only; "QuiesceFailed" — the agent
+        refused the freeze: paused only. The pause is QMP `stop` (which drains and flushes the
+        disks) and `cont` after the body; the filesystems are thawed after that. A guest paused
+        before stays paused. The pause's wall time (stop→cont) is kept in last_pause_seconds;
+        keep the body short. A pause or unpause asked meanwhile waits for the end."""
+        with self._hold_lock:
+            if self.execute("query-status", timeout=timeout)["status"] != "running":
+                self.last_pause_seconds = 0.0
+                yield "NoGuestAgent"  # paused (or not yet running): nothing writes
+                return
             try:
-                yield "GuestAgent"
+                how = "GuestAgent" if self.freeze_filesystems(timeout) else "NoGuestAgent"
+            except AgentRefused:  # thawed already; the snapshot goes on, crash-consistent, saying so
+                how = "QuiesceFailed"
+            try:
+                with self._paused_for_snapshot(timeout):
+                    yield how
             finally:
-                self.thaw_filesystems()
-                self.last_pause_seconds = time.monotonic() - started
-            return
+                if how == "GuestAgent":
+                    self.thaw_filesystems()
+
+    @contextmanager
+    def _paused_for_snapshot(self, timeout: float) -> Iterator[None]:
+        """QMP stop for the block, cont after it; a `cont` that fails leaves the VM shown Paused."""
         self._quiescing = True
         self._quiesce_resumed.clear()
         started = time.monotonic()
         try:
             self.execute("stop", timeout=timeout)
-            yield "NoGuestAgent"
+            yield
         finally:
             try:
                 self.execute("cont", timeout=timeout)
                 self.last_pause_seconds = time.monotonic() - started
                 self._quiesce_resumed.wait(1)  # its RESUME event too is the quiesce's, not the VM's
+            except QmpError:
+                self._set_phase(Phase.PAUSED, "a snapshot's resume failed: unpause it")
+                raise
             finally:
                 self._quiescing = False
 

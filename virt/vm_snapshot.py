@@ -40,7 +40,6 @@ from controlplane.vm_snapshot_spec import (API_VERSION, DEFAULT_FAILURE_DEADLINE
                                            volume_snapshot_name)
 from controlplane.vm_spec import SpecError
 from virt.launcher import Phase
-from virt.guest_agent import AgentRefused
 from virt.qmp_session import QmpError
 from virt.reconcile import key_of, runtime
 from virt.runtime import CSI_SOURCES, Running
@@ -49,7 +48,7 @@ log = logging.getLogger("pvlun.virt")
 CONTENT = "VirtualMachineSnapshotContent"
 FINALIZER = "snapshot.kubevirt.io/vmsnapshot-protection"
 CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
-GROUP_HANDLE = "pvlun.dev/volume-group-snapshot-handle"  # on the content: the CSI group snapshot it holds
+GROUP_HANDLE = "volumeGroupSnapshotHandle"  # in the content's status (no manifest sets a status): its CSI group
 PAUSE_ANNOTATION = "pvlun.dev/guest-pause-seconds"  # on the content: how long the guest was held (stop→cont)
 WAIT = 0.5  # seconds between looks while waiting on the VM, its claims or the VolumeSnapshots
 CLUSTER_REFUSAL = ("pvlun controller does not take VirtualMachineSnapshots yet: it reaches neither the launcher's "
@@ -110,7 +109,7 @@ def _held_still(running: Running | None, indications: list[str]) -> Iterator[Non
     if running.launcher.phase is Phase.PAUSED:
         indications.append("Paused")
     with running.launcher.quiesced() as how:
-        indications.append(how)
+        indications.extend(["GuestAgent", how] if how == "QuiesceFailed" else [how])
         yield
 
 
@@ -139,7 +138,7 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
             if included:
                 group = ctx.csi.group.CreateVolumeGroupSnapshot(pb.CreateVolumeGroupSnapshotRequest(
                     name=f"vmsnapshot-{meta['uid']}", source_volume_ids=[vid for _v, _c, vid in included])).group_snapshot
-    except (grpc.RpcError, QmpError, AgentRefused) as exc:  # a full pool, a QEMU gone, a freeze refused: tried again
+    except (grpc.RpcError, QmpError) as exc:  # a full pool, a QEMU that went away: tried again until the deadline
         _status(ctx, snap, "InProgress", progressing=(False, f"snapshot failed: {user_text(exc)}"),
                 ready=(False, "Not ready"), error=user_text(exc), sourceUID=vm["metadata"]["uid"])
         ctx.store.add_event(snap, "Warning", "VolumeGroupSnapshotFailed", user_text(exc))
@@ -151,7 +150,11 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
         ctx.store.add_event(snap, "Normal", "GuestQuiesced",
                             f"guest held still {pause * 1000:.1f} ms for the group snapshot of {len(included)} "
                             f"volumes ({', '.join(i for i in indications if i != 'Online')})")
-    _record(ctx, snap, vm, included, group, pause)
+    try:
+        _record(ctx, snap, vm, included, group, pause)
+    except ForeignContent as exc:
+        _fail(ctx, snap, str(exc))
+        return None
     _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
             ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
             virtualMachineSnapshotContentName=content_name(meta["uid"]), indications=indications,
@@ -164,7 +167,9 @@ INDICATION_TEXT = {
     "Online": "the VM was running when the snapshot was taken",
     "Paused": "the VM was paused when the snapshot was taken",
     "NoGuestAgent": "no guest agent answered: the guest was paused (not frozen) for the snapshot's instant",
-    "GuestAgent": "the guest agent froze the guest's filesystems for the snapshot's instant",
+    "GuestAgent": "the guest agent froze the guest's filesystems, and the guest was paused, for the snapshot's instant",
+    "QuiesceFailed": "the guest agent refused to freeze the filesystems: the guest was paused (not frozen) for the "
+                     "snapshot's instant",
 }
 
 
@@ -178,6 +183,10 @@ def _claim_backup(pvc: Obj) -> Obj:
             "spec": spec}
 
 
+class ForeignContent(Exception):
+    """A content of this snapshot's name that the controller did not make (a user's, planted)."""
+
+
 def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], group, pause: float | None) -> None:
     """The VirtualMachineSnapshotContent, then each member's VolumeSnapshotContent and VolumeSnapshot."""
     meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
@@ -185,11 +194,16 @@ def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str
     members = {s.source_volume_id: s for s in group.snapshots} if group is not None else {}
     owned = (snap.get("spec") or {}).get("deletionPolicy", "Delete") == "Delete"
     vm_meta = vm["metadata"]
-    content = ctx.store.get(CONTENT, content_name(uid), ns) or ctx.store.apply({
+    handle = group.group_snapshot_id if group is not None else ""
+    content = ctx.store.get(CONTENT, content_name(uid), ns)
+    if content is not None and ((content.get("status") or {}).get(GROUP_HANDLE) != handle
+                                or (content.get("spec") or {}).get("virtualMachineSnapshotName") != meta["name"]):
+        raise ForeignContent(f"VirtualMachineSnapshotContent {content_name(uid)} exists and was not made for this "
+                             "snapshot; delete it and the snapshot, then snapshot again")
+    content = content or ctx.store.apply({
         "apiVersion": API_VERSION, "kind": CONTENT,
         "metadata": {"name": content_name(uid), "namespace": ns, "finalizers": [CONTENT_FINALIZER],
-                     "annotations": {**({GROUP_HANDLE: group.group_snapshot_id} if group is not None else {}),
-                                     **({PAUSE_ANNOTATION: f"{pause:.6f}"} if pause is not None else {})},
+                     "annotations": {**({PAUSE_ANNOTATION: f"{pause:.6f}"} if pause is not None else {})},
                      **({"ownerReferences": [{"apiVersion": API_VERSION, "kind": "VirtualMachineSnapshot",
                                               "name": meta["name"], "uid": uid, "controller": True}]} if owned else {})},
         "spec": {"virtualMachineSnapshotName": meta["name"],
@@ -199,6 +213,8 @@ def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str
                      "spec": copy.deepcopy(vm.get("spec") or {}), "status": {}}},
                  "volumeBackups": [{"volumeName": v, "persistentVolumeClaim": _claim_backup(pvc),
                                     "volumeSnapshotName": volume_snapshot_name(uid, v)} for v, pvc, _i in included]}})
+    if (content.get("status") or {}).get(GROUP_HANDLE) != handle:  # what its deletion deletes: only ever ours
+        ctx.store.merge_status(CONTENT, content["metadata"]["name"], ns, **{GROUP_HANDLE: handle})
     for volume, pvc, volume_id in included:
         member = members[volume_id]
         name = volume_snapshot_name(uid, volume)
@@ -241,8 +257,8 @@ def _finish(ctx: Context, snap: Obj) -> float | None:
                          **({"creationTime": content["metadata"]["creationTimestamp"]} if vs else {})})
     if not ready:
         return WAIT
-    ctx.store.update_status(CONTENT, content["metadata"]["name"], ns, {
-        "creationTime": content["metadata"]["creationTimestamp"], "readyToUse": True, "volumeSnapshotStatus": statuses})
+    ctx.store.merge_status(CONTENT, content["metadata"]["name"], ns, creationTime=content["metadata"]["creationTimestamp"],
+                           readyToUse=True, volumeSnapshotStatus=statuses)
     _status(ctx, snap, "Succeeded", progressing=(False, "Operation complete"), ready=(True, "Operation complete"),
             creationTime=content["metadata"]["creationTimestamp"])
     ctx.store.add_event(snap, "Normal", "SuccessfulVirtualMachineSnapshot",
@@ -286,7 +302,18 @@ def reconcile_vm_snapshot_content(ctx: Context, content: Obj) -> float | None:
     ns = meta.get("namespace", "default")
     if not meta.get("deletionTimestamp"):
         return None
-    group = (meta.get("annotations") or {}).get(GROUP_HANDLE)
+    # its VolumeSnapshots first (only those it owns): one a claim is being restored from waits
+    # for that restore (source protection), and the group snapshot goes only when they are gone
+    waiting = False
+    for backup in (content.get("spec") or {}).get("volumeBackups") or []:
+        name = backup.get("volumeSnapshotName") if isinstance(backup, dict) else None
+        vs = ctx.store.get("VolumeSnapshot", name, ns) if isinstance(name, str) and name else None
+        if vs is not None and any(o.get("uid") == meta.get("uid") for o in vs["metadata"].get("ownerReferences") or []):
+            ctx.store.delete("VolumeSnapshot", name, ns)
+            waiting = waiting or ctx.store.get("VolumeSnapshot", name, ns) is not None
+    if waiting:
+        return WAIT
+    group = (content.get("status") or {}).get(GROUP_HANDLE)
     if group and ctx.csi is not None:
         try:
             ctx.csi.group.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=group))
@@ -294,8 +321,5 @@ def reconcile_vm_snapshot_content(ctx: Context, content: Obj) -> float | None:
             if exc.code() is not grpc.StatusCode.NOT_FOUND:
                 ctx.store.add_event(content, "Warning", "VolumeGroupSnapshotDeleteFailed", user_text(exc))
                 return 5.0
-    for backup in (content.get("spec") or {}).get("volumeBackups") or []:
-        if backup.get("volumeSnapshotName"):
-            ctx.store.delete("VolumeSnapshot", backup["volumeSnapshotName"], ns)
     remove_finalizer(ctx.store, content, CONTENT_FINALIZER)
     return None
