@@ -13,6 +13,7 @@ from csi import DRIVER_NAME
 from controlplane.context import Context
 from controlplane.csi_client import capability
 from controlplane.quantity import parse_quantity
+from controlplane.rbac import may_clone_from
 from controlplane.source_protection import CLONING, SNAPSHOT_AS_SOURCE, being_read, reading
 from controlplane.secret_refs import OPERATIONS, SecretRefError, referenced, resolve, secret_data, split_parameters
 from controlplane.store import Obj, remove_finalizer, set_condition
@@ -116,6 +117,12 @@ def _content_source(ctx: Context, pvc: Obj) -> tuple[pb.VolumeContentSource | No
     if not source:
         return None, 0
     ns = source.get("namespace") or pvc["metadata"]["namespace"]
+    if source.get("kind") in ("PersistentVolumeClaim", "VolumeSnapshot"):
+        # another namespace's bytes only with its grant, as CDI asks it of a clone: create on
+        # datavolumes/source there, for this namespace's service account
+        denied = may_clone_from(ctx.store, ns, source.get("name", ""), pvc["metadata"]["namespace"], "default")
+        if denied:
+            raise ValueError(denied)
     if source.get("kind") == "PersistentVolumeClaim":
         src = ctx.store.get("PersistentVolumeClaim", source["name"], ns)
         if src and src["metadata"].get("deletionTimestamp"):  # as the external-provisioner refuses it
