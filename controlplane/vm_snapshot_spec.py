@@ -5,6 +5,8 @@ names its controllers give what they make — so the objects and their names mat
 
 from __future__ import annotations
 
+import re
+
 from controlplane.user_text import quoted
 from controlplane.vm_export_spec import parse_duration as go_duration
 
@@ -14,6 +16,10 @@ DEFAULT_FAILURE_DEADLINE = 300.0  # seconds (KubeVirt's DefaultFailureDeadline, 
 DEFAULT_GRACE_PERIOD = 300.0  # seconds a WaitGracePeriod restore waits for its target (DefaultGracePeriod)
 READINESS_POLICIES = ("StopTarget", "WaitGracePeriod", "FailImmediate", "WaitEventually")
 VOLUME_RESTORE_POLICIES = ("RandomizeNames", "PrefixTargetName")  # InPlace: not (yet) in pvlun
+# Kubernetes label and annotation keys (a qualified name: [prefix/]name) and label values
+_QUALIFIED = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+NAME_MAX, PREFIX_MAX = 63, 253
 
 
 def parse_duration(text: object, field: str) -> float:
@@ -48,6 +54,72 @@ def restore_claim_name(restore: dict, volume: str, target: str) -> str:
     if spec.get("volumeRestorePolicy") == "PrefixTargetName":
         return f"{target}-{volume}"
     return f"restore-{restore['metadata']['uid']}-{volume}"
+
+
+def restore_claim_names(restore: dict, volumes: list[str], target: str) -> dict[str, str]:
+    """Every restored volume's claim name by volume; ValueError unless each volume gets its own
+    claim (two volumes restored into one claim would leave one of them unrestored)."""
+    names = {volume: restore_claim_name(restore, volume, target) for volume in volumes}
+    taken: dict[str, str] = {}
+    for volume, name in names.items():
+        if name in taken:
+            raise ValueError(f"volumes {quoted(taken[name])} and {quoted(volume)} would both be restored into claim "
+                             f"{quoted(name)}: give each volume its own name (spec.volumeRestoreOverrides)")
+        taken[name] = volume
+    return names
+
+
+def _qualified_key(key: object, field: str) -> None:
+    """A label or annotation key as the API server takes it: [DNS-1123 subdomain/]name."""
+    if not isinstance(key, str):
+        raise ValueError(f"{field}: key {quoted(key)} must be a string")
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or len(prefix) > PREFIX_MAX or not _PREFIX.fullmatch(prefix)):
+        raise ValueError(f"{field}: key {quoted(key)} has an invalid prefix (a DNS-1123 subdomain before the '/')")
+    if len(name) > NAME_MAX or not _QUALIFIED.fullmatch(name):
+        raise ValueError(f"{field}: key {quoted(key)} is not a valid name (at most {NAME_MAX} letters, digits, "
+                         "'-', '_' or '.', starting and ending with a letter or digit)")
+
+
+def check_metadata_map(value: object, field: str, labels: bool) -> None:
+    """Labels (labels=True) or annotations: string keys of label-key syntax to strings, label
+    values of at most 63 characters in label-value syntax; ValueError names the field."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: must be a map of strings to strings, not {type(value).__name__}")
+    for key, val in value.items():
+        _qualified_key(key, field)
+        if not isinstance(val, str):
+            raise ValueError(f"{field}.{key}: must be a string, not {type(val).__name__}")
+        if labels and val and (len(val) > NAME_MAX or not _QUALIFIED.fullmatch(val)):
+            raise ValueError(f"{field}.{key}: {quoted(val)} is not a valid label value (at most {NAME_MAX} "
+                             "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+
+
+def _check_overrides(overrides: object) -> None:
+    if not isinstance(overrides, list):
+        raise ValueError(f"spec.volumeRestoreOverrides: must be a list, not {type(overrides).__name__}")
+    volumes: dict[object, int] = {}
+    claims: dict[object, int] = {}
+    for i, override in enumerate(overrides):
+        field = f"spec.volumeRestoreOverrides[{i}]"
+        if not isinstance(override, dict) or not isinstance(override.get("volumeName"), str) \
+                or not override["volumeName"]:
+            raise ValueError(f"{field}.volumeName is required")
+        if override["volumeName"] in volumes:
+            raise ValueError(f"{field}.volumeName: {quoted(override['volumeName'])} is overridden twice "
+                             f"(also spec.volumeRestoreOverrides[{volumes[override['volumeName']]}])")
+        volumes[override["volumeName"]] = i
+        name = override.get("restoreName")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{field}.restoreName: must be a string")
+        if name in claims:
+            raise ValueError(f"{field}.restoreName: {quoted(name)} is also spec.volumeRestoreOverrides"
+                             f"[{claims[name]}].restoreName: two volumes cannot be restored into one claim")
+        if name:
+            claims[name] = i
+        for key, labels in (("labels", True), ("annotations", False)):
+            if override.get(key) is not None:
+                check_metadata_map(override[key], f"{field}.{key}", labels)
 
 
 def _vm_reference(ref: object, field: str) -> None:
@@ -85,9 +157,7 @@ def check_restore(obj: dict) -> None:
         raise ValueError(f"spec.volumeOwnershipPolicy: {quoted(spec['volumeOwnershipPolicy'])} is not one of Vm, None")
     if spec.get("patches"):
         raise ValueError("spec.patches: not supported by pvlun (restore to a new VM by naming it in spec.target.name)")
-    for i, override in enumerate(spec.get("volumeRestoreOverrides") or []):
-        if not isinstance(override, dict) or not override.get("volumeName"):
-            raise ValueError(f"spec.volumeRestoreOverrides[{i}].volumeName is required")
+    _check_overrides(spec.get("volumeRestoreOverrides") or [])
 
 
 def check_content(obj: dict) -> None:

@@ -11,10 +11,16 @@ snapshot's file, independent of it), named as KubeVirt names them: `restore-<res
   minutes, WaitEventually forever, FailImmediate fails at once, StopTarget asks it to stop.
   Its spec becomes the snapshot's (its run strategy stays what it is now: the user started
   or stopped it), each backed-up volume now a persistentVolumeClaim of its restored claim;
-  the DataVolumes of its old dataVolumeTemplates are deleted (status.deletedDataVolumes).
+  the DataVolumes of its old dataVolumeTemplates that the restored spec no longer has are
+  deleted (status.deletedDataVolumes) — only those the VM owns, never one it merely used.
 - to a VM that does not exist (another name): it is made from the snapshot's spec, with the
   restored claims, owned by nothing but itself (the claims are owned by it, volumeOwnershipPolicy
   Vm, the default). An existing VM that is not the snapshot's source is refused.
+
+The content is anyone's: the VM and claims a restore makes pass `pvlun apply`'s admission, and
+each volume gets its own claim, one this restore made (restore.kubevirt.io/uid), or it fails.
+A snapshot, content or VolumeSnapshot gone before the claims are bound fails the restore, and
+a VM it held stopped (status.restoreInProgress) is released.
 
 complete, restoreTime, restores and the Progressing/Ready conditions as KubeVirt reports them.
 On a cluster the restore is refused (Failed), as VirtualMachineSnapshots are there.
@@ -25,9 +31,12 @@ from __future__ import annotations
 import copy
 import logging
 
+from controlplane.admission import Refused, admit
 from controlplane.context import Context
 from controlplane.store import Obj, now, set_condition
-from controlplane.vm_snapshot_spec import DEFAULT_GRACE_PERIOD, restore_claim_name
+from controlplane.user_text import one_line
+from controlplane.vm_snapshot_spec import (DEFAULT_GRACE_PERIOD, check_metadata_map, check_restore,
+                                          restore_claim_names)
 from virt.reconcile import REQUEST, key_of, runtime
 from virt.vm_snapshot import CLUSTER_REFUSAL, CONTENT, WAIT, age_seconds
 
@@ -35,7 +44,8 @@ log = logging.getLogger("pvlun.virt")
 # claim annotations that belonged to the old claim's provisioning (KubeVirt drops the same prefixes)
 DROPPED_ANNOTATIONS = ("pv.kubernetes.io", "volume.beta.kubernetes.io", "cdi.kubevirt.io", "volume.kubernetes.io",
                        "k8s.io/CloneRequest", "k8s.io/CloneOf")
-RESTORE_NAME = "restore.kubevirt.io/name"  # on a restored claim: the restore that made it
+RESTORE_NAME = "restore.kubevirt.io/name"  # on a restored claim: the restore that made it (KubeVirt's)
+RESTORE_UID = "restore.kubevirt.io/uid"  # and its uid: a later restore of the same name is another one
 LAST_RESTORE = "restore.kubevirt.io/lastRestoreUID"  # on the target VM: <restore name>-<restore uid>
 
 
@@ -58,9 +68,19 @@ def _wait(ctx: Context, restore: Obj, why: str) -> float:
 
 
 def _fail(ctx: Context, restore: Obj, message: str) -> None:
+    """Failed for good; a target this restore held stopped may start again."""
     _status(ctx, restore, complete=False, progressing=(False, "Operation failed"), ready=(False, message),
             failure=message)
     ctx.store.add_event(restore, "Warning", "VirtualMachineRestoreError", message)
+    target = ((restore.get("spec") or {}).get("target") or {}).get("name")
+    ns = restore["metadata"].get("namespace", "default")
+    if isinstance(target, str) and _holds(ctx.store.get("VirtualMachine", target, ns), restore):
+        _release(ctx, target, ns)
+
+
+def _holds(vm: Obj | None, restore: Obj) -> bool:
+    """The VM is held stopped by this restore (KubeVirt's status.restoreInProgress)."""
+    return ((vm or {}).get("status") or {}).get("restoreInProgress") == restore["metadata"]["name"]
 
 
 def _release(ctx: Context, vm: str, ns: str) -> None:
@@ -109,6 +129,7 @@ def _claim(restore: Obj, backup: Obj, name: str, owner: Obj | None) -> Obj:
             labels.update(override.get("labels") or {})
             annotations.update(override.get("annotations") or {})
     annotations[RESTORE_NAME] = restore["metadata"]["name"]
+    annotations[RESTORE_UID] = restore["metadata"]["uid"]
     spec = copy.deepcopy(old.get("spec") or {})
     spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
                           "name": backup["volumeSnapshotName"]}
@@ -123,9 +144,9 @@ def _claim(restore: Obj, backup: Obj, name: str, owner: Obj | None) -> Obj:
             "spec": spec}
 
 
-def _restored_spec(source_spec: Obj, claims: dict[str, str]) -> tuple[Obj, list[str]]:
+def _restored_spec(source_spec: Obj, claims: dict[str, str]) -> Obj:
     """The snapshot's VM spec with every restored volume a persistentVolumeClaim of its new
-    claim, and the names of the DataVolumes it no longer makes (their templates dropped)."""
+    claim, the dataVolumeTemplates of those volumes' DataVolumes dropped."""
     spec = copy.deepcopy(source_spec)
     template_spec = (spec.get("template") or {}).get("spec") or {}
     dropped: list[str] = []
@@ -143,7 +164,79 @@ def _restored_spec(source_spec: Obj, claims: dict[str, str]) -> tuple[Obj, list[
         spec["dataVolumeTemplates"] = templates
     else:
         spec.pop("dataVolumeTemplates", None)
-    return spec, dropped
+    return spec
+
+
+def _template_names(spec: Obj) -> set[str]:
+    return {(t.get("metadata") or {}).get("name") for t in spec.get("dataVolumeTemplates") or []}
+
+
+def _stale_data_volumes(ctx: Context, target: Obj, vm_spec: Obj) -> list[str]:
+    """KubeVirt's rule: the DataVolumes of the target's dataVolumeTemplates that the restored
+    spec no longer has — only those the target owns (a DataVolume it merely uses stays)."""
+    meta = target["metadata"]
+    named = _template_names(vm_spec) | {(v.get("dataVolume") or {}).get("name") for v in
+                                        ((vm_spec.get("template") or {}).get("spec") or {}).get("volumes") or []}
+    stale = []
+    for name in sorted(n for n in _template_names(target.get("spec") or {}) if isinstance(n, str) and n not in named):
+        dv = ctx.store.get("DataVolume", name, meta.get("namespace", "default"))
+        if dv and any(r.get("uid") == meta["uid"] for r in dv["metadata"].get("ownerReferences") or []):
+            stale.append(name)
+    return stale
+
+
+def _backups(content: Obj) -> tuple[Obj, list[Obj]]:
+    """The content's VM and volume backups, each checked (the content may be anyone's): ValueError."""
+    spec = content.get("spec") or {}
+    source = (spec.get("source") or {}).get("virtualMachine")
+    if not isinstance(source, dict) or not isinstance(source.get("spec"), dict):
+        raise ValueError("has no spec.source.virtualMachine.spec")
+    if not isinstance(source.get("metadata") or {}, dict):
+        raise ValueError("spec.source.virtualMachine.metadata must be an object")
+    check_metadata_map((source.get("metadata") or {}).get("labels") or {}, "spec.source.virtualMachine.metadata.labels",
+                       True)
+    backups = spec.get("volumeBackups") or []
+    if not isinstance(backups, list):
+        raise ValueError("spec.volumeBackups must be a list")
+    for i, backup in enumerate(backups):
+        field = f"spec.volumeBackups[{i}]"
+        if not isinstance(backup, dict) or not all(isinstance(backup.get(k), str) and backup[k]
+                                                   for k in ("volumeName", "volumeSnapshotName")):
+            raise ValueError(f"{field} needs a volumeName and a volumeSnapshotName")
+        claim = backup.get("persistentVolumeClaim") or {}
+        if not isinstance(claim, dict) or not isinstance(claim.get("metadata") or {}, dict) \
+                or not isinstance(claim.get("spec") or {}, dict):
+            raise ValueError(f"{field}.persistentVolumeClaim must be an object with metadata and spec")
+        for key, labels in (("labels", True), ("annotations", False)):
+            check_metadata_map((claim.get("metadata") or {}).get(key) or {},
+                               f"{field}.persistentVolumeClaim.metadata.{key}", labels)
+    return source, backups
+
+
+def _admitted(objects: list[Obj]) -> str:
+    """What `pvlun apply` would refuse of what the restore makes, in one line ("" if nothing)."""
+    for obj in objects:
+        try:
+            admit(copy.deepcopy(obj), "restore")
+        except Refused as exc:
+            return str(exc)
+    return ""
+
+
+def _vanished(ctx: Context, restore: Obj, snap: Obj | None, backups: list[Obj], unbound: set[str],
+              claims: dict[str, str]) -> str:
+    """Why a restore under way cannot finish: its snapshot, content or a VolumeSnapshot that an
+    unbound claim is restored from is gone ("" if all are there)."""
+    ns = restore["metadata"].get("namespace", "default")
+    name = restore["spec"]["virtualMachineSnapshotName"]
+    if snap is None or snap["metadata"].get("deletionTimestamp"):
+        return f"VirtualMachineSnapshot {name} was deleted before the restored claims were bound"
+    for backup in backups:
+        if claims[backup["volumeName"]] in unbound and ctx.store.get("VolumeSnapshot", backup["volumeSnapshotName"],
+                                                                     ns) is None:
+            return (f"VolumeSnapshot {backup['volumeSnapshotName']} (volume {backup['volumeName']}) was deleted before "
+                    "its restored claim was bound")
+    return ""
 
 
 def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
@@ -155,47 +248,71 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     if ctx.cluster is not None:
         _fail(ctx, restore, CLUSTER_REFUSAL.replace("VirtualMachineSnapshots", "VirtualMachineRestores"))
         return None
+    try:
+        check_restore(restore)
+    except ValueError as exc:
+        _fail(ctx, restore, one_line(f"VirtualMachineRestore {meta['name']} is invalid: {exc}"))
+        return None
     snap_name = spec["virtualMachineSnapshotName"]
+    target_name = spec["target"]["name"]
+    target = ctx.store.get("VirtualMachine", target_name, ns)
+    started = bool((restore.get("status") or {}).get("restores")) or _holds(target, restore)
     snap = ctx.store.get("VirtualMachineSnapshot", snap_name, ns)
     snap_status = (snap or {}).get("status") or {}
     if snap is None or not snap_status.get("readyToUse"):
         if snap_status.get("phase") == "Failed":
             _fail(ctx, restore, f"VirtualMachineSnapshot {snap_name} failed")
             return None
+        if started:  # the restore was under way: it cannot finish
+            _fail(ctx, restore, f"VirtualMachineSnapshot {snap_name} "
+                                f"{'was deleted' if snap is None else 'is no longer ready to use'} during the restore")
+            return None
         return _wait(ctx, restore, f"VirtualMachineSnapshot {snap_name} "
                                    f"{'does not exist' if snap is None else 'is not ready to use'}")
-    content = ctx.store.get(CONTENT, snap_status.get("virtualMachineSnapshotContentName") or "", ns)
+    content_name = snap_status.get("virtualMachineSnapshotContentName") or ""
+    content = ctx.store.get(CONTENT, content_name, ns)
     if content is None:
+        if started:
+            _fail(ctx, restore, f"VirtualMachineSnapshotContent of {snap_name} was deleted during the restore")
+            return None
         return _wait(ctx, restore, f"VirtualMachineSnapshotContent of {snap_name} does not exist")
-    source = content["spec"]["source"]["virtualMachine"]
-    target_name = spec["target"]["name"]
-    target = ctx.store.get("VirtualMachine", target_name, ns)
+    try:
+        source, backups = _backups(content)
+        claims = restore_claim_names(restore, [b["volumeName"] for b in backups], target_name)
+    except ValueError as exc:
+        _fail(ctx, restore, one_line(f"VirtualMachineSnapshotContent {content_name} of {snap_name}: {exc}"))
+        return None
+    source_uid = (source.get("metadata") or {}).get("uid")
     mark = f"{meta['name']}-{meta['uid']}"
     new_vm = target is None or ((target["metadata"].get("annotations") or {}).get(LAST_RESTORE) == mark
-                                and target["metadata"]["uid"] != source["metadata"].get("uid"))  # made on a pass before
-    if not new_vm and target["metadata"]["uid"] != source["metadata"].get("uid"):
+                                and target["metadata"]["uid"] != source_uid)  # made on a pass before
+    if not new_vm and target["metadata"]["uid"] != source_uid:
         _fail(ctx, restore, f"VirtualMachine {target_name} exists and is not the snapshot's source "
-                            f"({source['metadata'].get('name')}): restore to the source, or to a name no VM has")
+                            f"({(source.get('metadata') or {}).get('name')}): restore to the source, or to a name no "
+                            "VM has")
         return None
     if not new_vm and _target_busy(ctx, target):
         return _not_ready(ctx, restore, target)
-    backups = content["spec"].get("volumeBackups") or []
-    claims = {b["volumeName"]: restore_claim_name(restore, b["volumeName"], target_name) for b in backups}
     for volume, name in claims.items():  # a claim of that name that this restore did not make is never taken
         existing = ctx.store.get("PersistentVolumeClaim", name, ns)
-        if existing and (existing["metadata"].get("annotations") or {}).get(RESTORE_NAME) != meta["name"]:
+        if existing and (existing["metadata"].get("annotations") or {}).get(RESTORE_UID) != meta["uid"]:
             _fail(ctx, restore, f"PersistentVolumeClaim {name} (volume {volume}) exists and is not this restore's: "
                                 "choose other names (volumeRestorePolicy, volumeRestoreOverrides)")
             return None
-    if not new_vm and (target.get("status") or {}).get("restoreInProgress") != meta["name"]:
+    labels = (source.get("metadata") or {}).get("labels") or {}
+    made = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": target_name, "namespace": ns, "labels": labels, "annotations": {LAST_RESTORE: mark}},
+            "spec": source["spec"]}
+    refused = _admitted([made])  # the snapshot's VM as it was, then as the restore makes it, and its claims
+    vm_spec = made["spec"] = {} if refused else _restored_spec(source["spec"], claims)
+    refused = refused or _admitted([made, *(_claim(restore, b, claims[b["volumeName"]], None) for b in backups)])
+    if refused:  # the content's VM or claims are not what `pvlun apply` would take
+        _fail(ctx, restore, one_line(f"restore from VirtualMachineSnapshotContent {content_name} refused: {refused}"))
+        return None
+    if not new_vm and not _holds(target, restore):
         ctx.store.merge_status("VirtualMachine", target_name, ns, restoreInProgress=meta["name"])  # not started now
-    vm_spec, dropped = _restored_spec(source.get("spec") or {}, claims)
     if target is None:  # a new VM: made first, so that its claims can be owned by it
-        labels = dict((source.get("metadata") or {}).get("labels") or {})
-        target = ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-                                  "metadata": {"name": target_name, "namespace": ns, "labels": labels,
-                                               "annotations": {LAST_RESTORE: mark}},
-                                  "spec": vm_spec})
+        target = ctx.store.apply(made)
         ctx.store.add_event(restore, "Normal", "VirtualMachineCreated",
                             f"VirtualMachine {target_name} made from snapshot {snap_name}")
     owner = target if spec.get("volumeOwnershipPolicy", "Vm") == "Vm" else None
@@ -204,14 +321,19 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
             ctx.store.apply(_claim(restore, backup, claims[backup["volumeName"]], owner))
     restores = [{"volumeName": b["volumeName"], "persistentVolumeClaim": claims[b["volumeName"]],
                  "volumeSnapshotName": b["volumeSnapshotName"]} for b in backups]
-    unbound = [c for c in claims.values()
-               if ((ctx.store.get("PersistentVolumeClaim", c, ns) or {}).get("status") or {}).get("phase") != "Bound"]
+    unbound = {c for c in claims.values()
+               if ((ctx.store.get("PersistentVolumeClaim", c, ns) or {}).get("status") or {}).get("phase") != "Bound"}
     if unbound:
+        gone = _vanished(ctx, restore, snap, backups, unbound, claims)
+        if gone:
+            _fail(ctx, restore, gone)
+            return None
         _status(ctx, restore, complete=False, progressing=(True, "Initializing VirtualMachineRestore"),
-                ready=(False, f"Waiting for restored claims: {', '.join(unbound)}"), restores=restores)
+                ready=(False, f"Waiting for restored claims: {', '.join(sorted(unbound))}"), restores=restores)
         return WAIT
     deleted: list[str] = []
     if not new_vm:  # the snapshot's own VM: its spec, its run strategy as it is now
+        stale = _stale_data_volumes(ctx, target, vm_spec)
         current = copy.deepcopy(target)
         strategy = {k: current["spec"][k] for k in ("running", "runStrategy") if k in current.get("spec", {})}
         vm_spec = {k: v for k, v in vm_spec.items() if k not in ("running", "runStrategy")}
@@ -219,11 +341,7 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
         (current["metadata"].setdefault("annotations", {}))[LAST_RESTORE] = mark
         ctx.store.apply(current)
         _release(ctx, target_name, ns)
-        named = {(v.get("dataVolume") or {}).get("name") for v in
-                 ((vm_spec.get("template") or {}).get("spec") or {}).get("volumes") or []}
-        for dv in dropped:
-            if dv not in named and ctx.store.delete("DataVolume", dv, ns):
-                deleted.append(dv)
+        deleted = [dv for dv in stale if ctx.store.delete("DataVolume", dv, ns)]
     _status(ctx, restore, complete=True, progressing=(False, "Operation complete"), ready=(True, "Operation complete"),
             restores=restores, restoreTime=now(), **({"deletedDataVolumes": deleted} if deleted else {}))
     ctx.store.add_event(restore, "Normal", "VirtualMachineRestoreComplete",

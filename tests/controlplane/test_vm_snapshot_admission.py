@@ -49,11 +49,32 @@ def test_kubevirt_yaml_is_admitted_with_its_short_names():
     (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, restoreName: ../etc}]\n",
      "spec.volumeRestoreOverrides[0].restoreName"),
     (RESTORE + "  volumeRestoreOverrides: [{restoreName: x}]\n", "spec.volumeRestoreOverrides[0].volumeName"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, restoreName: one}, {volumeName: b, restoreName: one}]\n",
+     "spec.volumeRestoreOverrides[1].restoreName: 'one' is also spec.volumeRestoreOverrides[0].restoreName"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a}, {volumeName: a, restoreName: x}]\n",
+     "spec.volumeRestoreOverrides[1].volumeName: 'a' is overridden twice"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, labels: abc}]\n", "spec.volumeRestoreOverrides[0].labels"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, labels: {x: [1, 2]}}]\n",
+     "spec.volumeRestoreOverrides[0].labels.x: must be a string"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, labels: {x: 'not a value!'}}]\n",
+     "spec.volumeRestoreOverrides[0].labels.x"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, labels: {'-x': y}}]\n",
+     "spec.volumeRestoreOverrides[0].labels: key '-x'"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, annotations: {'Bad_Prefix/x': y}}]\n",
+     "spec.volumeRestoreOverrides[0].annotations: key 'Bad_Prefix/x' has an invalid prefix"),
+    (RESTORE + "  volumeRestoreOverrides: [{volumeName: a, annotations: {x: 1}}]\n",
+     "spec.volumeRestoreOverrides[0].annotations.x: must be a string"),
 ])
 def test_a_wrong_field_is_refused_by_name(doc, field):
     with pytest.raises(Refused) as refused:
         load_documents(doc)
     assert field in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_override_labels_and_annotations_of_kubernetes_syntax_are_admitted():
+    (restore,) = load_documents(RESTORE + "  volumeRestoreOverrides: [{volumeName: a, restoreName: x, labels: "
+                                "{app.example.com/tier: db, empty: ''}, annotations: {note: 'any text at all!'}}]\n")
+    assert restore["spec"]["volumeRestoreOverrides"][0]["labels"] == {"app.example.com/tier": "db", "empty": ""}
 
 
 def test_the_spec_of_a_snapshot_or_restore_does_not_change():

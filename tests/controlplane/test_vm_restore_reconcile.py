@@ -1,0 +1,238 @@
+"""VirtualMachineRestore reconcile on an embedded store, no guest booted: the restored claims are
+bound by hand (the provisioner's part), so each pass of the restore is seen. What it deletes, the
+claims it takes and makes, and the hostile contents and restores it refuses with Failed — never a
+traceback, never a VM held stopped by a restore that cannot finish."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from controlplane.context import Context
+from controlplane.store import SQLiteStore
+from virt.vm_restore import reconcile_vm_restore
+
+NS = "default"
+
+
+def vm_spec() -> dict:
+    disks = [{"name": n, "disk": {"bus": "virtio"}} for n in ("root", "shared", "scratch")]
+    return {"runStrategy": "Halted",
+            "dataVolumeTemplates": [
+                {"metadata": {"name": "vm1-root"},
+                 "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Mi"}}}}},
+                {"metadata": {"name": "vm1-scratch"},
+                 "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Mi"}}}}}],
+            "template": {"spec": {"domain": {"memory": {"guest": "64Mi"}, "devices": {"disks": disks}},
+                                  "volumes": [{"name": "root", "dataVolume": {"name": "vm1-root"}},
+                                              {"name": "shared", "dataVolume": {"name": "golden-shared"}},
+                                              {"name": "scratch", "dataVolume": {"name": "vm1-scratch"}}]}}}
+
+
+def claim(name: str) -> dict:
+    return {"metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}}}
+
+
+@pytest.fixture
+def world(tmp_path):
+    """vm1 (stopped) with its own DataVolumes vm1-root and vm1-scratch, and golden-shared, a
+    DataVolume it uses and does not own; snapshot snap1 of its root and shared volumes."""
+    store = SQLiteStore(str(tmp_path / "objects.db"))
+    ctx = Context(store, None, str(tmp_path / "data"), ["node-1"])
+    vm = store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                      "metadata": {"name": "vm1", "namespace": NS}, "spec": vm_spec()})
+    owner = [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "vm1", "uid": vm["metadata"]["uid"]}]
+    for name, refs in (("vm1-root", owner), ("vm1-scratch", owner), ("golden-shared", [])):
+        store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
+                     "metadata": {"name": name, "namespace": NS, **({"ownerReferences": refs} if refs else {})},
+                     "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Mi"}}}}})
+    snap = store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                        "metadata": {"name": "snap1", "namespace": NS},
+                        "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "vm1"}}})
+    store.update_status("VirtualMachineSnapshot", "snap1", NS,
+                        {"readyToUse": True, "phase": "Succeeded", "virtualMachineSnapshotContentName": "content1"})
+    store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshotContent",
+                 "metadata": {"name": "content1", "namespace": NS},
+                 "spec": {"virtualMachineSnapshotName": snap["metadata"]["name"],
+                          "source": {"virtualMachine": {"metadata": {"name": "vm1", "uid": vm["metadata"]["uid"]},
+                                                        "spec": vm_spec()}},
+                          "volumeBackups": [{"volumeName": v, "volumeSnapshotName": f"vs-{v}",
+                                             "persistentVolumeClaim": claim(f"claim-{v}")}
+                                            for v in ("root", "shared")]}})
+    for v in ("root", "shared"):
+        store.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                     "metadata": {"name": f"vs-{v}", "namespace": NS},
+                     "spec": {"source": {"persistentVolumeClaimName": f"claim-{v}"}}})
+    yield ctx
+    store.close()
+
+
+def restore(ctx: Context, target: str = "vm1", name: str = "r1", **spec) -> dict:
+    """A restore stored as it is (no admission: as a hostile writer could), one pass run."""
+    ctx.store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineRestore",
+                     "metadata": {"name": name, "namespace": NS},
+                     "spec": {"target": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": target},
+                              "virtualMachineSnapshotName": "snap1", **spec}})
+    return run(ctx, name)
+
+
+def run(ctx: Context, name: str = "r1") -> dict:
+    reconcile_vm_restore(ctx, ctx.store.get("VirtualMachineRestore", name, NS))
+    return ctx.store.get("VirtualMachineRestore", name, NS)
+
+
+def bind_all(ctx: Context) -> None:
+    for pvc in ctx.store.list("PersistentVolumeClaim", NS):
+        ctx.store.update_status("PersistentVolumeClaim", pvc["metadata"]["name"], NS, {"phase": "Bound"})
+
+
+def failure(obj: dict) -> str:
+    """The Failure condition's message ("" if it has none); a failed restore is never complete."""
+    status = obj.get("status") or {}
+    found = [c["message"] for c in status.get("conditions") or [] if c["type"] == "Failure" and c["status"] == "True"]
+    if found:
+        assert status["complete"] is False
+    return found[0] if found else ""
+
+
+def held(ctx: Context) -> object:
+    return (ctx.store.get("VirtualMachine", "vm1", NS).get("status") or {}).get("restoreInProgress")
+
+
+def test_in_place_restore_deletes_only_the_data_volumes_the_vm_owned_and_no_longer_has(world):
+    got = restore(world)
+    assert not failure(got) and held(world) == "r1"
+    bind_all(world)
+    got = run(world)
+    assert got["status"]["complete"] is True, got["status"]
+    # root's template is gone (restored into a claim): its DataVolume goes; scratch is not in the
+    # snapshot's backups, so its template stays and so does it; golden-shared was never the VM's
+    assert got["status"]["deletedDataVolumes"] == ["vm1-root"]
+    assert world.store.get("DataVolume", "vm1-root", NS) is None
+    assert world.store.get("DataVolume", "golden-shared", NS) is not None
+    assert world.store.get("DataVolume", "vm1-scratch", NS) is not None
+    assert held(world) is None
+
+
+def test_a_template_data_volume_the_vm_does_not_own_is_kept(world):
+    dv = world.store.get("DataVolume", "vm1-root", NS)
+    dv["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    world.store.apply(dv)
+    restore(world)
+    bind_all(world)
+    got = run(world)
+    assert got["status"]["complete"] is True and "deletedDataVolumes" not in got["status"]
+    assert world.store.get("DataVolume", "vm1-root", NS) is not None
+
+
+@pytest.mark.parametrize("spec, why", [
+    ({"volumeRestoreOverrides": [{"volumeName": "root", "restoreName": "one"},
+                                 {"volumeName": "shared", "restoreName": "one"}]}, "'one'"),
+    ({"volumeRestorePolicy": "PrefixTargetName",
+      "volumeRestoreOverrides": [{"volumeName": "root", "restoreName": "vm2-shared"}]}, "'vm2-shared'"),
+])
+def test_two_volumes_restored_into_one_claim_fail(world, spec, why):
+    got = restore(world, "vm2", **spec)
+    assert "restored into" in failure(got) and why in failure(got)
+    assert world.store.list("PersistentVolumeClaim", NS) == [] and world.store.get("VirtualMachine", "vm2", NS) is None
+
+
+def test_a_claim_of_an_earlier_restore_of_the_same_name_is_not_taken(world):
+    got = restore(world, "vm2", volumeRestorePolicy="PrefixTargetName")
+    bind_all(world)
+    assert run(world)["status"]["complete"] is True
+    world.store.delete("VirtualMachineRestore", "r1", NS)
+    world.store.delete("VirtualMachine", "vm2", NS)  # its claims stay (no garbage collector here)
+    got = restore(world, "vm2", volumeRestorePolicy="PrefixTargetName")  # the same name, another restore
+    assert "PersistentVolumeClaim vm2-root (volume root) exists and is not this restore's" in failure(got)
+    assert world.store.get("VirtualMachine", "vm2", NS) is None
+
+
+def test_a_new_vm_from_a_content_pvlun_apply_would_refuse_is_not_made(world):
+    content = world.store.get("VirtualMachineSnapshotContent", "content1", NS)
+    content["spec"]["source"]["virtualMachine"]["spec"]["dataVolumeTemplates"][1]["metadata"]["name"] = "../etc"
+    world.store.apply(content)
+    got = restore(world, "vm2")
+    assert "refused" in failure(got) and "metadata.name: '../etc' is not a valid name" in failure(got), failure(got)
+    assert world.store.get("VirtualMachine", "vm2", NS) is None and world.store.list("PersistentVolumeClaim", NS) == []
+
+
+def test_a_content_without_the_vms_metadata_fails_cleanly(world):
+    content = world.store.get("VirtualMachineSnapshotContent", "content1", NS)
+    del content["spec"]["source"]["virtualMachine"]["metadata"]
+    world.store.apply(content)
+    got = restore(world)
+    assert "VirtualMachine vm1 exists and is not the snapshot's source" in failure(got)
+    assert held(world) is None
+
+
+def test_a_content_without_volume_snapshot_names_fails_cleanly(world):
+    content = world.store.get("VirtualMachineSnapshotContent", "content1", NS)
+    del content["spec"]["volumeBackups"][0]["volumeSnapshotName"]
+    world.store.apply(content)
+    assert "volumeSnapshotName" in failure(restore(world))
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"labels": "abc"}, "spec.volumeRestoreOverrides[0].labels"),
+    ({"labels": {"x": [1, 2]}}, "spec.volumeRestoreOverrides[0].labels.x"),
+    ({"annotations": {"bad key!": "v"}}, "spec.volumeRestoreOverrides[0].annotations"),
+])
+def test_bad_override_labels_fail_the_restore(world, override, field):
+    got = restore(world, "vm2", volumeRestoreOverrides=[{"volumeName": "root", **override}])
+    assert field in failure(got), failure(got)
+    assert world.store.list("PersistentVolumeClaim", NS) == []
+
+
+def test_override_labels_reach_the_claim(world):
+    restore(world, "vm2", volumeRestoreOverrides=[{"volumeName": "root", "restoreName": "mine",
+                                                   "labels": {"app.example.com/tier": "db"}}])
+    pvc = world.store.get("PersistentVolumeClaim", "mine", NS)
+    assert pvc["metadata"]["labels"] == {"app.example.com/tier": "db"}
+    assert pvc["metadata"]["annotations"]["restore.kubevirt.io/uid"] == \
+        world.store.get("VirtualMachineRestore", "r1", NS)["metadata"]["uid"]
+
+
+@pytest.mark.parametrize("gone", [("VirtualMachineSnapshot", "snap1"), ("VirtualMachineSnapshotContent", "content1"),
+                                  ("VolumeSnapshot", "vs-shared")])
+def test_a_snapshot_gone_before_the_claims_are_bound_fails_the_restore_and_frees_the_vm(world, gone):
+    restore(world)
+    assert held(world) == "r1"
+    world.store.delete(gone[0], gone[1], NS)
+    got = run(world)
+    assert gone[1] in failure(got) or "VirtualMachineSnapshotContent" in failure(got), failure(got)
+    assert "deleted" in failure(got)
+    assert held(world) is None
+    before = copy.deepcopy(world.store.get("VirtualMachine", "vm1", NS)["spec"])
+    assert run(world)["status"]["complete"] is False and world.store.get("VirtualMachine", "vm1", NS)["spec"] == before
+
+
+def test_a_restore_waits_for_a_snapshot_not_made_yet(world):
+    world.store.delete("VirtualMachineSnapshot", "snap1", NS)
+    got = restore(world)
+    assert not failure(got) and "does not exist" in str(got["status"]["conditions"])
+
+
+@pytest.mark.parametrize("where, value", [
+    (("spec", "source", "virtualMachine", "spec", "template"), "abc"),
+    (("spec", "source", "virtualMachine", "metadata"), "abc"),
+    (("spec", "source", "virtualMachine", "metadata", "labels"), {"x": [1]}),
+    (("spec", "volumeBackups", 0, "persistentVolumeClaim"), "abc"),
+    (("spec", "volumeBackups", 0, "persistentVolumeClaim", "metadata", "annotations"), {"k": 1}),
+    (("spec", "volumeBackups", 0, "persistentVolumeClaim", "spec", "accessModes"), "everyone"),
+    (("spec", "volumeBackups"), "abc"),
+])
+def test_a_malformed_content_fails_the_restore_in_one_line(world, where, value):
+    content = world.store.get("VirtualMachineSnapshotContent", "content1", NS)
+    part = content
+    for key in where[:-1]:
+        part = part[key]
+    part[where[-1]] = value
+    world.store.apply(content)
+    for target in ("vm2", "vm1"):
+        got = restore(world, target, name=f"to-{target}")
+        assert failure(got) and "\n" not in failure(got)
+        assert world.store.list("PersistentVolumeClaim", NS) == [] and held(world) is None
+    assert world.store.get("VirtualMachine", "vm2", NS) is None
