@@ -159,6 +159,14 @@ def reconcile_clone(ctx: Context, dv: Obj, source: dict, size: int, mode: str, a
         from controlplane.provisioner import claim_populated
 
         if src is not None and claim_populated(ctx, src):
+            user = _vm_using(ctx, src)
+            if user:  # a disk a guest writes would be copied torn: CDI waits for the pod to let go too
+                message = f"{user} using PersistentVolumeClaim {src_ns}/{source.get('name')}: the copy waits for it"
+                if not any(c.get("message") == message for c in dvr.status_of(dv).get("conditions", [])):
+                    dvr.set_phase(ctx, dv, "CloneScheduled", progress="N/A", ready=False,
+                                  running=(False, "CloneSourceInUse", message),
+                                  event=("Warning", "CloneSourceInUse", message))
+                return IN_USE_RECHECK_SECONDS
             ctx.jobs.start_on_node("dv:" + dvr.key_of(dv), lambda node: run_copy(ctx, dv, source, node),
                                    f"clone/{dvr.key_of(dv)}", volumes=2)
         return None
@@ -167,6 +175,19 @@ def reconcile_clone(ctx: Context, dv: Obj, source: dict, size: int, mode: str, a
         return _expand(ctx, dv, pvc, wanted)
     _succeeded(ctx, dv, strategy)
     return None
+
+
+IN_USE_RECHECK_SECONDS = 5.0
+
+
+def _vm_using(ctx: Context, pvc: Obj) -> str:
+    """The VM whose run has the claim attached ("" for none): a copy of it would be torn."""
+    pv_name = (pvc.get("spec") or {}).get("volumeName")
+    for att in ctx.store.list("VolumeAttachment"):
+        spec = att.get("spec") or {}
+        if (spec.get("source") or {}).get("persistentVolumeName") == pv_name and spec.get("owner", "").startswith("vm/"):
+            return "VirtualMachine " + spec["owner"][3:]
+    return ""
 
 
 def _expandable(ctx: Context, pvc: Obj) -> bool:

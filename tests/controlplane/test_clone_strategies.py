@@ -264,3 +264,27 @@ def test_a_clone_smaller_than_its_source_is_refused_with_cdis_reason(instance, g
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "CloneValidationFailed" and "is smaller than the source's" in ready["message"]
     assert instance.get("PersistentVolumeClaim", "too-small") is None
+
+
+def test_a_copy_of_the_disk_a_running_vm_writes_waits_until_it_stops(instance, copy_sc, tick_image, tick_vm_yaml):
+    """A host-assisted copy of a disk a guest writes would be torn: it waits (CloneSourceInUse,
+    as CDI's), and runs once the VM has let go of the disk."""
+    from virt.bootsector import tick_boot_sector
+
+    out = instance.apply(tick_vm_yaml("writer", tick_image), "--wait")
+    assert "virtualmachine/writer Running" in out.stdout, out.stdout + out.stderr
+    instance.apply(clone("writer-copy", "writer-root", size="8Mi", sc=copy_sc))
+
+    def waiting():
+        status = instance.get("DataVolume", "writer-copy").get("status") or {}
+        return next((c for c in status.get("conditions", []) if c.get("reason") == "CloneSourceInUse"), None)
+
+    cond = instance.wait(waiting, 20, "the copy waiting for the VM")
+    assert "VirtualMachine default/writer" in cond["message"]
+    assert (instance.get("DataVolume", "writer-copy").get("status") or {}).get("phase") == "CloneScheduled"
+    instance.cli("vm", "stop", "writer", "--wait")
+    instance.wait(lambda: (instance.get("DataVolume", "writer-copy").get("status") or {}).get("phase") == "Succeeded",
+                  30, "the copy after the VM stopped")
+    with open(instance.lun_path("writer-copy"), "rb") as f:
+        assert f.read(512) == tick_boot_sector()
+    instance.cli("delete", "vm", "writer")
