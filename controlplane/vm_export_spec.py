@@ -12,6 +12,9 @@ SOURCE_KINDS = {"PersistentVolumeClaim": ("",), "VirtualMachine": ("kubevirt.io"
                 "VirtualMachineSnapshot": (SNAPSHOT_GROUP,)}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+# Go's time.Duration is an int64 of nanoseconds: ParseDuration refuses anything longer
+LONGEST = "2562047h47m16.854775807s"
+_LONGEST_SECONDS = (1 << 63) / 1e9
 
 
 def check_source(spec: dict) -> str:
@@ -29,7 +32,8 @@ def check_source(spec: dict) -> str:
 
 
 def parse_duration(text: object) -> timedelta:
-    """A metav1.Duration as Go writes it ("2h", "1h30m", "90s", "1.5h"); ValueError otherwise."""
+    """A metav1.Duration as Go writes it ("2h", "1h30m", "90s", "1.5h"); ValueError otherwise,
+    and for one longer than Go's longest (an int64 of nanoseconds), as Go's ParseDuration."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"{str(text)[:40]!r} is not a duration like 2h or 90m")
     sign, body = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
@@ -41,4 +45,6 @@ def parse_duration(text: object) -> timedelta:
         pos = match.end()
     if pos != len(body) or not body:
         raise ValueError(f"{text[:40]!r} is not a duration like 2h or 90m")
+    if not seconds <= _LONGEST_SECONDS:  # also inf, from a number of hundreds of digits
+        raise ValueError(f"{text[:40]!r} is longer than the longest duration, {LONGEST}")
     return timedelta(seconds=sign * seconds)

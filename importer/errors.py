@@ -53,7 +53,7 @@ class DeclaredTooLarge(ImportFailed):
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]*@")
 _SECRET_QUERY = re.compile(
     r"(?i)(?P<key>[?&](?:x-amz-[a-z-]*|signature|sig|token|access_token|password|awsaccesskeyid|"
-    r"x-goog-[a-z-]*|key)=)[^&\s\"']*"
+    r"x-goog-[a-z-]*|key|x-kubevirt-export-token)=)[^&\s\"']*"
 )
 _BEARER = re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 

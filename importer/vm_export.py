@@ -200,7 +200,8 @@ def _ensure_server(ctx: Context, vme: Obj, claims: list[tuple[str, str]], token:
         for _, claim in claims:
             attachments.append(kubelet.attach(ctx.store, ctx.csi, ctx.data_dir, claim, ns, ctx.node_id, key,
                                               readonly=True))
-        server = ExportServer([ExportedVolume(v, a.path) for (v, _), a in zip(claims, attachments)], token).start()
+        server = ExportServer([ExportedVolume(v, a.path) for (v, _), a in zip(claims, attachments)], token,
+                              export_uid=vme["metadata"].get("uid", "")).start()
     except BaseException:
         for att in attachments:
             kubelet.detach(ctx.store, ctx.csi, att.volume_id, att.node_id, key)

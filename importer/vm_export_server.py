@@ -13,10 +13,12 @@ certificate (its PEM goes to status.links.*.cert) and listens on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 import re
+import secrets
 import ssl
 import tempfile
 import threading
@@ -26,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from host.sandbox import UnsafeFile, open_no_follow
 
+from . import errors
 from .https_server import HttpsServer, TextHandler
 from .pipeline import DISK_IMG
 from .upload_server import certificate_pem
@@ -35,7 +38,7 @@ TOKEN_HEADER = "x-kubevirt-export-token"
 READY_PATH = "/exportready"
 RAW, GZIP = "disk.img", "disk.img.gz"
 CHUNK = 1 << 20
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")  # 19 digits: any offset of a real disk
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,15 @@ class ExportServer(HttpsServer):
     thread_name = "pvlun-vmexport"
 
     def __init__(self, volumes: list[ExportedVolume], token: str, address: tuple[str, int] = ("127.0.0.1", 0),
-                 tls_files: tuple[str, str] | None = None):
+                 tls_files: tuple[str, str] | None = None, export_uid: str = ""):
         """`tls_files`: (certificate, key) to serve with (an exporter Pod's mounted Secret);
-        without them a self-signed certificate for the address is made."""
+        without them a self-signed certificate for the address is made. `export_uid` goes into
+        each volume's ETag (a random one per server without it), so a download resumed with
+        If-Range never appends one export's bytes to another's."""
         if not token:
             raise ValueError("an export needs a token")
+        errors.register_secret(token)  # never in a log line or an event, as a URL's query or otherwise
+        self.export_uid = export_uid or secrets.token_hex(16)
         self.volumes = {v.name: v for v in volumes}
         self.token = token.encode()
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -91,6 +98,7 @@ class ExportServer(HttpsServer):
         """No new request, and the ones under way end: their volumes are about to be detached."""
         self.stopping.set()
         super().stop()
+        self.close_connections()  # a client that stopped reading holds no disk open past this
         with self._idle:
             self._idle.wait_for(lambda: self._open == 0, wait)
 
@@ -103,6 +111,11 @@ class ExportServer(HttpsServer):
         with self._idle:
             self._open += 1
         return fd
+
+    def etag(self, volume: ExportedVolume, size: int) -> str:
+        """A strong validator of the volume's bytes in this export (RFC 9110 8.8.3)."""
+        digest = hashlib.sha256(f"{self.export_uid}/{volume.name}/{size}".encode()).hexdigest()[:32]
+        return f'"{digest}"'
 
     def close_disk(self, fd: int) -> None:
         os.close(fd)
@@ -150,7 +163,7 @@ class _ExportHandler(TextHandler):
             return self._reply(500, f"the volume's disk cannot be read: {exc}")
         try:
             if segments[3] == RAW:
-                self._send_raw(fd)
+                self._send_raw(fd, volume)
             else:
                 self._send_gzip(fd)
         except OSError:  # the client went away, or the export stopped
@@ -158,26 +171,29 @@ class _ExportHandler(TextHandler):
         finally:
             self.server.close_disk(fd)
 
-    def _send_raw(self, fd: int) -> None:
+    def _send_raw(self, fd: int, volume: ExportedVolume) -> None:
         size = os.lseek(fd, 0, os.SEEK_END)
+        etag = self.server.etag(volume, size)
         start, end = 0, size - 1
         asked = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
         partial = False
-        if asked:
+        if asked and (if_range is None or if_range.strip() == etag):  # another export's part: all of it
             match = _RANGE.fullmatch(asked.strip())
             if not match or not (match.group(1) or match.group(2)):
-                return self._unsatisfiable(size)
+                return self._unsatisfiable(size, etag)
             first, last = match.groups()
             if first:
                 start, end = int(first), min(int(last), size - 1) if last else size - 1
             else:  # the last N bytes
                 start, end = max(0, size - int(last)), size - 1
             if start >= size or start > end:
-                return self._unsatisfiable(size)
+                return self._unsatisfiable(size, etag)
             partial = True
         self.send_response(206 if partial else 200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
         self.send_header("Content-Length", str(end - start + 1))
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -197,8 +213,9 @@ class _ExportHandler(TextHandler):
         if self.server.stopping.is_set():
             raise OSError("the export stopped")
 
-    def _unsatisfiable(self, size: int) -> None:
+    def _unsatisfiable(self, size: int, etag: str) -> None:
         self.send_response(416)
+        self.send_header("ETag", etag)
         self.send_header("Content-Range", f"bytes */{size}")
         self.send_header("Content-Length", "0")
         self.end_headers()

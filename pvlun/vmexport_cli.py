@@ -33,15 +33,21 @@ def _source(args: argparse.Namespace) -> tuple[str, str, str] | None:
     return (*SOURCES[flag], name)
 
 
-def _create(store, args: argparse.Namespace, source: tuple[str, str, str]) -> None:
+def _admitted(args: argparse.Namespace, source: tuple[str, str, str]) -> dict:
+    """The export to create, checked before any store is opened (a bad --ttl is one line)."""
     group, kind, name = source
     spec: dict = {"source": {"apiGroup": group, "kind": kind, "name": name}}
     if getattr(args, "ttl", None):
         spec["ttlDuration"] = args.ttl
-    from controlplane.admission import admit, admit_update
+    from controlplane.admission import admit
 
-    obj = admit({"apiVersion": API_VERSION, "kind": KIND,
-                 "metadata": {"name": args.name, "namespace": args.namespace}, "spec": spec}, "the export")
+    return admit({"apiVersion": API_VERSION, "kind": KIND,
+                  "metadata": {"name": args.name, "namespace": args.namespace}, "spec": spec}, "the export")
+
+
+def _create(store, args: argparse.Namespace, obj: dict) -> None:
+    from controlplane.admission import admit_update
+
     if store.get(KIND, args.name, args.namespace) is not None:
         raise SystemExit(f"error: VirtualMachineExport {args.namespace}/{args.name} already exists")
     store.apply(obj, admit_update)
@@ -52,7 +58,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if source is None:
         print("error: give the source: --vm, --snapshot or --pvc NAME", file=sys.stderr)
         return 1
-    _create(open_store(args.data_dir, kubeconfig=args.kubeconfig), args, source)
+    obj = _admitted(args, source)
+    _create(open_store(args.data_dir, kubeconfig=args.kubeconfig), args, obj)
     print(f"virtualmachineexport.export.kubevirt.io/{args.name} created")
     return 0
 
@@ -116,10 +123,11 @@ def _volume_url(link: dict, volume: str | None, fmt: str) -> str:
 def cmd_download(args: argparse.Namespace) -> int:
     from importer.vm_export_client import DownloadFailed, download, raw_to_qcow2
 
-    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     source = _source(args)
-    if source is not None:
-        _create(store, args, source)
+    obj = _admitted(args, source) if source is not None else None
+    store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
+    if obj is not None:
+        _create(store, args, obj)
     try:
         vme = _wait_ready(store, args)
         links = vme["status"]["links"]

@@ -167,12 +167,19 @@ def _other_cert() -> str:
 
 def test_a_download_cut_off_midway_resumes_with_range_and_ends_byte_exact(inst, disk, tmp_path):
     inst.apply(export_yaml("resumed", "PersistentVolumeClaim", "src"))
-    ready(inst, "resumed")
+    link = ready(inst, "resumed")["links"]["external"]
+    raw = link["volumes"][0]["formats"][0]["url"]
+    code, _, headers = get(raw, link["cert"], {"x-kubevirt-export-token": token_of(inst, "resumed"),
+                                               "Range": "bytes=0-0"})
+    assert code == 206 and headers["ETag"].startswith('"')
     out = tmp_path / "resumed.raw"
-    with open(str(out) + ".part", "wb") as f:  # what a run cut off at 6 MiB left behind
+    with open(str(out) + ".part", "wb") as f:  # what a run cut off at 6 MiB left behind, and its ETag
         f.write(disk[:6 * MiB + 12345])
+    with open(str(out) + ".part.etag", "w") as f:
+        f.write(headers["ETag"])
     inst.cli("vmexport", "download", "resumed", "--output", str(out), "--format", "raw")
     assert out.read_bytes() == disk and not os.path.exists(str(out) + ".part")
+    assert not os.path.exists(str(out) + ".part.etag")
     delete_export(inst, "resumed")
 
 

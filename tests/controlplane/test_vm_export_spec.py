@@ -3,6 +3,9 @@ ttlDuration written as Go writes a metav1.Duration."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -21,6 +24,39 @@ def test_durations_are_read_as_go_writes_them(text, seconds):
 def test_anything_else_is_no_duration(text):
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["99999999999999h", "100000000h", "2562048h", "9" * 400 + "h", "-99999999999999h"])
+def test_a_duration_longer_than_go_holds_is_refused(text):
+    with pytest.raises(ValueError, match="longer than the longest duration"):
+        parse_duration(text)
+
+
+def test_the_longest_duration_is_one_an_export_can_live(tmp_path):
+    from importer.vm_export import expiration
+
+    assert parse_duration("2562047h47m16.854775807s") > timedelta(days=106751)
+    vme = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"ttlDuration": "2562047h"}}
+    assert expiration(vme).year == 2318
+
+
+@pytest.mark.parametrize("ttl", ["99999999999999h", "100000000h"])
+def test_admission_and_the_cli_refuse_a_too_long_ttl_in_one_line(tmp_path, ttl):
+    doc = f"""apiVersion: export.kubevirt.io/v1beta1
+kind: VirtualMachineExport
+metadata: {{name: e}}
+spec:
+  source: {{apiGroup: "", kind: PersistentVolumeClaim, name: disk}}
+  ttlDuration: {ttl}
+"""
+    with pytest.raises(Refused, match=r"spec\.ttlDuration: .* is longer than the longest duration"):
+        load_documents(doc)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "pvlun.cli", "vmexport", "create", "e", "--pvc", "disk", "--ttl", ttl,
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "spec.ttlDuration" in proc.stderr and "longer than" in proc.stderr
 
 
 @pytest.mark.parametrize("source, ok", [
