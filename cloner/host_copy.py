@@ -9,6 +9,7 @@ import contextlib
 import os
 
 from cloner.sparse_copy import copy_sparse
+from controlplane.dv_spec import FILESYSTEM_OVERHEAD
 from controlplane import kubelet
 from controlplane.context import Context
 from host.sandbox import UnsafeFile, open_no_follow
@@ -56,7 +57,11 @@ def host_assisted_copy(ctx: Context, source_claim: str, source_ns: str, target_c
                 target = _open_disk(dst, os.O_RDWR if dst.block else os.O_RDWR | os.O_CREAT | os.O_TRUNC,
                                     target_claim)
                 close.callback(os.close, target)
-                room = os.lseek(target, 0, os.SEEK_END) if dst.block else max(_usable_bytes(dst.path), length)
+                usable = None if dst.block else _usable_bytes(dst.path)
+                # a Filesystem target's disk.img is the source's size if that is within CDI's filesystem
+                # overhead of the room (a clone of the same size); a disk much larger than the room is refused
+                room = os.lseek(target, 0, os.SEEK_END) if usable is None else \
+                    (max(usable, length) if usable >= length * (1 - FILESYSTEM_OVERHEAD) else usable)
                 if room < length:
                     raise TooSmall(f"claim {target_ns}/{target_claim} holds {room} bytes, less than the "
                                    f"{length} of the source's disk")

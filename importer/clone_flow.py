@@ -18,7 +18,7 @@ from __future__ import annotations
 from cloner import CLONE_TYPE_ANNOTATION, COPY, CSI_CLONE, FALLBACK_ANNOTATION, SNAPSHOT, Choice
 from controlplane import kubelet
 from controlplane.context import Context
-from controlplane.dv_spec import FILESYSTEM_OVERHEAD, claim_spec
+from controlplane.dv_spec import claim_spec
 from controlplane.quantity import parse_quantity
 from controlplane.store import Obj, set_condition
 from controlplane.user_text import user_text
@@ -218,14 +218,6 @@ def _make_claim(ctx: Context, dv: Obj, src: Obj | None, source: dict, size: int,
                 "Normal", "CloneSourceNotReady", f"waiting for pvc {src_ns}/{source.get('name')}: the clone takes "
                 "its volume mode and size"))
         return 2.0
-    asked_of_source = parse_quantity(str((((src.get("spec") or {}).get("resources") or {}).get("requests") or {})
-                                         .get("storage") or "0"))
-    # CDI's validation: a clone is never smaller than its source (a claim made through spec.storage
-    # asks for its filesystem's overhead too: a difference within it is a mode's, not a size's)
-    if size and size < asked_of_source * (1 - FILESYSTEM_OVERHEAD):
-        dvr.fail(ctx, dv, UNAUTHORIZED, f"target resources requests storage size ({size} bytes) is smaller than the "
-                 f"source's ({asked_of_source} bytes, claim {src_ns}/{source.get('name')})")
-        return None
     wanted = _claim_request(dv, source, size, mode, access, sc)
     strategy = _saved(dv)
     if strategy is None:
