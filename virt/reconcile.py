@@ -154,6 +154,9 @@ def _handle_request(ctx: Context, vm: Obj, parsed, rt: VmRuntime) -> None:
     elif request == "restart" and running:
         def restart() -> None:
             rt.stop(key, grace=min(parsed.template.termination_grace_period, 30))
+            deadline = time.monotonic() + 30
+            while rt.get(key) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)  # its end recorded (detached, last_exit) — a slow host may lag behind QEMU's exit
             # a new run is wanted: the end just recorded must not hold back Manual or RerunOnFailure
             ctx.store.merge_status("VirtualMachine", name, ns, startRequestedAt=time.time())
 
