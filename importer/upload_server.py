@@ -160,6 +160,12 @@ class UploadServer(HttpsServer):
         self.lock = threading.Lock()
         super().__init__(address, _UploadHandler)
 
+    def stop(self) -> None:
+        """No new upload, and the ones under way end now (as interrupted uploads): the daemon
+        that stops is about to let go of their volumes."""
+        super().stop()
+        self.close_connections()
+
 
 class _UploadHandler(TextHandler):
     server: UploadServer
