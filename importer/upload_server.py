@@ -160,11 +160,18 @@ class UploadServer(HttpsServer):
         self.lock = threading.Lock()
         super().__init__(address, _UploadHandler)
 
-    def stop(self) -> None:
-        """No new upload, and the ones under way end now (as interrupted uploads): the daemon
-        that stops is about to let go of their volumes."""
+    def stop(self, wait: float = 15.0) -> None:
+        """No new upload, and the ones under way end now (as interrupted uploads, their volumes
+        zeroed and reported) before this returns, up to `wait` seconds: the daemon that stops
+        is about to let go of their volumes and close the store their reports go to."""
         super().stop()
         self.close_connections()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.busy:
+                    return
+            time.sleep(0.01)
 
 
 class _UploadHandler(TextHandler):
