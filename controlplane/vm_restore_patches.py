@@ -21,6 +21,7 @@ import re
 
 import jsonpatch
 
+from controlplane.admission import MAX_OBJECT_BYTES  # copies could double the VM with each patch
 from controlplane.user_text import one_line, quoted
 from controlplane.vm_snapshot_spec import check_metadata_map
 
@@ -28,7 +29,6 @@ OPS = ("add", "remove", "replace", "move", "copy", "test")
 ALLOWED_PREFIXES = ("/spec/", "/metadata/labels/", "/metadata/annotations/")  # KubeVirt's admission rule
 MAX_PATCHES = 64
 MAX_PATCH_CHARS = 16384
-MAX_VM_BYTES = 3 << 19  # what one object may be (etcd's 1.5 MiB): copies could double it per patch
 RESTORE_ANNOTATIONS = "restore.kubevirt.io/"  # KubeVirt's restore controller's own
 
 
@@ -121,11 +121,12 @@ def apply_patches(vm: dict, patches: object) -> dict:
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError,
                 IndexError, ValueError) as exc:
             why = re.sub(r" (in|of) [{\[].*", "", str(exc)) or type(exc).__name__  # not the whole VM echoed
-            raise ValueError(one_line(f"spec.patches[{i}] ({op['op']} {op['path']}) cannot be applied: {why}")) from None
+            raise ValueError(one_line(f"spec.patches[{i}] ({op['op']} {op['path']}) cannot be applied: "
+                                      f"{why}")) from None
         size = len(json.dumps(patched))
-        if size > MAX_VM_BYTES:
+        if size > MAX_OBJECT_BYTES:
             raise ValueError(f"spec.patches[{i}] makes the VirtualMachine {size} bytes long; at most "
-                             f"{MAX_VM_BYTES} are allowed")
+                             f"{MAX_OBJECT_BYTES} are allowed")
     before, after = _claims(vm), _claims(patched)
     for key in sorted({*before, *after}, key=str):
         if before.get(key) != after.get(key):

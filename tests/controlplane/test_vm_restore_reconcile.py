@@ -309,7 +309,8 @@ def test_a_patch_that_cannot_apply_or_makes_a_vm_apply_refuses_fails_the_restore
 @pytest.mark.parametrize("patches, what", [
     ([patch("replace", "/spec/template/spec/volumes/0/persistentVolumeClaim/claimName", "theirs")],
      "the claim of volume 'root'"),
-    ([patch("add", "/spec/template/spec/volumes/-", {"name": "extra", "persistentVolumeClaim": {"claimName": "theirs"}})],
+    ([patch("add", "/spec/template/spec/volumes/-",
+            {"name": "extra", "persistentVolumeClaim": {"claimName": "theirs"}})],
      "the claim of volume 'extra'"),
     ([patch("replace", "/spec/template/spec/volumes/2/dataVolume/name", "theirs")], "the claim of volume 'scratch'"),
     ([patch("move", "/spec/template/spec/volumes/0/dataVolume",
@@ -319,8 +320,7 @@ def test_a_patch_that_cannot_apply_or_makes_a_vm_apply_refuses_fails_the_restore
      "spec.dataVolumeTemplates"),
 ])
 def test_a_patch_cannot_give_the_new_vm_a_claim_the_restore_did_not_make(world, patches, what):
-    world.store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "theirs", "namespace": NS},
-                       "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Mi"}}}})
+    world.store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", **claim("theirs")})
     got = restore(world, "vm2", patches=patches)
     assert f"spec.patches may not change {what}" in failure(got), failure(got)
     assert world.store.get("VirtualMachine", "vm2", NS) is None
