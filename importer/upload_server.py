@@ -41,7 +41,8 @@ from .pipeline import Target, import_into
 from .sources.upload import UploadSource
 
 log = logging.getLogger("pvlun.upload")
-UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
+# CDI's upload proxy paths; an -async upload is answered once the image is converted, as a sync one is
+UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload", "/v1beta1/upload-async", "/v1alpha1/upload-async")
 LINGER_SECONDS = 2.0
 KEY_BYTES = 32  # the least a signing key may hold (an empty key would let anyone sign)
 
