@@ -119,11 +119,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 check_capability(convert.capability(cap))
             except CsiError:
                 return pb.GetCapacityResponse(available_capacity=0)
-        if request.HasField("accessible_topology") and not convert.reachable_from(
-                dict(request.accessible_topology.segments), self.host):
-            return pb.GetCapacityResponse(available_capacity=0)
+        parameters = dict(request.parameters)
         try:
-            available = self.luns.available_capacity(dict(request.parameters))
+            # an exported (iscsi) volume reaches every host's nodes, as CreateVolume and
+            # ControllerPublishVolume serve them; a file backend LUN only this host's
+            if request.HasField("accessible_topology") and not self.luns.wants_export(parameters) \
+                    and not convert.reachable_from(dict(request.accessible_topology.segments), self.host):
+                return pb.GetCapacityResponse(available_capacity=0)
+            available = self.luns.available_capacity(parameters)
         except CsiError:  # parameters no volume could be made with
             available = 0
         return pb.GetCapacityResponse(available_capacity=available)

@@ -220,8 +220,12 @@ class LunService(SnapshotOps):
             volume = self.get_volume(volume_id)
             if limit and volume.size > limit:
                 raise out_of_range(f"volume is {volume.size} bytes, already above limit_bytes {limit}; volumes cannot shrink")
+            # a retry (the resizer's, after a timeout or a restart) gets the same answer as the
+            # first call: one whose node expansion is still to come must not be told it is done
+            node_needed = bool(self.catalog.publications(volume_id)) or any(
+                c["access_type"] == "mount" for c in volume.capabilities)
             if required <= volume.size:
-                return volume, False
+                return volume, node_needed
             size = v.size_from_range(required, limit)
             with self.ledger.lock:
                 self.ledger.check_room(size - volume.size, f"growing needs {human(size - volume.size)} more")
@@ -229,9 +233,7 @@ class LunService(SnapshotOps):
                 self.catalog.update_volume(volume_id, size=size)
                 self.ledger.account(size - volume.size)
             volume.size = size
-            published = bool(self.catalog.publications(volume_id))
-            is_mount = any(c["access_type"] == "mount" for c in volume.capabilities)
-            return volume, is_mount or published
+            return volume, node_needed
 
     def modify_volume(self, volume_id: str, mutable: dict[str, str]) -> Volume:
         v.require(volume_id, "volume_id")
@@ -307,7 +309,9 @@ class LunService(SnapshotOps):
     # ---- capacity (csi/capacity.py) ---------------------------------------------------
     def available_capacity(self, parameters: dict[str, str] | None = None) -> int:
         """What GetCapacity reports: what a new volume may still take (0 when the volume's
-        LUN group has no slot left)."""
+        LUN group has no slot left); CsiError for parameters CreateVolume refuses."""
+        if parameters is not None:
+            v.check_parameters(parameters)
         if self.exporter is not None and parameters is not None and self.exporter.wants(parameters):
             if self.exporter.free_slots(parameters) == 0:
                 return 0

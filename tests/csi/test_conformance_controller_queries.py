@@ -141,6 +141,20 @@ def test_get_capacity_for_an_unsupported_capability_is_zero(driver):
     assert rsp.available_capacity == 0
 
 
+def test_get_capacity_for_another_hosts_node_is_what_createvolume_would_serve_there(driver):
+    """The provisioner asks GetCapacity per node (each node's own segment): an iSCSI volume
+    reaches nodes on every host, a file backend LUN only this host's."""
+    other = pb.Topology(segments={"topology.csi.pvlun.dev/host": "some-other-host",
+                                  "topology.csi.pvlun.dev/node": "node-b"})
+    available = driver.controller.GetCapacity(pb.GetCapacityRequest(accessible_topology=other)).available_capacity
+    assert (available > 0) if driver.backend == "iscsi" else (available == 0)
+
+
+def test_get_capacity_for_parameters_createvolume_refuses_is_zero(driver):
+    rsp = driver.controller.GetCapacity(pb.GetCapacityRequest(parameters={"no-such-parameter": "x"}))
+    assert rsp.available_capacity == 0
+
+
 def test_get_capacity_does_not_drop_when_a_volume_is_written(driver, res):
     """Bytes written into a volume were promised to it when it was made: GetCapacity counts
     usable space (free + what the LUNs hold), not the free bytes of the moment."""

@@ -63,6 +63,15 @@ def test_expand_returns_exactly_the_requested_size(driver, res):
     assert get_volume(driver, vol.volume_id).capacity_bytes == want
 
 
+def test_a_repeated_expand_of_a_filesystem_volume_still_asks_for_the_node_step(driver, res):
+    """The resizer retries after a timeout or a restart: the retry must not tell it the node
+    step is done when it never ran."""
+    vol = res.volume(cap=mount_cap())
+    for _ in range(2):
+        rsp = driver.controller.ControllerExpandVolume(expand_req(vol.volume_id, 2 * SMALL, cap=mount_cap()))
+        assert rsp.capacity_bytes == 2 * SMALL and rsp.node_expansion_required
+
+
 def test_expand_of_an_unpublished_block_volume_needs_no_node_step(driver, res):
     vol = res.volume(cap=block_cap())
     rsp = driver.controller.ControllerExpandVolume(expand_req(vol.volume_id, 2 * SMALL, cap=block_cap()))
