@@ -160,20 +160,33 @@ def test_a_stage_cut_off_by_a_daemon_kill_leaves_no_loop_device_or_mount_behind(
     releases the device, which no NodeUnstageVolume finds and whose LUN file is deleted with
     the restarted import's claim. A stage left mounted is undone too."""
     import signal
+    import threading
     import time
 
     data_dir = str(tmp_path / "stage")
     os.makedirs(data_dir)
     first = serve("--nodes", "1", data_dir=data_dir)
     volumes = os.path.join(os.path.realpath(data_dir), "pool", "volumes") + "/"
+    # watched from before the apply (the daemon may attach, format and detach the volume in
+    # tens of milliseconds, before the apply command has even exited): the first LUN attached
+    # is the import's, and the daemon is frozen the moment it shows (between the attach and
+    # the mount, or just after)
+    attached: list[str] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            attached.extend(b for b in loop_backings().values() if b.startswith(volumes))
+            if attached:
+                first.proc.send_signal(signal.SIGSTOP)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     first.apply(dv("formatting", "    blank: {}", size="4Gi", mode="Filesystem"))
-    # watched from the apply on (not from the claim's binding, which a slow poll may see only
-    # after the whole blank import is done): the first LUN attached is the import's
-    deadline = time.monotonic() + 30
-    while not (attached := [b for b in loop_backings().values() if b.startswith(volumes)]):
-        assert time.monotonic() < deadline, "the volume was never attached"
-        time.sleep(0.002)
-    first.proc.send_signal(signal.SIGSTOP)  # frozen between the attach and the mount
+    watcher.join()
+    assert attached, "the volume was never attached"
     old_volume = os.path.basename(attached[0]).split(".img")[0]
     kill9(first)
 
