@@ -23,7 +23,8 @@ A snapshot, content or VolumeSnapshot gone before the claims are bound fails the
 a VM it held stopped (status.restoreInProgress) is released.
 
 complete, restoreTime, restores and the Progressing/Ready conditions as KubeVirt reports them.
-On a cluster the restore is refused (Failed), as VirtualMachineSnapshots are there.
+On a cluster (`pvlun controller`) the same: the external-provisioner restores the claims from
+their VolumeSnapshots, and a target is stopped when it has no VirtualMachineInstance.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from controlplane.user_text import one_line
 from controlplane.vm_snapshot_spec import (DEFAULT_GRACE_PERIOD, check_metadata_map, check_restore,
                                           restore_claim_names)
 from virt.reconcile import REQUEST, key_of, runtime
-from virt.vm_snapshot import CLUSTER_REFUSAL, CONTENT, WAIT, age_seconds
+from virt.vm_snapshot import CONTENT, WAIT, age_seconds
 
 log = logging.getLogger("pvlun.virt")
 # claim annotations that belonged to the old claim's provisioning (KubeVirt drops the same prefixes)
@@ -99,7 +100,7 @@ def _failed(restore: Obj) -> bool:
 def _target_busy(ctx: Context, vm: Obj) -> bool:
     key = key_of(vm)
     ns, name = key.split("/", 1)
-    return bool(runtime(ctx).get(key) or ctx.jobs.running("vm:" + key)
+    return bool((ctx.cluster is None and runtime(ctx).get(key)) or ctx.jobs.running("vm:" + key)
                 or ctx.store.get("VirtualMachineInstance", name, ns))
 
 
@@ -244,9 +245,6 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     ns = meta.get("namespace", "default")
     spec = restore.get("spec") or {}
     if meta.get("deletionTimestamp") or (restore.get("status") or {}).get("complete") or _failed(restore):
-        return None
-    if ctx.cluster is not None:
-        _fail(ctx, restore, CLUSTER_REFUSAL.replace("VirtualMachineSnapshots", "VirtualMachineRestores"))
         return None
     try:
         check_restore(restore)
