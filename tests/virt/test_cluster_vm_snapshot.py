@@ -1,0 +1,107 @@
+"""A running VM's VirtualMachineSnapshot on a cluster, with real QEMU (TCG, the tick guest):
+the controller's loop on a KubeStore against the Kubernetes API server TEST DOUBLE, the test
+playing the kubelet with a real `pvlun launch` (launcher_kubelet.py) and the CSI sidecars
+(csi_sidecars_double.py). The controller asks the launcher for the freeze through pods/exec
+(`pvlun launch-freeze`); the tick guest has no agent, so nothing is frozen or paused and the
+snapshot says Online and NoGuestAgent, as KubeVirt's does. (The freeze with an agent, its thaw
+and its deadline: test_pod_freeze.py, against a real qemu-ga.)"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cluster_vms import CONTROLLER_AGENT, NS, running_vmi, start_controller, status_of, stop_controller
+from controller_rbac import allowed, classify, rules
+from csi_sidecars_double import CsiSidecarsDouble
+from kube_fixtures import wait_until
+from launcher_kubelet import LauncherKubelet
+from virt.guest_images import tick_vm_manifest
+from virt.pod_freeze import freeze_command
+
+DRIVER = "csi.pvlun.dev"
+
+
+@pytest.fixture
+def cluster(kube_api_double, make_kube_store, tick_disk, tmp_path):
+    disk = tmp_path / "root.img"
+    disk.write_bytes(tick_disk.read_bytes())
+    ctx, loop = start_controller(make_kube_store)
+    kubelet = LauncherKubelet(kube_api_double, NS, tmp_path / "pods", disk).start()
+    sidecars = CsiSidecarsDouble(kube_api_double, NS).start()
+    user = make_kube_store()
+    user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    user.apply({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
+                "provisioner": DRIVER})
+    user.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+                "metadata": {"name": "pvlun-snaps"}, "driver": DRIVER, "deletionPolicy": "Delete"})
+    try:
+        yield user, kubelet, sidecars
+    finally:
+        stop_controller(ctx, loop)
+        sidecars.stop()
+        kubelet.stop()
+
+
+def run_tick_vm(store, kubelet) -> str:
+    """The tick VM running from a claim of class `fast`, ticking: its launcher Pod's name."""
+    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
+    vm["spec"].pop("dataVolumeTemplates")
+    vm["metadata"]["namespace"] = NS
+    volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
+    volume["persistentVolumeClaim"] = {"claimName": volume.pop("dataVolume")["name"]}
+    store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": volume["persistentVolumeClaim"]["claimName"], "namespace": NS},
+                 "spec": {"accessModes": ["ReadWriteMany"], "volumeMode": "Block", "storageClassName": "fast",
+                          "resources": {"requests": {"storage": "8Mi"}}}})
+    wait_until(lambda: (store.get("PersistentVolumeClaim", "tick-root", NS).get("status") or {}).get("phase")
+               == "Bound")
+    store.apply(vm)
+    wait_until(lambda: running_vmi(store), 20.0)
+    pod = next(iter(kubelet.processes))
+    kubelet.wait_for_ticks(pod, 2)
+    return pod
+
+
+def test_a_running_vm_is_snapshotted_through_its_launcher_pod_online_without_an_agent(cluster, kube_api_double):
+    store, kubelet, sidecars = cluster
+    pod = run_tick_vm(store, kubelet)
+    store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                 "metadata": {"name": "live", "namespace": NS},
+                 "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "tick"}}})
+    status = wait_until(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        status_of(store, "VirtualMachineSnapshot", "live")), 20.0,
+        lambda: str(status_of(store, "VirtualMachineSnapshot", "live")))
+    assert status["phase"] == "Succeeded" and status["readyToUse"] is True, status
+    assert status["indications"] == ["Online", "NoGuestAgent"]
+    assert {i["indication"] for i in status["sourceIndications"]} == {"Online", "NoGuestAgent"}
+    uid = store.get("VirtualMachineSnapshot", "live", NS)["metadata"]["uid"]
+    assert sidecars.cut == [f"vmsnapshot-{uid}-volume-root"]
+
+    # the freeze went to the launcher Pod's compute container; with nothing frozen there is no thaw
+    launch_freezes = [e for e in kube_api_double.execs if e[3][:2] == ["pvlun", "launch-freeze"]]
+    assert launch_freezes == [(NS, pod, "compute", freeze_command())]
+    ticks = kubelet.ticks(pod)
+    kubelet.wait_for_ticks(pod, len(ticks) + 1)  # the guest ran on
+    calls = {classify(*request) for request, agent in zip(kube_api_double.requests, kube_api_double.agents)
+             if agent == CONTROLLER_AGENT or request[1].endswith("/exec")}  # a websocket exec carries no agent
+    assert {("", "pods/exec", "get", NS), ("snapshot.storage.k8s.io", "volumesnapshots", "create", NS)} <= calls
+    granted = rules()
+    assert sorted(c for c in calls if not allowed(*granted, *c)) == []  # deploy/full's RBAC allows every call
+
+
+def test_a_running_vm_whose_volume_snapshots_are_not_cut_stays_in_progress_and_is_not_succeeded(cluster):
+    """Until the external-snapshotter has cut its VolumeSnapshots, the snapshot is not ready."""
+    store, kubelet, sidecars = cluster
+    run_tick_vm(store, kubelet)
+    sidecars.holding.set()
+    store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                 "metadata": {"name": "live", "namespace": NS},
+                 "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "tick"}}})
+    status = wait_until(lambda: (lambda s: s if s.get("phase") == "InProgress" and s.get("indications") else None)(
+        status_of(store, "VirtualMachineSnapshot", "live")), 20.0)
+    assert status["indications"] == ["Online", "NoGuestAgent"] and status["readyToUse"] is False
+    uid = store.get("VirtualMachineSnapshot", "live", NS)["metadata"]["uid"]
+    assert store.get("VolumeSnapshot", f"vmsnapshot-{uid}-volume-root", NS) is not None
+    sidecars.holding.clear()
+    assert wait_until(lambda: status_of(store, "VirtualMachineSnapshot", "live").get("readyToUse"), 10.0)
