@@ -3,10 +3,15 @@ the controller's loop on a KubeStore against the Kubernetes API server TEST DOUB
 playing the kubelet with a real `pvlun launch` (launcher_kubelet.py) and the CSI sidecars
 (csi_sidecars_double.py). The controller asks the launcher for the freeze through pods/exec
 (`pvlun launch-freeze`); the tick guest has no agent, so nothing is frozen or paused and the
-snapshot says Online and NoGuestAgent, as KubeVirt's does. (The freeze with an agent, its thaw
-and its deadline: test_pod_freeze.py, against a real qemu-ga.)"""
+snapshot says Online and NoGuestAgent, as KubeVirt's does; the linux test guest's qemu-ga is
+frozen while the VolumeSnapshots are cut and thawed after (Online, GuestAgent). (The launcher's
+own thaw at its deadline: test_pod_freeze.py.)"""
 
 from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,18 +22,21 @@ from csi_sidecars_double import CsiSidecarsDouble
 from kube_fixtures import wait_until
 from launcher_kubelet import LauncherKubelet
 from virt.guest_images import tick_vm_manifest
-from virt.pod_freeze import freeze_command
+from test_guest_agent import agent_boot_disk  # noqa: F401 - a fixture
+from virt.pod_freeze import freeze_command, thaw_command
 
 DRIVER = "csi.pvlun.dev"
 
 
-@pytest.fixture
-def cluster(kube_api_double, make_kube_store, tick_disk, tmp_path):
+@contextlib.contextmanager
+def controller_on(double, make_kube_store, image: Path, tmp_path):
+    """The controller, the kubelet (its launcher's disk a copy of `image`) and the CSI sidecars:
+    (a user's store, the kubelet, the sidecars)."""
     disk = tmp_path / "root.img"
-    disk.write_bytes(tick_disk.read_bytes())
+    disk.write_bytes(image.read_bytes())
     ctx, loop = start_controller(make_kube_store)
-    kubelet = LauncherKubelet(kube_api_double, NS, tmp_path / "pods", disk).start()
-    sidecars = CsiSidecarsDouble(kube_api_double, NS).start()
+    kubelet = LauncherKubelet(double, NS, tmp_path / "pods", disk).start()
+    sidecars = CsiSidecarsDouble(double, NS).start()
     user = make_kube_store()
     user.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     user.apply({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
@@ -43,9 +51,16 @@ def cluster(kube_api_double, make_kube_store, tick_disk, tmp_path):
         kubelet.stop()
 
 
-def run_tick_vm(store, kubelet) -> str:
-    """The tick VM running from a claim of class `fast`, ticking: its launcher Pod's name."""
-    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2"))
+@pytest.fixture
+def cluster(kube_api_double, make_kube_store, tick_disk, tmp_path):
+    with controller_on(kube_api_double, make_kube_store, tick_disk, tmp_path) as parts:
+        yield parts
+
+
+def run_tick_vm(store, kubelet, memory: str = "64Mi", booted: str = "") -> str:
+    """The tick VM running from a claim of class `fast`, ticking (or its console saying `booted`):
+    its launcher Pod's name."""
+    vm = yaml.safe_load(tick_vm_manifest("tick", "http://images.example/tick.qcow2", memory=memory))
     vm["spec"].pop("dataVolumeTemplates")
     vm["metadata"]["namespace"] = NS
     volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if "dataVolume" in v)
@@ -59,7 +74,10 @@ def run_tick_vm(store, kubelet) -> str:
     store.apply(vm)
     wait_until(lambda: running_vmi(store), 20.0)
     pod = next(iter(kubelet.processes))
-    kubelet.wait_for_ticks(pod, 2)
+    if booted:
+        wait_until(lambda: booted in kubelet.processes[pod].stdout(), 90.0, lambda: kubelet.processes[pod].stdout())
+    else:
+        kubelet.wait_for_ticks(pod, 2)
     return pod
 
 
@@ -105,3 +123,33 @@ def test_a_running_vm_whose_volume_snapshots_are_not_cut_stays_in_progress_and_i
     assert store.get("VolumeSnapshot", f"vmsnapshot-{uid}-volume-root", NS) is not None
     sidecars.holding.clear()
     assert wait_until(lambda: status_of(store, "VirtualMachineSnapshot", "live").get("readyToUse"), 10.0)
+
+
+@pytest.fixture
+def agent_cluster(kube_api_double, make_kube_store, agent_boot_disk, tmp_path):
+    """As `cluster`, the guest the linux test guest with qemu-ga."""
+    with controller_on(kube_api_double, make_kube_store, agent_boot_disk, tmp_path) as parts:
+        yield parts
+
+
+def test_a_running_vm_with_an_agent_is_frozen_while_its_volume_snapshots_are_cut_then_thawed(agent_cluster,
+                                                                                             kube_api_double):
+    store, kubelet, sidecars = agent_cluster
+    pod = run_tick_vm(store, kubelet, memory="256Mi", booted="PVLUN-AGENT started")
+    execs = len(kube_api_double.execs)
+    sidecars.holding.set()  # the external-snapshotter is slow: the guest stays frozen until it has cut
+    store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                 "metadata": {"name": "live", "namespace": NS},
+                 "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "tick"}}})
+    assert wait_until(lambda: store.list("VolumeSnapshot", NS), 20.0)
+    time.sleep(1.0)
+    assert [e[3] for e in kube_api_double.execs[execs:]] == [freeze_command()]  # frozen, not yet thawed
+    sidecars.holding.clear()
+    status = wait_until(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        status_of(store, "VirtualMachineSnapshot", "live")), 30.0,
+        lambda: str(status_of(store, "VirtualMachineSnapshot", "live")))
+    assert status["phase"] == "Succeeded" and status["indications"] == ["Online", "GuestAgent"], status
+    assert [e[3] for e in kube_api_double.execs[execs:]] == [freeze_command(), thaw_command()]
+    assert all(e[1:3] == (pod, "compute") for e in kube_api_double.execs[execs:])
+    assert sidecars.cut == [f"vmsnapshot-{store.get('VirtualMachineSnapshot', 'live', NS)['metadata']['uid']}"
+                            "-volume-root"]
