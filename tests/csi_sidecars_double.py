@@ -6,7 +6,8 @@ double's REST, for the objects of one namespace —
   readyToUse and restoreSize, as the external-snapshotter sets them once the CSI driver
   answered CreateSnapshot (while `holding` is set they stay uncut);
 - a claim with no phase is Bound (the external-provisioner's CreateVolume), one restored from
-  a VolumeSnapshot only once that snapshot is ready to use.
+  a VolumeSnapshot only once that snapshot is ready to use; with `consumed` a set of names,
+  only those (the others wait for a first consumer, Pending, as a WaitForFirstConsumer class's).
 
 `cut` and `bound` list what it did, in order."""
 
@@ -23,6 +24,7 @@ class CsiSidecarsDouble:
         self.cut: list[str] = []
         self.bound: list[str] = []
         self.holding = threading.Event()
+        self.consumed: set[str] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="csi-sidecars", daemon=True)
 
@@ -63,6 +65,9 @@ class CsiSidecarsDouble:
             source = (pvc.get("spec") or {}).get("dataSource") or {}
             if (pvc.get("status") or {}).get("phase") or (source.get("kind") == "VolumeSnapshot"
                                                           and source.get("name") not in ready):
+                continue
+            if self.consumed is not None and pvc["metadata"]["name"] not in self.consumed:
+                self.double.call("PUT", f"{claims}/{pvc['metadata']['name']}/status", dict(pvc, status={"phase": "Pending"}))
                 continue
             status = {"phase": "Bound", "accessModes": pvc["spec"].get("accessModes") or [],
                       "capacity": {"storage": self.size}}

@@ -19,6 +19,8 @@ snapshot's file, independent of it), named as KubeVirt names them: `restore-<res
 
 The content is anyone's: the VM and claims a restore makes pass `pvlun apply`'s admission, and
 each volume gets its own claim, one this restore made (restore.kubevirt.io/uid), or it fails.
+The restore waits for its claims to be bound, except one Pending in a WaitForFirstConsumer
+class (KubeVirt's rule: it binds once the VM's launcher uses it).
 A snapshot, content or VolumeSnapshot gone before the claims are bound fails the restore, and
 a VM it held stopped (status.restoreInProgress) is released.
 
@@ -224,6 +226,18 @@ def _admitted(objects: list[Obj]) -> str:
     return ""
 
 
+def _bound_enough(ctx: Context, pvc: Obj | None) -> bool:
+    """Bound, or Pending in a WaitForFirstConsumer class: KubeVirt's rule — such a claim binds
+    only once the VM's launcher Pod uses it (a restore that waited for it would wait forever)."""
+    phase = ((pvc or {}).get("status") or {}).get("phase")
+    if phase == "Bound":
+        return True
+    class_name = ((pvc or {}).get("spec") or {}).get("storageClassName")
+    if phase != "Pending" or not isinstance(class_name, str) or not class_name:
+        return False
+    return (ctx.store.get("StorageClass", class_name, "") or {}).get("volumeBindingMode") == "WaitForFirstConsumer"
+
+
 def _vanished(ctx: Context, restore: Obj, snap: Obj | None, backups: list[Obj], unbound: set[str],
               claims: dict[str, str]) -> str:
     """Why a restore under way cannot finish: its snapshot, content or a VolumeSnapshot that an
@@ -319,8 +333,7 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
             ctx.store.apply(_claim(restore, backup, claims[backup["volumeName"]], owner))
     restores = [{"volumeName": b["volumeName"], "persistentVolumeClaim": claims[b["volumeName"]],
                  "volumeSnapshotName": b["volumeSnapshotName"]} for b in backups]
-    unbound = {c for c in claims.values()
-               if ((ctx.store.get("PersistentVolumeClaim", c, ns) or {}).get("status") or {}).get("phase") != "Bound"}
+    unbound = {c for c in claims.values() if not _bound_enough(ctx, ctx.store.get("PersistentVolumeClaim", c, ns))}
     if unbound:
         gone = _vanished(ctx, restore, snap, backups, unbound, claims)
         if gone:

@@ -69,8 +69,10 @@ def snapshot_of_a_stopped_vm(call: Call, ns: str, storage_class: str, timeout: f
         get(call, snap_path)), timeout, lambda: str(get(call, snap_path).get("status")))
 
 
-def scenario(call: Call, ns: str, storage_class: str, snapshot_class: str, timeout: float) -> None:
-    """Snapshot a stopped VM, restore it to a new VM and to itself: what each step made."""
+def scenario(call: Call, ns: str, storage_class: str, snapshot_class: str, timeout: float,
+             restored_phase: str = "Bound") -> None:
+    """Snapshot a stopped VM, restore it to a new VM and to itself: what each step made (the
+    restored claims `restored_phase` when the restores complete)."""
     snap = snapshot_of_a_stopped_vm(call, ns, storage_class, timeout)
     ref = {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}
     claims = f"/api/v1/namespaces/{ns}/persistentvolumeclaims"
@@ -105,7 +107,7 @@ def scenario(call: Call, ns: str, storage_class: str, snapshot_class: str, timeo
         claim = get(call, f"{claims}/{restored['persistentVolumeClaim']}")
         assert claim["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
                                                "name": vs_name}
-        assert claim["status"]["phase"] == "Bound"
+        assert claim["status"]["phase"] == restored_phase
         vm = get(call, f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines/{target}")
         volume = next(v for v in vm["spec"]["template"]["spec"]["volumes"] if v["name"] == "root")
         assert volume == {"name": "root", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
@@ -117,11 +119,15 @@ def scenario(call: Call, ns: str, storage_class: str, snapshot_class: str, timeo
     assert back_claim["metadata"]["name"] != copy_claim["metadata"]["name"]
 
 
+@pytest.mark.parametrize("binding", ["Immediate", "WaitForFirstConsumer"])
 def test_a_stopped_vms_snapshot_is_volume_snapshots_and_restores_make_claims_from_them(kube_api_double,
-                                                                                      kube_kubeconfig, tmp_path):
+                                                                                      kube_kubeconfig, tmp_path,
+                                                                                      binding):
+    """WaitForFirstConsumer: the restored claims stay Pending until the VM runs, and the restores
+    complete without them bound, as KubeVirt's do."""
     double = kube_api_double
     for obj, path in (({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
-                        "provisioner": DRIVER}, "/apis/storage.k8s.io/v1/storageclasses"),
+                        "provisioner": DRIVER, "volumeBindingMode": binding}, "/apis/storage.k8s.io/v1/storageclasses"),
                       ({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
                         "metadata": {"name": "other-driver"}, "driver": "other.csi.example", "deletionPolicy": "Delete"},
                        "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses"),
@@ -130,9 +136,12 @@ def test_a_stopped_vms_snapshot_is_volume_snapshots_and_restores_make_claims_fro
                        "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses")):
         assert double.call("POST", path, obj)[0] == 201
     with leading_controller(double, kube_kubeconfig, tmp_path):
-        sidecars = CsiSidecarsDouble(double, NS).start()
+        sidecars = CsiSidecarsDouble(double, NS)
+        if binding == "WaitForFirstConsumer":
+            sidecars.consumed = {"disk1"}  # it was used before: bound
+        sidecars.start()
         try:
-            scenario(double.call, NS, "fast", "pvlun-snaps", 20.0)
+            scenario(double.call, NS, "fast", "pvlun-snaps", 20.0, "Bound" if binding == "Immediate" else "Pending")
         finally:
             sidecars.stop()
     calls = controller_calls(double)
