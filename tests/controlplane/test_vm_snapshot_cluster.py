@@ -142,14 +142,25 @@ def test_a_stopped_vms_snapshot_is_volume_snapshots_and_restores_make_claims_fro
         sidecars.start()
         try:
             scenario(double.call, NS, "fast", "pvlun-snaps", 20.0, "Bound" if binding == "Immediate" else "Pending")
+            # deleted: the snapshot lets go; its content, deleted by the garbage collector (the double's),
+            # deletes the VolumeSnapshots it owns, then goes
+            snaps, volume_snapshots = (snapshots_path(NS, "virtualmachinesnapshots"),
+                                       f"/apis/snapshot.storage.k8s.io/v1/namespaces/{NS}/volumesnapshots")
+            content = (f"{snapshots_path(NS, 'virtualmachinesnapshotcontents')}/"
+                       f"{get(double.call, f'{snaps}/snap1')['status']['virtualMachineSnapshotContentName']}")
+            assert double.call("DELETE", f"{snaps}/snap1")[0] == 200
+            assert wait_until(lambda: double.call("GET", f"{snaps}/snap1")[0] == 404
+                              and double.call("GET", content)[0] == 404)
+            assert get(double.call, volume_snapshots)["items"] == []
         finally:
             sidecars.stop()
     calls = controller_calls(double)
     assert {("snapshot.storage.k8s.io", "volumesnapshots", "create", NS),
             ("snapshot.kubevirt.io", "virtualmachinesnapshotcontents", "create", NS),
             ("", "persistentvolumeclaims", "create", NS),
-            ("kubevirt.io", "virtualmachines", "create", NS)} <= calls
-    assert denied(calls) == []
+            ("kubevirt.io", "virtualmachines", "create", NS),
+            ("snapshot.storage.k8s.io", "volumesnapshots", "delete", NS)} <= calls
+    assert denied(calls) == [], denied(calls)
 
 
 def test_a_vm_snapshot_with_no_volume_snapshot_class_of_the_driver_fails_saying_so(kube_api_double, kube_kubeconfig,

@@ -11,11 +11,9 @@ import subprocess
 import sys
 
 from kube_fixtures import wait_until
-from test_guest_agent import agent_boot_disk, run_vm, runtime  # noqa: F401 - fixtures
-from virt.guest_images import build_data_disk
+from test_guest_agent import agent_boot_disk, run_agent_vm, runtime  # noqa: F401 - fixtures
 from virt.pod_freeze import read_freeze
 from virt.pod_migration import ControlServer
-from virt.qemu_args import DiskAttachment, Throttle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,15 +25,7 @@ def launch_freeze(run_dir: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_launch_freeze_freezes_through_the_agent_thaws_and_thaws_by_itself_at_its_deadline(runtime, manifest,
                                                                                           agent_boot_disk, tmp_path):
-    data = build_data_disk(tmp_path / "data.img", {"payload.bin": b"frozen for a snapshot\n"})
-    obj = manifest("agent", "256Mi",
-                   disks=[{"name": "boot", "disk": {"bus": "virtio"}, "bootOrder": 1},
-                          {"name": "data", "disk": {"bus": "virtio"}}],
-                   volumes=[{"name": "boot", "persistentVolumeClaim": {"claimName": "boot"}},
-                            {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}])
-    vm = run_vm(runtime, obj, {"boot": DiskAttachment.for_path(str(agent_boot_disk), readonly=True),
-                               "data": DiskAttachment.for_path(str(data), throttle=Throttle())})
-    assert vm.wait_for_serial("PVLUN-LINUX", timeout=90), vm.serial_text()[-2000:]
+    vm = run_agent_vm(runtime, manifest, agent_boot_disk, tmp_path, b"frozen for a snapshot\n")
     assert wait_until(vm.agent_connected, 30)
     run_dir = tmp_path / "ctl"
     run_dir.mkdir(mode=0o700)
