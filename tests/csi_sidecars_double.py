@@ -63,11 +63,13 @@ class CsiSidecarsDouble:
         claims = f"/api/v1/namespaces/{self.ns}/persistentvolumeclaims"
         for pvc in self._items(claims):
             source = (pvc.get("spec") or {}).get("dataSource") or {}
-            if (pvc.get("status") or {}).get("phase") or (source.get("kind") == "VolumeSnapshot"
-                                                          and source.get("name") not in ready):
+            phase = (pvc.get("status") or {}).get("phase")
+            if phase == "Bound" or (source.get("kind") == "VolumeSnapshot" and source.get("name") not in ready):
                 continue
             if self.consumed is not None and pvc["metadata"]["name"] not in self.consumed:
-                self.double.call("PUT", f"{claims}/{pvc['metadata']['name']}/status", dict(pvc, status={"phase": "Pending"}))
+                if not phase:
+                    self.double.call("PUT", f"{claims}/{pvc['metadata']['name']}/status",
+                                     dict(pvc, status={"phase": "Pending"}))
                 continue
             status = {"phase": "Bound", "accessModes": pvc["spec"].get("accessModes") or [],
                       "capacity": {"storage": self.size}}

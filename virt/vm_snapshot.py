@@ -45,8 +45,8 @@ from virt.launcher import Phase
 from virt.qmp_session import QmpError
 from virt.reconcile import key_of, runtime
 from virt.runtime import CSI_SOURCES, Running
-from virt.vm_snapshot_cluster import (ClusterSnapshotError, create_volume_snapshots, frozen, running_vmi,
-                                      snapshot_class, wait_cut)
+from virt.vm_snapshot_cluster import (CLUSTER_INDICATION_TEXT, ClusterSnapshotError, ForeignVolumeSnapshot,
+                                      create_volume_snapshots, frozen, running_vmi, snapshot_class, wait_cut)
 
 log = logging.getLogger("pvlun.virt")
 CONTENT = "VirtualMachineSnapshotContent"
@@ -165,12 +165,13 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
 
 
 def _taken(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], excluded: list[str],
-           indications: list[str]) -> float:
+           indications: list[str], texts: dict[str, str] | None = None) -> float:
     """Recorded: the snapshot now waits for its VolumeSnapshots (_finish)."""
+    texts = texts or INDICATION_TEXT
     _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
             ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
             virtualMachineSnapshotContentName=content_name(snap["metadata"]["uid"]), indications=indications,
-            sourceIndications=[{"indication": i, "message": INDICATION_TEXT.get(i, i)} for i in indications],
+            sourceIndications=[{"indication": i, "message": texts.get(i, i)} for i in indications],
             snapshotVolumes={"includedVolumes": [v for v, _c, _i in included], "excludedVolumes": excluded})
     return 0.1
 
@@ -196,7 +197,7 @@ def _take_on_cluster(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str,
             create_volume_snapshots(ctx, content, vm["metadata"]["name"], members)
             if held:
                 wait_cut(ctx, [name for name, _p, _k in members], ns)
-    except ForeignContent as exc:
+    except (ForeignContent, ForeignVolumeSnapshot) as exc:
         _fail(ctx, snap, str(exc))
         return None
     except (ApiError, ClusterSnapshotError) as exc:  # a launcher or snapshotter not there yet: again until the deadline
@@ -207,7 +208,7 @@ def _take_on_cluster(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str,
     if "GuestAgent" in indications:
         ctx.store.add_event(snap, "Normal", "GuestQuiesced", f"guest agent froze the guest's filesystems while "
                                                              f"{len(members)} VolumeSnapshots were cut")
-    return _taken(ctx, snap, vm, included, excluded, indications)
+    return _taken(ctx, snap, vm, included, excluded, indications, {**INDICATION_TEXT, **CLUSTER_INDICATION_TEXT})
 
 
 INDICATION_TEXT = {

@@ -38,6 +38,12 @@ DEFAULT_CLASS = "snapshot.storage.kubernetes.io/is-default-class"
 SOURCE_VM_LABEL = "snapshot.kubevirt.io/source-vm-name"
 CUT_WAIT = 60.0  # seconds a frozen guest waits for its VolumeSnapshots to be cut (well under the unfreeze timeout)
 EXEC_TIMEOUT = 30.0
+CLUSTER_INDICATION_TEXT = {  # what the indications mean here (nothing is paused on a cluster)
+    "NoGuestAgent": "no guest agent answered: the disks were snapshotted as they were (crash-consistent), the guest "
+                    "neither frozen nor paused",
+    "GuestAgent": "the guest agent froze the guest's filesystems until every VolumeSnapshot was cut",
+    "QuiesceFailed": "the guest agent refused to freeze the filesystems: the disks were snapshotted as they were",
+}
 
 
 class ClusterSnapshotError(Exception):
@@ -119,12 +125,21 @@ def frozen(ctx: Context, vmi: Obj | None, indications: list[str]) -> Iterator[bo
                             pod["metadata"]["name"], DEFAULT_UNFREEZE_TIMEOUT, user_text(exc))
 
 
+class ForeignVolumeSnapshot(Exception):
+    """A VolumeSnapshot of the name this snapshot's would have that its content does not own."""
+
+
 def create_volume_snapshots(ctx: Context, content: Obj, vm_name: str, members: list[tuple[str, Obj, str]]) -> None:
-    """One VolumeSnapshot per (name, claim, class), owned by the content; one there already is kept."""
+    """One VolumeSnapshot per (name, claim, class), owned by the content; one it owns already is
+    kept (a retry), one it does not own is refused (ForeignVolumeSnapshot: never taken as ours)."""
     meta = content["metadata"]
     ns = meta.get("namespace", "default")
     for name, pvc, klass in members:
-        if ctx.store.get("VolumeSnapshot", name, ns) is not None:
+        existing = ctx.store.get("VolumeSnapshot", name, ns)
+        if existing is not None:
+            if not any(r.get("uid") == meta["uid"] for r in existing["metadata"].get("ownerReferences") or []):
+                raise ForeignVolumeSnapshot(f"VolumeSnapshot {name} exists and was not made for this snapshot; "
+                                            "delete it and the snapshot, then snapshot again")
             continue
         ctx.store.apply({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
                          "metadata": {"name": name, "namespace": ns, "labels": {SOURCE_VM_LABEL: vm_name},

@@ -11,6 +11,7 @@ csi.pvlun.dev, deleted afterwards)."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Callable
@@ -178,6 +179,47 @@ def test_a_vm_snapshot_with_no_volume_snapshot_class_of_the_driver_fails_saying_
     assert status["phase"] == "Failed" and status["readyToUse"] is False
     assert "no VolumeSnapshotClass of driver csi.pvlun.dev" in status["error"]["message"]
     assert not get(double.call, f"/apis/snapshot.storage.k8s.io/v1/namespaces/{NS}/volumesnapshots")["items"]
+
+
+def test_a_volume_snapshot_of_its_name_that_it_did_not_make_fails_the_snapshot(kube_api_double, kube_kubeconfig,
+                                                                                tmp_path):
+    """One planted under the name the snapshot's would have (its uid is known once it exists) is never taken."""
+    double = kube_api_double
+    for obj, path in (({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
+                        "provisioner": DRIVER}, "/apis/storage.k8s.io/v1/storageclasses"),
+                      ({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+                        "metadata": {"name": "pvlun-snaps"}, "driver": DRIVER, "deletionPolicy": "Delete"},
+                       "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses")):
+        assert double.call("POST", path, obj)[0] == 201
+    with leading_controller(double, kube_kubeconfig, tmp_path):
+        sidecars = CsiSidecarsDouble(double, NS)
+        sidecars.consumed = set()  # disk1 stays Pending meanwhile: the snapshot waits for it
+        sidecars.start()
+        try:
+            assert double.call("POST", f"/api/v1/namespaces/{NS}/persistentvolumeclaims", {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk1", "namespace": NS},
+                "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": "fast",
+                         "resources": {"requests": {"storage": "8Mi"}}}})[0] == 201
+            assert double.call("POST", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines",
+                               halted_vm(NS, "snapvm", "disk1"))[0] == 201
+            assert double.call("POST", snapshots_path(NS, "virtualmachinesnapshots"), {
+                "apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                "metadata": {"name": "snap1", "namespace": NS},
+                "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}}})[0] == 201
+            snap_path = f"{snapshots_path(NS, 'virtualmachinesnapshots')}/snap1"
+            snap = wait_until(lambda: "waiting for volume root" in json.dumps(get(double.call, snap_path).get("status"))
+                              and get(double.call, snap_path), 15)
+            name = f"vmsnapshot-{snap['metadata']['uid']}-volume-root"
+            assert double.call("POST", f"/apis/snapshot.storage.k8s.io/v1/namespaces/{NS}/volumesnapshots", {
+                "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"source": {"persistentVolumeClaimName": "someone-elses"}}})[0] == 201
+            sidecars.consumed = None  # now disk1 binds
+            status = wait_until(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+                get(double.call, snap_path).get("status") or {}), 20)
+        finally:
+            sidecars.stop()
+    assert status["phase"] == "Failed" and f"VolumeSnapshot {name} exists and was not made" in status["error"]["message"]
 
 
 def test_on_a_real_cluster():

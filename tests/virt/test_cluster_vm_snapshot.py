@@ -92,7 +92,8 @@ def test_a_running_vm_is_snapshotted_through_its_launcher_pod_online_without_an_
         lambda: str(status_of(store, "VirtualMachineSnapshot", "live")))
     assert status["phase"] == "Succeeded" and status["readyToUse"] is True, status
     assert status["indications"] == ["Online", "NoGuestAgent"]
-    assert {i["indication"] for i in status["sourceIndications"]} == {"Online", "NoGuestAgent"}
+    said = {i["indication"]: i["message"] for i in status["sourceIndications"]}
+    assert said.keys() == {"Online", "NoGuestAgent"} and "neither frozen nor paused" in said["NoGuestAgent"]
     uid = store.get("VirtualMachineSnapshot", "live", NS)["metadata"]["uid"]
     assert sidecars.cut == [f"vmsnapshot-{uid}-volume-root"]
 
