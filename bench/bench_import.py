@@ -1,6 +1,7 @@
 """Import of a qcow2 (2100 MiB virtual, 512 MiB of random data) from nginx on loopback and
 from a server without range requests (Python's http.server), each beside plain and `-W`
-local `qemu-img convert` of the same file; allocated bytes of the result against the data.
+local `qemu-img convert` of the same file, and the same HTTP convert with no pvlun at all
+(nbdkit's curl plugin and qemu-img, the floor); allocated bytes of the result against the data.
 Then, through one real `pvlun serve`, the whole `pvlun apply --wait` of DataVolumes of that
 qcow2 from nginx and from a docker-registry (a containerDisk), and the whole
 `pvlun image-upload` of it; each volume's bytes are checked against `qemu-img convert`.
@@ -107,6 +108,30 @@ def _dv(name: str, source: dict) -> str:
 def _durable_convert(qcow2: str, out: str) -> subprocess.CompletedProcess:
     """What a user would do by hand to fill a volume durably: O_DIRECT writes, out of order."""
     return subprocess.run(["qemu-img", "convert", "-W", "-t", "none", "-O", "raw", qcow2, _fresh(out, 0)], check=True)
+
+
+def _bare_nbdkit(url: str, work: str, out: str) -> float:
+    """The HTTP import's floor without pvlun: nbdkit's curl plugin (as the importer starts it,
+    unsandboxed) and `qemu-img convert -W -t none -m 16` from it into a fresh file, durable."""
+    sock = os.path.join(work, "bare-nbd.sock")
+
+    def one() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        nbd = subprocess.Popen(["nbdkit", "--foreground", "--readonly", "--threads", "16", "-U", sock, "curl",
+                                f"url={url}", "protocols=http,https", "followlocation=false", "timeout=60"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not os.path.exists(sock):
+                if nbd.poll() is not None:
+                    raise RuntimeError("nbdkit did not start")
+                time.sleep(0.005)
+            subprocess.run(["qemu-img", "convert", "-W", "-t", "none", "-m", "16", "-f", "qcow2", "-O", "raw",
+                            f"nbd+unix:///?socket={sock}", _fresh(out, 0)], check=True)
+        finally:
+            stop(nbd)
+
+    return _timed(one, repeat=5)
 
 
 def _concurrent(serve: PvlunServe, work: str, nginx_url: str, qcow2: str, count: int = 8) -> list[tuple[str, str, str]]:
@@ -220,6 +245,10 @@ def run() -> list[tuple[str, str, str]]:
         stack.callback(stop, ng)
         py, py_url = _start_http_server(serve)
         stack.callback(stop, py)
+        bare = _bare_nbdkit(f"{ng_url}/disk.qcow2", work, out)
+        rows.append(("import qcow2: nbdkit curl -> qemu-img convert -W -t none, no pvlun", f"{bare:.2f} s",
+                     f"from nginx, median of 5: {bare / durable:.2f}x the durable local convert; the floor of an "
+                     f"HTTP import here (nbdkit 1.32's curl plugin reads one range at a time)"))
         for label, url, note in (("nginx (ranges)", ng_url, "nbdkit curl plugin -> qemu-img convert -W -m 16, no scratch, fsync included"),
                                  ("http.server (no ranges)", py_url, "download to scratch, then convert, fsync included")):
             lun = os.path.join(work, "lun.img")

@@ -43,6 +43,8 @@ KINDS = {
     **dict.fromkeys(("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"), "rbac.authorization.k8s.io/v1"),
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
 }
+# Create-only requests (CDI's upload API): answered by `pvlun apply` itself, never stored.
+REQUEST_KINDS = {"UploadTokenRequest": ("upload.cdi.kubevirt.io/v1beta1", "upload.cdi.kubevirt.io/v1alpha1")}
 # Older versions an API server still serves (or served: VolumeAttributesClass was v1beta1 until
 # Kubernetes 1.34), accepted so existing YAML applies unchanged; objects are kept as they came.
 OLDER_VERSIONS = {
@@ -329,7 +331,13 @@ def _check_vm_restore(obj: dict) -> None:
             _check(override["restoreName"], f"spec.volumeRestoreOverrides[{i}].restoreName", False)
 
 
+def _check_upload_token_request(obj: dict) -> None:
+    """CDI's UploadTokenRequest names the claim (a DataVolume's) an upload token is for."""
+    _check((obj.get("spec") or {}).get("pvcName"), "spec.pvcName", False)
+
+
 CHECKS: dict[str, Callable[[dict], None]] = {
+    "UploadTokenRequest": _check_upload_token_request,
     "VolumeAttributesClass": _check_attributes_class,
     "PersistentVolumeClaim": _check_pvc,
     "DataVolume": _check_dv,
@@ -376,9 +384,9 @@ def admit(doc: object, where: str) -> dict[str, Any]:
     kind = doc.get("kind")
     if not isinstance(kind, str) or not kind:
         raise Refused(f"{where}: not a Kubernetes object (no kind)")
-    if kind not in KINDS:
+    if kind not in KINDS and kind not in REQUEST_KINDS:
         raise Refused(f"{where}: kind {quoted(kind)} is not one pvlun serves ({', '.join(sorted(KINDS))})")
-    versions = served_versions(kind)
+    versions = REQUEST_KINDS.get(kind) or served_versions(kind)
     if doc.get("apiVersion") not in versions:  # as kubectl answers it, naming what would do
         what = "apiVersion not set" if doc.get("apiVersion") is None else \
             f"no matches for kind {quoted(kind)} in version {quoted(doc.get('apiVersion'))}"

@@ -155,8 +155,9 @@ def check_restore(obj: dict) -> None:
             raise ValueError(f"spec.{field}: {quoted(spec[field])} is not one of {', '.join(allowed)}")
     if spec.get("volumeOwnershipPolicy") not in (None, "Vm", "None"):
         raise ValueError(f"spec.volumeOwnershipPolicy: {quoted(spec['volumeOwnershipPolicy'])} is not one of Vm, None")
-    if spec.get("patches"):
-        raise ValueError("spec.patches: not supported by pvlun (restore to a new VM by naming it in spec.target.name)")
+    from controlplane.vm_restore_patches import check_patches  # it checks labels with this module's rules
+
+    check_patches(spec.get("patches"))
     _check_overrides(spec.get("volumeRestoreOverrides") or [])
 
 

@@ -4,7 +4,10 @@ chosen once, saved on the DataVolume and its claim (`cdi.kubevirt.io/cloneType`,
 then run:
 
 - snapshot: a temporary VolumeSnapshot `tmp-snapshot-<DataVolume uid>` of the source, the claim
-  restored from it, the snapshot deleted once the claim is bound;
+  restored from it, the snapshot deleted once the claim is bound (or the clone fails). In
+  another namespace no owner reference can tie it to the DataVolume, so, as CDI does, the
+  DataVolume carries `cdi.kubevirt.io/dataVolumeFinalizer` while it exists: a DataVolume
+  deleted midway takes its snapshot with it;
 - csi-clone: the claim's dataSource is the source (CreateVolume with a volume content source);
 - copy: a blank claim, filled on a node by the host-assisted copy.
 
@@ -20,11 +23,13 @@ from controlplane import kubelet
 from controlplane.context import Context
 from controlplane.dv_spec import claim_spec
 from controlplane.quantity import parse_quantity
-from controlplane.store import Obj, set_condition
+from controlplane.store import Obj, remove_finalizer, set_condition
 from controlplane.user_text import user_text
 from importer import reconcile as dvr
 
 TMP_SNAPSHOT_PREFIX = "tmp-snapshot-"  # CDI's name for the snapshot strategy's temporary snapshot
+OWNED_BY_UID = "cdi.kubevirt.io/OwnedByUID"  # label: the DataVolume a temporary snapshot is for
+CROSS_NAMESPACE_FINALIZER = "cdi.kubevirt.io/dataVolumeFinalizer"  # CDI's, for what a clone leaves in the source namespace
 RECHECK_SECONDS = 0.2  # a step another controller takes (the snapshot, the expansion): look again soon
 
 
@@ -93,13 +98,17 @@ def _ensure_tmp_snapshot(ctx: Context, dv: Obj, src: Obj) -> Obj | None:
                      None)
         meta = dv["metadata"]
         # owned by the DataVolume where an owner reference may point (one namespace): a DataVolume
-        # deleted before its claim is made takes the snapshot with it
+        # deleted before its claim is made takes the snapshot with it; elsewhere its finalizer does
+        same_namespace = src_ns == meta.get("namespace", "default")
         owner = ([{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": dvr.KIND, "name": meta["name"], "uid": meta["uid"]}]
-                 if src_ns == meta.get("namespace", "default") else [])
+                 if same_namespace else [])
+        if not same_namespace and CROSS_NAMESPACE_FINALIZER not in meta.get("finalizers", []):
+            ctx.store.patch_metadata(dvr.KIND, meta["name"], meta.get("namespace", "default"),
+                                     finalizers=meta.get("finalizers", []) + [CROSS_NAMESPACE_FINALIZER])
         ctx.store.apply({
             "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
             "metadata": {"name": name, "namespace": src_ns, "ownerReferences": owner,
-                         "labels": {"cdi.kubevirt.io/OwnedByUID": meta["uid"]},
+                         "labels": {OWNED_BY_UID: meta["uid"]},
                          "annotations": {"cdi.kubevirt.io/ownedByDataVolume": f"{meta.get('namespace', 'default')}/"
                                                                               f"{meta['name']}"}},
             "spec": {"source": {"persistentVolumeClaimName": src["metadata"]["name"]},
@@ -111,8 +120,22 @@ def _ensure_tmp_snapshot(ctx: Context, dv: Obj, src: Obj) -> Obj | None:
 
 
 def delete_tmp_snapshot(ctx: Context, dv: Obj, src_ns: str) -> None:
-    """The snapshot strategy's temporary snapshot goes once its clone is made (or abandoned)."""
+    """The snapshot strategy's temporary snapshot goes once its clone is made (or abandoned),
+    and with it the DataVolume's finalizer that stood for it in another namespace."""
     ctx.store.delete("VolumeSnapshot", tmp_snapshot_name(dv), src_ns)
+    if CROSS_NAMESPACE_FINALIZER in dv["metadata"].get("finalizers", []):
+        remove_finalizer(ctx.store, dv, CROSS_NAMESPACE_FINALIZER)
+
+
+def release_deleted(ctx: Context, dv: Obj) -> None:
+    """A DataVolume being deleted: its temporary snapshot in another namespace (the one whose
+    label names this DataVolume's uid) is deleted, then the DataVolume may go."""
+    uid = dv["metadata"].get("uid")
+    name = tmp_snapshot_name(dv)
+    for snap in ctx.store.list("VolumeSnapshot"):
+        if snap["metadata"]["name"] == name and (snap["metadata"].get("labels") or {}).get(OWNED_BY_UID) == uid:
+            ctx.store.delete("VolumeSnapshot", name, snap["metadata"].get("namespace", "default"))
+    remove_finalizer(ctx.store, dv, CROSS_NAMESPACE_FINALIZER)
 
 
 def reconcile_clone(ctx: Context, dv: Obj, source: dict, size: int, mode: str, access: list[str],

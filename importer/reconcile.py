@@ -83,6 +83,12 @@ def reconcile_datavolume(ctx: Context, dv: Obj) -> float | None:
     meta = dv["metadata"]
     ns = meta.get("namespace", "default")
     status = status_of(dv)
+    if meta.get("deletionTimestamp"):  # only a cross-namespace clone's finalizer holds one back
+        from importer.clone_flow import CROSS_NAMESPACE_FINALIZER, release_deleted
+
+        if CROSS_NAMESPACE_FINALIZER in meta.get("finalizers", []):
+            release_deleted(ctx, dv)
+        return None
     if status.get("phase") in ("Succeeded", "Failed"):
         return  # for good: a DataVolume's spec never changes (admission refuses it, as CDI's webhook does)
     if ctx.jobs.running("dv:" + key_of(dv)):

@@ -41,7 +41,8 @@ from .pipeline import Target, import_into
 from .sources.upload import UploadSource
 
 log = logging.getLogger("pvlun.upload")
-UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload")
+# CDI's upload proxy paths; an -async upload is answered once the image is converted, as a sync one is
+UPLOAD_PATHS = ("/v1beta1/upload", "/upload", "/v1alpha1/upload", "/v1beta1/upload-async", "/v1alpha1/upload-async")
 LINGER_SECONDS = 2.0
 KEY_BYTES = 32  # the least a signing key may hold (an empty key would let anyone sign)
 
@@ -159,6 +160,19 @@ class UploadServer(HttpsServer):
         self.busy: set[str] = set()
         self.lock = threading.Lock()
         super().__init__(address, _UploadHandler)
+
+    def stop(self, wait: float = 15.0) -> None:
+        """No new upload, and the ones under way end now (as interrupted uploads, their volumes
+        zeroed and reported) before this returns, up to `wait` seconds: the daemon that stops
+        is about to let go of their volumes and close the store their reports go to."""
+        super().stop()
+        self.close_connections()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.busy:
+                    return
+            time.sleep(0.01)
 
 
 class _UploadHandler(TextHandler):

@@ -10,6 +10,7 @@ sandbox (the bytes are a VM's disk: untrusted), reading it strictly as raw.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -54,6 +55,7 @@ def download(url: str, token: str, cert_pem: str, output: str, *, insecure: bool
         raise DownloadFailed(f"the export's URL is not https: {url[:200]}")
     errors.register_secret(token)
     part, tag_file = output + ".part", output + ".part.etag"
+    made = not os.path.lexists(part)
     fd = _open_own(part)
     try:
         etag = _read_etag(tag_file) if resume else ""
@@ -64,8 +66,21 @@ def download(url: str, token: str, cert_pem: str, output: str, *, insecure: bool
             return _fetch(conn, parts, token, fd, have, etag, tag_file, part, output, progress)
         finally:
             conn.close()
+    except DownloadFailed:
+        if made:
+            _drop_if_empty(part, fd)  # refused before a byte came (a bad token, no server): nothing to resume
+        raise
     finally:
         os.close(fd)
+
+
+def _drop_if_empty(path: str, fd: int) -> None:
+    """Remove the part this run made if it is still empty and still the file at `path`."""
+    own = os.fstat(fd)
+    with contextlib.suppress(OSError):
+        now = os.stat(path, follow_symlinks=False)
+        if own.st_size == 0 and (now.st_dev, now.st_ino) == (own.st_dev, own.st_ino):
+            os.unlink(path)
 
 
 def _fetch(conn: http.client.HTTPSConnection, parts, token: str, fd: int, have: int, etag: str, tag_file: str,

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import yaml
 
-from controlplane.admission import KINDS, Refused, admit_update, known_kind, load_documents
+from controlplane.admission import KINDS, REQUEST_KINDS, Refused, admit_update, known_kind, load_documents
 from controlplane.data_sources import cycle_message, find_cycle
 from controlplane.manifest_yaml import ManifestError, read_manifest
 from controlplane.store import CLUSTER_SCOPED, ObjectStore, SQLiteStore
@@ -213,6 +213,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except (Refused, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    requests = [doc for doc in docs if doc["kind"] in REQUEST_KINDS]  # answered, never stored
+    docs = [doc for doc in docs if doc["kind"] not in REQUEST_KINDS]
     store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     for doc in docs:
         if args.namespace and doc["kind"] not in CLUSTER_SCOPED:
@@ -227,6 +229,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"{doc['kind'].lower()}/{doc['metadata']['name']} {verb}")
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    from pvlun.transfer_cli import answer_token_requests
+
+    if answer_token_requests(args, requests):
         return 1
     if args.wait:
         return wait_for(store, docs, args.timeout)

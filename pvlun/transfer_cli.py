@@ -165,3 +165,31 @@ def add_commands(sub, data_dir_arg) -> None:
     ex.add_argument("--node-id", help="node to attach on (default: the daemon's first node)")
     data_dir_arg(ex)
     ex.set_defaults(func=cmd_export)
+
+
+def answer_token_requests(args: argparse.Namespace, requests: list[dict]) -> int:
+    """CDI's UploadTokenRequests: a token for each claim's upload, printed with the endpoint to
+    send the image to (what `kubectl create -f TOKEN.yaml -o jsonpath='{.status.token}'` and
+    CDI's upload proxy give). The upload server checks at upload time that the claim's
+    DataVolume waits for one, as CDI's proxy does."""
+    from importer.upload_gateway import TOKEN_TTL, endpoint, mint_token
+
+    if not requests:
+        return 0
+    if getattr(args, "kubeconfig", None):
+        print("error: UploadTokenRequest is answered on an embedded instance only; on a cluster CDI's API "
+              "server answers it", file=sys.stderr)
+        return 1
+    try:
+        url, ca = endpoint(os.path.abspath(args.data_dir))
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for req in requests:
+        ns, claim = req["metadata"].get("namespace") or args.namespace or "default", req["spec"]["pvcName"]
+        token = mint_token(os.path.abspath(args.data_dir), ns, claim)
+        print(f"uploadtokenrequest/{req['metadata']['name']} created")
+        print(f"  token (for {ns}/{claim}, valid {TOKEN_TTL // 60} minutes): {token}")
+        print(f"  upload with: curl --cacert {ca} -H \"Authorization: Bearer $TOKEN\" --data-binary @IMAGE {url}")
+    return 0
+

@@ -15,7 +15,9 @@ snapshot's file, independent of it), named as KubeVirt names them: `restore-<res
   deleted (status.deletedDataVolumes) — only those the VM owns, never one it merely used.
 - to a VM that does not exist (another name): it is made from the snapshot's spec, with the
   restored claims, owned by nothing but itself (the claims are owned by it, volumeOwnershipPolicy
-  Vm, the default). An existing VM that is not the snapshot's source is refused.
+  Vm, the default), spec.patches applied to it first (controlplane/vm_restore_patches.py). An
+  existing VM that is not the snapshot's source is refused; a restore to the source ignores
+  spec.patches as KubeVirt does, with a Warning event saying so.
 
 The content is anyone's: the VM and claims a restore makes pass `pvlun apply`'s admission, and
 each volume gets its own claim, one this restore made (restore.kubevirt.io/uid), or it fails.
@@ -38,6 +40,7 @@ from controlplane.admission import Refused, admit
 from controlplane.context import Context
 from controlplane.store import Obj, now, set_condition
 from controlplane.user_text import one_line
+from controlplane.vm_restore_patches import apply_patches
 from controlplane.vm_snapshot_spec import (DEFAULT_GRACE_PERIOD, check_metadata_map, check_restore,
                                           restore_claim_names)
 from virt.reconcile import REQUEST, key_of, runtime
@@ -50,6 +53,7 @@ DROPPED_ANNOTATIONS = ("pv.kubernetes.io", "volume.beta.kubernetes.io", "cdi.kub
 RESTORE_NAME = "restore.kubevirt.io/name"  # on a restored claim: the restore that made it (KubeVirt's)
 RESTORE_UID = "restore.kubevirt.io/uid"  # and its uid: a later restore of the same name is another one
 LAST_RESTORE = "restore.kubevirt.io/lastRestoreUID"  # on the target VM: <restore name>-<restore uid>
+PATCHES_NOT_APPLIED = "RestorePatchesNotApplied"  # event: spec.patches of a restore to an existing VM
 
 
 def _status(ctx: Context, restore: Obj, *, complete: bool, progressing: tuple[bool, str], ready: tuple[bool, str],
@@ -321,8 +325,22 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     if refused:  # the content's VM or claims are not what `pvlun apply` would take
         _fail(ctx, restore, one_line(f"restore from VirtualMachineSnapshotContent {content_name} refused: {refused}"))
         return None
+    if new_vm and spec.get("patches"):  # KubeVirt patches the VM a restore creates, and only that one
+        try:
+            made = apply_patches(made, spec["patches"])
+        except ValueError as exc:
+            _fail(ctx, restore, one_line(f"VirtualMachine {target_name}: {exc}"))
+            return None
+        refused = _admitted([made])
+        if refused:
+            _fail(ctx, restore, one_line(f"VirtualMachine {target_name} as spec.patches make it is refused: {refused}"))
+            return None
     if not new_vm and not _holds(target, restore):
         ctx.store.merge_status("VirtualMachine", target_name, ns, restoreInProgress=meta["name"])  # not started now
+        if spec.get("patches"):  # KubeVirt ignores them here: not silently
+            ctx.store.add_event(restore, "Warning", PATCHES_NOT_APPLIED,
+                                f"spec.patches applies only when the restore creates its target: VirtualMachine "
+                                f"{target_name} exists, so its patches are not applied")
     if target is None:  # a new VM: made first, so that its claims can be owned by it
         target = ctx.store.apply(made)
         ctx.store.add_event(restore, "Normal", "VirtualMachineCreated",

@@ -43,7 +43,6 @@ class NbdExport(DirectRead):
     """The nbdkit serving one source to the qemu-img runs of one import (subclasses name the plugin)."""
 
     network = False
-    filters: tuple[str, ...] = ()  # below the pinning cache, next to the plugin
 
     def __init__(self, size: int, what: str):
         super().__init__({"driver": "nbd"})
@@ -69,7 +68,7 @@ class NbdExport(DirectRead):
         self._stderr = tempfile.TemporaryFile()
         with self.plugin() as (plugin, handed, fds):
             argv = ["nbdkit", "--foreground", "--exit-with-parent", "--readonly", "--threads", "16", "-U", sock,
-                    "--filter=cache", "--filter=truncate", *(f"--filter={f}" for f in self.filters), *plugin,
+                    "--filter=cache", "--filter=truncate", *plugin,
                     f"cache-on-read={self._pin}", f"truncate={self.size}"]
             box = Sandbox(writable=[self._dir], network=self.network, system=TOOLS_ONLY, env={"TMPDIR": self._dir},
                           **handed)

@@ -206,14 +206,15 @@ def test_twenty_concurrent_clones_of_one_golden_image_are_all_byte_exact(instanc
     assert {s: taken.count(s) for s in set(taken)} == {"copy": 7, "snapshot": 7, "csi-clone": 6}
 
 
-def test_a_clone_from_another_namespace_waits_for_the_source_namespaces_grant_then_clones(instance, golden):
+def test_a_clone_from_another_namespace_waits_for_the_source_namespaces_grant_then_clones(instance, golden, snap_sc):
     from manifests import clone_grant
 
     instance.apply(dv("shared", "    blank: {}", size="16Mi").replace("metadata:\n", "metadata:\n  namespace: images\n"),
                    "--wait")
     with open(instance.lun_path("shared", "images"), "r+b") as f:
         f.write(golden)
-    instance.apply(clone("x-ns", "shared").replace("      name: shared\n", "      name: shared\n      namespace: images\n"))
+    instance.apply(clone("x-ns", "shared", sc=snap_sc).replace("      name: shared\n",
+                                                               "      name: shared\n      namespace: images\n"))
     want = ("User system:serviceaccount:default:default has insufficient permissions in clone source namespace "
             "images: it needs a Role or ClusterRole granting create on datavolumes/source (apiGroup cdi.kubevirt.io), "
             "bound to it in namespace images")
@@ -231,6 +232,13 @@ def test_a_clone_from_another_namespace_waits_for_the_source_namespaces_grant_th
     instance.wait(lambda: (instance.get("DataVolume", "x-ns").get("status") or {}).get("phase") == "Succeeded", 30,
                   "the clone once granted")
     assert holds(disk_of(instance, "x-ns"), golden)
+    # by the snapshot strategy: its temporary snapshot in the source namespace is gone, and with
+    # it the finalizer (CDI's cdi.kubevirt.io/dataVolumeFinalizer) that stood for it
+    obj = instance.get("DataVolume", "x-ns")
+    assert obj["metadata"]["annotations"][CLONE_TYPE] == "snapshot"
+    instance.wait(lambda: instance.get("VolumeSnapshot", "tmp-snapshot-" + obj["metadata"]["uid"], "images") is None,
+                  20, "the temporary snapshot in images gone")
+    assert "cdi.kubevirt.io/dataVolumeFinalizer" not in instance.get("DataVolume", "x-ns")["metadata"].get("finalizers", [])
 
 
 def test_a_snapshot_clone_of_the_disk_a_running_vm_uses_is_readable_and_boots_the_same(instance, golden, snap_sc,

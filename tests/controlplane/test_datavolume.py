@@ -134,6 +134,47 @@ def test_image_upload_creates_datavolume_and_lands_byte_exact(instance, tmp_path
     assert same_prefix(raw, instance.lun_path("uploaded"))
 
 
+def test_upload_token_request_as_cdi_documents_it_then_a_plain_https_upload(instance, tmp_path):
+    """CDI's flow: a DataVolume with an upload source, an UploadTokenRequest for its claim (the
+    token printed, never stored), then the image sent with any HTTPS client (curl in CDI's
+    docs) to the upload endpoint, -async path included."""
+    import http.client
+    import re
+    import ssl
+    from urllib.parse import urlsplit
+
+    image = str(tmp_path / "token.qcow2")
+    raw = make_qcow2(image, 16)
+    instance.apply(dv("by-token", "    upload: {}", size="32Mi"))
+    upload_ready(instance, "by-token")
+    out = instance.apply("""apiVersion: upload.cdi.kubevirt.io/v1beta1
+kind: UploadTokenRequest
+metadata:
+  name: by-token
+  namespace: default
+spec:
+  pvcName: by-token
+""").stdout
+    assert "uploadtokenrequest/by-token created" in out
+    token = re.search(r"valid \d+ minutes\): (\S+)", out).group(1)
+    ca, url = re.search(r"--cacert (\S+) .* (https://\S+)", out).groups()
+    assert instance.cli("get", "uploadtokenrequest", "by-token", check=False).returncode != 0  # never stored
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=ssl.create_default_context(cafile=ca),
+                                       timeout=120)
+    with open(image, "rb") as f:
+        conn.request("POST", "/v1beta1/upload-async", body=f, headers={"Authorization": f"Bearer {token}",
+                                                                          "Content-Length": str(os.path.getsize(image))})
+        resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    instance.wait(lambda: instance.get("DataVolume", "by-token")["status"]["phase"] == "Succeeded", what="upload done")
+    assert same_prefix(raw, instance.lun_path("by-token"))
+    bad = instance.apply(dv("x", "    blank: {}") + "---\napiVersion: upload.cdi.kubevirt.io/v1beta1\n"
+                         "kind: UploadTokenRequest\nmetadata: {name: t}\nspec: {pvcName: ../etc}\n", check=False)
+    assert bad.returncode == 1 and "spec.pvcName '../etc' is not a valid name" in bad.stderr
+    assert instance.get("DataVolume", "x") is None  # a refused manifest applies nothing
+
+
 def test_pvc_source_clones_through_csi(instance, web):
     raw = make_qcow2(os.path.join(web.root, "c.qcow2"))
     instance.apply(dv("clone-src", f"    http:\n      url: {web.url}/c.qcow2"), "--wait")

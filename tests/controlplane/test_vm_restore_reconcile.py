@@ -6,6 +6,7 @@ traceback, never a VM held stopped by a restore that cannot finish."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -236,3 +237,97 @@ def test_a_malformed_content_fails_the_restore_in_one_line(world, where, value):
         assert failure(got) and "\n" not in failure(got)
         assert world.store.list("PersistentVolumeClaim", NS) == [] and held(world) is None
     assert world.store.get("VirtualMachine", "vm2", NS) is None
+
+
+# ---- spec.patches: applied to a VM the restore creates, as KubeVirt does
+
+MAC = "02:00:00:aa:bb:cc"
+UUID = "5d307ca9-b3ef-428c-8861-06e72d69f223"
+
+
+def patch(op: str, path: str, value: object = None, **more: object) -> str:
+    """One patch of spec.patches as a user writes it: a JSON text."""
+    return json.dumps({"op": op, "path": path, **({} if value is None else {"value": value}), **more})
+
+
+IDENTITY = [patch("add", "/spec/template/spec/domain/devices/interfaces",
+                  [{"name": "default", "masquerade": {}, "macAddress": "02:00:00:00:00:01"}]),
+            patch("add", "/spec/template/spec/networks", [{"name": "default", "pod": {}}]),
+            patch("replace", "/spec/template/spec/domain/devices/interfaces/0/macAddress", MAC),
+            patch("add", "/spec/template/spec/domain/firmware", {"uuid": UUID}),
+            patch("test", "/spec/runStrategy", "Halted"),
+            patch("add", "/metadata/labels/app", "copy")]
+
+
+def test_patches_give_the_new_vm_its_own_mac_uuid_and_labels(world):
+    got = restore(world, "vm2", patches=IDENTITY)
+    assert not failure(got)
+    vm2 = world.store.get("VirtualMachine", "vm2", NS)
+    domain = vm2["spec"]["template"]["spec"]["domain"]
+    assert domain["devices"]["interfaces"][0]["macAddress"] == MAC and domain["firmware"]["uuid"] == UUID
+    assert vm2["metadata"]["labels"] == {"app": "copy"}
+    assert vm2["metadata"]["annotations"]["restore.kubevirt.io/lastRestoreUID"] == f"r1-{got['metadata']['uid']}"
+    bind_all(world)
+    assert run(world)["status"]["complete"] is True
+    assert world.store.get("VirtualMachine", "vm2", NS)["spec"] == vm2["spec"]  # kept on the later pass
+    assert world.store.get("VirtualMachine", "vm1", NS)["spec"] == vm_spec()  # the source untouched
+
+
+def test_patches_of_a_restore_to_its_own_vm_are_not_applied_and_a_warning_says_so(world):
+    restore(world, patches=[patch("add", "/metadata/labels/app", "copy")])
+    bind_all(world)
+    got = run(world)
+    assert got["status"]["complete"] is True
+    assert "labels" not in world.store.get("VirtualMachine", "vm1", NS)["metadata"]
+    warnings = [e for e in world.store.events(got) if e["type"] == "Warning"]
+    assert [e["reason"] for e in warnings] == ["RestorePatchesNotApplied"]
+    assert "spec.patches applies only when the restore creates its target" in warnings[0]["message"]
+
+
+@pytest.mark.parametrize("patches, why", [
+    ([patch("replace", "/spec/template/spec/domain/devices/interfaces/0/macAddress", MAC)],
+     "spec.patches[0] (replace /spec/template/spec/domain/devices/interfaces/0/macAddress) cannot be applied"),
+    ([patch("add", "/metadata/labels/app", "copy"), patch("test", "/spec/runStrategy", "Always")],
+     "spec.patches[1] (test /spec/runStrategy) cannot be applied"),
+    ([patch("replace", "/spec/template/spec/domain/memory/guest", "lots")],
+     "as spec.patches make it is refused: VirtualMachine 'vm2' is invalid: spec.template.spec.domain.memory.guest"),
+    (IDENTITY[:2] + [patch("replace", "/spec/template/spec/domain/devices/interfaces/0/macAddress",
+                           "01:00:5e:00:00:01")], "macAddress"),
+    ([patch("add", "/metadata/labels/app", "not a value!")], "spec.patches make it invalid: metadata.labels.app"),
+    ([patch("remove", "/metadata/annotations/restore.kubevirt.io~1lastRestoreUID")],
+     "may not change the restore.kubevirt.io/ annotations"),
+    ([patch("copy", f"/spec/template/spec/domain/x{i}", **{"from": "/spec/template"}) for i in range(64)],  # 2^64
+     "makes the VirtualMachine"),
+])
+def test_a_patch_that_cannot_apply_or_makes_a_vm_apply_refuses_fails_the_restore(world, patches, why):
+    got = restore(world, "vm2", patches=patches)
+    assert why in failure(got), failure(got)
+    assert "\n" not in failure(got) and len(failure(got)) <= 400
+    assert world.store.get("VirtualMachine", "vm2", NS) is None and world.store.list("PersistentVolumeClaim", NS) == []
+
+
+@pytest.mark.parametrize("patches, what", [
+    ([patch("replace", "/spec/template/spec/volumes/0/persistentVolumeClaim/claimName", "theirs")],
+     "the claim of volume 'root'"),
+    ([patch("add", "/spec/template/spec/volumes/-",
+            {"name": "extra", "persistentVolumeClaim": {"claimName": "theirs"}})],
+     "the claim of volume 'extra'"),
+    ([patch("replace", "/spec/template/spec/volumes/2/dataVolume/name", "theirs")], "the claim of volume 'scratch'"),
+    ([patch("move", "/spec/template/spec/volumes/0/dataVolume",
+            **{"from": "/spec/template/spec/volumes/0/persistentVolumeClaim"})], "the claim of volume 'root'"),
+    ([patch("add", "/spec/dataVolumeTemplates/-", {"metadata": {"name": "theirs"},
+                                                    "spec": {"source": {"pvc": {"name": "theirs"}}}})],
+     "spec.dataVolumeTemplates"),
+])
+def test_a_patch_cannot_give_the_new_vm_a_claim_the_restore_did_not_make(world, patches, what):
+    world.store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", **claim("theirs")})
+    got = restore(world, "vm2", patches=patches)
+    assert f"spec.patches may not change {what}" in failure(got), failure(got)
+    assert world.store.get("VirtualMachine", "vm2", NS) is None
+    assert [c["metadata"]["name"] for c in world.store.list("PersistentVolumeClaim", NS)] == ["theirs"]
+
+
+def test_a_stored_restore_with_a_patch_admission_refuses_fails(world):
+    got = restore(world, "vm2", patches=[patch("replace", "/metadata/name", "vm3")])
+    assert "spec.patches[0].path: '/metadata/name' may not be patched" in failure(got), failure(got)
+    assert world.store.get("VirtualMachine", "vm2", NS) is None and world.store.get("VirtualMachine", "vm3", NS) is None

@@ -43,6 +43,17 @@ spec:
 {extra}"""
 
 
+NEW_MAC, NEW_UUID = "02:00:00:aa:bb:cc", "5d307ca9-b3ef-428c-8861-06e72d69f223"
+IDENTITY_PATCHES = f"""  patches:
+  - '{{"op": "add", "path": "/spec/template/spec/domain/devices/interfaces",
+      "value": [{{"name": "default", "masquerade": {{}}}}]}}'
+  - '{{"op": "add", "path": "/spec/template/spec/networks", "value": [{{"name": "default", "pod": {{}}}}]}}'
+  - '{{"op": "add", "path": "/spec/template/spec/domain/devices/interfaces/0/macAddress", "value": "{NEW_MAC}"}}'
+  - '{{"op": "add", "path": "/spec/template/spec/domain/firmware", "value": {{"uuid": "{NEW_UUID}"}}}}'
+  - '{{"op": "add", "path": "/metadata/labels/app", "value": "copy"}}'
+"""
+
+
 @pytest.fixture(scope="module")
 def seq_images(web) -> str:
     sequence_guest.build_boot_disk(os.path.join(web.root, "boot.img"))
@@ -170,12 +181,19 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     inst.apply(snapshot_yaml("stopped", "seq"))
     assert wait_snapshot(inst, "stopped").get("indications") == []
 
-    # the running snapshot restored to a new VM: it boots and goes on from the snapshot's number
-    inst.apply(restore_yaml("clone", "seq-snap", "seq-new"))
+    # the running snapshot restored to a new VM with an identity of its own (KubeVirt's spec.patches: a NIC
+    # with its MAC address, a firmware UUID, a label): it boots and goes on from the snapshot's number
+    inst.apply(restore_yaml("clone", "seq-snap", "seq-new", IDENTITY_PATCHES))
     wait_restore(inst, "clone")
     inst.wait(lambda: f"PVLUN-SEQ-START {restored[0]}\n" in inst.all_serial_logs("seq-new").replace("\r", ""),
               180, "the new VM to boot from the restored disks")
     new_vm = inst.get("VirtualMachine", "seq-new")
+    assert new_vm["metadata"]["labels"] == {"app": "copy"}
+    domain = new_vm["spec"]["template"]["spec"]["domain"]
+    assert domain["devices"]["interfaces"][0]["macAddress"] == NEW_MAC and domain["firmware"]["uuid"] == NEW_UUID
+    argv = Path(f"/proc/{inst.qemu_pid('seq-new')}/cmdline").read_bytes().split(b"\0")
+    assert f"mac={NEW_MAC}".encode() in b",".join(argv) and argv[argv.index(b"-uuid") + 1] == NEW_UUID.encode()
+    assert "app" not in (inst.get("VirtualMachine", "seq")["metadata"].get("labels") or {})  # the source: its own
     assert new_vm["metadata"]["annotations"]["restore.kubevirt.io/lastRestoreUID"].startswith("clone-")
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == new_vm["metadata"]["uid"]
                for c in (inst.get("PersistentVolumeClaim", n) for n in claims_of(inst, "clone").values()))

@@ -42,7 +42,6 @@ def test_kubevirt_yaml_is_admitted_with_its_short_names():
     (RESTORE.replace("  virtualMachineSnapshotName: s1\n", ""), "spec.virtualMachineSnapshotName is required"),
     (RESTORE + "  targetReadinessPolicy: Never\n", "spec.targetReadinessPolicy"),
     (RESTORE + "  volumeRestorePolicy: InPlace\n", "spec.volumeRestorePolicy"),
-    (RESTORE + "  patches: ['{\"op\": \"replace\"}']\n", "spec.patches"),
     (RESTORE.replace("kind: VirtualMachine,", "kind: VirtualMachineInstance,"), "spec.target.kind"),
     (RESTORE.replace("name: vm1", "name: Vm_1"), "spec.target.name"),
     (RESTORE.replace("name: vm1", "name: vm1.example"), "spec.target.name"),
@@ -69,6 +68,74 @@ def test_a_wrong_field_is_refused_by_name(doc, field):
     with pytest.raises(Refused) as refused:
         load_documents(doc)
     assert field in str(refused.value) and "\n" not in str(refused.value)
+
+
+def patches_yaml(*patches: str) -> str:
+    """spec.patches as a user writes them: each a JSON text in a YAML single-quoted string."""
+    return RESTORE + "  patches:\n" + "".join(f"  - '{p}'\n" for p in patches)
+
+
+@pytest.mark.parametrize("patch", [
+    # KubeVirt's admission splits on ':' and refuses this one; it is one valid operation
+    '{"op": "replace", "path": "/spec/template/spec/domain/devices/interfaces/0/macAddress", '
+    '"value": "02:00:00:aa:bb:cc"}',
+    '{"op": "replace", "path": "/spec/template/spec/domain/firmware/uuid", '
+    '"value": "5d307ca9-b3ef-428c-8861-06e72d69f223"}',
+    '{"op": "add", "path": "/metadata/labels/app", "value": "copy"}',
+    '{"op": "remove", "path": "/metadata/annotations/note"}',
+    '{"op": "test", "path": "/spec/runStrategy", "value": "Halted"}',
+    '{"op": "copy", "from": "/metadata/labels/app", "path": "/metadata/labels/tier"}',
+    '{"op": "move", "from": "/spec/template/spec/domain/firmware", "path": "/spec/template/spec/domain/fw"}',
+    '{"op": "add", "path": "/spec/template/spec/domain/devices/interfaces/-", "value": {"name": "x"}}',
+])
+def test_a_patch_under_spec_labels_or_annotations_is_admitted(patch):
+    (restore,) = load_documents(patches_yaml(patch))
+    assert restore["spec"]["patches"] == [patch]
+
+
+@pytest.mark.parametrize("patch, field", [
+    ('{"op": "replace", "path": "/metadata/name", "value": "x"}', "spec.patches[0].path: '/metadata/name' may not"),
+    ('{"op": "replace", "path": "/metadata", "value": {}}', "spec.patches[0].path: '/metadata' may not"),
+    ('{"op": "replace", "path": "/metadata/labels", "value": {}}', "spec.patches[0].path: '/metadata/labels' may not"),
+    ('{"op": "replace", "path": "/kind", "value": "Pod"}', "spec.patches[0].path: '/kind'"),
+    ('{"op": "replace", "path": "/apiVersion", "value": "v1"}', "spec.patches[0].path: '/apiVersion'"),
+    ('{"op": "add", "path": "/status/ready", "value": true}', "spec.patches[0].path: '/status/ready'"),
+    ('{"op": "replace", "path": "/spec", "value": {}}', "spec.patches[0].path: '/spec' may not"),
+    ('{"op": "replace", "path": "spec/running", "value": true}', "spec.patches[0].path: 'spec/running'"),
+    ('{"op": "replace", "path": "/spec/a~2b", "value": 1}', "spec.patches[0].path: '/spec/a~2b' is not a JSON pointer"),
+    ('{"op": "move", "from": "/metadata/name", "path": "/spec/name"}', "spec.patches[0].from: '/metadata/name'"),
+    ('{"op": "copy", "from": "/status", "path": "/spec/status"}', "spec.patches[0].from: '/status'"),
+    ('{"op": "copy", "path": "/spec/x"}', "spec.patches[0].from is required"),
+    ('{"op": "replace", "path": "/spec/running"}', "spec.patches[0].value is required for op replace"),
+    ('{"op": "merge", "path": "/spec/running", "value": 1}', "spec.patches[0].op: 'merge' is not one of"),
+    ('{"path": "/spec/running", "value": 1}', "spec.patches[0].op: None is not one of"),
+    ('{"op": "replace", "value": 1}', "spec.patches[0].path is required"),
+    ('{"op": "replace", "path": "/spec/running", "value": tru', "spec.patches[0]: not valid JSON"),
+    ('{"op": "replace", "path": "/spec/x", "value": NaN}', "spec.patches[0]: not valid JSON: NaN is not JSON"),
+    ('[{"op": "replace", "path": "/spec/running", "value": true}]',
+     "spec.patches[0]: must be one JSON patch operation"),
+    ('"op"', "spec.patches[0]: must be one JSON patch operation object"),
+])
+def test_a_patch_outside_spec_labels_or_annotations_or_not_one_operation_is_refused(patch, field):
+    with pytest.raises(Refused) as refused:
+        load_documents(patches_yaml('{"op": "add", "path": "/metadata/labels/ok", "value": "y"}', patch))
+    assert field.replace("[0]", "[1]") in str(refused.value), str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ("  patches: '{\"op\": \"add\"}'\n", "spec.patches: must be a list of strings, not str"),
+    ("  patches: [{op: add, path: /spec/x, value: 1}]\n", "spec.patches[0]: must be a string holding one JSON patch"),
+    ("  patches: [" + ", ".join(["'{\"op\": \"remove\", \"path\": \"/spec/x\"}'"] * 65) + "]\n",
+     "spec.patches: 65 patches; at most 64 are allowed"),
+    ("  patches: ['{\"op\": \"add\", \"path\": \"/spec/x\", \"value\": \"" + "a" * 20000 + "\"}']\n",
+     "spec.patches[0] is 20045 characters long; at most 16384"),
+])
+def test_patches_are_a_bounded_list_of_bounded_strings(extra, field):
+    with pytest.raises(Refused) as refused:
+        load_documents(RESTORE + extra)
+    assert field in str(refused.value), str(refused.value)
+    assert len(str(refused.value)) < 500
 
 
 def test_override_labels_and_annotations_of_kubernetes_syntax_are_admitted():

@@ -159,3 +159,38 @@ def test_upload_larger_than_the_volume_is_refused_with_413_and_a_fitting_one_the
     upload_image(srv.url, issue_token(KEY, key), str(small), ca_file=srv.cert_file)
     assert control.events[-1] == ("done", key, True, "")
     assert_disk(lun, small, 4 * MiB)
+
+
+def test_stopping_the_server_ends_an_upload_under_way_as_interrupted(images, tmp_path):
+    """The daemon stops: an upload whose client is still sending ends now (its connection cut,
+    the volume zeroed, reported interrupted), not after the daemon let go of the volume."""
+    from importer.upload_server import UploadServer
+
+    from importer_support import Control
+
+    control = Control(tmp_path)
+    (tmp_path / "scratch").mkdir()
+    srv = UploadServer(cert_dir=str(tmp_path / "certs"), secret_key=KEY, resolve=control.resolve,
+                       on_done=control.on_done, on_interrupted=control.on_interrupted,
+                       scratch_dir=str(tmp_path / "scratch")).start()
+    lun = block_target(tmp_path)
+    key = "default/stopped"
+    control.targets[key] = Target(str(lun), 16 * MiB)
+    data = images.path("raw").read_bytes()
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=srv.cert_file))
+    try:
+        conn.putrequest("PUT", "/v1beta1/upload")
+        conn.putheader("Authorization", f"Bearer {issue_token(KEY, key)}")
+        conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders()
+        conn.send(data[: len(data) // 2])  # and then the client waits, the connection open
+        deadline = time.monotonic() + 10
+        while key not in srv.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert key in srv.busy
+        srv.stop()  # returns once the upload was reported
+        assert control.done.is_set() and control.events[-1][:2] == ("interrupted", key)
+        assert_zero(lun)
+    finally:
+        conn.close()

@@ -97,6 +97,7 @@ def test_the_client_resumes_and_checks_the_certificate(served, tmp_path):
     assert open(tmp_path / "insecure", "rb").read() == data
     with pytest.raises(DownloadFailed, match="401"):
         download(url, "wrong", server.cert_pem, str(tmp_path / "y"))
+    assert not os.path.lexists(tmp_path / "y.part")  # refused before a byte: no empty part left behind
     with pytest.raises(DownloadFailed, match="not https"):
         download(url.replace("https", "http"), TOKEN, server.cert_pem, str(tmp_path / "z"))
 
