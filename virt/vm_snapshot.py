@@ -322,6 +322,14 @@ def _finish(ctx: Context, snap: Obj) -> float | None:
     return None
 
 
+def _drop_unready_content(ctx: Context, name: str | None, ns: str) -> None:
+    """A failed snapshot's content that never became ready is deleted (KubeVirt's rule), and
+    with it its VolumeSnapshots: a half-taken snapshot leaves nothing behind."""
+    content = ctx.store.get(CONTENT, name, ns) if name else None
+    if content is not None and not (content.get("status") or {}).get("readyToUse"):
+        ctx.store.delete(CONTENT, content["metadata"]["name"], ns)
+
+
 def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
     meta = snap["metadata"]
     ns = meta.get("namespace", "default")
@@ -334,14 +342,15 @@ def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
     if FINALIZER not in meta.get("finalizers", []):
         snap = ctx.store.patch_metadata("VirtualMachineSnapshot", meta["name"], ns,
                                         finalizers=meta.get("finalizers", []) + [FINALIZER]) or snap
-    if status.get("virtualMachineSnapshotContentName"):
-        return _finish(ctx, snap)
     spec = snap.get("spec") or {}
     deadline = parse_duration(spec["failureDeadline"], "spec.failureDeadline") \
         if spec.get("failureDeadline") is not None else DEFAULT_FAILURE_DEADLINE
     if deadline and age_seconds(snap) > deadline:  # "0s": no deadline, as KubeVirt has it
         _fail(ctx, snap, f"snapshot deadline exceeded ({spec.get('failureDeadline') or '5m'})")
+        _drop_unready_content(ctx, status.get("virtualMachineSnapshotContentName"), ns)
         return None
+    if status.get("virtualMachineSnapshotContentName"):
+        return _finish(ctx, snap)
     vm = ctx.store.get("VirtualMachine", spec["source"]["name"], ns)
     if vm is None or vm["metadata"].get("deletionTimestamp"):
         _status(ctx, snap, "InProgress", progressing=(False, "Source does not exist"), ready=(False, "Not ready"))

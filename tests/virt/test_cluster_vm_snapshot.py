@@ -109,8 +109,9 @@ def test_a_running_vm_is_snapshotted_through_its_launcher_pod_online_without_an_
     assert sorted(c for c in calls if not allowed(*granted, *c)) == []  # deploy/full's RBAC allows every call
 
 
-def test_a_running_vm_whose_volume_snapshots_are_not_cut_stays_in_progress_and_is_not_succeeded(cluster):
-    """Until the external-snapshotter has cut its VolumeSnapshots, the snapshot is not ready."""
+def test_a_running_vm_whose_volume_snapshots_are_not_cut_is_not_ready_and_fails_at_its_deadline(cluster):
+    """Until the external-snapshotter has cut its VolumeSnapshots, the snapshot is not ready; past
+    its failureDeadline it fails, as KubeVirt's does."""
     store, kubelet, sidecars = cluster
     run_tick_vm(store, kubelet)
     sidecars.holding.set()
@@ -122,6 +123,17 @@ def test_a_running_vm_whose_volume_snapshots_are_not_cut_stays_in_progress_and_i
     assert status["indications"] == ["Online", "NoGuestAgent"] and status["readyToUse"] is False
     uid = store.get("VirtualMachineSnapshot", "live", NS)["metadata"]["uid"]
     assert store.get("VolumeSnapshot", f"vmsnapshot-{uid}-volume-root", NS) is not None
+    # another one with a short deadline fails at it, and its content (never ready) goes with its VolumeSnapshot
+    store.apply({"apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
+                 "metadata": {"name": "late", "namespace": NS},
+                 "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "tick"},
+                          "failureDeadline": "2s"}})
+    late = wait_until(lambda: (lambda s: s if s.get("phase") == "Failed" else None)(
+        status_of(store, "VirtualMachineSnapshot", "late")), 20.0)
+    assert "deadline exceeded (2s)" in late["error"]["message"] and late["readyToUse"] is False
+    late_uid = store.get("VirtualMachineSnapshot", "late", NS)["metadata"]["uid"]
+    assert wait_until(lambda: store.get("VirtualMachineSnapshotContent", f"vmsnapshot-content-{late_uid}", NS) is None
+                      and store.get("VolumeSnapshot", f"vmsnapshot-{late_uid}-volume-root", NS) is None, 10.0)
     sidecars.holding.clear()
     assert wait_until(lambda: status_of(store, "VirtualMachineSnapshot", "live").get("readyToUse"), 10.0)
 
