@@ -51,30 +51,42 @@ def halted_vm(ns: str, name: str, claim: str) -> dict:
     return vm
 
 
-def snapshot_of_a_stopped_vm(call: Call, ns: str, storage_class: str, timeout: float) -> dict:
-    """A claim, the Halted VM `snapvm` on it, and its VirtualMachineSnapshot `snap1` once ended."""
+def snapshot_a_stopped_vm(call: Call, ns: str, storage_class: str) -> str:
+    """A claim `disk1`, the Halted VM `snapvm` on it and its VirtualMachineSnapshot `snap1`, applied: its path."""
     assert call("POST", f"/api/v1/namespaces/{ns}/persistentvolumeclaims", {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk1", "namespace": ns},
         "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": storage_class,
                  "resources": {"requests": {"storage": "8Mi"}}}})[0] == 201
-    claims = f"/api/v1/namespaces/{ns}/persistentvolumeclaims"
-    assert wait_until(lambda: get(call, f"{claims}/disk1").get("status", {}).get("phase") == "Bound", timeout)
     assert call("POST", f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", halted_vm(ns, "snapvm", "disk1"))[0] == 201
-    ref = {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}
     assert call("POST", snapshots_path(ns, "virtualmachinesnapshots"), {
         "apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
-        "metadata": {"name": "snap1", "namespace": ns}, "spec": {"source": ref}})[0] == 201
+        "metadata": {"name": "snap1", "namespace": ns},
+        "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}}})[0] == 201
+    return f"{snapshots_path(ns, 'virtualmachinesnapshots')}/snap1"
 
-    snap_path = f"{snapshots_path(ns, 'virtualmachinesnapshots')}/snap1"
+
+def ended(call: Call, path: str, timeout: float) -> dict:
+    """The VirtualMachineSnapshot at `path` once Succeeded or Failed."""
     return wait_until(lambda: (lambda s: s if s.get("status", {}).get("phase") in ("Succeeded", "Failed") else None)(
-        get(call, snap_path)), timeout, lambda: str(get(call, snap_path).get("status")))
+        get(call, path)), timeout, lambda: str(get(call, path).get("status")))
+
+
+def classes(double, binding: str = "Immediate", snapshot_classes: dict[str, str] | None = None) -> None:
+    """The StorageClass `fast` of the driver, and VolumeSnapshotClasses (name → driver)."""
+    assert double.call("POST", "/apis/storage.k8s.io/v1/storageclasses", {
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
+        "provisioner": DRIVER, "volumeBindingMode": binding})[0] == 201
+    for name, driver in (snapshot_classes or {}).items():
+        assert double.call("POST", "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses", {
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass", "metadata": {"name": name},
+            "driver": driver, "deletionPolicy": "Delete"})[0] == 201
 
 
 def scenario(call: Call, ns: str, storage_class: str, snapshot_class: str, timeout: float,
              restored_phase: str = "Bound") -> None:
     """Snapshot a stopped VM, restore it to a new VM and to itself: what each step made (the
     restored claims `restored_phase` when the restores complete)."""
-    snap = snapshot_of_a_stopped_vm(call, ns, storage_class, timeout)
+    snap = ended(call, snapshot_a_stopped_vm(call, ns, storage_class), timeout)
     ref = {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}
     claims = f"/api/v1/namespaces/{ns}/persistentvolumeclaims"
     status = snap["status"]
@@ -127,15 +139,7 @@ def test_a_stopped_vms_snapshot_is_volume_snapshots_and_restores_make_claims_fro
     """WaitForFirstConsumer: the restored claims stay Pending until the VM runs, and the restores
     complete without them bound, as KubeVirt's do."""
     double = kube_api_double
-    for obj, path in (({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
-                        "provisioner": DRIVER, "volumeBindingMode": binding}, "/apis/storage.k8s.io/v1/storageclasses"),
-                      ({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-                        "metadata": {"name": "other-driver"}, "driver": "other.csi.example", "deletionPolicy": "Delete"},
-                       "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses"),
-                      ({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-                        "metadata": {"name": "pvlun-snaps"}, "driver": DRIVER, "deletionPolicy": "Delete"},
-                       "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses")):
-        assert double.call("POST", path, obj)[0] == 201
+    classes(double, binding, {"other-driver": "other.csi.example", "pvlun-snaps": DRIVER})
     with leading_controller(double, kube_kubeconfig, tmp_path):
         sidecars = CsiSidecarsDouble(double, NS)
         if binding == "WaitForFirstConsumer":
@@ -167,13 +171,11 @@ def test_a_stopped_vms_snapshot_is_volume_snapshots_and_restores_make_claims_fro
 def test_a_vm_snapshot_with_no_volume_snapshot_class_of_the_driver_fails_saying_so(kube_api_double, kube_kubeconfig,
                                                                                    tmp_path):
     double = kube_api_double
-    assert double.call("POST", "/apis/storage.k8s.io/v1/storageclasses", {
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
-        "provisioner": DRIVER})[0] == 201
+    classes(double)
     with leading_controller(double, kube_kubeconfig, tmp_path):
         sidecars = CsiSidecarsDouble(double, NS).start()
         try:
-            status = snapshot_of_a_stopped_vm(double.call, NS, "fast", 15.0)["status"]
+            status = ended(double.call, snapshot_a_stopped_vm(double.call, NS, "fast"), 15.0)["status"]
         finally:
             sidecars.stop()
     assert status["phase"] == "Failed" and status["readyToUse"] is False
@@ -185,28 +187,13 @@ def test_a_volume_snapshot_of_its_name_that_it_did_not_make_fails_the_snapshot(k
                                                                                 tmp_path):
     """One planted under the name the snapshot's would have (its uid is known once it exists) is never taken."""
     double = kube_api_double
-    for obj, path in (({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
-                        "provisioner": DRIVER}, "/apis/storage.k8s.io/v1/storageclasses"),
-                      ({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-                        "metadata": {"name": "pvlun-snaps"}, "driver": DRIVER, "deletionPolicy": "Delete"},
-                       "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses")):
-        assert double.call("POST", path, obj)[0] == 201
+    classes(double, snapshot_classes={"pvlun-snaps": DRIVER})
     with leading_controller(double, kube_kubeconfig, tmp_path):
         sidecars = CsiSidecarsDouble(double, NS)
         sidecars.consumed = set()  # disk1 stays Pending meanwhile: the snapshot waits for it
         sidecars.start()
         try:
-            assert double.call("POST", f"/api/v1/namespaces/{NS}/persistentvolumeclaims", {
-                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk1", "namespace": NS},
-                "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "storageClassName": "fast",
-                         "resources": {"requests": {"storage": "8Mi"}}}})[0] == 201
-            assert double.call("POST", f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines",
-                               halted_vm(NS, "snapvm", "disk1"))[0] == 201
-            assert double.call("POST", snapshots_path(NS, "virtualmachinesnapshots"), {
-                "apiVersion": "snapshot.kubevirt.io/v1beta1", "kind": "VirtualMachineSnapshot",
-                "metadata": {"name": "snap1", "namespace": NS},
-                "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapvm"}}})[0] == 201
-            snap_path = f"{snapshots_path(NS, 'virtualmachinesnapshots')}/snap1"
+            snap_path = snapshot_a_stopped_vm(double.call, NS, "fast")
             snap = wait_until(lambda: "waiting for volume root" in json.dumps(get(double.call, snap_path).get("status"))
                               and get(double.call, snap_path), 15)
             name = f"vmsnapshot-{snap['metadata']['uid']}-volume-root"
@@ -215,8 +202,7 @@ def test_a_volume_snapshot_of_its_name_that_it_did_not_make_fails_the_snapshot(k
                 "metadata": {"name": name, "namespace": NS},
                 "spec": {"source": {"persistentVolumeClaimName": "someone-elses"}}})[0] == 201
             sidecars.consumed = None  # now disk1 binds
-            status = wait_until(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
-                get(double.call, snap_path).get("status") or {}), 20)
+            status = ended(double.call, snap_path, 20)["status"]
         finally:
             sidecars.stop()
     assert status["phase"] == "Failed" and f"VolumeSnapshot {name} exists and was not made" in status["error"]["message"]
