@@ -40,7 +40,7 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
 
 
 def vm_snapshot_reconcilers() -> list[tuple[str, Reconciler]]:
-    """KubeVirt's snapshot.kubevirt.io controllers (on a cluster they refuse, saying why)."""
+    """KubeVirt's snapshot.kubevirt.io controllers (on a cluster through VolumeSnapshots: virt/vm_snapshot_cluster.py)."""
     from virt.vm_restore import reconcile_vm_restore
     from virt.vm_snapshot import reconcile_vm_snapshot, reconcile_vm_snapshot_content
 

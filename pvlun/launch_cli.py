@@ -1,6 +1,7 @@
-"""`pvlun launch` (a VMI's QEMU, in its launcher Pod) and `pvlun launch-migrate` (tell a
-running launcher to migrate its VMI to a target launcher), wired to virt/pod_launch.py and
-virt/pod_migration.py."""
+"""`pvlun launch` (a VMI's QEMU, in its launcher Pod), `pvlun launch-migrate` (tell a
+running launcher to migrate its VMI to a target launcher) and `pvlun launch-freeze` (freeze or
+thaw its guest for a VM snapshot), wired to virt/pod_launch.py, virt/pod_migration.py and
+virt/pod_freeze.py."""
 
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def cmd_launch_migrate(args: argparse.Namespace) -> int:
     return 0 if result.get("phase") == "Succeeded" or result.get("cancelled") else 1
 
 
+def cmd_launch_freeze(args: argparse.Namespace) -> int:
+    from virt.pod_migration import request_freeze
+
+    try:
+        result = request_freeze(args.run_dir, None if args.thaw else args.unfreeze_timeout)
+    except (OSError, ValueError) as exc:
+        return _fail("launch-freeze", exc)
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+    return 0 if "error" not in result else 1
+
+
 def add_commands(sub) -> None:
     launch = sub.add_parser("launch", help="run a VirtualMachineInstance's QEMU (the launcher Pod's command)")
     launch.add_argument("--vmi-file", required=True, help="the VMI as JSON (in a Pod: its downward-API file)")
@@ -98,3 +110,12 @@ def add_commands(sub) -> None:
                          "runs on); exit 0 when there was one")
     migrate.add_argument("--token-file", help="the migration's shared token ('-': stdin)")
     migrate.set_defaults(func=cmd_launch_migrate)
+
+    freeze = sub.add_parser("launch-freeze", help="freeze the guest of a running `pvlun launch` through its agent "
+                            "for a VM snapshot, or thaw it (--thaw)")
+    freeze.add_argument("--run-dir", default=RUN_DIR, help="the launcher's run directory (default %(default)s)")
+    freeze.add_argument("--unfreeze-timeout", type=positive_number("the unfreeze timeout"), default=300.0,
+                        metavar="SECONDS", help="the launcher thaws the guest by itself after this long "
+                        "(KubeVirt's unfreezeTimeout; at most 300, default %(default)s)")
+    freeze.add_argument("--thaw", action="store_true", help="thaw the guest now")
+    freeze.set_defaults(func=cmd_launch_freeze)

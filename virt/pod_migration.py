@@ -39,6 +39,7 @@ from host.command import CommandError
 from virt.launcher import Phase, VmLauncher
 from virt.migration import MigrationFailed, MigrationStatus, accept_stream, follow_sending, recover_source, \
     start_sending
+from virt.pod_freeze import Freezer
 from virt.qmp_session import QmpError
 from virt.run_dir import listen_unix, remove_sockets, socket_path
 
@@ -235,7 +236,8 @@ def send(source: VmLauncher, host: str, port: int, token: str | None, *, node: s
 class ControlServer:
     """The source launcher's order socket: `{"command": "migrate", "to": "HOST:PORT",
     "token": ...}` → the migration's status, one migration at a time; `{"command": "cancel"}`
-    aborts the one in flight (the source runs on) → `{"cancelled": true|false}`."""
+    aborts the one in flight (the source runs on) → `{"cancelled": true|false}`; `freeze` and
+    `thaw` hold the guest for a VM snapshot (virt/pod_freeze.py)."""
 
     def __init__(self, launcher: VmLauncher, run_dir: str | os.PathLike, node: str = "",
                  network: Network | None = None):
@@ -247,6 +249,7 @@ class ControlServer:
         self.busy = threading.Lock()
         self._cancel = threading.Event()  # of the migration in flight (replaced by each one)
         self._server: socket.socket | None = None
+        self.freezer = Freezer(launcher)  # a VM snapshot's freeze and thaw (virt/pod_freeze.py)
 
     def start(self) -> None:
         self._server = listen_unix(self.path, self.run_dir)
@@ -282,6 +285,8 @@ class ControlServer:
                     running = self.busy.locked() and not self._cancel.is_set()
                     self._cancel.set()
                     reply = {"cancelled": running}
+                elif isinstance(request, dict) and request.get("command") in ("freeze", "thaw"):
+                    reply = self.freezer.order(request)
                 else:
                     host, port, token = _migrate_order(request)
                     held = self.busy.acquire(blocking=False)
@@ -305,7 +310,7 @@ class ControlServer:
 def _migrate_order(request: object) -> tuple[str, int, str | None]:
     """(host, port, token) of a `migrate` order; ValueError for anything else."""
     if not isinstance(request, dict) or request.get("command") != "migrate":
-        raise ValueError("unknown command (migrate, cancel)")
+        raise ValueError("unknown command (migrate, cancel, freeze, thaw)")
     host, port = parse_address(str(request.get("to", ""))[:300])
     token = request.get("token")
     if token is not None and (not isinstance(token, str) or not TOKEN.fullmatch(token)):
@@ -334,6 +339,13 @@ def request_migration(run_dir: str | os.PathLike, to: str, token: str | None = N
     """Tell the launcher of `run_dir` to migrate to `to` (HOST:PORT); its status when done."""
     parse_address(to)
     return _order(run_dir, {"command": "migrate", "to": to, "token": token}, timeout)
+
+
+def request_freeze(run_dir: str | os.PathLike, unfreeze_timeout: float | None, timeout: float = 30.0) -> dict:
+    """Freeze the guest of the launcher of `run_dir` (None: thaw it); the launcher's reply."""
+    request = {"command": "thaw"} if unfreeze_timeout is None else {"command": "freeze",
+                                                                   "unfreezeTimeout": unfreeze_timeout}
+    return _order(run_dir, request, timeout)
 
 
 def request_cancel(run_dir: str | os.PathLike, timeout: float = 10.0) -> bool:

@@ -21,11 +21,14 @@ snapshot's file, independent of it), named as KubeVirt names them: `restore-<res
 
 The content is anyone's: the VM and claims a restore makes pass `pvlun apply`'s admission, and
 each volume gets its own claim, one this restore made (restore.kubevirt.io/uid), or it fails.
+The restore waits for its claims to be bound, except one Pending in a WaitForFirstConsumer
+class (KubeVirt's rule: it binds once the VM's launcher uses it).
 A snapshot, content or VolumeSnapshot gone before the claims are bound fails the restore, and
 a VM it held stopped (status.restoreInProgress) is released.
 
 complete, restoreTime, restores and the Progressing/Ready conditions as KubeVirt reports them.
-On a cluster the restore is refused (Failed), as VirtualMachineSnapshots are there.
+On a cluster (`pvlun controller`) the same: the external-provisioner restores the claims from
+their VolumeSnapshots, and a target is stopped when it has no VirtualMachineInstance.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from controlplane.vm_restore_patches import apply_patches
 from controlplane.vm_snapshot_spec import (DEFAULT_GRACE_PERIOD, check_metadata_map, check_restore,
                                           restore_claim_names)
 from virt.reconcile import REQUEST, key_of, runtime
-from virt.vm_snapshot import CLUSTER_REFUSAL, CONTENT, WAIT, age_seconds
+from virt.vm_snapshot import CONTENT, WAIT, age_seconds
 
 log = logging.getLogger("pvlun.virt")
 # claim annotations that belonged to the old claim's provisioning (KubeVirt drops the same prefixes)
@@ -103,7 +106,7 @@ def _failed(restore: Obj) -> bool:
 def _target_busy(ctx: Context, vm: Obj) -> bool:
     key = key_of(vm)
     ns, name = key.split("/", 1)
-    return bool(runtime(ctx).get(key) or ctx.jobs.running("vm:" + key)
+    return bool((ctx.cluster is None and runtime(ctx).get(key)) or ctx.jobs.running("vm:" + key)
                 or ctx.store.get("VirtualMachineInstance", name, ns))
 
 
@@ -227,6 +230,18 @@ def _admitted(objects: list[Obj]) -> str:
     return ""
 
 
+def _bound_enough(ctx: Context, pvc: Obj | None) -> bool:
+    """Bound, or Pending in a WaitForFirstConsumer class: KubeVirt's rule — such a claim binds
+    only once the VM's launcher Pod uses it (a restore that waited for it would wait forever)."""
+    phase = ((pvc or {}).get("status") or {}).get("phase")
+    if phase == "Bound":
+        return True
+    class_name = ((pvc or {}).get("spec") or {}).get("storageClassName")
+    if phase != "Pending" or not isinstance(class_name, str) or not class_name:
+        return False
+    return (ctx.store.get("StorageClass", class_name, "") or {}).get("volumeBindingMode") == "WaitForFirstConsumer"
+
+
 def _vanished(ctx: Context, restore: Obj, snap: Obj | None, backups: list[Obj], unbound: set[str],
               claims: dict[str, str]) -> str:
     """Why a restore under way cannot finish: its snapshot, content or a VolumeSnapshot that an
@@ -248,9 +263,6 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     ns = meta.get("namespace", "default")
     spec = restore.get("spec") or {}
     if meta.get("deletionTimestamp") or (restore.get("status") or {}).get("complete") or _failed(restore):
-        return None
-    if ctx.cluster is not None:
-        _fail(ctx, restore, CLUSTER_REFUSAL.replace("VirtualMachineSnapshots", "VirtualMachineRestores"))
         return None
     try:
         check_restore(restore)
@@ -339,8 +351,7 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
             ctx.store.apply(_claim(restore, backup, claims[backup["volumeName"]], owner))
     restores = [{"volumeName": b["volumeName"], "persistentVolumeClaim": claims[b["volumeName"]],
                  "volumeSnapshotName": b["volumeSnapshotName"]} for b in backups]
-    unbound = {c for c in claims.values()
-               if ((ctx.store.get("PersistentVolumeClaim", c, ns) or {}).get("status") or {}).get("phase") != "Bound"}
+    unbound = {c for c in claims.values() if not _bound_enough(ctx, ctx.store.get("PersistentVolumeClaim", c, ns))}
     if unbound:
         gone = _vanished(ctx, restore, snap, backups, unbound, claims)
         if gone:

@@ -15,8 +15,9 @@ Deleting a snapshot (deletionPolicy Delete, the default) deletes its content, wh
 the content's deletion deletes the group snapshot and its VolumeSnapshots. Claims restored
 from it keep their volumes (a restored volume never depends on its snapshot's bytes).
 
-On a cluster the controller reaches neither QEMU's monitor nor the CSI driver (the sidecars
-do): a VirtualMachineSnapshot there is refused (Failed) with a message that says so.
+On a cluster (`pvlun controller`) the controller reaches neither QEMU's monitor nor the CSI
+driver: each disk gets its own VolumeSnapshot of the same name, which the external-snapshotter
+cuts while a running guest is frozen through its launcher Pod — virt/vm_snapshot_cluster.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import grpc
 
 from csi.proto import csi_pb2 as pb
 from controlplane.context import Context
+from controlplane.kube_kinds import ApiError
 from controlplane.instancetype_revisions import vm_as_run
 from controlplane.provisioner import claim_populated
 from controlplane.store import Obj, now, remove_finalizer, set_condition
@@ -43,6 +45,8 @@ from virt.launcher import Phase
 from virt.qmp_session import QmpError
 from virt.reconcile import key_of, runtime
 from virt.runtime import CSI_SOURCES, Running
+from virt.vm_snapshot_cluster import (CLUSTER_INDICATION_TEXT, ClusterSnapshotError, ForeignVolumeSnapshot,
+                                      create_volume_snapshots, frozen, running_vmi, snapshot_class, wait_cut)
 
 log = logging.getLogger("pvlun.virt")
 CONTENT = "VirtualMachineSnapshotContent"
@@ -51,9 +55,6 @@ CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
 GROUP_HANDLE = "volumeGroupSnapshotHandle"  # in the content's status (no manifest sets a status): its CSI group
 PAUSE_ANNOTATION = "pvlun.dev/guest-pause-seconds"  # on the content: how long the guest was held (stop→cont)
 WAIT = 0.5  # seconds between looks while waiting on the VM, its claims or the VolumeSnapshots
-CLUSTER_REFUSAL = ("pvlun controller does not take VirtualMachineSnapshots yet: it reaches neither the launcher's "
-                   "QEMU (to hold the guest still) nor the CSI driver (for the group snapshot of its disks); take "
-                   "them with pvlun serve (embedded mode)")
 
 
 def _status(ctx: Context, snap: Obj, phase: str, *, progressing: tuple[bool, str], ready: tuple[bool, str],
@@ -94,6 +95,9 @@ def _claims(ctx: Context, vm: Obj) -> tuple[list[tuple[str, Obj, str]], list[str
         pvc = ctx.store.get("PersistentVolumeClaim", volume.claim_name, ns)
         if pvc is None or not claim_populated(ctx, pvc):
             return [], [], f"waiting for volume {volume.name} (claim {volume.claim_name}) to be bound and populated"
+        if ctx.cluster is not None:  # the external-snapshotter finds the volume itself
+            included.append((volume.name, pvc, ""))
+            continue
         pv = ctx.store.get("PersistentVolume", pvc["spec"]["volumeName"], "")
         included.append((volume.name, pvc, pv["spec"]["csi"]["volumeHandle"]))
     return included, excluded, None
@@ -130,6 +134,8 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
         _status(ctx, snap, "InProgress", progressing=(False, waiting), ready=(False, "Not ready"),
                 sourceUID=vm["metadata"]["uid"])
         return WAIT
+    if ctx.cluster is not None:
+        return _take_on_cluster(ctx, snap, vm, included, excluded)
     running = runtime(ctx).get(key)
     indications: list[str] = []
     group = None
@@ -155,12 +161,54 @@ def _take(ctx: Context, snap: Obj, vm: Obj) -> float | None:
     except ForeignContent as exc:
         _fail(ctx, snap, str(exc))
         return None
+    return _taken(ctx, snap, vm, included, excluded, indications)
+
+
+def _taken(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], excluded: list[str],
+           indications: list[str], texts: dict[str, str] | None = None) -> float:
+    """Recorded: the snapshot now waits for its VolumeSnapshots (_finish)."""
+    texts = texts or INDICATION_TEXT
     _status(ctx, snap, "InProgress", progressing=(True, "Source locked and operation in progress"),
             ready=(False, "Not ready"), sourceUID=vm["metadata"]["uid"],
-            virtualMachineSnapshotContentName=content_name(meta["uid"]), indications=indications,
-            sourceIndications=[{"indication": i, "message": INDICATION_TEXT.get(i, i)} for i in indications],
+            virtualMachineSnapshotContentName=content_name(snap["metadata"]["uid"]), indications=indications,
+            sourceIndications=[{"indication": i, "message": texts.get(i, i)} for i in indications],
             snapshotVolumes={"includedVolumes": [v for v, _c, _i in included], "excludedVolumes": excluded})
     return 0.1
+
+
+def _take_on_cluster(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]],
+                     excluded: list[str]) -> float | None:
+    """One VolumeSnapshot per volume, cut while a running guest is frozen (vm_snapshot_cluster)."""
+    meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
+    vmi, waiting = running_vmi(ctx, vm)
+    if waiting:
+        _status(ctx, snap, "InProgress", progressing=(False, waiting), ready=(False, "Not ready"),
+                sourceUID=vm["metadata"]["uid"])
+        return WAIT
+    try:
+        members = [(volume_snapshot_name(meta["uid"], v), pvc, snapshot_class(ctx, pvc)) for v, pvc, _i in included]
+    except ValueError as exc:
+        _fail(ctx, snap, f"VirtualMachine {vm['metadata']['name']}: {exc}")
+        return None
+    indications: list[str] = []
+    try:
+        content = _content(ctx, snap, vm, included, "", None)
+        with frozen(ctx, vmi, indications) as held:
+            create_volume_snapshots(ctx, content, vm["metadata"]["name"], members)
+            if held:
+                wait_cut(ctx, [name for name, _p, _k in members], ns)
+    except (ForeignContent, ForeignVolumeSnapshot) as exc:
+        _fail(ctx, snap, str(exc))
+        return None
+    except (ApiError, ClusterSnapshotError) as exc:  # a launcher or snapshotter not there yet: again until the deadline
+        _status(ctx, snap, "InProgress", progressing=(False, f"snapshot failed: {user_text(exc)}"),
+                ready=(False, "Not ready"), error=user_text(exc), sourceUID=vm["metadata"]["uid"])
+        ctx.store.add_event(snap, "Warning", "VolumeSnapshotFailed", user_text(exc))
+        return 5.0
+    if "GuestAgent" in indications:
+        ctx.store.add_event(snap, "Normal", "GuestQuiesced", f"guest agent froze the guest's filesystems while "
+                                                             f"{len(members)} VolumeSnapshots were cut")
+    return _taken(ctx, snap, vm, included, excluded, indications, {**INDICATION_TEXT, **CLUSTER_INDICATION_TEXT})
 
 
 INDICATION_TEXT = {
@@ -187,16 +235,16 @@ class ForeignContent(Exception):
     """A content of this snapshot's name that the controller did not make (a user's, planted)."""
 
 
-def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], group, pause: float | None) -> None:
-    """The VirtualMachineSnapshotContent, then each member's VolumeSnapshotContent and VolumeSnapshot."""
+def _content(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], handle: str,
+             pause: float | None) -> Obj:
+    """The VirtualMachineSnapshotContent: the VM as it is and its volume backups (ForeignContent
+    when one of its name was not made for this snapshot)."""
     meta, ns = snap["metadata"], snap["metadata"].get("namespace", "default")
     uid = meta["uid"]
-    members = {s.source_volume_id: s for s in group.snapshots} if group is not None else {}
     owned = (snap.get("spec") or {}).get("deletionPolicy", "Delete") == "Delete"
     vm_meta = vm["metadata"]
-    handle = group.group_snapshot_id if group is not None else ""
     content = ctx.store.get(CONTENT, content_name(uid), ns)
-    if content is not None and ((content.get("status") or {}).get(GROUP_HANDLE) != handle
+    if content is not None and (((content.get("status") or {}).get(GROUP_HANDLE) or "") != handle
                                 or (content.get("spec") or {}).get("virtualMachineSnapshotName") != meta["name"]):
         raise ForeignContent(f"VirtualMachineSnapshotContent {content_name(uid)} exists and was not made for this "
                              "snapshot; delete it and the snapshot, then snapshot again")
@@ -213,8 +261,16 @@ def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str
                      "spec": copy.deepcopy(vm.get("spec") or {}), "status": {}}},
                  "volumeBackups": [{"volumeName": v, "persistentVolumeClaim": _claim_backup(pvc),
                                     "volumeSnapshotName": volume_snapshot_name(uid, v)} for v, pvc, _i in included]}})
-    if (content.get("status") or {}).get(GROUP_HANDLE) != handle:  # what its deletion deletes: only ever ours
+    if ((content.get("status") or {}).get(GROUP_HANDLE) or "") != handle:  # what its deletion deletes: only ours
         ctx.store.merge_status(CONTENT, content["metadata"]["name"], ns, **{GROUP_HANDLE: handle})
+    return content
+
+
+def _record(ctx: Context, snap: Obj, vm: Obj, included: list[tuple[str, Obj, str]], group, pause: float | None) -> None:
+    """The VirtualMachineSnapshotContent, then each member's VolumeSnapshotContent and VolumeSnapshot."""
+    ns, uid, vm_meta = snap["metadata"].get("namespace", "default"), snap["metadata"]["uid"], vm["metadata"]
+    members = {s.source_volume_id: s for s in group.snapshots} if group is not None else {}
+    content = _content(ctx, snap, vm, included, group.group_snapshot_id if group is not None else "", pause)
     for volume, pvc, volume_id in included:
         member = members[volume_id]
         name = volume_snapshot_name(uid, volume)
@@ -266,6 +322,14 @@ def _finish(ctx: Context, snap: Obj) -> float | None:
     return None
 
 
+def _drop_unready_content(ctx: Context, name: str | None, ns: str) -> None:
+    """A failed snapshot's content that never became ready is deleted (KubeVirt's rule), and
+    with it its VolumeSnapshots: a half-taken snapshot leaves nothing behind."""
+    content = ctx.store.get(CONTENT, name, ns) if name else None
+    if content is not None and not (content.get("status") or {}).get("readyToUse"):
+        ctx.store.delete(CONTENT, content["metadata"]["name"], ns)
+
+
 def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
     meta = snap["metadata"]
     ns = meta.get("namespace", "default")
@@ -275,20 +339,18 @@ def reconcile_vm_snapshot(ctx: Context, snap: Obj) -> float | None:
         return None
     if status.get("phase") in ("Succeeded", "Failed"):
         return None
-    if ctx.cluster is not None:
-        _fail(ctx, snap, CLUSTER_REFUSAL)
-        return None
     if FINALIZER not in meta.get("finalizers", []):
         snap = ctx.store.patch_metadata("VirtualMachineSnapshot", meta["name"], ns,
                                         finalizers=meta.get("finalizers", []) + [FINALIZER]) or snap
-    if status.get("virtualMachineSnapshotContentName"):
-        return _finish(ctx, snap)
     spec = snap.get("spec") or {}
     deadline = parse_duration(spec["failureDeadline"], "spec.failureDeadline") \
         if spec.get("failureDeadline") is not None else DEFAULT_FAILURE_DEADLINE
     if deadline and age_seconds(snap) > deadline:  # "0s": no deadline, as KubeVirt has it
         _fail(ctx, snap, f"snapshot deadline exceeded ({spec.get('failureDeadline') or '5m'})")
+        _drop_unready_content(ctx, status.get("virtualMachineSnapshotContentName"), ns)
         return None
+    if status.get("virtualMachineSnapshotContentName"):
+        return _finish(ctx, snap)
     vm = ctx.store.get("VirtualMachine", spec["source"]["name"], ns)
     if vm is None or vm["metadata"].get("deletionTimestamp"):
         _status(ctx, snap, "InProgress", progressing=(False, "Source does not exist"), ready=(False, "Not ready"))

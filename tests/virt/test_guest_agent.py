@@ -60,17 +60,23 @@ def agent_condition(rt: VmRuntime, name: str) -> dict | None:
     return next((c for c in vmi_status(rt, name).get("conditions", []) if c["type"] == "AgentConnected"), None)
 
 
-def test_agent_guest_is_connected_reports_its_os_freezes_thaws_and_is_quiesced_frozen(runtime, manifest, agent_boot_disk,
-                                                                       tmp_path):
-    data = build_data_disk(tmp_path / "data.img", {"payload.bin": b"before the snapshot\n"})
+def run_agent_vm(rt: VmRuntime, manifest, boot_disk: Path, tmp_path: Path, payload: bytes):
+    """The linux guest with qemu-ga (VM `agent`), its ext4 data disk holding `payload`, booted."""
+    data = build_data_disk(tmp_path / "data.img", {"payload.bin": payload})
     obj = manifest("agent", "256Mi",
                    disks=[{"name": "boot", "disk": {"bus": "virtio"}, "bootOrder": 1},
                           {"name": "data", "disk": {"bus": "virtio"}}],
                    volumes=[{"name": "boot", "persistentVolumeClaim": {"claimName": "boot"}},
                             {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}])
-    vm = run_vm(runtime, obj, {"boot": DiskAttachment.for_path(str(agent_boot_disk), readonly=True),
-                               "data": DiskAttachment.for_path(str(data), throttle=Throttle())})
+    vm = run_vm(rt, obj, {"boot": DiskAttachment.for_path(str(boot_disk), readonly=True),
+                          "data": DiskAttachment.for_path(str(data), throttle=Throttle())})
     assert vm.wait_for_serial("PVLUN-LINUX", timeout=90), vm.serial_text()[-2000:]
+    return vm
+
+
+def test_agent_guest_is_connected_reports_its_os_freezes_thaws_and_is_quiesced_frozen(runtime, manifest, agent_boot_disk,
+                                                                       tmp_path):
+    vm = run_agent_vm(runtime, manifest, agent_boot_disk, tmp_path, b"before the snapshot\n")
     assert "PVLUN-AGENT started" in vm.serial_text()
 
     # the VMI says so as KubeVirt's would: AgentConnected True, the guest's OS from guest-get-osinfo
