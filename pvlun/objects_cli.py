@@ -84,6 +84,9 @@ def _columns(kind: str, obj: dict) -> dict[str, str]:
         return {"STATUS": st.get("printableStatus", ""), "READY": str(st.get("ready", False))}
     if kind == "VirtualMachineInstance":
         return {"PHASE": st.get("phase", ""), "NODENAME": st.get("nodeName", "")}
+    if kind in ("VirtualMachinePool", "VirtualMachineInstanceReplicaSet"):  # KubeVirt's printer columns
+        return {"DESIRED": str(spec.get("replicas", 1)), "CURRENT": str(st.get("replicas", 0)),
+                "READY": str(st.get("readyReplicas", 0))}
     if kind == "VirtualMachineInstanceMigration":
         return {"PHASE": st.get("phase", ""), "VMI": spec.get("vmiName", "")}
     if kind == "VirtualMachineExport":
