@@ -4,7 +4,8 @@ works only through the ObjectStore, and what runs the VMs is the VM controller.
 - Scale out: VMs named `<pool>-<index>`, the lowest free indexes first (a name another VM of
   the namespace holds is skipped), made from the template with their dataVolumeTemplates
   renamed per index (controlplane/replica_specs.py), owned by the pool (controller: true).
-- Scale in: VMs already being deleted count as gone; of the others KubeVirt's selection
+- Scale in (proactive, KubeVirt's default; `unmanaged` and `opportunistic` delete nothing): VMs
+  already being deleted count as gone; of the others KubeVirt's selection
   policy picks (`scaleInStrategy.proactive.selectionPolicy.sortPolicy`: AscendingOrder,
   DescendingOrder, Newest, Oldest; Random, KubeVirt's default, when not given). Deleting a VM
   stops it; its DataVolumes follow through the garbage collector.
@@ -91,7 +92,9 @@ def _scale_out(ctx: Context, pool: Obj, count: int, revision: str) -> None:
 
 
 def _scale_in(ctx: Context, pool: Obj, vms: list[Obj], count: int) -> None:
-    ns = pool["metadata"].get("namespace", "default")
+    ns, strategy = pool["metadata"].get("namespace", "default"), pool["spec"].get("scaleInStrategy") or {}
+    if strategy.get("unmanaged") is not None or strategy.get("opportunistic") is not None:
+        return  # KubeVirt's: VMs leave such a pool only when someone else deletes them
     eligible = [vm for vm in vms if not vm["metadata"].get("deletionTimestamp")]
     count -= len(vms) - len(eligible)  # those already going count
     for vm in _sorted_for_scale_in(pool, eligible)[:max(count, 0)]:

@@ -80,6 +80,10 @@ def test_bad_replicas_and_bad_templates_are_refused_naming_the_field():
     assert "VirtualMachineInstanceReplicaSet 'r' is invalid: spec.template.spec.domain.devices.disks[0].name: no " \
            "volume named 'd'" in refusal(no_volume)
     assert "spec.autohealing: not supported" in refusal(pool(autohealing={}))
+    assert "spec.nameGeneration.appendIndexToSecretRefs: not supported" in \
+        refusal(pool(nameGeneration={"appendIndexToSecretRefs": True}))
+    assert "spec.scaleInStrategy.proactive.statePreservation: not supported" in \
+        refusal(pool(scaleInStrategy={"proactive": {"statePreservation": "Offline"}}))
     long_name = dict(pool(), metadata={"name": "p" * 62})  # its VMs' names, p...p-0, are no DNS label
     assert "spec.virtualMachineTemplate.metadata.name is 64 characters long; at most 63" in refusal(long_name)
 

@@ -74,8 +74,9 @@ def test_a_pool_makes_indexed_vms_with_their_own_data_volumes_scales_and_goes(no
     described = node.cli("describe", "vmpools", "web").stdout
     assert "SuccessfulCreate" in described and "Created VM default/web-1" in described
 
-    node.apply(pool_yaml("web", tick_image, 3))  # scale out: the next index
-    node.wait(lambda: vms_of(node, "web") == ["web-0", "web-1", "web-2"], 30, "a third VM")
+    out = node.apply(pool_yaml("web", tick_image, 3), "--wait", "--timeout", "90")  # scale out: the next index
+    assert "virtualmachinepool/web 3/3 ready" in out.stdout
+    assert vms_of(node, "web") == ["web-0", "web-1", "web-2"]
     booted(node, "web-2")
     node.apply(pool_yaml("web", tick_image, 1))  # scale in: the highest indexes go (DescendingOrder)
     node.wait(lambda: vms_of(node, "web") == ["web-0"], 60, "web-1 and web-2 gone")
@@ -124,4 +125,7 @@ def test_a_paused_pool_makes_nothing_and_says_so(node, tick_image):
     assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == \
         [("ReplicaPaused", "True", "SuccessfulPaused")]
     assert vms_of(node, "still") == [] and status["replicas"] == 0
+    changed = node.apply(manifest.replace("kubevirt.io/vmpool: still", "kubevirt.io/vmpool: moved"), check=False)
+    assert changed.returncode == 1  # KubeVirt's webhook: the selector stays
+    assert "spec.selector.matchLabels" in changed.stderr and "selector is immutable after creation" in changed.stderr
     node.cli("delete", "vmpool", "still")

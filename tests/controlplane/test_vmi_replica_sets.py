@@ -97,8 +97,9 @@ def rs_status(node, name: str) -> dict:
 
 
 def test_a_replica_set_runs_its_vmis_scales_replaces_and_goes(node, image):
-    out = node.apply(replica_set("cirros", image, 2))
+    out = node.apply(replica_set("cirros", image, 2), "--wait", "--timeout", "90")
     assert "virtualmachineinstancereplicaset/cirros created" in out.stdout
+    assert "virtualmachineinstancereplicaset/cirros 2/2 ready" in out.stdout
     first = running(node, "cirros", 2)
     rs = node.get("VirtualMachineInstanceReplicaSet", "cirros")
     for vmi in first:
