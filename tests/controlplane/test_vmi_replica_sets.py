@@ -11,17 +11,12 @@ import subprocess
 import time
 
 import pytest
-from container_registry import Registry, docker_config_secret, install_ca
+import yaml
+from container_registry import docker_config_secret, install_ca
 from guest_output import MARKER
+from test_container_disks import cirros_like, reg  # noqa: F401 - reg is a fixture
 
 from virt.guest_images import build_tick_disk
-
-
-@pytest.fixture(scope="module")
-def reg(tmp_path_factory):
-    registry = Registry(tmp_path_factory.mktemp("registry"))
-    yield registry
-    registry.stop()
 
 
 @pytest.fixture(scope="module")
@@ -41,39 +36,15 @@ def node(serve, reg):
 
 
 def replica_set(name: str, image: str, replicas: int, paused: bool = False) -> str:
-    """KubeVirt's examples/vmi-replicaset-cirros.yaml with our image and its pull secret."""
-    return f"""apiVersion: kubevirt.io/v1
-kind: VirtualMachineInstanceReplicaSet
-metadata:
-  name: {name}
-spec:
-  replicas: {replicas}
-  paused: {str(paused).lower()}
-  selector:
-    matchLabels:
-      kubevirt.io/vmReplicaSet: {name}
-  template:
-    metadata:
-      labels:
-        kubevirt.io/vmReplicaSet: {name}
-    spec:
-      domain:
-        devices:
-          autoattachPodInterface: false
-          disks:
-          - disk:
-              bus: virtio
-            name: containerdisk
-        resources:
-          requests:
-            memory: 64Mi
-      terminationGracePeriodSeconds: 0
-      volumes:
-      - containerDisk:
-          image: {image}
-          imagePullSecret: regcred
-        name: containerdisk
-"""
+    """KubeVirt's examples/vmi-replicaset-cirros.yaml with our image and its pull secret (the
+    VMI template of test_container_disks' vm-cirros shape)."""
+    template = yaml.safe_load(cirros_like(name, image))["spec"]["template"]
+    template["metadata"]["labels"] = {"kubevirt.io/vmReplicaSet": name}
+    return yaml.safe_dump({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceReplicaSet",
+                           "metadata": {"name": name},
+                           "spec": {"replicas": replicas, "paused": paused,
+                                    "selector": {"matchLabels": {"kubevirt.io/vmReplicaSet": name}},
+                                    "template": template}})
 
 
 def vmis_of(node, rs: str) -> list[dict]:
