@@ -24,6 +24,7 @@ POOL_API_VERSION = f"{POOL_GROUP}/v1beta1"
 POOL_OLDER_VERSIONS = (f"{POOL_GROUP}/v1alpha1",)
 POOL_KIND, REPLICA_SET_KIND = "VirtualMachinePool", "VirtualMachineInstanceReplicaSet"
 REVISION_LABEL = "kubevirt.io/vm-pool-revision-name"
+BURST_REPLICAS = 250  # at most this many made or deleted per pass (KubeVirt's --burst-replicas default)
 SORT_POLICIES = ("AscendingOrder", "DescendingOrder", "Newest", "Oldest", "Random")
 # the API server's generateName alphabet (no vowels, no look-alikes) and suffix length
 _NAME_ALPHABET, _NAME_SUFFIX = "bcdfghjklmnpqrstvwxz2456789", 5

@@ -27,8 +27,8 @@ import random
 from controlplane.admission import check_name
 from controlplane.context import Context
 from controlplane.label_selectors import matches
-from controlplane.replica_specs import (REVISION_LABEL, controlled_by, owner_reference, pool_vm, pool_vm_name,
-                                        replicas_of, vm_index)
+from controlplane.replica_specs import (BURST_REPLICAS, REVISION_LABEL, controlled_by, owner_reference, pool_vm,
+                                        pool_vm_name, replicas_of, vm_index)
 from controlplane.store import Conflict, Obj
 from controlplane.user_text import user_text
 from virt.reconcile import REQUEST
@@ -191,9 +191,9 @@ def reconcile_vm_pool(ctx: Context, pool: Obj) -> float | None:
         try:
             revision = _ensure_revision(ctx, pool)
             if diff < 0:
-                _scale_out(ctx, pool, -diff, revision)
+                _scale_out(ctx, pool, min(-diff, BURST_REPLICAS), revision)
             elif diff > 0:
-                _scale_in(ctx, pool, vms, diff)
+                _scale_in(ctx, pool, vms, min(diff, BURST_REPLICAS))
             else:
                 _update(ctx, pool, vms, revision)
                 _prune_revisions(ctx, pool, vms, revision)

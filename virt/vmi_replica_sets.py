@@ -21,7 +21,8 @@ import logging
 from controlplane.admission import check_name
 from controlplane.context import Context
 from controlplane.label_selectors import matches
-from controlplane.replica_specs import controlled_by, generated_name, replica_set_vmi, replicas_of, vmi_base_name
+from controlplane.replica_specs import (BURST_REPLICAS, controlled_by, generated_name, replica_set_vmi, replicas_of,
+                                        vmi_base_name)
 from controlplane.store import Conflict, Obj
 from controlplane.user_text import user_text
 from virt.replica_status import REPLICA_SET_PAUSE, is_ready, write_status
@@ -89,12 +90,12 @@ def reconcile_vmi_replica_set(ctx: Context, rs: Obj) -> float | None:
         diff = len(active) - replicas_of(spec)
         try:
             if diff < 0:
-                _create(ctx, rs, -diff)
+                _create(ctx, rs, min(-diff, BURST_REPLICAS))
             elif diff > 0:
-                _delete(ctx, rs, scale_in_order(active)[:diff],
+                _delete(ctx, rs, scale_in_order(active)[:min(diff, BURST_REPLICAS)],
                         "Stopped the virtual machine by deleting the virtual machine instance")
             finished = [v for v in vmis if _phase(v) in FINISHED and not v["metadata"].get("deletionTimestamp")]
-            _delete(ctx, rs, finished, "Deleted finished virtual machine:")
+            _delete(ctx, rs, finished[:BURST_REPLICAS], "Deleted finished virtual machine:")
         except Conflict:
             raise
         except Exception as exc:  # noqa: BLE001 - reported on the replica set (ReplicaFailure), retried

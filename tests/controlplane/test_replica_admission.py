@@ -105,7 +105,7 @@ def test_a_pool_vm_gets_its_own_data_volumes_and_the_revision_label():
     assert vm["metadata"]["name"] == "p-3" and vm["metadata"]["namespace"] == "ns"
     assert vm["metadata"]["labels"] == {"kubevirt.io/vmpool": "p", "kubevirt.io/vm-pool-revision-name": "p-7"}
     assert vm["spec"]["template"]["metadata"]["labels"]["kubevirt.io/vm-pool-revision-name"] == "p-7"
-    assert vm["metadata"]["ownerReferences"] == [{"apiVersion": "pool.kubevirt.io/v1alpha1", "kind": "VirtualMachinePool",
-                                                  "name": "p", "uid": "u-1", "controller": True,
-                                                  "blockOwnerDeletion": True}]
+    assert vm["metadata"]["ownerReferences"] == [{
+        "apiVersion": "pool.kubevirt.io/v1alpha1", "kind": "VirtualMachinePool", "name": "p", "uid": "u-1",
+        "controller": True, "blockOwnerDeletion": True}]
     assert obj["spec"]["virtualMachineTemplate"]["spec"]["dataVolumeTemplates"][0]["metadata"]["name"] == "t-root"

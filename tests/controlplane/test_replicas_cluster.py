@@ -79,7 +79,8 @@ def test_a_replica_set_makes_its_vmis_and_their_launcher_pods_on_a_cluster(clust
                           "resources": {"requests": {"storage": "8Mi"}}}})
     set_claim_bound(kube_api_double, store, "shared")
     store.apply(replica_set(2))
-    vmis = wait_until(lambda: (lambda v: v if len(live(v)) == 2 else None)(owned(store, "VirtualMachineInstance", "rs")))
+    vmis = wait_until(lambda: (lambda v: v if len(live(v)) == 2 else None)(
+        owned(store, "VirtualMachineInstance", "rs")))
     for vmi in vmis:
         assert vmi["metadata"]["name"].startswith("rs") and len(vmi["metadata"]["name"]) == 7
         assert vmi["metadata"]["ownerReferences"][0]["kind"] == "VirtualMachineInstanceReplicaSet"
