@@ -72,6 +72,16 @@ def test_a_pool_makes_its_vms_and_their_data_volumes_on_a_cluster_and_scales_in(
     assert wait_until(lambda: (store.get("VirtualMachinePool", "pool", NS).get("status") or {}).get("replicas") == 1)
 
 
+def test_a_pool_skips_the_names_other_vms_hold(cluster):
+    store = cluster
+    other = yaml.safe_load(tick_vm_manifest("pool-0", "http://images.example/tick.qcow2", strategy="Halted"))
+    other["metadata"]["namespace"] = NS
+    store.apply(other)  # a user's VM of the name the pool's first would get
+    store.apply(pool(1))
+    assert wait_until(lambda: live(owned(store, "VirtualMachine", "pool")) == ["pool-1"])
+    assert not store.get("VirtualMachine", "pool-0", NS)["metadata"].get("ownerReferences")
+
+
 def test_a_replica_set_makes_its_vmis_and_their_launcher_pods_on_a_cluster(cluster, kube_api_double):
     store = cluster
     store.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "shared", "namespace": NS},

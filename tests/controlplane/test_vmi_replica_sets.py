@@ -117,3 +117,23 @@ def test_a_paused_replica_set_leaves_its_vmis_alone(node, image):
     assert "conditions" not in rs_status(node, "held")
     node.cli("delete", "vmirs", "held")
     node.wait(lambda: vmis_of(node, "held") == [], 60, "its VMIs gone")
+
+
+def test_a_pool_shaped_as_kubevirts_vm_pool_cirros_runs_its_container_disk_vms(node, image):
+    """examples/vm-pool-cirros.yaml's shape (pool.kubevirt.io/v1alpha1, `creationTimestamp: null`, a
+    containerDisk VM): every VM boots from its own overlay of the one cached image."""
+    vm = yaml.safe_load(cirros_like("vm-pool-cirros", image))
+    labels = {"kubevirt.io/vmpool": "vm-pool-cirros"}
+    vm["spec"]["template"]["metadata"] = {"creationTimestamp": None, "labels": labels}
+    pool = {"apiVersion": "pool.kubevirt.io/v1alpha1", "kind": "VirtualMachinePool",
+            "metadata": {"name": "vm-pool-cirros"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                     "virtualMachineTemplate": {"metadata": {"creationTimestamp": None, "labels": labels},
+                                                "spec": vm["spec"]}}}
+    out = node.apply(yaml.safe_dump(pool), "--wait", "--timeout", "90")
+    assert "virtualmachinepool/vm-pool-cirros 2/2 ready" in out.stdout
+    for name in ("vm-pool-cirros-0", "vm-pool-cirros-1"):
+        node.wait(lambda: MARKER in node.all_serial_logs(name), 30, f"{name}'s marker")
+    node.cli("delete", "vmpool", "vm-pool-cirros")
+    node.wait(lambda: not [v for v in node.store.list("VirtualMachine") if v["metadata"]["name"].startswith("vm-pool")],
+              60, "its VMs gone")
