@@ -15,6 +15,8 @@ from controlplane.instancetypes import expand, matchers_of, placeholder
 from controlplane.manifest_yaml import ManifestError, load_all
 from controlplane.object_types import conform
 from controlplane.quantity import parse_quantity
+from controlplane.replica_specs import POOL_API_VERSION, POOL_KIND, POOL_OLDER_VERSIONS, REPLICA_SET_KIND
+from controlplane.replica_specs import check_pool, check_replica_set
 from controlplane.user_text import one_line, quoted
 from controlplane.vm_snapshot_spec import API_VERSION as VM_SNAPSHOT_API_VERSION
 from controlplane.vm_snapshot_spec import check_content, check_restore, check_snapshot
@@ -39,6 +41,8 @@ KINDS = {
     "VirtualMachineSnapshotContent": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineRestore": VM_SNAPSHOT_API_VERSION,
     "VirtualMachineExport": "export.kubevirt.io/v1beta1",
+    POOL_KIND: POOL_API_VERSION,
+    REPLICA_SET_KIND: "kubevirt.io/v1",
     # RBAC: the grants clones across namespaces need (datavolumes/source), evaluated as the API server does
     **dict.fromkeys(("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"), "rbac.authorization.k8s.io/v1"),
     **dict.fromkeys(INSTANCETYPE_KINDS, INSTANCETYPE_API_VERSION),
@@ -52,6 +56,8 @@ OLDER_VERSIONS = {
     "VirtualMachine": ("kubevirt.io/v1alpha3",),
     "VirtualMachineInstance": ("kubevirt.io/v1alpha3",),
     "VirtualMachineInstanceMigration": ("kubevirt.io/v1alpha3",),
+    POOL_KIND: POOL_OLDER_VERSIONS,
+    REPLICA_SET_KIND: ("kubevirt.io/v1alpha3",),
     **dict.fromkeys(INSTANCETYPE_KINDS, OLDER_INSTANCETYPE_API_VERSIONS),
 }
 
@@ -107,6 +113,9 @@ ALIASES = {
                     "VirtualMachineRestore"),
     "controllerrevision": "ControllerRevision", "controllerrevisions": "ControllerRevision",
     **dict.fromkeys(("vmexport", "vmexports", "virtualmachineexport", "virtualmachineexports"), "VirtualMachineExport"),
+    **dict.fromkeys(("vmpool", "vmpools", "virtualmachinepool", "virtualmachinepools"), POOL_KIND),
+    **dict.fromkeys(("vmirs", "vmirss", "virtualmachineinstancereplicaset", "virtualmachineinstancereplicasets"),
+                    REPLICA_SET_KIND),
     "role": "Role", "roles": "Role", "clusterrole": "ClusterRole", "clusterroles": "ClusterRole",
     "rolebinding": "RoleBinding", "rolebindings": "RoleBinding", "clusterrolebinding": "ClusterRoleBinding",
     "clusterrolebindings": "ClusterRoleBinding",
@@ -276,6 +285,23 @@ def _check_vmi(obj: dict) -> None:
     parse_virtual_machine_instance(obj)
 
 
+def _check_pool(obj: dict) -> None:
+    """Its VMs' names (a label each) and specs get the VM's own checks."""
+    def check_vm(vm: dict) -> None:
+        check_name(vm["metadata"]["name"], vm["metadata"].get("namespace"), "VirtualMachine")
+        _check_vm(vm)
+
+    check_pool(obj, check_vm)
+
+
+def _check_replica_set(obj: dict) -> None:
+    def check_vmi(vmi: dict) -> None:
+        check_name(vmi["metadata"]["name"], vmi["metadata"].get("namespace"), "VirtualMachineInstance")
+        _check_vmi(vmi)
+
+    check_replica_set(obj, check_vmi)
+
+
 def _check_migration(obj: dict) -> None:
     from controlplane.vm_spec import parse_migration
 
@@ -344,6 +370,8 @@ CHECKS: dict[str, Callable[[dict], None]] = {
     "VirtualMachine": _check_vm,
     "VirtualMachineInstance": _check_vmi,
     "VirtualMachineInstanceMigration": _check_migration,
+    POOL_KIND: _check_pool,
+    REPLICA_SET_KIND: _check_replica_set,
     "StorageClass": _check_storage_class,
     "VolumeSnapshotClass": _check_snapshot_class,
     "DataSource": _check_data_source,

@@ -71,6 +71,8 @@ KINDS: dict[str, KubeKind] = _kinds(
     ("VirtualMachine", "kubevirt.io", "v1", "virtualmachines", NS, STATUS),
     ("VirtualMachineInstance", "kubevirt.io", "v1", "virtualmachineinstances", NS, STATUS),
     ("VirtualMachineInstanceMigration", "kubevirt.io", "v1", "virtualmachineinstancemigrations", NS, STATUS),
+    ("VirtualMachineInstanceReplicaSet", "kubevirt.io", "v1", "virtualmachineinstancereplicasets", NS, STATUS),
+    ("VirtualMachinePool", "pool.kubevirt.io", "v1beta1", "virtualmachinepools", NS, STATUS),
     ("VirtualMachineInstancetype", "instancetype.kubevirt.io", "v1beta1", "virtualmachineinstancetypes", NS, PLAIN),
     ("VirtualMachineClusterInstancetype", "instancetype.kubevirt.io", "v1beta1", "virtualmachineclusterinstancetypes",
      CLUSTER, PLAIN),

@@ -163,6 +163,10 @@ ROLE_REF = Fields(apiGroup=STR, kind=OneOf("Role", "ClusterRole"), name=STR)
 SUBJECT = Fields(kind=OneOf("User", "Group", "ServiceAccount"), name=STR, namespace=STR, apiGroup=STR)
 CLAIM_PROPERTY_SET = Fields(accessModes=ListOf(OneOf(*ACCESS_MODES)), volumeMode=OneOf("Filesystem", "Block"))
 VMI_TEMPLATE = Fields(metadata=Fields(labels=MapOf(STR), annotations=MapOf(STR)), spec=ANY_MAP)
+VM_SPEC = Fields(running=BOOL, runStrategy=STR, template=VMI_TEMPLATE,
+                 dataVolumeTemplates=ListOf(Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC)))
+LABEL_SELECTOR = Fields(matchLabels=MapOf(STR), matchExpressions=ListOf(Fields(key=STR, operator=STR,
+                                                                               values=ListOf(STR))))
 
 SPECS: dict[str, Fields] = {
     "StorageClass": Fields(provisioner=STR, parameters=MapOf(STR), reclaimPolicy=OneOf("Delete", "Retain"),
@@ -176,8 +180,13 @@ SPECS: dict[str, Fields] = {
                                          volumeSnapshotClassName=STR)),
     "VolumeSnapshotClass": Fields(driver=STR, parameters=MapOf(STR), deletionPolicy=OneOf("Delete", "Retain")),
     "VolumeAttributesClass": Fields(driverName=STR, parameters=MapOf(STR)),
-    "VirtualMachine": Fields(spec=Fields(running=BOOL, runStrategy=STR, template=VMI_TEMPLATE,
-                                         dataVolumeTemplates=ListOf(Fields(metadata=METADATA, spec=DATA_VOLUME_SPEC)))),
+    "VirtualMachine": Fields(spec=VM_SPEC),
+    "VirtualMachinePool": Fields(spec=Fields(replicas=INT, paused=BOOL, selector=LABEL_SELECTOR,
+                                             virtualMachineTemplate=Fields(metadata=Fields(labels=MapOf(STR),
+                                                                                           annotations=MapOf(STR)),
+                                                                           spec=VM_SPEC))),
+    "VirtualMachineInstanceReplicaSet": Fields(spec=Fields(replicas=INT, paused=BOOL, selector=LABEL_SELECTOR,
+                                                           template=VMI_TEMPLATE)),
     "VirtualMachineInstance": Fields(spec=ANY_MAP),
     "VirtualMachineInstanceMigration": Fields(spec=Fields(vmiName=STR, addedNodeSelector=MapOf(STR))),
     "DataSource": Fields(spec=Fields(source=Fields(pvc=Fields(name=STR, namespace=STR),

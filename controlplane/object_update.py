@@ -160,6 +160,8 @@ RULES: dict[str, Callable[[Obj, Obj], None]] = {
     "VirtualMachineSnapshotContent": lambda old, new: _fixed(old, new, ("spec",), "a snapshot's content is what it took"),
     "VirtualMachineRestore": lambda old, new: _fixed(old, new, ("spec",), "a restore is done once, as asked"),
     "VirtualMachineExport": lambda old, new: _fixed(old, new, ("spec",), "an export serves what it was made for"),
+    # KubeVirt's VMPool webhook: "selector is immutable after creation"
+    "VirtualMachinePool": lambda old, new: _fixed(old, new, ("spec.selector",), "selector is immutable after creation"),
 }
 
 

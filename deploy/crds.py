@@ -409,6 +409,35 @@ VM_EXPORT_STATUS = obj({
 }, keep_unknown=True)
 
 
+# ------------------------------------------------------------------ KubeVirt: pools and replica sets
+
+VM_POOL_SPEC = obj({
+    "replicas": integer("How many VMs (default 1)", minimum=0),
+    "selector": LABEL_SELECTOR,
+    "virtualMachineTemplate": obj({"metadata": EMBEDDED_METADATA, "spec": VM_SPEC}, required=("spec",)),
+    "paused": boolean("true: the pool's controller leaves its VMs alone"),
+    "nameGeneration": obj({"appendIndexToConfigMapRefs": boolean(), "appendIndexToSecretRefs": boolean()}),
+    "maxUnavailable": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
+    "scaleInStrategy": opaque("Which VMs a scale-in removes (proactive.selectionPolicy.sortPolicy)"),
+    "updateStrategy": opaque(),
+    "autohealing": opaque(),
+}, required=("selector", "virtualMachineTemplate"))
+REPLICA_STATUS = obj({
+    "replicas": integer(), "readyReplicas": integer(), "labelSelector": string(), "conditions": CONDITIONS,
+}, keep_unknown=True)
+VMIRS_SPEC = obj({
+    "replicas": integer("How many VMIs (default 1)", minimum=0),
+    "selector": LABEL_SELECTOR,
+    "template": obj({"metadata": EMBEDDED_METADATA, "spec": VMI_SPEC}),
+    "paused": boolean("true: the replica set's controller leaves its VMIs alone"),
+}, required=("template",))
+REPLICA_COLUMNS = [{"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+                   {"name": "Current", "type": "integer", "jsonPath": ".status.replicas"},
+                   {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}, AGE]
+SCALE = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+         "labelSelectorPath": ".status.labelSelector"}
+
+
 def root(description: str, spec: Schema, status: Schema | None, spec_required: bool = True) -> Schema:
     fields = {"apiVersion": string(), "kind": string(), "metadata": obj(), "spec": spec}
     return obj(fields | ({"status": status} if status is not None else {}), description,
@@ -417,7 +446,7 @@ def root(description: str, spec: Schema, status: Schema | None, spec_required: b
 
 def crd(group: str, kind: str, plural: str, short: list[str], schema: Schema, columns: list[dict],
         versions: tuple[str, ...], deprecated: tuple[str, ...] = (), scope: str = "Namespaced",
-        categories: tuple[str, ...] = ("all",), status: bool = True) -> dict:
+        categories: tuple[str, ...] = ("all",), status: bool = True, scale: dict | None = None) -> dict:
     """One CRD serving `versions` (the first stored) with the same schema (a status subresource
     unless `status` is False: upstream's kinds that have no status)."""
     served = []
@@ -426,7 +455,8 @@ def crd(group: str, kind: str, plural: str, short: list[str], schema: Schema, co
         if version in deprecated:
             entry.update(deprecated=True, deprecationWarning=f"{group}/{version} {kind} is deprecated; use "
                                                              f"{group}/{versions[0]}")
-        entry.update(schema={"openAPIV3Schema": schema}, **({"subresources": {"status": {}}} if status else {}),
+        subresources = ({"status": {}} if status else {}) | ({"scale": scale} if scale else {})
+        entry.update(schema={"openAPIV3Schema": schema}, **({"subresources": subresources} if subresources else {}),
                      additionalPrinterColumns=columns)
         served.append(entry)
     return {
@@ -531,6 +561,14 @@ CRDS = {
          {"name": "SourceName", "type": "string", "jsonPath": ".spec.source.name"},
          {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}],
         ("v1beta1",)),
+    "virtualmachinepools.pool.kubevirt.io": crd(
+        "pool.kubevirt.io", "VirtualMachinePool", "virtualmachinepools", ["vmpool", "vmpools"],
+        root("VirtualMachines made from one template, as many as spec.replicas: `<pool>-<index>`.", VM_POOL_SPEC,
+             REPLICA_STATUS), REPLICA_COLUMNS, ("v1beta1", "v1alpha1"), deprecated=("v1alpha1",), scale=SCALE),
+    "virtualmachineinstancereplicasets.kubevirt.io": crd(
+        "kubevirt.io", "VirtualMachineInstanceReplicaSet", "virtualmachineinstancereplicasets", ["vmirs", "vmirss"],
+        root("VirtualMachineInstances made from one template, as many as spec.replicas.", VMIRS_SPEC,
+             REPLICA_STATUS), REPLICA_COLUMNS, KUBEVIRT_VERSIONS, deprecated=("v1alpha3",), scale=SCALE),
     "virtualmachineinstancetypes.instancetype.kubevirt.io": instancetype_crd(
         "VirtualMachineInstancetype", "virtualmachineinstancetypes",
         ["vminstancetype", "vminstancetypes", "vmf", "vmfs"],

@@ -36,7 +36,15 @@ def reconcilers() -> list[tuple[str, Reconciler]]:
         from virt.reconcile import RECONCILERS as virt_reconcilers
     except ImportError:  # the virt layer is optional for the driver alone
         return table
-    return table + list(virt_reconcilers) + vm_snapshot_reconcilers()
+    return table + list(virt_reconcilers) + vm_snapshot_reconcilers() + replica_reconcilers()
+
+
+def replica_reconcilers() -> list[tuple[str, Reconciler]]:
+    """KubeVirt's VirtualMachinePool and VirtualMachineInstanceReplicaSet controllers (both modes)."""
+    from virt.vm_pools import KIND as POOL_KIND, reconcile_vm_pool
+    from virt.vmi_replica_sets import KIND as REPLICA_SET_KIND, reconcile_vmi_replica_set
+
+    return [(POOL_KIND, reconcile_vm_pool), (REPLICA_SET_KIND, reconcile_vmi_replica_set)]
 
 
 def vm_snapshot_reconcilers() -> list[tuple[str, Reconciler]]:
@@ -70,7 +78,7 @@ def cluster_reconcilers() -> list[tuple[str, Reconciler]]:
     return [("DataVolume", reconcile_datavolume), ("DataSource", reconcile_data_source),
             ("DataImportCron", reconcile_data_import_cron), ("StorageClass", reconcile_storage_profile),
             ("VirtualMachineExport", reconcile_virtual_machine_export)] + list(CLUSTER_RECONCILERS) + \
-        vm_snapshot_reconcilers()
+        vm_snapshot_reconcilers() + replica_reconcilers()
 
 
 def run_loop(ctx: Context) -> ControlLoop:

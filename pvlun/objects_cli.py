@@ -84,6 +84,9 @@ def _columns(kind: str, obj: dict) -> dict[str, str]:
         return {"STATUS": st.get("printableStatus", ""), "READY": str(st.get("ready", False))}
     if kind == "VirtualMachineInstance":
         return {"PHASE": st.get("phase", ""), "NODENAME": st.get("nodeName", "")}
+    if kind in ("VirtualMachinePool", "VirtualMachineInstanceReplicaSet"):  # KubeVirt's printer columns
+        return {"DESIRED": str(spec.get("replicas", 1)), "CURRENT": str(st.get("replicas", 0)),
+                "READY": str(st.get("readyReplicas", 0))}
     if kind == "VirtualMachineInstanceMigration":
         return {"PHASE": st.get("phase", ""), "VMI": spec.get("vmiName", "")}
     if kind == "VirtualMachineExport":
@@ -246,7 +249,7 @@ def wait_for(store: ObjectStore, docs: list[dict], timeout: float) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     watched = [d for d in docs if d["kind"] in ("DataVolume", "VirtualMachine", "VirtualMachineInstance",
-                                                "PersistentVolumeClaim")]
+                                                "PersistentVolumeClaim", *REPLICATING)]
     deadline = time.monotonic() + timeout
     failed = False
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
@@ -277,6 +280,9 @@ def wait_for(store: ObjectStore, docs: list[dict], timeout: float) -> int:
     return 1 if failed else 0
 
 
+REPLICATING = ("VirtualMachinePool", "VirtualMachineInstanceReplicaSet")
+
+
 def _key(doc: dict) -> tuple[str, str, str]:
     ns = "" if doc["kind"] in CLUSTER_SCOPED else doc["metadata"].get("namespace") or "default"
     return doc["kind"], ns, doc["metadata"]["name"]
@@ -296,6 +302,12 @@ def _done(obj: dict) -> tuple[bool, bool, str, float]:
         phase = st.get("printableStatus", "")
         bad = phase in ("CrashLoopBackOff", "ErrorUnschedulable", "DataVolumeError", "ErrorPvcNotFound")
         return phase in ("Running", "Stopped") or bad, not bad, phase, 100.0 if phase == "Running" else 0.0
+    if kind in REPLICATING:  # as `kubectl wait`: every replica ready (a paused one waits no longer)
+        want = (obj.get("spec") or {}).get("replicas", 1)
+        ready, failed = st.get("readyReplicas", 0), any(c.get("type") == "ReplicaFailure"
+                                                          for c in st.get("conditions") or [])
+        done = failed or (obj.get("spec") or {}).get("paused", False) or (st.get("replicas") == want == ready)
+        return done, not failed, f"{ready}/{want} ready", 100.0 * ready / want if want else 100.0
     if kind == "VirtualMachineInstance":  # applied alone: it runs, or ends
         phase = st.get("phase", "")
         return phase in ("Running", "Succeeded", "Failed"), phase != "Failed", phase, \
@@ -310,7 +322,7 @@ def _report(store: ObjectStore, obj: dict, ok: bool, phase: str) -> None:
         print(f"{name} {phase}")
         return
     reason = next((f"{c.get('reason')}: {c.get('message')}" for c in (obj.get("status") or {}).get("conditions", [])
-                   if c["type"] in ("Running", "Ready", "Failure") and c.get("message")),
+                   if c["type"] in ("Running", "Ready", "Failure", "ReplicaFailure") and c.get("message")),
                   (obj.get("status") or {}).get("reason", ""))  # a VMI says why it failed in its reason
     print(f"{name} {phase}: {reason}", file=sys.stderr)
 

@@ -81,6 +81,8 @@ SERVED = _resources(
     "kubevirt.io/v1 virtualmachines VirtualMachine Namespaced status",
     "kubevirt.io/v1 virtualmachineinstances VirtualMachineInstance Namespaced status",
     "kubevirt.io/v1 virtualmachineinstancemigrations VirtualMachineInstanceMigration Namespaced status",
+    "kubevirt.io/v1 virtualmachineinstancereplicasets VirtualMachineInstanceReplicaSet Namespaced status",
+    "pool.kubevirt.io/v1beta1 virtualmachinepools VirtualMachinePool Namespaced status",
     "instancetype.kubevirt.io/v1beta1 virtualmachineinstancetypes VirtualMachineInstancetype Namespaced -",
     "instancetype.kubevirt.io/v1beta1 virtualmachineclusterinstancetypes VirtualMachineClusterInstancetype Cluster -",
     "instancetype.kubevirt.io/v1beta1 virtualmachinepreferences VirtualMachinePreference Namespaced -",

@@ -122,6 +122,8 @@ def test_full_is_csi_plus_the_control_plane():
                             ("CustomResourceDefinition", "virtualmachines.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstances.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachineinstancemigrations.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachineinstancereplicasets.kubevirt.io"),
+                            ("CustomResourceDefinition", "virtualmachinepools.pool.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinesnapshots.snapshot.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinesnapshotcontents.snapshot.kubevirt.io"),
                             ("CustomResourceDefinition", "virtualmachinerestores.snapshot.kubevirt.io"),
@@ -336,7 +338,7 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("cdi.kubevirt.io", "storageprofiles/status"): STATUS,
     ("cdi.kubevirt.io", "dataimportcrons/finalizers"): {"update"},
     ("kubevirt.io", "virtualmachineinstances"): WRITE,
-    ("kubevirt.io", "virtualmachines"): READ | {"update", "patch"},
+    ("kubevirt.io", "virtualmachines"): WRITE,  # a VirtualMachinePool's VMs it makes and removes
     ("kubevirt.io", "virtualmachineinstancemigrations"): READ | {"update", "patch"},
     ("kubevirt.io", "virtualmachines/status"): STATUS,
     ("kubevirt.io", "virtualmachineinstances/status"): STATUS,
@@ -360,7 +362,15 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("instancetype.kubevirt.io", "virtualmachineclusterinstancetypes"): READ,
     ("instancetype.kubevirt.io", "virtualmachinepreferences"): READ,
     ("instancetype.kubevirt.io", "virtualmachineclusterpreferences"): READ,
-    ("apps", "controllerrevisions"): READ | {"create"},  # a VM's copies of its instancetype and preference
+    # a VM's copies of its instancetype and preference; a pool's templates (unused ones pruned)
+    ("apps", "controllerrevisions"): READ | {"create", "delete"},
+    # VirtualMachinePools and VirtualMachineInstanceReplicaSets: their status, and their VMs' and VMIs' owner refs
+    ("pool.kubevirt.io", "virtualmachinepools"): READ | {"update", "patch"},
+    ("pool.kubevirt.io", "virtualmachinepools/status"): STATUS,
+    ("pool.kubevirt.io", "virtualmachinepools/finalizers"): {"update"},
+    ("kubevirt.io", "virtualmachineinstancereplicasets"): READ | {"update", "patch"},
+    ("kubevirt.io", "virtualmachineinstancereplicasets/status"): STATUS,
+    ("kubevirt.io", "virtualmachineinstancereplicasets/finalizers"): {"update"},
     # VM snapshots and restores: refused on a cluster (status), their finalizers let go
     **{("snapshot.kubevirt.io", kind): READ | {"update", "patch"}
        for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
