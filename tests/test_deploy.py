@@ -371,9 +371,11 @@ CONTROLLER_RIGHTS = {  # exactly what `pvlun controller` may do, cluster-wide
     ("kubevirt.io", "virtualmachineinstancereplicasets"): READ | {"update", "patch"},
     ("kubevirt.io", "virtualmachineinstancereplicasets/status"): STATUS,
     ("kubevirt.io", "virtualmachineinstancereplicasets/finalizers"): {"update"},
-    # VM snapshots and restores: refused on a cluster (status), their finalizers let go
-    **{("snapshot.kubevirt.io", kind): READ | {"update", "patch"}
-       for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
+    # VM snapshots and restores (virt/vm_snapshot_cluster.py): a snapshot's content made, and
+    # snapshots and contents deleted (the DELETE after their last finalizer goes)
+    ("snapshot.kubevirt.io", "virtualmachinesnapshots"): READ | {"update", "patch", "delete"},
+    ("snapshot.kubevirt.io", "virtualmachinesnapshotcontents"): READ | {"create", "update", "patch", "delete"},
+    ("snapshot.kubevirt.io", "virtualmachinerestores"): READ | {"update", "patch"},
     **{("snapshot.kubevirt.io", f"{kind}/status"): STATUS
        for kind in ("virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores")},
     ("export.kubevirt.io", "virtualmachineexports"): READ | {"delete"},  # deleted once their TTL ran out
