@@ -258,6 +258,16 @@ def _vanished(ctx: Context, restore: Obj, snap: Obj | None, backups: list[Obj], 
     return ""
 
 
+def _halted(spec: dict) -> dict:
+    """The spec with its run strategy stopped, in the field it uses (KubeVirt's restore: runStrategy
+    Halted, or running false)."""
+    if "runStrategy" in spec:
+        return {**spec, "runStrategy": "Halted"}
+    if "running" in spec:
+        return {**spec, "running": False}
+    return spec
+
+
 def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     meta = restore["metadata"]
     ns = meta.get("namespace", "default")
@@ -325,6 +335,8 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
     if refused:  # the content's VM or claims are not what `pvlun apply` would take
         _fail(ctx, restore, one_line(f"restore from VirtualMachineSnapshotContent {content_name} refused: {refused}"))
         return None
+    if new_vm:  # made stopped, as KubeVirt makes it (a running VM's snapshot would start at once); patches may change it
+        made["spec"] = _halted(made["spec"])
     if new_vm and spec.get("patches"):  # KubeVirt patches the VM a restore creates, and only that one
         try:
             made = apply_patches(made, spec["patches"])

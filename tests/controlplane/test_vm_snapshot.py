@@ -185,6 +185,9 @@ def test_running_vm_snapshot_restores_both_disks_consistent_and_the_change_since
     # with its MAC address, a firmware UUID, a label): it boots and goes on from the snapshot's number
     inst.apply(restore_yaml("clone", "seq-snap", "seq-new", IDENTITY_PATCHES))
     wait_restore(inst, "clone")
+    spec = inst.get("VirtualMachine", "seq-new")["spec"]  # made stopped, as KubeVirt makes it
+    assert spec.get("runStrategy") == "Halted" or spec.get("running") is False
+    inst.cli("vm", "start", "seq-new")
     inst.wait(lambda: f"PVLUN-SEQ-START {restored[0]}\n" in inst.all_serial_logs("seq-new").replace("\r", ""),
               180, "the new VM to boot from the restored disks")
     new_vm = inst.get("VirtualMachine", "seq-new")
