@@ -164,3 +164,23 @@ def test_a_malformed_checksum_is_refused_at_apply_and_an_empty_one_is_none(insta
     raw = make_qcow2(os.path.join(web.root, "nosum.qcow2"), 16)
     instance.apply(dv("no-sum", f"    http:\n      url: {web.url}/nosum.qcow2\n      checksum: \"\"", size="16Mi"), "--wait")
     assert same_prefix(raw, instance.lun_path("no-sum"))
+
+
+def test_a_url_python_cannot_parse_or_holding_a_control_character_is_refused_at_apply_naming_the_field(instance):
+    for i, (kind, url, said) in enumerate((("http", "http://[::1", "Invalid IPv6 URL"),
+                                           ("http", "http://u:p@127.0.0.1:99999/x", "out of range"),
+                                           ("s3", "https://[::1/b/k", "Invalid IPv6 URL"),
+                                           ("http", "http://127.0.0.1/d.qcow2\\nHost: x", "control characters"))):
+        out = instance.apply(dv(f"bad-url-{i}", f'    {kind}:\n      url: "{url}"', size="16Mi"), check=False)
+        assert out.returncode != 0
+        assert f"spec.source.{kind}.url:" in out.stderr and said in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and instance.get("DataVolume", f"bad-url-{i}") is None
+
+
+def test_extra_headers_are_refused_at_apply_as_the_importer_would_refuse_them(instance):
+    for i, line in enumerate(("X-A: b\\rHost: evil", "X-A: b\\nHost: evil", "Bad Name: x", "X-Tab\\t: x")):
+        source = f'    http:\n      url: http://127.0.0.1/d.qcow2\n      extraHeaders: ["X-Fine: yes", "{line}"]'
+        out = instance.apply(dv(f"bad-header-{i}", source, size="16Mi"), check=False)
+        assert out.returncode != 0
+        assert "spec.source.http.extraHeaders[1]:" in out.stderr, out.stderr
+        assert instance.get("DataVolume", f"bad-header-{i}") is None
