@@ -184,3 +184,42 @@ def test_extra_headers_are_refused_at_apply_as_the_importer_would_refuse_them(in
         assert out.returncode != 0
         assert "spec.source.http.extraHeaders[1]:" in out.stderr, out.stderr
         assert instance.get("DataVolume", f"bad-header-{i}") is None
+
+
+def test_names_the_api_server_would_refuse_are_refused_at_apply_naming_the_field(instance):
+    """A class, a clone source, a DataSource and a label key are names: the API server refuses
+    what is no DNS-1123 name (or no qualified name), and so does pvlun apply."""
+    pvc = """apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {name}
+{labels}spec:
+  storageClassName: {sc}
+  accessModes: [ReadWriteOnce]
+  resources:
+    requests:
+      storage: 16Mi
+"""
+    cases = [
+        (pvc.format(name="bad-class", labels="", sc='"../../etc"'), "spec.storageClassName"),
+        (pvc.format(name="bad-label", labels='  labels:\n    "a/b/c": "x"\n', sc="pvlun"), 'metadata.labels'),
+        (pvc.format(name="bad-label-value", labels='  labels:\n    "app": "../x"\n', sc="pvlun"), "metadata.labels.app"),
+        (dv("bad-dv-class", "    blank: {}").replace("    volumeMode:", '    storageClassName: "../../etc"\n    volumeMode:'),
+         "spec.storage.storageClassName"),
+        (dv("bad-clone-ns", '    pvc: {namespace: "../etc", name: src}'), "spec.source.pvc.namespace"),
+        (dv("bad-clone-name", '    pvc: {name: "../../x"}'), "spec.source.pvc.name"),
+        (dv("bad-restore", '    snapshot: {name: "x\\0y"}'), "spec.source.snapshot.name"),
+        (dv("bad-ref", "    blank: {}").replace("  source:\n    blank: {}\n", "  sourceRef: {kind: DataSource, name: a/b}\n"),
+         "spec.sourceRef.name"),
+    ]
+    for manifest, field in cases:
+        out = instance.apply(manifest, check=False)
+        assert out.returncode != 0 and field in out.stderr and "Traceback" not in out.stderr, (field, out.stderr)
+    for manifest, _field in cases:
+        name = manifest.split("name: ", 1)[1].split("\n", 1)[0]
+        assert instance.get("PersistentVolumeClaim", name) is None and instance.get("DataVolume", name) is None
+    fine = pvc.format(name="fine-labels", labels='  labels:\n    "example.com/tier": "gold_1.x"\n    empty: ""\n',
+                      sc='""')
+    instance.apply(fine)
+    assert instance.get("PersistentVolumeClaim", "fine-labels")["metadata"]["labels"]["example.com/tier"] == "gold_1.x"
+    instance.cli("delete", "pvc", "fine-labels")
