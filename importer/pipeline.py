@@ -323,10 +323,12 @@ class _Import:
         (TransferFailed/TransferStalled, retried with backoff as on the scratch path)."""
         try:
             yield
-        except ImportFailed:
-            failure = self.direct.source_failure() if self.direct is not None and self.method == "direct" else None
-            if failure is not None:
-                raise failure from None
+        except ImportFailed as exc:
+            if exc.reason in (errors.INVALID_IMAGE, errors.TRANSFER_FAILED) and self.direct is not None \
+                    and self.method == "direct":  # not a cancellation or a stall the watch saw
+                failure = self.direct.source_failure()
+                if failure is not None:
+                    raise failure from None
             raise
 
     def _fixed_vhd_footer(self, tail: bytes, length: int) -> bool:

@@ -52,8 +52,8 @@ def parse_reference(url: str) -> tuple[str, str, str]:
 
 
 class _BlobReader:
-    """Reads a blob, hashing it, up to the size its manifest declares (a server sending more is
-    never read further); at that end the digest must match the manifest's."""
+    """Reads a blob, hashing it, up to the size its manifest declares; at that end the digest
+    must match the manifest's, and the blob must end (a server sending more is not read on)."""
 
     def __init__(self, stream: ResponseStream, digest: str, size: int):
         self._stream = stream
@@ -67,8 +67,9 @@ class _BlobReader:
         if data:
             self._left -= len(data)
             self._hash.update(data)
-        elif self._left or "sha256:" + self._hash.hexdigest() != self._digest:
-            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"layer {self._digest[:19]}… does not match its digest and size")
+        elif self._left or "sha256:" + self._hash.hexdigest() != self._digest or self._stream.read(1):
+            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"layer {self._digest[:19]}… does not match the digest "
+                                                         f"and size its manifest declares")
         return data
 
     def drain(self) -> None:

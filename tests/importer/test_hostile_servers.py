@@ -281,16 +281,24 @@ def test_a_tar_extended_header_over_1_mib_is_an_invalid_image_before_it_is_read(
 
 
 # -- data that keeps coming ---------------------------------------------------------------------------
-def test_a_layer_followed_by_endless_data_is_read_to_its_declared_size_only(serve, images, tmp_path, scratch):
+def test_a_layer_followed_by_endless_data_is_read_to_its_declared_size_then_fails(serve, images, tmp_path, scratch):
+    """The disk's bytes (progress 100 %) and then zeros that never end: read to the size the
+    manifest declares, one byte more is a mismatch, never a hash of the endless rest."""
     raw = images.path("raw").read_bytes()[:2 * MiB]
-    (tmp_path / "want.raw").write_bytes(raw)
     server, url = _registry(serve, _tar("disk/disk.img", raw), trailing=HUGE)
     lun = block_target(tmp_path)
+    with pytest.raises(ImportFailed) as failed:
+        import_into(RegistrySource(url, insecure_http=True), Target(str(lun), 16 * MiB), progress=lambda p: None,
+                    scratch_dir=scratch)
+    assert failed.value.reason == errors.CHECKSUM_MISMATCH and "size its manifest declares" in failed.value.message
+    assert server.sent < 64 * MiB
+    assert_zero(lun)
+    _, url = _registry(serve, _tar("disk/disk.img", raw))
+    (tmp_path / "want.raw").write_bytes(raw)
     result = import_into(RegistrySource(url, insecure_http=True), Target(str(lun), 16 * MiB), progress=lambda p: None,
                          scratch_dir=scratch)
     assert result.format == "raw"
     assert_disk(lun, tmp_path / "want.raw", 16 * MiB)
-    assert server.sent < 64 * MiB
 
 
 def test_a_checksummed_source_that_never_ends_fails_at_the_size_bound(serve, images, tmp_path, scratch):
