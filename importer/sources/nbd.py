@@ -101,7 +101,7 @@ class NbdExport(DirectRead):
             return None
         stalled = "timeout was reached" in text.lower() or "timed out" in text.lower()
         return errors.ImportFailed(errors.TRANSFER_STALLED if stalled else errors.TRANSFER_FAILED,
-                                   f"reading {self.what} failed: {errors.tool_text(lines[-1])}")
+                                   f"reading {self.what} failed: {errors.tool_text(lines[-1].split('error: ', 1)[-1])}")
 
     def seal(self) -> None:
         """The checks are done: what they read stays pinned, nothing read from now on is kept."""
