@@ -151,6 +151,40 @@ def check_name(name: object, namespace: object, kind: str = "") -> None:
         _check(namespace, "metadata.namespace", True)
 
 
+def _check_ref(ref: dict, field: str, *, name_key: str = "name") -> None:
+    """A reference to another object: its name a DNS-1123 subdomain, its namespace (if given) a label."""
+    if ref.get(name_key):
+        _check(ref[name_key], f"{field}.{name_key}", False)
+    if ref.get("namespace"):
+        _check(ref["namespace"], f"{field}.namespace", True)
+
+
+def _check_class(name: object, field: str) -> None:
+    """A class name (storageClassName, ...) given: a DNS-1123 subdomain ("" means none, as in Kubernetes)."""
+    if name not in (None, ""):
+        _check(name, field, False)
+
+
+# Kubernetes' qualified names (label keys: an optional DNS-1123 subdomain prefix and '/'), and label values
+_QUALIFIED = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+def check_labels(labels: dict) -> None:
+    """metadata.labels as the API server takes them: qualified-name keys, values of at most 63
+    characters (letters, digits, '-', '_', '.', starting and ending with a letter or digit)."""
+    for key, value in labels.items():
+        prefix, slash, name = key.rpartition("/")
+        if slash:
+            _check(prefix, f"metadata.labels: the prefix of key {quoted(key)}", False)
+        if len(name) > LABEL_MAX or not _QUALIFIED.fullmatch(name):
+            raise ValueError(f"metadata.labels: key {quoted(key)} is not a qualified name (an optional DNS "
+                             "subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting "
+                             "and ending with a letter or digit)")
+        if value and (len(value) > LABEL_MAX or not _QUALIFIED.fullmatch(value)):
+            raise ValueError(f"metadata.labels.{key}: value {quoted(value)} is not a valid label value (at most 63 "
+                             "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+
+
 class Refused(ValueError):
     """An object `apply` will not store; the message names the document and field."""
 
@@ -191,10 +225,12 @@ def _check_pvc(obj: dict) -> None:
     if request is None and not sources:
         raise ValueError("spec.resources.requests.storage is required")
     _positive_size(request, "spec.resources.requests.storage")
+    _check_class(spec.get("storageClassName"), "spec.storageClassName")
     for field, source in sources:
         for key in ("kind", "name"):
             if not source.get(key):
                 raise ValueError(f"spec.{field}.{key} is required")
+        _check_ref(source, f"spec.{field}")
         if source.get("kind") == "PersistentVolumeClaim" and _same_object(source["name"], source.get("namespace"), obj):
             raise ValueError(f"spec.{field}.name: a claim cannot be cloned from itself")
 
@@ -206,9 +242,12 @@ SOURCE_REQUIRED = {"http": "url", "registry": "url", "s3": "url", "pvc": "name",
 def _check_dv(obj: dict) -> None:
     from controlplane.dv_spec import validate
 
-    kind, source, _size, _mode, _access, _class = validate(obj)
+    kind, source, _size, _mode, _access, storage_class = validate(obj)
     spec = obj.get("spec") or {}
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
+    _check_class(storage_class, f"{field}.storageClassName")
+    if kind in ("pvc", "snapshot", "sourceRef"):
+        _check_ref(source, "spec.sourceRef" if kind == "sourceRef" else f"spec.source.{kind}")
     _positive_size(((spec.get("storage") or spec.get("pvc") or {}).get("resources") or {}).get("requests", {})
                    .get("storage"), f"{field}.resources.requests.storage")
     required = SOURCE_REQUIRED.get(kind)
@@ -427,6 +466,7 @@ def admit(doc: object, where: str) -> dict[str, Any]:
         if not name:
             raise ValueError("metadata.name is required")
         check_name(name, doc["metadata"].get("namespace"), kind)
+        check_labels(doc["metadata"].get("labels") or {})
         CHECKS.get(kind, lambda o: None)(doc)
         body = json.dumps(doc)
     except (ValueError, TypeError) as exc:

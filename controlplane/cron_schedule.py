@@ -21,7 +21,7 @@ _LOOKAHEAD_DAYS = 5 * 366  # Feb 29 on a given weekday comes round within this
 def _value(text: str, name: str, low: int, high: int, names: list[str]) -> int:
     if text.lower() in names:
         return names.index(text.lower()) + low
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() takes no '²'
         raise ValueError(f"{name} {text[:16]!r} is not a number")
     value = int(text)
     if not low <= value <= high:

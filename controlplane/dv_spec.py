@@ -4,6 +4,8 @@ claim it needs. Pure functions, so `pvlun apply` can check manifests without the
 from __future__ import annotations
 
 import math
+import re
+from urllib.parse import urlsplit
 
 from controlplane.quantity import parse_quantity
 from controlplane.store import Obj
@@ -22,6 +24,21 @@ LEFT_OUT = {"vddk": "VMware VDDK imports are not supported: export the VM's disk
 # the URL schemes each source takes (http's file:// only where the embedded daemon allows it)
 URL_SCHEMES = {"http": ("http", "https", "file"), "registry": ("docker",), "s3": ("s3", "http", "https")}
 CHECKSUM_HEX = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}  # CDI's `algorithm:hex` checksums
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a CR or LF would end the header line: another header follows
+
+
+def header_error(line: object) -> str | None:
+    """What is wrong with an extraHeaders line (None: nothing), checked as the importer reads
+    it: `Name: value` with an HTTP token for a name, no control character in the value."""
+    if not isinstance(line, str):
+        return "must be strings 'Name: value'"
+    name, sep, value = line.strip().partition(":")
+    if not sep or not HEADER_NAME.fullmatch(name):
+        return "must look like 'Name: value' (the name an HTTP token)"
+    if CONTROL.search(value):
+        return "must not hold control characters (a line break would start another header)"
+    return None
 
 
 def checksum_error(value: object) -> str | None:
@@ -56,6 +73,7 @@ def validate(dv: Obj) -> tuple[str, dict, int, str, list[str], str | None]:
     if bad:
         raise ValueError(f"spec.source.{kind}.checksum: {bad}")
     _check_url(kind, (source[kind] or {}).get("url"))
+    _check_headers(kind, source[kind] or {})
     field = "spec.storage" if spec.get("storage") is not None else "spec.pvc"
     storage = spec.get("storage") if spec.get("storage") is not None else spec.get("pvc")  # `storage: {}` is given
     if not isinstance(storage, dict):
@@ -82,6 +100,12 @@ def _check_url(kind: str, url: object) -> None:
     """A source URL of a scheme its source does not read is refused at apply, naming the field."""
     if kind not in URL_SCHEMES or not isinstance(url, str) or not url:
         return
+    if CONTROL.search(url) or "\t" in url:
+        raise ValueError(f"spec.source.{kind}.url: must not hold control characters (a tab or line break)")
+    try:
+        urlsplit(url).port  # noqa: B018  (a port out of range or an unclosed [IPv6 bracket raise here)
+    except ValueError as exc:
+        raise ValueError(f"spec.source.{kind}.url: not a valid URL: {exc}") from None
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in URL_SCHEMES[kind]:
         return
@@ -93,6 +117,17 @@ def _check_url(kind: str, url: object) -> None:
     shown_scheme = repr(scheme[:20]) if scheme else "none"
     raise ValueError(f"spec.source.{kind}.url: scheme {shown_scheme} is not one of "
                      f"{', '.join(s + '://' for s in URL_SCHEMES[kind])}{hint}")
+
+
+def _check_headers(kind: str, source: dict) -> None:
+    """extraHeaders lines as the importer will send them, refused at apply naming the entry."""
+    lines = source.get("extraHeaders") or []
+    if not isinstance(lines, list):
+        raise ValueError(f"spec.source.{kind}.extraHeaders: must be a list of 'Name: value' strings")
+    for i, line in enumerate(lines):
+        bad = header_error(line)
+        if bad:
+            raise ValueError(f"spec.source.{kind}.extraHeaders[{i}]: {bad}")
 
 
 def _source_ref(spec: dict) -> dict:

@@ -22,7 +22,6 @@ import os
 import re
 import stat
 import subprocess
-import tarfile
 from typing import BinaryIO, Iterator
 
 from host.sandbox import TOOLS_ONLY, Sandbox, give
@@ -30,7 +29,7 @@ from host.sandbox import TOOLS_ONLY, Sandbox, give
 from . import errors, formats, transfer_watch
 from .errors import ImportFailed
 from .sources.base import PeekStream, read_head
-from .streams import CHUNK, TAR_ERRORS
+from .streams import CHUNK, TAR_ERRORS, open_tar_stream
 
 MAX_LINK_HOPS = 40  # the kernel's own limit on links followed in one path
 
@@ -43,7 +42,7 @@ def first_disk(stream: BinaryIO, opened: list) -> BinaryIO:
     added to `opened` (closed by the caller)."""
     skipped = []
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
+        tar = open_tar_stream(stream, "r|")
         opened.append(tar)
         for member in tar:
             if not member.isfile() or member.size == 0:

@@ -19,7 +19,7 @@ from typing import Sequence
 from host.command import CommandError, Limits, run
 from host.sandbox import TOOLS_ONLY, Sandbox
 
-from . import errors, references
+from . import errors, references, transfer_watch
 from .errors import ImportFailed
 
 HEAD_SIZE = 64 * 1024  # enough for every magic we look at (ISO's CD001 sits at 0x8001)
@@ -177,6 +177,8 @@ def local_image(path: str, fmt: str) -> ImageNode:
 
 
 def _qemu_img(node: ImageNode, args: Sequence[str], timeout: float = 120) -> str:
+    if node.file.get("driver") == "nbd":  # a read in place may wait nbdkit's curl timeout, the stall timeout
+        timeout = max(timeout, transfer_watch.stall_seconds() + 60)  # then fails: nbdkit's log says why
     with node.sandbox(limits=QEMU_LIMITS) as box:
         return run(box.wrap(["qemu-img", *args, *node.object_args(), node.spec]), timeout=timeout).stdout.decode()
 

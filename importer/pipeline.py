@@ -19,6 +19,7 @@ propagates.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -27,7 +28,7 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Literal
+from typing import BinaryIO, Callable, Iterator, Literal
 
 from host.sandbox import give
 from controlplane.user_text import user_text
@@ -111,6 +112,7 @@ class _Import:
         self.open_streams: list = []
         self.counter: CountingReader | None = None
         self.size_hint: int | None = None
+        self.source_bound = 0  # the most bytes the source may send (set by Info)
         self.format, self.layers, self.method = "raw", [], "stream"
         self.virtual_size = 0
         self.convert_from: ImageNode | None = None
@@ -197,7 +199,8 @@ class _Import:
         info = self.source.info()
         self.size_hint = info.size
         fmt = formats.detect(info.head)
-        if info.size is not None and info.size > self._size_bound(fmt):  # before a byte is written
+        self.source_bound = self._size_bound(fmt)
+        if info.size is not None and info.size > self.source_bound:  # before a byte is written
             raise self._too_large(info.size, f"the {fmt} source of", declared=True)
         direct = info.direct
         if (fmt in formats.IN_PLACE_FORMATS and direct is not None and not self.source.checksum
@@ -207,11 +210,12 @@ class _Import:
             self.direct = direct
             node = ImageNode(fmt, direct.attach(self.scratch_root), tuple(direct.read_only), tuple(direct.writable),
                              tuple(direct.objects))
-            img = formats.inspect(node)
-            if img.virtual_size > self.capacity:
-                raise self._too_large(img.virtual_size)
-            # qemu reads past the end of a truncated image as zeros (files and HTTP alike): check it
-            formats.verify_integrity(node, file_size=info.size)
+            with self._source_reads():
+                img = formats.inspect(node)
+                if img.virtual_size > self.capacity:
+                    raise self._too_large(img.virtual_size)
+                # qemu reads past the end of a truncated image as zeros (files and HTTP alike): check it
+                formats.verify_integrity(node, file_size=info.size)
             direct.seal()  # the conversion reads what was checked (see sources.nbd)
             self.virtual_size = img.virtual_size
             self.convert_from = node
@@ -244,14 +248,14 @@ class _Import:
             if fmt != "tar":
                 raise ImportFailed(errors.INVALID_IMAGE, f"contentType archive needs a tar archive, found {fmt}")
             self._unpack(stream)
-            self.counter.verify()
+            self.counter.verify(self.source_bound)
             self.method = "archive"
             return Phase.RESIZE
         if fmt in formats.RAW_FORMATS:
             self.touched = True
             self.virtual_size = write_sparse(stream, self.fd, self.capacity, too_large=f"the volume's {self.capacity} bytes",
                                              trailer=self._fixed_vhd_footer)
-            self.counter.verify()
+            self.counter.verify(self.source_bound)
             return Phase.RESIZE
         return self._to_scratch(fmt, head, stream)
 
@@ -269,7 +273,7 @@ class _Import:
             os.ftruncate(fd, length)
         finally:
             os.close(fd)
-        self.counter.verify()  # type: ignore[union-attr]
+        self.counter.verify(self.source_bound)  # type: ignore[union-attr]
         give(path)  # qemu-img reads it as the sandbox user
         node = formats.local_image(path, fmt)
         img = formats.inspect(node)
@@ -286,7 +290,8 @@ class _Import:
         assert self.convert_from is not None
         self.touched = True
         try:
-            convert_into(self.convert_from, self.disk_path, self.progress)
+            with self._source_reads():
+                convert_into(self.convert_from, self.disk_path, self.progress)
         except Stalled:
             if self.method != "direct":
                 raise ImportFailed(errors.INTERNAL,
@@ -311,6 +316,21 @@ class _Import:
         self.progress(1.0)
 
     # -- helpers -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _source_reads(self) -> Iterator[None]:
+        """qemu-img reading the source in place sees a server's error or stall only as an I/O
+        error, which would read as an invalid image: what nbdkit logged says it was the transfer
+        (TransferFailed/TransferStalled, retried with backoff as on the scratch path)."""
+        try:
+            yield
+        except ImportFailed as exc:
+            if exc.reason in (errors.INVALID_IMAGE, errors.TRANSFER_FAILED) and self.direct is not None \
+                    and self.method == "direct":  # not a cancellation or a stall the watch saw
+                failure = self.direct.source_failure()
+                if failure is not None:
+                    raise failure from None
+            raise
+
     def _fixed_vhd_footer(self, tail: bytes, length: int) -> bool:
         """A fixed VHD is its disk's bytes then a 512-byte footer: keep the disk, drop the footer
         (only a valid one whose size is the data's; anything else is raw data)."""

@@ -28,6 +28,24 @@ _ZERO_BLOCK = bytes(BLOCK)
 # what Python's tarfile raises on a hostile stream: its own errors, and plain ValueErrors from
 # headers it parses without checking (a GNU sparse map or size that is no number)
 TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, EOFError)
+MAX_TAR_HEADER = 1 << 20  # a long name or pax header beyond this is no tar a disk comes in
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a long name or pax header whole, whatever size it declares: refused first."""
+
+    def _proc_member(self, tarfile):
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_TAR_HEADER:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive declares a {self.size}-byte extended header "
+                                                     f"(long name or pax), more than the {MAX_TAR_HEADER} allowed")
+        return super()._proc_member(tarfile)
+
+
+def open_tar_stream(stream: BinaryIO, mode: str) -> tarfile.TarFile:
+    """A tar read as a stream (`r|`, `r|*`), its extended headers bounded."""
+    return tarfile.open(fileobj=stream, mode=mode, tarinfo=_BoundedTarInfo)
 
 
 class DecompressingReader:
@@ -84,12 +102,15 @@ class CountingReader:
     def readable(self) -> bool:
         return True
 
-    def verify(self) -> None:
-        """Read whatever is left (tar padding, trailing data) and compare the checksum."""
+    def verify(self, limit: int) -> None:
+        """Read whatever is left (tar padding, trailing data), up to `limit` bytes from the
+        source in all (a source that never ends fails), and compare the checksum."""
         if self._hash is None:
             return
         while self.read(CHUNK):
-            pass
+            if self.count > limit:
+                raise ImportFailed(errors.IMAGE_TOO_LARGE, f"the source sends more than {limit} bytes, far more "
+                                                           f"than the volume holds")
         actual = self._hash.hexdigest()
         if actual != self._expected:
             raise ImportFailed(errors.CHECKSUM_MISMATCH, f"checksum mismatch: expected {self._algo}:{self._expected}, "

@@ -38,6 +38,7 @@ from . import errors
 from .errors import ImportFailed
 from .https_server import HttpsServer, TextHandler
 from .pipeline import Target, import_into
+from .sources.httpclient import header_number
 from .sources.upload import UploadSource
 
 log = logging.getLogger("pvlun.upload")
@@ -227,17 +228,17 @@ class _UploadHandler(TextHandler):
         dv_key = self._authorize()
         if dv_key is None:
             return
-        length = self.headers.get("Content-Length")
-        if not length or not length.isdigit():
+        length = header_number(self.headers.get("Content-Length"))
+        if length is None:
             return self._reply(411, "Content-Length required")
-        if int(length) == 0:
+        if length == 0:
             return self._reply(400, f"{errors.INVALID_IMAGE}: the upload is empty")
         with srv.lock:
             if dv_key in srv.busy:
                 return self._reply(409, f"an upload into {dv_key} is already in progress")
             srv.busy.add(dv_key)
         try:
-            self._upload(dv_key, int(length))
+            self._upload(dv_key, length)
         finally:
             with srv.lock:
                 srv.busy.discard(dv_key)

@@ -7,11 +7,10 @@ from a request body.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from controlplane.dv_spec import URL_SCHEMES, checksum_error
+from controlplane.dv_spec import URL_SCHEMES, checksum_error, header_error
 
 from .. import errors
 from ..errors import ImportFailed
@@ -28,7 +27,6 @@ __all__ = [
 ]
 
 Lookup = Callable[[str], dict[str, str]]
-_HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):\s*(.*)")
 
 
 def parse_checksum(value: object) -> str | None:
@@ -92,24 +90,39 @@ def _ca_pems(spec: dict, configmap: Lookup) -> list[str]:
     return pems
 
 
-def _headers(spec: dict, secret: Lookup) -> dict[str, str]:
-    lines = list(spec.get("extraHeaders") or [])
-    for name in spec.get("secretExtraHeaders") or []:
-        values = list(_lookup(secret, name, "secret").values())
-        for v in values:
-            errors.register_secret(v.partition(":")[2].strip())
-        lines += values
+def _headers(lines: list[str]) -> dict[str, str]:
     headers = {}
     for line in lines:
-        m = _HEADER.fullmatch(line.strip())
-        if not m:
-            raise ImportFailed(errors.INVALID_SOURCE, "extraHeaders entries must look like 'Name: value'")
-        headers[m.group(1)] = m.group(2)
+        bad = header_error(line)
+        if bad:
+            raise ImportFailed(errors.INVALID_SOURCE, f"extraHeaders entries {bad}")
+        name, _, value = line.strip().partition(":")
+        headers[name] = value.strip()
     return headers
 
 
+def _secret_headers(spec: dict, secret: Lookup) -> dict[str, str]:
+    """secretExtraHeaders: credentials like basic auth (kept out of messages, never sent to another origin)."""
+    lines = []
+    for name in spec.get("secretExtraHeaders") or []:
+        values = [v for v in _lookup(secret, name, "secret").values() if isinstance(v, str)]
+        for v in values:
+            errors.register_secret(v.partition(":")[2].strip())
+        lines += values
+    return _headers(lines)
+
+
 def from_spec(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bool = False) -> Source:
-    """Build the source a DataVolume's `spec.source` describes (CDI's YAML, unchanged)."""
+    """Build the source a DataVolume's `spec.source` describes (CDI's YAML, unchanged). A URL
+    Python cannot parse (admission refuses it first; an object stored before may hold one) is an
+    invalid source, never an internal error."""
+    try:
+        return _build(source, secret=secret, configmap=configmap, allow_file=allow_file)
+    except ValueError as exc:
+        raise ImportFailed(errors.INVALID_SOURCE, f"spec.source: not a valid URL: {exc}") from None
+
+
+def _build(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bool) -> Source:
     if not isinstance(source, dict) or len(source) != 1:
         raise ImportFailed(errors.INVALID_SOURCE, "spec.source must name exactly one source kind")
     kind, spec = next(iter(source.items()))
@@ -138,7 +151,8 @@ def from_spec(source: dict, *, secret: Lookup, configmap: Lookup, allow_file: bo
 
         clean, userinfo = strip_userinfo(url)
         return HttpSource(clean, auth=_credentials(spec, secret) or userinfo, ca_pems=_ca_pems(spec, configmap),
-                          headers=_headers(spec, secret), checksum=checksum, insecure=_insecure(spec))
+                          headers=_headers(list(spec.get("extraHeaders") or [])),
+                          secret_headers=_secret_headers(spec, secret), checksum=checksum, insecure=_insecure(spec))
     if kind == "registry":
         if scheme not in URL_SCHEMES["registry"]:
             raise ImportFailed(errors.INVALID_SOURCE, f"unsupported registry URL scheme {scheme!r}: use docker://")

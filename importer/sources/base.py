@@ -40,6 +40,10 @@ class DirectRead:
     def seal(self) -> None:
         pass
 
+    def source_failure(self) -> Exception | None:
+        """Why reading the source failed, if whatever serves the node knows (see sources.nbd)."""
+        return None
+
     def detach(self) -> None:
         pass
 

@@ -18,7 +18,7 @@ import requests
 
 from host.sandbox import open_as_sandbox_user
 
-from .. import errors
+from .. import errors, transfer_watch
 from ..formats import HEAD_SIZE
 from .base import DirectRead, PeekStream, SourceInfo, read_head
 from .httpclient import (
@@ -28,6 +28,7 @@ from .httpclient import (
     check_status,
     content_length,
     make_session,
+    origin,
     request_errors,
     total_from_content_range,
 )
@@ -44,6 +45,7 @@ class HttpSource:
         auth: tuple[str, str] | None = None,
         ca_pems: list[str] | None = None,
         headers: dict[str, str] | None = None,
+        secret_headers: dict[str, str] | None = None,
         checksum: str | None = None,
         insecure: bool = False,
     ):
@@ -51,9 +53,11 @@ class HttpSource:
         self.insecure = insecure
         self.checksum = checksum
         self._auth = auth
-        self._headers = dict(headers or {})
+        self._headers = {**(headers or {}), **(secret_headers or {})}
         self._ca = CABundle(ca_pems or [])
-        self._session = make_session(ca=self._ca, auth=auth, headers=self._headers, insecure=insecure)
+        # the credentials (basic auth, secretExtraHeaders) reach only the URL's own origin (make_session)
+        self._session = make_session(ca=self._ca, auth=auth, headers=self._headers,
+                                     secret_headers=tuple(secret_headers or ()), insecure=insecure)
         self._pending: tuple[bytes, requests.Response] | None = None
         for value in self._headers.values():
             errors.register_secret(value)
@@ -79,15 +83,18 @@ class HttpSource:
         """nbdkit's curl plugin can serve this to qemu if the server advertises byte ranges on HEAD.
 
         Not used with extra headers (they may be secrets, and nbdkit takes headers on its
-        command line); everything else (CA bundle, basic auth through a 0600 file) is passed on.
+        command line); everything else (CA bundle, basic auth through a memfd) is passed on, the
+        credentials only if a redirect left the origin they were given for unchanged.
         """
         if size is None or self._headers:
             return None
+        auth = self._auth if origin(final_url) == origin(self.url) else None
         with request_errors(final_url):
-            head = self._session.head(final_url, allow_redirects=False, timeout=(15, 60))
+            head = self._session.head(final_url, allow_redirects=False, timeout=(15, 60),
+                                      auth=auth or _no_auth)
         if head.status_code != 200 or "bytes" not in head.headers.get("Accept-Ranges", ""):
             return None
-        return NbdkitCurl(final_url, size, auth=self._auth, cainfo=self._ca.path, insecure=self.insecure)
+        return NbdkitCurl(final_url, size, auth=auth, cainfo=self._ca.path, insecure=self.insecure)
 
     def transfer(self) -> BinaryIO:
         if self._pending is not None:
@@ -105,6 +112,11 @@ class HttpSource:
             self._pending = None
         self._session.close()
         self._ca.close()
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    """No credentials on this request (None would mean the session's)."""
+    return request
 
 
 class NbdkitCurl(NbdExport):
@@ -130,7 +142,9 @@ class NbdkitCurl(NbdExport):
 
     @contextlib.contextmanager
     def plugin(self) -> Iterator[tuple[list[str], dict, tuple[int, ...]]]:
-        argv = ["curl", f"url={self.url}", "protocols=http,https", "followlocation=false", "timeout=60"]
+        # a read that takes the import's stall timeout fails (curl's own timeout, per request)
+        stall = max(1, round(transfer_watch.stall_seconds()))
+        argv = ["curl", f"url={self.url}", "protocols=http,https", "followlocation=false", f"timeout={stall}"]
         read_only = []
         if self.insecure:
             argv.append("sslverify=false")

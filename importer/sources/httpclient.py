@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -25,6 +26,9 @@ from ..errors import ImportFailed
 MAX_REDIRECTS = 10
 TIMEOUT = (15, 60)  # connect, read (seconds)
 CHUNK = 4 << 20
+MAX_DOCUMENT = 4 << 20  # a manifest, an image config, a token: far more than any real one
+MAX_ERROR_BODY = 64 << 10  # of an error response, kept for its message
+HEADER_NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes '²', int() then fails
 
 
 def strip_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
@@ -113,11 +117,38 @@ def _watch_socket(sock) -> None:
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port spelled out: what credentials are given for."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+class _OriginSession(requests.Session):
+    """Credentials go only to the origin they were given for: a redirect to another scheme,
+    host or port drops the Authorization header and the secret headers (requests alone keeps
+    them on an http->https redirect, and keeps every header but Authorization)."""
+
+    secret_headers: tuple[str, ...] = ()
+
+    def rebuild_auth(self, prepared_request, response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        if origin(prepared_request.url) != origin(response.request.url):
+            for name in ("Authorization", *self.secret_headers):
+                prepared_request.headers.pop(name, None)
+
+
 def make_session(*, ca: CABundle, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None,
-                 insecure: bool = False) -> requests.Session:
+                 secret_headers: tuple[str, ...] = (), insecure: bool = False) -> requests.Session:
     """A session for one source; `insecure` (the source's insecureSkipVerify) accepts any
-    server certificate, as CDI's importer does then."""
-    session = requests.Session()
+    server certificate, as CDI's importer does then. `secret_headers` (names among `headers`)
+    are credentials: never sent past a redirect to another origin."""
+    session = _OriginSession()
+    session.secret_headers = secret_headers
     for prefix in ("http://", "https://"):
         adapter = HTTPAdapter()
         adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
@@ -217,15 +248,37 @@ class ResponseStream:
         self._resp.close()
 
 
+def read_body(resp: requests.Response, limit: int, what: str, *, cut: bool = False) -> bytes:
+    """The body of a streamed response, at most `limit` bytes: a hostile server cannot fill the
+    daemon's memory. More is refused (INVALID_SOURCE, naming `what`), or with `cut` dropped
+    (an error body kept only for its message)."""
+    stream = ResponseStream(resp, resp.url or what)
+    data = bytearray()
+    try:
+        while len(data) <= limit:
+            chunk = stream.read(min(CHUNK, limit + 1 - len(data)))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    finally:
+        resp.close()
+    if cut:
+        return bytes(data[:limit])
+    raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(what)} sent more than {limit >> 10} KiB "
+                                              f"where a small document belongs")
+
+
+def header_number(value: str | None) -> int | None:
+    """A header's number (Content-Length and the like) if it is one: ASCII digits only."""
+    return int(value) if value and HEADER_NUMBER.fullmatch(value) else None
+
+
 def content_length(resp: requests.Response) -> int | None:
-    value = resp.headers.get("Content-Length")
-    return int(value) if value and value.isdigit() and not resp.headers.get("Content-Encoding") else None
+    return None if resp.headers.get("Content-Encoding") else header_number(resp.headers.get("Content-Length"))
 
 
 def total_from_content_range(resp: requests.Response) -> int | None:
-    value = resp.headers.get("Content-Range", "")
-    total = value.rpartition("/")[2]
-    return int(total) if total.isdigit() else None
+    return header_number(resp.headers.get("Content-Range", "").rpartition("/")[2])
 
 
 BinaryStream = BinaryIO

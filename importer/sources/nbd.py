@@ -89,6 +89,20 @@ class NbdExport(DirectRead):
         self.spec = {"driver": "nbd", "server": {"type": "unix", "path": sock}}
         return self.spec
 
+    def source_failure(self) -> errors.ImportFailed | None:
+        """What nbdkit logged about reading the source (a server's error status, a timeout), as
+        the transfer failure it is, retried like any other; None if it logged no error (qemu's
+        failure is then the image's own)."""
+        if self._stderr is None:
+            return None
+        text = os.pread(self._stderr.fileno(), 64 << 10, 0).decode(errors="replace")  # nbdkit still writes here
+        lines = [line for line in text.splitlines() if "error" in line.lower()]
+        if not lines:
+            return None
+        stalled = "timeout was reached" in text.lower() or "timed out" in text.lower()
+        return errors.ImportFailed(errors.TRANSFER_STALLED if stalled else errors.TRANSFER_FAILED,
+                                   f"reading {self.what} failed: {errors.tool_text(lines[-1].split('error: ', 1)[-1])}")
+
     def seal(self) -> None:
         """The checks are done: what they read stays pinned, nothing read from now on is kept."""
         if self._pin is not None:

@@ -10,6 +10,7 @@ go straight on into the pipeline, never unpacked to disk first.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tarfile
 from typing import BinaryIO
@@ -19,9 +20,9 @@ import zstandard
 from .. import errors
 from ..errors import ImportFailed
 from ..formats import HEAD_SIZE
-from ..streams import TAR_ERRORS
+from ..streams import TAR_ERRORS, open_tar_stream
 from .base import PeekStream, SourceInfo, read_head
-from .httpclient import CABundle, ResponseStream, check_status, make_session, request_errors
+from .httpclient import MAX_DOCUMENT, CABundle, ResponseStream, check_status, make_session, read_body, request_errors
 
 MANIFEST_TYPES = ", ".join([
     "application/vnd.oci.image.manifest.v1+json",
@@ -51,19 +52,24 @@ def parse_reference(url: str) -> tuple[str, str, str]:
 
 
 class _BlobReader:
-    """Reads a blob, hashing it; at its end the digest must match the manifest's."""
+    """Reads a blob, hashing it, up to the size its manifest declares; at that end the digest
+    must match the manifest's, and the blob must end (a server sending more is not read on)."""
 
-    def __init__(self, stream: ResponseStream, digest: str):
+    def __init__(self, stream: ResponseStream, digest: str, size: int):
         self._stream = stream
         self._digest = digest
+        self._left = size
         self._hash = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._stream.read(want) if want else b""
         if data:
+            self._left -= len(data)
             self._hash.update(data)
-        elif "sha256:" + self._hash.hexdigest() != self._digest:
-            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"layer {self._digest[:19]}… does not match its digest")
+        elif self._left or "sha256:" + self._hash.hexdigest() != self._digest or self._stream.read(1):
+            raise ImportFailed(errors.CHECKSUM_MISMATCH, f"layer {self._digest[:19]}… does not match the digest "
+                                                         f"and size its manifest declares")
         return data
 
     def drain(self) -> None:
@@ -113,13 +119,14 @@ class RegistrySource:
         self._pending: PeekStream | None = None
 
     # -- registry API ------------------------------------------------------------------
-    def _get(self, url: str, *, accept: str | None = None, stream: bool = False):
+    def _get(self, url: str, *, accept: str | None = None):
+        """A streamed GET (bodies are read bounded or as a stream, never whole)."""
         headers = {"Accept": accept} if accept else {}
         for _ in range(2):
             if self._token:
                 headers["Authorization"] = f"Bearer {self._token}"
             with request_errors(url):
-                resp = self._session.get(url, headers=headers, stream=stream, timeout=(15, 60),
+                resp = self._session.get(url, headers=headers, stream=True, timeout=(15, 60),
                                          auth=self._auth if self._token is None and self._basic else None)
             if resp.status_code != 401 or self._token is not None:
                 break
@@ -141,10 +148,10 @@ class RegistrySource:
             raise ImportFailed(errors.UNAUTHORIZED, "the registry asked for token auth without a usable realm")
         params.setdefault("scope", f"repository:{self.repo}:pull")
         with request_errors(realm):
-            resp = self._session.get(realm, params=params, auth=self._auth, timeout=(15, 60))
+            resp = self._session.get(realm, params=params, auth=self._auth, stream=True, timeout=(15, 60))
         check_status(resp, f"token service {realm}")
         try:
-            body = resp.json()
+            body = json.loads(read_body(resp, MAX_DOCUMENT, f"the token service {realm}"))
         except ValueError:
             body = None
         token = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
@@ -153,27 +160,29 @@ class RegistrySource:
         errors.register_secret(token)
         return token
 
-    def _json(self, resp) -> dict:
+    def _fetch_manifest(self, ref: str) -> tuple[bytes, dict, str]:
+        """(the manifest's bytes as served, at most MAX_DOCUMENT, parsed, its Content-Type)."""
+        resp = self._get(f"{self._base}/manifests/{ref}", accept=MANIFEST_TYPES)
+        body = read_body(resp, MAX_DOCUMENT, f"{self.url}'s manifest")
         try:
-            body = resp.json()
+            manifest = json.loads(body)
         except ValueError:
-            body = None
-        if not isinstance(body, dict):
+            manifest = None
+        if not isinstance(manifest, dict):
             raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the registry's manifest is not JSON")
-        return body
+        return body, manifest, resp.headers.get("Content-Type", "")
 
-    def _manifest(self) -> list[str]:
-        """The digests of the image's layers, bottom first (every field checked: the registry is hostile)."""
-        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
-        manifest = self._json(resp)
-        mtype = manifest.get("mediaType") or resp.headers.get("Content-Type", "")
+    def _manifest(self) -> list[tuple[str, int]]:
+        """The (digest, size) of the image's layers, bottom first (every field checked: the registry is hostile)."""
+        _, manifest, ctype = self._fetch_manifest(self.ref)
+        mtype = manifest.get("mediaType") or ctype
         if mtype in _INDEX_TYPES or "manifests" in manifest:
             entries = [m for m in self._list(manifest, "manifests") if isinstance(m, dict)]
             chosen = next((m for m in entries if _platform(m) == ("linux", "amd64")), entries[0] if entries else None)
             if chosen is None:
                 raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the image index lists no manifests")
-            manifest = self._json(self._get(f"{self._base}/manifests/{self._digest(chosen)}", accept=MANIFEST_TYPES))
-        layers = [self._digest(layer) for layer in self._list(manifest, "layers")]
+            _, manifest, _ = self._fetch_manifest(self._digest(chosen))
+        layers = [(self._digest(layer), self._size(layer)) for layer in self._list(manifest, "layers")]
         if not layers:
             raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest has no layers")
         return layers
@@ -191,9 +200,16 @@ class RegistrySource:
                                                       f"where it must")
         return digest
 
-    def _open_layer(self, digest: str) -> tuple[tarfile.TarFile, _BlobReader]:
-        resp = self._get(f"{self._base}/blobs/{digest}", stream=True)
-        blob = _BlobReader(ResponseStream(resp, self.url), digest)
+    def _size(self, entry: dict) -> int:
+        size = entry.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ImportFailed(errors.INVALID_SOURCE, f"{errors.scrub(self.url)}: the manifest declares no size "
+                                                      f"for a layer")
+        return size
+
+    def _open_layer(self, digest: str, size: int) -> tuple[tarfile.TarFile, _BlobReader]:
+        resp = self._get(f"{self._base}/blobs/{digest}")
+        blob = _BlobReader(ResponseStream(resp, self.url), digest, size)
         magic = read_head(blob, 4)  # type: ignore[arg-type]
         raw = PeekStream(magic, blob)  # type: ignore[arg-type]
         if magic == b"\x28\xb5\x2f\xfd":
@@ -201,7 +217,7 @@ class RegistrySource:
         else:
             stream = raw  # type: ignore[assignment]
         try:
-            return tarfile.open(fileobj=stream, mode="r|*"), blob
+            return open_tar_stream(stream, "r|*"), blob
         except _LAYER_ERRORS:
             raise ImportFailed(errors.INVALID_IMAGE, f"layer {digest[:19]}… is not a tar archive") from None
 
@@ -209,18 +225,13 @@ class RegistrySource:
         """The digest of what the reference names now: of its manifest (its index, for a
         multi-platform image), hashed here, so a registry cannot claim one it did not send.
         A DataImportCron compares it to see a new image; `url@digest` pulls exactly that one."""
-        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
-        try:
-            body = resp.content
-        finally:
-            resp.close()
-        self._json(resp)  # a manifest, not an error page
+        body, _, _ = self._fetch_manifest(self.ref)  # a manifest, not an error page
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
     # -- Source interface --------------------------------------------------------------
     def info(self) -> SourceInfo:
-        for digest in reversed(self._manifest()):
-            tar, blob = self._open_layer(digest)
+        for digest, size in reversed(self._manifest()):
+            tar, blob = self._open_layer(digest, size)
             try:
                 for member in tar:
                     name = member.name.lstrip("./").lstrip("/")
@@ -244,8 +255,8 @@ class RegistrySource:
         """The digest the reference names now: sha256 of the manifest (or index) as served. Later
         reads use it, so a tag moved meanwhile cannot mix two images; a digest reference that the
         registry answers with other bytes is refused."""
-        resp = self._get(f"{self._base}/manifests/{self.ref}", accept=MANIFEST_TYPES)
-        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        body, _, _ = self._fetch_manifest(self.ref)
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if self.ref.startswith("sha256:") and digest != self.ref:
             raise ImportFailed(errors.CHECKSUM_MISMATCH, f"{errors.scrub(self.url)}: the registry served a manifest "
                                                          f"that does not match the digest asked for")
@@ -258,8 +269,8 @@ class RegistrySource:
         stream's end the rest of its layer is read and checked against the layer's digest. A link
         or another kind of entry there, or a file declaring more than `limit` bytes, is refused."""
         want = path.strip("/") if path is not None else None
-        for digest in reversed(self._manifest()):
-            tar, blob = self._open_layer(digest)
+        for digest, size in reversed(self._manifest()):
+            tar, blob = self._open_layer(digest, size)
             found = None
             try:
                 for member in tar:

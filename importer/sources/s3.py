@@ -21,7 +21,8 @@ from .. import errors
 from ..errors import ImportFailed
 from ..formats import HEAD_SIZE
 from .base import SourceInfo, read_head
-from .httpclient import CABundle, ResponseStream, content_length, make_session, request_errors, total_from_content_range
+from .httpclient import (MAX_ERROR_BODY, CABundle, ResponseStream, content_length, make_session, read_body,
+                         request_errors, total_from_content_range)
 
 UNSIGNED = "UNSIGNED-PAYLOAD"
 
@@ -88,7 +89,8 @@ class S3Source:
         with request_errors(self.url):
             resp = self._session.get(self.url, headers=headers, stream=True, allow_redirects=False, timeout=(15, 60))
         if resp.status_code >= 300:
-            code = re.search(r"<Code>([^<]+)</Code>", resp.text or "")
+            body = read_body(resp, MAX_ERROR_BODY, self.url, cut=True).decode(errors="replace")
+            code = re.search(r"<Code>([^<]{1,100})</Code>", body)
             code_text = code.group(1) if code else f"HTTP {resp.status_code}"
             where = errors.scrub(self.url)
             if resp.status_code == 404:

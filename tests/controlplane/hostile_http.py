@@ -3,7 +3,9 @@
 - `silent`: answers with headers, then sends nothing (a stalled transfer);
 - `trickle`: sends the body a few bytes at a time, forever (a slow transfer, never stalled);
 - `ranged_trickle`: serves an image with byte ranges, its first `fast` bytes at once and the
-  rest at a trickle, so qemu inspects it quickly and then converts it in place, slowly.
+  rest at a trickle, so qemu inspects it quickly and then converts it in place, slowly;
+- `ranged_503`: serves an image with byte ranges, but only its first 64 KiB (what the importer
+  asks first): any other range gets 503, so qemu's reads in place fail at the server.
 
 Each server counts its requests and notes when a client hung up on it.
 """
@@ -42,7 +44,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self) -> None:
-        self._headers(200, self.server.size, ranges=self.server.behaviour == "ranged_trickle")
+        self._headers(200, self.server.size, ranges=self.server.behaviour.startswith("ranged"))
 
     def do_GET(self) -> None:
         srv = self.server
@@ -53,6 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif srv.behaviour == "trickle":
             self._headers(200, srv.size)
             self._trickle(bytes([0x5A]) * srv.size)
+        elif srv.behaviour == "ranged_503" and self._range() != (0, 65536):
+            self._headers(503, 0)
         else:
             start, end = self._range()
             self._headers(206, end - start, content_range=f"bytes {start}-{end - 1}/{srv.size}")

@@ -35,6 +35,7 @@ def test_next_tick(text, expected):
     ("* * * 13 *", "month 13 is outside 1-12"),
     ("* * * * 8", "day of week 8 is outside 0-7"),
     ("x * * * *", "minute 'x' is not a number"),
+    ("² * * * *", "minute '²' is not a number"),  # a digit to str.isdigit(), no number to int()
     ("5-1 * * * *", "runs backwards"),
     ("*/0 * * * *", "step 0 is outside"),
     ("0 0 31 2 *", "never fires"),

@@ -164,3 +164,62 @@ def test_a_malformed_checksum_is_refused_at_apply_and_an_empty_one_is_none(insta
     raw = make_qcow2(os.path.join(web.root, "nosum.qcow2"), 16)
     instance.apply(dv("no-sum", f"    http:\n      url: {web.url}/nosum.qcow2\n      checksum: \"\"", size="16Mi"), "--wait")
     assert same_prefix(raw, instance.lun_path("no-sum"))
+
+
+def test_a_url_python_cannot_parse_or_holding_a_control_character_is_refused_at_apply_naming_the_field(instance):
+    for i, (kind, url, said) in enumerate((("http", "http://[::1", "Invalid IPv6 URL"),
+                                           ("http", "http://u:p@127.0.0.1:99999/x", "out of range"),
+                                           ("s3", "https://[::1/b/k", "Invalid IPv6 URL"),
+                                           ("http", "http://127.0.0.1/d.qcow2\\nHost: x", "control characters"))):
+        out = instance.apply(dv(f"bad-url-{i}", f'    {kind}:\n      url: "{url}"', size="16Mi"), check=False)
+        assert out.returncode != 0
+        assert f"spec.source.{kind}.url:" in out.stderr and said in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and instance.get("DataVolume", f"bad-url-{i}") is None
+
+
+def test_extra_headers_are_refused_at_apply_as_the_importer_would_refuse_them(instance):
+    for i, line in enumerate(("X-A: b\\rHost: evil", "X-A: b\\nHost: evil", "Bad Name: x", "X-Tab\\t: x")):
+        source = f'    http:\n      url: http://127.0.0.1/d.qcow2\n      extraHeaders: ["X-Fine: yes", "{line}"]'
+        out = instance.apply(dv(f"bad-header-{i}", source, size="16Mi"), check=False)
+        assert out.returncode != 0
+        assert "spec.source.http.extraHeaders[1]:" in out.stderr, out.stderr
+        assert instance.get("DataVolume", f"bad-header-{i}") is None
+
+
+def test_names_the_api_server_would_refuse_are_refused_at_apply_naming_the_field(instance):
+    """A class, a clone source, a DataSource and a label key are names: the API server refuses
+    what is no DNS-1123 name (or no qualified name), and so does pvlun apply."""
+    pvc = """apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {name}
+{labels}spec:
+  storageClassName: {sc}
+  accessModes: [ReadWriteOnce]
+  resources:
+    requests:
+      storage: 16Mi
+"""
+    cases = [
+        (pvc.format(name="bad-class", labels="", sc='"../../etc"'), "spec.storageClassName"),
+        (pvc.format(name="bad-label", labels='  labels:\n    "a/b/c": "x"\n', sc="pvlun"), 'metadata.labels'),
+        (pvc.format(name="bad-label-value", labels='  labels:\n    "app": "../x"\n', sc="pvlun"), "metadata.labels.app"),
+        (dv("bad-dv-class", "    blank: {}").replace("    volumeMode:", '    storageClassName: "../../etc"\n    volumeMode:'),
+         "spec.storage.storageClassName"),
+        (dv("bad-clone-ns", '    pvc: {namespace: "../etc", name: src}'), "spec.source.pvc.namespace"),
+        (dv("bad-clone-name", '    pvc: {name: "../../x"}'), "spec.source.pvc.name"),
+        (dv("bad-restore", '    snapshot: {name: "x\\0y"}'), "spec.source.snapshot.name"),
+        (dv("bad-ref", "    blank: {}").replace("  source:\n    blank: {}\n", "  sourceRef: {kind: DataSource, name: a/b}\n"),
+         "spec.sourceRef.name"),
+    ]
+    for manifest, field in cases:
+        out = instance.apply(manifest, check=False)
+        assert out.returncode != 0 and field in out.stderr and "Traceback" not in out.stderr, (field, out.stderr)
+    for manifest, _field in cases:
+        name = manifest.split("name: ", 1)[1].split("\n", 1)[0]
+        assert instance.get("PersistentVolumeClaim", name) is None and instance.get("DataVolume", name) is None
+    fine = pvc.format(name="fine-labels", labels='  labels:\n    "example.com/tier": "gold_1.x"\n    empty: ""\n',
+                      sc='""')
+    instance.apply(fine)
+    assert instance.get("PersistentVolumeClaim", "fine-labels")["metadata"]["labels"]["example.com/tier"] == "gold_1.x"
+    instance.cli("delete", "pvc", "fine-labels")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from hostile_http import HostileServer
-from test_datavolume import dv
+from test_datavolume import dv, make_qcow2
 
 from host.sandbox import processes_below
 
@@ -73,6 +73,21 @@ def test_import_from_a_server_that_goes_silent_is_retried_with_backoff_then_fail
     # a failed import leaves no volume (its claim goes once the detach is done: a moment after Failed)
     inst.wait(lambda: inst.get("PersistentVolumeClaim", "stalled") is None, 30, "the failed import's claim gone")
     assert inst.store.list("VolumeAttachment") == []
+
+
+def test_an_in_place_import_the_server_fails_is_retried_as_a_transfer_failure_not_failed_as_invalid(serve, hostile,
+                                                                                                  tmp_path):
+    """qemu-img reading through nbdkit sees the server's 503 only as an I/O error: nbdkit's log
+    says it was the server, so the import is retried with backoff like a streamed one."""
+    inst = serve("--import-stall-timeout", "2")
+    make_qcow2(str(tmp_path / "disk.qcow2"), 16)
+    server = hostile("ranged_503", image=(tmp_path / "disk.qcow2").read_bytes())
+    inst.apply(dv("failing", f"    http:\n      url: {server.url}"))
+    inst.wait(lambda: status(inst, "failing").get("phase") == "Failed", 60, "the failing import Failed")
+    st = status(inst, "failing")
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "TransferFailed", ready
+    assert "503" in ready["message"] and "(3 attempts)" in ready["message"] and st["restartCount"] == 2
 
 
 def test_deleting_a_datavolume_cancels_its_streaming_import_within_seconds_and_releases_its_volume(instance, hostile):

@@ -276,7 +276,7 @@ def test_names_of_253_characters_give_valid_bounded_names():
     valid(service, "V1Service")
 
 
-HOSTILE_URL = "https://example.org/x.img?a=1&b=$(reboot);`rm -rf /`|\"' --target /etc/passwd\n"
+HOSTILE_URL = "https://example.org/x.img?a=1&b=$(reboot);`rm -rf /`|\"' --target /etc/passwd"
 
 
 def test_a_url_with_shell_metacharacters_stays_one_json_value_and_never_reaches_argv():
@@ -291,6 +291,9 @@ def test_a_url_with_shell_metacharacters_stays_one_json_value_and_never_reaches_
     # credentials only ever as references to the Secret: no literal value in the environment
     assert all(set(e) == {"name", "valueFrom"} and set(e["valueFrom"]) == {"secretKeyRef"} for e in container["env"])
     valid(pod, "V1Pod")
+    with pytest.raises(ValueError, match="spec.source.http.url: must not hold control characters"):
+        importer_pod(datavolume("evil", {"http": {"url": HOSTILE_URL + "\n"}}, {"pvc": {"resources": {"requests": {
+            "storage": "1Gi"}}}}), claim("evil", {"resources": {"requests": {"storage": "1Gi"}}}), IMAGE)
 
 
 @pytest.mark.parametrize("field, value, message", [
