@@ -218,6 +218,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 1
     requests = [doc for doc in docs if doc["kind"] in REQUEST_KINDS]  # answered, never stored
     docs = [doc for doc in docs if doc["kind"] not in REQUEST_KINDS]
+    if requests and args.kubeconfig:  # before anything is stored: a manifest is applied whole or not at all
+        print("error: UploadTokenRequest is answered on an embedded instance only; on a cluster CDI's API "
+              "server answers it", file=sys.stderr)
+        return 1
     store = open_store(args.data_dir, kubeconfig=args.kubeconfig)
     for doc in docs:
         if args.namespace and doc["kind"] not in CLUSTER_SCOPED:

@@ -176,10 +176,6 @@ def answer_token_requests(args: argparse.Namespace, requests: list[dict]) -> int
 
     if not requests:
         return 0
-    if getattr(args, "kubeconfig", None):
-        print("error: UploadTokenRequest is answered on an embedded instance only; on a cluster CDI's API "
-              "server answers it", file=sys.stderr)
-        return 1
     try:
         url, ca = endpoint(os.path.abspath(args.data_dir))
     except LookupError as exc:
@@ -190,6 +186,7 @@ def answer_token_requests(args: argparse.Namespace, requests: list[dict]) -> int
         token = mint_token(os.path.abspath(args.data_dir), ns, claim)
         print(f"uploadtokenrequest/{req['metadata']['name']} created")
         print(f"  token (for {ns}/{claim}, valid {TOKEN_TTL // 60} minutes): {token}")
-        print(f"  upload with: curl --cacert {ca} -H \"Authorization: Bearer $TOKEN\" --data-binary @IMAGE {url}")
+        print(f"  upload with: curl --cacert {ca} -H \"Authorization: Bearer $TOKEN\" --data-binary @IMAGE "
+              f"{url}/v1beta1/upload")
     return 0
 

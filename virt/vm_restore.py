@@ -38,7 +38,7 @@ import logging
 
 from controlplane.admission import Refused, admit
 from controlplane.context import Context
-from controlplane.store import Obj, now, set_condition
+from controlplane.store import Conflict, Obj, now, set_condition
 from controlplane.user_text import one_line
 from controlplane.vm_restore_patches import apply_patches
 from controlplane.vm_snapshot_spec import (DEFAULT_GRACE_PERIOD, check_metadata_map, check_restore,
@@ -354,7 +354,12 @@ def reconcile_vm_restore(ctx: Context, restore: Obj) -> float | None:
                                 f"spec.patches applies only when the restore creates its target: VirtualMachine "
                                 f"{target_name} exists, so its patches are not applied")
     if target is None:  # a new VM: made first, so that its claims can be owned by it
-        target = ctx.store.apply(made)
+        try:  # created, never applied over a VM someone made since the look above
+            target = ctx.store.create(made)
+        except Conflict:
+            _fail(ctx, restore, f"VirtualMachine {target_name} was made by someone else while this restore "
+                                "ran: restore to another name")
+            return None
         ctx.store.add_event(restore, "Normal", "VirtualMachineCreated",
                             f"VirtualMachine {target_name} made from snapshot {snap_name}")
     owner = target if spec.get("volumeOwnershipPolicy", "Vm") == "Vm" else None

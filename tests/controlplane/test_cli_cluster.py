@@ -58,3 +58,14 @@ def test_commands_that_read_an_instances_files_say_what_to_use_on_a_cluster(kube
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: pvlun logs works on an embedded instance only; on a cluster use kubectl "
                                   "logs on the VM's virt-launcher Pod (its serial console is the Pod's output)")
+
+
+def test_an_upload_token_request_on_a_cluster_is_refused_before_anything_is_stored(kube_api_double, kube_kubeconfig):
+    """Through the Kubernetes API TEST DOUBLE: CDI's API server answers UploadTokenRequests on a
+    cluster; a manifest holding one is refused whole, its ConfigMap not made."""
+    manifest = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm1, namespace: default}\ndata: {a: b}\n---\n"
+                "apiVersion: upload.cdi.kubevirt.io/v1beta1\nkind: UploadTokenRequest\n"
+                "metadata: {name: t, namespace: default}\nspec: {pvcName: disk}\n")
+    out = pvlun("--kubeconfig", kube_kubeconfig, "apply", "-f", "-", stdin=manifest)
+    assert out.returncode == 1 and "UploadTokenRequest is answered on an embedded instance only" in out.stderr
+    assert kube_api_double.call("GET", "/api/v1/namespaces/default/configmaps/cm1")[0] == 404

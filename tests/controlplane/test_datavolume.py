@@ -160,12 +160,17 @@ spec:
     ca, url = re.search(r"--cacert (\S+) .* (https://\S+)", out).groups()
     assert instance.cli("get", "uploadtokenrequest", "by-token", check=False).returncode != 0  # never stored
     parts = urlsplit(url)
-    conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=ssl.create_default_context(cafile=ca),
-                                       timeout=120)
-    with open(image, "rb") as f:
-        conn.request("POST", "/v1beta1/upload-async", body=f, headers={"Authorization": f"Bearer {token}",
-                                                                          "Content-Length": str(os.path.getsize(image))})
-        resp = conn.getresponse()
+    assert parts.path == "/v1beta1/upload"  # the command printed is the one to run
+
+    def post(path: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=120,
+                                           context=ssl.create_default_context(cafile=ca))
+        with open(image, "rb") as f:
+            conn.request("POST", path, body=f, headers={"Authorization": f"Bearer {token}",
+                                                        "Content-Length": str(os.path.getsize(image))})
+            return conn.getresponse()
+
+    resp = post("/v1beta1/upload-async")
     assert resp.status == 200, resp.read()
     instance.wait(lambda: instance.get("DataVolume", "by-token")["status"]["phase"] == "Succeeded", what="upload done")
     assert same_prefix(raw, instance.lun_path("by-token"))

@@ -331,3 +331,25 @@ def test_a_stored_restore_with_a_patch_admission_refuses_fails(world):
     got = restore(world, "vm2", patches=[patch("replace", "/metadata/name", "vm3")])
     assert "spec.patches[0].path: '/metadata/name' may not be patched" in failure(got), failure(got)
     assert world.store.get("VirtualMachine", "vm2", NS) is None and world.store.get("VirtualMachine", "vm3", NS) is None
+
+
+def test_a_vm_made_by_someone_else_while_a_restore_makes_its_new_vm_is_never_overwritten(world):
+    """The restore looked, saw no VM of its target's name, and someone made one before its
+    write: the user's VM stays as it is (created, never applied over), the restore fails."""
+    store = world.store
+    theirs = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+              "metadata": {"name": "vm2", "namespace": NS, "labels": {"owner": "alice"}},
+              "spec": {**vm_spec(), "runStrategy": "Always", "dataVolumeTemplates": [],
+                       "template": {"spec": {"domain": {"memory": {"guest": "64Mi"}, "devices": {}}}}}}
+    create = store.create
+
+    def racing_create(obj: dict) -> dict:
+        if obj["kind"] == "VirtualMachine" and obj["metadata"]["name"] == "vm2":
+            create(copy.deepcopy(theirs))  # hers lands between the restore's look and its write
+        return create(obj)
+
+    store.create = racing_create  # type: ignore[method-assign]
+    got = restore(world, "vm2")
+    assert "VirtualMachine vm2 was made by someone else while this restore ran" in failure(got)
+    vm2 = store.get("VirtualMachine", "vm2", NS)
+    assert vm2["metadata"]["labels"] == {"owner": "alice"} and vm2["spec"]["runStrategy"] == "Always"
