@@ -27,20 +27,44 @@ _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(BLOCK)
 # what Python's tarfile raises on a hostile stream: its own errors, and plain ValueErrors from
 # headers it parses without checking (a GNU sparse map or size that is no number)
-TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, EOFError)
+TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, EOFError, IndexError)
 MAX_TAR_HEADER = 1 << 20  # a long name or pax header beyond this is no tar a disk comes in
 _EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                      tarfile.SOLARIS_XHDTYPE)
 
 
+class _HeaderBudget:
+    """tarfile's file object while it parses one member's headers: they may read so much and no
+    more (a GNU sparse map's extension blocks, or a pax 1.0 sparse map, are read whole otherwise)."""
+
+    def __init__(self, fileobj, budget: int):
+        self._fileobj, self._left = fileobj, budget
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive's member headers (a sparse map, long names, "
+                                                     f"pax records) run past {MAX_TAR_HEADER} bytes")
+        self._left -= size
+        return self._fileobj.read(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._fileobj, name)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile reads a long name or pax header whole, whatever size it declares: refused first."""
+    """tarfile reads a long name or pax header whole, whatever size it declares: refused first;
+    and everything one member's headers read is bounded (_HeaderBudget)."""
 
     def _proc_member(self, tarfile):
         if self.type in _EXTENDED_HEADERS and self.size > MAX_TAR_HEADER:
             raise ImportFailed(errors.INVALID_IMAGE, f"the tar archive declares a {self.size}-byte extended header "
                                                      f"(long name or pax), more than the {MAX_TAR_HEADER} allowed")
-        return super()._proc_member(tarfile)
+        fileobj = tarfile.fileobj
+        tarfile.fileobj = _HeaderBudget(fileobj, 2 * MAX_TAR_HEADER)
+        try:
+            return super()._proc_member(tarfile)
+        finally:
+            tarfile.fileobj = fileobj
 
 
 def open_tar_stream(stream: BinaryIO, mode: str) -> tarfile.TarFile:

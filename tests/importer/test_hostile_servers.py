@@ -393,3 +393,30 @@ def test_an_extra_header_with_a_control_character_or_no_token_name_is_an_invalid
     with pytest.raises(ImportFailed) as failed:
         from_spec({"http": {"url": "http://127.0.0.1/x", "extraHeaders": [line]}}, secret=no_lookup, configmap=no_lookup)
     assert failed.value.reason == errors.INVALID_SOURCE and "extraHeaders" in failed.value.message
+
+
+def _gnu_sparse_bomb(blocks: int) -> bytes:
+    """An old-GNU sparse member ('S') whose map goes on for `blocks` extension blocks of 21
+    entries each: tarfile collects them all before the member is seen."""
+    info = tarfile.TarInfo("disk.img")
+    info.type = tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[482] = 1  # isextended
+    header[483:495] = b"%011o\0" % (1 << 30)  # realsize
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    entry = b"%011o\0%011o\0" % (512, 512)
+    block = entry * 21 + b"\x01" + bytes(7)
+    return bytes(header) + block * blocks
+
+
+def test_a_gnu_sparse_map_that_never_ends_is_an_invalid_image_within_a_bounded_read(serve, tmp_path, scratch):
+    """A sparse member's map of 6 MiB of extension blocks (a few KiB gzipped: a memory bomb for
+    tarfile, which holds every entry): refused once the member's headers pass their bound."""
+    body = _gnu_sparse_bomb(12 * 1024)
+    server = serve(lambda h: h.endless(200, body, len(body)))
+    lun = block_target(tmp_path)
+    with pytest.raises(ImportFailed) as failed:
+        run_import({"http": {"url": f"{server.url}/disk.ova"}}, Target(str(lun), 16 * MiB), scratch)
+    assert failed.value.reason == errors.INVALID_IMAGE and "member headers" in failed.value.message
+    assert_zero(lun)
