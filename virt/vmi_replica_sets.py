@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from controlplane.admission import check_name
+from controlplane.admission import admit
 from controlplane.context import Context
 from controlplane.label_selectors import matches
 from controlplane.replica_specs import (BURST_REPLICAS, controlled_by, generated_name, replica_set_vmi, replicas_of,
@@ -54,7 +54,7 @@ def _create(ctx: Context, rs: Obj, count: int) -> None:
     ns, base = rs["metadata"].get("namespace", "default"), vmi_base_name(rs)
     for _ in range(count):
         vmi = replica_set_vmi(rs, generated_name(base))
-        check_name(vmi["metadata"]["name"], ns, "VirtualMachineInstance")
+        admit(vmi, f"replica set {rs['metadata']['name']}")  # as `pvlun apply` would take it
         try:
             vmi = ctx.store.create(vmi)
         except Conflict:  # the 5 random characters met a name in use: the next pass draws again
