@@ -19,6 +19,7 @@ works only through the ObjectStore, and what runs the VMs is the VM controller.
   leaves that to the next start, `unmanaged` updates nothing); one whose dataVolumeTemplates
   changed is deleted and made again. Unused revisions are pruned.
 - `spec.paused`: nothing is scaled or updated; status still follows (ReplicaPaused).
+- A VM whose labels its selector no longer selects is released (virt/replica_claims.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from controlplane.replica_specs import (BURST_REPLICAS, REVISION_LABEL, controll
 from controlplane.store import Conflict, Obj
 from controlplane.user_text import user_text
 from virt.reconcile import REQUEST
+from virt.replica_claims import claimed
 from virt.replica_status import POOL_PAUSE, is_ready, write_status
 
 log = logging.getLogger("pvlun.virt")
@@ -213,8 +215,7 @@ def reconcile_vm_pool(ctx: Context, pool: Obj) -> float | None:
             return None  # refused at admission; a stored one from elsewhere is left alone, as KubeVirt does
     except ValueError:
         return None
-    vms = [vm for vm in ctx.store.list("VirtualMachine", ns) if controlled_by(vm, pool)
-           and matches(spec.get("selector"), vm["metadata"].get("labels") or {})]
+    vms = claimed(ctx, pool, "VirtualMachine")
     failure = None
     if not spec.get("paused"):
         diff = len(vms) - replicas_of(spec)
@@ -232,7 +233,7 @@ def reconcile_vm_pool(ctx: Context, pool: Obj) -> float | None:
             raise  # a race with another writer: the loop retries, as KubeVirt requeues
         except Exception as exc:  # noqa: BLE001 - reported on the pool (ReplicaFailure), retried by the loop
             failure = (step, f"error during {STEPS[step]}: {user_text(exc)}")
-        vms = [vm for vm in ctx.store.list("VirtualMachine", ns) if controlled_by(vm, pool)]
+        vms = claimed(ctx, pool, "VirtualMachine")
     write_status(ctx, ctx.store.get(KIND, meta["name"], ns) or pool, len(vms), sum(map(is_ready, vms)), failure,
                  POOL_PAUSE)
     return 10.0 if failure else None

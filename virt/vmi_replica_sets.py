@@ -3,7 +3,7 @@ both modes: it only makes and deletes VMIs; each runs as a VMI applied alone doe
 (virt/vmi_alone.py: its own finalizer, its guest stopped before it goes).
 
 - Its VMIs are the ones it controls (ownerReferences, by uid) whose labels its selector
-  selects. Active: not Succeeded or Failed and not being deleted.
+  selects; one whose labels no longer match is released (virt/replica_claims.py). Active: not Succeeded or Failed and not being deleted.
 - Too few active: new VMIs of the template, named as a `generateName` of the template's name
   (else its generateName, else the replica set's name) would be, owned by the replica set.
 - Too many: KubeVirt deletes the first ones it lists; pvlun deletes those not yet Running
@@ -24,11 +24,12 @@ import logging
 from controlplane.admission import admit
 from controlplane.context import Context
 from controlplane.label_selectors import matches
-from controlplane.replica_specs import (BURST_REPLICAS, controlled_by, generated_name, replica_set_vmi, replicas_of,
+from controlplane.replica_specs import (BURST_REPLICAS, generated_name, replica_set_vmi, replicas_of,
                                         vmi_base_name)
 from controlplane.store import Conflict, Obj
 from controlplane.user_text import user_text
 from virt import replica_backoff
+from virt.replica_claims import claimed
 from virt.replica_status import REPLICA_SET_PAUSE, is_ready, write_status
 
 log = logging.getLogger("pvlun.virt")
@@ -41,9 +42,7 @@ def _phase(vmi: Obj) -> str:
 
 
 def _vmis(ctx: Context, rs: Obj) -> list[Obj]:
-    ns, selector = rs["metadata"].get("namespace", "default"), (rs.get("spec") or {}).get("selector")
-    return [vmi for vmi in ctx.store.list("VirtualMachineInstance", ns)
-            if controlled_by(vmi, rs) and matches(selector, vmi["metadata"].get("labels") or {})]
+    return claimed(ctx, rs, "VirtualMachineInstance")
 
 
 def _active(vmis: list[Obj]) -> list[Obj]:

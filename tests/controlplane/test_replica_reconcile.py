@@ -202,3 +202,41 @@ def test_a_pool_revision_name_is_always_a_label_value(ctx):
     assert pool_failure(ctx, name) is None
     for vm in pool_vms(ctx).values():
         check_labels(vm["metadata"]["labels"])
+
+
+def test_a_pool_whose_vm_fails_leaves_it_to_the_vm_controller(ctx):
+    """A pool replaces no VM whose VMI failed (the VM controller's CrashLoopBackOff bounds its
+    restarts): passes after the first write nothing."""
+    apply_pool(ctx, "f", 1)
+    reconcile_pool(ctx, "f")
+    vm = pool_vms(ctx)["f-0"]
+    ctx.store.apply({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                     "metadata": {"name": "f-0", "namespace": NS, "ownerReferences": [
+                         {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": "f-0",
+                          "uid": vm["metadata"]["uid"], "controller": True}]}, "spec": VMI_SPEC})
+    set_phase(ctx, {"f-0"}, "Failed", "image cannot be pulled")
+    reconcile_pool(ctx, "f")
+    version = ctx.store.version()
+    assert all(reconcile_pool(ctx, "f") is None for _ in range(20))
+    assert ctx.store.version() == version
+    assert pool_vms(ctx)["f-0"]["metadata"]["uid"] == vm["metadata"]["uid"]
+
+
+def test_vms_and_vmis_relabelled_out_of_the_selector_are_released(ctx, clock):
+    apply_pool(ctx, "r", 2)
+    reconcile_pool(ctx, "r")
+    ctx.store.patch_metadata("VirtualMachine", "r-1", NS, labels={"kubevirt.io/vmpool": "elsewhere"})
+    reconcile_pool(ctx, "r")  # r-1 released and not counted: a new VM takes its place
+    assert not pool_vms(ctx)["r-1"]["metadata"]["ownerReferences"]
+    assert set(pool_vms(ctx)) == {"r-0", "r-1", "r-2"}
+    assert ctx.store.get("VirtualMachinePool", "r", NS)["status"]["replicas"] == 2
+    assert ctx.store.get("VirtualMachine", "r-2", NS)["metadata"]["ownerReferences"][0]["kind"] == "VirtualMachinePool"
+
+    apply_rs(ctx, "s", 1)
+    reconcile_rs(ctx, "s")
+    (first,) = vmi_names(ctx)
+    ctx.store.patch_metadata("VirtualMachineInstance", first, NS, labels={"debug": "me"})
+    reconcile_rs(ctx, "s")
+    assert not ctx.store.get("VirtualMachineInstance", first, NS)["metadata"]["ownerReferences"]
+    assert len(vmi_names(ctx)) == 2
+    assert ctx.store.get("VirtualMachineInstanceReplicaSet", "s", NS)["status"]["replicas"] == 1
