@@ -32,7 +32,8 @@ def claimed(ctx: Context, owner: Obj, kind: str) -> list[Obj]:
 
 def _release(ctx: Context, owner: Obj, obj: Obj) -> None:
     uid = owner["metadata"].get("uid")
-    kept = [r for r in obj["metadata"].get("ownerReferences") or [] if not (isinstance(r, dict) and r.get("uid") == uid)]
+    kept = [r for r in obj["metadata"].get("ownerReferences") or []
+            if not (isinstance(r, dict) and r.get("uid") == uid)]
     ctx.store.patch_metadata(obj["kind"], obj["metadata"]["name"], namespace_of(obj), ownerReferences=kept)
     log.info("%s %s: %s %s released (its labels no longer match the selector)", owner["kind"],
              owner["metadata"]["name"], obj["kind"], obj["metadata"]["name"])

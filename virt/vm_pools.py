@@ -12,7 +12,8 @@ works only through the ObjectStore, and what runs the VMs is the VM controller.
   DescendingOrder, Newest, Oldest; Random, KubeVirt's default, when not given). Deleting a VM
   stops it; its DataVolumes follow through the garbage collector.
 - Template changes: the pool's spec is kept per generation in a ControllerRevision
-  `<pool>-<generation>` the pool owns (shortened with a hash when that is no label value), and every VM and VMI carries the revision it came from
+  `<pool>-<generation>` the pool owns (shortened with a hash when that is no label value),
+  and every VM and VMI carries the revision it came from
   (label `kubevirt.io/vm-pool-revision-name`). A VM whose revision's template differs from the
   pool's is updated in place (opportunistic); a running VM whose VMI came from a different
   VMI template is restarted (proactive, KubeVirt's default; `updateStrategy.opportunistic`

@@ -3,7 +3,8 @@ both modes: it only makes and deletes VMIs; each runs as a VMI applied alone doe
 (virt/vmi_alone.py: its own finalizer, its guest stopped before it goes).
 
 - Its VMIs are the ones it controls (ownerReferences, by uid) whose labels its selector
-  selects; one whose labels no longer match is released (virt/replica_claims.py). Active: not Succeeded or Failed and not being deleted.
+  selects; one whose labels no longer match is released (virt/replica_claims.py).
+  Active: not Succeeded or Failed and not being deleted.
 - Too few active: new VMIs of the template, named as a `generateName` of the template's name
   (else its generateName, else the replica set's name) would be, owned by the replica set.
 - Too many: KubeVirt deletes the first ones it lists; pvlun deletes those not yet Running
@@ -95,8 +96,9 @@ def _backoff_failure(uid: str) -> tuple[str, str] | None:
     failures = replica_backoff.current(uid)
     if failures is None:
         return None
-    return "FailedCreate", (f"{failures.count} VMIs in a row finished before all replicas ran (last {failures.message}); "
-                            f"a new VMI is created {failures.delay():.0f} s after the last failure")
+    return "FailedCreate", (f"{failures.count} VMIs in a row finished before all replicas ran "
+                            f"(last {failures.message}); a new VMI is created {failures.delay():.0f} s after the last "
+                            "failure")
 
 
 def scale_in_order(vmis: list[Obj]) -> list[Obj]:
@@ -112,6 +114,7 @@ def reconcile_vmi_replica_set(ctx: Context, rs: Obj) -> float | None:
     labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
     try:
         if meta.get("deletionTimestamp") or not labels or not matches(spec.get("selector"), labels):
+            replica_backoff.reset(meta.get("uid", ""))
             return None  # going (its VMIs follow through the garbage collector), or invalid: left alone, as KubeVirt
     except ValueError:
         return None

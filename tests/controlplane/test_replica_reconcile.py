@@ -16,7 +16,8 @@ from virt.vm_pools import reconcile_vm_pool, revision_name
 from virt.vmi_replica_sets import reconcile_vmi_replica_set
 
 NS = "default"
-VMI_SPEC = {"domain": {"memory": {"guest": "64Mi"}, "devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]}},
+VMI_SPEC = {"domain": {"memory": {"guest": "64Mi"},
+                       "devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]}},
             "volumes": [{"name": "root", "containerDisk": {"image": "127.0.0.1:1/nothing/here:1"}}]}
 
 
@@ -139,7 +140,8 @@ def pool_failure(ctx: Context, name: str) -> dict | None:
 def data_volume(ctx: Context, name: str) -> dict:
     return ctx.store.apply({"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume",
                             "metadata": {"name": name, "namespace": NS},
-                            "spec": {"source": {"blank": {}}, "storage": {"resources": {"requests": {"storage": "1Mi"}}}}})
+                            "spec": {"source": {"blank": {}},
+                                     "storage": {"resources": {"requests": {"storage": "1Mi"}}}}})
 
 
 def test_a_pool_skips_an_index_whose_data_volume_someone_else_has(ctx):
