@@ -12,6 +12,7 @@ from controlplane.instancetypes import KINDS as INSTANCETYPE_KINDS
 from controlplane.instancetypes import OLDER_API_VERSIONS as OLDER_INSTANCETYPE_API_VERSIONS
 from controlplane.instancetypes import check_object as check_instancetype
 from controlplane.instancetypes import expand, matchers_of, placeholder
+from controlplane.label_selectors import requirements
 from controlplane.manifest_yaml import ManifestError, load_all
 from controlplane.object_types import conform
 from controlplane.quantity import parse_quantity
@@ -173,16 +174,36 @@ def check_labels(labels: dict) -> None:
     """metadata.labels as the API server takes them: qualified-name keys, values of at most 63
     characters (letters, digits, '-', '_', '.', starting and ending with a letter or digit)."""
     for key, value in labels.items():
-        prefix, slash, name = key.rpartition("/")
-        if slash:
-            _check(prefix, f"metadata.labels: the prefix of key {quoted(key)}", False)
-        if len(name) > LABEL_MAX or not _QUALIFIED.fullmatch(name):
-            raise ValueError(f"metadata.labels: key {quoted(key)} is not a qualified name (an optional DNS "
-                             "subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting "
-                             "and ending with a letter or digit)")
-        if value and (len(value) > LABEL_MAX or not _QUALIFIED.fullmatch(value)):
-            raise ValueError(f"metadata.labels.{key}: value {quoted(value)} is not a valid label value (at most 63 "
-                             "letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+        check_label_key(key, "metadata.labels: key")
+        check_label_value(value, f"metadata.labels.{key}: value")
+
+
+def check_label_key(key: str, what: str) -> None:
+    """A qualified name (an optional DNS-1123 subdomain prefix and '/'), as label keys are."""
+    prefix, slash, name = key.rpartition("/")
+    if slash:
+        _check(prefix, f"{what.rpartition(':')[0] or what}: the prefix of key {quoted(key)}", False)
+    if len(name) > LABEL_MAX or not _QUALIFIED.fullmatch(name):
+        raise ValueError(f"{what} {quoted(key)} is not a qualified name (an optional DNS subdomain prefix and '/', "
+                         "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+                         "digit)")
+
+
+def check_label_value(value: str, what: str) -> None:
+    """A label value: empty, or at most 63 letters, digits, '-', '_', '.' starting and ending with a letter or digit."""
+    if value and (len(value) > LABEL_MAX or not _QUALIFIED.fullmatch(value)):
+        raise ValueError(f"{what} {quoted(value)} is not a valid label value (at most 63 letters, digits, '-', '_' or "
+                         "'.', starting and ending with a letter or digit)")
+
+
+def check_selector(selector: object, field: str = "spec.selector") -> None:
+    """A metav1.LabelSelector as the API server validates one: its operators and value counts
+    (controlplane/label_selectors.py), its keys qualified names and its values label values."""
+    for i, (key, operator, values) in enumerate(requirements(selector, field)):
+        where = f"{field}.matchLabels" if operator == "=" else f"{field}.matchExpressions"
+        check_label_key(key, f"{where}: key")
+        for value in values:
+            check_label_value(value, f"{where}[{key}]: value")
 
 
 class Refused(ValueError):
@@ -330,6 +351,7 @@ def _check_pool(obj: dict) -> None:
         check_name(vm["metadata"]["name"], vm["metadata"].get("namespace"), "VirtualMachine")
         _check_vm(vm)
 
+    check_selector((obj.get("spec") or {}).get("selector"))
     check_pool(obj, check_vm)
 
 
@@ -338,6 +360,7 @@ def _check_replica_set(obj: dict) -> None:
         check_name(vmi["metadata"]["name"], vmi["metadata"].get("namespace"), "VirtualMachineInstance")
         _check_vmi(vmi)
 
+    check_selector((obj.get("spec") or {}).get("selector"))
     check_replica_set(obj, check_vmi)
 
 

@@ -36,10 +36,15 @@ def replicas_of(spec: dict) -> int:
     return 1 if replicas is None else replicas
 
 
+MAX_REPLICAS = 2**31 - 1  # spec.replicas is an int32 in KubeVirt's API
+
+
 def _check_replicas(spec: dict) -> None:
     replicas = spec.get("replicas")
     if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0):
         raise ValueError(f"spec.replicas: must be an integer of 0 or more, not {replicas!r}")
+    if replicas is not None and replicas > MAX_REPLICAS:
+        raise ValueError(f"spec.replicas: {replicas} is more than an int32 holds (at most {MAX_REPLICAS})")
 
 
 def _check_selector(spec: dict, template_labels: object, template_field: str) -> None:

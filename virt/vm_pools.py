@@ -2,29 +2,34 @@
 works only through the ObjectStore, and what runs the VMs is the VM controller.
 
 - Scale out: VMs named `<pool>-<index>`, the lowest free indexes first (a name another VM of
-  the namespace holds is skipped), made from the template with their dataVolumeTemplates
-  renamed per index (controlplane/replica_specs.py), owned by the pool (controller: true).
+  the namespace holds is skipped, and so is an index whose `<template>-<index>` DataVolume or
+  claim exists already: a VM never takes a disk it does not own), made from the template with
+  their dataVolumeTemplates renamed per index (controlplane/replica_specs.py), owned by the
+  pool (controller: true). Every VM the pool writes passes the admission `pvlun apply` runs.
 - Scale in (proactive, KubeVirt's default; `unmanaged` and `opportunistic` delete nothing): VMs
   already being deleted count as gone; of the others KubeVirt's selection
   policy picks (`scaleInStrategy.proactive.selectionPolicy.sortPolicy`: AscendingOrder,
   DescendingOrder, Newest, Oldest; Random, KubeVirt's default, when not given). Deleting a VM
   stops it; its DataVolumes follow through the garbage collector.
 - Template changes: the pool's spec is kept per generation in a ControllerRevision
-  `<pool>-<generation>` the pool owns, and every VM and VMI carries the revision it came from
+  `<pool>-<generation>` the pool owns (shortened with a hash when that is no label value),
+  and every VM and VMI carries the revision it came from
   (label `kubevirt.io/vm-pool-revision-name`). A VM whose revision's template differs from the
   pool's is updated in place (opportunistic); a running VM whose VMI came from a different
   VMI template is restarted (proactive, KubeVirt's default; `updateStrategy.opportunistic`
   leaves that to the next start, `unmanaged` updates nothing); one whose dataVolumeTemplates
   changed is deleted and made again. Unused revisions are pruned.
 - `spec.paused`: nothing is scaled or updated; status still follows (ReplicaPaused).
+- A VM whose labels its selector no longer selects is released (virt/replica_claims.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
-from controlplane.admission import check_name
+from controlplane.admission import LABEL_MAX, admit
 from controlplane.context import Context
 from controlplane.label_selectors import matches
 from controlplane.replica_specs import (BURST_REPLICAS, REVISION_LABEL, controlled_by, owner_reference, pool_vm,
@@ -32,6 +37,7 @@ from controlplane.replica_specs import (BURST_REPLICAS, REVISION_LABEL, controll
 from controlplane.store import Conflict, Obj
 from controlplane.user_text import user_text
 from virt.reconcile import REQUEST
+from virt.replica_claims import claimed
 from virt.replica_status import POOL_PAUSE, is_ready, write_status
 
 log = logging.getLogger("pvlun.virt")
@@ -41,8 +47,36 @@ STEPS = {"FailedScaleOut": "scale out", "FailedScaleIn": "scale in", "FailedUpda
 
 
 def revision_name(pool: Obj) -> str:
-    """KubeVirt's name for a pool's revision: `<pool>-<generation>`."""
-    return f"{pool['metadata']['name']}-{pool['metadata'].get('generation', 1)}"
+    """KubeVirt's name for a pool's revision, `<pool>-<generation>`; it is also the value of
+    every VM's revision label, so one longer than a label value may be (63 characters) keeps
+    the start of the pool's name, then a hash of all of it and the generation."""
+    name, generation = pool["metadata"]["name"], pool["metadata"].get("generation", 1)
+    if len(f"{name}-{generation}") <= LABEL_MAX:
+        return f"{name}-{generation}"
+    suffix = f"-{hashlib.sha256(name.encode()).hexdigest()[:10]}-{generation}"
+    return name[:LABEL_MAX - len(suffix)].rstrip("-.") + suffix
+
+
+def _admitted(ctx: Context, pool: Obj, vm: Obj) -> None:
+    """The VM as `pvlun apply` would take it (ValueError naming the problem, for ReplicaFailure),
+    whose DataVolumes and claims are its own or not there yet."""
+    admit(vm, f"pool {pool['metadata']['name']}")
+    ns, uid = vm["metadata"].get("namespace", "default"), vm["metadata"].get("uid")
+    for template in vm["spec"].get("dataVolumeTemplates") or []:
+        name = template["metadata"]["name"]
+        found = ctx.store.get("DataVolume", name, ns)  # its claim is the DataVolume's
+        kind = "DataVolume" if found is not None else "PersistentVolumeClaim"
+        found = found or ctx.store.get(kind, name, ns)
+        if found is not None and not (uid and controlled_by(found, vm)):
+            raise ValueError(f"{kind} {ns}/{name} exists and is not owned by VM {vm['metadata']['name']}: it is "
+                             "left alone")
+
+
+def _disks_taken(ctx: Context, ns: str, vm: Obj) -> bool:
+    """Whether a DataVolume or claim the new VM would make exists already (another's disk)."""
+    return any(ctx.store.get(kind, template["metadata"]["name"], ns) is not None
+               for template in vm["spec"].get("dataVolumeTemplates") or []
+               for kind in ("DataVolume", "PersistentVolumeClaim"))
 
 
 def _revision_spec(ctx: Context, ns: str, name: str | None) -> dict | None:
@@ -78,13 +112,12 @@ def _scale_out(ctx: Context, pool: Obj, count: int, revision: str) -> None:
     taken = {vm["metadata"]["name"] for vm in ctx.store.list("VirtualMachine", ns)}
     index = 0
     for _ in range(count):
-        while pool_vm_name(pool["metadata"]["name"], index) in taken:
+        while pool_vm_name(pool["metadata"]["name"], index) in taken or \
+                _disks_taken(ctx, ns, pool_vm(pool, index, revision)):
             index += 1
         vm = pool_vm(pool, index, revision)
         index += 1
-        check_name(vm["metadata"]["name"], ns, "VirtualMachine")  # the index made it too long: ValueError
-        for template in vm["spec"].get("dataVolumeTemplates") or []:
-            check_name(template["metadata"]["name"], ns, "DataVolume")
+        _admitted(ctx, pool, vm)  # the index made a name too long, ...: ValueError
         ctx.store.create(vm)
         taken.add(vm["metadata"]["name"])
         ctx.store.add_event(pool, "Normal", "SuccessfulCreate", f"Created VM {ns}/{vm['metadata']['name']}")
@@ -126,6 +159,7 @@ def _rewrite(ctx: Context, pool: Obj, vm: Obj, revision: str) -> None:
     if index is None:
         return
     fresh = pool_vm(pool, index, revision)
+    _admitted(ctx, pool, {**fresh, "metadata": {**fresh["metadata"], "uid": vm["metadata"].get("uid")}})
     updated = dict(vm, spec=fresh["spec"])
     updated["metadata"] = dict(vm["metadata"], labels=fresh["metadata"]["labels"])
     if "annotations" in fresh["metadata"]:
@@ -182,8 +216,7 @@ def reconcile_vm_pool(ctx: Context, pool: Obj) -> float | None:
             return None  # refused at admission; a stored one from elsewhere is left alone, as KubeVirt does
     except ValueError:
         return None
-    vms = [vm for vm in ctx.store.list("VirtualMachine", ns) if controlled_by(vm, pool)
-           and matches(spec.get("selector"), vm["metadata"].get("labels") or {})]
+    vms = claimed(ctx, pool, "VirtualMachine")
     failure = None
     if not spec.get("paused"):
         diff = len(vms) - replicas_of(spec)
@@ -201,7 +234,7 @@ def reconcile_vm_pool(ctx: Context, pool: Obj) -> float | None:
             raise  # a race with another writer: the loop retries, as KubeVirt requeues
         except Exception as exc:  # noqa: BLE001 - reported on the pool (ReplicaFailure), retried by the loop
             failure = (step, f"error during {STEPS[step]}: {user_text(exc)}")
-        vms = [vm for vm in ctx.store.list("VirtualMachine", ns) if controlled_by(vm, pool)]
+        vms = claimed(ctx, pool, "VirtualMachine")
     write_status(ctx, ctx.store.get(KIND, meta["name"], ns) or pool, len(vms), sum(map(is_ready, vms)), failure,
                  POOL_PAUSE)
     return 10.0 if failure else None

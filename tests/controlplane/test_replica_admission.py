@@ -62,6 +62,17 @@ def test_a_selector_that_misses_the_template_labels_is_refused_naming_the_field(
                                                             "values": ["r"]}]}))
     assert "spec.selector.matchExpressions[0].operator: 'Has' is not a valid label selector operator" in \
         refusal(replica_set(selector={"matchExpressions": [{"key": "a", "operator": "Has"}]}))
+    bad_key = {"matchExpressions": [{"key": "Bad_Key_", "operator": "DoesNotExist"}]}
+    assert "spec.selector.matchExpressions: key 'Bad_Key_' is not a qualified name" in \
+        refusal(replica_set(selector=bad_key))
+    bad_value = {"matchLabels": {"kubevirt.io/vmpool": "p"},
+                 "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["not a valid value!"]}]}
+    assert "spec.selector.matchExpressions[tier]: value 'not a valid value!' is not a valid label value" in \
+        refusal(pool(selector=bad_value))
+    assert "spec.selector.matchLabels: the prefix of key 'Bad.Prefix/a'" in \
+        refusal(pool(selector={"matchLabels": {"kubevirt.io/vmpool": "p", "Bad.Prefix/a": "x"}}))
+    assert "spec.selector.matchExpressions[0].values: must be specified when `operator` is 'In' or 'NotIn'" in \
+        refusal(replica_set(selector={"matchExpressions": [{"key": "a", "operator": "In", "values": []}]}))
     no_selector = pool()
     del no_selector["spec"]["selector"]
     assert "spec.selector is required" in refusal(no_selector)
@@ -70,6 +81,9 @@ def test_a_selector_that_misses_the_template_labels_is_refused_naming_the_field(
 def test_bad_replicas_and_bad_templates_are_refused_naming_the_field():
     assert "spec.replicas: must be an integer of 0 or more, not -1" in refusal(pool(replicas=-1))
     assert "spec.replicas: must be an integer, not a string" in refusal(replica_set(replicas="two"))
+    assert "spec.replicas: 100000000000000000000 is more than an int32 holds (at most 2147483647)" in \
+        refusal(replica_set(replicas=100000000000000000000))
+    assert "spec.replicas: 2147483648 is more than an int32" in refusal(pool(replicas=2**31))
     broken = pool()
     broken["spec"]["virtualMachineTemplate"]["spec"]["template"]["spec"]["domain"]["devices"]["disks"][0]["disk"] = \
         {"bus": "floppy"}

@@ -119,6 +119,23 @@ def test_a_paused_replica_set_leaves_its_vmis_alone(node, image):
     node.wait(lambda: vmis_of(node, "held") == [], 60, "its VMIs gone")
 
 
+def test_a_replica_set_whose_vmis_cannot_start_backs_off_instead_of_churning(node):
+    """The hostile review's case: an image no registry serves. Its VMIs fail at once; the
+    replica set waits 5 s, 10 s, ... before making new ones (it made hundreds in 10 s)."""
+    start = time.monotonic()
+    node.apply(replica_set("churn", "127.0.0.1:1/nothing/here:1", 2))
+    failure = node.wait(lambda: next((c for c in rs_status(node, "churn").get("conditions") or []
+                                      if c["type"] == "ReplicaFailure"), None), 30, "ReplicaFailure")
+    assert failure["reason"] == "FailedCreate" and "VMIs in a row finished before all replicas ran" in \
+        failure["message"]
+    time.sleep(max(0.0, 10 - (time.monotonic() - start)))
+    rs = node.get("VirtualMachineInstanceReplicaSet", "churn")
+    created = [e for e in node.store.events(rs) if e.get("reason") == "SuccessfulCreate"]
+    assert 2 <= len(created) <= 6, len(created)
+    node.cli("delete", "vmirs", "churn")
+    node.wait(lambda: vmis_of(node, "churn") == [], 60, "its VMIs gone")
+
+
 def test_a_pool_shaped_as_kubevirts_vm_pool_cirros_runs_its_container_disk_vms(node, image):
     """examples/vm-pool-cirros.yaml's shape (pool.kubevirt.io/v1alpha1, `creationTimestamp: null`, a
     containerDisk VM): every VM boots from its own overlay of the one cached image."""
