@@ -136,7 +136,8 @@ def test_vm_migrate_moves_the_ticking_guest_to_the_other_node(mig, mover, hooks_
     st = migration["status"]
     assert st["phase"] == "Succeeded" and st["sourceNode"] == source and st["targetNode"] == target
     assert isinstance(st["downtimeMs"], int) and 0 <= st["downtimeMs"] < 5000, st
-    assert st["dataRemaining"] == 0 and st["dataTotal"] >= 128 << 20 and st["totalTimeMs"] > 0
+    assert st["dataRemaining"] == 0 and st["dataTotal"] >= 128 << 20 and st["dataTransferred"] > 0
+    assert st["totalTimeMs"] >= st["downtimeMs"]  # QEMU's total-time (ms) may round to 0 for a guest this idle
     assert mig.vmi_status(mover)["migrationState"]["phase"] == "Succeeded"
     # the user hooks ran in order, with the nodes, around our own publish/unpublish hooks
     assert hook_lines(hooks_dir)[before:] == [f"pre {mover} {source} {target}", f"post {mover} {source} {target}"]
