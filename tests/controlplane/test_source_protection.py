@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 
@@ -83,15 +85,45 @@ def plain(serve, tmp_path_factory):
     return inst
 
 
+def delete_while_held(inst, kind: str, name: str, finalizer: str, start) -> dict | None:
+    """Run `start()` (the apply that begins the copy) and delete the source (through the store,
+    as `pvlun delete` does) the moment its protection finalizer shows, from a watcher started
+    before: the copy may take only a few tenths of a second. The source as it is just after."""
+    seen: dict = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if has_finalizer(inst, kind, name, finalizer):
+                inst.store.delete(kind, name)
+                seen["after"] = inst.get(kind, name)
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start()
+    watcher.join()
+    assert "after" in seen, f"the {finalizer} finalizer never showed on {kind} {name}"
+    return seen["after"]
+
+
+def cold(path: str) -> None:
+    """Drop the LUN's cached pages: the copy then reads the disk, not memory, and takes a while."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def test_a_claim_deleted_while_it_is_cloned_waits_for_the_clone(plain):
     plain.apply(claim("golden"))
     plain.wait(lambda: bound(plain, "golden"), what="golden bound")
     want = fill(plain, "golden")
-    plain.apply(claim("copy-1", ("PersistentVolumeClaim", "golden")))
-    plain.wait(lambda: has_finalizer(plain, "PersistentVolumeClaim", "golden", CLONING), 30,
-               "the cloning-protection finalizer on the source")
-    plain.cli("delete", "pvc", "golden")
-    source = plain.get("PersistentVolumeClaim", "golden")
+    cold(lun_path(plain, "golden"))
+    source = delete_while_held(plain, "PersistentVolumeClaim", "golden", CLONING,
+                               lambda: plain.apply(claim("copy-1", ("PersistentVolumeClaim", "golden"))))
     assert source is not None and source["metadata"].get("deletionTimestamp"), \
         "the source of a clone in progress went at once"
     plain.wait(lambda: bound(plain, "copy-1"), 60, "the clone bound")
@@ -107,11 +139,8 @@ def test_a_snapshot_deleted_while_a_claim_is_restored_from_it_waits(plain):
     plain.apply(snapshot("base-snap", "base"))
     plain.wait(lambda: ((plain.get("VolumeSnapshot", "base-snap") or {}).get("status") or {}).get("readyToUse"),
                60, "the snapshot ready")
-    plain.apply(claim("restored", ("VolumeSnapshot", "base-snap")))
-    plain.wait(lambda: has_finalizer(plain, "VolumeSnapshot", "base-snap", SNAPSHOT_AS_SOURCE), 30,
-               "the as-source finalizer on the snapshot")
-    plain.cli("delete", "volumesnapshot", "base-snap")
-    snap = plain.get("VolumeSnapshot", "base-snap")
+    snap = delete_while_held(plain, "VolumeSnapshot", "base-snap", SNAPSHOT_AS_SOURCE,
+                             lambda: plain.apply(claim("restored", ("VolumeSnapshot", "base-snap"))))
     assert snap is not None and snap["metadata"].get("deletionTimestamp")
     plain.wait(lambda: bound(plain, "restored"), 60, "the restore bound")
     assert head_sha(plain, "restored") == want
@@ -125,9 +154,10 @@ def test_a_clone_asked_of_a_claim_being_deleted_is_never_made(plain):
     plain.apply(claim("leaving"))
     plain.wait(lambda: bound(plain, "leaving"), what="leaving bound")
     want = fill(plain, "leaving")
-    plain.apply(claim("reader", ("PersistentVolumeClaim", "leaving")))
-    plain.wait(lambda: has_finalizer(plain, "PersistentVolumeClaim", "leaving", CLONING), 30, "the first clone running")
-    plain.cli("delete", "pvc", "leaving")
+    cold(lun_path(plain, "leaving"))
+    leaving = delete_while_held(plain, "PersistentVolumeClaim", "leaving", CLONING,
+                                lambda: plain.apply(claim("reader", ("PersistentVolumeClaim", "leaving"))))
+    assert leaving is not None and leaving["metadata"].get("deletionTimestamp")  # held by the first clone
     plain.apply(claim("late", ("PersistentVolumeClaim", "leaving")))
     plain.wait(lambda: bound(plain, "reader"), 60, "the first clone bound")
     assert head_sha(plain, "reader") == want
