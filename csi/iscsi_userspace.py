@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Collection
 
@@ -64,6 +65,10 @@ class UserspaceInitiator:
         self.state_dir = state_dir
         self.initiator_name = initiator_name
         self._children: dict[int, subprocess.Popen] = {}  # daemons this process started, to reap
+        # volumes this process is attaching or has attached: never a leftover for start-up repair,
+        # which may run while the first NodeStageVolume after a start is under way
+        self._ours: set[str] = set()
+        self._ours_lock = threading.Lock()
 
     # ------------------------------------------------------------ paths
 
@@ -128,7 +133,11 @@ class UserspaceInitiator:
             if have is not None and (have.portal, have.target, have.lun) != (lun.portal, lun.target, lun.lun):
                 raise _error(grpc.StatusCode.ALREADY_EXISTS,
                              f"volume {volume_id} is attached here from {have.describe()}, not {lun.describe()}")
+            with self._ours_lock:
+                self._ours.add(volume_id)
             return export
+        with self._ours_lock:
+            self._ours.add(volume_id)
         self._stop(volume_id)  # leftovers of an attempt a crash cut off
         where = self._dir(volume_id)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -147,6 +156,8 @@ class UserspaceInitiator:
             self._start(volume_id, lun, chap)
         except BaseException:
             self._stop(volume_id)
+            with self._ours_lock:
+                self._ours.discard(volume_id)
             raise
         finally:
             _unlink(secret)  # the daemon read it at start and logs in again from memory
@@ -240,6 +251,8 @@ class UserspaceInitiator:
                 return False  # another staging here still reads it
             time.sleep(0.05)
         self._stop(volume_id)
+        with self._ours_lock:
+            self._ours.discard(volume_id)
         return True
 
     def _stop(self, volume_id: str) -> None:
@@ -313,7 +326,12 @@ class UserspaceInitiator:
         leaves an export that can never work again: released as well, even if published
         (the volume is abnormal until staged again)."""
         counts = {"kept": 0, "released": 0, "failed": 0}
+        with self._ours_lock:
+            ours = set(self._ours)
         for volume_id in self.volumes():
+            if volume_id in ours:  # attached (or being attached) by this very process since it started
+                counts["kept"] += 1
+                continue
             alive = self.pid(volume_id) is not None and self.exported(volume_id)
             if alive and volume_id in published:
                 counts["kept"] += 1

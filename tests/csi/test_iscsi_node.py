@@ -303,3 +303,27 @@ def test_a_dead_daemon_is_abnormal_and_released_by_repair(tgtd, node, tmp_path):
     again = UserspaceInitiator(node.initiator.state_dir, node.initiator.initiator_name)
     assert again.repair(published={vid}) == {"kept": 0, "released": 1, "failed": 0}
     assert_nothing_left(node, vid)
+
+
+def test_start_up_repair_running_while_a_stage_starts_its_daemon_leaves_that_stage_alone(tgtd, node, tmp_path):
+    """A daemon's node start-up repair runs after its CSI socket serves (it follows the control
+    plane's own repair): a NodeStageVolume under way then, its storage daemon not yet exported,
+    is this process's own attachment, never a leftover to release (seen: losetup ENOENT)."""
+    lun = make_lun(tgtd, tmp_path)
+    vid = new_volume_id()
+    start = node.initiator._start
+    repaired: list[dict] = []
+
+    def start_with_repair_in_between(volume_id, lun_, chap):
+        repaired.append(node.initiator.repair(published=()))  # the daemon is not even started yet
+        start(volume_id, lun_, chap)
+        repaired.append(node.initiator.repair(published=()))  # exported, published nowhere yet
+
+    node.initiator._start = start_with_repair_in_between
+    staging = stage(node, vid, context(tgtd, lun), block_cap())
+    assert repaired == [{"kept": 1, "released": 0, "failed": 0}] * 2
+    target = publish(node, vid, staging, block_cap(), block=True)
+    with open(target, "r+b") as f:
+        f.write(b"still attached")
+    unpublish_unstage(node, vid, staging, target)
+    assert_nothing_left(node, vid)
